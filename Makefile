@@ -1,0 +1,33 @@
+# The two commands a newcomer types: `make demo` and `make test`.
+# Each creates .venv (with the project installed) if it is missing.
+PYTHON ?= python3
+VENV := .venv
+OLD_VENV := .venv-oldest
+# The oldest versions lora_jax declares support for (pyproject.toml lower bounds).
+OLDEST := jax==0.6.2 jaxlib==0.6.2 flax==0.10.7 optax==0.2.4 chex==0.1.89
+
+.PHONY: demo test test-oldest clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[dev,examples]'
+	touch $@
+
+$(OLD_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLD_VENV)/bin/python -m pip install -q $(OLDEST) -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python examples/finetune_lm.py
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest
+
+test-oldest: $(OLD_VENV)/.installed
+	$(OLD_VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(OLD_VENV) .pytest_cache

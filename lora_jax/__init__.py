@@ -1,0 +1,57 @@
+"""lora_jax: functional LoRA for JAX and Flax.
+
+LoRA as a pytree transform: a :class:`LoraConfig` picks target leaves of any
+params pytree, :func:`init_lora` splits the params into a frozen base and a
+trainable low-rank delta, :func:`merge` returns dense params, :func:`freeze`
+masks an optax optimizer so only the delta trains.
+"""
+
+from lora_jax.config import LoraConfig
+from lora_jax.errors import (
+    LoraConfigError,
+    LoraError,
+    LoraLayoutError,
+    LoraStructureError,
+    LoraTargetError,
+)
+from lora_jax.factors import LoraFactors, is_factors, lora_update
+from lora_jax.init import init_factors, init_lora
+from lora_jax.layout import KernelLayout, default_layout
+from lora_jax.merge import align, merge, unmerge
+from lora_jax.optim import count_params, freeze, trainable_mask, tree_bytes
+from lora_jax.paths import leaves_with_paths, path_str
+from lora_jax.summary import LeafSummary, LoraSummary, print_summary, summarize
+from lora_jax.targets import Target, select_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KernelLayout",
+    "LeafSummary",
+    "LoraConfig",
+    "LoraConfigError",
+    "LoraError",
+    "LoraFactors",
+    "LoraLayoutError",
+    "LoraStructureError",
+    "LoraSummary",
+    "LoraTargetError",
+    "Target",
+    "align",
+    "count_params",
+    "default_layout",
+    "freeze",
+    "init_factors",
+    "init_lora",
+    "is_factors",
+    "leaves_with_paths",
+    "lora_update",
+    "merge",
+    "path_str",
+    "print_summary",
+    "select_targets",
+    "summarize",
+    "trainable_mask",
+    "tree_bytes",
+    "unmerge",
+]

@@ -1,0 +1,148 @@
+"""LoRA configuration: which leaves, what rank and alpha, which init.
+
+Patterns are regular expressions matched **in full** (``re.fullmatch``)
+against ``'/'``-joined leaf paths (see :mod:`lora_jax.paths`). Per-pattern
+overrides work like PEFT's ``rank_pattern`` / ``alpha_pattern``: the first
+pattern (in insertion order) that matches a path wins; paths no override
+matches take ``rank`` and ``alpha``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.errors import LoraConfigError
+from lora_jax.layout import KernelLayout
+
+Predicate = Callable[[str, Any], bool]
+Targets = Union[str, Sequence[str], Predicate]
+
+INIT_SCHEMES = ("kaiming", "gaussian", "swapped")
+
+
+def _compile(pattern: str, field: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise LoraConfigError(f"{field}: {pattern!r} is not a valid regular expression: {e}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    Attributes:
+      targets: a regex (or a list of them) matched in full against leaf paths,
+        or a predicate ``(path, leaf) -> bool``. Every regex must match at
+        least one leaf.
+      rank: default rank ``r`` (>= 1, <= min(fan_in, fan_out) of each kernel).
+      alpha: default alpha (> 0). The update is scaled by ``alpha / r``.
+      exclude: regexes of paths never adapted, even if a target matches.
+      rank_pattern: ``{regex: rank}`` overrides; first full match wins.
+      alpha_pattern: ``{regex: alpha}`` overrides; first full match wins.
+      layouts: ``{regex: KernelLayout | axes string}`` for kernels whose
+        fan-in / fan-out split cannot be read off their shape (N-D kernels).
+      init: ``"kaiming"`` (PEFT's default: ``A ~ U(-1/sqrt(fan_in),
+        1/sqrt(fan_in))``, ``B = 0``), ``"gaussian"`` (``A ~ N(0, (1/r)^2)``
+        as PEFT's ``init_lora_weights="gaussian"``, ``B = 0``) or
+        ``"swapped"`` (``A = 0``, ``B ~ U(-1/sqrt(r), 1/sqrt(r))``).
+        Embedding tables always start with ``A = 0``, ``B ~ N(0, 1)`` (PEFT),
+        or the reverse under ``"swapped"``.
+      use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+      dtype: dtype of the factors (float32 by default, even for a bf16 base).
+      skip_unsupported: if true, leaves a broad target matches but LoRA cannot
+        serve (integer, bool or fewer than 2 axes) are skipped; by default
+        they are an error.
+
+    Example:
+      >>> cfg = LoraConfig(targets=r".*/(query|value)/kernel", rank=8, alpha=16)
+      >>> cfg.rank_for("params/block_0/query/kernel"), cfg.scale_for(8, 16.0)
+      (8, 2.0)
+    """
+
+    targets: Targets
+    rank: int = 8
+    alpha: float = 16.0
+    exclude: Sequence[str] = ()
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    layouts: Mapping[str, Union[KernelLayout, str]] = dataclasses.field(default_factory=dict)
+    init: str = "kaiming"
+    use_rslora: bool = False
+    dtype: Any = jnp.float32
+    skip_unsupported: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        elif not callable(self.targets):
+            object.__setattr__(self, "targets", tuple(self.targets))
+            if not self.targets:
+                raise LoraConfigError("targets is empty: give at least one pattern")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        _check_rank(self.rank, "rank")
+        _check_alpha(self.alpha, "alpha")
+        for pattern, r in self.rank_pattern.items():
+            _check_rank(r, f"rank_pattern[{pattern!r}]")
+        for pattern, a in self.alpha_pattern.items():
+            _check_alpha(a, f"alpha_pattern[{pattern!r}]")
+        if self.init not in INIT_SCHEMES:
+            raise LoraConfigError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+        if not jnp.issubdtype(np.dtype(self.dtype), jnp.floating):
+            raise LoraConfigError(f"dtype of the factors must be floating, got {self.dtype!r}")
+        layouts = {}
+        for pattern, layout in self.layouts.items():
+            layouts[pattern] = KernelLayout(layout) if isinstance(layout, str) else layout
+        object.__setattr__(self, "layouts", layouts)
+        # Compile every pattern now so a bad regex fails at construction.
+        for field in ("exclude", "rank_pattern", "alpha_pattern", "layouts"):
+            for pattern in getattr(self, field):
+                _compile(pattern, field)
+        if not callable(self.targets):
+            for pattern in self.targets:
+                _compile(pattern, "targets")
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the kernel at ``path``."""
+        return _first_match(self.rank_pattern, path, self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the kernel at ``path``."""
+        return float(_first_match(self.alpha_pattern, path, self.alpha))
+
+    def layout_for(self, path: str) -> KernelLayout | None:
+        """The explicit layout of ``path``, or None."""
+        return _first_match(self.layouts, path, None)
+
+    def is_excluded(self, path: str) -> bool:
+        return any(re.fullmatch(p, path) for p in self.exclude)
+
+    def scale_for(self, rank: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def _first_match(table: Mapping[str, Any], path: str, default: Any) -> Any:
+    for pattern, value in table.items():
+        if re.fullmatch(pattern, path):
+            return value
+    return default
+
+
+def _check_rank(rank: Any, field: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise LoraConfigError(f"{field} must be an integer >= 1, got {rank!r}")
+
+
+def _check_alpha(alpha: Any, field: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not alpha > 0:
+        raise LoraConfigError(f"{field} must be a number > 0, got {alpha!r}")
+    if not math.isfinite(alpha):
+        raise LoraConfigError(f"{field} must be finite, got {alpha!r}")

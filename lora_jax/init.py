@@ -1,0 +1,125 @@
+"""Initialising the delta: one :class:`LoraFactors` per targeted kernel.
+
+Exactly one factor starts at zero, so ``s * A @ B == 0`` and the adapted model
+equals the base model at step 0, whatever the scheme:
+
+=============  ====================================  ==============================
+scheme         ``A``                                 ``B``
+=============  ====================================  ==============================
+``kaiming``    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``  ``0``
+``gaussian``   ``N(0, (1/r)^2)``                     ``0``
+``swapped``    ``0``                                 ``U(-1/sqrt(r), 1/sqrt(r))``
+embedding      ``0``                                 ``N(0, 1)``
+embedding,     ``N(0, 1)``                           ``0``
+swapped
+=============  ====================================  ==============================
+
+``kaiming`` is PEFT's default (``kaiming_uniform_(a=sqrt(5))`` on ``lora_A``,
+whose bound is ``1/sqrt(fan_in)``); ``fan_in`` is the product of the kernel's
+fan-in axes, so a conv's window counts, as in PyTorch. Every stacked layer
+draws its own values.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.config import LoraConfig
+from lora_jax.factors import LoraFactors
+from lora_jax.layout import KernelLayout
+from lora_jax.paths import leaves_with_paths
+from lora_jax.targets import Target, select_targets
+
+Array = jax.Array
+
+
+def init_factors(key: Array, target: Target, scheme: str, dtype: Any, rslora: bool) -> LoraFactors:
+    """Draws the factors of one :class:`Target` (one of them zero).
+
+    Args:
+      key: a PRNG key.
+      target: the kernel to adapt (shape, layout, rank, alpha).
+      scheme: ``"kaiming"``, ``"gaussian"`` or ``"swapped"``.
+      dtype: dtype of the factors.
+      rslora: use ``alpha / sqrt(r)`` scaling.
+
+    Returns:
+      ``LoraFactors`` with ``a: (*stack, *fan_in, r)``, ``b: (*stack, r, *fan_out)``.
+
+    Example:
+      >>> t = select_targets({"w": jnp.ones((6, 4))}, LoraConfig(targets="w", rank=2))["w"]
+      >>> f = init_factors(jax.random.key(0), t, "kaiming", jnp.float32, False)
+      >>> f.a.shape, f.b.shape, float(jnp.abs(f.b).max())
+      ((6, 2), (2, 4), 0.0)
+    """
+    a_shape, b_shape = target.factor_shapes()
+    r = target.rank
+    fan_in = target.layout.fan_in(target.shape)
+
+    def uniform(shape, bound):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    def normal(shape, std):
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    zeros = lambda shape: jnp.zeros(shape, dtype)  # noqa: E731
+    if target.layout.kind == "embed":
+        a, b = (normal(a_shape, 1.0), zeros(b_shape)) if scheme == "swapped" else (
+            zeros(a_shape), normal(b_shape, 1.0))
+    elif scheme == "kaiming":
+        a, b = uniform(a_shape, fan_in**-0.5), zeros(b_shape)
+    elif scheme == "gaussian":
+        a, b = normal(a_shape, 1.0 / r), zeros(b_shape)
+    else:  # swapped
+        a, b = zeros(a_shape), uniform(b_shape, r**-0.5)
+    return LoraFactors(a, b, target.alpha, rslora, target.layout)
+
+
+def init_lora(
+    key: Array,
+    params: Any,
+    config: LoraConfig,
+    *,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> tuple[Any, Any]:
+    """Splits ``params`` into a frozen base and a freshly initialised delta.
+
+    The delta has the params' tree structure, with a :class:`LoraFactors` at
+    each targeted leaf and ``None`` everywhere else. The base is ``params``
+    itself (variants that rewrite the base, such as PiSSA, return a new one).
+
+    Args:
+      key: a PRNG key; each target draws from ``fold_in(key, crc32(path))``, so
+        adding or removing other targets does not change its values.
+      params: any params pytree; only shapes and dtypes are read, so
+        ``jax.ShapeDtypeStruct`` leaves work (useful under ``jax.jit``).
+      config: the :class:`LoraConfig`.
+      layouts: optional traced layouts ``{path: KernelLayout}``.
+
+    Returns:
+      ``(base, delta)``.
+
+    Example:
+      >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
+      >>> base, delta = init_lora(jax.random.key(0), params, LoraConfig(targets=".*kernel", rank=4))
+      >>> delta["dense"]["bias"] is None, delta["dense"]["kernel"].a.shape
+      (True, (16, 4))
+    """
+    targets = select_targets(params, config, layouts)
+    leaves, treedef = leaves_with_paths(params)
+    new_leaves = [
+        init_factors(_path_key(key, path), targets[path], config.init, config.dtype,
+                     config.use_rslora)
+        if path in targets
+        else None
+        for path, _ in leaves
+    ]
+    return params, jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+def _path_key(key: Array, path: str) -> Array:
+    return jax.random.fold_in(key, zlib.crc32(path.encode()))

@@ -1,0 +1,99 @@
+"""A report of what LoRA adapted: per-kernel shapes, ranks, alphas, counts.
+
+Like PEFT's ``print_trainable_parameters``, with one row per targeted kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lora_jax.merge import align
+from lora_jax.optim import count_params
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSummary:
+    """One adapted kernel: path, kind, shape, layout, rank, alpha, scale, factor count."""
+
+    path: str
+    kind: str
+    shape: tuple[int, ...]
+    layout: str
+    rank: int
+    alpha: float
+    scale: float
+    params: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSummary:
+    """The whole report.
+
+    Attributes:
+      leaves: one :class:`LeafSummary` per adapted kernel.
+      base_params: scalars in the base params.
+      trainable_params: scalars in the delta's factors.
+    """
+
+    leaves: tuple[LeafSummary, ...]
+    base_params: int
+    trainable_params: int
+
+    @property
+    def total_params(self) -> int:
+        """Base plus trainable, as PEFT's ``all params``."""
+        return self.base_params + self.trainable_params
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def table(self) -> str:
+        """The report as a fixed-width text table."""
+        head = ("path", "kind", "shape", "layout", "r", "alpha", "scale", "params")
+        rows = [
+            (l.path, l.kind, "x".join(map(str, l.shape)), l.layout, str(l.rank),
+             f"{l.alpha:g}", f"{l.scale:g}", f"{l.params:,}")
+            for l in self.leaves
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        lines = [fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
+        lines.append(
+            f"trainable params: {self.trainable_params:,} || all params: "
+            f"{self.total_params:,} || trainable%: {self.trainable_percent:.4f}"
+        )
+        return "\n".join(lines)
+
+
+def summarize(params: Any, delta: Any) -> LoraSummary:
+    """Reports each adapted kernel and the trainable share of all parameters.
+
+    Args:
+      params: the base params.
+      delta: its delta.
+
+    Returns:
+      A :class:`LoraSummary`; ``print(summary.table())`` shows it.
+
+    Example:
+      >>> s = summarize(base, delta)
+      >>> s.trainable_params, round(s.trainable_percent, 2)
+      (16, 50.0)
+    """
+    rows, _ = align(params, delta)
+    leaves = tuple(
+        LeafSummary(path, f.layout.kind, tuple(leaf.shape), f.layout.axes, f.rank, f.alpha,
+                    f.scale, f.num_params)
+        for path, leaf, f in rows
+        if f is not None
+    )
+    return LoraSummary(leaves, count_params(params), sum(l.params for l in leaves))
+
+
+def print_summary(params: Any, delta: Any) -> LoraSummary:
+    """Prints :func:`summarize`'s table and returns the summary."""
+    summary = summarize(params, delta)
+    print(summary.table())
+    return summary

@@ -1,0 +1,147 @@
+"""Target selection: which leaves of a params pytree get LoRA factors.
+
+:func:`select_targets` reads a :class:`~lora_jax.config.LoraConfig` against
+any params pytree (Flax linen ``params``, Flax NNX ``nnx.State``, a plain
+dict) and returns one :class:`Target` per adapted leaf, having checked
+everything that can be checked before any array is made: every pattern matches
+something, every match is a floating kernel with at least two axes, its layout
+is known and fits its shape, and its rank fits its fan-in and fan-out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from lora_jax.config import LoraConfig
+from lora_jax.errors import LoraConfigError, LoraTargetError
+from lora_jax.layout import KernelLayout, default_layout
+from lora_jax.paths import leaves_with_paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One kernel chosen for LoRA, with everything needed to build its factors.
+
+    Attributes:
+      path: the '/'-joined leaf path.
+      shape: the kernel's shape.
+      dtype: the kernel's dtype.
+      layout: its :class:`KernelLayout`.
+      rank: its rank ``r``.
+      alpha: its alpha.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    layout: KernelLayout
+    rank: int
+    alpha: float
+
+    def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``A``: ``(*stack, *fan_in, r)``, ``B``: ``(*stack, r, *fan_out)``."""
+        return self.layout.factor_shapes(self.shape, self.rank)
+
+
+def select_targets(
+    params: Any,
+    config: LoraConfig,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> dict[str, Target]:
+    """Picks and validates the leaves ``config`` adapts.
+
+    Args:
+      params: any pytree of arrays (or ``jax.ShapeDtypeStruct``).
+      config: the :class:`LoraConfig`.
+      layouts: optional ``{path: KernelLayout}``, e.g. from
+        :func:`lora_jax.infer_layouts`; config ``layouts`` patterns win over it,
+        and it wins over :func:`~lora_jax.layout.default_layout`.
+
+    Returns:
+      ``{path: Target}`` in the params' flattening order.
+
+    Raises:
+      LoraTargetError: a pattern matches no leaf; a matched leaf is not a
+        floating array with at least 2 axes (unless ``skip_unsupported``).
+      LoraLayoutError: an N-D kernel has no known layout, or a layout does
+        not fit the kernel's shape.
+      LoraConfigError: a rank exceeds ``min(fan_in, fan_out)`` of its kernel.
+
+    Example:
+      >>> params = {"dense": {"kernel": jnp.zeros((16, 32)), "bias": jnp.zeros(32)}}
+      >>> t = select_targets(params, LoraConfig(targets=".*/kernel", rank=4))
+      >>> t["dense/kernel"].factor_shapes()
+      ((16, 4), (4, 32))
+    """
+    layouts = dict(layouts or {})
+    leaves, _ = leaves_with_paths(params)
+    matched = [(path, leaf) for path, leaf in leaves if _is_target(config, path, leaf)]
+    _check_every_pattern_matches(config, [p for p, _ in leaves], [p for p, _ in matched])
+    targets = {}
+    for path, leaf in matched:
+        if not _is_supported(leaf):
+            if config.skip_unsupported:
+                continue
+            raise LoraTargetError(
+                f"leaf {path!r} matches the targets but is not a floating kernel with at "
+                f"least 2 axes (shape {tuple(getattr(leaf, 'shape', ()))}, dtype {_dtype_name(leaf)}); narrow "
+                "the targets, add it to exclude, or set skip_unsupported=True"
+            )
+        shape = tuple(leaf.shape)
+        layout = config.layout_for(path) or layouts.get(path) or default_layout(path, shape)
+        layout.check_shape(shape, path)
+        rank = config.rank_for(path)
+        limit = min(layout.fan_in(shape), layout.fan_out(shape))
+        if rank > limit:
+            raise LoraConfigError(
+                f"leaf {path!r}: rank {rank} is larger than min(fan_in, fan_out) = {limit} "
+                f"of its kernel (shape {shape}, layout {layout.axes!r})"
+            )
+        targets[path] = Target(path, shape, leaf.dtype, layout, rank, config.alpha_for(path))
+    return targets
+
+
+def _is_target(config: LoraConfig, path: str, leaf: Any) -> bool:
+    if config.is_excluded(path):
+        return False
+    if callable(config.targets):
+        return bool(config.targets(path, leaf))
+    return any(re.fullmatch(p, path) for p in config.targets)
+
+
+def _check_every_pattern_matches(config: LoraConfig, paths: list[str], matched: list[str]):
+    if callable(config.targets):
+        if not matched:
+            raise LoraTargetError("the targets predicate selected no leaf of the params")
+        return
+    for pattern in config.targets:
+        if not any(re.fullmatch(pattern, p) for p in matched):
+            hits = [p for p in paths if re.fullmatch(pattern, p)]
+            why = f"only excluded leaves ({hits[:3]})" if hits else "no leaf"
+            sample = ", ".join(repr(p) for p in paths[:6])
+            raise LoraTargetError(
+                f"target pattern {pattern!r} matches {why}; patterns are matched in full "
+                f"against '/'-joined paths such as {sample}"
+            )
+    for field in ("rank_pattern", "alpha_pattern", "layouts"):
+        for pattern in getattr(config, field):
+            if not any(re.fullmatch(pattern, p) for p in matched):
+                raise LoraConfigError(
+                    f"{field} pattern {pattern!r} matches no targeted leaf "
+                    f"(targeted: {matched[:6]})"
+                )
+
+
+def _is_supported(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    shape = getattr(leaf, "shape", ())
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and len(shape) >= 2
+
+
+def _dtype_name(leaf: Any) -> str:
+    dtype = getattr(leaf, "dtype", None)
+    return str(dtype) if dtype is not None else type(leaf).__name__
