@@ -15,6 +15,7 @@ from lora_jax.errors import (
     LoraTargetError,
 )
 from lora_jax.factors import LoraFactors, is_factors, lora_update
+from lora_jax.implicit import LoraFallbackWarning, LoraImplicitError, implicit
 from lora_jax.init import init_factors, init_lora
 from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.merge import align, merge, unmerge
@@ -32,6 +33,8 @@ __all__ = [
     "LoraConfigError",
     "LoraError",
     "LoraFactors",
+    "LoraFallbackWarning",
+    "LoraImplicitError",
     "LoraLayoutError",
     "LoraStructureError",
     "LoraSummary",
@@ -41,6 +44,7 @@ __all__ = [
     "count_params",
     "default_layout",
     "freeze",
+    "implicit",
     "init_factors",
     "init_lora",
     "is_factors",

@@ -1,0 +1,274 @@
+"""Implicit LoRA: run any JAX function of the params without merging.
+
+``implicit(fn)(base, delta, *args)`` computes ``fn(merge(base, delta), *args)``
+without ever forming ``W + s * A @ B``: it traces ``fn`` to a jaxpr, then
+evaluates the jaxpr with every targeted kernel carried as a
+:class:`~lora_jax.view.LoraView`. Where a view meets its input
+(``dot_general``, ``conv_general_dilated``, ``gather``) a rule from
+:mod:`lora_jax.lowrank` computes ``op(x, stop_gradient(W)) + s * (x @ A) @ B``;
+transposes and dtype casts of a kernel are tracked on the view. Higher-order
+primitives are re-expressed through their public functions, so views flow
+into their bodies:
+
+==========================  ================================================
+primitive                   handled as
+==========================  ================================================
+``pjit`` / ``jit``          inlined into the enclosing trace
+``remat2`` (checkpoint)     ``jax.checkpoint`` with the same policy
+``scan``                    ``lax.scan``; stacked kernels are scanned inputs
+                            and their factors are sliced per layer
+``cond``                    ``lax.switch``
+``while``                   ``lax.while_loop`` (views as loop constants)
+==========================  ================================================
+
+Any other use of a targeted kernel (a custom_jvp/custom_vjp function that
+takes the kernel, a slice of a stacked kernel, a reshape, ...) materialises
+``W + s * A @ B`` at that point -- always correct -- and warns once per
+primitive with :class:`LoraFallbackWarning`; ``strict=True`` raises
+:class:`LoraImplicitError` instead. The frozen kernel is always under
+``stop_gradient``: it never receives a gradient.
+
+Only public JAX API is used: ``jax.make_jaxpr``, ``jax.extend.core`` types,
+``Primitive.bind`` and ``Primitive.get_bind_params`` (whose return shape
+changed in JAX 0.7; both are handled).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax import lax
+from jax.extend import core as jex
+
+from lora_jax.errors import LoraError
+from lora_jax.lowrank import conv_rule, dot_general_rule, gather_rule
+from lora_jax.merge import align
+from lora_jax.view import LoraView, drop_stack_role
+
+
+class LoraImplicitError(LoraError):
+    """``strict=True`` and a targeted kernel reached a primitive with no low-rank rule."""
+
+
+class LoraFallbackWarning(UserWarning):
+    """A targeted kernel was materialised because no low-rank rule fits its use."""
+
+
+def implicit(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
+    """Wraps ``fn(params, *args, **kwargs)`` to take ``(base, delta, *args, **kwargs)``.
+
+    The wrapped function returns ``fn(merge(base, delta), *args, **kwargs)``
+    (to float tolerance) computed implicitly: ``x @ W + s * (x @ A) @ B`` at
+    every use of a targeted kernel, with ``W`` under ``stop_gradient``.
+    Array arguments are traced; every other argument (bools, strings,
+    ``rngs`` dicts of keys are arrays, ``method=`` callables are not) is
+    passed through as a Python constant.
+
+    Args:
+      fn: any function whose first argument is the params pytree, e.g. a Flax
+        linen ``model.apply``, or ``lambda state, x: nnx.merge(g, state)(x)``.
+      strict: raise :class:`LoraImplicitError` instead of materialising a
+        kernel whose use has no low-rank rule.
+
+    Returns:
+      ``wrapped(base, delta, *args, **kwargs)``; jit-, grad- and vmap-able.
+
+    Example:
+      >>> apply = implicit(lambda p, x: x @ p["w"])
+      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 3))},
+      ...                         LoraConfig(targets="w", rank=2))
+      >>> apply(base, delta, jnp.ones((2, 4))).shape
+      (2, 3)
+    """
+
+    @functools.wraps(fn)
+    def wrapped(base: Any, delta: Any, *args: Any, **kwargs: Any) -> Any:
+        rows, treedef = align(base, delta)
+        leaves = [leaf for _, leaf, _ in rows]
+        dynamic, rebuild = _split_static((args, kwargs))
+
+        def flat_fn(leaves, dynamic):
+            call_args, call_kwargs = rebuild(dynamic)
+            return fn(jax.tree_util.tree_unflatten(treedef, leaves), *call_args, **call_kwargs)
+
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dynamic)
+        invals = [leaf if f is None else LoraView.of(path, leaf, f) for path, leaf, f in rows]
+        ctx = _Context(strict)
+        outs = ctx.eval(closed.jaxpr, closed.consts, invals + list(dynamic))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped
+
+
+def _is_dynamic(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _split_static(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any]]:
+    """Array leaves of ``tree`` (to trace) and a function rebuilding ``tree`` from them."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    slots = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+
+    def rebuild(dynamic):
+        full = list(leaves)
+        for i, x in zip(slots, dynamic):
+            full[i] = x
+        return jax.tree_util.tree_unflatten(treedef, full)
+
+    return [leaves[i] for i in slots], rebuild
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+    """Binds ``eqn``'s primitive on ``invals``, as ``jax.core.eval_jaxpr`` does."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns: Sequence[Any] = ()
+    if isinstance(params, tuple):  # JAX < 0.7 returns (subfuns, params)
+        subfuns, params = params
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+_CALLS = ("pjit", "jit", "closed_call", "core_call")
+
+
+class _Context:
+    """One evaluation: strictness and which fallbacks have warned."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.warned: set[str] = set()
+
+    def dense(self, value: Any, where: str) -> Any:
+        """``value``, or the materialised kernel if it is a view (after a warning)."""
+        if not isinstance(value, LoraView):
+            return value
+        if self.strict:
+            raise LoraImplicitError(
+                f"kernel {value.path!r} reaches {where!r}, which has no low-rank rule; "
+                "strict=True forbids materialising it (use strict=False to fall back to "
+                "W + s*A@B there)"
+            )
+        if where not in self.warned:
+            self.warned.add(where)
+            warnings.warn(
+                f"lora_jax.implicit: kernel {value.path!r} reaches {where!r}, which has no "
+                "low-rank rule; materialising W + s*A@B there (correct, but slower)",
+                LoraFallbackWarning,
+                stacklevel=4,
+            )
+        return value.materialize()
+
+    def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
+             keep_views: bool = False) -> list[Any]:
+        """Evaluates ``jaxpr``; outputs are dense unless ``keep_views``."""
+        env: dict[Any, Any] = {}
+        read = lambda v: v.val if isinstance(v, jex.Literal) else env[v]  # noqa: E731
+        for var, val in zip(jaxpr.constvars, consts):
+            env[var] = val
+        for var, val in zip(jaxpr.invars, args):
+            env[var] = val
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            if any(isinstance(v, LoraView) for v in invals):
+                outs = self.apply_rule(eqn, invals)
+            else:
+                outs = _bind(eqn, invals)
+            for var, val in zip(eqn.outvars, outs):
+                env[var] = val
+        outs = [read(v) for v in jaxpr.outvars]
+        return outs if keep_views else [self.dense(v, "the function's output") for v in outs]
+
+    def apply_rule(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "convert_element_type":
+            return [invals[0].replace(dtype=np.dtype(params["new_dtype"]))]
+        if name == "transpose":
+            return [invals[0].transpose(tuple(params["permutation"]))]
+        if name == "copy":
+            return [invals[0]]
+        if name in _CALLS:
+            closed = params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"]
+            return self.eval(closed.jaxpr, closed.consts, invals, keep_views=True)
+        handler = getattr(self, "_" + name, None)
+        out = handler(eqn, invals) if handler else None
+        if out is None:
+            out = _bind(eqn, [self.dense(v, name) for v in invals])
+        return out
+
+    def _dot_general(self, eqn, invals):
+        lhs, rhs = invals
+        if isinstance(rhs, LoraView):
+            x, view, kernel_is_rhs = self.dense(lhs, "dot_general"), rhs, True
+        else:
+            x, view, kernel_is_rhs = rhs, lhs, False
+        out = dot_general_rule(x, view, kernel_is_rhs, eqn.params)
+        return None if out is None else [out]
+
+    def _conv_general_dilated(self, eqn, invals):
+        x, view = invals
+        if isinstance(x, LoraView) or not isinstance(view, LoraView):
+            return None
+        out = conv_rule(x, view, eqn.params)
+        return None if out is None else [out]
+
+    def _gather(self, eqn, invals):
+        view, indices = invals
+        if not isinstance(view, LoraView) or isinstance(indices, LoraView):
+            return None
+        out = gather_rule(view, indices, eqn.params)
+        return None if out is None else [out]
+
+    def _remat2(self, eqn, invals):
+        p = eqn.params
+        jaxpr = p["jaxpr"]
+        body = lambda *xs: self.eval(jaxpr, (), xs)  # noqa: E731
+        return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+
+    _checkpoint = _remat2
+
+    def _cond(self, eqn, invals):
+        index, ops = invals[0], invals[1:]
+        branches = [functools.partial(self._eval_closed, br) for br in eqn.params["branches"]]
+        return list(lax.switch(index, branches, *ops))
+
+    def _eval_closed(self, closed, *args):
+        return self.eval(closed.jaxpr, closed.consts, args)
+
+    def _while(self, eqn, invals):
+        p = eqn.params
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
+        carry = [self.dense(v, "while carry") for v in invals[nc + nb:]]
+        cond = lambda c: self._eval_closed(p["cond_jaxpr"], *cond_consts, *c)[0]  # noqa: E731
+        body = lambda c: self._eval_closed(p["body_jaxpr"], *body_consts, *c)  # noqa: E731
+        return list(lax.while_loop(cond, body, carry))
+
+    def _scan(self, eqn, invals):
+        p = eqn.params
+        nc, ncarry = p["num_consts"], p["num_carry"]
+        consts = invals[:nc]
+        carry = [self.dense(v, "scan carry") for v in invals[nc:nc + ncarry]]
+        xs = [self._scanned(v) for v in invals[nc + ncarry:]]
+
+        def body(c, x):
+            outs = self._eval_closed(p["jaxpr"], *consts, *c, *x)
+            return outs[:ncarry], outs[ncarry:]
+
+        carry, ys = lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
+                             unroll=p["unroll"])
+        return list(carry) + list(ys)
+
+    def _scanned(self, value):
+        """A scanned input; a view scanned over a stacked axis keeps its factors per layer."""
+        if not isinstance(value, LoraView):
+            return value
+        axis_role = value.roles[0]
+        if axis_role[0] != "s":
+            return self.dense(value, "scan over a non-stacked kernel axis")
+        a, b = value.sliced(axis_role)
+        return value.replace(a=a, b=b, roles=drop_stack_role(value.roles, axis_role))

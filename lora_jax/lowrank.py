@@ -1,0 +1,190 @@
+"""Low-rank rules: where a kernel meets its input, add ``s * (x @ A) @ B``.
+
+Each rule takes the operands of one primitive (one of them a
+:class:`~lora_jax.view.LoraView`) and returns the primitive's output computed
+as ``op(x, stop_gradient(W)) + s * low_rank(x)``, or ``None`` when the use
+does not fit the low-rank form (the interpreter then materialises the kernel).
+
+* ``dot_general``: the kernel's contracted axes must be exactly its fan-in
+  axes (``x @ W``) or exactly its fan-out axes (``x @ W.T``, as in
+  ``Embed.attend``), and its batch axes exactly its stacked axes. The input is
+  flattened to ``(*stack, M, K)`` so both low-rank products are plain
+  ``[M, K] @ [K, r]`` and ``[M, r] @ [r, N]`` matmuls, and :func:`low_rank`'s
+  custom VJP keeps every backward product in that canonical form, transposing
+  only rank-``r`` operands (XLA:CPU otherwise writes cotangents in transposed
+  layouts, see ``docs/design.md``).
+* ``conv_general_dilated``: ``A`` is a conv with the full window into ``r``
+  channels, ``B`` a 1x1 conv (a matmul over the channel axis), as in PEFT.
+* ``gather`` (embedding lookup): gather the rows of ``A``, then ``@ B``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax.view import LoraView
+
+Array = jax.Array
+
+
+def _mT(x: Array) -> Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def low_rank(x: Array, a: Array, b: Array, scale: float, precision: Any = None) -> Array:
+    """``scale * (x @ a) @ b`` with a layout-friendly backward.
+
+    Args:
+      x: ``(*batch, M, K)``.
+      a: ``(*batch, K, r)``.
+      b: ``(*batch, r, N)``.
+      scale: the LoRA scale ``s``.
+      precision: passed to every matmul.
+
+    Returns:
+      ``(*batch, M, N)``.
+
+    The backward, with ``u = s * x @ a`` saved from the forward and ``g`` the
+    output cotangent::
+
+      dB = u^T @ g            (r, M) @ (M, N)
+      du = s * g @ b^T        (M, N) @ (N, r)
+      dA = (du^T @ x)^T       (r, M) @ (M, K), then a rank-r transpose
+      dx = du @ a^T           (M, r) @ (r, K)
+
+    Example:
+      >>> x, a, b = jnp.ones((5, 3)), jnp.ones((3, 2)), jnp.ones((2, 4))
+      >>> low_rank(x, a, b, 0.5).shape
+      (5, 4)
+    """
+    return _low_rank_fwd(x, a, b, scale, precision)[0]
+
+
+def _low_rank_fwd(x, a, b, scale, precision):
+    u = jnp.matmul(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
+    return jnp.matmul(u, b, precision=precision), (x, a, b, u)
+
+
+def _low_rank_bwd(scale, precision, res, g):
+    x, a, b, u = res
+    g = g.astype(u.dtype)
+    db = jnp.matmul(_mT(u), g, precision=precision)
+    du = jnp.matmul(g, _mT(b), precision=precision) * jnp.asarray(scale, g.dtype)
+    da = _mT(jnp.matmul(_mT(du), x, precision=precision))
+    dx = jnp.matmul(du, _mT(a), precision=precision)
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict) -> Array | None:
+    """``dot_general(x, W)`` (or ``dot_general(W, x)``) with ``W`` a LoRA view.
+
+    Returns ``None`` when the contraction is not over exactly the fan-in (or
+    exactly the fan-out) axes, or the batch axes are not exactly the stacked
+    axes.
+    """
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
+    kinds = {view.roles[d][0] for d in kc}
+    if len(kinds) != 1 or kinds == {"s"}:
+        return None
+    (contracted,) = kinds
+    if len(kc) != sum(k == contracted for k, _ in view.roles):
+        return None
+    if sorted(view.roles[d][1] for d in kb if view.roles[d][0] == "s") != list(
+            range(view.n_stack)) or len(kb) != view.n_stack:
+        return None
+    fa, fb, free_kind = view.factor_pair(contracted)
+    ns = view.n_stack
+    # x as (*stack, M, K): batch axes in stack order, free axes, contracted axes in factor order.
+    xb_sorted = [x_d for _, x_d in sorted(zip((view.roles[d][1] for d in kb), xb))]
+    xc_sorted = [x_d for _, x_d in sorted(zip((view.roles[d][1] for d in kc), xc))]
+    x_free = [d for d in range(x.ndim) if d not in xb and d not in xc]
+    perm = xb_sorted + x_free + xc_sorted
+    xt = x if perm == list(range(x.ndim)) else jnp.transpose(x, perm)
+    stack = tuple(x.shape[d] for d in xb_sorted)
+    m_shape = tuple(x.shape[d] for d in x_free)
+    r = fa.shape[-1]
+    out_shape = fb.shape[ns + 1:]
+    dtype = view.dtype
+    y = low_rank(
+        xt.reshape(stack + (math.prod(m_shape), math.prod(fa.shape[ns:-1]))),
+        fa.astype(dtype).reshape(stack + (-1, r)),
+        fb.astype(dtype).reshape(stack + (r, math.prod(out_shape))),
+        view.scale,
+        params.get("precision"),
+    ).reshape(stack + m_shape + out_shape)
+    # dot_general's output order: batch (in the operands' order), then lhs free, then rhs free.
+    k_free = [d for d in range(len(view.roles)) if d not in kc and d not in kb]
+    batch_axes = [view.roles[d][1] for d in kb]
+    x_axes = [ns + i for i in range(len(m_shape))]
+    k_axes = [ns + len(m_shape) + view.roles[d][1] for d in k_free]
+    order = batch_axes + (x_axes + k_axes if kernel_is_rhs else k_axes + x_axes)
+    y = jnp.transpose(y, order)
+    w = view.frozen()
+    base = lax.dot_general_p.bind(*((x, w) if kernel_is_rhs else (w, x)), **params)
+    return base + y.astype(base.dtype)
+
+
+def conv_rule(x: Array, view: LoraView, params: dict) -> Array | None:
+    """``conv_general_dilated(x, W)``: a full-window conv into ``r`` channels, then ``@ B``.
+
+    Returns ``None`` for grouped convs, stacked kernels, or a kernel whose
+    output-feature axis is not its only fan-out axis.
+    """
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or view.n_stack:
+        return None
+    dn = params["dimension_numbers"]
+    o_dim = dn.rhs_spec[0]
+    if view.roles[o_dim] != ("o", 0) or sum(k == "o" for k, _ in view.roles) != 1:
+        return None
+    dtype = view.dtype
+    n_in = len(view.roles) - 1
+    a = jnp.transpose(view.a.astype(dtype), [n_in if d == o_dim else j for d, (_, j) in
+                                             enumerate(view.roles)])
+    u = lax.conv_general_dilated_p.bind(x, a, **params)
+    feat = dn.out_spec[1]
+    u = jnp.moveaxis(u, feat, -1) * jnp.asarray(view.scale, u.dtype)
+    y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype), precision=params.get("precision")),
+                     -1, feat)
+    base = lax.conv_general_dilated_p.bind(x, view.frozen(), **params)
+    return base + y.astype(base.dtype)
+
+
+def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
+    """An embedding lookup ``W[ids]``: gather rows of ``A``, then ``@ B``.
+
+    Returns ``None`` unless every fan-in axis is collapsed with slice size 1
+    and the single fan-out axis is sliced whole.
+    """
+    dn = params["dimension_numbers"]
+    sizes = params["slice_sizes"]
+    if view.n_stack or getattr(dn, "operand_batching_dims", ()):
+        return None
+    outs = [d for d, (k, _) in enumerate(view.roles) if k == "o"]
+    ins = [d for d, (k, _) in enumerate(view.roles) if k == "i"]
+    if len(outs) != 1 or sorted(dn.collapsed_slice_dims) != ins:
+        return None
+    (o_dim,) = outs
+    if sizes[o_dim] != view.shape[o_dim] or any(sizes[d] != 1 for d in ins):
+        return None
+    dtype = view.dtype
+    r = view.a.shape[-1]
+    a = jnp.transpose(view.a.astype(dtype), [len(ins) if d == o_dim else j for d, (_, j) in
+                                             enumerate(view.roles)])
+    a_params = dict(params, slice_sizes=tuple(r if d == o_dim else s for d, s in enumerate(sizes)))
+    u = lax.gather_p.bind(a, indices, **a_params)
+    pos = dn.offset_dims[0]
+    u = jnp.moveaxis(u, pos, -1) * jnp.asarray(view.scale, u.dtype)
+    y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype)), -1, pos)
+    base = lax.gather_p.bind(view.frozen(), indices, **params)
+    return base + y.astype(base.dtype)
