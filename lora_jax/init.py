@@ -22,11 +22,13 @@ draws its own values.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.factors import LoraFactors
@@ -111,14 +113,19 @@ def init_lora(
     """
     targets = select_targets(params, config, layouts)
     leaves, treedef = leaves_with_paths(params)
-    new_leaves = [
-        init_factors(_path_key(key, path), targets[path], config.init, config.dtype,
-                     config.use_rslora)
-        if path in targets
-        else None
-        for path, _ in leaves
-    ]
+
+    specs = tuple(targets.get(path) for path, _ in leaves)
+    new_leaves = _draw_all(key, specs, config.init, np.dtype(config.dtype), config.use_rslora)
     return params, jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _draw_all(key: Array, specs: tuple, scheme: str, dtype: Any, rslora: bool) -> list:
+    """All factors in one compiled program, cached on the (hashable) target specs."""
+    return [
+        None if t is None else init_factors(_path_key(key, t.path), t, scheme, dtype, rslora)
+        for t in specs
+    ]
 
 
 def _path_key(key: Array, path: str) -> Array:
