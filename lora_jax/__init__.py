@@ -16,6 +16,7 @@ from lora_jax.errors import (
 )
 from lora_jax.factors import LoraFactors, is_factors, lora_update
 from lora_jax.implicit import LoraFallbackWarning, LoraImplicitError, implicit
+from lora_jax.infer import infer_layouts
 from lora_jax.init import init_factors, init_lora
 from lora_jax.layout import KernelLayout, default_layout
 from lora_jax.merge import align, merge, unmerge
@@ -45,6 +46,7 @@ __all__ = [
     "default_layout",
     "freeze",
     "implicit",
+    "infer_layouts",
     "init_factors",
     "init_lora",
     "is_factors",

@@ -47,6 +47,7 @@ from jax.extend import core as jex
 from lora_jax.errors import LoraError
 from lora_jax.lowrank import conv_rule, dot_general_rule, gather_rule
 from lora_jax.merge import align
+from lora_jax.tracing import trace
 from lora_jax.view import LoraView, drop_stack_role
 
 
@@ -88,38 +89,14 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., A
     @functools.wraps(fn)
     def wrapped(base: Any, delta: Any, *args: Any, **kwargs: Any) -> Any:
         rows, treedef = align(base, delta)
-        leaves = [leaf for _, leaf, _ in rows]
-        dynamic, rebuild = _split_static((args, kwargs))
-
-        def flat_fn(leaves, dynamic):
-            call_args, call_kwargs = rebuild(dynamic)
-            return fn(jax.tree_util.tree_unflatten(treedef, leaves), *call_args, **call_kwargs)
-
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dynamic)
+        closed, out_shape, dynamic = trace(fn, treedef, [leaf for _, leaf, _ in rows], args,
+                                           kwargs)
         invals = [leaf if f is None else LoraView.of(path, leaf, f) for path, leaf, f in rows]
         ctx = _Context(strict)
         outs = ctx.eval(closed.jaxpr, closed.consts, invals + list(dynamic))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
-
-
-def _is_dynamic(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _split_static(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any]]:
-    """Array leaves of ``tree`` (to trace) and a function rebuilding ``tree`` from them."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    slots = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
-
-    def rebuild(dynamic):
-        full = list(leaves)
-        for i, x in zip(slots, dynamic):
-            full[i] = x
-        return jax.tree_util.tree_unflatten(treedef, full)
-
-    return [leaves[i] for i in slots], rebuild
 
 
 def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
