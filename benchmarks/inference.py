@@ -1,0 +1,153 @@
+"""Forward-only (inference) speed: base, merged and unmerged implicit LoRA.
+
+    .venv/bin/python benchmarks/inference.py --json inference.json
+
+Configurations (the reference workload's forward pass on one batch):
+
+  base      jit(model.apply)(base, x): the dense model
+  merged    the same jitted function on lora_jax.merge(base, delta): the lowered
+            program text is checked to be identical to the base's
+  implicit  jit(lora_jax.implicit(model.apply))(base, delta, x): x@W + s(x@A)@B,
+            the delta kept separate (skipped with a note if lora_jax has no
+            ``implicit``)
+
+The delta has random B (a "trained" delta), so the merged model differs from
+the base; the implicit output is checked against the merged one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import lora_jax  # noqa: E402
+import workload as W  # noqa: E402
+
+CONFIGS = ("base", "merged", "implicit")
+
+
+class Fwd:
+    def __init__(self, jitted, args):
+        self.args = args
+        t0 = time.perf_counter()
+        self.lowered = jitted.lower(*args)
+        self.compiled = self.lowered.compile()
+        self.compile_s = time.perf_counter() - t0
+        self.gflop = W.gflop(self.compiled)
+        self.note = ""
+
+    def step(self):
+        self.out = self.compiled(*self.args)
+        jax.block_until_ready(self.out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated subset of {','.join(CONFIGS)} (base is always run)")
+    ap.add_argument("--rounds", type=int, default=25, help="round-robin rounds (default 25)")
+    ap.add_argument("--steps", type=int, default=2,
+                    help="timed forwards per config per round (default 2)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="tiny dims (for tests)")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    if "base" not in names:
+        names.insert(0, "base")
+    if args.rounds * args.steps < 20:
+        print(f"note: {args.rounds * args.steps} timed forwards per config (< 20): a smoke run, "
+              "not a quotable measurement")
+
+    run_meta = W.meta(rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
+                      small=args.small)
+    wl = W.build(small=args.small)
+    run_meta["dims"] = dataclasses.asdict(wl.dims)
+    base, x = wl.variables, wl.inputs
+    delta = W.trained_like(wl.delta)
+    print(f"workload: {'SMALL' if args.small else 'reference'} {wl.dims}; forward of "
+          f"{x.shape[0]}x{x.shape[1]} tokens; {run_meta['device']}, {run_meta['cores']} cores")
+
+    fwd = jax.jit(lambda v, x: wl.model.apply(v, x))
+    runs, skipped = {}, {}
+    runs["base"] = Fwd(fwd, (base, x))
+    if "merged" in names:
+        merged = jax.jit(lora_jax.merge)(base, delta)
+        r = runs["merged"] = Fwd(fwd, (merged, x))
+        r.same_program = r.lowered.as_text() == runs["base"].lowered.as_text()
+        if not r.same_program:
+            r.note = "PROGRAM DIFFERS from the base's"
+    if "implicit" in names:
+        if hasattr(lora_jax, "implicit"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                runs["implicit"] = Fwd(jax.jit(lora_jax.implicit(wl.model.apply)), (base, delta, x))
+            fallbacks = sorted({str(w.message).splitlines()[0] for w in caught
+                                if type(w.message).__name__ == "LoraFallbackWarning"})
+            if fallbacks:
+                runs["implicit"].note = "FALLBACK (kernel materialised): " + "; ".join(fallbacks)
+        else:
+            skipped["implicit"] = ("lora_jax.implicit is not in this lora_jax build yet; "
+                                   "skipped (merge is NOT substituted for it)")
+            print(f"skip implicit: {skipped['implicit']}")
+    for name, r in runs.items():
+        print(f"compiled {name}: {r.compile_s:.1f} s, {r.gflop:.4g} GFLOP")
+
+    samples = W.time_interleaved({n: r.step for n, r in runs.items()},
+                                 args.rounds, args.steps, args.warmup)
+    results = {}
+    base_ms = float(np.median(samples["base"]))
+    ref = runs["merged"].out if "merged" in runs else None
+    base_out = runs["base"].out
+    for name, r in runs.items():
+        res = {**W.summary_stats(samples[name]), "compile_s": r.compile_s, "gflop": r.gflop}
+        res["x_base"] = W.ratio(res["ms"], base_ms)
+        if name == "merged":
+            res["same_program"] = r.same_program
+            res["max_abs_diff_vs_base"] = float(jnp.max(jnp.abs(r.out - base_out)))
+        if name == "implicit" and ref is not None:
+            res["max_abs_diff_vs_merged"] = float(jnp.max(jnp.abs(r.out - ref)))
+        if r.note:
+            res["note"] = r.note
+        results[name] = res
+    run_meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+    f = lambda v, fmt: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)  # noqa: E731
+    header = ["config", "ms/forward", "x base", "compile s", "GFLOP", "check"]
+    rows = []
+    for name, res in results.items():
+        check = ""
+        if "same_program" in res:
+            check = "same program as base" if res["same_program"] else "PROGRAM DIFFERS"
+        if "max_abs_diff_vs_merged" in res:
+            check = f"max |implicit - merged| = {res['max_abs_diff_vs_merged']:.1e}"
+        rows.append([name, f(res["ms"], ".2f"), f(res["x_base"], ".2f"), f(res["compile_s"], ".1f"),
+                     f(res["gflop"], ".4g"), check + (f" ({res['note']})" if "note" in res else "")])
+    print()
+    print(W.fmt_table(header, rows, left=(0, 5)))
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"configs": results, "skipped": skipped, "meta": run_meta}, fh, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

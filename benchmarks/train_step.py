@@ -1,0 +1,403 @@
+"""Train-step speed of LoRA implementations on the reference workload.
+
+One jit-compiled ``loss + grad + optax.adamw`` step per configuration, all in
+one process: every configuration is compiled first, then they are timed
+interleaved (round robin), and the median ms/step is quoted as ratios to full
+fine-tuning and to the floor. See benchmarks/README.md.
+
+    .venv/bin/python benchmarks/train_step.py --json out.json [--memory]
+
+Configurations:
+
+  full      all weights trainable, adamw over all of them
+  floor     gradient w.r.t. the input embeddings only, all weights frozen (plain
+            SGD on the embeddings, no optimizer state): the physical limit
+  merge     model.apply(lora_jax.merge(base, delta), x), grads for the delta only
+  lora_jax  lora_jax.implicit(model.apply)(base, delta, x): x@W + s(x@A)@B
+  nnx_lora  Flax nnx.LoRALinear on the same architecture rebuilt in NNX
+  qwix      qwix LoRA (intercepts dot_general) on the linen model
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import lora_jax  # noqa: E402
+import workload as W  # noqa: E402
+
+CONFIGS = ("full", "floor", "merge", "lora_jax", "nnx_lora", "qwix")
+
+
+class Runner:
+    """One configuration: a compiled step over a donated state.
+
+    ``fn(*state, *consts) -> (*new_state, loss)``; ``state`` is donated.
+    """
+
+    def __init__(self, name, fn, state, consts, opt_state_bytes, note=""):
+        self.name = name
+        self.state = tuple(state)
+        self.consts = tuple(consts)
+        self.opt_state_bytes = int(opt_state_bytes)
+        self.note = note
+        n = len(self.state)
+        t0 = time.perf_counter()
+        lowered = jax.jit(fn, donate_argnums=tuple(range(n))).lower(*self.state, *self.consts)
+        self.compiled = lowered.compile()
+        self.compile_s = time.perf_counter() - t0
+        self.gflop = W.gflop(self.compiled)
+        self.loss0 = None   # the loss of the first step: the model before any update
+
+    def step(self):
+        out = self.compiled(*self.state, *self.consts)
+        jax.block_until_ready(out)
+        self.state = tuple(out[:-1])
+        if self.loss0 is None:
+            self.loss0 = float(out[-1])
+        self.last = out[-1]
+
+
+def fresh(tree):
+    """A copy with its own buffers (so donating it leaves the workload's intact)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def build_full(wl, copy=True):
+    opt = wl.optimizer()
+    params = fresh(wl.variables["params"]) if copy else wl.variables["params"]
+    opt_state = opt.init(params)
+
+    def step(params, opt_state, x, y):
+        loss, g = jax.value_and_grad(lambda p: wl.loss({"params": p}, x, y))(params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return Runner("full", step, (params, opt_state), (wl.inputs, wl.targets),
+                  lora_jax.tree_bytes(opt_state))
+
+
+def build_floor(wl, copy=True):
+    model, v = wl.model, wl.variables
+    h0 = jax.jit(lambda v, x: model.apply(v, x, method="embed"))(v, wl.inputs)
+
+    def step(h, v, y):
+        def loss_fn(h):
+            return W.cross_entropy(model.apply(v, h, method="from_embeddings"), y)
+
+        loss, g = jax.value_and_grad(loss_fn)(h)
+        return h - W.LR * g, loss   # SGD on the input embeddings: no optimizer state
+
+    return Runner("floor", step, (h0,), (v, wl.targets), 0)
+
+
+def _delta_runner(name, wl, apply_fn, note=""):
+    opt = wl.optimizer()
+    delta = fresh(wl.delta)
+    opt_state = opt.init(delta)
+
+    def step(delta, opt_state, base, x, y):
+        loss, g = jax.value_and_grad(lambda d: W.cross_entropy(apply_fn(base, d, x), y))(delta)
+        updates, opt_state = opt.update(g, opt_state, delta)
+        return optax.apply_updates(delta, updates), opt_state, loss
+
+    return Runner(name, step, (delta, opt_state), (wl.variables, wl.inputs, wl.targets),
+                  lora_jax.tree_bytes(opt_state), note)
+
+
+def build_merge(wl, copy=True):
+    model = wl.model
+
+    def apply_fn(base, delta, x):
+        return model.apply(lora_jax.merge(base, delta), x)
+
+    return _delta_runner("merge", wl, apply_fn)
+
+
+def build_lora_jax(wl, copy=True):
+    if not hasattr(lora_jax, "implicit"):
+        raise W.Skip("lora_jax.implicit is not in this lora_jax build yet; skipped "
+                     "(merge is NOT substituted for it)")
+    # A kernel use with no low-rank rule would be materialised (W + s A B) with a
+    # LoraFallbackWarning: that would make this a merge benchmark, so say so.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = _delta_runner("lora_jax", wl, lora_jax.implicit(wl.model.apply))
+    fallbacks = sorted({str(w.message).splitlines()[0] for w in caught
+                        if type(w.message).__name__ == "LoraFallbackWarning"})
+    if fallbacks:
+        runner.note = "FALLBACK (kernel materialised): " + "; ".join(fallbacks)
+    return runner
+
+
+def build_nnx_lora(wl, copy=True):
+    from flax import nnx
+
+    d = wl.dims
+    model = W.nnx_model(wl, lora_rank=d.rank, lora_alpha=d.alpha)
+    graphdef, lora_state, rest = nnx.split(model, nnx.LoRAParam, ...)
+    del model
+    opt = wl.optimizer()
+    opt_state = opt.init(lora_state)
+
+    def step(lora_state, opt_state, rest, x, y):
+        def loss_fn(ls):
+            return W.cross_entropy(nnx.merge(graphdef, ls, rest)(x), y)
+
+        loss, g = jax.value_and_grad(loss_fn)(lora_state)
+        updates, opt_state = opt.update(g, opt_state, lora_state)
+        return optax.apply_updates(lora_state, updates), opt_state, loss
+
+    n = lora_jax.count_params(lora_state)
+    assert n == d.n_trainable(), (n, d.n_trainable())
+    return Runner("nnx_lora", step, (lora_state, opt_state), (rest, wl.inputs, wl.targets),
+                  lora_jax.tree_bytes(opt_state),
+                  note=f"nnx.LoRA has no alpha: s = alpha/r = {d.alpha / d.rank:g} folded into A's init")
+
+
+def _deep_merge(a, b):
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(a[k], v) if isinstance(v, dict) and k in a else v
+    return out
+
+
+def _lora_only(tree):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = _lora_only(v)
+            if sub:
+                out[k] = sub
+        elif "_lora_" in k:
+            out[k] = v
+    return out
+
+
+def build_qwix(wl, copy=True):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import qwix
+    except Exception as e:  # noqa: BLE001
+        raise W.Skip(f"qwix is not importable ({type(e).__name__}: {e}); "
+                     "pip install -e '.[bench]'") from None
+    d = wl.dims
+    provider = qwix.LoraProvider(module_path=W.MODULE_TARGETS, rank=d.rank, alpha=d.alpha)
+    lora_model = qwix.apply_lora_to_model(wl.model, provider)
+    # qwix adds `<kernel>_lora_a` / `_lora_b` params next to each targeted
+    # kernel. Take their shapes from an abstract init and fill them as qwix's
+    # defaults do (A ~ he_uniform, B = 0) with NumPy; the base weights are
+    # the workload's.
+    shapes = _lora_only(jax.eval_shape(lora_model.init, jax.random.key(1), wl.inputs)["params"])
+    rng = np.random.default_rng(2)
+
+    def fill(path, leaf):
+        if path[-1].key.endswith("_lora_b"):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        bound = np.sqrt(6.0 / leaf.shape[0])
+        return jnp.asarray(rng.uniform(-bound, bound, leaf.shape), leaf.dtype)
+
+    lora = jax.tree_util.tree_map_with_path(fill, shapes)
+    n = lora_jax.count_params(lora)
+    assert n == d.n_trainable(), (n, d.n_trainable())
+    opt = wl.optimizer()
+    opt_state = opt.init(lora)
+
+    def step(lora, opt_state, base, x, y):
+        def loss_fn(lora):
+            params = _deep_merge(base["params"], lora)
+            return W.cross_entropy(lora_model.apply({"params": params}, x), y)
+
+        loss, g = jax.value_and_grad(loss_fn)(lora)
+        updates, opt_state = opt.update(g, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state, loss
+
+    note = "" if qwix.__version__ == "0.1.8" else f"qwix {qwix.__version__}, not 0.1.8"
+    return Runner("qwix", step, (lora, opt_state), (wl.variables, wl.inputs, wl.targets),
+                  lora_jax.tree_bytes(opt_state), note)
+
+
+BUILDERS = {
+    "full": build_full,
+    "floor": build_floor,
+    "merge": build_merge,
+    "lora_jax": build_lora_jax,
+    "nnx_lora": build_nnx_lora,
+    "qwix": build_qwix,
+}
+
+
+def maxrss_mb() -> float:
+    """Peak resident memory of this process, in MiB.
+
+    On Linux this reads ``VmHWM`` from /proc/self/status: ``ru_maxrss`` of a
+    child started by fork + exec keeps the parent's peak from before the exec,
+    so every child would report at least the (large) parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def child(args) -> None:
+    """``--child NAME``: build one configuration, run it, print peak RSS as JSON."""
+    wl = W.build(small=args.small)
+    out = {"name": args.child}
+    if args.child != "none":
+        try:
+            runner = BUILDERS[args.child](wl, copy=False)
+        except W.Skip as e:
+            print(json.dumps({"name": args.child, "skipped": str(e)}))
+            return
+        del wl
+        for _ in range(args.memory_steps):
+            runner.step()
+        out["loss_end"] = float(runner.last)
+    out["maxrss_mb"] = maxrss_mb()
+    print(json.dumps(out))
+
+
+def measure_memory(names, args, log=print) -> tuple[dict, float | None]:
+    """Peak RSS of each configuration in its own process; and of imports + weights alone."""
+    res = {}
+    for name in ["none", *names]:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name,
+               "--memory-steps", str(args.memory_steps)] + (["--small"] if args.small else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = (p.stdout.strip().splitlines() or [""])[-1]
+        try:
+            info = json.loads(line)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"--child {name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+        if "maxrss_mb" in info:
+            res[name] = info["maxrss_mb"]
+            log(f"  {name}: peak RSS {info['maxrss_mb']:.0f} MB")
+    return res, res.pop("none", None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap.add_argument("--rounds", type=int, default=10, help="round-robin rounds (default 10)")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="timed steps per configuration per round (default 3)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    ap.add_argument("--small", action="store_true", help="tiny dims (for tests)")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure peak RSS of each configuration in its own process")
+    ap.add_argument("--memory-steps", type=int, default=30)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*VariableState.*")  # qwix on flax 0.12
+
+    if args.child:
+        return child(args)
+
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.rounds * args.steps < 20:
+        print(f"note: {args.rounds * args.steps} timed steps per config (< 20): a smoke run, "
+              "not a quotable measurement")
+
+    run_meta = W.meta(rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
+                      small=args.small)
+    wl = W.build(small=args.small)
+    run_meta["dims"] = dataclasses.asdict(wl.dims)
+    d = wl.dims
+    print(f"workload: {'SMALL' if args.small else 'reference'} {d}; "
+          f"{lora_jax.count_params(wl.variables):,} params, "
+          f"{lora_jax.count_params(wl.delta):,} LoRA params")
+    print(f"{run_meta['device']} ({run_meta['cpu']}, {run_meta['cores']} cores), "
+          f"jax {jax.__version__}, flax {run_meta['versions']['flax']}")
+
+    runners, skipped = {}, {}
+    for name in names:
+        try:
+            r = BUILDERS[name](wl)
+        except W.Skip as e:
+            skipped[name] = str(e)
+            print(f"skip {name}: {e}")
+            continue
+        runners[name] = r
+        print(f"compiled {name}: {r.compile_s:.1f} s, {r.gflop:.4g} GFLOP/step"
+              + (f"  ({r.note})" if r.note else ""))
+
+    samples = W.time_interleaved({n: r.step for n, r in runners.items()},
+                                 args.rounds, args.steps, args.warmup)
+    results = {}
+    for name, r in runners.items():
+        results[name] = {**W.summary_stats(samples[name]), "compile_s": r.compile_s,
+                         "gflop": r.gflop, "opt_state_bytes": r.opt_state_bytes,
+                         "loss0": r.loss0, "loss_end": float(r.last)}
+        if r.note:
+            results[name]["note"] = r.note
+    full = results.get("full", {}).get("ms")
+    floor = results.get("floor", {}).get("ms")
+    for res in results.values():
+        res["x_full"] = W.ratio(res["ms"], full)
+        res["x_floor"] = W.ratio(res["ms"], floor)
+
+    baseline = None
+    if args.memory:
+        print(f"peak resident memory, {args.memory_steps} steps, one process per config:")
+        rss, baseline = measure_memory(list(runners), args)
+        floor_rss = rss.get("floor")
+        for name, mb in rss.items():
+            results[name]["peak_rss_mb"] = mb
+            results[name]["x_floor_rss"] = W.ratio(mb, floor_rss)
+    run_meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    run_meta["baseline_rss_mb"] = baseline
+
+    f = lambda x, fmt: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)  # noqa: E731
+    header = ["config", "ms/step", "x full", "x floor", "compile s", "GFLOP/step", "opt-state bytes"]
+    if args.memory:
+        header += ["peak RSS MB", "x floor RSS"]
+    rows = []
+    for name, res in results.items():
+        row = [name, f(res["ms"], ".1f"), f(res["x_full"], ".2f"), f(res["x_floor"], ".2f"),
+               f(res["compile_s"], ".1f"), f(res["gflop"], ".4g"), f"{res['opt_state_bytes']:,}"]
+        if args.memory:
+            row += [f(res.get("peak_rss_mb"), ".0f"), f(res.get("x_floor_rss"), ".2f")]
+        rows.append(row)
+    print()
+    print(W.fmt_table(header, rows))
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    if args.memory and baseline is not None:
+        print(f"(imports + weights alone, no step: {baseline:.0f} MB)")
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"configs": results, "skipped": skipped, "meta": run_meta}, fh, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""LoRA fine-tuning of a small byte-level transformer language model with lora_jax.
+
+The story, in three acts:
+
+1. **Pretrain** a tiny decoder-only transformer (Flax linen) on Python's
+   documentation (``pydoc_data.topics``), by ordinary full fine-tuning. The
+   result is cached on disk, so later runs skip this step.
+2. **LoRA fine-tune** it on a different domain, the source code of a few
+   standard library modules. ``lora_jax.init_lora`` splits the params into a
+   frozen ``base`` and a small trainable ``delta``; ``jax.grad`` is taken with
+   respect to the delta only, and the optimizer state covers only the delta.
+3. **Report**: target-domain loss before/after, that the base model is
+   untouched (bit for bit), merged vs. training forward, throughput,
+   optimizer-state and adapter size, and greedy samples from both models.
+
+Everything is built in (no downloads) and deterministic given ``--seed``::
+
+    python examples/finetune_lm.py                 # or: make demo
+    python examples/finetune_lm.py --lora-steps 50 --out /tmp/lora-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import lora_jax
+from _text import (
+    VOCAB_SIZE,
+    decode,
+    encode,
+    eval_windows,
+    fingerprint,
+    pydoc_text,
+    random_batches,
+    stdlib_source_text,
+    train_eval_split,
+)
+
+# -----------------------------------------------------------------------------
+# The model: a small pre-LayerNorm decoder-only transformer over bytes.
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = VOCAB_SIZE
+    seq_len: int = 128
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 2
+    d_ff: int = 512
+
+
+class CausalSelfAttention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # x: (batch, seq, d_model)
+        cfg = self.config
+        b, t, d = x.shape
+        head_dim = d // cfg.num_heads
+        split_heads = lambda y: y.reshape(b, t, cfg.num_heads, head_dim)  # noqa: E731
+        # Separate q/k/v/out Dense layers: their kernels are what LoRA targets.
+        q = split_heads(nn.Dense(d, name="q")(x))
+        k = split_heads(nn.Dense(d, name="k")(x))
+        v = split_heads(nn.Dense(d, name="v")(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        attn = jax.nn.softmax(scores, axis=-1)
+        y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d)
+        return nn.Dense(d, name="out")(y)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(self.config.d_ff, name="fc1")(x))
+        return nn.Dense(self.config.d_model, name="fc2")(h)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + CausalSelfAttention(self.config, name="attn")(nn.LayerNorm(name="ln1")(x))
+        x = x + MLP(self.config, name="mlp")(nn.LayerNorm(name="ln2")(x))
+        return x
+
+
+class TransformerLM(nn.Module):
+    """tokens (batch, seq) int32 -> next-token logits (batch, seq, vocab)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.config
+        # Small (GPT-2 style) embedding init, so token and position signals start
+        # at the same scale; the default unit-variance init slows training down.
+        embed_init = nn.initializers.normal(0.02)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, name="tok_embed")
+        x = embed(tokens)
+        pos = self.param("pos_embed", embed_init, (cfg.seq_len, cfg.d_model))
+        x = x + pos[: tokens.shape[1]]
+        for i in range(cfg.num_layers):
+            x = Block(cfg, name=f"block_{i}")(x)
+        return nn.Dense(cfg.vocab_size, name="head")(nn.LayerNorm(name="ln_f")(x))
+
+
+CONFIG = ModelConfig()
+MODEL = TransformerLM(CONFIG)
+IMPLICIT_APPLY = lora_jax.implicit(MODEL.apply, strict=True)  # training forward, see forward()
+# Training settings, sized for a laptop CPU (about 2 minutes on 2 cores).
+BATCH_SIZE = 16
+PRETRAIN_LR = 3e-3
+LORA_LR = 1e-2
+NUM_EVAL_WINDOWS = 128
+
+# LoRA on every attention projection and both MLP layers of every block.
+LORA_CONFIG = lora_jax.LoraConfig(
+    targets=[r".*/attn/(q|k|v|out)/kernel", r".*/mlp/(fc1|fc2)/kernel"],
+    rank=8,
+    alpha=16,
+)
+
+
+def cross_entropy(logits, targets):
+    """Mean next-byte cross-entropy, in nats."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+@jax.jit
+def eval_loss(params, windows):
+    """Loss of dense ``params`` on fixed ``(n, seq_len + 1)`` windows."""
+    return cross_entropy(MODEL.apply(params, windows[:, :-1]), windows[:, 1:])
+
+
+# -----------------------------------------------------------------------------
+# Act 1: pretraining (full fine-tuning), cached on disk.
+# -----------------------------------------------------------------------------
+
+
+def pretrain(tokens, steps: int, seed: int):
+    """Trains every parameter with AdamW; returns (params, per-step losses)."""
+    params = MODEL.init(jax.random.key(seed), jnp.zeros((1, CONFIG.seq_len), jnp.int32))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, PRETRAIN_LR, warmup_steps=max(1, steps // 20), decay_steps=max(steps, 2),
+        end_value=PRETRAIN_LR / 10)
+    optimizer = optax.adamw(schedule, weight_decay=0.01)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(
+            lambda p: cross_entropy(MODEL.apply(p, batch[:, :-1]), batch[:, 1:]))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    batches = random_batches(tokens, BATCH_SIZE, CONFIG.seq_len, seed)
+    losses = []
+    with tqdm(range(steps), desc="pretrain (full)", unit="step") as bar:
+        for i in bar:
+            params, opt_state, loss = step(params, opt_state, next(batches))
+            losses.append(loss)
+            if i % 10 == 0 or i == steps - 1:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+    return params, np.asarray(jax.device_get(losses), np.float32)
+
+
+def load_or_pretrain(tokens, steps: int, seed: int, out: Path, use_cache: bool):
+    """Pretrained params from ``out``'s cache if present, else trains (and caches) them.
+
+    The cache file name holds a hash of everything the result depends on: the
+    model's code and config, the training code and settings, and the corpus.
+    """
+    code = "".join(inspect.getsource(f) for f in (CausalSelfAttention, MLP, Block,
+                                                   TransformerLM, pretrain))
+    key = json.dumps([code, dataclasses.asdict(CONFIG), steps, seed, BATCH_SIZE, PRETRAIN_LR,
+                      fingerprint(tokens)])
+    path = out / f"base_params-{hashlib.sha256(key.encode()).hexdigest()[:12]}.msgpack"
+    if use_cache and path.exists():
+        state = flax.serialization.msgpack_restore(path.read_bytes())
+        print(f"pretrained params: loaded from cache {path}")
+        return jax.tree.map(jnp.asarray, state["params"]), state["losses"]
+    params, losses = pretrain(tokens, steps, seed)
+    if use_cache:
+        state = {"params": jax.device_get(params), "losses": losses}
+        path.write_bytes(flax.serialization.msgpack_serialize(state))
+        print(f"pretrained params: trained and cached to {path}")
+    else:
+        print("pretrained params: trained (--no-cache: cache not read or written)")
+    return params, losses
+
+
+# -----------------------------------------------------------------------------
+# Act 2: LoRA fine-tuning. Only `delta` is trained; `base` is never modified.
+# -----------------------------------------------------------------------------
+
+
+def forward(base, delta, tokens):
+    """The forward pass used for LoRA training: logits of the adapted model.
+
+    `lora_jax.implicit` runs `MODEL.apply` with every adapted kernel applied as
+    x @ W + s * (x @ A) @ B: the dense W + s*A@B is never formed and W (under
+    stop_gradient) gets no gradient, so a step costs about what the frozen
+    model's forward and activation backward cost.
+    """
+    return IMPLICIT_APPLY(base, delta, tokens)
+
+
+def lora_loss(delta, base, batch):
+    return cross_entropy(forward(base, delta, batch[:, :-1]), batch[:, 1:])
+
+
+def lora_finetune(base, delta, tokens, steps: int, seed: int):
+    """Trains the delta with AdamW. Returns (delta, losses, opt_state, tokens/s)."""
+    optimizer = optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, LORA_LR, max(1, steps // 20), max(steps, 2),
+                                           LORA_LR / 10),
+        weight_decay=0.0)
+    opt_state = optimizer.init(delta)  # Adam moments for the delta only
+
+    def step(delta, opt_state, base, batch):
+        # Differentiate w.r.t. the delta (argument 0) only: the base gets no gradient.
+        loss, grads = jax.value_and_grad(lora_loss)(delta, base, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, delta)
+        return optax.apply_updates(delta, updates), opt_state, loss
+
+    batches = random_batches(tokens, BATCH_SIZE, CONFIG.seq_len, seed + 1)
+    batch = next(batches)
+    # Compile ahead of time, so the throughput below measures training only.
+    t0 = time.perf_counter()
+    step = jax.jit(step).lower(delta, opt_state, base, batch).compile()
+    print(f"LoRA train step compiled in {time.perf_counter() - t0:.1f}s")
+
+    losses = []
+    t0 = time.perf_counter()
+    with tqdm(range(steps), desc="LoRA fine-tune", unit="step") as bar:
+        for i in bar:
+            delta, opt_state, loss = step(delta, opt_state, base, batch)
+            losses.append(loss)
+            batch = next(batches)
+            if i % 10 == 0 or i == steps - 1:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+    jax.block_until_ready(delta)
+    tokens_per_s = steps * BATCH_SIZE * CONFIG.seq_len / (time.perf_counter() - t0)
+    return delta, np.asarray(jax.device_get(losses), np.float32), opt_state, tokens_per_s
+
+
+# -----------------------------------------------------------------------------
+# Act 3: helpers for the report.
+# -----------------------------------------------------------------------------
+
+
+def save_adapter(delta, path: Path) -> int:
+    """Saves the delta's factor arrays to an .npz; returns the number of arrays.
+
+    Keys are the '/'-joined leaf path of each adapted kernel plus '/a' or '/b'.
+    """
+    arrays = {}
+    for leaf_path, factors in lora_jax.leaves_with_paths(delta, is_leaf=lora_jax.is_factors)[0]:
+        arrays[f"{leaf_path}/a"] = np.asarray(factors.a)
+        arrays[f"{leaf_path}/b"] = np.asarray(factors.b)
+    np.savez(path, **arrays)
+    return len(arrays)
+
+
+def load_adapter(path: Path, like):
+    """Reads an adapter saved by `save_adapter` into a delta shaped like ``like``.
+
+    ``like`` supplies the tree structure and each kernel's static metadata
+    (alpha, layout); e.g. ``init_lora(key, base, LORA_CONFIG)[1]``.
+    """
+    entries, treedef = lora_jax.leaves_with_paths(like, is_leaf=lora_jax.is_factors)
+    with np.load(path) as npz:
+        factors = [
+            dataclasses.replace(f, a=jnp.asarray(npz[f"{p}/a"]), b=jnp.asarray(npz[f"{p}/b"]))
+            for p, f in entries
+        ]
+    return jax.tree_util.tree_unflatten(treedef, factors)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _greedy(params, buf, start: int):
+    def body(i, buf):
+        logits = MODEL.apply(params, buf)
+        return buf.at[0, i].set(jnp.argmax(logits[0, i - 1]).astype(buf.dtype))
+    return jax.lax.fori_loop(start, buf.shape[1], body, buf)
+
+
+def generate(params, prompt: str) -> str:
+    """Greedy continuation of ``prompt`` up to the model's context length."""
+    ids = encode(prompt)
+    buf = jnp.zeros((1, CONFIG.seq_len), jnp.int32).at[0, : len(ids)].set(ids)
+    return decode(_greedy(params, buf, len(ids))[0, len(ids):])
+
+
+def max_abs_diff(tree_a, tree_b) -> float:
+    diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), tree_a, tree_b)
+    return float(max(jax.tree.leaves(diffs)))
+
+
+def plot_losses(pretrain_losses, lora_losses, path: Path) -> None:
+    """Training loss of both phases, raw (faint) and smoothed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(x, beta=0.9):  # bias-corrected exponential moving average
+        out, avg = np.empty(len(x)), 0.0
+        for i, v in enumerate(x):
+            avg = beta * avg + (1 - beta) * v
+            out[i] = avg / (1 - beta ** (i + 1))
+        return out
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    p = len(pretrain_losses)
+    phases = [
+        (np.arange(p), pretrain_losses, "C0", "pretraining, full fine-tuning (pydoc text)"),
+        (p + np.arange(len(lora_losses)), lora_losses, "C1",
+         f"LoRA r={LORA_CONFIG.rank}, base frozen (stdlib source code)"),
+    ]
+    for steps, losses, color, label in phases:
+        if len(losses):
+            ax.plot(steps, losses, color=color, alpha=0.25, lw=0.7)
+            ax.plot(steps, smooth(losses), color=color, lw=1.5, label=label)
+    ax.axvline(p, color="gray", ls="--", lw=0.8)
+    ax.set(xlabel="step", ylabel="training loss (nats / byte)",
+           title="Byte-level transformer LM: pretraining, then LoRA on a new domain")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def show_sample(title: str, prompt: str, continuation: str) -> None:
+    print(f"--- {title} ---")
+    print(prompt + continuation.rstrip())
+    print("-" * (len(title) + 8))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--lora-steps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="pretrain from scratch; neither read nor write the params cache")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # Data: two built-in corpora, each split into training and held-out text.
+    base_train, base_heldout = train_eval_split(encode(pydoc_text()))
+    target_train, target_heldout = train_eval_split(encode(stdlib_source_text()))
+    base_eval = eval_windows(base_heldout, CONFIG.seq_len, NUM_EVAL_WINDOWS)
+    target_eval = eval_windows(target_heldout, CONFIG.seq_len, NUM_EVAL_WINDOWS)
+    print(f"base domain   (pydoc topics):   {len(base_train):,} training bytes, "
+          f"{len(base_heldout):,} held out")
+    print(f"target domain (stdlib source):  {len(target_train):,} training bytes, "
+          f"{len(target_heldout):,} held out")
+
+    # Act 1: the pretrained model.
+    print("\n== 1. Pretraining (full fine-tuning) ==")
+    params, pretrain_losses = load_or_pretrain(base_train, args.pretrain_steps, args.seed,
+                                               args.out, use_cache=not args.no_cache)
+    print(f"model params: {lora_jax.count_params(params):,}")
+    pretrained_copy = jax.tree.map(np.array, params)  # a host copy, to check later
+
+    # Act 2: LoRA.
+    print("\n== 2. LoRA fine-tuning ==")
+    base, delta = lora_jax.init_lora(jax.random.key(args.seed), params, LORA_CONFIG)
+    summary = lora_jax.print_summary(base, delta)
+    target_before = float(eval_loss(base, target_eval))
+    base_before = float(eval_loss(base, base_eval))
+    delta, lora_losses, opt_state, tokens_per_s = lora_finetune(
+        base, delta, target_train, args.lora_steps, args.seed)
+
+    # Act 3: the report.
+    merged = lora_jax.merge(base, delta)
+    restored = lora_jax.unmerge(merged, delta)
+    target_after = float(eval_loss(merged, target_eval))
+    base_merged = float(eval_loss(merged, base_eval))
+    base_after = float(eval_loss(restored, base_eval))
+    base_identical = all(
+        np.array_equal(np.asarray(a), b)
+        for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(pretrained_copy)))
+    restore_error = max_abs_diff(restored, base)
+    inputs = jnp.asarray(target_eval[:16, :-1])
+    merged_vs_unmerged = max_abs_diff(jax.jit(MODEL.apply)(merged, inputs),
+                                      jax.jit(forward)(base, delta, inputs))
+
+    lora_state_bytes = lora_jax.tree_bytes(opt_state)
+    full_state_bytes = lora_jax.tree_bytes(jax.eval_shape(optax.adamw(LORA_LR).init, params))
+
+    adapter_path = args.out / "adapter.npz"
+    num_arrays = save_adapter(delta, adapter_path)
+    reloaded = load_adapter(adapter_path, like=delta)
+    reload_diff = max_abs_diff(lora_jax.merge(base, reloaded), merged)
+
+    plot_path = args.out / "loss_curve.png"
+    plot_losses(pretrain_losses, lora_losses, plot_path)
+
+    prompt = "    def __init__(self, "
+    base_sample, lora_sample = generate(base, prompt), generate(merged, prompt)
+
+    print("\n== 3. Results ==")
+    print(f"trainable params: {summary.trainable_params:,} of {summary.total_params:,} "
+          f"({summary.trainable_percent:.2f}%)")
+    print(f"optimizer state: LoRA {lora_state_bytes:,} bytes vs full fine-tuning "
+          f"{full_state_bytes:,} bytes ({100 * lora_state_bytes / full_state_bytes:.1f}%)")
+    print(f"target loss: before {target_before:.4f} after {target_after:.4f}"
+          "   (held-out stdlib source, nats/byte)")
+    print(f"base loss: before {base_before:.4f} after {base_after:.4f}"
+          "   (held-out pydoc text; base model = unmerge(merge(base, delta), delta))")
+    print(f"base loss with the adapter merged: {base_merged:.4f}   (how much of the base domain "
+          "the adapted model forgot)")
+    print(f"base params bit-identical to pretrained: {base_identical}   "
+          f"(max |unmerge(merge(base, delta), delta) - base|: {restore_error:.1e})")
+    print(f"max |merged - unmerged forward|: {merged_vs_unmerged:.3e}   (logits, "
+          "model.apply(merge(base, delta)) vs the training forward)")
+    print(f"LoRA training throughput: {tokens_per_s:,.0f} tokens/s   "
+          f"({args.lora_steps} steps x {BATCH_SIZE} x {CONFIG.seq_len} tokens, compile excluded)")
+    print(f"adapter: {adapter_path} ({os.path.getsize(adapter_path):,} bytes on disk, "
+          f"{num_arrays} arrays; reloaded and re-merged: max diff {reload_diff:.1e})")
+    print(f"loss curve: {plot_path}")
+    print()
+    show_sample("base model", prompt, base_sample)
+    show_sample("LoRA fine-tuned model", prompt, lora_sample)
+    print(f"\ntotal time: {time.perf_counter() - t_start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

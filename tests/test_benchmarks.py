@@ -1,0 +1,147 @@
+"""Smoke tests of benchmarks/train_step.py and benchmarks/inference.py.
+
+Each script runs once, in a subprocess, on the ``--small`` workload with one
+round of one or two steps; the tests check the JSON it writes: every expected
+configuration is there with positive finite numbers, every configuration
+computes the same loss at step 0 (LoRA starts at the base model), and the
+optimizer-state sizes are exactly Adam's ``2 x trainable bytes + a step
+counter``, computed here from the model's dimensions. No wall-time ratio is
+asserted: timings on a shared CPU are not a test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import lora_jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+F32 = 4       # bytes per float32
+COUNTER = 4   # adamw's one int32 step count (scale_by_adam); its other parts hold no arrays
+
+
+def _run(script: str, tmp_path: pathlib.Path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    # Compile faster: these runs check plumbing and numbers, not speed.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    cmd = [sys.executable, str(BENCH / script), "--small", "--rounds", "1", "--warmup", "1",
+           "--json", str(out), *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _params(d: dict) -> int:
+    """Parameters of the benchmark LM, from its dims."""
+    dm, f, v = d["d_model"], d["d_mlp"], d["vocab"]
+    attn = 4 * (dm * dm + dm)                     # q, k, v, o Dense with bias
+    mlp = dm * f + f + f * dm + dm                # fc1, fc2 with bias
+    block = attn + mlp + 2 * 2 * dm               # + two LayerNorms (scale, bias)
+    return v * dm + d["seq"] * dm + d["n_blocks"] * block + 2 * dm + dm * v + v
+
+
+def _lora_params(d: dict) -> int:
+    """A (fan_in x r) + B (r x fan_out) for q, k, v, o (d x d), fc1 (d x f), fc2 (f x d)."""
+    dm, f, r = d["d_model"], d["d_mlp"], d["rank"]
+    return d["n_blocks"] * (4 * r * (dm + dm) + 2 * r * (dm + f))
+
+
+def _has_qwix() -> bool:
+    return importlib.util.find_spec("qwix") is not None
+
+
+@pytest.fixture(scope="module")
+def train_json(tmp_path_factory):
+    return _run("train_step.py", tmp_path_factory.mktemp("train"), "--steps", "2")
+
+
+@pytest.fixture(scope="module")
+def inference_json(tmp_path_factory):
+    return _run("inference.py", tmp_path_factory.mktemp("inference"), "--steps", "2")
+
+
+def test_reference_counts_match_the_spec():
+    # The anchors' reference workload: ~16.9M params, 24 kernels, 295k LoRA params.
+    d = dict(vocab=4096, d_model=512, n_blocks=4, d_mlp=2048, seq=128, rank=8)
+    assert round(_params(d) / 1e6, 1) == 16.9
+    assert _lora_params(d) == 294_912
+
+
+def test_train_step_reports_every_config(train_json):
+    configs, skipped = train_json["configs"], train_json["skipped"]
+    expected = {"full", "floor", "merge", "nnx_lora"}
+    expected |= {"lora_jax"} if hasattr(lora_jax, "implicit") else set()
+    expected |= {"qwix"} if _has_qwix() else set()
+    assert expected <= set(configs), (sorted(configs), skipped)
+    assert set(configs) | set(skipped) == {"full", "floor", "merge", "lora_jax", "nnx_lora", "qwix"}
+    if not hasattr(lora_jax, "implicit"):
+        assert "implicit" in skipped["lora_jax"]
+    for name, res in configs.items():
+        for key in ("ms", "x_full", "x_floor", "compile_s", "gflop"):
+            assert _positive_finite(res[key]), (name, key, res[key])
+        assert math.isfinite(res["loss0"]) and math.isfinite(res["loss_end"]), (name, res)
+        assert "FALLBACK" not in res.get("note", ""), (name, res["note"])
+    assert configs["full"]["x_full"] == 1.0 and configs["floor"]["x_floor"] == 1.0
+    meta = train_json["meta"]
+    assert meta["versions"]["jax"] and meta["cores"] >= 1 and meta["rounds"] == 1
+
+
+def test_every_config_starts_from_the_base_model(train_json):
+    configs = train_json["configs"]
+    loss0 = configs["full"]["loss0"]
+    for name, res in configs.items():
+        assert res["loss0"] == pytest.approx(loss0, rel=1e-5, abs=1e-5), name
+
+
+def test_optimizer_state_is_adam_over_the_trainable_leaves_only(train_json):
+    configs, d = train_json["configs"], train_json["meta"]["dims"]
+    full = 2 * F32 * _params(d) + COUNTER
+    lora = 2 * F32 * _lora_params(d) + COUNTER
+    assert configs["full"]["opt_state_bytes"] == full
+    assert configs["floor"]["opt_state_bytes"] == 0
+    for name in ("merge", "lora_jax", "nnx_lora", "qwix"):
+        if name in configs:
+            assert configs[name]["opt_state_bytes"] == lora, name
+            assert configs[name]["opt_state_bytes"] < full / 10, name
+
+
+def test_lora_does_less_work_than_merge_on_the_fly(train_json):
+    # FLOP counts are deterministic (unlike times): the implicit form skips the
+    # dense weight gradient that merge-on-the-fly computes.
+    configs = train_json["configs"]
+    if "lora_jax" not in configs:
+        pytest.skip("lora_jax.implicit not available")
+    assert configs["lora_jax"]["gflop"] < configs["merge"]["gflop"]
+
+
+def test_inference_reports_base_merged_implicit(inference_json):
+    configs, skipped = inference_json["configs"], inference_json["skipped"]
+    expected = {"base", "merged"} | ({"implicit"} if hasattr(lora_jax, "implicit") else set())
+    assert set(configs) == expected, (sorted(configs), skipped)
+    for name, res in configs.items():
+        for key in ("ms", "x_base", "compile_s", "gflop"):
+            assert _positive_finite(res[key]), (name, key, res[key])
+        assert "FALLBACK" not in res.get("note", ""), (name, res["note"])
+    assert configs["base"]["x_base"] == 1.0
+    merged = configs["merged"]
+    assert merged["same_program"] is True
+    assert merged["gflop"] == configs["base"]["gflop"]
+    assert merged["max_abs_diff_vs_base"] > 0     # the delta is not zero
+    if "implicit" in configs:
+        diff = configs["implicit"]["max_abs_diff_vs_merged"]
+        assert diff < 1e-3 and diff < 0.01 * merged["max_abs_diff_vs_base"]

@@ -1,0 +1,120 @@
+"""End-to-end runs of the examples, with tiny step counts.
+
+Each example runs as a subprocess (exactly as a user would run it) and the
+test checks the outcomes it prints: LoRA lowers the target-domain loss, the
+merged model matches the training forward, and the base model is untouched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str, cwd: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def numbers(pattern: str, text: str) -> tuple[float, ...]:
+    """The floats captured by ``pattern`` in ``text`` (which must match)."""
+    match = re.search(pattern, text)
+    assert match, f"no line matching {pattern!r} in output:\n{text}"
+    return tuple(float(g) for g in match.groups())
+
+
+FLOAT = r"([-+0-9.eE]+)"
+
+
+def check_lora_outcomes(out: str, merge_tol: float) -> None:
+    before, after = numbers(rf"target loss: before {FLOAT} after {FLOAT}", out)
+    assert after < before, "LoRA fine-tuning did not lower the target-domain loss"
+    base_before, base_after = numbers(rf"base loss: before {FLOAT} after {FLOAT}", out)
+    assert abs(base_before - base_after) <= 1e-4, "unmerge did not restore the base model"
+    (diff,) = numbers(rf"max \|merged .*\|: {FLOAT}", out)
+    assert diff < merge_tol, "merged weights disagree with the training forward"
+
+
+needs_extras = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("tqdm", "matplotlib")),
+    reason="the demo needs the [examples] extras (tqdm, matplotlib)",
+)
+
+
+@needs_extras
+def test_finetune_lm(tmp_path):
+    out_dir = tmp_path / "out"
+    out = run_example("finetune_lm.py", "--pretrain-steps", "20", "--lora-steps", "20",
+                      "--out", str(out_dir), cwd=tmp_path)
+
+    assert "pretrained params: trained and cached" in out
+    assert len(list(out_dir.glob("base_params-*.msgpack"))) == 1
+    check_lora_outcomes(out, merge_tol=1e-3)
+    assert "base params bit-identical to pretrained: True" in out
+
+    # The LoRA summary table and the labelled results are all printed.
+    trainable, total, percent = numbers(
+        r"trainable params: ([\d,]+) of ([\d,]+) \(([\d.]+)%\)", out.replace(",", ""))
+    assert 0 < trainable < total and 0 < percent < 10
+    (tokens_per_s,) = numbers(r"LoRA training throughput: ([\d,]+) tokens/s", out.replace(",", ""))
+    assert tokens_per_s > 0
+    lora_bytes, full_bytes = numbers(
+        r"optimizer state: LoRA ([\d]+) bytes vs full fine-tuning ([\d]+) bytes",
+        out.replace(",", ""))
+    assert 0 < lora_bytes < full_bytes / 5
+    for label in ("params/block_0/attn/q/kernel", "--- base model ---",
+                  "--- LoRA fine-tuned model ---", "loss curve:", "adapter:"):
+        assert label in out
+
+    # Files: the loss curve and the adapter (two factors per adapted kernel).
+    png = out_dir / "loss_curve.png"
+    assert png.stat().st_size > 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adapter = out_dir / "adapter.npz"
+    assert adapter.stat().st_size > 0
+    with np.load(adapter) as npz:
+        keys = sorted(npz.files)
+        assert len(keys) == 2 * 12  # q, k, v, out, fc1, fc2 in 2 blocks
+        assert "params/block_0/attn/q/kernel/a" in keys
+        assert npz["params/block_0/mlp/fc1/kernel/a"].shape == (128, 8)
+        assert npz["params/block_0/mlp/fc1/kernel/b"].shape == (8, 512)
+
+
+@needs_extras
+def test_pretrain_cache(tmp_path, monkeypatch, capsys):
+    """A second run loads the pretrained params from the cache instead of training."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # for `import _text`
+    spec = importlib.util.spec_from_file_location("finetune_lm", EXAMPLES / "finetune_lm.py")
+    demo = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "finetune_lm", demo)
+    spec.loader.exec_module(demo)
+    tokens = np.arange(4096, dtype=np.int32) % 256
+
+    trained, losses = demo.load_or_pretrain(tokens, 2, 0, tmp_path, use_cache=True)
+    loaded, cached_losses = demo.load_or_pretrain(tokens, 2, 0, tmp_path, use_cache=True)
+    printed = capsys.readouterr().out
+    assert "trained and cached" in printed and "loaded from cache" in printed
+    assert len(list(tmp_path.glob("base_params-*.msgpack"))) == 1
+    np.testing.assert_array_equal(losses, cached_losses)
+    assert jax.tree.structure(trained) == jax.tree.structure(loaded)
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nnx_finetune(tmp_path):
+    out = run_example("nnx_finetune.py", "--pretrain-steps", "100", "--lora-steps", "100",
+                      cwd=tmp_path)
+    assert "fc1/kernel" in out and "trainable params:" in out
+    check_lora_outcomes(out, merge_tol=1e-4)
