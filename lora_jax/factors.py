@@ -43,6 +43,8 @@ class LoraFactors:
       alpha: the LoRA alpha of this kernel (static).
       rslora: if true the scale is ``alpha / sqrt(r)``, else ``alpha / r`` (static).
       layout: the kernel's :class:`KernelLayout` (static).
+      magnitude: DoRA's trainable magnitude ``(*stack, *fan_out)``, or ``None``
+        for plain LoRA.
 
     Example:
       >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), 16.0, False, KernelLayout("io"))
@@ -55,6 +57,7 @@ class LoraFactors:
     alpha: float
     rslora: bool
     layout: KernelLayout
+    magnitude: Any = None
 
     @property
     def rank(self) -> int:
@@ -70,11 +73,12 @@ class LoraFactors:
     @property
     def num_params(self) -> int:
         """Trainable parameters held by ``a`` and ``b``."""
-        return int(np.size(self.a) + np.size(self.b))
+        extra = 0 if self.magnitude is None else np.size(self.magnitude)
+        return int(np.size(self.a) + np.size(self.b) + extra)
 
 
 jax.tree_util.register_dataclass(
-    LoraFactors, data_fields=["a", "b"], meta_fields=["alpha", "rslora", "layout"]
+    LoraFactors, data_fields=["a", "b", "magnitude"], meta_fields=["alpha", "rslora", "layout"]
 )
 
 
