@@ -6,6 +6,7 @@ trainable low-rank delta, :func:`merge` returns dense params, :func:`freeze`
 masks an optax optimizer so only the delta trains.
 """
 
+from lora_jax.adapter_io import LoraBaseMismatchError, LoraFileError, load, save
 from lora_jax.config import LoraConfig
 from lora_jax.errors import (
     LoraConfigError,
@@ -14,20 +15,46 @@ from lora_jax.errors import (
     LoraStructureError,
     LoraTargetError,
 )
-from lora_jax.factors import LoraFactors, is_factors, lora_update
+from lora_jax.factors import LeafDelta, LoraFactors, column_norm, is_factors, lora_update
 from lora_jax.implicit import LoraFallbackWarning, LoraImplicitError, implicit
 from lora_jax.infer import infer_layouts
 from lora_jax.init import init_factors, init_lora
 from lora_jax.layout import KernelLayout, default_layout
-from lora_jax.merge import align, merge, unmerge
+from lora_jax.loraplus import lora_plus
+from lora_jax.merge import align, dora_norms, merge, unmerge
 from lora_jax.optim import count_params, freeze, trainable_mask, tree_bytes
 from lora_jax.paths import leaves_with_paths, path_str
+from lora_jax.peft_format import NameMap, export_peft, import_peft
+from lora_jax.sharding import (
+    LoraShardingError,
+    delta_shardings,
+    factor_specs,
+    init_lora_sharded,
+    opt_state_shardings,
+    param_shardings,
+)
 from lora_jax.summary import LeafSummary, LoraSummary, print_summary, summarize
-from lora_jax.targets import Target, select_targets
+from lora_jax.targets import Target, select_extra_trainable, select_targets
+from lora_jax.variants import olora, pissa, with_dora
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoraBaseMismatchError",
+    "LoraFileError",
+    "NameMap",
+    "export_peft",
+    "import_peft",
+    "load",
+    "save",
+    "LeafDelta",
+    "column_norm",
+    "dora_norms",
+    "lora_plus",
+    "olora",
+    "pissa",
+    "select_extra_trainable",
+    "with_dora",
     "KernelLayout",
     "LeafSummary",
     "LoraConfig",
@@ -37,6 +64,7 @@ __all__ = [
     "LoraFallbackWarning",
     "LoraImplicitError",
     "LoraLayoutError",
+    "LoraShardingError",
     "LoraStructureError",
     "LoraSummary",
     "LoraTargetError",
@@ -44,15 +72,20 @@ __all__ = [
     "align",
     "count_params",
     "default_layout",
+    "delta_shardings",
+    "factor_specs",
     "freeze",
     "implicit",
     "infer_layouts",
     "init_factors",
     "init_lora",
+    "init_lora_sharded",
     "is_factors",
     "leaves_with_paths",
     "lora_update",
     "merge",
+    "opt_state_shardings",
+    "param_shardings",
     "path_str",
     "print_summary",
     "select_targets",

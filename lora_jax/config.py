@@ -23,7 +23,8 @@ from lora_jax.layout import KernelLayout
 Predicate = Callable[[str, Any], bool]
 Targets = Union[str, Sequence[str], Predicate]
 
-INIT_SCHEMES = ("kaiming", "gaussian", "swapped")
+INIT_SCHEMES = ("kaiming", "gaussian", "swapped", "pissa", "olora")
+BIAS_MODES = ("none", "all", "lora_only")
 
 
 def _compile(pattern: str, field: str) -> re.Pattern:
@@ -54,7 +55,18 @@ class LoraConfig:
         ``"swapped"`` (``A = 0``, ``B ~ U(-1/sqrt(r), 1/sqrt(r))``).
         Embedding tables always start with ``A = 0``, ``B ~ N(0, 1)`` (PEFT),
         or the reverse under ``"swapped"``.
+        ``"pissa"`` (factors from the top-r singular triplets of ``W``, base
+        replaced by the residual; ``svd_niter`` selects a randomised SVD) and
+        ``"olora"`` (QR-based, base replaced by the residual) change the base:
+        :func:`~lora_jax.init_lora` returns the new one.
+      svd_niter: PiSSA only: ``None`` for an exact SVD, or the number of power
+        iterations of a randomised SVD (PEFT's ``pissa_niter_[n]``).
       use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+      use_dora: DoRA: add a trainable magnitude per output feature.
+      trainable: regexes of further leaves trained in full beside the factors
+        (a classifier head, layer norms: PEFT's ``modules_to_save``).
+      bias: ``"none"``, ``"all"`` (every leaf named ``bias`` trains in full) or
+        ``"lora_only"`` (the biases beside adapted kernels), as PEFT's ``bias``.
       dtype: dtype of the factors (float32 by default, even for a bf16 base).
       skip_unsupported: if true, leaves a broad target matches but LoRA cannot
         serve (integer, bool or fewer than 2 axes) are skipped; by default
@@ -74,7 +86,11 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     layouts: Mapping[str, Union[KernelLayout, str]] = dataclasses.field(default_factory=dict)
     init: str = "kaiming"
+    svd_niter: int | None = None
     use_rslora: bool = False
+    use_dora: bool = False
+    trainable: Sequence[str] = ()
+    bias: str = "none"
     dtype: Any = jnp.float32
     skip_unsupported: bool = False
 
@@ -85,8 +101,15 @@ class LoraConfig:
             object.__setattr__(self, "targets", tuple(self.targets))
             if not self.targets:
                 raise LoraConfigError("targets is empty: give at least one pattern")
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
+        for field in ("exclude", "trainable"):
+            if isinstance(getattr(self, field), str):
+                object.__setattr__(self, field, (getattr(self, field),))
+        if self.bias not in BIAS_MODES:
+            raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.svd_niter is not None and (
+                isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int)
+                or self.svd_niter < 0):
+            raise LoraConfigError(f"svd_niter must be None or an integer >= 0, got {self.svd_niter!r}")
         _check_rank(self.rank, "rank")
         _check_alpha(self.alpha, "alpha")
         for pattern, r in self.rank_pattern.items():
@@ -95,14 +118,18 @@ class LoraConfig:
             _check_alpha(a, f"alpha_pattern[{pattern!r}]")
         if self.init not in INIT_SCHEMES:
             raise LoraConfigError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
-        if not jnp.issubdtype(np.dtype(self.dtype), jnp.floating):
+        try:
+            floating = jnp.issubdtype(np.dtype(self.dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
             raise LoraConfigError(f"dtype of the factors must be floating, got {self.dtype!r}")
         layouts = {}
         for pattern, layout in self.layouts.items():
             layouts[pattern] = KernelLayout(layout) if isinstance(layout, str) else layout
         object.__setattr__(self, "layouts", layouts)
         # Compile every pattern now so a bad regex fails at construction.
-        for field in ("exclude", "rank_pattern", "alpha_pattern", "layouts"):
+        for field in ("exclude", "trainable", "rank_pattern", "alpha_pattern", "layouts"):
             for pattern in getattr(self, field):
                 _compile(pattern, field)
         if not callable(self.targets):

@@ -82,9 +82,56 @@ jax.tree_util.register_dataclass(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class LeafDelta:
+    """A leaf trained in full beside the low-rank factors (a bias, a head, a norm).
+
+    Stored additively, like the factors: the adapted value is ``W + diff``,
+    ``diff`` starts at zero (so step 0 is the base model), weight decay pulls it
+    back toward the base, and :func:`lora_jax.unmerge` is exact. PEFT's
+    ``modules_to_save`` / ``bias="all"`` hold ``W + diff``.
+
+    Attributes:
+      diff: an array with the leaf's shape.
+    """
+
+    diff: Any
+
+
+jax.tree_util.register_dataclass(LeafDelta, data_fields=["diff"], meta_fields=[])
+
+
 def is_factors(x: Any) -> bool:
     """True for a :class:`LoraFactors` node (use as ``is_leaf`` in tree maps)."""
     return isinstance(x, LoraFactors)
+
+
+def is_delta_leaf(x: Any) -> bool:
+    """True for a :class:`LoraFactors` or :class:`LeafDelta` node."""
+    return isinstance(x, (LoraFactors, LeafDelta))
+
+
+def factor_product(a: Array, b: Array, scale: float, n_stack: int) -> Array:
+    """``scale * A @ B`` in factor order ``(*stack, *fan_in, *fan_out)``, float32.
+
+    Args:
+      a: ``(*stack, *fan_in, r)``.
+      b: ``(*stack, r, *fan_out)``.
+      scale: ``s``.
+      n_stack: number of leading stacked axes.
+
+    Example:
+      >>> factor_product(jnp.ones((3, 1)), jnp.ones((1, 2)), 2.0, 0).shape
+      (3, 2)
+    """
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    stack, fan_in, fan_out = a.shape[:n_stack], a.shape[n_stack:-1], b.shape[n_stack + 1:]
+    r = a.shape[-1]
+    dense = jnp.matmul(a.reshape(stack + (math.prod(fan_in), r)),
+                       b.reshape(stack + (r, math.prod(fan_out))),
+                       precision=jax.lax.Precision.HIGHEST) * scale
+    return dense.reshape(stack + fan_in + fan_out)
 
 
 def lora_update(factors: LoraFactors) -> Array:
@@ -104,14 +151,51 @@ def lora_update(factors: LoraFactors) -> Array:
              [2., 2.]], dtype=float32)
     """
     layout = factors.layout
-    a = jnp.asarray(factors.a, jnp.float32)
-    b = jnp.asarray(factors.b, jnp.float32)
-    n_stack = len(layout.stack_axes)
-    stack = a.shape[:n_stack]
-    fan_in, fan_out = a.shape[n_stack:-1], b.shape[n_stack + 1 :]
-    r = a.shape[-1]
-    a2 = a.reshape(stack + (math.prod(fan_in), r))
-    b2 = b.reshape(stack + (r, math.prod(fan_out)))
-    dense = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST) * factors.scale
-    dense = dense.reshape(stack + fan_in + fan_out)
+    dense = factor_product(factors.a, factors.b, factors.scale, len(layout.stack_axes))
     return jnp.transpose(dense, np.argsort(layout.permutation))
+
+
+def column_norm(kernel: Array, layout: KernelLayout) -> Array:
+    """L2 norm over the fan-in axes, one per output feature: ``(*stack, *fan_out)``.
+
+    This is DoRA's ``||W||_c`` (PEFT's per-output-feature weight norm, for
+    Linear, Conv and Embedding alike), in float32.
+
+    Example:
+      >>> column_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), KernelLayout("io"))
+      Array([5., 1.], dtype=float32)
+    """
+    x = jnp.transpose(jnp.asarray(kernel, jnp.float32), layout.permutation)
+    ns, ni = len(layout.stack_axes), len(layout.in_axes)
+    return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(ns, ns + ni))))
+
+
+def dora_weight(kernel: Array, factors: LoraFactors, norm: Array | None = None) -> Array:
+    """DoRA's merged kernel ``m * (W + s A B) / ||W + s A B||_c``, float32, kernel order.
+
+    Args:
+      kernel: ``W``, any dtype.
+      factors: factors with a ``magnitude`` ``(*stack, *fan_out)``.
+      norm: ``||W + s A B||_c`` if already known; it is treated as a constant
+        (``stop_gradient``), as in the DoRA paper and PEFT.
+
+    Example:
+      >>> f = LoraFactors(jnp.zeros((2, 1)), jnp.zeros((1, 2)), 1.0, False, KernelLayout("io"),
+      ...                 magnitude=jnp.array([10.0, 1.0]))
+      >>> dora_weight(jnp.array([[3.0, 0.0], [4.0, 1.0]]), f)
+      Array([[6., 0.],
+             [8., 1.]], dtype=float32)
+    """
+    layout = factors.layout
+    merged = jnp.asarray(kernel, jnp.float32) + lora_update(factors)
+    if norm is None:
+        norm = column_norm(merged, layout)
+    ratio = jnp.asarray(factors.magnitude, jnp.float32) / jax.lax.stop_gradient(norm)
+    return merged * _to_kernel_axes(ratio, layout)
+
+
+def _to_kernel_axes(per_output: Array, layout: KernelLayout) -> Array:
+    """Broadcasts a ``(*stack, *fan_out)`` array against the kernel's axes."""
+    ns, ni = len(layout.stack_axes), len(layout.in_axes)
+    x = jnp.expand_dims(per_output, tuple(range(ns, ns + ni)))
+    return jnp.transpose(x, np.argsort(layout.permutation))

@@ -40,15 +40,17 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lora_jax.errors import LoraError
+from lora_jax.errors import LoraConfigError, LoraError
+from lora_jax.factors import LeafDelta
 from lora_jax.lowrank import conv_rule, dot_general_rule, gather_rule
 from lora_jax.merge import align
 from lora_jax.tracing import trace
-from lora_jax.view import LoraView, drop_stack_role
+from lora_jax.view import LoraView
 
 
 class LoraImplicitError(LoraError):
@@ -59,7 +61,8 @@ class LoraFallbackWarning(UserWarning):
     """A targeted kernel was materialised because no low-rank rule fits its use."""
 
 
-def implicit(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
+def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0.0
+             ) -> Callable[..., Any]:
     """Wraps ``fn(params, *args, **kwargs)`` to take ``(base, delta, *args, **kwargs)``.
 
     The wrapped function returns ``fn(merge(base, delta), *args, **kwargs)``
@@ -74,9 +77,17 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., A
         linen ``model.apply``, or ``lambda state, x: nnx.merge(g, state)(x)``.
       strict: raise :class:`LoraImplicitError` instead of materialising a
         kernel whose use has no low-rank rule.
+        dropout: LoRA dropout rate ``p``: the low-rank branch sees
+        ``dropout(x)``, i.e. ``x @ W + s * (mask * x / (1 - p)) @ A @ B``
+        (dense and conv kernels; embeddings take no dropout, as in PEFT). It is
+        active only when the wrapped function gets ``lora_dropout_key=key``:
+        no key means evaluation (no dropout). Each use of a kernel draws its
+        own mask from the key, and so does each layer of a scan; iterations of
+        a ``while_loop`` share one.
 
     Returns:
-      ``wrapped(base, delta, *args, **kwargs)``; jit-, grad- and vmap-able.
+      ``wrapped(base, delta, *args, lora_dropout_key=None, **kwargs)``; jit-,
+      grad- and vmap-able.
 
     Example:
       >>> apply = implicit(lambda p, x: x @ p["w"])
@@ -86,17 +97,31 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., A
       (2, 3)
     """
 
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise LoraConfigError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+
     @functools.wraps(fn)
-    def wrapped(base: Any, delta: Any, *args: Any, **kwargs: Any) -> Any:
+    def wrapped(base: Any, delta: Any, *args: Any, lora_dropout_key: Any = None,
+                **kwargs: Any) -> Any:
         rows, treedef = align(base, delta)
         closed, out_shape, dynamic = trace(fn, treedef, [leaf for _, leaf, _ in rows], args,
                                            kwargs)
-        invals = [leaf if f is None else LoraView.of(path, leaf, f) for path, leaf, f in rows]
-        ctx = _Context(strict)
+        invals = [_input(path, leaf, f) for path, leaf, f in rows]
+        ctx = _Context(strict, dropout if lora_dropout_key is not None else 0.0,
+                       lora_dropout_key)
         outs = ctx.eval(closed.jaxpr, closed.consts, invals + list(dynamic))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+def _input(path: str, leaf: Any, f: Any) -> Any:
+    """What the interpreter carries for one params leaf."""
+    if f is None:
+        return leaf
+    if isinstance(f, LeafDelta):  # trained in full: a plain (small) value
+        return (leaf.astype(jnp.float32) + f.diff).astype(leaf.dtype)
+    return LoraView.of(path, leaf, f)
 
 
 def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
@@ -116,9 +141,29 @@ _CALLS = ("pjit", "jit", "closed_call", "core_call")
 class _Context:
     """One evaluation: strictness and which fallbacks have warned."""
 
-    def __init__(self, strict: bool):
+    def __init__(self, strict: bool, rate: float = 0.0, key: Any = None):
         self.strict = strict
         self.warned: set[str] = set()
+        self.rate = rate
+        self.key = key
+        self.sites = 0
+
+    def next_key(self) -> Any:
+        """A key of its own for each use of a kernel (trace order is deterministic)."""
+        self.sites += 1
+        return jax.random.fold_in(self.key, self.sites)
+
+    def dropout(self) -> Callable[[Any], Any] | None:
+        """Inverted dropout for the next low-rank branch, or None when inactive."""
+        if not self.rate:
+            return None
+        key, keep = self.next_key(), 1.0 - self.rate
+
+        def apply(x):
+            mask = jax.random.bernoulli(key, keep, x.shape)
+            return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+        return apply
 
     def dense(self, value: Any, where: str) -> Any:
         """``value``, or the materialised kernel if it is a view (after a warning)."""
@@ -183,14 +228,14 @@ class _Context:
             x, view, kernel_is_rhs = self.dense(lhs, "dot_general"), rhs, True
         else:
             x, view, kernel_is_rhs = rhs, lhs, False
-        out = dot_general_rule(x, view, kernel_is_rhs, eqn.params)
+        out = dot_general_rule(x, view, kernel_is_rhs, eqn.params, self.dropout())
         return None if out is None else [out]
 
     def _conv_general_dilated(self, eqn, invals):
         x, view = invals
         if isinstance(x, LoraView) or not isinstance(view, LoraView):
             return None
-        out = conv_rule(x, view, eqn.params)
+        out = conv_rule(x, view, eqn.params, self.dropout())
         return None if out is None else [out]
 
     def _gather(self, eqn, invals):
@@ -231,9 +276,15 @@ class _Context:
         consts = invals[:nc]
         carry = [self.dense(v, "scan carry") for v in invals[nc:nc + ncarry]]
         xs = [self._scanned(v) for v in invals[nc + ncarry:]]
+        outer_key = self.key
+        if self.rate:  # one dropout key per layer
+            xs.append(jax.random.split(self.next_key(), p["length"]))
 
         def body(c, x):
+            if self.rate:
+                *x, self.key = x
             outs = self._eval_closed(p["jaxpr"], *consts, *c, *x)
+            self.key = outer_key
             return outs[:ncarry], outs[ncarry:]
 
         carry, ys = lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
@@ -247,5 +298,4 @@ class _Context:
         axis_role = value.roles[0]
         if axis_role[0] != "s":
             return self.dense(value, "scan over a non-stacked kernel axis")
-        a, b = value.sliced(axis_role)
-        return value.replace(a=a, b=b, roles=drop_stack_role(value.roles, axis_role))
+        return value.sliced(axis_role)

@@ -22,6 +22,7 @@ draws its own values.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from typing import Any, Mapping
@@ -31,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import LoraFactors
+from lora_jax.factors import LeafDelta, LoraFactors
 from lora_jax.layout import KernelLayout
 from lora_jax.paths import leaves_with_paths
-from lora_jax.targets import Target, select_targets
+from lora_jax.targets import Target, select_extra_trainable, select_targets
+from lora_jax.variants import olora, pissa, with_dora
 
 Array = jax.Array
 
@@ -91,8 +93,12 @@ def init_lora(
     """Splits ``params`` into a frozen base and a freshly initialised delta.
 
     The delta has the params' tree structure, with a :class:`LoraFactors` at
-    each targeted leaf and ``None`` everywhere else. The base is ``params``
-    itself (variants that rewrite the base, such as PiSSA, return a new one).
+    each targeted leaf, a :class:`LeafDelta` at each leaf trained in full
+    (``trainable`` / ``bias``) and ``None`` everywhere else. The base is
+    ``params`` itself, except with ``init="pissa"`` or ``"olora"``, which
+    replace each target by its residual ``W - s A B``: keep the returned base.
+    ``use_dora`` adds magnitudes ``||W + s A B||_c``. PiSSA, OLoRA and DoRA read
+    the kernels' values; the other inits only their shapes.
 
     Args:
       key: a PRNG key; each target draws from ``fold_in(key, crc32(path))``, so
@@ -112,20 +118,33 @@ def init_lora(
       (True, (16, 4))
     """
     targets = select_targets(params, config, layouts)
+    extra = set(select_extra_trainable(params, config, targets))
     leaves, treedef = leaves_with_paths(params)
-
-    specs = tuple(targets.get(path) for path, _ in leaves)
-    new_leaves = _draw_all(key, specs, config.init, np.dtype(config.dtype), config.use_rslora)
-    return params, jax.tree_util.tree_unflatten(treedef, new_leaves)
+    dtype = np.dtype(config.dtype)
+    # PiSSA / OLoRA replace the drawn values below; the draw fixes shapes and dtypes.
+    scheme = config.init if config.init in ("kaiming", "gaussian", "swapped") else "kaiming"
+    new_leaves = [
+        _draw_one(_path_key(key, path), dataclasses.replace(targets[path], path=""), scheme,
+                  dtype, config.use_rslora) if path in targets
+        else LeafDelta(jnp.zeros(leaf.shape, dtype)) if path in extra
+        else None
+        for path, leaf in leaves
+    ]
+    base, delta = params, jax.tree_util.tree_unflatten(treedef, new_leaves)
+    if config.init == "pissa":
+        base, delta = pissa(base, delta, niter=config.svd_niter, key=key)
+    elif config.init == "olora":
+        base, delta = olora(base, delta)
+    if config.use_dora:
+        delta = with_dora(base, delta)
+    return base, delta
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _draw_all(key: Array, specs: tuple, scheme: str, dtype: Any, rslora: bool) -> list:
-    """All factors in one compiled program, cached on the (hashable) target specs."""
-    return [
-        None if t is None else init_factors(_path_key(key, t.path), t, scheme, dtype, rslora)
-        for t in specs
-    ]
+def _draw_one(key: Array, target: Target, scheme: str, dtype: Any, rslora: bool) -> LoraFactors:
+    """One target's factors, compiled once per (shape, layout, rank, alpha, ...) and reused
+    by every kernel of that spec; the path only enters through the key."""
+    return init_factors(key, target, scheme, dtype, rslora)
 
 
 def _path_key(key: Array, path: str) -> Array:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,12 +85,13 @@ def _low_rank_bwd(scale, precision, res, g):
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
-def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict) -> Array | None:
+def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict,
+                     dropout: Callable[[Array], Array] | None = None) -> Array | None:
     """``dot_general(x, W)`` (or ``dot_general(W, x)``) with ``W`` a LoRA view.
 
     Returns ``None`` when the contraction is not over exactly the fan-in (or
     exactly the fan-out) axes, or the batch axes are not exactly the stacked
-    axes.
+    axes. ``dropout``, if given, is applied to ``x`` in the low-rank branch only.
     """
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
@@ -103,6 +104,8 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     if sorted(view.roles[d][1] for d in kb if view.roles[d][0] == "s") != list(
             range(view.n_stack)) or len(kb) != view.n_stack:
         return None
+    if view.magnitude is not None and contracted != "i":
+        return None  # DoRA through x @ W.T: materialise (rare: a tied DoRA embedding)
     fa, fb, free_kind = view.factor_pair(contracted)
     ns = view.n_stack
     # x as (*stack, M, K): batch axes in stack order, free axes, contracted axes in factor order.
@@ -110,7 +113,8 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     xc_sorted = [x_d for _, x_d in sorted(zip((view.roles[d][1] for d in kc), xc))]
     x_free = [d for d in range(x.ndim) if d not in xb and d not in xc]
     perm = xb_sorted + x_free + xc_sorted
-    xt = x if perm == list(range(x.ndim)) else jnp.transpose(x, perm)
+    xl = x if dropout is None else dropout(x)
+    xt = xl if perm == list(range(x.ndim)) else jnp.transpose(xl, perm)
     stack = tuple(x.shape[d] for d in xb_sorted)
     m_shape = tuple(x.shape[d] for d in x_free)
     r = fa.shape[-1]
@@ -132,10 +136,22 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     y = jnp.transpose(y, order)
     w = view.frozen()
     base = lax.dot_general_p.bind(*((x, w) if kernel_is_rhs else (w, x)), **params)
-    return base + y.astype(base.dtype)
+    out = base + y.astype(base.dtype)
+    if view.magnitude is not None:  # DoRA: scale each output feature by m / ||W + sAB||
+        ratio = jnp.transpose(view.dora_ratio(), batch_axes + [ns + view.roles[d][1] for d in k_free])
+        sizes = [view.shape[d] for d in k_free]
+        ones = [1] * len(m_shape)
+        shape = stack_sizes(view, kb) + (ones + sizes if kernel_is_rhs else sizes + ones)
+        out = out * ratio.reshape(shape).astype(out.dtype)
+    return out
 
 
-def conv_rule(x: Array, view: LoraView, params: dict) -> Array | None:
+def stack_sizes(view: LoraView, axes: Sequence[int]) -> list[int]:
+    return [view.shape[d] for d in axes]
+
+
+def conv_rule(x: Array, view: LoraView, params: dict,
+              dropout: Callable[[Array], Array] | None = None) -> Array | None:
     """``conv_general_dilated(x, W)``: a full-window conv into ``r`` channels, then ``@ B``.
 
     Returns ``None`` for grouped convs, stacked kernels, or a kernel whose
@@ -151,13 +167,13 @@ def conv_rule(x: Array, view: LoraView, params: dict) -> Array | None:
     n_in = len(view.roles) - 1
     a = jnp.transpose(view.a.astype(dtype), [n_in if d == o_dim else j for d, (_, j) in
                                              enumerate(view.roles)])
-    u = lax.conv_general_dilated_p.bind(x, a, **params)
+    u = lax.conv_general_dilated_p.bind(x if dropout is None else dropout(x), a, **params)
     feat = dn.out_spec[1]
     u = jnp.moveaxis(u, feat, -1) * jnp.asarray(view.scale, u.dtype)
     y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype), precision=params.get("precision")),
                      -1, feat)
     base = lax.conv_general_dilated_p.bind(x, view.frozen(), **params)
-    return base + y.astype(base.dtype)
+    return _dora_scaled(base + y.astype(base.dtype), view, feat)
 
 
 def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
@@ -187,4 +203,12 @@ def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
     u = jnp.moveaxis(u, pos, -1) * jnp.asarray(view.scale, u.dtype)
     y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype)), -1, pos)
     base = lax.gather_p.bind(view.frozen(), indices, **params)
-    return base + y.astype(base.dtype)
+    return _dora_scaled(base + y.astype(base.dtype), view, pos)
+
+
+def _dora_scaled(out: Array, view: LoraView, feature_axis: int) -> Array:
+    """Multiplies the single output-feature axis of ``out`` by DoRA's ``m / ||.||``."""
+    if view.magnitude is None:
+        return out
+    ratio = view.dora_ratio().astype(out.dtype)
+    return out * jnp.expand_dims(ratio, [d for d in range(out.ndim) if d != feature_axis % out.ndim])

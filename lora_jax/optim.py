@@ -28,14 +28,14 @@ import jax
 import numpy as np
 import optax
 
-from lora_jax.factors import is_factors
+from lora_jax.factors import is_delta_leaf
 from lora_jax.paths import path_str
 
 TRAIN, FROZEN = "trainable", "frozen"
 
 
 def trainable_mask(tree: Any, extra_trainable: Sequence[str] = ()) -> Any:
-    """Boolean pytree: True at the arrays of every :class:`LoraFactors`.
+    """Boolean pytree: True at the arrays of every :class:`LoraFactors` and :class:`LeafDelta`.
 
     Args:
       tree: any pytree holding LoRA factors somewhere (a delta, or a combined
@@ -54,12 +54,12 @@ def trainable_mask(tree: Any, extra_trainable: Sequence[str] = ()) -> Any:
     """
 
     def label(key_path, node):
-        if is_factors(node):
+        if is_delta_leaf(node):
             return jax.tree.map(lambda _: True, node)
         path = path_str(key_path)
         return any(re.fullmatch(p, path) for p in extra_trainable)
 
-    return jax.tree_util.tree_map_with_path(label, tree, is_leaf=is_factors)
+    return jax.tree_util.tree_map_with_path(label, tree, is_leaf=is_delta_leaf)
 
 
 def freeze(
@@ -79,6 +79,8 @@ def freeze(
       An ``optax.GradientTransformation`` over the combined tree.
 
     Example:
+      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
+      ...                         LoraConfig(targets="w", rank=2))
       >>> opt = freeze(optax.adam(1e-3))
       >>> state = opt.init({"base": base, "delta": delta})
     """

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
+from lora_jax.factors import LeafDelta
 from lora_jax.merge import align
 from lora_jax.optim import count_params
 
@@ -78,18 +81,22 @@ def summarize(params: Any, delta: Any) -> LoraSummary:
       A :class:`LoraSummary`; ``print(summary.table())`` shows it.
 
     Example:
+      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
+      ...                         LoraConfig(targets="w", rank=2))
       >>> s = summarize(base, delta)
       >>> s.trainable_params, round(s.trainable_percent, 2)
       (16, 50.0)
     """
     rows, _ = align(params, delta)
-    leaves = tuple(
-        LeafSummary(path, f.layout.kind, tuple(leaf.shape), f.layout.axes, f.rank, f.alpha,
-                    f.scale, f.num_params)
-        for path, leaf, f in rows
-        if f is not None
-    )
+    leaves = tuple(_row(path, tuple(leaf.shape), f) for path, leaf, f in rows if f is not None)
     return LoraSummary(leaves, count_params(params), sum(l.params for l in leaves))
+
+
+def _row(path: str, shape: tuple[int, ...], f: Any) -> LeafSummary:
+    if isinstance(f, LeafDelta):  # trained in full: no rank, no scale
+        return LeafSummary(path, "full", shape, "-", 0, 0.0, 1.0, int(np.size(f.diff)))
+    kind = f.layout.kind + ("+dora" if f.magnitude is not None else "")
+    return LeafSummary(path, kind, shape, f.layout.axes, f.rank, f.alpha, f.scale, f.num_params)
 
 
 def print_summary(params: Any, delta: Any) -> LoraSummary:

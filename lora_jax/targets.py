@@ -145,3 +145,43 @@ def _is_supported(leaf: Any) -> bool:
 def _dtype_name(leaf: Any) -> str:
     dtype = getattr(leaf, "dtype", None)
     return str(dtype) if dtype is not None else type(leaf).__name__
+
+
+def select_extra_trainable(params: Any, config: LoraConfig, targets: Mapping[str, Target]
+                           ) -> list[str]:
+    """Paths of the leaves trained in full: ``config.trainable`` matches and ``config.bias``.
+
+    Raises:
+      LoraTargetError: a ``trainable`` pattern matches no leaf, a match is
+        also a LoRA target, or is not a floating array.
+
+    Example:
+      >>> params = {"dense": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}}
+      >>> cfg = LoraConfig(targets=".*kernel", rank=2, bias="lora_only")
+      >>> select_extra_trainable(params, cfg, select_targets(params, cfg))
+      ['dense/bias']
+    """
+    leaves, _ = leaves_with_paths(params)
+    paths = [p for p, _ in leaves]
+    chosen = set()
+    for pattern in config.trainable:
+        hits = [p for p in paths if re.fullmatch(pattern, p)]
+        if not hits:
+            raise LoraTargetError(f"trainable pattern {pattern!r} matches no leaf "
+                                  f"(leaves such as {paths[:6]})")
+        chosen.update(hits)
+    parents = {t.rsplit("/", 1)[0] for t in targets}
+    for p in paths:
+        name = p.rsplit("/", 1)
+        if name[-1] == "bias" and (config.bias == "all" or (
+                config.bias == "lora_only" and len(name) == 2 and name[0] in parents)):
+            chosen.add(p)
+    for path, leaf in leaves:
+        if path not in chosen:
+            continue
+        if path in targets:
+            raise LoraTargetError(f"leaf {path!r} is both a LoRA target and trained in full")
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise LoraTargetError(f"leaf {path!r} is trained in full but is not a floating array")
+    return [p for p in paths if p in chosen]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.factors import LoraFactors
+from lora_jax.factors import LoraFactors, factor_product
 
 Array = jax.Array
 Role = tuple[str, int]
@@ -43,6 +43,7 @@ class LoraView:
       scale: ``alpha / r`` (or rsLoRA's ``alpha / sqrt(r)``).
       dtype: the dtype the program sees the kernel in.
       path: the kernel's leaf path, for messages.
+      magnitude: DoRA's ``(*stack, *fan_out)`` magnitude, or None.
     """
 
     w: Any
@@ -52,6 +53,7 @@ class LoraView:
     scale: float
     dtype: Any
     path: str
+    magnitude: Any = None
 
     @staticmethod
     def of(path: str, w: Array, f: LoraFactors) -> "LoraView":
@@ -61,7 +63,7 @@ class LoraView:
         for letter in f.layout.axes:
             roles.append((letter, counters[letter]))
             counters[letter] += 1
-        return LoraView(w, f.a, f.b, tuple(roles), f.scale, jnp.dtype(w.dtype), path)
+        return LoraView(w, f.a, f.b, tuple(roles), f.scale, jnp.dtype(w.dtype), path, f.magnitude)
 
     @property
     def n_stack(self) -> int:
@@ -80,22 +82,63 @@ class LoraView:
 
     def update(self) -> Array:
         """``scale * A @ B`` in float32, in the view's current axis order."""
-        a = jnp.asarray(self.a, jnp.float32)
-        b = jnp.asarray(self.b, jnp.float32)
+        full = factor_product(self.a, self.b, self.scale, self.n_stack)
+        return jnp.transpose(full, self._factor_axes())
+
+    def _factor_axes(self) -> list[int]:
+        """For each current axis, its position in factor order ``(*stack, *fan_in, *fan_out)``."""
         ns = self.n_stack
-        stack, fan_in, fan_out = a.shape[:ns], a.shape[ns:-1], b.shape[ns + 1:]
+        offset = {"s": 0, "i": ns, "o": ns + sum(k == "i" for k, _ in self.roles)}
+        return [offset[k] + j for k, j in self.roles]
+
+    def dora_ratio(self) -> Array:
+        """DoRA's ``m / ||W + s A B||_c`` as ``(*stack, *fan_out)``; the norm is detached.
+
+        The squared norm of each output column is expanded so that no dense
+        ``W + s A B`` is formed: with ``W``, ``A``, ``B`` as ``(K, N)``,
+        ``(K, r)``, ``(r, N)`` per stacked kernel,
+        ``||W_j||^2 + 2 s (W^T A)_j . B_j + s^2 B_j^T (A^T A) B_j``.
+        """
+        ns = self.n_stack
+        w = jax.lax.stop_gradient(self.w).astype(jnp.float32)
+        order = sorted(range(len(self.roles)), key=lambda d: self._factor_axes()[d])
+        w = jnp.transpose(w, order)  # factor order
+        a = jax.lax.stop_gradient(jnp.asarray(self.a, jnp.float32))
+        b = jax.lax.stop_gradient(jnp.asarray(self.b, jnp.float32))
+        stack, fan_out = w.shape[:ns], b.shape[ns + 1:]
         r = a.shape[-1]
-        full = jnp.matmul(a.reshape(stack + (math.prod(fan_in), r)),
-                          b.reshape(stack + (r, math.prod(fan_out))),
-                          precision=jax.lax.Precision.HIGHEST) * self.scale
-        full = full.reshape(stack + fan_in + fan_out)
-        offset = {"s": 0, "i": ns, "o": ns + len(fan_in)}
-        return jnp.transpose(full, [offset[k] + j for k, j in self.roles])
+        w2 = w.reshape(stack + (-1, math.prod(fan_out)))
+        a2 = a.reshape(stack + (-1, r))
+        b2 = b.reshape(stack + (r, math.prod(fan_out)))
+        hi = jax.lax.Precision.HIGHEST
+        wta = jnp.matmul(jnp.swapaxes(w2, -1, -2), a2, precision=hi)           # (N, r)
+        gram = jnp.matmul(jnp.swapaxes(a2, -1, -2), a2, precision=hi)          # (r, r)
+        s = self.scale
+        sq = (jnp.sum(w2 * w2, axis=-2)
+              + 2 * s * jnp.sum(jnp.swapaxes(wta, -1, -2) * b2, axis=-2)
+              + s * s * jnp.sum(b2 * jnp.matmul(gram, b2, precision=hi), axis=-2))
+        norm = jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(stack + fan_out)
+        return jnp.asarray(self.magnitude, jnp.float32) / norm
 
     def materialize(self) -> Array:
-        """The dense kernel ``(w + scale * A @ B).astype(dtype)``; ``w`` gets no gradient."""
-        w = jax.lax.stop_gradient(self.w).astype(jnp.float32)
-        return (w + self.update()).astype(self.dtype)
+        """The dense kernel ``(w + scale * A @ B).astype(dtype)`` (DoRA-scaled if it
+        has a magnitude); ``w`` gets no gradient."""
+        dense = jax.lax.stop_gradient(self.w).astype(jnp.float32) + self.update()
+        if self.magnitude is not None:
+            dense = dense * self.per_output(self.dora_ratio(), {"s", "o"})
+        return dense.astype(self.dtype)
+
+    def per_output(self, x: Array, keep: set[str]) -> Array:
+        """Arranges a ``(*stack, *fan_out)`` array to broadcast against the current axes."""
+        ns = self.n_stack
+        present = [d for d, (k, _) in enumerate(self.roles) if k in keep]
+        src = [self.roles[d][1] if self.roles[d][0] == "s" else ns + self.roles[d][1]
+               for d in present]
+        x = jnp.transpose(x, src)
+        shape = [1] * len(self.roles)
+        for d in present:
+            shape[d] = self.w.shape[d]
+        return x.reshape(shape)
 
     def transpose(self, permutation: tuple[int, ...]) -> "LoraView":
         return self.replace(w=jnp.transpose(self.w, permutation),
@@ -114,10 +157,14 @@ class LoraView:
         ns = self.n_stack
         return jnp.moveaxis(self.b, ns, -1), jnp.moveaxis(self.a, -1, ns), "i"
 
-    def sliced(self, axis_role: Role) -> tuple[Array, Array]:
-        """``a``, ``b`` with stacked axis ``axis_role`` moved to the front (for ``lax.scan``)."""
+    def sliced(self, axis_role: Role) -> "LoraView":
+        """The view with stacked axis ``axis_role`` moved to the front of ``a``, ``b``
+        (and the magnitude), and the roles of one slice: scanned by ``lax.scan``,
+        it yields the per-layer views."""
         _, j = axis_role
-        return jnp.moveaxis(self.a, j, 0), jnp.moveaxis(self.b, j, 0)
+        move = lambda x: None if x is None else jnp.moveaxis(x, j, 0)  # noqa: E731
+        return self.replace(a=move(self.a), b=move(self.b), magnitude=move(self.magnitude),
+                            roles=drop_stack_role(self.roles, axis_role))
 
 
 def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:
@@ -129,5 +176,6 @@ def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:
 
 
 jax.tree_util.register_dataclass(
-    LoraView, data_fields=["w", "a", "b"], meta_fields=["roles", "scale", "dtype", "path"]
+    LoraView, data_fields=["w", "a", "b", "magnitude"],
+    meta_fields=["roles", "scale", "dtype", "path"]
 )

@@ -328,7 +328,7 @@ def test_static_arguments_pass_through():
             x = nn.Dense(8)(x)
             return nn.Dropout(0.5, deterministic=not train)(x)
 
-    params = jax.jit(Drop().init)(jax.random.key(0), X, train=False)
+    params = jax.jit(Drop().init, static_argnames="train")(jax.random.key(0), X, train=False)
     base, delta = lj.init_lora(jax.random.key(1), params, lj.LoraConfig(targets=".*kernel", rank=2))
     delta = _trained(delta)
     got = lj.implicit(Drop().apply)(base, delta, X, train=True, rngs={"dropout": jax.random.key(3)})
