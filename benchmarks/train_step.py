@@ -41,7 +41,8 @@ import optax  # noqa: E402
 import lora_jax  # noqa: E402
 import workload as W  # noqa: E402
 
-CONFIGS = ("full", "floor", "merge", "lora_jax", "nnx_lora", "qwix")
+CONFIGS = ("full", "floor", "merge", "lora_jax", "lora_jax_dora", "lora_jax_rslora", "nnx_lora",
+           "qwix")
 
 
 class Runner:
@@ -106,9 +107,9 @@ def build_floor(wl, copy=True):
     return Runner("floor", step, (h0,), (v, wl.targets), 0)
 
 
-def _delta_runner(name, wl, apply_fn, note=""):
+def _delta_runner(name, wl, apply_fn, note="", delta=None):
     opt = wl.optimizer()
-    delta = fresh(wl.delta)
+    delta = fresh(wl.delta if delta is None else delta)
     opt_state = opt.init(delta)
 
     def step(delta, opt_state, base, x, y):
@@ -129,7 +130,7 @@ def build_merge(wl, copy=True):
     return _delta_runner("merge", wl, apply_fn)
 
 
-def build_lora_jax(wl, copy=True):
+def build_lora_jax(wl, copy=True, name="lora_jax", delta=None):
     if not hasattr(lora_jax, "implicit"):
         raise W.Skip("lora_jax.implicit is not in this lora_jax build yet; skipped "
                      "(merge is NOT substituted for it)")
@@ -137,12 +138,24 @@ def build_lora_jax(wl, copy=True):
     # LoraFallbackWarning: that would make this a merge benchmark, so say so.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runner = _delta_runner("lora_jax", wl, lora_jax.implicit(wl.model.apply))
+        runner = _delta_runner(name, wl, lora_jax.implicit(wl.model.apply), delta=delta)
     fallbacks = sorted({str(w.message).splitlines()[0] for w in caught
                         if type(w.message).__name__ == "LoraFallbackWarning"})
     if fallbacks:
         runner.note = "FALLBACK (kernel materialised): " + "; ".join(fallbacks)
     return runner
+
+
+def build_lora_jax_dora(wl, copy=True):
+    """DoRA on the same 24 kernels: magnitudes m = ||W||_c added to the delta."""
+    return build_lora_jax(wl, copy, "lora_jax_dora", lora_jax.with_dora(wl.variables, wl.delta))
+
+
+def build_lora_jax_rslora(wl, copy=True):
+    """rsLoRA: the same factors scaled by alpha / sqrt(r)."""
+    delta = jax.tree.map(lambda f: dataclasses.replace(f, rslora=True), wl.delta,
+                         is_leaf=lora_jax.is_factors)
+    return build_lora_jax(wl, copy, "lora_jax_rslora", delta)
 
 
 def build_nnx_lora(wl, copy=True):
@@ -238,6 +251,8 @@ BUILDERS = {
     "floor": build_floor,
     "merge": build_merge,
     "lora_jax": build_lora_jax,
+    "lora_jax_dora": build_lora_jax_dora,
+    "lora_jax_rslora": build_lora_jax_rslora,
     "nnx_lora": build_nnx_lora,
     "qwix": build_qwix,
 }

@@ -85,10 +85,10 @@ def test_reference_counts_match_the_spec():
 def test_train_step_reports_every_config(train_json):
     configs, skipped = train_json["configs"], train_json["skipped"]
     expected = {"full", "floor", "merge", "nnx_lora"}
-    expected |= {"lora_jax"} if hasattr(lora_jax, "implicit") else set()
+    expected |= {"lora_jax", "lora_jax_dora", "lora_jax_rslora"}
     expected |= {"qwix"} if _has_qwix() else set()
     assert expected <= set(configs), (sorted(configs), skipped)
-    assert set(configs) | set(skipped) == {"full", "floor", "merge", "lora_jax", "nnx_lora", "qwix"}
+    assert set(configs) | set(skipped) == expected | {"qwix"}
     if not hasattr(lora_jax, "implicit"):
         assert "implicit" in skipped["lora_jax"]
     for name, res in configs.items():
@@ -114,10 +114,13 @@ def test_optimizer_state_is_adam_over_the_trainable_leaves_only(train_json):
     lora = 2 * F32 * _lora_params(d) + COUNTER
     assert configs["full"]["opt_state_bytes"] == full
     assert configs["floor"]["opt_state_bytes"] == 0
-    for name in ("merge", "lora_jax", "nnx_lora", "qwix"):
+    for name in ("merge", "lora_jax", "lora_jax_rslora", "nnx_lora", "qwix"):
         if name in configs:
             assert configs[name]["opt_state_bytes"] == lora, name
             assert configs[name]["opt_state_bytes"] < full / 10, name
+    # DoRA adds one magnitude per output feature of each kernel: 4 x d + (d_mlp + d) per block.
+    magnitudes = d["n_blocks"] * (5 * d["d_model"] + d["d_mlp"])
+    assert configs["lora_jax_dora"]["opt_state_bytes"] == lora + 2 * F32 * magnitudes
 
 
 def test_lora_does_less_work_than_merge_on_the_fly(train_json):
