@@ -13,20 +13,21 @@ PEFT adapter, but keyed by lora_jax leaf paths:
   and bfloat16 round-trip exactly).
 
 ``adapter_config.json``
-  ``format`` / ``format_version``, the ``library_version`` that wrote it, the
-  ``sha256`` of the tensor file, the :class:`~lora_jax.LoraConfig` (or null),
-  ``tree`` (every leaf path of the delta, so a delta can be rebuilt without its
-  base), and per target: ``rank``, ``alpha``, ``rslora``, ``scaling``,
+  ``format`` / ``format_version``, the ``library_version`` that wrote it, a
+  ``save_id`` (also in the tensor file's metadata), the tensor file's
+  ``sha256``, the :class:`~lora_jax.LoraConfig` (or null), ``tree`` (every
+  leaf path of the delta, so a delta can be rebuilt without its base), and
+  per target: ``rank``, ``alpha``, ``rslora``, ``scaling``,
   ``layout`` (axes and kind), ``kernel_shape``, ``dtype`` and each tensor's
   key, shape and dtype.
 
 Writes are atomic per file (temporary file in the same directory, flush,
 ``fsync``, ``os.replace``, then ``fsync`` of the directory); the tensor file is
-replaced first and the config last, and the config records the tensor file's
-``sha256``, so an interrupted save leaves the previous adapter loadable, and
-the only state a crash can leave that is not a complete adapter (new tensors,
-old config: a crash between the two renames) is refused by :func:`load` rather
-than half-read. Other files in the directory are left alone.
+replaced first and the config last, and both carry the save's ``save_id``, so
+an interrupted save leaves the previous adapter loadable, and the only state a
+crash can leave that is not a complete adapter (new tensors, old config: a
+crash between the two renames) is refused by :func:`load` rather than
+half-read. Other files in the directory are left alone.
 
 :func:`load` validates everything it reads and raises :class:`LoraFileError`
 naming the file and the key: unknown format version, missing or extra
@@ -435,13 +436,15 @@ def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) 
         }
     directory.mkdir(parents=True, exist_ok=True)
     weights, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    save_id = uuid.uuid4().hex
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "save_id": save_id}
     staged = [stage_file(weights, lambda tmp: write_safetensors(tmp, tensors, metadata))]
     try:
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "library_version": __version__,
+            "save_id": save_id,
             "sha256": sha256_file(staged[0]),
             "config": config_to_json(config),
             "tree": [p for p, _ in entries],
@@ -544,7 +547,7 @@ def load(
         every other leaf; NNX states keep their type). Without it the delta is
         a nested dict rebuilt from the recorded leaf paths.
       verify: check the tensor file's sha256 against the config (catches
-        corrupt data and interrupted saves); on by default.
+        corrupt tensor data the safetensors header cannot); on by default.
 
     Returns:
       ``(delta, config)``: factors as JAX arrays in their saved dtypes; the
@@ -590,6 +593,12 @@ def load(
 
     arrays: dict[str, dict[str, np.ndarray]] = {leaf: {} for leaf in targets}
     with open_safetensors(weights) as f:
+        written_by = (f.metadata() or {}).get("save_id")
+        if written_by and doc.get("save_id") and written_by != doc["save_id"]:
+            raise LoraFileError(
+                f"{weights}: written by another save than {CONFIG_NAME} (key 'save_id' differs): "
+                "a save was interrupted between its two renames, or the files were mixed"
+            )
         info = tensor_info(f)
         missing = [k for k in expected if k not in info]
         if missing:
@@ -619,7 +628,7 @@ def load(
     if verify and "sha256" in doc and sha256_file(weights) != doc["sha256"]:
         raise LoraFileError(
             f"{weights}: its sha256 does not match key 'sha256' of {CONFIG_NAME}: the file is "
-            "corrupt, was modified, or a save was interrupted between its two renames"
+            "corrupt or was modified after it was saved"
         )
 
     factors: dict[str, Any] = {}

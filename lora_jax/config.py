@@ -67,6 +67,9 @@ class LoraConfig:
         (a classifier head, layer norms: PEFT's ``modules_to_save``).
       bias: ``"none"``, ``"all"`` (every leaf named ``bias`` trains in full) or
         ``"lora_only"`` (the biases beside adapted kernels), as PEFT's ``bias``.
+      layers: for scan-stacked kernels, the layer indices (along the first
+        stacked axis) to adapt, as PEFT's ``layers_to_transform``; the other
+        layers get an exactly zero update and no parameters. ``None``: all.
       dtype: dtype of the factors (float32 by default, even for a bf16 base).
       skip_unsupported: if true, leaves a broad target matches but LoRA cannot
         serve (integer, bool or fewer than 2 axes) are skipped; by default
@@ -91,6 +94,7 @@ class LoraConfig:
     use_dora: bool = False
     trainable: Sequence[str] = ()
     bias: str = "none"
+    layers: Sequence[int] | None = None
     dtype: Any = jnp.float32
     skip_unsupported: bool = False
 
@@ -104,6 +108,13 @@ class LoraConfig:
         for field in ("exclude", "trainable"):
             if isinstance(getattr(self, field), str):
                 object.__setattr__(self, field, (getattr(self, field),))
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, (int, np.integer))
+                                 or i < 0 for i in layers) or len(set(layers)) != len(layers):
+                raise LoraConfigError(
+                    f"layers must be distinct integers >= 0, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(int(i) for i in layers)))
         if self.bias not in BIAS_MODES:
             raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.svd_niter is not None and (

@@ -45,6 +45,11 @@ class LoraFactors:
       layout: the kernel's :class:`KernelLayout` (static).
       magnitude: DoRA's trainable magnitude ``(*stack, *fan_out)``, or ``None``
         for plain LoRA.
+      layers: for a scan-stacked kernel adapted on some layers only, the
+        indices (along the first stacked axis) of those layers (static); ``a``,
+        ``b`` then hold only them (leading axis ``len(layers)``) and the other
+        layers' update is exactly zero. ``None``: every layer.
+      num_layers: the full length of the first stacked axis when ``layers`` is set.
 
     Example:
       >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), 16.0, False, KernelLayout("io"))
@@ -58,6 +63,8 @@ class LoraFactors:
     rslora: bool
     layout: KernelLayout
     magnitude: Any = None
+    layers: tuple[int, ...] | None = None
+    num_layers: int = 0
 
     @property
     def rank(self) -> int:
@@ -70,6 +77,28 @@ class LoraFactors:
         r = self.rank
         return self.alpha / (math.sqrt(r) if self.rslora else r)
 
+    def expanded(self) -> "LoraFactors":
+        """The factors with every stacked layer present (zeros at unselected layers).
+
+        Example:
+          >>> f = LoraFactors(jnp.ones((1, 2, 1)), jnp.ones((1, 1, 3)), 1.0, False,
+          ...                 KernelLayout("sio"), layers=(2,), num_layers=3)
+          >>> f.expanded().a[:, 0, 0]
+          Array([0., 0., 1.], dtype=float32)
+        """
+        if self.layers is None:
+            return self
+        index = np.asarray(self.layers)
+
+        def full(x):
+            if x is None:
+                return None
+            x = jnp.asarray(x)
+            return jnp.zeros((self.num_layers,) + x.shape[1:], x.dtype).at[index].set(x)
+
+        return LoraFactors(full(self.a), full(self.b), self.alpha, self.rslora, self.layout,
+                           full(self.magnitude))
+
     @property
     def num_params(self) -> int:
         """Trainable parameters held by ``a`` and ``b``."""
@@ -78,7 +107,8 @@ class LoraFactors:
 
 
 jax.tree_util.register_dataclass(
-    LoraFactors, data_fields=["a", "b", "magnitude"], meta_fields=["alpha", "rslora", "layout"]
+    LoraFactors, data_fields=["a", "b", "magnitude"],
+    meta_fields=["alpha", "rslora", "layout", "layers", "num_layers"]
 )
 
 
@@ -150,6 +180,7 @@ def lora_update(factors: LoraFactors) -> Array:
              [2., 2.],
              [2., 2.]], dtype=float32)
     """
+    factors = factors.expanded()
     layout = factors.layout
     dense = factor_product(factors.a, factors.b, factors.scale, len(layout.stack_axes))
     return jnp.transpose(dense, np.argsort(layout.permutation))
@@ -186,6 +217,7 @@ def dora_weight(kernel: Array, factors: LoraFactors, norm: Array | None = None) 
       Array([[6., 0.],
              [8., 1.]], dtype=float32)
     """
+    factors = factors.expanded()
     layout = factors.layout
     merged = jnp.asarray(kernel, jnp.float32) + lora_update(factors)
     if norm is None:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoraConfig
+from lora_jax.errors import LoraConfigError
 from lora_jax.factors import LeafDelta, LoraFactors
 from lora_jax.layout import KernelLayout
 from lora_jax.paths import leaves_with_paths
@@ -130,6 +131,8 @@ def init_lora(
         else None
         for path, leaf in leaves
     ]
+    if config.layers is not None:
+        new_leaves = _select_layers(new_leaves, [p for p, _ in leaves], config.layers)
     base, delta = params, jax.tree_util.tree_unflatten(treedef, new_leaves)
     if config.init == "pissa":
         base, delta = pissa(base, delta, niter=config.svd_niter, key=key)
@@ -138,6 +141,26 @@ def init_lora(
     if config.use_dora:
         delta = with_dora(base, delta)
     return base, delta
+
+
+def _select_layers(leaves: list, paths: list[str], layers: tuple[int, ...]) -> list:
+    """Keeps only ``layers`` of each stacked kernel's factors (first stacked axis)."""
+    out, stacked = [], False
+    for path, f in zip(paths, leaves):
+        if isinstance(f, LoraFactors) and f.layout.stack_axes:
+            stacked = True
+            n = f.a.shape[0]
+            if max(layers) >= n:
+                raise LoraConfigError(
+                    f"leaf {path!r}: layers {layers} out of range for its {n} stacked layers")
+            index = np.asarray(layers)
+            f = dataclasses.replace(f, a=f.a[index], b=f.b[index], layers=layers, num_layers=n)
+        out.append(f)
+    if not stacked:
+        raise LoraConfigError(
+            f"layers={layers} selects layers of scan-stacked kernels, but no targeted kernel has a "
+            "stacked axis ('s' in its layout); select unrolled layers with the target regex")
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))

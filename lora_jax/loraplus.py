@@ -11,6 +11,7 @@ wraps any optax optimizer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -18,7 +19,7 @@ import jax
 import optax
 
 from lora_jax.errors import LoraConfigError
-from lora_jax.factors import LoraFactors, is_factors
+from lora_jax.factors import is_factors
 
 
 def b_mask(tree: Any) -> Any:
@@ -34,7 +35,7 @@ def b_mask(tree: Any) -> Any:
     def label(node):
         if is_factors(node):
             magnitude = None if node.magnitude is None else False
-            return LoraFactors(False, True, node.alpha, node.rslora, node.layout, magnitude)
+            return dataclasses.replace(node, a=False, b=True, magnitude=magnitude)
         return False
 
     return jax.tree.map(label, tree, is_leaf=is_factors)

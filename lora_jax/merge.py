@@ -89,6 +89,13 @@ def _check_factors(path: str, leaf: Any, f: Any) -> None:
             f"{f.layout.axes!r} is for a {f.layout.ndim}-D kernel"
         )
     want = f.layout.factor_shapes(shape, f.rank)
+    if f.layers is not None:  # only the selected layers of the first stacked axis are stored
+        if not f.layout.stack_axes or f.num_layers != shape[f.layout.stack_axes[0]]:
+            raise LoraStructureError(
+                f"leaf {path!r}: factors for layers {f.layers} of {f.num_layers} do not fit a "
+                f"kernel of shape {shape} (layout {f.layout.axes!r})"
+            )
+        want = tuple((len(f.layers),) + w[1:] for w in want)
     got = (tuple(jnp.shape(f.a)), tuple(jnp.shape(f.b)))
     if got != want:
         raise LoraStructureError(
@@ -203,7 +210,8 @@ def unmerge(params: Any, delta: Any, norms: Any = None) -> Any:
                     "||W + s A B||, which the merged weight no longer holds; pass "
                     "norms=dora_norms(base, delta) computed before merging"
                 )
+            magnitude = f.expanded().magnitude
             dense = dense * _to_kernel_axes(jnp.asarray(n, jnp.float32) /
-                                            jnp.asarray(f.magnitude, jnp.float32), f.layout)
+                                            jnp.asarray(magnitude, jnp.float32), f.layout)
         out.append((dense - lora_update(f)).astype(w.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

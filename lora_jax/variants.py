@@ -50,6 +50,7 @@ def with_dora(base: Any, delta: Any) -> Any:
 
     def add(path, w, f):
         _need_values(path, w, "DoRA")
+        _refuse_layers(path, f, "DoRA")
         m = column_norm(jnp.asarray(w, jnp.float32) + lora_update(f), f.layout)
         return LoraFactors(f.a, f.b, f.alpha, f.rslora, f.layout, m.astype(f.a.dtype))
 
@@ -128,6 +129,7 @@ def _reinit(base: Any, delta: Any,
             new_delta.append(None)
             continue
         _need_values(path, w, name)
+        _refuse_layers(path, f, name)
         layout, ns = f.layout, len(f.layout.stack_axes)
         wf = jnp.transpose(jnp.asarray(w, jnp.float32), layout.permutation)
         stack, fan_in, fan_out = wf.shape[:ns], f.a.shape[ns:-1], f.b.shape[ns + 1:]
@@ -165,6 +167,11 @@ def _check_rank(values: Array, r: int, path: str, name: str) -> None:
             f"leaf {path!r}: {name} with rank {r} needs a kernel of rank >= {r}, but its "
             f"numerical rank is {numerical}"
         )
+
+
+def _refuse_layers(path: str, f: LoraFactors, name: str) -> None:
+    if f.layers is not None:
+        raise LoraConfigError(f"leaf {path!r}: {name} cannot be combined with layers= yet")
 
 
 def _need_values(path: str, w: Any, name: str) -> None:

@@ -58,6 +58,7 @@ class LoraView:
     @staticmethod
     def of(path: str, w: Array, f: LoraFactors) -> "LoraView":
         """The view of kernel ``w`` (layout order as stored) with factors ``f``."""
+        f = f.expanded()
         counters = {"s": 0, "i": 0, "o": 0}
         roles = []
         for letter in f.layout.axes:

@@ -4,6 +4,8 @@ DoRA, PiSSA, OLoRA, rsLoRA, LoRA dropout, LoRA+ and leaves trained in full, in
 the three paths: merge on the fly, implicit execution and merge / unmerge.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -314,3 +316,49 @@ def test_dropout_inside_scan_and_conv_under_jit_and_grad():
     assert loss(delta, jax.random.key(1)) != loss(delta, jax.random.key(2))
     np.testing.assert_allclose(apply(base, delta, x), fn(lj.merge(base, delta), x), rtol=1e-5,
                                atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- layer selection
+
+def test_layers_of_a_stacked_kernel():
+    w = jnp.asarray(RNG.standard_normal((4, 6, 6)), jnp.float32)
+    cfg = lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}, layers=[3, 1])
+    base, delta = lj.init_lora(jax.random.key(0), {"w": w}, cfg)
+    f = delta["w"]
+    assert f.layers == (1, 3) and f.a.shape == (2, 6, 2) and f.b.shape == (2, 2, 6)
+    assert lj.count_params(delta) == 2 * 2 * (6 + 6)                  # only the chosen layers
+    # The chosen layers draw what an all-layers init would have drawn for them.
+    _, full = lj.init_lora(jax.random.key(0), {"w": w}, dataclasses.replace(cfg, layers=None))
+    np.testing.assert_array_equal(f.a, full["w"].a[np.array([1, 3])])
+    delta = _trained(delta)
+    merged = lj.merge(base, delta)["w"]
+    np.testing.assert_array_equal(merged[0], w[0])
+    np.testing.assert_array_equal(merged[2], w[2])
+    for j, layer in enumerate((1, 3)):
+        want = _np(w[layer]) + delta["w"].scale * _np(delta["w"].a[j]) @ _np(delta["w"].b[j])
+        np.testing.assert_allclose(merged[layer], want, rtol=1e-5, atol=1e-5)
+    fn = lambda p, x: jax.lax.scan(lambda c, k: (jnp.tanh(c @ k), None), x, p["w"])[0]  # noqa: E731
+    x = jnp.asarray(RNG.standard_normal((3, 6)), jnp.float32)
+    np.testing.assert_allclose(lj.implicit(fn, strict=True)(base, delta, x),
+                               fn(lj.merge(base, delta), x), rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda d: jnp.sum(lj.implicit(fn)(base, d, x) ** 2))(delta)["w"]
+    g_ref = jax.grad(lambda d: jnp.sum(fn(lj.merge(base, d), x) ** 2))(delta)["w"]
+    assert g.a.shape == (2, 6, 2)
+    np.testing.assert_allclose(g.a, g_ref.a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(lj.unmerge(lj.merge(base, delta), delta)["w"], w, atol=1e-5)
+
+
+def test_layers_bad_input():
+    w = {"w": jnp.zeros((4, 6, 6)), "v": jnp.zeros((6, 6))}
+    with pytest.raises(lj.LoraConfigError, match=r"'w'.*out of range"):
+        lj.init_lora(jax.random.key(0), w, lj.LoraConfig(targets="w", layouts={"w": "sio"},
+                                                         rank=2, layers=[4]))
+    with pytest.raises(lj.LoraConfigError, match="no targeted kernel has a stacked axis"):
+        lj.init_lora(jax.random.key(0), w, lj.LoraConfig(targets="v", rank=2, layers=[0]))
+    for bad in ([], [1, 1], [-1], [0.5]):
+        with pytest.raises(lj.LoraConfigError, match="layers"):
+            lj.LoraConfig(targets="w", layers=bad)
+    with pytest.raises(lj.LoraConfigError, match="'w'.*DoRA.*layers"):
+        lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 6, 6))},
+                     lj.LoraConfig(targets="w", layouts={"w": "sio"}, rank=2, layers=[0],
+                                   use_dora=True))
