@@ -102,6 +102,11 @@ class LoraConfig:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
         elif not callable(self.targets):
+            if not isinstance(self.targets, (list, tuple)) or not all(
+                    isinstance(t, str) for t in self.targets):
+                raise LoraConfigError(
+                    "targets must be a regex, a list of regexes or a predicate (path, leaf) -> "
+                    f"bool, got {self.targets!r}")
             object.__setattr__(self, "targets", tuple(self.targets))
             if not self.targets:
                 raise LoraConfigError("targets is empty: give at least one pattern")
@@ -130,7 +135,8 @@ class LoraConfig:
         if self.init not in INIT_SCHEMES:
             raise LoraConfigError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         try:
-            floating = jnp.issubdtype(np.dtype(self.dtype), jnp.floating)
+            floating = self.dtype is not None and jnp.issubdtype(np.dtype(self.dtype),
+                                                                 jnp.floating)
         except TypeError:
             floating = False
         if not floating:

@@ -81,6 +81,10 @@ def select_targets(
     leaves, _ = leaves_with_paths(params)
     matched = [(path, leaf) for path, leaf in leaves if _is_target(config, path, leaf)]
     _check_every_pattern_matches(config, [p for p, _ in leaves], [p for p, _ in matched])
+    if config.skip_unsupported and not any(_is_supported(leaf) for _, leaf in matched):
+        raise LoraTargetError(
+            f"the targets match only leaves LoRA cannot serve ({[p for p, _ in matched][:5]}); "
+            "nothing would be adapted")
     targets = {}
     for path, leaf in matched:
         if not _is_supported(leaf):
