@@ -140,12 +140,9 @@ def main(argv=None):
                      f(res["gflop"], ".4g"), check + (f" ({res['note']})" if "note" in res else "")])
     print()
     print(W.fmt_table(header, rows, left=(0, 5)))
-    for name, why in skipped.items():
-        print(f"skipped {name}: {why}")
+    W.print_skipped(skipped)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"configs": results, "skipped": skipped, "meta": run_meta}, fh, indent=2)
-        print(f"wrote {args.json}")
+        W.write_json(args.json, results, skipped, run_meta)
     return results
 
 

@@ -402,15 +402,12 @@ def main(argv=None):
         rows.append(row)
     print()
     print(W.fmt_table(header, rows))
-    for name, why in skipped.items():
-        print(f"skipped {name}: {why}")
+    W.print_skipped(skipped)
     if args.memory and baseline is not None:
         print(f"(imports + weights alone, no step: {baseline:.0f} MB)")
 
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"configs": results, "skipped": skipped, "meta": run_meta}, fh, indent=2)
-        print(f"wrote {args.json}")
+        W.write_json(args.json, results, skipped, run_meta)
     return results
 
 

@@ -470,3 +470,18 @@ def ratio(a, b):
     if a is None or b is None or not b:
         return None
     return a / b
+
+
+def print_skipped(skipped: dict) -> None:
+    """One line per configuration that could not run, with the reason."""
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+
+
+def write_json(path: str, results: dict, skipped: dict, run_meta: dict) -> None:
+    """``{"configs": ..., "skipped": ..., "meta": ...}`` as the benchmarks' JSON output."""
+    import json
+
+    with open(path, "w") as fh:
+        json.dump({"configs": results, "skipped": skipped, "meta": run_meta}, fh, indent=2)
+    print(f"wrote {path}")
