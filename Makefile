@@ -8,9 +8,11 @@ OLDEST := jax==0.6.2 jaxlib==0.6.2 flax==0.10.7 optax==0.2.4 chex==0.1.89
 
 .PHONY: demo test test-oldest clean
 
-$(VENV)/.installed: pyproject.toml
+# torch (the CPU build these machines carry) and peft run the PEFT round-trip tests.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q torch==2.13.0 peft
 	$(VENV)/bin/python -m pip install -q -e '.[dev,examples]'
 	touch $@
 

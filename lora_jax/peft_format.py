@@ -765,7 +765,7 @@ def import_peft(
     if params is None:
         return _import_without_params(weights, modules, nm, rslora, dtype)
     leaves, treedef = leaves_with_paths(params)
-    used: set[str] = set()
+    used: dict[str, str] = {}
     out = []
     for leaf_path, leaf in leaves:
         template = nm.module_for(leaf_path)
@@ -787,9 +787,15 @@ def import_peft(
         if not present:
             out.append(None)
             continue
+        for m in present:
+            if m.name in used:
+                raise LoraError(
+                    f"{weights}: module {m.name!r} maps to two Flax leaves, {used[m.name]!r} and "
+                    f"{leaf_path!r}; make the name map tell them apart"
+                )
+            used[m.name] = leaf_path
         layout = _layout_for(weights, leaf_path, shape, holes, present[0], layouts)
         out.append(_stack(weights, leaf_path, leaf, layout, layers, rslora, dtype))
-        used.update(m.name for m in present)
     unused = [m for m in modules if m not in used]
     if unused:
         sample = [(p, nm.module_for(p)) for p, leaf in leaves if len(getattr(leaf, "shape", ())) >= 2]

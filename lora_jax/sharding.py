@@ -245,11 +245,12 @@ def _check_axes(path: str, spec: P, mesh: Any) -> None:
             used.append(axis)
 
 
-def _check_shape(path: str, sharding: NamedSharding, shape: Sequence[int]) -> None:
+def _check_shape(path: str, sharding: NamedSharding, shape: Sequence[int],
+                 what: str = "the kernel") -> None:
     spec = tuple(sharding.spec)
     if len(spec) > len(shape):
         raise LoraShardingError(
-            f"leaf {path!r}: spec {sharding.spec} has {len(spec)} entries but the kernel has "
+            f"leaf {path!r}: spec {sharding.spec} has {len(spec)} entries but {what} has "
             f"shape {tuple(shape)}"
         )
     sizes = dict(sharding.mesh.shape)
@@ -258,7 +259,7 @@ def _check_shape(path: str, sharding: NamedSharding, shape: Sequence[int]) -> No
         ways = math.prod(sizes[a] for a in axes)
         if n % ways:
             raise LoraShardingError(
-                f"leaf {path!r}: axis {dim} of the kernel (shape {tuple(shape)}) has size {n}, "
+                f"leaf {path!r}: axis {dim} of {what} (shape {tuple(shape)}) has size {n}, "
                 f"which mesh axes {axes} ({ways} devices, spec {sharding.spec}) do not divide"
             )
 
@@ -315,10 +316,15 @@ def param_shardings(tree: Any, mesh: Any = None, *, rules: Rules | None = None) 
 
 
 def _kernel_shape(f: LoraFactors) -> tuple[int, ...]:
+    """The base kernel's shape, read off the factors (and ``num_layers`` when only some
+    stacked layers are adapted)."""
     layout = f.layout
     ns = len(layout.stack_axes)
     a_shape, b_shape = tuple(f.a.shape), tuple(f.b.shape)
-    by_role = {"s": list(a_shape[:ns]), "i": list(a_shape[ns:-1]), "o": list(b_shape[ns + 1:])}
+    stack = list(a_shape[:ns])
+    if getattr(f, "layers", None) is not None and stack:
+        stack[0] = f.num_layers
+    by_role = {"s": stack, "i": list(a_shape[ns:-1]), "o": list(b_shape[ns + 1:])}
     return tuple(by_role[c].pop(0) for c in layout.axes)
 
 
@@ -387,9 +393,14 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
         _check_shape(path, sharding, shape)
         a_spec, b_spec, m_spec = factor_specs(sharding.spec, f.layout)
         m = sharding.mesh
-        out.append(dataclasses.replace(
+        new = dataclasses.replace(
             f, a=NamedSharding(m, a_spec), b=NamedSharding(m, b_spec),
-            magnitude=None if f.magnitude is None else NamedSharding(m, m_spec)))
+            magnitude=None if f.magnitude is None else NamedSharding(m, m_spec))
+        for name in ("a", "b", "magnitude"):  # e.g. a stacked axis holding only some layers
+            if getattr(f, name) is not None:
+                _check_shape(path, getattr(new, name), getattr(f, name).shape,
+                             f"its factor {name!r}")
+        out.append(new)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
