@@ -54,7 +54,7 @@ import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError, LoraStructureError
-from lora_jax.factors import LeafDelta, LoraFactors, is_factors
+from lora_jax.factors import LeafDelta, LoraFactors
 from lora_jax.layout import KernelLayout
 from lora_jax.paths import leaves_with_paths
 
@@ -158,11 +158,14 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x))
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
-    """Writes ``{key: array}`` to ``path`` with the ``safetensors`` package (not atomic by itself)."""
+def write_safetensors(
+    path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Writes ``{key: array}`` to ``path`` with the ``safetensors`` package (not atomic)."""
     from safetensors.numpy import save_file
 
-    save_file({k: to_numpy(v) for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+    arrays = {k: to_numpy(v) for k, v in tensors.items()}
+    save_file(arrays, str(path), metadata=dict(metadata or {}))
 
 
 @contextlib.contextmanager
@@ -281,20 +284,22 @@ def nested_from_paths(items: Mapping[str, Any] | list[tuple[str, Any]]) -> dict:
 
 
 def kernel_shape(f: LoraFactors | LeafDelta) -> tuple[int, ...]:
-    """The shape of the kernel a factor pair (or a full-leaf delta) belongs to, in its own axis order."""
+    """The shape of the kernel a factor pair (or a LeafDelta) belongs to, in its own axis order."""
     if isinstance(f, LeafDelta):
         return tuple(np.shape(f.diff))
     layout = f.layout
     n = len(layout.stack_axes)
     a_shape, b_shape = np.shape(f.a), np.shape(f.b)
     ordered = tuple(a_shape[:-1]) + tuple(b_shape[n + 1 :])  # stack + fan_in + fan_out
+    if getattr(f, "layers", None) is not None:  # only some layers of the first stacked axis
+        ordered = (f.num_layers,) + ordered[1:]
     shape = [0] * layout.ndim
     for src, dst in enumerate(layout.permutation):
         shape[dst] = ordered[src]
     return tuple(shape)
 
 
-# --------------------------------------------------------------------------- config (de)serialization
+# --------------------------------------------------------------------------- config (JSON)
 
 
 def _jsonable(value: Any) -> Any:
@@ -351,7 +356,8 @@ def config_from_json(obj: dict | None, where: str) -> LoraConfig | None:
             if name not in known:
                 continue
             if name == "layouts":
-                value = {k: KernelLayout(v["axes"], v.get("kind", "dense")) for k, v in value.items()}
+                value = {k: KernelLayout(v["axes"], v.get("kind", "dense"))
+                         for k, v in value.items()}
             elif name == "dtype":
                 value = jnp.dtype(value)
             elif isinstance(value, list):
@@ -432,6 +438,8 @@ def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) 
             "kernel_shape": list(kernel_shape(f)),
             "dtype": meta_tensors["a"]["dtype"],
             "dora": f.magnitude is not None,
+            "layers": None if f.layers is None else [int(i) for i in f.layers],
+            "num_layers": int(f.num_layers) if f.layers is not None else None,
             "tensors": meta_tensors,
         }
     directory.mkdir(parents=True, exist_ok=True)
@@ -496,8 +504,10 @@ def read_config(directory: Path) -> dict:
     return doc
 
 
-def _target_meta(cfg_path: Path, leaf: str, meta: Any) -> tuple[KernelLayout, int, float, bool] | None:
-    """Checks one target's entry; returns ``(layout, rank, alpha, rslora)``, or None for a full leaf."""
+def _target_meta(
+    cfg_path: Path, leaf: str, meta: Any
+) -> tuple[KernelLayout, int, float, bool] | None:
+    """Checks one target's entry: ``(layout, rank, alpha, rslora)``, or None for a full leaf."""
     where = f"{cfg_path}: target {leaf!r}"
     if not isinstance(meta, dict):
         raise LoraFileError(f"{where}: expected an object")
@@ -529,6 +539,26 @@ def _target_meta(cfg_path: Path, leaf: str, meta: Any) -> tuple[KernelLayout, in
             f"rslora={rslora} give {want}"
         )
     return layout, rank, float(alpha), rslora
+
+
+def _layers_meta(cfg_path: Path, leaf: str, meta: dict, layout: KernelLayout,
+                 shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    layers = meta.get("layers")
+    if layers is None:
+        return None
+    where = f"{cfg_path}: target {leaf!r}: key 'layers'"
+    if not layout.stack_axes:
+        raise LoraFileError(f"{where} is set but layout {layout.axes!r} has no stacked axis")
+    n = shape[layout.stack_axes[0]]
+    if (not isinstance(layers, list) or not layers or layers != sorted(set(layers))
+            or any(not isinstance(i, int) or not 0 <= i < n for i in layers)):
+        raise LoraFileError(f"{where} is {layers!r}; expected distinct sorted indices below {n}")
+    if meta.get("num_layers") not in (None, n):
+        raise LoraFileError(
+            f"{cfg_path}: target {leaf!r}: key 'num_layers' is {meta['num_layers']}, but "
+            f"kernel_shape {list(shape)} has {n} layers"
+        )
+    return tuple(layers)
 
 
 def load(
@@ -569,7 +599,7 @@ def load(
       >>> load(d, base={"v": jnp.ones((4, 4))})  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      lora_jax.adapter_io.LoraBaseMismatchError: ...: target 'w' is not a leaf of the base (base leaves: ['v'])
+      lora_jax.adapter_io.LoraBaseMismatchError: ...: target 'w' is not a leaf of the base ...
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -645,6 +675,9 @@ def load(
             continue
         layout, rank, alpha, rslora = meta
         want_a, want_b = layout.factor_shapes(shape, rank)
+        layers = _layers_meta(cfg_path, leaf, targets[leaf], layout, shape)
+        if layers is not None:  # a, b, magnitude hold only those layers of the first stacked axis
+            want_a, want_b = (len(layers),) + want_a[1:], (len(layers),) + want_b[1:]
         got = arrays[leaf]
         for field, want in (("a", want_a), ("b", want_b)):
             if got[field].shape != want:
@@ -661,9 +694,11 @@ def load(
                     f"{weights}: tensor {leaf}.magnitude has shape {magnitude.shape}, expected "
                     f"{want_m} (*stack, *fan_out)"
                 )
+        extra = ({} if layers is None
+                 else {"layers": layers, "num_layers": shape[layout.stack_axes[0]]})
         factors[leaf] = LoraFactors(
             jnp.asarray(got["a"]), jnp.asarray(got["b"]), alpha, rslora, layout,
-            None if magnitude is None else jnp.asarray(magnitude),
+            None if magnitude is None else jnp.asarray(magnitude), **extra,
         )
 
     config = config_from_json(doc.get("config"), str(cfg_path))

@@ -88,6 +88,10 @@ class LoraFactors:
         """
         if self.layers is None:
             return self
+        if self.magnitude is not None:
+            # An unselected layer's DoRA magnitude would have to be its base norm.
+            raise ValueError("DoRA magnitudes cannot be combined with layers= (LoraFactors "
+                             f"with layers={self.layers})")
         index = np.asarray(self.layers)
 
         def full(x):

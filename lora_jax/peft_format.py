@@ -102,7 +102,7 @@ NameFn = Callable[..., Any]
 
 
 def default_to_peft(path: str) -> str:
-    """Flax leaf path -> PyTorch module name: drop ``params/`` and ``/kernel`` | ``/embedding``, ``/`` -> ``.``.
+    """Flax path -> PyTorch module: drop ``params/``, ``/kernel`` or ``/embedding``; ``/`` -> ``.``.
 
     Example:
       >>> default_to_peft("params/encoder/fc1/kernel")
@@ -169,8 +169,9 @@ class NameMap:
         on the leading axis. Unmatched names get :func:`default_to_flax`.
 
     Example:
-      >>> nm = NameMap(to_peft=[(r"params/layers/(\\w+)/kernel", r"model.layers.{}.\\1")],
-      ...              to_flax=[(r"model\\.layers\\.(?P<layer>\\d+)\\.(\\w+)", r"params/layers/\\2/kernel")])
+      >>> nm = NameMap(
+      ...     to_peft=[(r"params/layers/(\\w+)/kernel", r"model.layers.{}.\\1")],
+      ...     to_flax=[(r"model\\.layers\\.(?P<layer>\\d+)\\.(\\w+)", r"params/layers/\\2/kernel")])
       >>> nm.module_for("params/layers/q_proj/kernel"), nm.module_for("params/head/kernel")
       ('model.layers.{}.q_proj', 'head')
       >>> nm.path_for("model.layers.3.q_proj", "dense")
@@ -189,7 +190,7 @@ class NameMap:
 
     @classmethod
     def coerce(cls, name_map: Any) -> "NameMap":
-        """A :class:`NameMap` from None, a NameMap, a function (``to_peft``) or rules (``to_peft``)."""
+        """A :class:`NameMap` from None, a NameMap, or a function or rules (``to_peft``)."""
         if name_map is None:
             return cls()
         if isinstance(name_map, NameMap):
@@ -245,7 +246,9 @@ class NameMap:
 # --------------------------------------------------------------------------- export
 
 
-def _torch_tensors(path: str, f: LoraFactors) -> list[tuple[tuple[int, ...], dict[str, np.ndarray]]]:
+def _torch_tensors(
+    path: str, f: LoraFactors
+) -> list[tuple[tuple[int, ...], dict[str, np.ndarray]]]:
     """Per stacked index: ``{peft tensor suffix: array}`` in PyTorch's layouts."""
     layout = f.layout
     n = len(layout.stack_axes)
@@ -283,7 +286,10 @@ def _torch_tensors(path: str, f: LoraFactors) -> list[tuple[tuple[int, ...], dic
             t = {"lora_A.weight": al.reshape(-1, r).T, "lora_B.weight": bl.reshape(r, -1).T}
             if ml is not None:
                 t["lora_magnitude_vector"] = ml.reshape(-1)
-        out.append((tuple(int(i) for i in idx), {k: to_numpy(v) for k, v in t.items()}))
+        index = tuple(int(i) for i in idx)
+        if f.layers is not None:  # only these layers of the first stacked axis are stored
+            index = (int(f.layers[index[0]]),) + index[1:]
+        out.append((index, {k: to_numpy(v) for k, v in t.items()}))
     return out
 
 
@@ -348,7 +354,8 @@ def export_peft(
     Example:
       >>> import tempfile
       >>> params = {"params": {"fc": {"kernel": jnp.ones((6, 4))}}}
-      >>> _, delta = init_lora(jax.random.key(0), params, LoraConfig(targets=".*kernel", rank=2, alpha=4))
+      >>> cfg = LoraConfig(targets=".*kernel", rank=2, alpha=4)
+      >>> _, delta = init_lora(jax.random.key(0), params, cfg)
       >>> cfg = export_peft(tempfile.mkdtemp(), delta)
       >>> cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
       ('LORA', 2, 4, ['fc'])
@@ -378,7 +385,9 @@ def export_peft(
     for leaf, f in targets:
         template = nm.module_for(leaf)
         if not template:
-            raise LoraError(f"export_peft: the name map gives no PyTorch module for target {leaf!r}")
+            raise LoraError(
+                f"export_peft: the name map gives no PyTorch module for target {leaf!r}"
+            )
         n_stack = len(f.layout.stack_axes)
         if template.count("{}") != n_stack:
             raise LoraError(
@@ -427,7 +436,8 @@ def export_peft(
     weights, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     staged = []
     try:
-        staged.append(stage_file(weights, lambda t: write_safetensors(t, tensors, {"format": "pt"})))
+        write = lambda t: write_safetensors(t, tensors, {"format": "pt"})  # noqa: E731
+        staged.append(stage_file(weights, write))
         staged.append(stage_file(cfg_path, write_json(cfg_path, config)))
         commit_file(staged[0], weights)
         commit_file(staged[1], cfg_path)
@@ -504,7 +514,8 @@ def read_peft_modules(directory: str | os.PathLike) -> tuple[dict, dict[str, Pef
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise LoraFileError(
             f"{directory / 'adapter_model.bin'}: a pickled PyTorch adapter; lora_jax reads only "
-            "adapter_model.safetensors (re-save with PEFT's save_pretrained(safe_serialization=True))"
+            "adapter_model.safetensors (re-save with PEFT's "
+            "save_pretrained(safe_serialization=True))"
         )
     dora = bool(cfg.get("use_dora", False))
     raw: dict[str, dict[str, tuple[str, np.ndarray, bool]]] = {}
@@ -667,7 +678,8 @@ def _dora_norm(leaf: Any, layout: KernelLayout, idx: tuple[int, ...]) -> np.ndar
 
 
 def _stack(source: Path, path: str, leaf: Any, layout: KernelLayout,
-           layers: list[tuple[tuple[int, ...], PeftModule | None]], rslora: bool, dtype: Any) -> LoraFactors:
+           layers: list[tuple[tuple[int, ...], PeftModule | None]], rslora: bool,
+           dtype: Any) -> LoraFactors:
     shape = tuple(leaf.shape)
     stack = tuple(shape[a] for a in layout.stack_axes)
     fan_in = tuple(shape[a] for a in layout.in_axes)
@@ -682,6 +694,13 @@ def _stack(source: Path, path: str, leaf: Any, layout: KernelLayout,
                 f"Flax leaf {path!r}, which needs one rank and alpha for all layers"
             )
     r = first.rank
+    extra = {}
+    if len(stack) == 1 and len(present) < len(layers) and first.magnitude is None:
+        # layers PEFT left out (layers_to_transform): keep only the adapted ones (layers=)
+        extra = {"layers": tuple(idx[0] for idx, m in layers if m is not None),
+                 "num_layers": stack[0]}
+        layers = [(idx, m) for idx, m in layers if m is not None]
+        stack = (len(layers),)
     a_parts, b_parts, m_parts = [], [], []
     for idx, m in layers:
         if m is None:  # a layer PEFT did not adapt: an exactly zero update
@@ -706,7 +725,7 @@ def _stack(source: Path, path: str, leaf: Any, layout: KernelLayout,
 
     cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
     return LoraFactors(cast(join(a_parts)), cast(join(b_parts)), first.alpha, rslora, layout,
-                       cast(join(m_parts)) if m_parts else None)
+                       cast(join(m_parts)) if m_parts else None, **extra)
 
 
 def import_peft(
@@ -726,7 +745,10 @@ def import_peft(
         adapter is for. Every leaf is mapped through ``name_map.to_peft``;
         leaves whose module (or, for scan-stacked leaves, any layer's module)
         is in the file get factors shaped for that kernel, the rest ``None``.
-        Layers of a stacked leaf that PEFT left out get zero factors. Without
+        Layers of a stacked leaf that PEFT left out (``layers_to_transform``)
+        become ``LoraFactors(layers=...)`` holding only the adapted layers
+        (for DoRA, or several stacked axes: zero factors, DoRA magnitudes from
+        the base weights' norms, which then must be concrete). Without
         ``params``, modules are mapped with ``name_map.to_flax`` and the
         result is a nested dict of the targets only, each Linear a 2-D
         ``(in, out)`` kernel, each conv ``(*window, in, out)``.
@@ -798,7 +820,8 @@ def import_peft(
         out.append(_stack(weights, leaf_path, leaf, layout, layers, rslora, dtype))
     unused = [m for m in modules if m not in used]
     if unused:
-        sample = [(p, nm.module_for(p)) for p, leaf in leaves if len(getattr(leaf, "shape", ())) >= 2]
+        sample = [(p, nm.module_for(p)) for p, leaf in leaves
+                  if len(getattr(leaf, "shape", ())) >= 2]
         raise LoraFileError(
             f"{weights}: module {unused[0]!r} ({len(unused)} in all) matches no leaf of the "
             f"params under the name map; Flax leaves map to e.g. {sample[:4]} -- give "
