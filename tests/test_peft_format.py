@@ -636,17 +636,12 @@ def test_peft_respects_anchored_patterns(tmp_path, peft_env):
 
 
 def _doc_blocks() -> list[str]:
-    """The python blocks of the adapter-files README section (docs/_readme_adapters.md, or README.md)."""
+    """The python blocks of README.md's adapter-files section."""
     import re
 
-    root = Path(__file__).resolve().parents[1]
-    for doc in (root / "docs" / "_readme_adapters.md", root / "README.md"):
-        if doc.is_file():
-            blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
-            picked = [b for b in blocks if any(k in b for k in ("export_peft", "PeftModel", "NameMap("))]
-            if picked:
-                return picked
-    return []
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    return [b for b in blocks if any(k in b for k in ("export_peft", "PeftModel", "NameMap("))]
 
 
 def test_readme_section_runs(tmp_path, monkeypatch):
@@ -658,7 +653,7 @@ def test_readme_section_runs(tmp_path, monkeypatch):
     torch_blocks = [b for b in blocks if "import torch" in b]
     for block in blocks:
         if block not in torch_blocks:
-            exec(compile(block, "_readme_adapters.md", "exec"), namespace)  # noqa: S102
+            exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "adapters" / "mlp_peft" / "adapter_model.safetensors").is_file()
     lj.load(tmp_path / "adapters" / "mlp", base=namespace["params"])
     try:
@@ -667,5 +662,5 @@ def test_readme_section_runs(tmp_path, monkeypatch):
     except ImportError:
         return
     for block in torch_blocks:
-        exec(compile(block, "_readme_adapters.md", "exec"), namespace)  # noqa: S102
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert np.allclose(namespace["y_torch"], namespace["y_jax"], atol=1e-4)
