@@ -245,6 +245,13 @@ class _Context:
         out = gather_rule(view, indices, eqn.params)
         return None if out is None else [out]
 
+    def _sharding_constraint(self, eqn, invals):
+        """A constraint on a kernel constrains the frozen ``W``; the factors keep theirs."""
+        view = invals[0]
+        if len(invals) != 1 or not isinstance(view, LoraView):
+            return None
+        return [view.replace(w=_bind(eqn, [view.w])[0])]
+
     def _remat2(self, eqn, invals):
         p = eqn.params
         jaxpr = p["jaxpr"]

@@ -33,6 +33,7 @@ leaf path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -42,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax.config import LoraConfig
 from lora_jax.errors import LoraError
-from lora_jax.factors import LoraFactors, is_factors
+from lora_jax.factors import LeafDelta, LoraFactors, is_delta_leaf
 from lora_jax.init import init_lora
 from lora_jax.layout import KernelLayout
 from lora_jax.paths import leaves_with_paths
@@ -103,6 +104,7 @@ def _entries(spec: Any, ndim: int) -> list[Any]:
 # -----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def _flax_types() -> tuple[tuple[type, ...], tuple[type, ...], Any]:
     """(linen box types, NNX variable types, LogicallyPartitioned), imported lazily."""
     from flax.core import meta
@@ -181,6 +183,13 @@ def _named(path: str, entry: Any, mesh: Any, rules: Rules | None) -> tuple[Named
         if isinstance(sharding, NamedSharding):
             _check_axes(path, sharding.spec, sharding.mesh)
             return sharding, shape
+        if mesh is None:
+            what = type(sharding).__name__ if sharding is not None else type(entry).__name__
+            raise LoraShardingError(
+                f"leaf {path!r} carries no NamedSharding ({what}); place the params with "
+                "NamedShardings, or pass base_shardings / mesh=... (unannotated leaves are "
+                "then replicated)"
+            )
         spec = P()  # not annotated: replicated, as flax's get_partition_spec
     if mesh is None:
         raise LoraShardingError(
@@ -350,8 +359,10 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
 
     Returns:
       A pytree with the delta's structure: ``LoraFactors`` of ``NamedSharding``
-      (``a``, ``b`` and ``magnitude`` when present) at targeted leaves, ``None``
-      elsewhere -- usable as ``jax.jit``'s ``in_shardings`` / ``out_shardings``.
+      (``a``, ``b`` and ``magnitude`` when present) at targeted leaves, a
+      ``LeafDelta`` holding the leaf's own sharding at leaves trained in full,
+      ``None`` elsewhere -- usable as ``jax.jit``'s ``in_shardings`` /
+      ``out_shardings``.
 
     Raises:
       LoraShardingError: a targeted kernel has no entry, or its sharding does
@@ -362,13 +373,13 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
       >>> from jax.sharding import PartitionSpec as P
       >>> mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
       >>> params = {"up": jax.ShapeDtypeStruct((64, 256), jnp.float32)}
-      >>> delta = jax.eval_shape(lambda k: init_lora(k, params, LoraConfig(targets="up", rank=8))[1],
-      ...                        jax.random.key(0))
+      >>> cfg = LoraConfig(targets="up", rank=8)
+      >>> delta = jax.eval_shape(lambda k: init_lora(k, params, cfg)[1], jax.random.key(0))
       >>> sh = delta_shardings({"up": P("fsdp", "tensor")}, delta, mesh)["up"]
       >>> tuple(sh.a.spec), tuple(sh.b.spec), sh.a.shard_shape((64, 8)), sh.b.shard_shape((8, 256))
       (('fsdp', None), (None, 'tensor'), (32, 8), (8, 64))
     """
-    rows, treedef = leaves_with_paths(delta, is_leaf=lambda x: x is None or is_factors(x))
+    rows, treedef = leaves_with_paths(delta, is_leaf=lambda x: x is None or is_delta_leaf(x))
     entries, _ = _entries_by_path(base_shardings)
     table = dict(entries)
     single = entries[0][1] if len(entries) == 1 and entries[0][0] == "" else None
@@ -377,9 +388,10 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
         if f is None:
             out.append(None)
             continue
-        if not is_factors(f):
+        if not is_delta_leaf(f):
             raise LoraShardingError(
-                f"leaf {path!r}: the delta holds {type(f).__name__}, expected LoraFactors or None"
+                f"leaf {path!r}: the delta holds {type(f).__name__}, expected LoraFactors, "
+                "LeafDelta or None"
             )
         entry = single if single is not None else table.get(path)
         if entry is None:
@@ -389,6 +401,10 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
                 f"(entries: {sample}{', ...' if len(entries) > 6 else ''})"
             )
         sharding, _ = _named(path, entry, mesh, rules)
+        if isinstance(f, LeafDelta):  # trained in full: the diff is sharded like its leaf
+            _check_shape(path, sharding, f.diff.shape, "the leaf")
+            out.append(LeafDelta(sharding))
+            continue
         shape = _kernel_shape(f)
         _check_shape(path, sharding, shape)
         a_spec, b_spec, m_spec = factor_specs(sharding.spec, f.layout)
@@ -404,35 +420,75 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _unboxed_abstract(params: Any) -> Any:
-    """``params`` with linen boxes removed and every array as a ShapeDtypeStruct."""
+def _unboxed(params: Any) -> Any:
+    """``params`` with linen partitioning boxes removed."""
     boxes, _, _ = _flax_types()
-    params = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, boxes) else x, params,
-                                    is_leaf=lambda x: isinstance(x, boxes))
+    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, boxes) else x, params,
+                                  is_leaf=lambda x: isinstance(x, boxes))
+
+
+def _abstract(params: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, params)
 
 
-def sharded_init_fn(params: Any, config: LoraConfig, base_shardings: Any = None, *,
-                    mesh: Any = None, rules: Rules | None = None,
-                    layouts: Mapping[str, KernelLayout] | None = None) -> tuple[Any, Any]:
-    """The jitted delta initialiser behind :func:`init_lora_sharded`, and its shardings.
+def sharded_init_fn(key: jax.Array, params: Any, config: LoraConfig, base_shardings: Any = None,
+                    *, mesh: Any = None, rules: Rules | None = None,
+                    layouts: Mapping[str, KernelLayout] | None = None) -> tuple[Any, tuple]:
+    """The jitted program behind :func:`init_lora_sharded`, and its arguments.
 
-    Returns ``(init, shardings)``: ``init(key)`` is ``jax.jit`` of
-    ``init_lora(key, params, config)[1]`` with ``out_shardings=shardings``, so
-    every device draws only its own shard (with JAX's default partitionable
-    threefry) and no factor is ever whole on one device. Useful to inspect the
-    compiled program (``init.lower(key).compile().as_text()``).
+    Returns ``(init, args)``: ``init`` is ``jax.jit`` of ``init_lora`` with
+    ``out_shardings`` from :func:`delta_shardings` (and the base's shardings
+    when the init rewrites the base); ``init(*args)`` returns ``(None, delta)``,
+    or ``(base, delta)`` for inits that rewrite the base (PiSSA, OLoRA). When the
+    init reads only shapes (the random inits) ``args`` is ``(key,)`` and the
+    params never enter the program; when it reads values (PiSSA, OLoRA, DoRA)
+    ``args`` is ``(key, params)``. ``init.lower(*args).compile().as_text()``
+    shows the compiled program.
     """
-    abstract = _unboxed_abstract(params)
+    unboxed = _unboxed(params)
+    abstract = _abstract(unboxed)
     if base_shardings is None:
         base_shardings = params
-    abstract_delta = jax.eval_shape(
-        lambda k: init_lora(k, abstract, config, layouts=layouts)[1], jax.random.key(0))
-    shardings = delta_shardings(base_shardings, abstract_delta, mesh, rules=rules)
-    init = jax.jit(lambda k: init_lora(k, abstract, config, layouts=layouts)[1],
-                   out_shardings=shardings)
-    return init, shardings
+
+    def full(k, p):
+        return init_lora(k, p, config, layouts=layouts)
+
+    # Which params does the init read, and does it return the base untouched? Read off
+    # the jaxpr: params it never uses, and base outputs that are its own inputs.
+    closed = jax.make_jaxpr(full)(key, abstract)
+    n_key = len(jax.tree_util.tree_leaves(key))
+    param_vars = closed.jaxpr.invars[n_key:]
+    n_base = len(param_vars)
+    base_out, delta_out = closed.jaxpr.outvars[:n_base], closed.jaxpr.outvars[n_base:]
+    rewrites_base = any(o is not v for o, v in zip(base_out, param_vars))
+    referenced = {id(v) for e in closed.jaxpr.eqns for v in e.invars}
+    referenced |= {id(v) for v in delta_out}
+    reads_params = rewrites_base or any(id(v) in referenced for v in param_vars)
+
+    base_abstract, delta_abstract = jax.eval_shape(full, key, abstract)
+    shardings = delta_shardings(base_shardings, delta_abstract, mesh, rules=rules)
+    if rewrites_base:
+        try:
+            out_shardings = (param_shardings(base_shardings, mesh, rules=rules), shardings)
+            if jax.tree_util.tree_structure(out_shardings[0]) != jax.tree_util.tree_structure(
+                    base_abstract):
+                raise ValueError
+        except (ValueError, LoraShardingError):
+            raise LoraShardingError(
+                f"init {config.init!r} rewrites the base, so base_shardings must give a sharding "
+                "for every leaf of the params (e.g. lora_jax.param_shardings(...))") from None
+        fn = full
+    else:
+        out_shardings = (None, shardings)
+        fn = lambda k, p: (None, full(k, p)[1])  # noqa: E731
+    if not reads_params:
+        return jax.jit(lambda k: fn(k, abstract), out_shardings=out_shardings), (key,)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(unboxed)):
+        raise LoraShardingError(
+            f"this config (init={config.init!r}, use_dora={getattr(config, 'use_dora', False)}) "
+            "reads the kernels' values: pass the params themselves, not ShapeDtypeStructs")
+    return jax.jit(fn, out_shardings=out_shardings), (key, unboxed)
 
 
 def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shardings: Any = None,
@@ -440,14 +496,18 @@ def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shar
                       layouts: Mapping[str, KernelLayout] | None = None) -> tuple[Any, Any]:
     """:func:`lora_jax.init_lora` with the delta created directly in its shardings.
 
-    The factors are drawn inside one ``jax.jit`` whose ``out_shardings`` are
-    :func:`delta_shardings`, so each device computes only its own shards; the
-    values equal ``init_lora``'s for the same key.
+    Everything runs in one ``jax.jit`` whose ``out_shardings`` are
+    :func:`delta_shardings`, so each device computes only its own shards (with
+    JAX's default partitionable threefry); the values equal ``init_lora``'s for
+    the same key. The random inits read only shapes, so the params need not
+    exist yet (``jax.ShapeDtypeStruct`` works); PiSSA, OLoRA and DoRA read the
+    kernels where they lie (PiSSA's and OLoRA's factorisations are not
+    partitionable, so XLA gathers each kernel for them).
 
     Args:
       key: a PRNG key.
-      params: the base params, placed or abstract (``jax.ShapeDtypeStruct``), or
-        Flax boxed variables; only shapes are read.
+      params: the base params (placed, or abstract for the random inits), or Flax
+        boxed variables.
       config: the :class:`LoraConfig`.
       base_shardings: the base's shardings in any form :func:`delta_shardings`
         takes; ``None`` reads them off ``params`` (placed arrays' ``.sharding``,
@@ -457,22 +517,60 @@ def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shar
       layouts: traced layouts ``{path: KernelLayout}``, as for ``init_lora``.
 
     Returns:
-      ``(base, delta)``: ``base`` is ``params`` as given; ``delta`` has
+      ``(base, delta)``: ``base`` is ``params`` as given (PiSSA and OLoRA: the
+      residual, sharded like the params); ``delta`` has
       ``A: (*stack, *fan_in, r)`` and ``B: (*stack, r, *fan_out)`` sharded as
       :func:`delta_shardings` says.
+
+    Raises:
+      LoraShardingError: the shardings do not fit (see :func:`delta_shardings`).
 
     Example:
       >>> import numpy as np
       >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
       >>> params = {"w": jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("fsdp", "tensor")))}
-      >>> base, delta = init_lora_sharded(jax.random.key(0), params, LoraConfig(targets="w", rank=2))
-      >>> delta["w"].a.sharding.spec == P("fsdp", None), delta["w"].b.sharding.spec == P(None, "tensor")
-      (True, True)
+      >>> cfg = LoraConfig(targets="w", rank=2)
+      >>> base, delta = init_lora_sharded(jax.random.key(0), params, cfg)  # specs from params
+      >>> tuple(delta["w"].a.sharding.spec), tuple(delta["w"].b.sharding.spec)
+      (('fsdp', None), (None, 'tensor'))
     """
-    init, _ = sharded_init_fn(params, config, base_shardings, mesh=mesh, rules=rules,
-                              layouts=layouts)
-    return params, init(key)
+    try:
+        init, args = sharded_init_fn(key, params, config, base_shardings, mesh=mesh,
+                                     rules=rules, layouts=layouts)
+    except _CONCRETE_VALUE_ERRORS:
+        # An init that inspects values on the host (PiSSA's and OLoRA's rank checks) cannot
+        # be traced: run it op by op on the placed params (each op SPMD over their
+        # shardings), then put the delta (and a rewritten base) into their shardings.
+        return _init_eagerly(key, params, config, base_shardings, mesh, rules, layouts)
+    base, delta = init(*args)
+    return (params if base is None else base), delta
+
+
+_CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError,
+                          jax.errors.TracerArrayConversionError,
+                          jax.errors.TracerBoolConversionError,
+                          jax.errors.TracerIntegerConversionError)
+
+
+def _init_eagerly(key, params, config, base_shardings, mesh, rules, layouts):
+    unboxed = _unboxed(params)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(unboxed)):
+        raise LoraShardingError(
+            f"init={config.init!r} reads the kernels' values: pass the params themselves, "
+            "not ShapeDtypeStructs")
+    base_shardings = params if base_shardings is None else base_shardings
+    base, delta = init_lora(key, unboxed, config, layouts=layouts)
+    delta = jax.device_put(delta, delta_shardings(base_shardings, delta, mesh, rules=rules))
+    if base is unboxed:
+        return params, delta
+    try:
+        base = jax.device_put(base, param_shardings(base_shardings, mesh, rules=rules))
+    except ValueError as e:  # LoraShardingError, or a structure mismatch
+        raise LoraShardingError(
+            f"init {config.init!r} rewrites the base, so base_shardings must give a sharding "
+            f"for every leaf of the params (e.g. lora_jax.param_shardings(...)): {e}") from None
+    return base, delta
 
 
 def opt_state_shardings(opt_state: Any, delta_shardings: Any) -> Any:

@@ -124,9 +124,9 @@ def _reinit(base: Any, delta: Any,
     rows, treedef = align(base, delta)
     new_base, new_delta = [], []
     for path, w, f in rows:
-        if f is None:
+        if not isinstance(f, LoraFactors):  # untargeted, or trained in full (LeafDelta)
             new_base.append(w)
-            new_delta.append(None)
+            new_delta.append(f)
             continue
         _need_values(path, w, name)
         _refuse_layers(path, f, name)
@@ -185,4 +185,4 @@ def _need_values(path: str, w: Any, name: str) -> None:
 def _rebuild(base: Any, delta: Any, fn: Callable[[str, Any, LoraFactors], Any]) -> Any:
     rows, treedef = align(base, delta)
     return jax.tree_util.tree_unflatten(
-        treedef, [None if f is None else fn(path, w, f) for path, w, f in rows])
+        treedef, [fn(path, w, f) if isinstance(f, LoraFactors) else f for path, w, f in rows])

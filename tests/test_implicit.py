@@ -342,3 +342,12 @@ def test_mismatched_delta_is_a_clear_error():
     base, delta = lj.init_lora(jax.random.key(1), W44, lj.LoraConfig(targets="w", rank=2))
     with pytest.raises(lj.LoraStructureError, match="'w'"):
         lj.implicit(lambda p, x: x @ p["w"])({"w": jnp.ones((8, 9))}, delta, X)
+
+
+def test_sharding_constraint_on_a_kernel_keeps_the_low_rank_path():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
+    sharding = NamedSharding(mesh, PartitionSpec("fsdp", "tensor"))
+    fn = lambda p, x: x @ jax.lax.with_sharding_constraint(p["w"], sharding)  # noqa: E731
+    check_against_merge(fn, W44, lj.LoraConfig(targets="w", rank=2), X)

@@ -362,3 +362,13 @@ def test_layers_bad_input():
         lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 6, 6))},
                      lj.LoraConfig(targets="w", layouts={"w": "sio"}, rank=2, layers=[0],
                                    use_dora=True))
+
+
+@pytest.mark.parametrize("extra", [dict(use_dora=True), dict(init="pissa"), dict(init="olora")])
+def test_variants_combine_with_leaves_trained_in_full(extra):
+    params = {"fc": {"kernel": W, "bias": jnp.zeros(10)}}
+    cfg = lj.LoraConfig(targets=".*kernel", rank=2, bias="all", **extra)
+    base, delta = lj.init_lora(jax.random.key(0), params, cfg)
+    assert isinstance(delta["fc"]["bias"], lj.LeafDelta)
+    np.testing.assert_array_equal(base["fc"]["bias"], params["fc"]["bias"])
+    np.testing.assert_allclose(lj.merge(base, delta)["fc"]["kernel"], W, atol=2e-5)
