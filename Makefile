@@ -26,10 +26,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/finetune_lm.py
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -q
 
 test-oldest: $(OLD_VENV)/.installed
-	$(OLD_VENV)/bin/python -m pytest
+	$(OLD_VENV)/bin/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) $(OLD_VENV) .pytest_cache
