@@ -27,7 +27,6 @@ import functools
 import hashlib
 import inspect
 import json
-import os
 import time
 from pathlib import Path
 
@@ -272,32 +271,9 @@ def lora_finetune(base, delta, tokens, steps: int, seed: int):
 # -----------------------------------------------------------------------------
 
 
-def save_adapter(delta, path: Path) -> int:
-    """Saves the delta's factor arrays to an .npz; returns the number of arrays.
-
-    Keys are the '/'-joined leaf path of each adapted kernel plus '/a' or '/b'.
-    """
-    arrays = {}
-    for leaf_path, factors in lora_jax.leaves_with_paths(delta, is_leaf=lora_jax.is_factors)[0]:
-        arrays[f"{leaf_path}/a"] = np.asarray(factors.a)
-        arrays[f"{leaf_path}/b"] = np.asarray(factors.b)
-    np.savez(path, **arrays)
-    return len(arrays)
-
-
-def load_adapter(path: Path, like):
-    """Reads an adapter saved by `save_adapter` into a delta shaped like ``like``.
-
-    ``like`` supplies the tree structure and each kernel's static metadata
-    (alpha, layout); e.g. ``init_lora(key, base, LORA_CONFIG)[1]``.
-    """
-    entries, treedef = lora_jax.leaves_with_paths(like, is_leaf=lora_jax.is_factors)
-    with np.load(path) as npz:
-        factors = [
-            dataclasses.replace(f, a=jnp.asarray(npz[f"{p}/a"]), b=jnp.asarray(npz[f"{p}/b"]))
-            for p, f in entries
-        ]
-    return jax.tree_util.tree_unflatten(treedef, factors)
+def directory_bytes(path: Path) -> int:
+    """Total size of the files in a directory (an adapter directory)."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -418,9 +394,11 @@ def main(argv=None):
     lora_state_bytes = lora_jax.tree_bytes(opt_state)
     full_state_bytes = lora_jax.tree_bytes(jax.eval_shape(optax.adamw(LORA_LR).init, params))
 
-    adapter_path = args.out / "adapter.npz"
-    num_arrays = save_adapter(delta, adapter_path)
-    reloaded = load_adapter(adapter_path, like=delta)
+    # The adapter directory: adapter_config.json + adapter_model.safetensors,
+    # written atomically; lora_jax.export_peft writes the HuggingFace PEFT form.
+    adapter_path = lora_jax.save(args.out / "adapter", delta, LORA_CONFIG)
+    reloaded, _ = lora_jax.load(adapter_path, base=base)
+    num_arrays = 2 * len(lora_jax.summarize(base, reloaded).leaves)
     reload_diff = max_abs_diff(lora_jax.merge(base, reloaded), merged)
 
     plot_path = args.out / "loss_curve.png"
@@ -446,7 +424,7 @@ def main(argv=None):
           "model.apply(merge(base, delta)) vs the training forward)")
     print(f"LoRA training throughput: {tokens_per_s:,.0f} tokens/s   "
           f"({args.lora_steps} steps x {BATCH_SIZE} x {CONFIG.seq_len} tokens, compile excluded)")
-    print(f"adapter: {adapter_path} ({os.path.getsize(adapter_path):,} bytes on disk, "
+    print(f"adapter: {adapter_path} ({directory_bytes(adapter_path):,} bytes on disk, "
           f"{num_arrays} arrays; reloaded and re-merged: max diff {reload_diff:.1e})")
     print(f"loss curve: {plot_path}")
     print()

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+import lora_jax
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -82,14 +84,16 @@ def test_finetune_lm(tmp_path):
     # Files: the loss curve and the adapter (two factors per adapted kernel).
     png = out_dir / "loss_curve.png"
     assert png.stat().st_size > 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    adapter = out_dir / "adapter.npz"
-    assert adapter.stat().st_size > 0
-    with np.load(adapter) as npz:
-        keys = sorted(npz.files)
-        assert len(keys) == 2 * 12  # q, k, v, out, fc1, fc2 in 2 blocks
-        assert "params/block_0/attn/q/kernel/a" in keys
-        assert npz["params/block_0/mlp/fc1/kernel/a"].shape == (128, 8)
-        assert npz["params/block_0/mlp/fc1/kernel/b"].shape == (8, 512)
+    adapter = out_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert (adapter / "adapter_config.json").is_file()
+    delta, config = lora_jax.load(adapter)
+    kernels = lora_jax.leaves_with_paths(delta, is_leaf=lora_jax.is_factors)[0]
+    factors = {p: f for p, f in kernels if lora_jax.is_factors(f)}
+    assert len(factors) == 12  # q, k, v, out, fc1, fc2 in 2 blocks
+    assert factors["params/block_0/mlp/fc1/kernel"].a.shape == (128, 8)
+    assert factors["params/block_0/mlp/fc1/kernel"].b.shape == (8, 512)
+    assert config.rank == 8
 
 
 @needs_extras
