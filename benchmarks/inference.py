@@ -18,7 +18,6 @@ the base; the implicit output is checked against the merged one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -63,20 +62,9 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny dims (for tests)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(CONFIGS))
-    if unknown:
-        ap.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    names, wl, run_meta = W.start(ap, args, CONFIGS, "forwards")
     if "base" not in names:
         names.insert(0, "base")
-    if args.rounds * args.steps < 20:
-        print(f"note: {args.rounds * args.steps} timed forwards per config (< 20): a smoke run, "
-              "not a quotable measurement")
-
-    run_meta = W.meta(rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
-                      small=args.small)
-    wl = W.build(small=args.small)
-    run_meta["dims"] = dataclasses.asdict(wl.dims)
     base, x = wl.variables, wl.inputs
     delta = W.trained_like(wl.delta)
     print(f"workload: {'SMALL' if args.small else 'reference'} {wl.dims}; forward of "

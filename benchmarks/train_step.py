@@ -332,18 +332,7 @@ def main(argv=None):
     if args.child:
         return child(args)
 
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(CONFIGS))
-    if unknown:
-        ap.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
-    if args.rounds * args.steps < 20:
-        print(f"note: {args.rounds * args.steps} timed steps per config (< 20): a smoke run, "
-              "not a quotable measurement")
-
-    run_meta = W.meta(rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
-                      small=args.small)
-    wl = W.build(small=args.small)
-    run_meta["dims"] = dataclasses.asdict(wl.dims)
+    names, wl, run_meta = W.start(ap, args, CONFIGS, "steps")
     d = wl.dims
     print(f"workload: {'SMALL' if args.small else 'reference'} {d}; "
           f"{lora_jax.count_params(wl.variables):,} params, "

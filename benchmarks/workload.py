@@ -485,3 +485,23 @@ def write_json(path: str, results: dict, skipped: dict, run_meta: dict) -> None:
     with open(path, "w") as fh:
         json.dump({"configs": results, "skipped": skipped, "meta": run_meta}, fh, indent=2)
     print(f"wrote {path}")
+
+
+def start(ap, args, configs, unit: str):
+    """The common start of a benchmark script: the chosen configs, the workload, run metadata.
+
+    Rejects unknown ``--configs`` through ``ap.error``, says when ``rounds x
+    steps`` is too few timed ``unit`` to quote, builds the (``--small``) workload.
+    """
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        ap.error(f"unknown configs {unknown}; choose from {', '.join(configs)}")
+    if args.rounds * args.steps < 20:
+        print(f"note: {args.rounds * args.steps} timed {unit} per config (< 20): a smoke run, "
+              "not a quotable measurement")
+    run_meta = meta(rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
+                    small=args.small)
+    wl = build(small=args.small)
+    run_meta["dims"] = dataclasses.asdict(wl.dims)
+    return names, wl, run_meta
