@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -141,13 +141,10 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
         ratio = jnp.transpose(view.dora_ratio(), batch_axes + [ns + view.roles[d][1] for d in k_free])
         sizes = [view.shape[d] for d in k_free]
         ones = [1] * len(m_shape)
-        shape = stack_sizes(view, kb) + (ones + sizes if kernel_is_rhs else sizes + ones)
+        batch = [view.shape[d] for d in kb]
+        shape = batch + (ones + sizes if kernel_is_rhs else sizes + ones)
         out = out * ratio.reshape(shape).astype(out.dtype)
     return out
-
-
-def stack_sizes(view: LoraView, axes: Sequence[int]) -> list[int]:
-    return [view.shape[d] for d in axes]
 
 
 def conv_rule(x: Array, view: LoraView, params: dict,
