@@ -49,6 +49,7 @@ from lora_jax.errors import LoraConfigError, LoraError
 from lora_jax.factors import LeafDelta
 from lora_jax.lowrank import conv_rule, dot_general_rule, gather_rule
 from lora_jax.merge import align
+from lora_jax.recompute import Graph, input_chain
 from lora_jax.tracing import trace
 from lora_jax.view import LoraView
 
@@ -61,8 +62,8 @@ class LoraFallbackWarning(UserWarning):
     """A targeted kernel was materialised because no low-rank rule fits its use."""
 
 
-def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0.0
-             ) -> Callable[..., Any]:
+def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0.0,
+             recompute_inputs: bool = True) -> Callable[..., Any]:
     """Wraps ``fn(params, *args, **kwargs)`` to take ``(base, delta, *args, **kwargs)``.
 
     The wrapped function returns ``fn(merge(base, delta), *args, **kwargs)``
@@ -77,13 +78,20 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
         linen ``model.apply``, or ``lambda state, x: nnx.merge(g, state)(x)``.
       strict: raise :class:`LoraImplicitError` instead of materialising a
         kernel whose use has no low-rank rule.
-        dropout: LoRA dropout rate ``p``: the low-rank branch sees
+      dropout: LoRA dropout rate ``p``: the low-rank branch sees
         ``dropout(x)``, i.e. ``x @ W + s * (mask * x / (1 - p)) @ A @ B``
         (dense and conv kernels; embeddings take no dropout, as in PEFT). It is
         active only when the wrapped function gets ``lora_dropout_key=key``:
         no key means evaluation (no dropout). Each use of a kernel draws its
         own mask from the key, and so does each layer of a scan; iterations of
         a ``while_loop`` share one.
+      recompute_inputs: where a low-rank input ``x`` is a cheap elementwise
+        function of a value the backward keeps anyway (a GELU of its
+        pre-activation, a LayerNorm of its centred input; see
+        :mod:`lora_jax.recompute`), save that value instead of ``x`` and
+        rebuild ``x`` for ``dA = x^T du`` in the backward: the memory of the
+        frozen model's own backward, for a little elementwise work. False
+        saves every ``x``.
 
     Returns:
       ``wrapped(base, delta, *args, lora_dropout_key=None, **kwargs)``; jit-,
@@ -108,7 +116,7 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
                                            kwargs)
         invals = [_input(path, leaf, f) for path, leaf, f in rows]
         ctx = _Context(strict, dropout if lora_dropout_key is not None else 0.0,
-                       lora_dropout_key)
+                       lora_dropout_key, recompute_inputs)
         outs = ctx.eval(closed.jaxpr, closed.consts, invals + list(dynamic))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
@@ -138,11 +146,33 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
 
 
+class _Frame:
+    """The jaxpr being evaluated and its environment, for :func:`input_chain`."""
+
+    def __init__(self, jaxpr: Any, env: dict[Any, Any]):
+        self.jaxpr, self.env, self._graph = jaxpr, env, None
+
+    def source(self, var: Any) -> tuple[tuple, Callable[[tuple], Any]] | None:
+        """``(leaves, rebuild)`` recomputing ``var`` from values the backward keeps, or None."""
+        if self._graph is None:
+            self._graph = Graph(self.jaxpr)
+        chain = input_chain(self._graph, var)
+        if chain is None:
+            return None
+        leaves = tuple(self.env[v] for v in chain.leaves)
+        if any(isinstance(v, LoraView) for v in leaves):
+            return None
+        return leaves, functools.partial(chain.rebuild, _bind)
+
+
 class _Context:
     """One evaluation: strictness and which fallbacks have warned."""
 
-    def __init__(self, strict: bool, rate: float = 0.0, key: Any = None):
+    def __init__(self, strict: bool, rate: float = 0.0, key: Any = None,
+                 rebuild: bool = True):
         self.strict = strict
+        self.rebuild = rebuild
+        self.frame: _Frame | None = None
         self.warned: set[str] = set()
         self.rate = rate
         self.key = key
@@ -194,9 +224,11 @@ class _Context:
             env[var] = val
         for var, val in zip(jaxpr.invars, args):
             env[var] = val
+        frame = _Frame(jaxpr, env)
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
             if any(isinstance(v, LoraView) for v in invals):
+                self.frame = frame
                 outs = self.apply_rule(eqn, invals)
             else:
                 outs = _bind(eqn, invals)
@@ -228,7 +260,8 @@ class _Context:
             x, view, kernel_is_rhs = self.dense(lhs, "dot_general"), rhs, True
         else:
             x, view, kernel_is_rhs = rhs, lhs, False
-        out = dot_general_rule(x, view, kernel_is_rhs, eqn.params, self.dropout())
+        source = self.frame.source(eqn.invars[0 if kernel_is_rhs else 1]) if self.rebuild else None
+        out = dot_general_rule(x, view, kernel_is_rhs, eqn.params, self.dropout(), source)
         return None if out is None else [out]
 
     def _conv_general_dilated(self, eqn, invals):

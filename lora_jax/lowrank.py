@@ -51,47 +51,137 @@ def low_rank(x: Array, a: Array, b: Array, scale: float, precision: Any = None) 
     Returns:
       ``(*batch, M, N)``.
 
-    The backward, with ``u = s * x @ a`` saved from the forward and ``g`` the
-    output cotangent::
+    Not differentiated, it is two matmuls. Under differentiation the forward
+    forms ``u @ b`` with :func:`expand`, and the backward, with
+    ``u = s * x @ a`` saved from the forward and ``g`` the output cotangent, is::
 
       dB = u^T @ g            (r, M) @ (M, N)
       du = s * g @ b^T        (M, N) @ (N, r)
       dA = (du^T @ x)^T       (r, M) @ (M, K), then a rank-r transpose
-      dx = du @ a^T           (M, r) @ (r, K)
+      dx = du @ a^T           (M, r) @ (r, K), with expand
 
     Example:
       >>> x, a, b = jnp.ones((5, 3)), jnp.ones((3, 2)), jnp.ones((2, 4))
       >>> low_rank(x, a, b, 0.5).shape
       (5, 4)
     """
-    return _low_rank_fwd(x, a, b, scale, precision)[0]
+    u = jnp.matmul(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
+    return jnp.matmul(u, b, precision=precision)
+
+
+#: Largest rank for which :func:`expand` sums outer products on CPU.
+OUTER_MAX_RANK = 16
+
+
+def expand(u: Array, b: Array, precision: Any = None) -> Array:
+    """``u @ b`` for a rank-``r`` inner axis: ``(*batch, M, r) @ (*batch, r, N)``.
+
+    On CPU, for ``r <= OUTER_MAX_RANK``, computed as ``sum_j u[:, j] * b[j, :]``
+    (accumulated in float32): XLA fuses that sum, and the add that follows it,
+    into the neighbouring full-size matmul, so ``x @ W + s * (x @ A) @ B`` is
+    written once, as one array, where a matmul would write the ``(M, N)``
+    product separately. Used where the result is differentiated: a non-linear
+    consumer (GELU after ``fc1``) then keeps one array for its backward, not
+    the two summands. Elsewhere, and for larger ``r``, a matmul.
+
+    Example:
+      >>> u, b = jnp.ones((5, 2)), jnp.ones((2, 4))
+      >>> bool(jnp.allclose(expand(u, b), u @ b))
+      True
+    """
+    r = u.shape[-1]
+    if r > OUTER_MAX_RANK or jax.default_backend() != "cpu":
+        return jnp.matmul(u, b, precision=precision)
+    acc = jnp.promote_types(u.dtype, jnp.float32)
+    terms = u.astype(acc)[..., :, :, None] * b.astype(acc)[..., None, :, :]
+    return terms.sum(-2).astype(jnp.result_type(u, b))
 
 
 def _low_rank_fwd(x, a, b, scale, precision):
     u = jnp.matmul(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
-    return jnp.matmul(u, b, precision=precision), (x, a, b, u)
+    return expand(u, b, precision), (x, a, b, u)
 
 
-def _low_rank_bwd(scale, precision, res, g):
-    x, a, b, u = res
+def _grads(scale, precision, x, a, b, u, g):
+    """``(dx, dA, dB)`` of ``s * (x @ a) @ b`` with canonical matmuls only."""
     g = g.astype(u.dtype)
     db = jnp.matmul(_mT(u), g, precision=precision)
     du = jnp.matmul(g, _mT(b), precision=precision) * jnp.asarray(scale, g.dtype)
     da = _mT(jnp.matmul(_mT(du), x, precision=precision))
-    dx = jnp.matmul(du, _mT(a), precision=precision)
+    dx = expand(du, _mT(a), precision)
     return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+def _low_rank_bwd(scale, precision, res, g):
+    return _grads(scale, precision, *res, g)
 
 
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def low_rank_rebuilt(x: Array, leaves: tuple, a: Array, b: Array, scale: float,
+                     precision: Any, rebuild: Callable[[tuple], Array]) -> Array:
+    """:func:`low_rank` that saves ``leaves`` instead of ``x`` for the backward.
+
+    ``rebuild(leaves)`` must equal ``x``; the backward recomputes ``x`` from
+    ``leaves`` (behind an optimisation barrier, so XLA cannot reuse the
+    forward's ``x`` and keep it alive). Cotangents flow to ``x`` only: the
+    leaves get none through this branch. Worth it when ``x`` is a cheap
+    elementwise function of values the backward keeps anyway (see
+    :mod:`lora_jax.recompute`).
+
+    Example:
+      >>> h, a, b = jnp.ones((5, 3)), jnp.ones((3, 2)), jnp.ones((2, 4))
+      >>> y = low_rank_rebuilt(jnp.tanh(h), (h,), a, b, 0.5, None, lambda l: jnp.tanh(l[0]))
+      >>> bool(jnp.allclose(y, low_rank(jnp.tanh(h), a, b, 0.5)))
+      True
+    """
+    return low_rank(x, a, b, scale, precision)
+
+
+def _rebuilt_fwd(x, leaves, a, b, scale, precision, rebuild):
+    y, (_, _, _, u) = _low_rank_fwd(x, a, b, scale, precision)
+    return y, (leaves, a, b, u)
+
+
+def _after(leaves: tuple, g: Array) -> tuple:
+    """``leaves``, made to depend on ``g`` so that XLA computes their use in the backward.
+
+    Otherwise XLA merges the rebuilt ``x`` with the forward's and keeps that
+    alive (``lax.optimization_barrier`` does not survive XLA:CPU's passes).
+    Adding ``0 * g[0]`` changes no finite value; a non-finite ``g`` makes
+    ``dB = u^T g`` non-finite already.
+    """
+    if not g.size:
+        return leaves
+    zero = g.reshape(-1)[0] * 0
+    return tuple(v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v
+                 for v in leaves)
+
+
+def _rebuilt_bwd(scale, precision, rebuild, res, g):
+    leaves, a, b, u = res
+    x = rebuild(_after(leaves, g))
+    dx, da, db = _grads(scale, precision, x, a, b, u, g)
+    return dx, jax.tree.map(lambda _: None, leaves), da, db
+
+
+low_rank_rebuilt.defvjp(_rebuilt_fwd, _rebuilt_bwd)
+
+
 def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict,
-                     dropout: Callable[[Array], Array] | None = None) -> Array | None:
+                     dropout: Callable[[Array], Array] | None = None,
+                     source: tuple[tuple, Callable[[tuple], Array]] | None = None
+                     ) -> Array | None:
     """``dot_general(x, W)`` (or ``dot_general(W, x)``) with ``W`` a LoRA view.
 
     Returns ``None`` when the contraction is not over exactly the fan-in (or
     exactly the fan-out) axes, or the batch axes are not exactly the stacked
     axes. ``dropout``, if given, is applied to ``x`` in the low-rank branch only.
+    ``source``, if given, is ``(leaves, rebuild)`` with ``rebuild(leaves) == x``:
+    the backward then keeps ``leaves`` instead of ``x`` (see
+    :func:`low_rank_rebuilt`); it is ignored under dropout.
     """
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
@@ -113,20 +203,27 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     xc_sorted = [x_d for _, x_d in sorted(zip((view.roles[d][1] for d in kc), xc))]
     x_free = [d for d in range(x.ndim) if d not in xb and d not in xc]
     perm = xb_sorted + x_free + xc_sorted
-    xl = x if dropout is None else dropout(x)
-    xt = xl if perm == list(range(x.ndim)) else jnp.transpose(xl, perm)
     stack = tuple(x.shape[d] for d in xb_sorted)
     m_shape = tuple(x.shape[d] for d in x_free)
     r = fa.shape[-1]
     out_shape = fb.shape[ns + 1:]
     dtype = view.dtype
-    y = low_rank(
-        xt.reshape(stack + (math.prod(m_shape), math.prod(fa.shape[ns:-1]))),
-        fa.astype(dtype).reshape(stack + (-1, r)),
-        fb.astype(dtype).reshape(stack + (r, math.prod(out_shape))),
-        view.scale,
-        params.get("precision"),
-    ).reshape(stack + m_shape + out_shape)
+
+    def canonical(v: Array) -> Array:  # (*stack, M, K)
+        v = v if perm == list(range(v.ndim)) else jnp.transpose(v, perm)
+        return v.reshape(stack + (math.prod(m_shape), math.prod(fa.shape[ns:-1])))
+
+    factors = (fa.astype(dtype).reshape(stack + (-1, r)),
+               fb.astype(dtype).reshape(stack + (r, math.prod(out_shape))))
+    precision = params.get("precision")
+    if source is None or dropout is not None:
+        xd = x if dropout is None else dropout(x)
+        y = low_rank(canonical(xd), *factors, view.scale, precision)
+    else:
+        leaves, rebuild = source
+        y = low_rank_rebuilt(canonical(x), leaves, *factors, view.scale, precision,
+                             lambda ls: canonical(rebuild(ls)))
+    y = y.reshape(stack + m_shape + out_shape)
     # dot_general's output order: batch (in the operands' order), then lhs free, then rhs free.
     k_free = [d for d in range(len(view.roles)) if d not in kc and d not in kb]
     batch_axes = [view.roles[d][1] for d in kb]
