@@ -369,6 +369,18 @@ def gflop(compiled) -> float:
     return float(ca["flops"]) / 1e9
 
 
+def xla_temp_mib(compiled) -> float:
+    """XLA's buffer assignment for a compiled program: its temporaries, in MiB (NaN if unknown).
+
+    Deterministic for a given program and XLA version: the working memory of a
+    step beyond its arguments and outputs, free of the noise of RSS readings.
+    """
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return float("nan")
+
+
 def time_interleaved(steps_by_name, rounds: int, steps: int, warmup: int, log=print):
     """Times callables round robin; returns ``{name: [ms, ...]}``.
 

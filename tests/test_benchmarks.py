@@ -92,7 +92,7 @@ def test_train_step_reports_every_config(train_json):
     if not hasattr(lora_jax, "implicit"):
         assert "implicit" in skipped["lora_jax"]
     for name, res in configs.items():
-        for key in ("ms", "x_full", "x_floor", "compile_s", "gflop"):
+        for key in ("ms", "x_full", "x_floor", "compile_s", "gflop", "xla_temp_mib"):
             assert _positive_finite(res[key]), (name, key, res[key])
         assert math.isfinite(res["loss0"]) and math.isfinite(res["loss_end"]), (name, res)
         assert "FALLBACK" not in res.get("note", ""), (name, res["note"])
@@ -130,6 +130,18 @@ def test_lora_does_less_work_than_merge_on_the_fly(train_json):
     if "lora_jax" not in configs:
         pytest.skip("lora_jax.implicit not available")
     assert configs["lora_jax"]["gflop"] < configs["merge"]["gflop"]
+
+
+def test_memory_mode_reports_the_stepping_peak_apart_from_compiling(tmp_path):
+    out = _run("train_step.py", tmp_path, "--steps", "1", "--configs", "floor,lora_jax",
+               "--memory", "--memory-steps", "3")
+    assert out["meta"]["baseline_rss_mb"] > 0
+    for name, res in out["configs"].items():
+        assert _positive_finite(res["peak_rss_mb"]), name
+        assert _positive_finite(res["compile_peak_rss_mb"]), name
+        assert _positive_finite(res["x_floor_rss"]), name
+        if sys.platform.startswith("linux"):   # the peak was reset after compiling
+            assert res["rss_peak_reset"] is True, name
 
 
 def test_inference_reports_base_merged_implicit(inference_json):
