@@ -6,7 +6,8 @@ evaluates the jaxpr with every targeted kernel carried as a
 :class:`~lora_jax.view.LoraView`. Where a view meets its input
 (``dot_general``, ``conv_general_dilated``, ``gather``) a rule from
 :mod:`lora_jax.lowrank` computes ``op(x, stop_gradient(W)) + s * (x @ A) @ B``;
-transposes and dtype casts of a kernel are tracked on the view. Higher-order
+transposes, dtype casts and reshapes within one role (``(d, heads, head_dim)``
+<-> ``(d, heads * head_dim)``) of a kernel are tracked on the view. Higher-order
 primitives are re-expressed through their public functions, so views flow
 into their bodies:
 
@@ -22,8 +23,8 @@ primitive                   handled as
 ==========================  ================================================
 
 Any other use of a targeted kernel (a custom_jvp/custom_vjp function that
-takes the kernel, a slice of a stacked kernel, a reshape, ...) materialises
-``W + s * A @ B`` at that point -- always correct -- and warns once per
+takes the kernel, a slice of a stacked kernel, a reshape that mixes fan-in and
+fan-out axes, ...) materialises ``W + s * A @ B`` at that point -- always correct -- and warns once per
 primitive with :class:`LoraFallbackWarning`; ``strict=True`` raises
 :class:`LoraImplicitError` instead. The frozen kernel is always under
 ``stop_gradient``: it never receives a gradient.
@@ -245,6 +246,11 @@ class _Context:
             return [invals[0].transpose(tuple(params["permutation"]))]
         if name == "copy":
             return [invals[0]]
+        if (name == "squeeze" or name == "reshape" and params.get("dimensions") is None
+                and len(invals) == 1):
+            out = invals[0].reshape(tuple(eqn.outvars[0].aval.shape))
+            if out is not None:
+                return [out]
         if name in _CALLS:
             closed = params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"]
             return self.eval(closed.jaxpr, closed.consts, invals, keep_views=True)

@@ -145,6 +145,64 @@ class LoraView:
         return self.replace(w=jnp.transpose(self.w, permutation),
                             roles=tuple(self.roles[p] for p in permutation))
 
+    def reshape(self, new_sizes: tuple[int, ...]) -> "LoraView | None":
+        """The view of ``reshape(w, new_sizes)``, or None when the reshape mixes roles.
+
+        A reshape that only splits or merges axes of one role, in their factor
+        order (``(d, heads, head_dim) <-> (d, heads * head_dim)``), reshapes
+        that factor (``b`` for fan-out axes, ``a`` for fan-in axes, and DoRA's
+        magnitude with ``b``); size-1 axes of a role may be dropped. Anything
+        else (merging fan-in with fan-out, reshaping stacked axes, inserting
+        axes) returns None.
+
+        Example:
+          >>> from lora_jax.factors import LoraFactors
+          >>> from lora_jax.layout import KernelLayout
+          >>> f = LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3, 5)), alpha=1.0,
+          ...                 rslora=False, layout=KernelLayout("ioo"))
+          >>> LoraView.of("w", jnp.ones((4, 3, 5)), f).reshape((4, 15)).b.shape
+          (2, 15)
+        """
+        blocks = _reshape_blocks(self.shape, tuple(new_sizes))
+        if blocks is None:
+            return None
+        spans: dict[str, list[tuple[int, tuple[int, ...], list[int]]]] = {"i": [], "o": []}
+        for old, new in blocks:
+            kinds = {self.roles[d][0] for d in old}
+            if len(kinds) != 1:
+                return None
+            (kind,) = kinds
+            idx = [self.roles[d][1] for d in old]
+            if idx != list(range(idx[0], idx[0] + len(idx))):
+                return None
+            if kind == "s":
+                if len(old) != 1 or len(new) != 1:
+                    return None
+                continue
+            spans[kind].append((idx[0], tuple(new_sizes[d] for d in new), new))
+        roles = [None] * len(new_sizes)
+        for old, new in blocks:
+            if self.roles[old[0]][0] == "s":
+                roles[new[0]] = self.roles[old[0]]
+        sizes = {}
+        for kind, kind_spans in spans.items():
+            start, shape = 0, []
+            for _, block_sizes, new in sorted(kind_spans, key=lambda t: t[0]):
+                for t, d in enumerate(new):
+                    roles[d] = (kind, start + t)
+                start += len(new)
+                shape.extend(block_sizes)
+            sizes[kind] = tuple(shape)
+        ns = self.n_stack
+        stack = tuple(np.shape(self.a)[:ns])
+        r = np.shape(self.a)[-1]
+        mag = self.magnitude
+        return self.replace(
+            w=jnp.reshape(self.w, new_sizes), roles=tuple(roles),
+            a=jnp.reshape(self.a, stack + sizes["i"] + (r,)),
+            b=jnp.reshape(self.b, stack + (r,) + sizes["o"]),
+            magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]))
+
     def factor_pair(self, contracted: str) -> tuple[Array, Array, str]:
         """Factors ordered so that the first one meets the contracted side.
 
@@ -166,6 +224,43 @@ class LoraView:
         move = lambda x: None if x is None else jnp.moveaxis(x, j, 0)  # noqa: E731
         return self.replace(a=move(self.a), b=move(self.b), magnitude=move(self.magnitude),
                             roles=drop_stack_role(self.roles, axis_role))
+
+
+def _reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
+                    ) -> list[tuple[list[int], list[int]]] | None:
+    """Pairs of (old axes, new axes) groups with equal sizes, or None.
+
+    ``(4, 3, 5) -> (4, 15)`` gives ``[([0], [0]), ([1, 2], [1])]``. Size-1 old
+    axes may form a group with no new axes; a group with no old axes (an
+    inserted axis) or a zero-size axis gives None.
+    """
+    if math.prod(old) != math.prod(new) or 0 in old:
+        return None
+    blocks, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i == len(old):
+            return None
+        bi, bj, po, pn = [i], [], old[i], 1
+        i += 1
+        if j < len(new) and not (po == 1 and new[j] != 1):
+            bj.append(j)
+            pn = new[j]
+            j += 1
+        while po != pn:
+            if po < pn:
+                if i == len(old):
+                    return None
+                bi.append(i)
+                po *= old[i]
+                i += 1
+            else:
+                if j == len(new):
+                    return None
+                bj.append(j)
+                pn *= new[j]
+                j += 1
+        blocks.append((bi, bj))
+    return blocks
 
 
 def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:

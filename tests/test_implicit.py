@@ -351,3 +351,29 @@ def test_sharding_constraint_on_a_kernel_keeps_the_low_rank_path():
     sharding = NamedSharding(mesh, PartitionSpec("fsdp", "tensor"))
     fn = lambda p, x: x @ jax.lax.with_sharding_constraint(p["w"], sharding)  # noqa: E731
     check_against_merge(fn, W44, lj.LoraConfig(targets="w", rank=2), X)
+
+
+@pytest.mark.parametrize("shape,layout,fn", [
+    ((8, 3, 5), "ioo", lambda w, x: x @ w.reshape(8, 15)),                    # merge fan-out
+    ((8, 15), "io", lambda w, x: jnp.einsum("btd,dhk->bthk", x, w.reshape(8, 3, 5))),  # split
+    ((2, 4, 15), "iio", lambda w, x: x @ w.reshape(8, 15)),                   # merge fan-in
+    ((8, 1, 5), "ioo", lambda w, x: x @ jnp.squeeze(w, 1)),                   # drop a size-1 axis
+    ((15, 8), "oi", lambda w, x: x @ w.T.reshape(8, 3, 5).reshape(8, 15)),    # after a transpose
+], ids=["merge_out", "split_out", "merge_in", "squeeze", "transposed"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_reshapes_of_the_kernel_within_one_role_stay_low_rank(shape, layout, fn, dora):
+    params = {"w": jax.random.normal(jax.random.key(0), shape) / 3}
+    cfg = lj.LoraConfig(targets="w", rank=2, layouts={"w": layout}, use_dora=dora)
+    check_against_merge(lambda p, x: fn(p["w"], x), params, cfg, X)
+
+
+def test_reshape_mixing_fan_in_and_fan_out_falls_back_exactly():
+    params = {"w": jax.random.normal(jax.random.key(0), (8, 6))}
+    fn = lambda p, x: x @ p["w"].reshape(6, 8).T   # noqa: E731  (rows of W re-cut: no low-rank form)
+    base, delta = lj.init_lora(jax.random.key(1), params, lj.LoraConfig(targets="w", rank=2))
+    delta = _trained(delta)
+    with pytest.warns(lj.LoraFallbackWarning, match="reshape"):
+        got = lj.implicit(fn)(base, delta, X)
+    assert _rel(got, fn(lj.merge(base, delta), X)) < FWD_TOL
+    with pytest.raises(lj.LoraImplicitError, match="reshape"):
+        lj.implicit(fn, strict=True)(base, delta, X)
