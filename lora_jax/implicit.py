@@ -6,8 +6,9 @@ evaluates the jaxpr with every targeted kernel carried as a
 :class:`~lora_jax.view.LoraView`. Where a view meets its input
 (``dot_general``, ``conv_general_dilated``, ``gather``) a rule from
 :mod:`lora_jax.lowrank` computes ``op(x, stop_gradient(W)) + s * (x @ A) @ B``;
-transposes, dtype casts and reshapes within one role (``(d, heads, head_dim)``
-<-> ``(d, heads * head_dim)``) of a kernel are tracked on the view. Higher-order
+transposes, dtype casts, reshapes within one role (``(d, heads, head_dim)``
+<-> ``(d, heads * head_dim)``) and slices of stacked axes (``w[i]`` of a
+``(layers, in, out)`` stack) of a kernel are tracked on the view. Higher-order
 primitives are re-expressed through their public functions, so views flow
 into their bodies:
 
@@ -23,8 +24,8 @@ primitive                   handled as
 ==========================  ================================================
 
 Any other use of a targeted kernel (a custom_jvp/custom_vjp function that
-takes the kernel, a slice of a stacked kernel, a reshape that mixes fan-in and
-fan-out axes, ...) materialises ``W + s * A @ B`` at that point -- always correct -- and warns once per
+takes the kernel, a slice that cuts a fan-in or fan-out axis, a reshape that
+mixes fan-in and fan-out axes, ...) materialises ``W + s * A @ B`` at that point -- always correct -- and warns once per
 primitive with :class:`LoraFallbackWarning`; ``strict=True`` raises
 :class:`LoraImplicitError` instead. The frozen kernel is always under
 ``stop_gradient``: it never receives a gradient.
@@ -147,6 +148,14 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
 
 
+def _static_slice(x: Any, starts: list[int], sizes: list[int]) -> Any:
+    return lax.slice(x, starts, [s + n for s, n in zip(starts, sizes)])
+
+
+def _dynamic_slice(x: Any, starts: list[Any], sizes: list[int]) -> Any:
+    return lax.dynamic_slice(x, [jnp.asarray(s, jnp.int32) for s in starts], sizes)
+
+
 class _Frame:
     """The jaxpr being evaluated and its environment, for :func:`input_chain`."""
 
@@ -254,6 +263,17 @@ class _Context:
         if name in _CALLS:
             closed = params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"]
             return self.eval(closed.jaxpr, closed.consts, invals, keep_views=True)
+        if name == "slice" and (params["strides"] is None or set(params["strides"]) == {1}):
+            lo = params["start_indices"]
+            sizes = [hi - s for s, hi in zip(lo, params["limit_indices"])]
+            out = invals[0].slice_stack(list(lo), sizes, _static_slice)
+            if out is not None:
+                return [out]
+        if name == "dynamic_slice" and not any(isinstance(v, LoraView) for v in invals[1:]):
+            out = invals[0].slice_stack(list(invals[1:]), list(params["slice_sizes"]),
+                                        _dynamic_slice)
+            if out is not None:
+                return [out]
         handler = getattr(self, "_" + name, None)
         out = handler(eqn, invals) if handler else None
         if out is None:

@@ -151,7 +151,8 @@ class LoraView:
         A reshape that only splits or merges axes of one role, in their factor
         order (``(d, heads, head_dim) <-> (d, heads * head_dim)``), reshapes
         that factor (``b`` for fan-out axes, ``a`` for fan-in axes, and DoRA's
-        magnitude with ``b``); size-1 axes of a role may be dropped. Anything
+        magnitude with ``b``); size-1 axes of a role may be dropped, including
+        a stacked one (``w[i]`` of a stack is a slice, then this). Anything
         else (merging fan-in with fan-out, reshaping stacked axes, inserting
         axes) returns None.
 
@@ -167,6 +168,7 @@ class LoraView:
         if blocks is None:
             return None
         spans: dict[str, list[tuple[int, tuple[int, ...], list[int]]]] = {"i": [], "o": []}
+        dropped = []  # stacked axes of size 1 that the reshape removes
         for old, new in blocks:
             kinds = {self.roles[d][0] for d in old}
             if len(kinds) != 1:
@@ -176,14 +178,17 @@ class LoraView:
             if idx != list(range(idx[0], idx[0] + len(idx))):
                 return None
             if kind == "s":
-                if len(old) != 1 or len(new) != 1:
+                if len(old) != 1 or len(new) > 1:
                     return None
+                if not new:
+                    dropped.append(idx[0])
                 continue
             spans[kind].append((idx[0], tuple(new_sizes[d] for d in new), new))
         roles = [None] * len(new_sizes)
         for old, new in blocks:
-            if self.roles[old[0]][0] == "s":
-                roles[new[0]] = self.roles[old[0]]
+            kind, j = self.roles[old[0]]
+            if kind == "s" and new:
+                roles[new[0]] = ("s", j - sum(d < j for d in dropped))
         sizes = {}
         for kind, kind_spans in spans.items():
             start, shape = 0, []
@@ -194,7 +199,7 @@ class LoraView:
                 shape.extend(block_sizes)
             sizes[kind] = tuple(shape)
         ns = self.n_stack
-        stack = tuple(np.shape(self.a)[:ns])
+        stack = tuple(n for j, n in enumerate(np.shape(self.a)[:ns]) if j not in dropped)
         r = np.shape(self.a)[-1]
         mag = self.magnitude
         return self.replace(
@@ -202,6 +207,34 @@ class LoraView:
             a=jnp.reshape(self.a, stack + sizes["i"] + (r,)),
             b=jnp.reshape(self.b, stack + (r,) + sizes["o"]),
             magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]))
+
+    def slice_stack(self, starts: list[Any], sizes: list[int],
+                    slicer: Any) -> "LoraView | None":
+        """The view of a slice that cuts only stacked axes (fan-in and fan-out whole).
+
+        ``slicer(x, starts, sizes)`` slices an array (``lax.slice`` or
+        ``lax.dynamic_slice``); ``starts`` and ``sizes`` are per current axis.
+        The factors (and DoRA's magnitude) are cut along the same stacked
+        axes. Returns None when a fan-in or fan-out axis is cut.
+        """
+        ns = self.n_stack
+        f_starts: list[Any] = [0] * ns
+        f_sizes = list(np.shape(self.a)[:ns])
+        for d, (kind, j) in enumerate(self.roles):
+            if kind != "s":
+                if sizes[d] != self.shape[d]:
+                    return None
+                continue
+            f_starts[j], f_sizes[j] = starts[d], sizes[d]
+
+        def cut(x: Any) -> Any:
+            if x is None:
+                return None
+            rest = list(np.shape(x)[ns:])
+            return slicer(x, f_starts + [0] * len(rest), f_sizes + rest)
+
+        return self.replace(w=slicer(self.w, list(starts), list(sizes)), a=cut(self.a),
+                            b=cut(self.b), magnitude=cut(self.magnitude))
 
     def factor_pair(self, contracted: str) -> tuple[Array, Array, str]:
         """Factors ordered so that the first one meets the contracted side.

@@ -377,3 +377,28 @@ def test_reshape_mixing_fan_in_and_fan_out_falls_back_exactly():
     assert _rel(got, fn(lj.merge(base, delta), X)) < FWD_TOL
     with pytest.raises(lj.LoraImplicitError, match="reshape"):
         lj.implicit(fn, strict=True)(base, delta, X)
+
+
+STACK = {"w": jax.random.normal(jax.random.key(3), (3, 8, 8)) / 3}   # (layers, in, out)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda p, x: jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ p["w"][i]), x),   # dynamic
+    lambda p, x: jnp.tanh(x @ p["w"][1]) @ p["w"][2],                               # static
+    lambda p, x: jnp.einsum("lbtd,lde->lbte", jnp.stack([x, -x]), p["w"][1:3]),     # a range
+    lambda p, x: x @ jax.lax.dynamic_index_in_dim(p["w"], 2, keepdims=False),       # jitted helper
+], ids=["fori_loop", "static_index", "static_range", "dynamic_index_in_dim"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_slices_of_a_stacked_kernel_stay_low_rank(fn, dora):
+    cfg = lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}, use_dora=dora)
+    check_against_merge(fn, STACK, cfg, X)
+
+
+def test_slicing_a_fan_in_axis_falls_back_exactly():
+    fn = lambda p, x: x[..., :4] @ p["w"][1, :4]   # noqa: E731  (cuts the fan-in axis)
+    base, delta = lj.init_lora(jax.random.key(1), STACK,
+                               lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}))
+    delta = _trained(delta)
+    with pytest.warns(lj.LoraFallbackWarning, match="slice"):
+        got = lj.implicit(fn)(base, delta, X)
+    assert _rel(got, fn(lj.merge(base, delta), X)) < FWD_TOL
