@@ -38,7 +38,10 @@ _UNARY_NONLINEAR = frozenset({
     "tanh", "exp", "exp2", "log", "log1p", "logistic", "erf", "erfc", "erf_inv", "sin", "cos",
     "rsqrt", "sqrt", "cbrt", "integer_pow", "square", "abs", "sign", "expm1",
 })
-_BINARY = frozenset({"mul", "div", "max", "min", "pow", "atan2", "select_n", "clamp"})
+# Binary ops whose derivative needs both operands (so autodiff keeps them).
+_BINARY = frozenset({"mul", "div", "max", "min", "pow", "atan2"})
+# Elementwise ops that keep only a mask or nothing of their value operands.
+_SELECT = frozenset({"select_n", "clamp"})
 _LINEAR = frozenset({
     "add", "sub", "neg", "add_any", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
     "transpose", "convert_element_type", "copy", "reduce_precision",
@@ -106,7 +109,8 @@ def _allowed(eqn: Any) -> bool:
         closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
         body = getattr(closed, "jaxpr", closed)
         return body is not None and all(_allowed(e) for e in body.eqns)
-    return name in _UNARY_NONLINEAR or name in _BINARY or name in _LINEAR
+    return (name in _UNARY_NONLINEAR or name in _BINARY or name in _SELECT
+            or name in _LINEAR)
 
 
 def _kept(graph: Graph, v: Any) -> bool:

@@ -64,7 +64,9 @@ def test_layernorm_output_is_rebuilt_from_the_centred_input_and_small_statistics
     lambda x, w: jnp.tanh(x @ w),                # tanh's output is kept by its own backward
     lambda x, w: x @ w + jnp.sin(x) @ w,         # a sum of two large values nobody keeps
     lambda x, w: (x @ w) * 0.5 + 1.0,            # linear in a dot: no kept value to start from
-], ids=["dot", "tanh", "sum", "affine"])
+    lambda x, w: jnp.where(x @ w > 0, x @ w, 0.0),   # a select keeps only its mask
+    lambda x, w: jax.nn.relu(x @ w),             # custom_jvp around max(h, 0)
+], ids=["dot", "tanh", "sum", "affine", "where", "relu"])
 def test_no_chain_where_nothing_is_gained(fn):
     _, chain = _chain(fn, jnp.ones((8, 8)), jnp.ones((8, 8)))
     assert chain is None
