@@ -125,8 +125,8 @@ def low_rank_rebuilt(x: Array, leaves: tuple, a: Array, b: Array, scale: float,
     """:func:`low_rank` that saves ``leaves`` instead of ``x`` for the backward.
 
     ``rebuild(leaves)`` must equal ``x``; the backward recomputes ``x`` from
-    ``leaves`` (behind an optimisation barrier, so XLA cannot reuse the
-    forward's ``x`` and keep it alive). Cotangents flow to ``x`` only: the
+    ``leaves``, tied to the cotangent (see :func:`_after`) so that XLA cannot
+    reuse the forward's ``x`` and keep it alive. Cotangents flow to ``x`` only: the
     leaves get none through this branch. Worth it when ``x`` is a cheap
     elementwise function of values the backward keeps anyway (see
     :mod:`lora_jax.recompute`).
