@@ -25,8 +25,9 @@ primitive                   handled as
 
 Any other use of a targeted kernel (a custom_jvp/custom_vjp function that
 takes the kernel, a slice that cuts a fan-in or fan-out axis, a reshape that
-mixes fan-in and fan-out axes, ...) materialises ``W + s * A @ B`` at that point -- always correct -- and warns once per
-primitive with :class:`LoraFallbackWarning`; ``strict=True`` raises
+mixes fan-in and fan-out axes, ...) materialises ``W + s * A @ B`` at that
+point -- always correct -- and warns once per primitive with
+:class:`LoraFallbackWarning`; ``strict=True`` raises
 :class:`LoraImplicitError` instead. The frozen kernel is always under
 ``stop_gradient``: it never receives a gradient.
 
@@ -148,11 +149,11 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
 
 
-def _static_slice(x: Any, starts: list[int], sizes: list[int]) -> Any:
+def _cut_static(x: Any, starts: list[int], sizes: list[int]) -> Any:
     return lax.slice(x, starts, [s + n for s, n in zip(starts, sizes)])
 
 
-def _dynamic_slice(x: Any, starts: list[Any], sizes: list[int]) -> Any:
+def _cut_dynamic(x: Any, starts: list[Any], sizes: list[int]) -> Any:
     return lax.dynamic_slice(x, [jnp.asarray(s, jnp.int32) for s in starts], sizes)
 
 
@@ -255,30 +256,41 @@ class _Context:
             return [invals[0].transpose(tuple(params["permutation"]))]
         if name == "copy":
             return [invals[0]]
-        if (name == "squeeze" or name == "reshape" and params.get("dimensions") is None
-                and len(invals) == 1):
-            out = invals[0].reshape(tuple(eqn.outvars[0].aval.shape))
-            if out is not None:
-                return [out]
         if name in _CALLS:
             closed = params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"]
             return self.eval(closed.jaxpr, closed.consts, invals, keep_views=True)
-        if name == "slice" and (params["strides"] is None or set(params["strides"]) == {1}):
-            lo = params["start_indices"]
-            sizes = [hi - s for s, hi in zip(lo, params["limit_indices"])]
-            out = invals[0].slice_stack(list(lo), sizes, _static_slice)
-            if out is not None:
-                return [out]
-        if name == "dynamic_slice" and not any(isinstance(v, LoraView) for v in invals[1:]):
-            out = invals[0].slice_stack(list(invals[1:]), list(params["slice_sizes"]),
-                                        _dynamic_slice)
-            if out is not None:
-                return [out]
         handler = getattr(self, "_" + name, None)
         out = handler(eqn, invals) if handler else None
         if out is None:
             out = _bind(eqn, [self.dense(v, name) for v in invals])
         return out
+
+    def _squeeze(self, eqn, invals):
+        """Splitting or merging axes of one role reshapes that factor (see LoraView.reshape)."""
+        out = invals[0].reshape(tuple(eqn.outvars[0].aval.shape))
+        return None if out is None else [out]
+
+    def _reshape(self, eqn, invals):
+        if len(invals) != 1 or eqn.params.get("dimensions") is not None:
+            return None  # a dynamic shape, or a reshape with a transpose folded in
+        return self._squeeze(eqn, invals)
+
+    def _slice(self, eqn, invals):
+        """A static slice of stacked axes cuts the factors the same way."""
+        p = eqn.params
+        if p["strides"] is not None and set(p["strides"]) != {1}:
+            return None
+        sizes = [hi - lo for lo, hi in zip(p["start_indices"], p["limit_indices"])]
+        out = invals[0].slice_stack(list(p["start_indices"]), sizes, _cut_static)
+        return None if out is None else [out]
+
+    def _dynamic_slice(self, eqn, invals):
+        """``w[i]`` of a stack (e.g. in a ``fori_loop`` over layers) cuts the factors too."""
+        if any(isinstance(v, LoraView) for v in invals[1:]):
+            return None
+        out = invals[0].slice_stack(list(invals[1:]), list(eqn.params["slice_sizes"]),
+                                    _cut_dynamic)
+        return None if out is None else [out]
 
     def _dot_general(self, eqn, invals):
         lhs, rhs = invals
