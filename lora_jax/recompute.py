@@ -32,9 +32,11 @@ from typing import Any, Callable, Sequence
 
 from jax.extend import core as jex
 
-# Elementwise or layout primitives a chain may contain (single output each).
+# Primitives a chain may contain (elementwise or layout, one output each), by
+# what their derivative keeps. Outputs of these are kept (d tanh = 1 - tanh^2):
 _OUTPUT_KEPT = frozenset({"tanh", "exp"})
-_UNARY_NONLINEAR = frozenset({
+# Unary, non-linear:
+_UNARY = frozenset({
     "tanh", "exp", "exp2", "log", "log1p", "logistic", "erf", "erfc", "erf_inv", "sin", "cos",
     "rsqrt", "sqrt", "cbrt", "integer_pow", "square", "abs", "sign", "expm1",
 })
@@ -42,6 +44,7 @@ _UNARY_NONLINEAR = frozenset({
 _BINARY = frozenset({"mul", "div", "max", "min", "pow", "atan2"})
 # Elementwise ops that keep only a mask or nothing of their value operands.
 _SELECT = frozenset({"select_n", "clamp"})
+# Linear or layout only (keep nothing):
 _LINEAR = frozenset({
     "add", "sub", "neg", "add_any", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
     "transpose", "convert_element_type", "copy", "reduce_precision",
@@ -109,7 +112,7 @@ def _allowed(eqn: Any) -> bool:
         closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
         body = getattr(closed, "jaxpr", closed)
         return body is not None and all(_allowed(e) for e in body.eqns)
-    return (name in _UNARY_NONLINEAR or name in _BINARY or name in _SELECT
+    return (name in _UNARY or name in _BINARY or name in _SELECT
             or name in _LINEAR)
 
 
