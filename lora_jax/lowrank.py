@@ -107,6 +107,8 @@ def _grads(scale, precision, x, a, b, u, g):
     g = g.astype(u.dtype)
     db = jnp.matmul(_mT(u), g, precision=precision)
     du = jnp.matmul(g, _mT(b), precision=precision) * jnp.asarray(scale, g.dtype)
+    if callable(x):  # rebuilt in the backward, after dB (see low_rank_rebuilt)
+        x = x(db)
     da = _mT(jnp.matmul(_mT(du), x, precision=precision))
     dx = expand(du, _mT(a), precision)
     return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
@@ -145,24 +147,25 @@ def _rebuilt_fwd(x, leaves, a, b, scale, precision, rebuild):
     return y, (leaves, a, b, u)
 
 
-def _after(leaves: tuple, g: Array) -> tuple:
-    """``leaves``, made to depend on ``g`` so that XLA computes their use in the backward.
+def _after(leaves: tuple, db: Array) -> tuple:
+    """``leaves``, made to depend on ``dB`` so that XLA computes their use in the backward.
 
     Otherwise XLA merges the rebuilt ``x`` with the forward's and keeps that
     alive (``lax.optimization_barrier`` does not survive XLA:CPU's passes).
-    Adding ``0 * g[0]`` changes no finite value; a non-finite ``g`` makes
-    ``dB = u^T g`` non-finite already.
+    Adding ``0 * dB[0, 0]`` changes no finite value (a non-finite ``dB`` makes
+    the gradients non-finite already), and ``dB`` is small and, in a sharded
+    step, already reduced: reading one element of it adds no collective.
     """
-    if not g.size:
+    if not db.size:
         return leaves
-    zero = g.reshape(-1)[0] * 0
+    zero = db.reshape(-1)[0] * 0
     return tuple(v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v
                  for v in leaves)
 
 
 def _rebuilt_bwd(scale, precision, rebuild, res, g):
     leaves, a, b, u = res
-    x = rebuild(_after(leaves, g))
+    x = lambda db: rebuild(_after(leaves, db))  # noqa: E731
     dx, da, db = _grads(scale, precision, x, a, b, u, g)
     return dx, jax.tree.map(lambda _: None, leaves), da, db
 
