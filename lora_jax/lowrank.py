@@ -65,8 +65,12 @@ def low_rank(x: Array, a: Array, b: Array, scale: float, precision: Any = None) 
       >>> low_rank(x, a, b, 0.5).shape
       (5, 4)
     """
-    u = jnp.matmul(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
-    return jnp.matmul(u, b, precision=precision)
+    return jnp.matmul(_scaled_u(x, a, scale, precision), b, precision=precision)
+
+
+def _scaled_u(x: Array, a: Array, scale: float, precision: Any) -> Array:
+    """``u = s * x @ a``, ``(*batch, M, r)``."""
+    return jnp.matmul(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
 
 
 #: Largest rank for which :func:`expand` sums outer products on CPU.
@@ -98,7 +102,7 @@ def expand(u: Array, b: Array, precision: Any = None) -> Array:
 
 
 def _low_rank_fwd(x, a, b, scale, precision):
-    u = jnp.matmul(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
+    u = _scaled_u(x, a, scale, precision)
     return expand(u, b, precision), (x, a, b, u)
 
 
@@ -127,8 +131,8 @@ def low_rank_rebuilt(x: Array, leaves: tuple, a: Array, b: Array, scale: float,
     """:func:`low_rank` that saves ``leaves`` instead of ``x`` for the backward.
 
     ``rebuild(leaves)`` must equal ``x``; the backward recomputes ``x`` from
-    ``leaves``, tied to the cotangent (see :func:`_after`) so that XLA cannot
-    reuse the forward's ``x`` and keep it alive. Cotangents flow to ``x`` only: the
+    ``leaves``, tied to ``dB`` (see :func:`_after`) so that XLA cannot reuse
+    the forward's ``x`` and keep it alive. Cotangents flow to ``x`` only: the
     leaves get none through this branch. Worth it when ``x`` is a cheap
     elementwise function of values the backward keeps anyway (see
     :mod:`lora_jax.recompute`).
