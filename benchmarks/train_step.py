@@ -91,7 +91,7 @@ def build_full(wl, copy=True):
         return optax.apply_updates(params, updates), opt_state, loss
 
     return Runner("full", step, (params, opt_state), (wl.inputs, wl.targets),
-                  lora_jax.tree_bytes(opt_state))
+                  lora_jax.advanced.tree_bytes(opt_state))
 
 
 def build_floor(wl, copy=True):
@@ -119,7 +119,7 @@ def _delta_runner(name, wl, apply_fn, note="", delta=None):
         return optax.apply_updates(delta, updates), opt_state, loss
 
     return Runner(name, step, (delta, opt_state), (wl.variables, wl.inputs, wl.targets),
-                  lora_jax.tree_bytes(opt_state), note)
+                  lora_jax.advanced.tree_bytes(opt_state), note)
 
 
 def build_merge(wl, copy=True):
@@ -155,7 +155,7 @@ def build_lora_jax_dora(wl, copy=True):
 def build_lora_jax_rslora(wl, copy=True):
     """rsLoRA: the same factors scaled by alpha / sqrt(r)."""
     delta = jax.tree.map(lambda f: dataclasses.replace(f, rslora=True), wl.delta,
-                         is_leaf=lora_jax.is_factors)
+                         is_leaf=lora_jax.advanced.is_factors)
     return build_lora_jax(wl, copy, "lora_jax_rslora", delta)
 
 
@@ -180,7 +180,7 @@ def build_nnx_lora(wl, copy=True):
     n = lora_jax.count_params(lora_state)
     assert n == d.n_trainable(), (n, d.n_trainable())
     return Runner("nnx_lora", step, (lora_state, opt_state), (rest, wl.inputs, wl.targets),
-                  lora_jax.tree_bytes(opt_state),
+                  lora_jax.advanced.tree_bytes(opt_state),
                   note=f"nnx.LoRA has no alpha: s = alpha/r = {d.alpha / d.rank:g} folded into A's init")
 
 
@@ -244,7 +244,7 @@ def build_qwix(wl, copy=True):
 
     note = "" if qwix.__version__ == "0.1.8" else f"qwix {qwix.__version__}, not 0.1.8"
     return Runner("qwix", step, (lora, opt_state), (wl.variables, wl.inputs, wl.targets),
-                  lora_jax.tree_bytes(opt_state), note)
+                  lora_jax.advanced.tree_bytes(opt_state), note)
 
 
 BUILDERS = {

@@ -200,7 +200,7 @@ def build(small: bool = False, seed: int = 0) -> Workload:
 
     n_params = lora_jax.count_params(base)
     n_train = lora_jax.count_params(delta)
-    paths = [p for p, _ in lora_jax.leaves_with_paths(variables)[0]]
+    paths = [p for p, _ in lora_jax.advanced.leaves_with_paths(variables)[0]]
     n_targets = sum(bool(re.fullmatch(TARGETS, p)) for p in paths)
     assert n_params == d.n_params(), (n_params, d.n_params())
     assert n_train == d.n_trainable(), (n_train, d.n_trainable())
@@ -219,7 +219,7 @@ def _fill(shapes: Any, rng: np.random.Generator) -> Any:
     """
 
     def fill(path, leaf):
-        name = lora_jax.path_str(path).rsplit("/", 1)[-1]
+        name = lora_jax.advanced.path_str(path).rsplit("/", 1)[-1]
         if name == "scale":
             value = np.ones(leaf.shape)
         elif name == "bias":
@@ -234,11 +234,11 @@ def _fill(shapes: Any, rng: np.random.Generator) -> Any:
 
 def trained_like(delta: Any, seed: int = 1, std: float = 0.02) -> Any:
     """The delta with B drawn at random, so ``merge(base, delta) != base`` (for inference)."""
-    leaves, treedef = jax.tree_util.tree_flatten(delta, is_leaf=lora_jax.is_factors)
+    leaves, treedef = jax.tree_util.tree_flatten(delta, is_leaf=lora_jax.advanced.is_factors)
     rng = np.random.default_rng(seed)
     out = [
         dataclasses.replace(f, b=jnp.asarray(std * rng.standard_normal(f.b.shape), f.b.dtype))
-        if lora_jax.is_factors(f) else f
+        if lora_jax.advanced.is_factors(f) else f
         for f in leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -391,8 +391,8 @@ def main(argv=None):
     merged_vs_unmerged = max_abs_diff(jax.jit(MODEL.apply)(merged, inputs),
                                       jax.jit(forward)(base, delta, inputs))
 
-    lora_state_bytes = lora_jax.tree_bytes(opt_state)
-    full_state_bytes = lora_jax.tree_bytes(jax.eval_shape(optax.adamw(LORA_LR).init, params))
+    lora_state_bytes = lora_jax.advanced.tree_bytes(opt_state)
+    full_state_bytes = lora_jax.advanced.tree_bytes(jax.eval_shape(optax.adamw(LORA_LR).init, params))
 
     # The adapter directory: adapter_config.json + adapter_model.safetensors,
     # written atomically; lora_jax.export_peft writes the HuggingFace PEFT form.

@@ -126,8 +126,8 @@ def main(argv=None):
     before = float(lora_loss(delta, target_eval))
     delta, opt_state = train(lora_loss, delta, target_train, args.lora_steps, 1e-2, args.seed + 1)
     after = float(lora_loss(delta, target_eval))
-    print(f"optimizer state: {lora_jax.tree_bytes(opt_state):,} bytes (full fine-tuning: "
-          f"{lora_jax.tree_bytes(jax.eval_shape(optax.adamw(1e-2).init, state)):,})")
+    print(f"optimizer state: {lora_jax.advanced.tree_bytes(opt_state):,} bytes (full fine-tuning: "
+          f"{lora_jax.advanced.tree_bytes(jax.eval_shape(optax.adamw(1e-2).init, state)):,})")
     print(f"target loss: before {before:.4f} after {after:.4f}   (held-out stdlib source)")
 
     # --- 3. Merge the adapter into the module for inference. -----------------

@@ -246,7 +246,7 @@ def spec_str(sharding) -> str:
 
 def show_shardings(base, delta, opt_state, cfg: Config) -> None:
     rows = [("kernel", "shape", "base spec", "A spec / shard", "B spec / shard")]
-    for path, leaf, f in lora_jax.align(base, delta)[0]:
+    for path, leaf, f in lora_jax.advanced.align(base, delta)[0]:
         if f is None or not path.split("/")[-2] in ("q", "o", "up", "down"):
             continue
         if not cfg.scan and "layers_0" not in path:
@@ -258,8 +258,8 @@ def show_shardings(base, delta, opt_state, cfg: Config) -> None:
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)))
     mu = opt_state[0].mu
-    first = next(f for f in jax.tree.leaves(mu, is_leaf=lora_jax.is_factors)
-                 if lora_jax.is_factors(f))
+    first = next(f for f in jax.tree.leaves(mu, is_leaf=lora_jax.advanced.is_factors)
+                 if lora_jax.advanced.is_factors(f))
     print(f"  adam mu (first kernel): A {spec_str(first.a.sharding)}, "
           f"B {spec_str(first.b.sharding)}")
 
@@ -314,8 +314,8 @@ def main(argv=None) -> dict:
           f"({time.perf_counter() - t0:.1f}s with compiles)")
     kept = all(leaf.a.sharding.is_equivalent_to(sh.a, leaf.a.ndim)
                for leaf, sh in zip(*(
-                   [x for x in jax.tree.leaves(t, is_leaf=lora_jax.is_factors)
-                    if lora_jax.is_factors(x)] for t in (delta, s["delta_sh"]))))
+                   [x for x in jax.tree.leaves(t, is_leaf=lora_jax.advanced.is_factors)
+                    if lora_jax.advanced.is_factors(x)] for t in (delta, s["delta_sh"]))))
     print(f"delta keeps its derived shardings after training: {kept}")
 
     # Merge without gathering: each device adds its shard of s*A@B to its shard of W.
@@ -336,7 +336,7 @@ def main(argv=None) -> dict:
         host_delta = multihost_utils.process_allgather(delta, tiled=True)
         if jax.process_index() == 0:
             lora_jax.save(args.out, host_delta, lora_config(cfg))
-            print(f"saved the adapter ({lora_jax.tree_bytes(host_delta)} bytes) to {args.out}")
+            print(f"saved the adapter ({lora_jax.advanced.tree_bytes(host_delta)} bytes) to {args.out}")
         multihost_utils.sync_global_devices("adapter saved")
         # Loading onto the mesh: read on the host, then place with the delta's shardings.
         restored, _ = lora_jax.load(args.out, base=base)

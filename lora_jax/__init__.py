@@ -2,47 +2,53 @@
 
 LoRA as a pytree transform: a :class:`LoraConfig` picks target leaves of any
 params pytree, :func:`init_lora` splits the params into a frozen base and a
-trainable low-rank delta, :func:`merge` returns dense params, :func:`freeze`
-masks an optax optimizer so only the delta trains.
+trainable low-rank delta, :func:`implicit` runs a model on ``(base, delta)``
+without merging, :func:`merge` returns dense params for serving, and
+:func:`train_delta_only` masks an optax optimizer so only the delta trains.
+
+Everything here is the public API. :mod:`lora_jax.advanced` holds lower-level
+building blocks with no stability promise; every other module is private.
 """
 
-from lora_jax.adapter_io import LoraBaseMismatchError, LoraFileError, load, save
-from lora_jax.config import LoraConfig
-from lora_jax.errors import (
+from lora_jax import advanced
+from lora_jax._config import LoraConfig
+from lora_jax._delta import LeafDelta, LoraFactors
+from lora_jax._errors import (
+    LoraArgumentError,
+    LoraBaseMismatchError,
     LoraConfigError,
     LoraError,
+    LoraFallbackWarning,
+    LoraFileError,
+    LoraImplicitError,
     LoraLayoutError,
+    LoraShardingError,
     LoraStructureError,
     LoraTargetError,
 )
-from lora_jax.factors import LeafDelta, LoraFactors, column_norm, is_factors, lora_update
-from lora_jax.implicit import LoraFallbackWarning, LoraImplicitError, implicit
-from lora_jax.infer import infer_layouts
-from lora_jax.init import init_factors, init_lora
-from lora_jax.layout import KernelLayout, default_layout
-from lora_jax.loraplus import lora_plus
-from lora_jax.merge import align, dora_norms, merge, unmerge
-from lora_jax.optim import count_params, freeze, trainable_mask, tree_bytes
-from lora_jax.paths import leaves_with_paths, path_str
-from lora_jax.peft_format import NameMap, export_peft, import_peft
-from lora_jax.sharding import (
-    LoraShardingError,
+from lora_jax._implicit import implicit
+from lora_jax._infer import infer_layouts
+from lora_jax._init import init_lora
+from lora_jax._layout import KernelLayout
+from lora_jax._lora_format import load, save
+from lora_jax._merge import dora_norms, merge, unmerge
+from lora_jax._optim import lora_plus, train_delta_only
+from lora_jax._peft_format import NameMap, export_peft, import_peft
+from lora_jax._sharding import (
     delta_shardings,
-    factor_specs,
     init_lora_sharded,
     opt_state_shardings,
     param_shardings,
 )
-from lora_jax.summary import LeafSummary, LoraSummary, print_summary, summarize
-from lora_jax.targets import Target, select_extra_trainable, select_targets
-from lora_jax.variants import olora, pissa, with_dora
+from lora_jax._summary import count_params, print_summary, summarize
+from lora_jax._variants import olora, pissa, with_dora
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KernelLayout",
     "LeafDelta",
-    "LeafSummary",
+    "LoraArgumentError",
     "LoraBaseMismatchError",
     "LoraConfig",
     "LoraConfigError",
@@ -54,43 +60,28 @@ __all__ = [
     "LoraLayoutError",
     "LoraShardingError",
     "LoraStructureError",
-    "LoraSummary",
     "LoraTargetError",
     "NameMap",
-    "Target",
-    "align",
-    "column_norm",
     "count_params",
-    "default_layout",
     "delta_shardings",
     "dora_norms",
     "export_peft",
-    "factor_specs",
-    "freeze",
     "implicit",
     "import_peft",
     "infer_layouts",
-    "init_factors",
     "init_lora",
     "init_lora_sharded",
-    "is_factors",
-    "leaves_with_paths",
     "load",
     "lora_plus",
-    "lora_update",
     "merge",
     "olora",
     "opt_state_shardings",
     "param_shardings",
-    "path_str",
     "pissa",
     "print_summary",
     "save",
-    "select_extra_trainable",
-    "select_targets",
     "summarize",
-    "trainable_mask",
-    "tree_bytes",
+    "train_delta_only",
     "unmerge",
     "with_dora",
 ]

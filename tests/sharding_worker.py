@@ -42,7 +42,7 @@ import optax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from lora_jax.sharding import sharded_init_fn  # noqa: E402
+from lora_jax._sharding import sharded_init_fn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8)]
@@ -80,7 +80,7 @@ def kernel_shapes(base, delta):
     each shape as its sorted dims, so any transposed layout matches too. A stacked
     kernel also counts without its layer axis (one layer's kernel inside a scan)."""
     full, like = set(), set()
-    for _, w, f in lj.align(base, delta)[0]:
+    for _, w, f in lj.advanced.align(base, delta)[0]:
         if f is None:
             continue
         stacked = f.layout.stack_axes
@@ -149,7 +149,7 @@ def expected_specs(path: str):
 
 def spec_mismatches(base, delta, shape) -> list[str]:
     bad = []
-    for path, w, f in lj.align(base, delta)[0]:
+    for path, w, f in lj.advanced.align(base, delta)[0]:
         if f is None:
             continue
         want_w, want_a, want_b = expected_specs(path)
@@ -286,7 +286,7 @@ def check_example_scan() -> dict:
             "shardings_kept": result["shardings_kept"], "merged_sharded": result["merged_sharded"],
             "saved": saved, "restored": result["restored"], "step": hlo_findings(hlo, full, like),
             "stacked_specs": {p: [str(f.a.sharding.spec), str(f.b.sharding.spec)]
-                              for p, _, f in lj.align(result["base"], result["delta"])[0] if f},
+                              for p, _, f in lj.advanced.align(result["base"], result["delta"])[0] if f},
             "stdout": text.getvalue()}
 
 

@@ -17,10 +17,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import lora_jax as lj
+from lora_jax.advanced import LayerSelection
 from lora_jax import KernelLayout, LoraConfig, LoraFactors, LoraFileError
-from lora_jax.adapter_io import LoraBaseMismatchError
-from lora_jax.errors import LoraStructureError
-from lora_jax.factors import LeafDelta
+from lora_jax import LoraBaseMismatchError
+from lora_jax import LoraStructureError
+from lora_jax import LeafDelta
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = "adapter_config.json"
@@ -34,7 +35,7 @@ def make_factors(rng, shape, layout, rank, alpha=4.0, rslora=False, dora=False, 
     m = 1.0 + rng.random(b_shape[:n] + b_shape[n + 1:]) if dora else None
     cast = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
     return LoraFactors(cast(rng.standard_normal(a_shape)), cast(rng.standard_normal(b_shape)),
-                       alpha, rslora, layout, cast(m))
+                       alpha=alpha, rslora=rslora, layout=layout, magnitude=cast(m))
 
 
 def example(dtype=jnp.float32):
@@ -99,12 +100,12 @@ def test_round_trip_exact(tmp_path, dtype):
 def test_layer_selection_round_trips(tmp_path):
     rng = np.random.default_rng(4)
     f = make_factors(rng, (2, 4, 4), "sio", 2)  # layers 1 and 3 of a 4-layer stack
-    f = LoraFactors(f.a, f.b, f.alpha, f.rslora, f.layout, layers=(1, 3), num_layers=4)
+    f = LoraFactors(f.a, f.b, alpha=f.alpha, rslora=f.rslora, layout=f.layout, layers=LayerSelection((1, 3), 4))
     base = {"k": jnp.zeros((4, 4, 4))}
     lj.save(tmp_path, {"k": f})
     assert json.loads((tmp_path / CFG).read_text())["targets"]["k"]["kernel_shape"] == [4, 4, 4]
     g = lj.load(tmp_path, base=base)[0]["k"]
-    assert (g.layers, g.num_layers) == ((1, 3), 4)
+    assert (g.layers.indices, g.layers.total) == ((1, 3), 4)
     assert_same_delta({"k": g}, {"k": f})
     with pytest.raises(LoraBaseMismatchError, match=r"kernel of shape \(4, 4, 4\)"):
         lj.load(tmp_path, base={"k": jnp.zeros((3, 4, 4))})
@@ -143,14 +144,14 @@ def test_nnx_state_base(tmp_path):
 
     model = nnx.Linear(4, 3, kernel_init=nnx.initializers.ones, rngs=nnx.Rngs(0))
     base = state = nnx.state(model, nnx.Param)
-    leaves, treedef = lj.leaves_with_paths(state)
+    leaves, treedef = lj.advanced.leaves_with_paths(state)
     rng = np.random.default_rng(1)
     delta = jax.tree_util.tree_unflatten(  # what init_lora builds: the state's own structure
         treedef, [make_factors(rng, (4, 3), "io", 2) if p == "kernel" else None for p, _ in leaves])
     lj.save(tmp_path, delta)
     loaded, _ = lj.load(tmp_path, base=state)
-    assert jax.tree_util.tree_structure(loaded, is_leaf=lj.is_factors) == \
-        jax.tree_util.tree_structure(delta, is_leaf=lj.is_factors)
+    assert jax.tree_util.tree_structure(loaded, is_leaf=lj.advanced.is_factors) == \
+        jax.tree_util.tree_structure(delta, is_leaf=lj.advanced.is_factors)
     merged = lj.merge(base, loaded)
     nnx.update(model, merged)
     assert model(jnp.ones((1, 4))).shape == (1, 3)
@@ -309,7 +310,7 @@ def snapshot(d):
 def test_failed_save_leaves_previous_adapter(saved, monkeypatch):
     base, d = saved
     before = snapshot(d)
-    import lora_jax.adapter_io as aio
+    import lora_jax._lora_format as aio
 
     def half_then_fail(path, tensors, metadata=None):
         Path(path).write_bytes(b"\x00" * 100)
@@ -325,7 +326,7 @@ def test_failed_save_leaves_previous_adapter(saved, monkeypatch):
 
 def test_crash_between_renames_is_detected(saved, monkeypatch):
     base, d = saved
-    import lora_jax.adapter_io as aio
+    import lora_jax._lora_format as aio
 
     real, calls = aio.commit_file, []
 
@@ -351,14 +352,14 @@ def test_killed_save_leaves_previous_adapter(saved):
     script = textwrap.dedent(f"""
         import os, sys
         import numpy as np, jax.numpy as jnp
-        import lora_jax as lj, lora_jax.adapter_io as aio
+        import lora_jax as lj, lora_jax._lora_format as aio
         def killed(path, tensors, metadata=None):
             with open(path, "wb") as f:
                 f.write(b"partial")
                 f.flush()
             os._exit(9)  # like SIGKILL: no finally, no cleanup
         aio.write_safetensors = killed
-        f = lj.LoraFactors(jnp.ones((3, 1)), jnp.ones((1, 3)), 1.0, False, lj.KernelLayout("io"))
+        f = lj.LoraFactors(jnp.ones((3, 1)), jnp.ones((1, 3)), alpha=1.0, layout=lj.KernelLayout("io"))
         lj.save({str(d)!r}, {{"w": f}})
     """)
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,

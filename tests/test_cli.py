@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 import lora_jax as lj
 from lora_jax import KernelLayout, LoraFactors
-from lora_jax.cli import _progress, main
+from lora_jax._cli import _progress, main
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "peft"
@@ -40,17 +40,17 @@ def example():
     delta = jax.tree.map(lambda _: None, base)
     delta["params"]["dense"]["kernel"] = LoraFactors(
         jnp.asarray(rng.standard_normal((6, 2)), jnp.float32),
-        jnp.asarray(rng.standard_normal((2, 4)), jnp.float32), 4.0, False, KernelLayout("io"),
-        jnp.asarray(1 + rng.random(4), jnp.float32))
+        jnp.asarray(rng.standard_normal((2, 4)), jnp.float32), alpha=4.0, rslora=False, layout=KernelLayout("io"),
+        magnitude=jnp.asarray(1 + rng.random(4), jnp.float32))
     delta["params"]["conv"]["kernel"] = LoraFactors(
         jnp.asarray(rng.standard_normal((3, 3, 2, 2)), jnp.float32),
-        jnp.asarray(rng.standard_normal((2, 4)), jnp.float32), 2.0, False,
-        KernelLayout("iiio", "conv"))
+        jnp.asarray(rng.standard_normal((2, 4)), jnp.float32), alpha=2.0, rslora=False,
+        layout=KernelLayout("iiio", "conv"))
     return base, delta
 
 
 def write_base(path: Path, tree) -> Path:
-    leaves, _ = lj.leaves_with_paths(tree)
+    leaves, _ = lj.advanced.leaves_with_paths(tree)
     save_file({p: np.ascontiguousarray(x) for p, x in leaves}, str(path), metadata={"note": "base"})
     return path
 
@@ -83,7 +83,7 @@ def test_inspect_our_format(setup, capsys):
     assert rows["params/dense/kernel"]["dora"] and rows["params/dense/kernel"]["rank"] == 2
     assert rows["params/conv/kernel"]["shape"] == [3, 3, 2, 4]
     assert rows["params/conv/kernel"]["scaling"] == 1.0
-    assert info["params"] == sum(f.num_params for f in jax.tree.leaves(delta, is_leaf=lj.is_factors))
+    assert info["params"] == sum(f.num_params for f in jax.tree.leaves(delta, is_leaf=lj.advanced.is_factors))
 
 
 def test_inspect_peft(capsys):
@@ -116,8 +116,8 @@ def test_exit_codes_and_messages(tmp_path, capsys):
 def test_console_script_declared_and_runs():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"lora-jax": "lora_jax.cli:main"}
-    r = subprocess.run([sys.executable, "-m", "lora_jax.cli", "inspect", str(FIXTURES / "nope")],
+    assert scripts == {"lora-jax": "lora_jax._cli:main"}
+    r = subprocess.run([sys.executable, "-m", "lora_jax._cli", "inspect", str(FIXTURES / "nope")],
                        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 1 and "lora-jax: error:" in r.stderr and r.stdout == ""
 
@@ -131,7 +131,7 @@ def test_merge_safetensors(setup, capsys):
                        tmp / "adapter", "--out", tmp / "out.safetensors", "--check-finite")
     assert code == 0, err
     out = read_flat(tmp / "out.safetensors")
-    want = dict(lj.leaves_with_paths(lj.merge(base, delta))[0])
+    want = dict(lj.advanced.leaves_with_paths(lj.merge(base, delta))[0])
     assert sorted(out) == sorted(want)
     for k in want:
         assert out[k].dtype == np.asarray(want[k]).dtype
@@ -175,8 +175,8 @@ def test_merge_refuses_mismatched_base(setup, capsys):
 def test_check_finite(setup, capsys):
     base, delta, tmp = setup
     f = delta["params"]["conv"]["kernel"]
-    delta["params"]["conv"]["kernel"] = LoraFactors(f.a, f.b.at[0, 0].set(jnp.inf), f.alpha,
-                                                    f.rslora, f.layout)
+    delta["params"]["conv"]["kernel"] = LoraFactors(f.a, f.b.at[0, 0].set(jnp.inf), alpha=f.alpha,
+                                                    rslora=f.rslora, layout=f.layout)
     lj.save(tmp / "bad", delta)
     args = ["merge", "--base", tmp / "base.safetensors", "--adapter", tmp / "bad", "--out",
             tmp / "out.safetensors"]
@@ -229,7 +229,7 @@ def test_merge_peft_adapter_with_name_map(tmp_path, capsys):
 def test_convert_round_trip(setup, capsys):
     base, delta, tmp = setup
     f = delta["params"]["dense"]["kernel"]
-    delta["params"]["dense"]["kernel"] = LoraFactors(f.a, f.b, f.alpha, f.rslora, f.layout)  # no DoRA
+    delta["params"]["dense"]["kernel"] = LoraFactors(f.a, f.b, alpha=f.alpha, rslora=f.rslora, layout=f.layout)  # no DoRA
     lj.save(tmp / "plain", delta)
     code, _, err = run(capsys, "convert", "--to", "peft", tmp / "plain", tmp / "peft",
                        "--base-model-name-or-path", "org/model")

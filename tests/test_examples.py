@@ -88,8 +88,8 @@ def test_finetune_lm(tmp_path):
     assert (adapter / "adapter_model.safetensors").stat().st_size > 0
     assert (adapter / "adapter_config.json").is_file()
     delta, config = lora_jax.load(adapter)
-    kernels = lora_jax.leaves_with_paths(delta, is_leaf=lora_jax.is_factors)[0]
-    factors = {p: f for p, f in kernels if lora_jax.is_factors(f)}
+    kernels = lora_jax.advanced.leaves_with_paths(delta, is_leaf=lora_jax.advanced.is_factors)[0]
+    factors = {p: f for p, f in kernels if lora_jax.advanced.is_factors(f)}
     assert len(factors) == 12  # q, k, v, out, fc1, fc2 in 2 blocks
     assert factors["params/block_0/mlp/fc1/kernel"].a.shape == (128, 8)
     assert factors["params/block_0/mlp/fc1/kernel"].b.shape == (8, 512)

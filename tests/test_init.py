@@ -20,12 +20,12 @@ SCHEMES = ("kaiming", "gaussian", "swapped")
 
 
 def factors_of(delta, path):
-    rows = lj.leaves_with_paths(delta, is_leaf=lj.is_factors)[0]
+    rows = lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0]
     return dict(rows)[path]
 
 
 def all_factors(delta):
-    return {p: f for p, f in lj.leaves_with_paths(delta, is_leaf=lj.is_factors)[0] if lj.is_factors(f)}
+    return {p: f for p, f in lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0] if lj.advanced.is_factors(f)}
 
 
 # --------------------------------------------------------------------------- distributions
@@ -171,7 +171,7 @@ def test_exactly_one_factor_zero(deltas, scheme, path):
     assert np.count_nonzero(nonzero) == nonzero.size
     # embeddings: A is zero unless swapped; others: B is zero unless swapped
     assert a_zero == ((scheme == "swapped") != (kind == "embed"))
-    np.testing.assert_array_equal(np.asarray(lj.lora_update(f)), np.zeros(shape))
+    np.testing.assert_array_equal(np.asarray(lj.advanced.dense_delta(f)), np.zeros(shape))
     if path.startswith("stacked"):
         assert not np.array_equal(nonzero[0], nonzero[1])
 
@@ -236,7 +236,7 @@ PLAIN_LAYOUTS = {"stack": "sio", "proj": "ioo"}
 
 
 def _check_same(base, merged):
-    for (p, x), (q, y) in zip(lj.leaves_with_paths(base)[0], lj.leaves_with_paths(merged)[0]):
+    for (p, x), (q, y) in zip(lj.advanced.leaves_with_paths(base)[0], lj.advanced.leaves_with_paths(merged)[0]):
         assert p == q
         assert x.dtype == y.dtype and x.shape == y.shape
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=p)
@@ -298,7 +298,7 @@ def test_step0_bf16_base(deltas, scheme):
     params = {"embed": {"embedding": jnp.asarray(rng.standard_normal((4, 5)), jnp.bfloat16)}}
     delta = {k: {n: factors_of(deltas[scheme], f"{k}/{n}")} for k, v in params.items() for n in v}
     merged = lj.merge(params, delta)
-    for (p, x), (_, y) in zip(lj.leaves_with_paths(params)[0], lj.leaves_with_paths(merged)[0]):
+    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(params)[0], lj.advanced.leaves_with_paths(merged)[0]):
         assert y.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(x).view(np.uint16), err_msg=p)
 
@@ -388,8 +388,8 @@ def test_metadata_alpha_rslora_layout():
 
 
 def test_init_factors_direct():
-    target = lj.select_targets({"w": jnp.zeros((4, 5))}, LoraConfig(targets="w", rank=2, alpha=5.0))["w"]
-    f = lj.init_factors(KEY, target, "kaiming", jnp.float32, False)
+    target = lj.advanced.select_targets({"w": jnp.zeros((4, 5))}, LoraConfig(targets="w", rank=2, alpha=5.0))["w"]
+    f = lj.advanced.init_factors(KEY, target, "kaiming", jnp.float32, False)
     assert f.a.shape == (4, 2) and f.b.shape == (2, 5)
     assert np.abs(np.asarray(f.a)).max() <= 1 / 2 and not np.asarray(f.b).any()
     assert f.alpha == 5.0 and f.scale == 2.5

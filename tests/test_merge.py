@@ -97,7 +97,7 @@ def cases(draw, dyadic=False):
         rslora = draw(st.booleans())
         alpha = draw(st.floats(0.25, 8.0, allow_nan=False))
     w = rng.standard_normal(shape)
-    f = LoraFactors(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), alpha, rslora, layout)
+    f = LoraFactors(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), alpha=alpha, rslora=rslora, layout=layout)
     scale = alpha / (math.sqrt(rank) if rslora else rank)
     return w, f, scale
 
@@ -110,7 +110,7 @@ def cases(draw, dyadic=False):
 def test_merge_is_w_plus_update_and_unmerge_inverts(case):
     w, f, scale = case
     assert f.scale == pytest.approx(scale, rel=1e-12)
-    upd = lj.lora_update(f)
+    upd = lj.advanced.dense_delta(f)
     assert upd.shape == w.shape and upd.dtype == jnp.float32
     want = ref_update(f.a, f.b, f.layout.axes, scale)
     upd_mag = ref_update(np.abs(f.a), np.abs(f.b), f.layout.axes, scale)  # sum of |terms| per entry
@@ -183,12 +183,12 @@ def test_merge_io_by_hand():
     w = np.arange(12, dtype=np.float32).reshape(4, 3)
     a = np.array([[1, 0], [0, 1], [1, 1], [2, 0]], np.float32)
     b = np.array([[1, 2, 3], [0, -1, 1]], np.float32)
-    f = LoraFactors(jnp.asarray(a), jnp.asarray(b), 4.0, False, KernelLayout("io"))  # scale 2
+    f = LoraFactors(jnp.asarray(a), jnp.asarray(b), alpha=4.0, rslora=False, layout=KernelLayout("io"))  # scale 2
     merged = lj.merge({"w": jnp.asarray(w)}, {"w": f})["w"]
     np.testing.assert_array_equal(np.asarray(merged), w + 2 * a @ b)
     back = jax.jit(lj.unmerge)({"w": merged}, {"w": f})["w"]
     np.testing.assert_array_equal(np.asarray(back), w)  # every value is a small integer: exact
-    f_rs = LoraFactors(jnp.asarray(a), jnp.asarray(b), 4.0, True, KernelLayout("io"))  # scale 4/sqrt(2)
+    f_rs = LoraFactors(jnp.asarray(a), jnp.asarray(b), alpha=4.0, rslora=True, layout=KernelLayout("io"))  # scale 4/sqrt(2)
     merged = lj.merge({"w": jnp.asarray(w)}, {"w": f_rs})["w"]
     np.testing.assert_allclose(np.asarray(merged), w + (4 / math.sqrt(2)) * a @ b, rtol=1e-6)
 
@@ -222,8 +222,8 @@ def test_all_none_delta_is_identity():
 def test_bf16_factors_on_f32_base():
     a = np.array([[0.5, -1.0], [0.25, 2.0], [1.0, 1.0]], np.float32)
     b = np.array([[1.0, -0.5], [0.75, 0.25]], np.float32)
-    f = LoraFactors(jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16), 2.0, False, KernelLayout("io"))
-    upd = lj.lora_update(f)
+    f = LoraFactors(jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16), alpha=2.0, rslora=False, layout=KernelLayout("io"))
+    upd = lj.advanced.dense_delta(f)
     assert upd.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(upd), a @ b)
     merged = lj.merge({"w": jnp.ones((3, 2))}, {"w": f})["w"]
@@ -234,7 +234,7 @@ def test_bf16_factors_on_f32_base():
 def test_align_rows():
     params = {"x": {"kernel": jnp.ones((4, 5)), "bias": jnp.zeros(5)}}
     _, delta = lj.init_lora(KEY, params, LoraConfig(targets="x/kernel", rank=2))
-    rows, treedef = lj.align(params, delta)
+    rows, treedef = lj.advanced.align(params, delta)
     assert [(p, f is None) for p, _, f in rows] == [("x/bias", True), ("x/kernel", False)]
     assert rows[1][1] is params["x"]["kernel"] and rows[1][2] is delta["x"]["kernel"]
     assert treedef == jax.tree.structure(params)
@@ -252,7 +252,7 @@ def base_delta():
     return lj.init_lora(KEY, params, LoraConfig(targets=r".*/kernel", rank=2))
 
 
-@pytest.mark.parametrize("fn", [lj.merge, lj.unmerge, lj.align, lj.summarize], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [lj.merge, lj.unmerge, lj.advanced.align, lj.summarize], ids=lambda f: f.__name__)
 def test_missing_entry_names_leaf(base_delta, fn):
     base, delta = base_delta
     bad = {"enc": delta["enc"]}  # no "dec" subtree at all
@@ -279,7 +279,7 @@ def test_wrong_factor_shapes(base_delta):
     f = delta["dec"]["kernel"]
     for a, b in [(f.a[:4], f.b), (f.a, f.b[:, :2]), (jnp.zeros((5, 3)), jnp.zeros((2, 3))),
                  (f.a.T, f.b.T), (f.a[None], f.b)]:
-        bad = {**delta, "dec": {"kernel": LoraFactors(a, b, f.alpha, f.rslora, f.layout), "bias": None}}
+        bad = {**delta, "dec": {"kernel": LoraFactors(a, b, alpha=f.alpha, rslora=f.rslora, layout=f.layout), "bias": None}}
         with pytest.raises(LoraStructureError, match=r"leaf 'dec/kernel': factors A\(.*\) B\(.*\) do not fit the base kernel of shape \(5, 3\).*expected A\(5, (\d)\) B\(\1, 3\)"):
             lj.merge(base, bad)
 
@@ -287,7 +287,7 @@ def test_wrong_factor_shapes(base_delta):
 def test_layout_ndim_mismatch(base_delta):
     base, delta = base_delta
     f = delta["enc"]["kernel"]
-    bad = {**delta, "enc": {"kernel": LoraFactors(f.a, f.b, f.alpha, f.rslora, KernelLayout("iio")), "bias": None}}
+    bad = {**delta, "enc": {"kernel": LoraFactors(f.a, f.b, alpha=f.alpha, rslora=f.rslora, layout=KernelLayout("iio")), "bias": None}}
     with pytest.raises(LoraStructureError, match=r"leaf 'enc/kernel': the base kernel has shape \(4, 5\) but the delta's layout 'iio' is for a 3-D kernel"):
         lj.unmerge(base, bad)
 
@@ -312,7 +312,7 @@ def test_factors_on_bias_leaf(base_delta):
 def test_structure_errors_under_jit(base_delta):
     base, delta = base_delta
     f = delta["dec"]["kernel"]
-    bad = {**delta, "dec": {"kernel": LoraFactors(f.a[:4], f.b, f.alpha, f.rslora, f.layout), "bias": None}}
+    bad = {**delta, "dec": {"kernel": LoraFactors(f.a[:4], f.b, alpha=f.alpha, rslora=f.rslora, layout=f.layout), "bias": None}}
     with pytest.raises(LoraStructureError, match=r"leaf 'dec/kernel'"):
         jax.jit(lj.merge)(base, bad)
 

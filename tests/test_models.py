@@ -18,11 +18,11 @@ STEPS = 8
 
 def ref_merged(base, delta):
     """Dense params computed independently: W + s * A @ B by an einsum over named axes (numpy)."""
-    factors = dict(lj.leaves_with_paths(delta, is_leaf=lj.is_factors)[0])
+    factors = dict(lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0])
 
     def one(key_path, w):
-        f = factors.get(lj.path_str(key_path))
-        if not lj.is_factors(f):
+        f = factors.get(lj.advanced.path_str(key_path))
+        if not lj.advanced.is_factors(f):
             return w
         axes = f.layout.axes
         names = list(string.ascii_lowercase[: len(axes)])
@@ -57,7 +57,7 @@ def frozen_copy(tree):
 
 
 def assert_same(tree, copy):
-    for (p, x), (_, y) in zip(lj.leaves_with_paths(tree)[0], lj.leaves_with_paths(copy)[0]):
+    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(tree)[0], lj.advanced.leaves_with_paths(copy)[0]):
         assert np.asarray(x).tobytes() == y.tobytes(), p
 
 
@@ -113,16 +113,16 @@ def test_linen_attention_model(randomize):
 
     merged = jax.jit(lj.merge)(base, delta)
     ref = ref_merged(base, delta)
-    for (p, x), (_, y) in zip(lj.leaves_with_paths(merged)[0], lj.leaves_with_paths(ref)[0]):
+    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(merged)[0], lj.advanced.leaves_with_paths(ref)[0]):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6, err_msg=p)
-    changed = [p for (p, x), (_, y) in zip(lj.leaves_with_paths(merged)[0], lj.leaves_with_paths(base)[0])
+    changed = [p for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(merged)[0], lj.advanced.leaves_with_paths(base)[0])
                if not np.array_equal(np.asarray(x), np.asarray(y))]
     assert sorted(changed) == sorted(leaf.path for leaf in summary.leaves)
     out = apply(merged, TOKENS)
     np.testing.assert_allclose(np.asarray(out), np.asarray(apply(ref, TOKENS)), rtol=1e-4, atol=1e-5)
     # unmerge gives the base back
     back = jax.jit(lj.unmerge)(merged, delta)
-    for (p, x), (_, y) in zip(lj.leaves_with_paths(back)[0], lj.leaves_with_paths(base)[0]):
+    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(back)[0], lj.advanced.leaves_with_paths(base)[0]):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5, err_msg=p)
 
 
@@ -165,8 +165,8 @@ def test_nnx_model(randomize):
     model = nnx.merge(graphdef, merged_state)
     out = np.asarray(model(X))
 
-    factors = dict(lj.leaves_with_paths(delta, is_leaf=lj.is_factors)[0])
-    values = dict(lj.leaves_with_paths(base)[0])
+    factors = dict(lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0])
+    values = dict(lj.advanced.leaves_with_paths(base)[0])
 
     def dense(name):
         f = factors[f"{name}/kernel"]

@@ -34,11 +34,11 @@ def mlp(randomize):
 
 
 def snapshot(tree):
-    return [(p, np.array(x, copy=True), np.asarray(x).tobytes()) for p, x in lj.leaves_with_paths(tree)[0]]
+    return [(p, np.array(x, copy=True), np.asarray(x).tobytes()) for p, x in lj.advanced.leaves_with_paths(tree)[0]]
 
 
 def assert_unchanged(tree, snap):
-    now = lj.leaves_with_paths(tree)[0]
+    now = lj.advanced.leaves_with_paths(tree)[0]
     assert [p for p, _ in now] == [p for p, _, _ in snap]
     for (p, x), (_, before, raw) in zip(now, snap):
         assert np.array_equal(np.asarray(x), before), p
@@ -62,7 +62,7 @@ def test_recommended_loop_trains_delta_only(mlp):
     opt = optax.adam(3e-2)
     opt_state = opt.init(delta)
     # Adam moments for the factors only (no base leaves in the optimizer at all).
-    n_factor = sum(f.num_params for f in jax.tree.leaves(delta, is_leaf=lj.is_factors))
+    n_factor = sum(f.num_params for f in jax.tree.leaves(delta, is_leaf=lj.advanced.is_factors))
     assert lj.count_params(opt_state) == 2 * n_factor + 1
 
     @jax.jit
@@ -96,7 +96,7 @@ def test_merge_on_the_fly_gradient_dense_formula():
     alpha = 3.0
     s = alpha / r
     params = {"dense": {"kernel": jnp.asarray(w, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}}
-    f = LoraFactors(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), alpha, False, KernelLayout("io"))
+    f = LoraFactors(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), alpha=alpha, rslora=False, layout=KernelLayout("io"))
     delta = {"dense": {"kernel": f, "bias": None}}
 
     def loss(d):  # L = sum(G * y) so that dL/dy = G
@@ -124,9 +124,9 @@ def test_merge_on_the_fly_gradient_nd_layouts():
     rng = np.random.default_rng(4)
     ws, wq = rng.standard_normal((2, 3, 4)), rng.standard_normal((4, 2, 3))
     fs = LoraFactors(jnp.asarray(rng.standard_normal((2, 3, 2)), jnp.float32),
-                     jnp.asarray(rng.standard_normal((2, 2, 4)), jnp.float32), 2.0, True, KernelLayout("sio"))
+                     jnp.asarray(rng.standard_normal((2, 2, 4)), jnp.float32), alpha=2.0, rslora=True, layout=KernelLayout("sio"))
     fq = LoraFactors(jnp.asarray(rng.standard_normal((4, 2)), jnp.float32),
-                     jnp.asarray(rng.standard_normal((2, 2, 3)), jnp.float32), 5.0, False, KernelLayout("ioo"))
+                     jnp.asarray(rng.standard_normal((2, 2, 3)), jnp.float32), alpha=5.0, rslora=False, layout=KernelLayout("ioo"))
     x = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
     params = {"s": jnp.asarray(ws, jnp.float32), "q": jnp.asarray(wq, jnp.float32)}
 
@@ -154,7 +154,7 @@ def test_merge_on_the_fly_gradient_nd_layouts():
 
 
 def factor_bytes(delta):
-    return sum(x.size * x.dtype.itemsize for f in jax.tree.leaves(delta, is_leaf=lj.is_factors)
+    return sum(x.size * x.dtype.itemsize for f in jax.tree.leaves(delta, is_leaf=lj.advanced.is_factors)
                for x in (f.a, f.b))
 
 
@@ -189,14 +189,14 @@ def test_freeze_adamw_combined_tree(mlp):
     base, delta = mlp
     before = snapshot(base)
     combined = {"base": base, "delta": delta}
-    opt = lj.freeze(optax.adamw(3e-2, weight_decay=0.1))
+    opt = lj.train_delta_only(optax.adamw(3e-2, weight_decay=0.1))
     state0 = opt.init(combined)
     # Optimizer state: Adam's mu and nu for the factors only, plus scalar step counters.
     big, n_scalars, scalar_bytes = split_state(state0)
     trainable = factor_bytes(delta)
     assert big == 2 * trainable
     assert n_scalars >= 1
-    assert lj.tree_bytes(state0) == 2 * trainable + scalar_bytes
+    assert lj.advanced.tree_bytes(state0) == 2 * trainable + scalar_bytes
     assert lj.count_params(state0) == 2 * lj.count_params(delta) + n_scalars
     assert lj.count_params(delta) == (4 * 2 + 2 * 8) + (8 * 2 + 2 * 2)
     assert trainable == 4 * lj.count_params(delta)
@@ -204,25 +204,25 @@ def test_freeze_adamw_combined_tree(mlp):
     out, state, losses, updates = run_combined(opt, combined)
     assert_unchanged(out["base"], before)
     # frozen leaves get an update of exactly zero
-    for p, u in lj.leaves_with_paths(updates["base"])[0]:
+    for p, u in lj.advanced.leaves_with_paths(updates["base"])[0]:
         assert not np.asarray(u).any(), p
     for path in ("fc1", "fc2"):
         f0, f1 = delta["params"][path]["kernel"], out["delta"]["params"][path]["kernel"]
         assert not np.array_equal(np.asarray(f0.b), np.asarray(f1.b))
     assert losses[-1] < losses[0]
-    assert lj.tree_bytes(state) == lj.tree_bytes(state0)
+    assert lj.advanced.tree_bytes(state) == lj.advanced.tree_bytes(state0)
 
 
 def test_freeze_extra_trainable_bias(mlp):
     base, delta = mlp
     combined = {"base": base, "delta": delta}
     pattern = r"base/params/fc2/bias"
-    opt = lj.freeze(optax.adam(3e-2), extra_trainable=[pattern])
+    opt = lj.train_delta_only(optax.adam(3e-2), extra_trainable=[pattern])
     state0 = opt.init(combined)
     big, _, scalar_bytes = split_state(state0)
     bias_bytes = base["params"]["fc2"]["bias"].size * 4
     assert big == 2 * (factor_bytes(delta) + bias_bytes)
-    assert lj.tree_bytes(state0) == 2 * (factor_bytes(delta) + bias_bytes) + scalar_bytes
+    assert lj.advanced.tree_bytes(state0) == 2 * (factor_bytes(delta) + bias_bytes) + scalar_bytes
     before_fc1 = snapshot(base["params"]["fc1"])
     before_k2 = np.array(base["params"]["fc2"]["kernel"], copy=True)
     out, _, _, _ = run_combined(opt, combined)
@@ -234,8 +234,8 @@ def test_freeze_extra_trainable_bias(mlp):
 
 def test_trainable_mask_values(mlp):
     base, delta = mlp
-    mask = lj.trainable_mask({"base": base, "delta": delta}, extra_trainable=[r"base/params/fc1/bias"])
-    flat = {p: v for p, v in lj.leaves_with_paths(mask)[0]}
+    mask = lj.advanced.trainable_mask({"base": base, "delta": delta}, extra_trainable=[r"base/params/fc1/bias"])
+    flat = {p: v for p, v in lj.advanced.leaves_with_paths(mask)[0]}
     assert flat == {
         "base/params/fc1/bias": True,
         "base/params/fc1/kernel": False,
@@ -249,17 +249,17 @@ def test_trainable_mask_values(mlp):
     # The mask has the tree's structure (LoraFactors nodes included), so optax accepts it.
     assert jax.tree.structure(mask) == jax.tree.structure({"base": base, "delta": delta})
     # Full match only: a prefix does not select anything.
-    mask = lj.trainable_mask({"base": base}, extra_trainable=[r"base/params/fc1"])
+    mask = lj.advanced.trainable_mask({"base": base}, extra_trainable=[r"base/params/fc1"])
     assert not any(jax.tree.leaves(mask))
     # On the delta alone: every factor array is trainable.
-    assert jax.tree.leaves(lj.trainable_mask(delta)) == [True] * 4
+    assert jax.tree.leaves(lj.advanced.trainable_mask(delta)) == [True] * 4
 
 
 def test_count_params_and_tree_bytes_independent():
     tree = {"a": jnp.ones((2, 3), jnp.float32), "b": jnp.ones(5, jnp.bfloat16), "c": None,
             "d": [jnp.zeros((), jnp.int32), jnp.zeros((4, 4), jnp.int8)]}
     assert lj.count_params(tree) == 6 + 5 + 1 + 16
-    assert lj.tree_bytes(tree) == 6 * 4 + 5 * 2 + 4 + 16
-    f = LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 7), jnp.bfloat16), 1.0, False, KernelLayout("io"))
+    assert lj.advanced.tree_bytes(tree) == 6 * 4 + 5 * 2 + 4 + 16
+    f = LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 7), jnp.bfloat16), alpha=1.0, rslora=False, layout=KernelLayout("io"))
     assert lj.count_params({"w": f}) == 6 + 14 == f.num_params
-    assert lj.tree_bytes({"w": f}) == 6 * 4 + 14 * 2
+    assert lj.advanced.tree_bytes({"w": f}) == 6 * 4 + 14 * 2

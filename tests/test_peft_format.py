@@ -26,10 +26,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import lora_jax as lj
+from lora_jax.advanced import LayerSelection
 from lora_jax import KernelLayout, LoraFactors, LoraFileError, NameMap, export_peft, import_peft
-from lora_jax.adapter_io import LoraBaseMismatchError
-from lora_jax.errors import LoraError
-from lora_jax.factors import LeafDelta
+from lora_jax import LoraBaseMismatchError
+from lora_jax import LoraError
+from lora_jax import LeafDelta
 
 FIXTURES = Path(__file__).parent / "fixtures" / "peft"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "adapter_config.json").is_file())
@@ -194,7 +195,7 @@ def test_export_of_import_is_peft_bit_for_bit(case, tmp_path):
         assert cfg[key] == peft_cfg[key]
     # and reading our export gives the same delta again
     again = import_peft(tmp_path, params, name_map=nm)
-    for (p, f), (_, g) in zip(*(lj.leaves_with_paths(d, is_leaf=lj.is_factors)[0] for d in (delta, again))):
+    for (p, f), (_, g) in zip(*(lj.advanced.leaves_with_paths(d, is_leaf=lj.advanced.is_factors)[0] for d in (delta, again))):
         assert (f.alpha, f.rslora, f.layout) == (g.alpha, g.rslora, g.layout), p
         np.testing.assert_array_equal(f.a, g.a)
 
@@ -251,10 +252,10 @@ def test_import_without_params_uses_reverse_map():
 def test_partial_stack_keeps_only_adapted_layers(tmp_path):
     _, params, _ = fixture("stack_partial")  # PEFT adapted layers.0.lin and layers.2.lin only
     f = import_peft(FIXTURES / "stack_partial", params, name_map=STACK_MAP)["params"]["layers"]["lin"]["kernel"]
-    assert (f.layers, f.num_layers, f.a.shape) == ((0, 2), 3, (2, 5, 2))
+    assert (f.layers.indices, f.layers.total, f.a.shape) == ((0, 2), 3, (2, 5, 2))
     lj.save(tmp_path, {"k": f})  # and our format keeps the selection
     g = lj.load(tmp_path, base={"k": params["params"]["layers"]["lin"]["kernel"]})[0]["k"]
-    assert (g.layers, g.num_layers) == ((0, 2), 3)
+    assert (g.layers.indices, g.layers.total) == ((0, 2), 3)
     np.testing.assert_array_equal(g.b, f.b)
 
 
@@ -263,7 +264,7 @@ def test_partial_dora_stack_fills_norms(tmp_path):
     kernel = jnp.asarray(rng.standard_normal((3, 4, 4)), jnp.float32)
     f = factors(rng, (3, 4, 4), "sio", 2, dora=True)
     delta = {"params": {"layers": {"lin": {"kernel": LoraFactors(  # layers 0, 1 of 3 adapted
-        f.a[:2], f.b[:2], f.alpha, f.rslora, f.layout, f.magnitude[:2], layers=(0, 1), num_layers=3)}}}}
+        f.a[:2], f.b[:2], alpha=f.alpha, rslora=f.rslora, layout=f.layout, magnitude=f.magnitude[:2], layers=LayerSelection((0, 1), 3))}}}}
     d = tmp_path
     export_peft(d, delta, name_map=STACK_MAP)
     assert "base_model.model.layers.2.lin.lora_A.weight" not in tensors_of(d)
@@ -384,7 +385,7 @@ def test_import_base_mismatch(tmp_path):
 
 
 def test_our_format_is_refused_with_a_hint(tmp_path):
-    delta = {"w": LoraFactors(jnp.ones((3, 1)), jnp.ones((1, 2)), 1.0, False, KernelLayout("io"))}
+    delta = {"w": LoraFactors(jnp.ones((3, 1)), jnp.ones((1, 2)), alpha=1.0, rslora=False, layout=KernelLayout("io"))}
     lj.save(tmp_path, delta)
     with pytest.raises(LoraFileError, match="use lora_jax.load"):
         import_peft(tmp_path)
@@ -400,7 +401,7 @@ def factors(rng, shape, layout, rank, alpha=4.0, rslora=False, dora=False, dtype
     m = 1.0 + rng.random(b_shape[:n] + b_shape[n + 1:]) if dora else None
     cast = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
     return LoraFactors(cast(rng.standard_normal(a_shape) * 0.5), cast(rng.standard_normal(b_shape) * 0.5),
-                       alpha, rslora, layout, cast(m))
+                       alpha=alpha, rslora=rslora, layout=layout, magnitude=cast(m))
 
 
 def test_export_rank_and_alpha_patterns(tmp_path):
@@ -416,8 +417,8 @@ def test_export_rank_and_alpha_patterns(tmp_path):
     assert cfg["rank_pattern"] == {r"block\.lin": 3}
     assert cfg["alpha_pattern"] == {r"block\.fc": 1.5}
     assert cfg["target_modules"] == ["block.fc", "block.lin", "head", "lin"]
-    back = import_peft(tmp_path, jax.tree.map(lambda f: jnp.zeros(lj.adapter_io.kernel_shape(f)), delta,
-                                              is_leaf=lj.is_factors))
+    back = import_peft(tmp_path, jax.tree.map(lambda f: jnp.zeros(f.kernel_shape), delta,
+                                              is_leaf=lj.advanced.is_factors))
     assert back["params"]["block"]["lin"]["kernel"].rank == 3
     assert back["params"]["lin"]["kernel"].rank == 2
     assert back["params"]["block"]["fc"]["kernel"].alpha == 1.5
@@ -442,7 +443,7 @@ def test_export_dense_general_flattens_and_imports_back(tmp_path):
         assert f.layout == g.layout
         np.testing.assert_array_equal(f.a, g.a)
         np.testing.assert_array_equal(f.b, g.b)
-        np.testing.assert_allclose(lj.lora_update(f), lj.lora_update(g))
+        np.testing.assert_allclose(lj.advanced.dense_delta(f), lj.advanced.dense_delta(g))
 
 
 def test_import_ambiguous_nd_layout_needs_layouts(tmp_path):
@@ -485,7 +486,7 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     export_peft(tmp_path, {"w": factors(rng, (4, 4), "io", 2)})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    import lora_jax.peft_format as pf
+    import lora_jax._peft_format as pf
 
     def boom(path, tensors, metadata=None):
         Path(path).write_bytes(b"half a file")
@@ -562,7 +563,7 @@ def test_peft_loads_our_export(case, tmp_path, peft_env):
     if case == "stack_layers":
         f = delta["params"]["layers"]["lin"]["kernel"]
         delta["params"]["layers"]["lin"]["kernel"] = LoraFactors(
-            f.a[::2], f.b[::2], f.alpha, f.rslora, f.layout, layers=(0, 2), num_layers=3)
+            f.a[::2], f.b[::2], alpha=f.alpha, rslora=f.rslora, layout=f.layout, layers=LayerSelection((0, 2), 3))
     cfg = export_peft(tmp_path, delta, name_map=name_map_for(model))
     known = {f.name for f in __import__("dataclasses").fields(peft.LoraConfig)}
     assert set(cfg) <= known, set(cfg) - known

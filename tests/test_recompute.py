@@ -1,4 +1,4 @@
-"""Rebuilding low-rank inputs in the backward (lora_jax.recompute, low_rank_rebuilt)."""
+"""Rebuilding low-rank inputs in the backward (lora_jax._rebuild, low_rank_rebuilt)."""
 
 import dataclasses
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import lora_jax
-from lora_jax.lowrank import OUTER_MAX_RANK, expand
-from lora_jax.recompute import Graph, input_chain
+from lora_jax._lowrank import OUTER_MAX_RANK, expand
+from lora_jax._rebuild import Graph, input_chain
 
 
 def _chain(fn, *args):
@@ -106,7 +106,7 @@ def _setup(model, d=16, tokens=12, layouts=None):
     base, delta = lora_jax.init_lora(jax.random.key(2), params, cfg)
     delta = jax.tree.map(lambda f: dataclasses.replace(
         f, b=jax.random.normal(jax.random.key(3), f.b.shape) * 0.1)
-                         if lora_jax.is_factors(f) else f, delta, is_leaf=lora_jax.is_factors)
+                         if lora_jax.advanced.is_factors(f) else f, delta, is_leaf=lora_jax.advanced.is_factors)
     return x, base, delta
 
 
@@ -120,7 +120,7 @@ def test_rebuilt_inputs_give_merge_on_the_fly_gradients(model, layouts):
     loss = lambda y: jnp.sum(jnp.sin(y))  # noqa: E731
 
     def implicit_loss(d, recompute):
-        return loss(lora_jax.implicit(model.apply, recompute_inputs=recompute)(base, d, x))
+        return loss(lora_jax.implicit(model.apply, rebuild_inputs=recompute)(base, d, x))
 
     merged_loss = lambda d: loss(model.apply(lora_jax.merge(base, d), x))  # noqa: E731
     ref = jax.grad(merged_loss)(delta)
@@ -143,7 +143,7 @@ def test_rebuilding_inputs_lowers_the_compiled_step_memory():
     x, base, delta = _setup(_Deep(), d=128, tokens=512)
 
     def temp_bytes(recompute):
-        fn = lora_jax.implicit(_Deep().apply, recompute_inputs=recompute)
+        fn = lora_jax.implicit(_Deep().apply, rebuild_inputs=recompute)
         step = jax.jit(jax.grad(lambda d: jnp.sum(fn(base, d, x) ** 2)))
         return step.lower(delta).compile().memory_analysis().temp_size_in_bytes
 

@@ -85,7 +85,7 @@ def _specs(sh):
      ("tensor",)),                                                                 # conv
 ])
 def test_factor_specs(layout, spec, want_a, want_b, want_m):
-    a, b, m = lj.factor_specs(spec, lj.KernelLayout(layout))
+    a, b, m = lj.advanced.factor_specs(spec, lj.KernelLayout(layout))
     assert (tuple(a), tuple(b), tuple(m)) == (want_a, want_b, want_m)
 
 
@@ -107,8 +107,8 @@ WANT = {"up/kernel": (("fsdp", None), (None, "tensor")),
 
 
 def _check_want(sh, want=WANT):
-    rows = lj.leaves_with_paths(sh, is_leaf=lj.is_factors)[0]
-    got = {p: _specs(f) for p, f in rows if lj.is_factors(f)}
+    rows = lj.advanced.leaves_with_paths(sh, is_leaf=lj.advanced.is_factors)[0]
+    got = {p: _specs(f) for p, f in rows if lj.advanced.is_factors(f)}
     assert got == want
 
 
@@ -212,7 +212,7 @@ def test_init_lora_sharded_equals_init_lora_and_reads_placed_params():
     for r, d in zip(jax.tree.leaves(ref), jax.tree.leaves(delta)):
         np.testing.assert_array_equal(np.asarray(r), np.asarray(d))
     got = {p: (tuple(f.a.sharding.spec), tuple(f.b.sharding.spec))
-           for p, f in lj.leaves_with_paths(delta, is_leaf=lj.is_factors)[0] if f is not None}
+           for p, f in lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0] if f is not None}
     assert got == WANT
     # Without base_shardings they are read off the placed arrays.
     _check_want(lj.delta_shardings(placed, delta))
@@ -364,12 +364,12 @@ def _fill(abstract, seed=0):
 def _unstack(tree, i, is_leaf=None):
     """Layer ``i`` of a scanned tree's ``layers`` subtree, as ``layers_i`` of an unrolled one."""
     def one(x):
-        if lj.is_factors(x):
+        if lj.advanced.is_factors(x):
             return dataclasses.replace(x, a=x.a[i], b=x.b[i],
                                        layout=lj.KernelLayout("io", x.layout.kind))
         return None if x is None else x[i]
 
-    return jax.tree.map(one, tree, is_leaf=lambda x: x is None or lj.is_factors(x))
+    return jax.tree.map(one, tree, is_leaf=lambda x: x is None or lj.advanced.is_factors(x))
 
 
 def _unrolled_twin(scanned):

@@ -57,7 +57,7 @@ def test_rows(use_rslora):
     assert [leaf.path for leaf in summary.leaves] == sorted(EXPECTED)  # params flattening order
     for leaf in summary.leaves:
         kind, layout, rank, alpha, fan_in, fan_out, stack = EXPECTED[leaf.path]
-        shape = {p: s for p, s in lj.leaves_with_paths(
+        shape = {p: s for p, s in lj.advanced.leaves_with_paths(
             SHAPES, is_leaf=lambda x: isinstance(x, tuple))[0]}[leaf.path]
         assert (leaf.kind, leaf.layout, leaf.rank, leaf.alpha, leaf.shape) == (kind, layout, rank, alpha, shape)
         want_scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -100,10 +100,10 @@ def test_table_text():
 
 
 def test_thousands_separator_and_zero_division():
-    s = lj.LoraSummary((), base_params=2_000_000, trainable_params=24_000)
+    s = lj.advanced.LoraSummary((), base_params=2_000_000, trainable_params=24_000)
     assert s.table().splitlines()[-1] == (
         "trainable params: 24,000 || all params: 2,024,000 || trainable%: 1.1858")
-    assert lj.LoraSummary((), 0, 0).trainable_percent == 0.0
+    assert lj.advanced.LoraSummary((), 0, 0).trainable_percent == 0.0
 
 
 def test_print_summary(capsys):

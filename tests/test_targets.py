@@ -18,8 +18,8 @@ from lora_jax import (
     LoraFactors,
     LoraLayoutError,
     LoraTargetError,
-    select_targets,
 )
+from lora_jax.advanced import select_targets
 
 # jax.random compiles slowly per new shape with the default threefry PRNG on CPU;
 # lora_jax is PRNG-agnostic, so most tests use the cheap "rbg" implementation.
@@ -83,14 +83,14 @@ def nnx_state(randomize):
 
 def test_nnx_state_paths_drop_value(randomize):
     state = nnx_state(randomize)
-    all_paths = [p for p, _ in lj.leaves_with_paths(state)[0]]
+    all_paths = [p for p, _ in lj.advanced.leaves_with_paths(state)[0]]
     assert sorted(all_paths) == ["linear/bias", "linear/kernel", "out/bias", "out/kernel"]
     t = select_targets(state, LoraConfig(targets=r"linear/kernel", rank=3))
     assert paths_of(t) == ["linear/kernel"]
     assert t["linear/kernel"].factor_shapes() == ((4, 3), (3, 5))
     _, delta = lj.init_lora(KEY, state, LoraConfig(targets=r".*/kernel", rank=2))
-    flat = lj.leaves_with_paths(delta, is_leaf=lj.is_factors)[0]
-    assert sorted(p for p, f in flat if lj.is_factors(f)) == ["linear/kernel", "out/kernel"]
+    flat = lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0]
+    assert sorted(p for p, f in flat if lj.advanced.is_factors(f)) == ["linear/kernel", "out/kernel"]
 
 
 def test_nnx_param_filter_state():
@@ -394,10 +394,10 @@ def test_factor_shapes_update_and_merge(name, shape, layout, rank, a_shape, b_sh
     assert (target.rank, target.alpha, target.shape) == (rank, 3.0, shape)
     # Non-zero factors of those shapes: lora_update and merge against an independent einsum.
     f = LoraFactors(jnp.asarray(rng.standard_normal(a_shape), jnp.float32),
-                    jnp.asarray(rng.standard_normal(b_shape), jnp.float32), 3.0, False, target.layout)
+                    jnp.asarray(rng.standard_normal(b_shape), jnp.float32), alpha=3.0, rslora=False, layout=target.layout)
     assert f.rank == rank and f.scale == 3.0 / rank
     ref = _ref_update(f.a, f.b, f.layout.axes, 3.0 / rank)
-    upd = lj.lora_update(f)
+    upd = lj.advanced.dense_delta(f)
     assert upd.shape == shape and upd.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(upd), ref, rtol=1e-5, atol=1e-5)
     merged = lj.merge(params, {"m": {leaf: f, "bias": None}})
@@ -411,8 +411,8 @@ def test_explicit_per_kind_formulas():
     s = 0.5
 
     def check(axes, a, b, want):
-        f = LoraFactors(jnp.asarray(a), jnp.asarray(b), s * a.shape[-1], False, KernelLayout(axes))
-        np.testing.assert_allclose(np.asarray(lj.lora_update(f)), want, rtol=1e-5, atol=1e-6)
+        f = LoraFactors(jnp.asarray(a), jnp.asarray(b), alpha=s * a.shape[-1], rslora=False, layout=KernelLayout(axes))
+        np.testing.assert_allclose(np.asarray(lj.advanced.dense_delta(f)), want, rtol=1e-5, atol=1e-6)
 
     a, b = rng.normal(size=(5, 2)), rng.normal(size=(2, 7))
     check("io", a, b, s * a @ b)

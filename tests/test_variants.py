@@ -129,7 +129,7 @@ def test_dora_every_kernel_kind_implicit_equals_merge(kind):
     np.testing.assert_allclose(got, fn(lj.merge(base, delta), x), rtol=2e-5, atol=2e-5)
     # The merged kernel has column norms == magnitude (norm over the fan-in axes).
     merged = lj.merge(base, delta)[target]
-    np.testing.assert_allclose(lj.column_norm(merged, f.layout), delta[target].magnitude,
+    np.testing.assert_allclose(lj.advanced.column_norm(merged, f.layout), delta[target].magnitude,
                                rtol=1e-5)
 
 
@@ -210,7 +210,7 @@ def test_dropout_formula_eval_switch_and_reproducibility():
     dropped = np.isclose(seen, 0.0, atol=1e-3)
     kept = np.isclose(seen, _np(X) / 0.75, rtol=1e-3, atol=1e-3)
     assert np.all(dropped | kept) and 0.05 < dropped.mean() < 0.5
-    with pytest.raises(lj.LoraConfigError, match="dropout"):
+    with pytest.raises(lj.LoraArgumentError, match="dropout"):
         lj.implicit(fn, dropout=1.0)
 
 
@@ -228,7 +228,7 @@ def test_lora_plus_scales_b_updates_by_the_ratio():
         np.testing.assert_array_equal(plus["w"].a, plain["w"].a)
         np.testing.assert_array_equal(plus["w"].magnitude, plain["w"].magnitude)
     for bad in (0, -1.0, float("nan"), float("inf"), "16", True):
-        with pytest.raises(lj.LoraConfigError, match="ratio"):
+        with pytest.raises(lj.LoraArgumentError, match="ratio"):
             lj.lora_plus(optax.sgd(0.1), ratio=bad)
 
 
@@ -245,17 +245,17 @@ def test_extra_trainable_leaves_and_bias_modes():
     params = jax.jit(Classifier().init)(jax.random.key(0), X)
     cfg = lj.LoraConfig(targets=".*/fc/kernel", rank=2, trainable=[r".*/head/.*"], bias="lora_only")
     base, delta = lj.init_lora(jax.random.key(1), params, cfg)
-    full = {p for p, x in lj.leaves_with_paths(delta, is_leaf=lambda x: isinstance(x, lj.LeafDelta))[0]
+    full = {p for p, x in lj.advanced.leaves_with_paths(delta, is_leaf=lambda x: isinstance(x, lj.LeafDelta))[0]
             if isinstance(x, lj.LeafDelta)}
     assert full == {"params/head/kernel", "params/head/bias", "params/fc/bias"}
     cfg_all = lj.LoraConfig(targets=".*/fc/kernel", rank=2, bias="all")
-    paths = set(lj.select_extra_trainable(params, cfg_all, lj.select_targets(params, cfg_all)))
+    paths = set(lj.advanced.select_extra_trainable(params, cfg_all, lj.advanced.select_targets(params, cfg_all)))
     assert paths == {"params/fc/bias", "params/norm/bias", "params/head/bias"}
     # Step 0 is the base model; training moves the head; merge / unmerge are exact.
     y0 = Classifier().apply(params, X)
     np.testing.assert_array_equal(lj.implicit(Classifier().apply)(base, delta, X), y0)
     y_target = jnp.asarray(RNG.standard_normal((5, 3)), jnp.float32)
-    opt = lj.freeze(optax.adam(1e-2))
+    opt = lj.train_delta_only(optax.adam(1e-2))
     tree = {"base": base, "delta": delta}
     state = opt.init(tree)
     loss = lambda t: jnp.mean((lj.implicit(Classifier().apply)(t["base"], t["delta"], X)  # noqa: E731
@@ -325,7 +325,7 @@ def test_layers_of_a_stacked_kernel():
     cfg = lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}, layers=[3, 1])
     base, delta = lj.init_lora(jax.random.key(0), {"w": w}, cfg)
     f = delta["w"]
-    assert f.layers == (1, 3) and f.a.shape == (2, 6, 2) and f.b.shape == (2, 2, 6)
+    assert f.layers == lj.advanced.LayerSelection((1, 3), 4) and f.a.shape == (2, 6, 2) and f.b.shape == (2, 2, 6)
     assert lj.count_params(delta) == 2 * 2 * (6 + 6)                  # only the chosen layers
     # The chosen layers draw what an all-layers init would have drawn for them.
     _, full = lj.init_lora(jax.random.key(0), {"w": w}, dataclasses.replace(cfg, layers=None))

@@ -1,6 +1,6 @@
 """Target selection: which leaves of a params pytree get LoRA factors.
 
-:func:`select_targets` reads a :class:`~lora_jax.config.LoraConfig` against
+:func:`select_targets` reads a :class:`~lora_jax._config.LoraConfig` against
 any params pytree (Flax linen ``params``, Flax NNX ``nnx.State``, a plain
 dict) and returns one :class:`Target` per adapted leaf, having checked
 everything that can be checked before any array is made: every pattern matches
@@ -16,10 +16,10 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from lora_jax.config import LoraConfig
-from lora_jax.errors import LoraConfigError, LoraTargetError
-from lora_jax.layout import KernelLayout, default_layout
-from lora_jax.paths import leaves_with_paths
+from lora_jax._config import LoraConfig
+from lora_jax._errors import LoraConfigError, LoraTargetError
+from lora_jax._layout import KernelLayout, default_layout
+from lora_jax._paths import leaves_with_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def select_targets(
       config: the :class:`LoraConfig`.
       layouts: optional ``{path: KernelLayout}``, e.g. from
         :func:`lora_jax.infer_layouts`; config ``layouts`` patterns win over it,
-        and it wins over :func:`~lora_jax.layout.default_layout`.
+        and it wins over :func:`~lora_jax._layout.default_layout`.
 
     Returns:
       ``{path: Target}`` in the params' flattening order.

@@ -3,9 +3,9 @@
 ``implicit(fn)(base, delta, *args)`` computes ``fn(merge(base, delta), *args)``
 without ever forming ``W + s * A @ B``: it traces ``fn`` to a jaxpr, then
 evaluates the jaxpr with every targeted kernel carried as a
-:class:`~lora_jax.view.LoraView`. Where a view meets its input
+:class:`~lora_jax._view.LoraView`. Where a view meets its input
 (``dot_general``, ``conv_general_dilated``, ``gather``) a rule from
-:mod:`lora_jax.lowrank` computes ``op(x, stop_gradient(W)) + s * (x @ A) @ B``;
+:mod:`lora_jax._lowrank` computes ``op(x, stop_gradient(W)) + s * (x @ A) @ B``;
 transposes, dtype casts, reshapes within one role (``(d, heads, head_dim)``
 <-> ``(d, heads * head_dim)``) and slices of stacked axes (``w[i]`` of a
 ``(layers, in, out)`` stack) of a kernel are tracked on the view. Higher-order
@@ -48,25 +48,17 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lora_jax.errors import LoraConfigError, LoraError
-from lora_jax.factors import LeafDelta
-from lora_jax.lowrank import conv_rule, dot_general_rule, gather_rule
-from lora_jax.merge import align
-from lora_jax.recompute import Graph, input_chain
-from lora_jax.tracing import trace
-from lora_jax.view import LoraView
-
-
-class LoraImplicitError(LoraError):
-    """``strict=True`` and a targeted kernel reached a primitive with no low-rank rule."""
-
-
-class LoraFallbackWarning(UserWarning):
-    """A targeted kernel was materialised because no low-rank rule fits its use."""
+from lora_jax._errors import LoraArgumentError, LoraFallbackWarning, LoraImplicitError
+from lora_jax._delta import LeafDelta
+from lora_jax._lowrank import conv_rule, dot_general_rule, gather_rule
+from lora_jax._merge import align
+from lora_jax._rebuild import Graph, input_chain
+from lora_jax._tracing import trace
+from lora_jax._view import LoraView
 
 
 def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0.0,
-             recompute_inputs: bool = True) -> Callable[..., Any]:
+             rebuild_inputs: bool = True) -> Callable[..., Any]:
     """Wraps ``fn(params, *args, **kwargs)`` to take ``(base, delta, *args, **kwargs)``.
 
     The wrapped function returns ``fn(merge(base, delta), *args, **kwargs)``
@@ -88,10 +80,10 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
         no key means evaluation (no dropout). Each use of a kernel draws its
         own mask from the key, and so does each layer of a scan; iterations of
         a ``while_loop`` share one.
-      recompute_inputs: where a low-rank input ``x`` is a cheap elementwise
+      rebuild_inputs: where a low-rank input ``x`` is a cheap elementwise
         function of a value the backward keeps anyway (a GELU of its
         pre-activation, a LayerNorm of its centred input; see
-        :mod:`lora_jax.recompute`), save that value instead of ``x`` and
+        :mod:`lora_jax._rebuild`), save that value instead of ``x`` and
         rebuild ``x`` for ``dA = x^T du`` in the backward: the memory of the
         frozen model's own backward, for a little elementwise work. False
         saves every ``x``.
@@ -109,7 +101,7 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
     """
 
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise LoraConfigError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+        raise LoraArgumentError(f"dropout must be a rate in [0, 1), got {dropout!r}")
 
     @functools.wraps(fn)
     def wrapped(base: Any, delta: Any, *args: Any, lora_dropout_key: Any = None,
@@ -119,7 +111,7 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
                                            kwargs)
         invals = [_input(path, leaf, f) for path, leaf, f in rows]
         ctx = _Context(strict, dropout if lora_dropout_key is not None else 0.0,
-                       lora_dropout_key, recompute_inputs)
+                       lora_dropout_key, rebuild_inputs)
         outs = ctx.eval(closed.jaxpr, closed.consts, invals + list(dynamic))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 

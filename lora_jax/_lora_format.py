@@ -52,11 +52,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.config import LoraConfig
-from lora_jax.errors import LoraError, LoraStructureError
-from lora_jax.factors import LeafDelta, LoraFactors
-from lora_jax.layout import KernelLayout
-from lora_jax.paths import leaves_with_paths
+from lora_jax._config import LoraConfig
+from lora_jax._errors import LoraBaseMismatchError, LoraError, LoraFileError, LoraStructureError
+from lora_jax._delta import LayerSelection, LeafDelta, LoraFactors, delta_entries, lora_scale
+from lora_jax._layout import KernelLayout
+from lora_jax._paths import leaves_with_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,17 +64,6 @@ FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 SUFFIXES = {"a": "lora_A", "b": "lora_B", "magnitude": "magnitude", "diff": "diff"}
-
-
-class LoraFileError(LoraError):
-    """An adapter file (ours or PEFT's) is missing, corrupt, or contradicts its config or base.
-
-    The message names the file and, where there is one, the tensor key or leaf path.
-    """
-
-
-class LoraBaseMismatchError(LoraFileError, LoraStructureError):
-    """An adapter's targets are not leaves of the given base, or have other shapes."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -244,22 +233,6 @@ def write_json(path: Path, obj: Any) -> Callable[[Path], None]:
 # --------------------------------------------------------------------------- tree helpers
 
 
-def _is_entry(x: Any) -> bool:
-    return x is None or isinstance(x, (LoraFactors, LeafDelta))
-
-
-def delta_entries(delta: Any) -> list[tuple[str, Any]]:
-    """``[(path, LoraFactors | LeafDelta | None), ...]`` of a delta; anything else is an error."""
-    entries, _ = leaves_with_paths(delta, is_leaf=_is_entry)
-    for path, leaf in entries:
-        if not _is_entry(leaf):
-            raise LoraStructureError(
-                f"leaf {path!r}: a delta holds LoraFactors, LeafDelta or None at each leaf, got "
-                f"{type(leaf).__name__} (pass the delta, not the params)"
-            )
-    return entries
-
-
 def nested_from_paths(items: Mapping[str, Any] | list[tuple[str, Any]]) -> dict:
     """A nested dict from ``'/'``-joined paths (``{"a/b": 1}`` -> ``{"a": {"b": 1}}``).
 
@@ -281,22 +254,6 @@ def nested_from_paths(items: Mapping[str, Any] | list[tuple[str, Any]]) -> dict:
             raise LoraFileError(f"path {path!r} is both a leaf and a subtree")
         node[keys[-1]] = value
     return root
-
-
-def kernel_shape(f: LoraFactors | LeafDelta) -> tuple[int, ...]:
-    """The shape of the kernel a factor pair (or a LeafDelta) belongs to, in its own axis order."""
-    if isinstance(f, LeafDelta):
-        return tuple(np.shape(f.diff))
-    layout = f.layout
-    n = len(layout.stack_axes)
-    a_shape, b_shape = np.shape(f.a), np.shape(f.b)
-    ordered = tuple(a_shape[:-1]) + tuple(b_shape[n + 1 :])  # stack + fan_in + fan_out
-    if getattr(f, "layers", None) is not None:  # only some layers of the first stacked axis
-        ordered = (f.num_layers,) + ordered[1:]
-    shape = [0] * layout.ndim
-    for src, dst in enumerate(layout.permutation):
-        shape[dst] = ordered[src]
-    return tuple(shape)
 
 
 # --------------------------------------------------------------------------- config (JSON)
@@ -423,7 +380,7 @@ def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) 
         if full:
             targets[leaf_path] = {
                 "type": "full",
-                "kernel_shape": list(kernel_shape(f)),
+                "kernel_shape": list(f.kernel_shape),
                 "dtype": meta_tensors["diff"]["dtype"],
                 "tensors": meta_tensors,
             }
@@ -435,11 +392,11 @@ def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) 
             "rslora": bool(f.rslora),
             "scaling": float(f.scale),
             "layout": {"axes": f.layout.axes, "kind": f.layout.kind},
-            "kernel_shape": list(kernel_shape(f)),
+            "kernel_shape": list(f.kernel_shape),
             "dtype": meta_tensors["a"]["dtype"],
             "dora": f.magnitude is not None,
-            "layers": None if f.layers is None else [int(i) for i in f.layers],
-            "num_layers": int(f.num_layers) if f.layers is not None else None,
+            "layers": None if f.layers is None else list(f.layers.indices),
+            "num_layers": None if f.layers is None else f.layers.total,
             "tensors": meta_tensors,
         }
     directory.mkdir(parents=True, exist_ok=True)
@@ -532,7 +489,7 @@ def _target_meta(
             f"{layout.axes!r} has {layout.ndim}"
         )
     scaling = meta.get("scaling")
-    want = alpha / (math.sqrt(rank) if rslora else rank)
+    want = lora_scale(alpha, rank, rslora)
     if scaling is not None and not math.isclose(float(scaling), want, rel_tol=1e-6):
         raise LoraFileError(
             f"{where}: key 'scaling' is {scaling} but alpha={alpha}, rank={rank}, "
@@ -542,7 +499,7 @@ def _target_meta(
 
 
 def _layers_meta(cfg_path: Path, leaf: str, meta: dict, layout: KernelLayout,
-                 shape: tuple[int, ...]) -> tuple[int, ...] | None:
+                 shape: tuple[int, ...]) -> LayerSelection | None:
     layers = meta.get("layers")
     if layers is None:
         return None
@@ -558,7 +515,7 @@ def _layers_meta(cfg_path: Path, leaf: str, meta: dict, layout: KernelLayout,
             f"{cfg_path}: target {leaf!r}: key 'num_layers' is {meta['num_layers']}, but "
             f"kernel_shape {list(shape)} has {n} layers"
         )
-    return tuple(layers)
+    return LayerSelection(tuple(layers), n)
 
 
 def load(
@@ -599,7 +556,7 @@ def load(
       >>> load(d, base={"v": jnp.ones((4, 4))})  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      lora_jax.adapter_io.LoraBaseMismatchError: ...: target 'w' is not a leaf of the base ...
+      lora_jax._lora_format.LoraBaseMismatchError: ...: target 'w' is not a leaf of the base ...
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -677,7 +634,8 @@ def load(
         want_a, want_b = layout.factor_shapes(shape, rank)
         layers = _layers_meta(cfg_path, leaf, targets[leaf], layout, shape)
         if layers is not None:  # a, b, magnitude hold only those layers of the first stacked axis
-            want_a, want_b = (len(layers),) + want_a[1:], (len(layers),) + want_b[1:]
+            n = len(layers.indices)
+            want_a, want_b = (n,) + want_a[1:], (n,) + want_b[1:]
         got = arrays[leaf]
         for field, want in (("a", want_a), ("b", want_b)):
             if got[field].shape != want:
@@ -694,11 +652,10 @@ def load(
                     f"{weights}: tensor {leaf}.magnitude has shape {magnitude.shape}, expected "
                     f"{want_m} (*stack, *fan_out)"
                 )
-        extra = ({} if layers is None
-                 else {"layers": layers, "num_layers": shape[layout.stack_axes[0]]})
         factors[leaf] = LoraFactors(
-            jnp.asarray(got["a"]), jnp.asarray(got["b"]), alpha, rslora, layout,
-            None if magnitude is None else jnp.asarray(magnitude), **extra,
+            jnp.asarray(got["a"]), jnp.asarray(got["b"]), alpha=alpha, layout=layout,
+            rslora=rslora, magnitude=None if magnitude is None else jnp.asarray(magnitude),
+            layers=layers,
         )
 
     config = config_from_json(doc.get("config"), str(cfg_path))
@@ -726,7 +683,7 @@ def attach_to_base(factors: Mapping[str, Any], base: Any, source: Any) -> Any:
                 f"{source}: target {leaf!r} is not a leaf of the base (base leaves: "
                 f"{(near or list(shapes))[:6]})"
             )
-        want = kernel_shape(f)
+        want = f.kernel_shape
         if shapes[leaf] != want:
             raise LoraBaseMismatchError(
                 f"{source}: target {leaf!r} is for a kernel of shape {want}, but the base leaf "

@@ -1,7 +1,7 @@
 """Low-rank rules: where a kernel meets its input, add ``s * (x @ A) @ B``.
 
 Each rule takes the operands of one primitive (one of them a
-:class:`~lora_jax.view.LoraView`) and returns the primitive's output computed
+:class:`~lora_jax._view.LoraView`) and returns the primitive's output computed
 as ``op(x, stop_gradient(W)) + s * low_rank(x)``, or ``None`` when the use
 does not fit the low-rank form (the interpreter then materialises the kernel).
 
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax.view import LoraView
+from lora_jax._view import LoraView
 
 Array = jax.Array
 
@@ -135,7 +135,7 @@ def low_rank_rebuilt(x: Array, leaves: tuple, a: Array, b: Array, scale: float,
     the forward's ``x`` and keep it alive. Cotangents flow to ``x`` only: the
     leaves get none through this branch. Worth it when ``x`` is a cheap
     elementwise function of values the backward keeps anyway (see
-    :mod:`lora_jax.recompute`).
+    :mod:`lora_jax._rebuild`).
 
     Example:
       >>> h, a, b = jnp.ones((5, 3)), jnp.ones((3, 2)), jnp.ones((2, 4))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.factors import LoraFactors, factor_product
+from lora_jax._delta import LoraFactors, factor_order_norm, factor_product
 
 Array = jax.Array
 Role = tuple[str, int]
@@ -58,7 +58,7 @@ class LoraView:
     @staticmethod
     def of(path: str, w: Array, f: LoraFactors) -> "LoraView":
         """The view of kernel ``w`` (layout order as stored) with factors ``f``."""
-        f = f.expanded()
+        f = f.all_layers()
         counters = {"s": 0, "i": 0, "o": 0}
         roles = []
         for letter in f.layout.axes:
@@ -93,32 +93,12 @@ class LoraView:
         return [offset[k] + j for k, j in self.roles]
 
     def dora_ratio(self) -> Array:
-        """DoRA's ``m / ||W + s A B||_c`` as ``(*stack, *fan_out)``; the norm is detached.
-
-        The squared norm of each output column is expanded so that no dense
-        ``W + s A B`` is formed: with ``W``, ``A``, ``B`` as ``(K, N)``,
-        ``(K, r)``, ``(r, N)`` per stacked kernel,
-        ``||W_j||^2 + 2 s (W^T A)_j . B_j + s^2 B_j^T (A^T A) B_j``.
-        """
-        ns = self.n_stack
-        w = jax.lax.stop_gradient(self.w).astype(jnp.float32)
+        """DoRA's ``m / ||W + s A B||_c`` as ``(*stack, *fan_out)``; the norm is detached
+        and never formed densely (:func:`~lora_jax._delta.factor_order_norm`)."""
         order = sorted(range(len(self.roles)), key=lambda d: self._factor_axes()[d])
-        w = jnp.transpose(w, order)  # factor order
-        a = jax.lax.stop_gradient(jnp.asarray(self.a, jnp.float32))
-        b = jax.lax.stop_gradient(jnp.asarray(self.b, jnp.float32))
-        stack, fan_out = w.shape[:ns], b.shape[ns + 1:]
-        r = a.shape[-1]
-        w2 = w.reshape(stack + (-1, math.prod(fan_out)))
-        a2 = a.reshape(stack + (-1, r))
-        b2 = b.reshape(stack + (r, math.prod(fan_out)))
-        hi = jax.lax.Precision.HIGHEST
-        wta = jnp.matmul(jnp.swapaxes(w2, -1, -2), a2, precision=hi)           # (N, r)
-        gram = jnp.matmul(jnp.swapaxes(a2, -1, -2), a2, precision=hi)          # (r, r)
-        s = self.scale
-        sq = (jnp.sum(w2 * w2, axis=-2)
-              + 2 * s * jnp.sum(jnp.swapaxes(wta, -1, -2) * b2, axis=-2)
-              + s * s * jnp.sum(b2 * jnp.matmul(gram, b2, precision=hi), axis=-2))
-        norm = jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(stack + fan_out)
+        w = jnp.transpose(jax.lax.stop_gradient(self.w), order)  # factor order
+        a, b = jax.lax.stop_gradient(self.a), jax.lax.stop_gradient(self.b)
+        norm = factor_order_norm(w, a, b, self.scale, self.n_stack)
         return jnp.asarray(self.magnitude, jnp.float32) / norm
 
     def materialize(self) -> Array:
@@ -157,10 +137,9 @@ class LoraView:
         axes) returns None.
 
         Example:
-          >>> from lora_jax.factors import LoraFactors
-          >>> from lora_jax.layout import KernelLayout
+          >>> from lora_jax import KernelLayout, LoraFactors
           >>> f = LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3, 5)), alpha=1.0,
-          ...                 rslora=False, layout=KernelLayout("ioo"))
+          ...                 layout=KernelLayout("ioo"))
           >>> LoraView.of("w", jnp.ones((4, 3, 5)), f).reshape((4, 15)).b.shape
           (2, 15)
         """

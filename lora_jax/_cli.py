@@ -40,7 +40,7 @@ class CliError(Exception):
 
 
 def _adapter_format(path: Path) -> str:
-    from lora_jax.adapter_io import CONFIG_NAME, LoraFileError, read_json
+    from lora_jax._lora_format import CONFIG_NAME, LoraFileError, read_json
 
     if not path.is_dir():
         raise LoraFileError(f"{path}: adapter directory not found")
@@ -53,7 +53,7 @@ def _adapter_format(path: Path) -> str:
 
 
 def _name_map(args: argparse.Namespace) -> Any:
-    from lora_jax.peft_format import NameMap
+    from lora_jax._peft_format import NameMap
 
     return NameMap.from_json(args.name_map) if args.name_map else None
 
@@ -71,7 +71,7 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
 
     Returns ``(tree, "safetensors" | "orbax", safetensors metadata)``.
     """
-    from lora_jax.adapter_io import LoraFileError, nested_from_paths, open_safetensors, read_tensor
+    from lora_jax._lora_format import LoraFileError, nested_from_paths, open_safetensors, read_tensor
 
     if path.is_dir():
         try:
@@ -106,8 +106,8 @@ def _load_adapter(path: Path, base: Any, args: argparse.Namespace) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lora_jax.adapter_io import describe, read_json
-    from lora_jax.peft_format import describe_peft
+    from lora_jax._lora_format import describe, read_json
+    from lora_jax._peft_format import describe_peft
 
     path = Path(args.adapter)
     fmt = _adapter_format(path)
@@ -158,8 +158,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from lora_jax import merge
-    from lora_jax.adapter_io import atomic_write, delta_entries, write_safetensors
-    from lora_jax.paths import leaves_with_paths
+    from lora_jax._delta import delta_entries
+    from lora_jax._lora_format import atomic_write, write_safetensors
+    from lora_jax._paths import leaves_with_paths
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -204,7 +205,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from lora_jax import export_peft, import_peft, load, save
-    from lora_jax.adapter_io import delta_entries
+    from lora_jax._delta import delta_entries
 
     src, dst = Path(args.src), Path(args.dst)
     fmt = _adapter_format(src)
@@ -296,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       ...
       0
     """
-    from lora_jax.errors import LoraError
+    from lora_jax._errors import LoraError
 
     parser = build_parser()
     try:

@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.errors import LoraConfigError
-from lora_jax.factors import LoraFactors, column_norm, lora_update
-from lora_jax.merge import align
+from lora_jax._delta import LoraFactors, align, column_norm, dense_delta
+from lora_jax._errors import LoraConfigError
 
 Array = jax.Array
 
@@ -51,10 +50,9 @@ def with_dora(base: Any, delta: Any) -> Any:
     def add(path, w, f):
         _need_values(path, w, "DoRA")
         _refuse_layers(path, f, "DoRA")
-        m = column_norm(jnp.asarray(w, jnp.float32) + lora_update(f), f.layout)
-        return LoraFactors(f.a, f.b, f.alpha, f.rslora, f.layout, m.astype(f.a.dtype))
+        return f.replace(magnitude=column_norm(w, f.layout, f).astype(f.a.dtype))
 
-    return _rebuild(base, delta, add)
+    return _map_factors(base, delta, add)
 
 
 def pissa(base: Any, delta: Any, niter: int | None = None, key: Array | None = None
@@ -135,10 +133,9 @@ def _reinit(base: Any, delta: Any,
         stack, fan_in, fan_out = wf.shape[:ns], f.a.shape[ns:-1], f.b.shape[ns + 1:]
         w2 = wf.reshape(stack + (math.prod(fan_in), math.prod(fan_out)))
         a, b = factorize(w2, f.rank, f.scale, path)
-        factors = LoraFactors(a.reshape(f.a.shape).astype(f.a.dtype),
-                              b.reshape(f.b.shape).astype(f.b.dtype), f.alpha, f.rslora, layout,
-                              f.magnitude)
-        new_base.append((jnp.asarray(w, jnp.float32) - lora_update(factors)).astype(w.dtype))
+        factors = f.replace(a=a.reshape(f.a.shape).astype(f.a.dtype),
+                            b=b.reshape(f.b.shape).astype(f.b.dtype))
+        new_base.append((jnp.asarray(w, jnp.float32) - dense_delta(factors)).astype(w.dtype))
         new_delta.append(factors)
     unflatten = jax.tree_util.tree_unflatten
     return unflatten(treedef, new_base), unflatten(treedef, new_delta)
@@ -182,7 +179,7 @@ def _need_values(path: str, w: Any, name: str) -> None:
         )
 
 
-def _rebuild(base: Any, delta: Any, fn: Callable[[str, Any, LoraFactors], Any]) -> Any:
+def _map_factors(base: Any, delta: Any, fn: Callable[[str, Any, LoraFactors], Any]) -> Any:
     rows, treedef = align(base, delta)
     return jax.tree_util.tree_unflatten(
         treedef, [fn(path, w, f) if isinstance(f, LoraFactors) else f for path, w, f in rows])

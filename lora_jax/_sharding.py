@@ -41,20 +41,14 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_jax.config import LoraConfig
-from lora_jax.errors import LoraError
-from lora_jax.factors import LeafDelta, LoraFactors, is_delta_leaf
-from lora_jax.init import init_lora
-from lora_jax.layout import KernelLayout
-from lora_jax.paths import leaves_with_paths
+from lora_jax._config import LoraConfig
+from lora_jax._errors import LoraShardingError
+from lora_jax._delta import LeafDelta, LoraFactors, is_delta_leaf
+from lora_jax._init import init_lora
+from lora_jax._layout import KernelLayout
+from lora_jax._paths import leaves_with_paths
 
 Rules = Sequence[tuple[str, Any]]
-
-
-class LoraShardingError(LoraError):
-    """Shardings that do not fit: an unknown or repeated mesh axis, a sharded axis its
-    mesh axes do not divide, a logical axis without a rule, or a targeted kernel
-    with no sharding entry. The message names the leaf path."""
 
 
 # -----------------------------------------------------------------------------
@@ -324,19 +318,6 @@ def param_shardings(tree: Any, mesh: Any = None, *, rules: Rules | None = None) 
 # -----------------------------------------------------------------------------
 
 
-def _kernel_shape(f: LoraFactors) -> tuple[int, ...]:
-    """The base kernel's shape, read off the factors (and ``num_layers`` when only some
-    stacked layers are adapted)."""
-    layout = f.layout
-    ns = len(layout.stack_axes)
-    a_shape, b_shape = tuple(f.a.shape), tuple(f.b.shape)
-    stack = list(a_shape[:ns])
-    if getattr(f, "layers", None) is not None and stack:
-        stack[0] = f.num_layers
-    by_role = {"s": stack, "i": list(a_shape[ns:-1]), "o": list(b_shape[ns + 1:])}
-    return tuple(by_role[c].pop(0) for c in layout.axes)
-
-
 def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
                     rules: Rules | None = None) -> Any:
     """Shardings of the delta, derived from the base kernels' shardings.
@@ -405,12 +386,12 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
             _check_shape(path, sharding, f.diff.shape, "the leaf")
             out.append(LeafDelta(sharding))
             continue
-        shape = _kernel_shape(f)
+        shape = f.kernel_shape
         _check_shape(path, sharding, shape)
         a_spec, b_spec, m_spec = factor_specs(sharding.spec, f.layout)
         m = sharding.mesh
-        new = dataclasses.replace(
-            f, a=NamedSharding(m, a_spec), b=NamedSharding(m, b_spec),
+        new = f.replace(
+            a=NamedSharding(m, a_spec), b=NamedSharding(m, b_spec),
             magnitude=None if f.magnitude is None else NamedSharding(m, m_spec))
         for name in ("a", "b", "magnitude"):  # e.g. a stacked axis holding only some layers
             if getattr(f, name) is not None:

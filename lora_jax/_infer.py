@@ -18,7 +18,7 @@ axes (through casts, transposes, ``jit``, ``remat``, ``scan``, ``cond``,
 
 Leaves used in ways that disagree (other than the two directions of one
 contraction, as a tied embedding used for lookup and ``attend``) raise
-:class:`~lora_jax.errors.LoraLayoutError`.
+:class:`~lora_jax._errors.LoraLayoutError`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
-from lora_jax.errors import LoraLayoutError
-from lora_jax.layout import KernelLayout
-from lora_jax.paths import leaves_with_paths
-from lora_jax.tracing import trace
+from lora_jax._errors import LoraLayoutError
+from lora_jax._layout import KernelLayout
+from lora_jax._paths import leaves_with_paths
+from lora_jax._tracing import trace
 
 
 @dataclasses.dataclass(frozen=True)

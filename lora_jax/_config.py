@@ -1,7 +1,7 @@
 """LoRA configuration: which leaves, what rank and alpha, which init.
 
 Patterns are regular expressions matched **in full** (``re.fullmatch``)
-against ``'/'``-joined leaf paths (see :mod:`lora_jax.paths`). Per-pattern
+against ``'/'``-joined leaf paths (see :mod:`lora_jax._paths`). Per-pattern
 overrides work like PEFT's ``rank_pattern`` / ``alpha_pattern``: the first
 pattern (in insertion order) that matches a path wins; paths no override
 matches take ``rank`` and ``alpha``.
@@ -17,8 +17,9 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.errors import LoraConfigError
-from lora_jax.layout import KernelLayout
+from lora_jax._errors import LoraConfigError
+from lora_jax._delta import lora_scale
+from lora_jax._layout import KernelLayout
 
 Predicate = Callable[[str, Any], bool]
 Targets = Union[str, Sequence[str], Predicate]
@@ -169,8 +170,8 @@ class LoraConfig:
         return any(re.fullmatch(p, path) for p in self.exclude)
 
     def scale_for(self, rank: int, alpha: float) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (:func:`lora_scale`)."""
+        return lora_scale(alpha, rank, self.use_rslora)
 
 
 def _first_match(table: Mapping[str, Any], path: str, default: Any) -> Any:

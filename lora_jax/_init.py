@@ -31,13 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.config import LoraConfig
-from lora_jax.errors import LoraConfigError
-from lora_jax.factors import LeafDelta, LoraFactors
-from lora_jax.layout import KernelLayout
-from lora_jax.paths import leaves_with_paths
-from lora_jax.targets import Target, select_extra_trainable, select_targets
-from lora_jax.variants import olora, pissa, with_dora
+from lora_jax._config import LoraConfig
+from lora_jax._delta import LayerSelection, LeafDelta, LoraFactors
+from lora_jax._errors import LoraConfigError
+from lora_jax._layout import KernelLayout
+from lora_jax._paths import leaves_with_paths
+from lora_jax._targets import Target, select_extra_trainable, select_targets
+from lora_jax._variants import olora, pissa, with_dora
 
 Array = jax.Array
 
@@ -81,7 +81,7 @@ def init_factors(key: Array, target: Target, scheme: str, dtype: Any, rslora: bo
         a, b = normal(a_shape, 1.0 / r), zeros(b_shape)
     else:  # swapped
         a, b = zeros(a_shape), uniform(b_shape, r**-0.5)
-    return LoraFactors(a, b, target.alpha, rslora, target.layout)
+    return LoraFactors(a, b, alpha=target.alpha, layout=target.layout, rslora=rslora)
 
 
 def init_lora(
@@ -153,8 +153,7 @@ def _select_layers(leaves: list, paths: list[str], layers: tuple[int, ...]) -> l
             if max(layers) >= n:
                 raise LoraConfigError(
                     f"leaf {path!r}: layers {layers} out of range for its {n} stacked layers")
-            index = np.asarray(layers)
-            f = dataclasses.replace(f, a=f.a[index], b=f.b[index], layers=layers, num_layers=n)
+            f = f.select_layers(LayerSelection(layers, n))
         out.append(f)
     if not stacked:
         raise LoraConfigError(

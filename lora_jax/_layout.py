@@ -37,7 +37,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from lora_jax.errors import LoraLayoutError
+from lora_jax._errors import LoraLayoutError
 
 KINDS = ("dense", "conv", "embed")
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
-from lora_jax.factors import LeafDelta
-from lora_jax.merge import align
-from lora_jax.optim import count_params
+from lora_jax._delta import LeafDelta, align
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,3 +103,25 @@ def print_summary(params: Any, delta: Any) -> LoraSummary:
     summary = summarize(params, delta)
     print(summary.table())
     return summary
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in the array leaves of ``tree``.
+
+    Example:
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> lj.count_params({"a": jnp.ones((2, 3)), "b": None})
+      6
+    """
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the array leaves of ``tree`` (e.g. an optimizer state).
+
+    Example:
+      >>> tree_bytes({"a": jnp.ones((2, 3), jnp.float32)})
+      24
+    """
+    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+                   if hasattr(x, "dtype")))

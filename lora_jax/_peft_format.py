@@ -59,13 +59,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.adapter_io import (
+from lora_jax._lora_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    LoraBaseMismatchError,
-    LoraFileError,
     commit_file,
-    delta_entries,
     dtype_name,
     fsync_dir,
     nested_from_paths,
@@ -78,10 +75,17 @@ from lora_jax.adapter_io import (
     write_json,
     write_safetensors,
 )
-from lora_jax.errors import LoraError
-from lora_jax.factors import LeafDelta, LoraFactors
-from lora_jax.layout import KernelLayout
-from lora_jax.paths import leaves_with_paths
+from lora_jax._delta import (
+    LayerSelection,
+    LeafDelta,
+    LoraFactors,
+    column_norm,
+    delta_entries,
+    lora_scale,
+)
+from lora_jax._errors import LoraBaseMismatchError, LoraError, LoraFileError
+from lora_jax._layout import KernelLayout
+from lora_jax._paths import leaves_with_paths
 
 PEFT_PREFIX = "base_model.model."
 # (key suffix, role, embedding?) -- the keys current PEFT writes (adapter name removed).
@@ -288,7 +292,7 @@ def _torch_tensors(
                 t["lora_magnitude_vector"] = ml.reshape(-1)
         index = tuple(int(i) for i in idx)
         if f.layers is not None:  # only these layers of the first stacked axis are stored
-            index = (int(f.layers[index[0]]),) + index[1:]
+            index = (f.layers.indices[index[0]],) + index[1:]
         out.append((index, {k: to_numpy(v) for k, v in t.items()}))
     return out
 
@@ -671,12 +675,6 @@ def _layout_for(source: Path, path: str, shape: tuple[int, ...], n_stack: int, m
     return layout
 
 
-def _dora_norm(leaf: Any, layout: KernelLayout, idx: tuple[int, ...]) -> np.ndarray:
-    w = np.asarray(leaf, np.float32).transpose(layout.permutation)[idx]
-    n_in = len(layout.in_axes)
-    return np.sqrt(np.sum(np.square(w), axis=tuple(range(n_in))))
-
-
 def _stack(source: Path, path: str, leaf: Any, layout: KernelLayout,
            layers: list[tuple[tuple[int, ...], PeftModule | None]], rslora: bool,
            dtype: Any) -> LoraFactors:
@@ -694,11 +692,10 @@ def _stack(source: Path, path: str, leaf: Any, layout: KernelLayout,
                 f"Flax leaf {path!r}, which needs one rank and alpha for all layers"
             )
     r = first.rank
-    extra = {}
+    selection = None
     if len(stack) == 1 and len(present) < len(layers) and first.magnitude is None:
         # layers PEFT left out (layers_to_transform): keep only the adapted ones (layers=)
-        extra = {"layers": tuple(idx[0] for idx, m in layers if m is not None),
-                 "num_layers": stack[0]}
+        selection = LayerSelection(tuple(idx[0] for idx, m in layers if m is not None), stack[0])
         layers = [(idx, m) for idx, m in layers if m is not None]
         stack = (len(layers),)
     a_parts, b_parts, m_parts = [], [], []
@@ -713,7 +710,8 @@ def _stack(source: Path, path: str, leaf: Any, layout: KernelLayout,
                         "missing, and its magnitude (the base weight's norm) needs concrete "
                         "base params, not shapes"
                     )
-                m_parts.append(_dora_norm(leaf, layout, idx).astype(first.magnitude.dtype))
+                norm = column_norm(np.asarray(leaf), layout)[idx]
+                m_parts.append(np.asarray(norm).astype(first.magnitude.dtype))
             continue
         a_parts.append(m.a.reshape(fan_in + (r,)))
         b_parts.append(m.b.reshape((r,) + fan_out))
@@ -724,8 +722,9 @@ def _stack(source: Path, path: str, leaf: Any, layout: KernelLayout,
         return np.stack(parts).reshape(stack + parts[0].shape) if stack else parts[0]
 
     cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
-    return LoraFactors(cast(join(a_parts)), cast(join(b_parts)), first.alpha, rslora, layout,
-                       cast(join(m_parts)) if m_parts else None, **extra)
+    return LoraFactors(cast(join(a_parts)), cast(join(b_parts)), alpha=first.alpha,
+                       layout=layout, rslora=rslora,
+                       magnitude=cast(join(m_parts)) if m_parts else None, layers=selection)
 
 
 def import_peft(
@@ -888,7 +887,7 @@ def describe_peft(path: str | os.PathLike) -> list[dict]:
             "layout": "torch",
             "rank": m.rank,
             "alpha": m.alpha,
-            "scaling": m.alpha / (math.sqrt(m.rank) if rslora else m.rank),
+            "scaling": lora_scale(m.alpha, m.rank, rslora),
             "dtype": dtype_name(m.a.dtype),
             "params": int(n),
             "dora": m.magnitude is not None,

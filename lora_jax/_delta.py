@@ -1,0 +1,500 @@
+"""The delta: how a LoRA update is represented, paired with its base, and measured.
+
+Everything that knows what a delta *is* lives here, and nowhere else:
+
+* :class:`LoraFactors`, the leaf of a delta at a targeted kernel: a frozen
+  dataclass registered as a pytree whose children are the arrays ``a``, ``b``
+  (and DoRA's ``magnitude``) and whose static metadata (``alpha``, ``rslora``,
+  ``layout``, ``layers``) says how to use them. ``jax.jit``, ``jax.grad``,
+  optax and orbax see only the arrays.
+* :class:`LeafDelta`, the leaf of a delta at a leaf trained in full.
+* :class:`LayerSelection`, which stacked layers a kernel's factors hold.
+* :func:`lora_scale`, the one formula for the scale ``s``.
+* :func:`dense_delta`, the dense update ``s A B`` in the kernel's axis order,
+  and :func:`column_norm`, the one DoRA norm ``||W + s A B||_c``.
+* :func:`align`, the pairing of every base leaf with its delta entry, with
+  errors naming the leaf when they do not fit.
+
+For a kernel laid out as ``(*stack, *fan_in, *fan_out)``:
+
+.. math::
+
+   \\Delta W = s \\, A B, \\qquad s = \\alpha / r \\;\\text{(or } \\alpha/\\sqrt{r}
+   \\text{ with rsLoRA)}
+
+with ``A: (*stack, *fan_in, r)`` and ``B: (*stack, r, *fan_out)``, contracted
+over ``r`` and batched over the stacked axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._errors import LoraStructureError
+from lora_jax._layout import KernelLayout
+from lora_jax._paths import leaves_with_paths
+
+Array = jax.Array
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+
+    Example:
+      >>> lora_scale(16.0, 8), lora_scale(16.0, 4, rslora=True)
+      (2.0, 8.0)
+    """
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSelection:
+    """The layers (along the first stacked axis) whose factors a kernel's delta holds.
+
+    The factors then have leading axis ``len(indices)``; every other layer's
+    update is exactly zero (PEFT's ``layers_to_transform``).
+
+    Attributes:
+      indices: distinct layer indices, sorted.
+      total: the full length of the stacked axis.
+
+    Example:
+      >>> sel = LayerSelection((0, 2), total=3)
+      >>> sel.scatter(jnp.ones((2, 1)))[:, 0]
+      Array([1., 0., 1.], dtype=float32)
+    """
+
+    indices: tuple[int, ...]
+    total: int
+
+    def __post_init__(self):
+        idx = tuple(int(i) for i in self.indices)
+        if (not idx or list(idx) != sorted(set(idx)) or idx[0] < 0
+                or not isinstance(self.total, (int, np.integer)) or idx[-1] >= self.total):
+            raise LoraStructureError(
+                f"LayerSelection needs distinct sorted indices in [0, {self.total}), got "
+                f"{self.indices!r}")
+        object.__setattr__(self, "indices", idx)
+        object.__setattr__(self, "total", int(self.total))
+
+    def scatter(self, x: Any) -> Any:
+        """``(len(indices), ...)`` -> ``(total, ...)`` with zeros at the other layers."""
+        x = jnp.asarray(x)
+        return jnp.zeros((self.total,) + x.shape[1:], x.dtype).at[np.asarray(self.indices)].set(x)
+
+    def gather(self, x: Any) -> Any:
+        """``(total, ...)`` -> ``(len(indices), ...)``: the selected layers of ``x``."""
+        return x[np.asarray(self.indices)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """Trainable factors ``a``, ``b`` of one targeted kernel.
+
+    Everything but ``a`` and ``b`` is keyword-only, so a rebuilt factor pair
+    cannot silently drop a field: use :meth:`replace`.
+
+    Attributes:
+      a: ``(*stack, *fan_in, r)`` -- the fan-in side.
+      b: ``(*stack, r, *fan_out)`` -- the fan-out side.
+      alpha: the LoRA alpha of this kernel (static).
+      layout: the kernel's :class:`KernelLayout` (static).
+      rslora: if true the scale is ``alpha / sqrt(r)``, else ``alpha / r`` (static).
+      magnitude: DoRA's trainable magnitude ``(*stack, *fan_out)``, or ``None``
+        for plain LoRA.
+      layers: a :class:`LayerSelection` when only some stacked layers are
+        adapted (``a``, ``b`` then hold only those); ``None``: every layer.
+
+    Example:
+      >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), alpha=16.0,
+      ...                 layout=KernelLayout("io"))
+      >>> f.rank, f.scale, f.kernel_shape
+      (2, 8.0, (4, 3))
+    """
+
+    a: Any
+    b: Any
+    _: dataclasses.KW_ONLY
+    alpha: float
+    layout: KernelLayout
+    rslora: bool = False
+    magnitude: Any = None
+    layers: LayerSelection | None = None
+
+    @property
+    def rank(self) -> int:
+        """The rank ``r``: the last axis of ``a``."""
+        return int(np.shape(self.a)[-1])
+
+    @property
+    def scale(self) -> float:
+        """:func:`lora_scale` of this kernel's alpha and rank."""
+        return lora_scale(self.alpha, self.rank, self.rslora)
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters held by ``a``, ``b`` (and the magnitude)."""
+        extra = 0 if self.magnitude is None else np.size(self.magnitude)
+        return int(np.size(self.a) + np.size(self.b) + extra)
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the kernel these factors adapt, read off ``a``, ``b`` and ``layers``."""
+        ns = len(self.layout.stack_axes)
+        a_shape, b_shape = np.shape(self.a), np.shape(self.b)
+        stack = tuple(a_shape[:ns])
+        if self.layers is not None:
+            stack = (self.layers.total,) + stack[1:]
+        ordered = stack + tuple(a_shape[ns:-1]) + tuple(b_shape[ns + 1:])
+        return tuple(ordered[p] for p in np.argsort(self.layout.permutation))
+
+    def replace(self, **changes: Any) -> "LoraFactors":
+        """A copy with ``changes`` applied (every other field kept)."""
+        return dataclasses.replace(self, **changes)
+
+    def all_layers(self) -> "LoraFactors":
+        """The factors with every stacked layer present (zeros at unselected layers).
+
+        Example:
+          >>> f = LoraFactors(jnp.ones((1, 2, 1)), jnp.ones((1, 1, 3)), alpha=1.0,
+          ...                 layout=KernelLayout("sio"), layers=LayerSelection((2,), 3))
+          >>> f.all_layers().a[:, 0, 0]
+          Array([0., 0., 1.], dtype=float32)
+        """
+        if self.layers is None:
+            return self
+        if self.magnitude is not None:
+            # An unselected layer's DoRA magnitude would have to be its base norm.
+            raise LoraStructureError(
+                f"DoRA magnitudes of layers {self.layers.indices} cannot be filled in for the "
+                f"other layers of {self.layers.total} (their magnitude is the base weight's norm)")
+        return self.replace(a=self.layers.scatter(self.a), b=self.layers.scatter(self.b),
+                            layers=None)
+
+    def select_layers(self, layers: LayerSelection) -> "LoraFactors":
+        """The factors of ``layers`` only (from factors holding every layer)."""
+        if self.layers is not None:
+            raise LoraStructureError(f"the factors already hold a layer selection ({self.layers})")
+        return self.replace(a=layers.gather(self.a), b=layers.gather(self.b), layers=layers)
+
+
+jax.tree_util.register_dataclass(
+    LoraFactors, data_fields=["a", "b", "magnitude"],
+    meta_fields=["alpha", "layout", "rslora", "layers"]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafDelta:
+    """A leaf trained in full beside the low-rank factors (a bias, a head, a norm).
+
+    Stored additively, like the factors: the adapted value is ``W + diff``,
+    ``diff`` starts at zero (so step 0 is the base model), weight decay pulls it
+    back toward the base, and :func:`lora_jax.unmerge` is exact. PEFT's
+    ``modules_to_save`` / ``bias="all"`` hold ``W + diff``.
+
+    Attributes:
+      diff: an array with the leaf's shape.
+
+    Example:
+      >>> LeafDelta(jnp.zeros((3,))).kernel_shape
+      (3,)
+    """
+
+    diff: Any
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the leaf this delta adapts."""
+        return tuple(np.shape(self.diff))
+
+
+jax.tree_util.register_dataclass(LeafDelta, data_fields=["diff"], meta_fields=[])
+
+
+def is_factors(x: Any) -> bool:
+    """True for a :class:`LoraFactors` node (use as ``is_leaf`` in tree maps).
+
+    Example:
+      >>> is_factors(LoraFactors(jnp.ones((2, 1)), jnp.ones((1, 2)), alpha=1.0,
+      ...                        layout=KernelLayout("io")))
+      True
+    """
+    return isinstance(x, LoraFactors)
+
+
+def is_delta_leaf(x: Any) -> bool:
+    """True for a :class:`LoraFactors` or :class:`LeafDelta` node.
+
+    Example:
+      >>> is_delta_leaf(LeafDelta(jnp.zeros(2))), is_delta_leaf(jnp.zeros(2))
+      (True, False)
+    """
+    return isinstance(x, (LoraFactors, LeafDelta))
+
+
+# --------------------------------------------------------------------------- dense forms
+
+
+def factor_product(a: Array, b: Array, scale: float, n_stack: int) -> Array:
+    """``scale * A @ B`` in factor order ``(*stack, *fan_in, *fan_out)``, float32.
+
+    Args:
+      a: ``(*stack, *fan_in, r)``.
+      b: ``(*stack, r, *fan_out)``.
+      scale: ``s``.
+      n_stack: number of leading stacked axes.
+
+    Example:
+      >>> factor_product(jnp.ones((3, 1)), jnp.ones((1, 2)), 2.0, 0).shape
+      (3, 2)
+    """
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    stack, fan_in, fan_out = a.shape[:n_stack], a.shape[n_stack:-1], b.shape[n_stack + 1:]
+    r = a.shape[-1]
+    dense = jnp.matmul(a.reshape(stack + (math.prod(fan_in), r)),
+                       b.reshape(stack + (r, math.prod(fan_out))),
+                       precision=jax.lax.Precision.HIGHEST) * scale
+    return dense.reshape(stack + fan_in + fan_out)
+
+
+def dense_delta(factors: LoraFactors) -> Array:
+    """The dense update ``s * A @ B`` in the kernel's own axis order, in float32.
+
+    Args:
+      factors: ``a: (*stack, *fan_in, r)``, ``b: (*stack, r, *fan_out)``.
+
+    Returns:
+      A float32 array with the kernel's shape (every stacked layer).
+
+    Example:
+      >>> f = LoraFactors(jnp.ones((3, 1)), jnp.ones((1, 2)), alpha=2.0, layout=KernelLayout("io"))
+      >>> dense_delta(f)
+      Array([[2., 2.],
+             [2., 2.],
+             [2., 2.]], dtype=float32)
+    """
+    factors = factors.all_layers()
+    layout = factors.layout
+    dense = factor_product(factors.a, factors.b, factors.scale, len(layout.stack_axes))
+    return jnp.transpose(dense, np.argsort(layout.permutation))
+
+
+# --------------------------------------------------------------------------- DoRA
+
+
+def factor_order_norm(w: Array, a: Array | None, b: Array | None, scale: float,
+                      n_stack: int) -> Array:
+    """``||W + s A B||`` over the fan-in axes, ``(*stack, *fan_out)`` float32.
+
+    ``w`` is in factor order ``(*stack, *fan_in, *fan_out)``. The squared norm
+    of each output column is expanded so that no dense ``W + s A B`` is formed:
+    with ``W``, ``A``, ``B`` as ``(K, N)``, ``(K, r)``, ``(r, N)`` per stacked
+    kernel, ``||W_j||^2 + 2 s (W^T A)_j . B_j + s^2 B_j^T (A^T A) B_j``.
+    ``a = b = None`` gives ``||W||`` alone.
+
+    Example:
+      >>> float(factor_order_norm(jnp.array([[3.0], [4.0]]), None, None, 1.0, 0)[0])
+      5.0
+    """
+    w = jnp.asarray(w, jnp.float32)
+    stack = w.shape[:n_stack]
+    n_in = w.ndim - n_stack - (np.ndim(b) - n_stack - 1 if b is not None else 1)
+    fan_out = w.shape[n_stack + n_in:]
+    w2 = w.reshape(stack + (-1, math.prod(fan_out)))
+    sq = jnp.sum(w2 * w2, axis=-2)
+    if a is not None:
+        a = jnp.asarray(a, jnp.float32)
+        r = a.shape[-1]
+        a2 = a.reshape(stack + (-1, r))
+        b2 = jnp.asarray(b, jnp.float32).reshape(stack + (r, math.prod(fan_out)))
+        hi = jax.lax.Precision.HIGHEST
+        wta = jnp.matmul(jnp.swapaxes(w2, -1, -2), a2, precision=hi)           # (N, r)
+        gram = jnp.matmul(jnp.swapaxes(a2, -1, -2), a2, precision=hi)          # (r, r)
+        sq = (sq + 2 * scale * jnp.sum(jnp.swapaxes(wta, -1, -2) * b2, axis=-2)
+              + scale * scale * jnp.sum(b2 * jnp.matmul(gram, b2, precision=hi), axis=-2))
+    return jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(stack + fan_out)
+
+
+def column_norm(kernel: Array, layout: KernelLayout, factors: LoraFactors | None = None
+                ) -> Array:
+    """DoRA's ``||W + s A B||_c``: the L2 norm over the fan-in axes, ``(*stack, *fan_out)``.
+
+    PEFT's per-output-feature weight norm, for Linear, Conv and Embedding
+    alike, in float32; without ``factors``, ``||W||_c``.
+
+    Example:
+      >>> column_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), KernelLayout("io"))
+      Array([5., 1.], dtype=float32)
+    """
+    w = jnp.transpose(jnp.asarray(kernel, jnp.float32), layout.permutation)
+    ns = len(layout.stack_axes)
+    if factors is None:
+        n_in = len(layout.in_axes)
+        return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(ns, ns + n_in))))
+    factors = factors.all_layers()
+    return factor_order_norm(w, factors.a, factors.b, factors.scale, ns)
+
+
+def to_kernel_axes(per_output: Array, layout: KernelLayout) -> Array:
+    """Broadcasts a ``(*stack, *fan_out)`` array against the kernel's axes.
+
+    Example:
+      >>> to_kernel_axes(jnp.ones(3), KernelLayout("io")).shape
+      (1, 3)
+    """
+    ns, ni = len(layout.stack_axes), len(layout.in_axes)
+    x = jnp.expand_dims(per_output, tuple(range(ns, ns + ni)))
+    return jnp.transpose(x, np.argsort(layout.permutation))
+
+
+def dora_weight(kernel: Array, factors: LoraFactors, norm: Array | None = None) -> Array:
+    """DoRA's merged kernel ``m * (W + s A B) / ||W + s A B||_c``, float32, kernel order.
+
+    Args:
+      kernel: ``W``, any dtype.
+      factors: factors with a ``magnitude`` ``(*stack, *fan_out)``.
+      norm: ``||W + s A B||_c`` if already known; it is treated as a constant
+        (``stop_gradient``), as in the DoRA paper and PEFT.
+
+    Example:
+      >>> f = LoraFactors(jnp.zeros((2, 1)), jnp.zeros((1, 2)), alpha=1.0,
+      ...                 layout=KernelLayout("io"), magnitude=jnp.array([10.0, 1.0]))
+      >>> dora_weight(jnp.array([[3.0, 0.0], [4.0, 1.0]]), f)
+      Array([[6., 0.],
+             [8., 1.]], dtype=float32)
+    """
+    layout = factors.layout
+    merged = jnp.asarray(kernel, jnp.float32) + dense_delta(factors)
+    if norm is None:
+        norm = column_norm(kernel, layout, factors)
+    ratio = jnp.asarray(factors.magnitude, jnp.float32) / jax.lax.stop_gradient(norm)
+    return merged * to_kernel_axes(ratio, layout)
+
+
+# --------------------------------------------------------------------------- pairing
+
+
+Row = tuple[str, Any, Any]  # (path, base leaf, LoraFactors | LeafDelta | None)
+
+
+def align(params: Any, delta: Any) -> tuple[list[Row], Any]:
+    """Pairs every leaf of ``params`` with its delta entry (or None).
+
+    Args:
+      params: a params pytree.
+      delta: a delta with the same structure (``None``, :class:`LoraFactors`
+        or :class:`LeafDelta` at each leaf).
+
+    Returns:
+      ``([(path, leaf, entry_or_None), ...], treedef_of_params)``.
+
+    Raises:
+      LoraStructureError: the delta's structure differs from the params', or
+        an entry does not fit its leaf's shape; the message names the leaf.
+
+    Example:
+      >>> rows, _ = align({"w": jnp.ones((2, 2))}, {"w": None})
+      >>> rows[0][0], rows[0][2]
+      ('w', None)
+    """
+    leaves, treedef = leaves_with_paths(params)
+    try:
+        entries = treedef.flatten_up_to(delta)
+    except (ValueError, TypeError) as e:
+        raise LoraStructureError(_structure_message(params, delta, e)) from None
+    for (path, leaf), entry in zip(leaves, entries):
+        if entry is not None:
+            check_fits(path, tuple(getattr(leaf, "shape", ())), entry)
+    return [(path, leaf, entry) for (path, leaf), entry in zip(leaves, entries)], treedef
+
+
+def check_fits(path: str, shape: tuple[int, ...], entry: Any) -> None:
+    """Raises :class:`LoraStructureError` unless ``entry`` adapts a leaf of ``shape``.
+
+    Example:
+      >>> check_fits("w", (2, 3), LeafDelta(jnp.zeros((2, 2))))
+      Traceback (most recent call last):
+      ...
+      lora_jax._errors.LoraStructureError: leaf 'w': the trained-in-full delta has shape (2, 2), the base leaf (2, 3)
+    """
+    if isinstance(entry, LeafDelta):
+        if entry.kernel_shape != shape:
+            raise LoraStructureError(
+                f"leaf {path!r}: the trained-in-full delta has shape {entry.kernel_shape}, "
+                f"the base leaf {shape}")
+        return
+    if not is_factors(entry):
+        raise LoraStructureError(
+            f"leaf {path!r}: the delta holds {type(entry).__name__}, expected LoraFactors, "
+            "LeafDelta or None")
+    layout = entry.layout
+    if len(shape) != layout.ndim:
+        raise LoraStructureError(
+            f"leaf {path!r}: the base kernel has shape {shape} but the delta's layout "
+            f"{layout.axes!r} is for a {layout.ndim}-D kernel")
+    if entry.layers is not None and (
+            not layout.stack_axes or entry.layers.total != shape[layout.stack_axes[0]]):
+        raise LoraStructureError(
+            f"leaf {path!r}: factors for layers {entry.layers.indices} of {entry.layers.total} "
+            f"do not fit a kernel of shape {shape} (layout {layout.axes!r})")
+    want = layout.factor_shapes(shape, entry.rank)
+    if entry.layers is not None:  # only the selected layers of the first stacked axis
+        want = tuple((len(entry.layers.indices),) + w[1:] for w in want)
+    got = (tuple(np.shape(entry.a)), tuple(np.shape(entry.b)))
+    if got != want:
+        raise LoraStructureError(
+            f"leaf {path!r}: factors A{got[0]} B{got[1]} do not fit the base kernel of shape "
+            f"{shape} (layout {layout.axes!r}); expected A{want[0]} B{want[1]}")
+
+
+def _structure_message(params: Any, delta: Any, error: Exception) -> str:
+    base_paths = [p for p, _ in leaves_with_paths(params)[0]]
+    delta_paths = [p for p, _ in leaves_with_paths(delta, is_leaf=is_delta_leaf)[0]]
+    unknown = [p for p in delta_paths if p not in set(base_paths)]
+    if unknown:
+        return (f"the delta has factors at {unknown[:5]}, which are not leaves of the base "
+                f"(base leaves: {base_paths[:6]}...)")
+    entries = leaves_with_paths(delta, is_leaf=lambda x: x is None or is_delta_leaf(x))[0]
+    missing = [p for p in base_paths if p not in {q for q, _ in entries}]
+    if missing:
+        return ("the delta's tree structure does not match the base's: it has no entry "
+                f"(LoraFactors or None) for the base leaves {missing[:5]}")
+    return f"the delta's tree structure does not match the base's: {error}"
+
+
+def map_entries(fn: Callable[[str, Any, Any], Any], params: Any, delta: Any,
+                skip: Callable[[Any], bool] = lambda entry: entry is None) -> Any:
+    """``params`` with each leaf replaced by ``fn(path, leaf, entry)``, except where ``skip(entry)``.
+
+    Example:
+      >>> map_entries(lambda p, w, e: w + e.diff, {"w": jnp.ones(2)},
+      ...             {"w": LeafDelta(jnp.ones(2))})["w"]
+      Array([2., 2.], dtype=float32)
+    """
+    rows, treedef = align(params, delta)
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaf if skip(entry) else fn(path, leaf, entry) for path, leaf, entry in rows])
+
+
+def delta_entries(delta: Any) -> list[tuple[str, Any]]:
+    """``[(path, LoraFactors | LeafDelta | None), ...]`` of a delta; anything else is an error.
+
+    Example:
+      >>> delta_entries({"w": LeafDelta(jnp.zeros(2)), "b": None})
+      [('b', None), ('w', LeafDelta(diff=Array([0., 0.], dtype=float32)))]
+    """
+    entries, _ = leaves_with_paths(delta, is_leaf=lambda x: x is None or is_delta_leaf(x))
+    for path, leaf in entries:
+        if leaf is not None and not is_delta_leaf(leaf):
+            raise LoraStructureError(
+                f"leaf {path!r}: a delta holds LoraFactors, LeafDelta or None at each leaf, got "
+                f"{type(leaf).__name__} (pass the delta, not the params)")
+    return entries

@@ -1,0 +1,73 @@
+"""Lower-level building blocks of lora_jax, for users who extend it.
+
+No stability promise: names here may change between minor versions. The
+public API is what ``lora_jax`` itself exports.
+
+========================  =====================================================
+name                      what it is
+========================  =====================================================
+``LayerSelection``        which stacked layers a kernel's factors hold
+``Target``                one kernel chosen by a config (shape, layout, rank, alpha)
+``select_targets``        the validated targets of a config, without making arrays
+``select_extra_trainable``  the leaves a config trains in full
+``default_layout``        the layout assumed for a 2-D kernel
+``init_factors``          one target's freshly drawn factors
+``lora_scale``            ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)
+``dense_delta``           the dense update ``s A B`` of one factor pair
+``column_norm``           DoRA's ``||W + s A B||_c``
+``align``                 every base leaf paired with its delta entry
+``is_factors``            ``is_leaf`` for :class:`~lora_jax.LoraFactors`
+``is_delta_leaf``         ``is_leaf`` for factors and :class:`~lora_jax.LeafDelta`
+``trainable_mask``        the mask behind :func:`~lora_jax.train_delta_only`
+``factor_specs``          ``PartitionSpec`` s of ``A``, ``B``, magnitude from a kernel's
+``leaves_with_paths``     ``[(path, leaf)]`` with lora_jax's path strings
+``path_str``              a JAX key path as a lora_jax path string
+``tree_bytes``            bytes held by a pytree's arrays
+``LoraSummary``           the report :func:`~lora_jax.summarize` returns
+========================  =====================================================
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from lora_jax import advanced
+  >>> advanced.lora_scale(16.0, 8)
+  2.0
+"""
+
+from lora_jax._delta import (
+    LayerSelection,
+    align,
+    column_norm,
+    dense_delta,
+    is_delta_leaf,
+    is_factors,
+    lora_scale,
+)
+from lora_jax._init import init_factors
+from lora_jax._layout import default_layout
+from lora_jax._optim import trainable_mask
+from lora_jax._paths import leaves_with_paths, path_str
+from lora_jax._sharding import factor_specs
+from lora_jax._summary import LeafSummary, LoraSummary, tree_bytes
+from lora_jax._targets import Target, select_extra_trainable, select_targets
+
+__all__ = [
+    "LayerSelection",
+    "LeafSummary",
+    "LoraSummary",
+    "Target",
+    "align",
+    "column_norm",
+    "default_layout",
+    "dense_delta",
+    "factor_specs",
+    "init_factors",
+    "is_delta_leaf",
+    "is_factors",
+    "leaves_with_paths",
+    "lora_scale",
+    "path_str",
+    "select_extra_trainable",
+    "select_targets",
+    "tree_bytes",
+    "trainable_mask",
+]
