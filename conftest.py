@@ -1,15 +1,2 @@
-"""Names every docstring example in lora_jax may use without importing them."""
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import pytest
-
-import lora_jax
-
-
-@pytest.fixture(autouse=True)
-def _doctest_names(doctest_namespace):
-    doctest_namespace.update(jax=jax, jnp=jnp, np=np, optax=optax)
-    doctest_namespace.update({name: getattr(lora_jax, name) for name in lora_jax.__all__})
+"""Doctests run with their module's own globals only: every public example
+imports what it uses, as a reader pasting it into a fresh interpreter would."""

@@ -77,7 +77,8 @@ class LoraConfig:
         they are an error.
 
     Example:
-      >>> cfg = LoraConfig(targets=r".*/(query|value)/kernel", rank=8, alpha=16)
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> cfg = lj.LoraConfig(targets=r".*/(query|value)/kernel", rank=8, alpha=16)
       >>> cfg.rank_for("params/block_0/query/kernel"), cfg.scale_for(8, 16.0)
       (8, 2.0)
     """

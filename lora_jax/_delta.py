@@ -112,8 +112,9 @@ class LoraFactors:
         adapted (``a``, ``b`` then hold only those); ``None``: every layer.
 
     Example:
-      >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), alpha=16.0,
-      ...                 layout=KernelLayout("io"))
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> f = lj.LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), alpha=16.0,
+      ...                    layout=lj.KernelLayout("io"))
       >>> f.rank, f.scale, f.kernel_shape
       (2, 8.0, (4, 3))
     """
@@ -162,8 +163,10 @@ class LoraFactors:
         """The factors with every stacked layer present (zeros at unselected layers).
 
         Example:
-          >>> f = LoraFactors(jnp.ones((1, 2, 1)), jnp.ones((1, 1, 3)), alpha=1.0,
-          ...                 layout=KernelLayout("sio"), layers=LayerSelection((2,), 3))
+          >>> import jax.numpy as jnp, lora_jax as lj
+          >>> f = lj.LoraFactors(jnp.ones((1, 2, 1)), jnp.ones((1, 1, 3)), alpha=1.0,
+          ...                    layout=lj.KernelLayout("sio"),
+          ...                    layers=lj.advanced.LayerSelection((2,), 3))
           >>> f.all_layers().a[:, 0, 0]
           Array([0., 0., 1.], dtype=float32)
         """
@@ -203,7 +206,8 @@ class LeafDelta:
       diff: an array with the leaf's shape.
 
     Example:
-      >>> LeafDelta(jnp.zeros((3,))).kernel_shape
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> lj.LeafDelta(jnp.zeros((3,))).kernel_shape
       (3,)
     """
 

@@ -56,8 +56,9 @@ def init_factors(key: Array, target: Target, scheme: str, dtype: Any, rslora: bo
       ``LoraFactors`` with ``a: (*stack, *fan_in, r)``, ``b: (*stack, r, *fan_out)``.
 
     Example:
-      >>> t = select_targets({"w": jnp.ones((6, 4))}, LoraConfig(targets="w", rank=2))["w"]
-      >>> f = init_factors(jax.random.key(0), t, "kaiming", jnp.float32, False)
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> t = lj.advanced.select_targets({"w": jnp.ones((6, 4))}, lj.LoraConfig(targets="w", rank=2))["w"]
+      >>> f = lj.advanced.init_factors(jax.random.key(0), t, "kaiming", jnp.float32, False)
       >>> f.a.shape, f.b.shape, float(jnp.abs(f.b).max())
       ((6, 2), (2, 4), 0.0)
     """
@@ -113,8 +114,9 @@ def init_lora(
       ``(base, delta)``.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
-      >>> base, delta = init_lora(jax.random.key(0), params, LoraConfig(targets=".*kernel", rank=4))
+      >>> base, delta = lj.init_lora(jax.random.key(0), params, lj.LoraConfig(targets=".*kernel", rank=4))
       >>> delta["dense"]["bias"] is None, delta["dense"]["kernel"].a.shape
       (True, (16, 4))
     """

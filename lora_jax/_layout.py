@@ -52,7 +52,8 @@ class KernelLayout:
       kind: ``'dense'``, ``'conv'`` or ``'embed'``.
 
     Example:
-      >>> KernelLayout("iio").factor_shapes((8, 64, 512), rank=4)
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> lj.KernelLayout("iio").factor_shapes((8, 64, 512), rank=4)
       ((8, 64, 4), (4, 512))
     """
 
@@ -134,7 +135,8 @@ def default_layout(path: str, shape: Sequence[int]) -> KernelLayout:
     ``layouts=``) or a traced one (:func:`lora_jax.infer_layouts`).
 
     Example:
-      >>> default_layout("params/Embed_0/embedding", (100, 16))
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> lj.advanced.default_layout("params/Embed_0/embedding", (100, 16))
       KernelLayout(axes='io', kind='embed')
     """
     if len(shape) == 2:

@@ -57,9 +57,10 @@ def trainable_mask(tree: Any, extra_trainable: Sequence[str] = ()) -> Any:
       A pytree with ``tree``'s structure and bool leaves.
 
     Example:
-      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
-      ...                         LoraConfig(targets="w", rank=2))
-      >>> jax.tree.leaves(trainable_mask({"base": base, "delta": delta}))
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
+      ...                         lj.LoraConfig(targets="w", rank=2))
+      >>> jax.tree.leaves(lj.advanced.trainable_mask({"base": base, "delta": delta}))
       [False, True, True]
     """
 
@@ -89,8 +90,9 @@ def train_delta_only(
       An ``optax.GradientTransformation`` over the combined tree.
 
     Example:
-      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
-      ...                         LoraConfig(targets="w", rank=2))
+      >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
+      ...                         lj.LoraConfig(targets="w", rank=2))
       >>> opt = lj.train_delta_only(optax.adam(1e-3))
       >>> state = opt.init({"base": base, "delta": delta})
     """
@@ -105,8 +107,9 @@ def b_mask(tree: Any) -> Any:
     """Boolean pytree, True exactly at the ``b`` arrays of every ``LoraFactors``.
 
     Example:
-      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
-      ...                         LoraConfig(targets="w", rank=2))
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
+      ...                         lj.LoraConfig(targets="w", rank=2))
       >>> b_mask(delta)["w"].a, b_mask(delta)["w"].b
       (False, True)
     """
@@ -133,9 +136,10 @@ def lora_plus(optimizer: optax.GradientTransformation, ratio: float = 16.0
       ``optax.chain(optimizer, masked(scale(ratio), b_mask))``.
 
     Example:
-      >>> opt = lora_plus(optax.sgd(0.1), ratio=4.0)
-      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
-      ...                         LoraConfig(targets="w", rank=2))
+      >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+      >>> opt = lj.lora_plus(optax.sgd(0.1), ratio=4.0)
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
+      ...                         lj.LoraConfig(targets="w", rank=2))
       >>> ones = jax.tree.map(jnp.ones_like, delta)
       >>> updates, _ = opt.update(ones, opt.init(delta))
       >>> round(float(updates["w"].a[0, 0]), 6), round(float(updates["w"].b[0, 0]), 6)

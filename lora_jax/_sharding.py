@@ -70,11 +70,12 @@ def factor_specs(kernel_spec: P | Sequence[Any], layout: KernelLayout | str) -> 
       the rank axis is never sharded.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> from jax.sharding import PartitionSpec as P
-      >>> a, b, m = factor_specs(P("fsdp", "tensor"), "io")
+      >>> a, b, m = lj.advanced.factor_specs(P("fsdp", "tensor"), "io")
       >>> tuple(a), tuple(b), tuple(m)
       (('fsdp', None), (None, 'tensor'), ('tensor',))
-      >>> a, b, _ = factor_specs(P(None, "fsdp", "tensor", None), "sioo")  # stacked q-proj
+      >>> a, b, _ = lj.advanced.factor_specs(P(None, "fsdp", "tensor", None), "sioo")  # stacked q-proj
       >>> tuple(a), tuple(b)
       ((None, 'fsdp', None), (None, None, 'tensor', None))
     """
@@ -293,12 +294,13 @@ def param_shardings(tree: Any, mesh: Any = None, *, rules: Rules | None = None) 
         divide (when shapes are known); the message names the leaf path.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> import flax.linen as nn
       >>> mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
       >>> init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
       >>> variables = jax.eval_shape(nn.Dense(16, kernel_init=init).init, jax.random.key(0),
       ...                            jnp.ones((1, 8)))
-      >>> sh = param_shardings(variables, mesh, rules=(("embed", "fsdp"), ("mlp", "tensor")))
+      >>> sh = lj.param_shardings(variables, mesh, rules=(("embed", "fsdp"), ("mlp", "tensor")))
       >>> sh["params"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
       True
     """
@@ -351,12 +353,13 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
         axis without a rule); the message names the leaf path.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> from jax.sharding import PartitionSpec as P
       >>> mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
       >>> params = {"up": jax.ShapeDtypeStruct((64, 256), jnp.float32)}
-      >>> cfg = LoraConfig(targets="up", rank=8)
-      >>> delta = jax.eval_shape(lambda k: init_lora(k, params, cfg)[1], jax.random.key(0))
-      >>> sh = delta_shardings({"up": P("fsdp", "tensor")}, delta, mesh)["up"]
+      >>> cfg = lj.LoraConfig(targets="up", rank=8)
+      >>> delta = jax.eval_shape(lambda k: lj.init_lora(k, params, cfg)[1], jax.random.key(0))
+      >>> sh = lj.delta_shardings({"up": P("fsdp", "tensor")}, delta, mesh)["up"]
       >>> tuple(sh.a.spec), tuple(sh.b.spec), sh.a.shard_shape((64, 8)), sh.b.shard_shape((8, 256))
       (('fsdp', None), (None, 'tensor'), (32, 8), (8, 64))
     """
@@ -507,12 +510,13 @@ def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shar
       LoraShardingError: the shardings do not fit (see :func:`delta_shardings`).
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> import numpy as np
       >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
       >>> params = {"w": jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("fsdp", "tensor")))}
-      >>> cfg = LoraConfig(targets="w", rank=2)
-      >>> base, delta = init_lora_sharded(jax.random.key(0), params, cfg)  # specs from params
+      >>> cfg = lj.LoraConfig(targets="w", rank=2)
+      >>> base, delta = lj.init_lora_sharded(jax.random.key(0), params, cfg)  # specs from params
       >>> tuple(delta["w"].a.sharding.spec), tuple(delta["w"].b.sharding.spec)
       (('fsdp', None), (None, 'tensor'))
     """
@@ -574,13 +578,14 @@ def opt_state_shardings(opt_state: Any, delta_shardings: Any) -> Any:
       ``jax.jit(optimizer.init, out_shardings=...)`` and the train step.
 
     Example:
+      >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
       >>> from jax.sharding import PartitionSpec as P
       >>> mesh = jax.sharding.AbstractMesh((2,), ("fsdp",))
-      >>> delta = jax.eval_shape(lambda k: init_lora(k, {"w": jnp.ones((8, 4))},
-      ...                        LoraConfig(targets="w", rank=2))[1], jax.random.key(0))
-      >>> dsh = delta_shardings({"w": P("fsdp")}, delta, mesh)
+      >>> delta = jax.eval_shape(lambda k: lj.init_lora(k, {"w": jnp.ones((8, 4))},
+      ...                        lj.LoraConfig(targets="w", rank=2))[1], jax.random.key(0))
+      >>> dsh = lj.delta_shardings({"w": P("fsdp")}, delta, mesh)
       >>> state = jax.eval_shape(optax.adam(1e-3).init, delta)
-      >>> sh = opt_state_shardings(state, dsh)
+      >>> sh = lj.opt_state_shardings(state, dsh)
       >>> sh[0].mu["w"].a.spec == P("fsdp", None), sh[0].count.spec == P()
       (True, True)
     """

@@ -80,9 +80,10 @@ def summarize(params: Any, delta: Any) -> LoraSummary:
       A :class:`LoraSummary`; ``print(summary.table())`` shows it.
 
     Example:
-      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
-      ...                         LoraConfig(targets="w", rank=2))
-      >>> s = summarize(base, delta)
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
+      ...                         lj.LoraConfig(targets="w", rank=2))
+      >>> s = lj.summarize(base, delta)
       >>> s.trainable_params, round(s.trainable_percent, 2)
       (16, 50.0)
     """
@@ -99,7 +100,18 @@ def _row(path: str, shape: tuple[int, ...], f: Any) -> LeafSummary:
 
 
 def print_summary(params: Any, delta: Any) -> LoraSummary:
-    """Prints :func:`summarize`'s table and returns the summary."""
+    """Prints :func:`summarize`'s table and returns the summary.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 4))},
+      ...                            lj.LoraConfig(targets="w", rank=2))
+      >>> _ = lj.print_summary(base, delta)
+      path  kind   shape  layout  r  alpha  scale  params
+      ----  -----  -----  ------  -  -----  -----  ------
+      w     dense  4x4    io      2  16     8      16
+      trainable params: 16 || all params: 32 || trainable%: 50.0000
+    """
     summary = summarize(params, delta)
     print(summary.table())
     return summary
@@ -109,6 +121,7 @@ def count_params(tree: Any) -> int:
     """Number of scalars in the array leaves of ``tree``.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> import jax.numpy as jnp, lora_jax as lj
       >>> lj.count_params({"a": jnp.ones((2, 3)), "b": None})
       6
@@ -120,7 +133,8 @@ def tree_bytes(tree: Any) -> int:
     """Bytes held by the array leaves of ``tree`` (e.g. an optimizer state).
 
     Example:
-      >>> tree_bytes({"a": jnp.ones((2, 3), jnp.float32)})
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> lj.advanced.tree_bytes({"a": jnp.ones((2, 3), jnp.float32)})
       24
     """
     return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)

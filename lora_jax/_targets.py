@@ -72,8 +72,9 @@ def select_targets(
       LoraConfigError: a rank exceeds ``min(fan_in, fan_out)`` of its kernel.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> params = {"dense": {"kernel": jnp.zeros((16, 32)), "bias": jnp.zeros(32)}}
-      >>> t = select_targets(params, LoraConfig(targets=".*/kernel", rank=4))
+      >>> t = lj.advanced.select_targets(params, lj.LoraConfig(targets=".*/kernel", rank=4))
       >>> t["dense/kernel"].factor_shapes()
       ((16, 4), (4, 32))
     """
@@ -160,9 +161,10 @@ def select_extra_trainable(params: Any, config: LoraConfig, targets: Mapping[str
         also a LoRA target, or is not a floating array.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> params = {"dense": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}}
-      >>> cfg = LoraConfig(targets=".*kernel", rank=2, bias="lora_only")
-      >>> select_extra_trainable(params, cfg, select_targets(params, cfg))
+      >>> cfg = lj.LoraConfig(targets=".*kernel", rank=2, bias="lora_only")
+      >>> lj.advanced.select_extra_trainable(params, cfg, lj.advanced.select_targets(params, cfg))
       ['dense/bias']
     """
     leaves, _ = leaves_with_paths(params)

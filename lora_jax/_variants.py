@@ -41,9 +41,10 @@ def with_dora(base: Any, delta: Any) -> Any:
     is unchanged.
 
     Example:
-      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 3))},
-      ...                         LoraConfig(targets="w", rank=2))
-      >>> with_dora(base, delta)["w"].magnitude
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 3))},
+      ...                         lj.LoraConfig(targets="w", rank=2))
+      >>> lj.with_dora(base, delta)["w"].magnitude
       Array([2., 2., 2.], dtype=float32)
     """
 
@@ -73,10 +74,11 @@ def pissa(base: Any, delta: Any, niter: int | None = None, key: Array | None = N
       LoraConfigError: ``r`` exceeds the numerical rank of a kernel.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> w = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
-      >>> base, delta = init_lora(jax.random.key(0), {"w": w}, LoraConfig(targets="w", rank=1))
-      >>> new_base, delta = pissa(base, delta)
-      >>> new_base["w"].diagonal(), merge(new_base, delta)["w"].diagonal()
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": w}, lj.LoraConfig(targets="w", rank=1))
+      >>> new_base, delta = lj.pissa(base, delta)
+      >>> new_base["w"].diagonal(), lj.merge(new_base, delta)["w"].diagonal()
       (Array([0., 2., 1.], dtype=float32), Array([3., 2., 1.], dtype=float32))
     """
     key = jax.random.key(0) if key is None else key
@@ -100,10 +102,11 @@ def olora(base: Any, delta: Any) -> tuple[Any, Any]:
       ``(residual_base, delta)``.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> w = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-      >>> base, delta = init_lora(jax.random.key(0), {"w": w}, LoraConfig(targets="w", rank=1))
-      >>> new_base, delta = olora(base, delta)
-      >>> bool(jnp.allclose(merge(new_base, delta)["w"], w, atol=1e-6))
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": w}, lj.LoraConfig(targets="w", rank=1))
+      >>> new_base, delta = lj.olora(base, delta)
+      >>> bool(jnp.allclose(lj.merge(new_base, delta)["w"], w, atol=1e-6))
       True
     """
 

@@ -24,6 +24,7 @@ name                      what it is
 ``path_str``              a JAX key path as a lora_jax path string
 ``tree_bytes``            bytes held by a pytree's arrays
 ``LoraSummary``           the report :func:`~lora_jax.summarize` returns
+``LeafSummary``           one row of a ``LoraSummary``
 ========================  =====================================================
 
 Example:
