@@ -40,7 +40,8 @@ class CliError(Exception):
 
 
 def _adapter_format(path: Path) -> str:
-    from lora_jax._lora_format import CONFIG_NAME, LoraFileError, read_json
+    from lora_jax._errors import LoraFileError
+    from lora_jax._file_io import CONFIG_NAME, read_json
 
     if not path.is_dir():
         raise LoraFileError(f"{path}: adapter directory not found")
@@ -71,7 +72,8 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
 
     Returns ``(tree, "safetensors" | "orbax", safetensors metadata)``.
     """
-    from lora_jax._lora_format import LoraFileError, nested_from_paths, open_safetensors, read_tensor
+    from lora_jax._errors import LoraFileError
+    from lora_jax._file_io import nested_from_paths, open_safetensors, read_tensor
 
     if path.is_dir():
         try:
@@ -106,7 +108,8 @@ def _load_adapter(path: Path, base: Any, args: argparse.Namespace) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lora_jax._lora_format import describe, read_json
+    from lora_jax._file_io import read_json
+    from lora_jax._lora_format import describe
     from lora_jax._peft_format import describe_peft
 
     path = Path(args.adapter)
@@ -159,7 +162,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from lora_jax import merge
     from lora_jax._delta import delta_entries
-    from lora_jax._lora_format import atomic_write, write_safetensors
+    from lora_jax._atomic import atomic_write
+    from lora_jax._file_io import write_safetensors
     from lora_jax._paths import leaves_with_paths
 
     out = Path(args.out)

@@ -59,20 +59,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._lora_format import (
+from lora_jax._atomic import commit_file, fsync_dir, stage_file
+from lora_jax._file_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    commit_file,
     dtype_name,
-    fsync_dir,
+    json_writer,
     nested_from_paths,
     open_safetensors,
     read_json,
     read_tensor,
-    stage_file,
     tensor_info,
     to_numpy,
-    write_json,
     write_safetensors,
 )
 from lora_jax._delta import (
@@ -442,7 +440,7 @@ def export_peft(
     try:
         write = lambda t: write_safetensors(t, tensors, {"format": "pt"})  # noqa: E731
         staged.append(stage_file(weights, write))
-        staged.append(stage_file(cfg_path, write_json(cfg_path, config)))
+        staged.append(stage_file(cfg_path, json_writer(config)))
         commit_file(staged[0], weights)
         commit_file(staged[1], cfg_path)
     except BaseException:
