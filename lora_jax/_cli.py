@@ -54,7 +54,7 @@ def _adapter_format(path: Path) -> str:
 
 
 def _name_map(args: argparse.Namespace) -> Any:
-    from lora_jax._peft_format import NameMap
+    from lora_jax._peft_names import NameMap
 
     return NameMap.from_json(args.name_map) if args.name_map else None
 
