@@ -1,4 +1,4 @@
-"""Writing files atomically: a temporary sibling, ``fsync``, ``os.replace``, ``fsync`` of the directory.
+"""Writing files atomically: a temporary sibling, fsync, ``os.replace``, then fsync the directory.
 
 A file written with :func:`atomic_write` is either the old file or the new
 one, never half of each, even if the process is killed mid-write (what a
@@ -133,7 +133,7 @@ class StagedFiles:
         return tmp
 
     def commit(self) -> None:
-        """Renames every staged file over its target, in staging order, then fsyncs the directory."""
+        """Renames every staged file over its target in staging order, then fsyncs the directory."""
         while self._staged:
             tmp, target = self._staged[0]
             commit_file(tmp, target)

@@ -104,7 +104,7 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
 
 
 def _load_adapter(path: Path, base: Any, args: argparse.Namespace) -> Any:
-    """The delta of a lora_jax or PEFT adapter directory, checked against (and shaped by) ``base``."""
+    """The delta of a lora_jax or PEFT adapter directory, checked against and shaped by ``base``."""
     from lora_jax import import_peft, load
 
     if _adapter_format(path) == "peft":

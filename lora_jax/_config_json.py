@@ -1,4 +1,4 @@
-"""A :class:`~lora_jax.LoraConfig` as JSON, both ways (the ``config`` key of a lora_jax adapter file).
+"""A :class:`~lora_jax.LoraConfig` as JSON and back (the ``config`` key of a lora_jax adapter file).
 
 Example:
   >>> cfg = LoraConfig(targets=".*kernel", rank=4, layouts={".*q": "ioo"})

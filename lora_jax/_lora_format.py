@@ -89,8 +89,9 @@ TensorEntry = tuple[str, tuple[int, ...], str]
 # --------------------------------------------------------------------------- save
 
 
-def _target_tensors(leaf_path: str, f: LoraFactors | LeafDelta) -> dict[str, tuple[str, np.ndarray]]:
-    """``{field: (safetensors key, host array)}`` of one target (keys ``P.lora_A``, ``P.lora_B``, ...)."""
+def _target_tensors(leaf_path: str,
+                    f: LoraFactors | LeafDelta) -> dict[str, tuple[str, np.ndarray]]:
+    """``{field: (safetensors key, host array)}`` of one target (``P.lora_A``, ``P.lora_B``...)."""
     if isinstance(f, LeafDelta):
         arrays = {"diff": f.diff}
     else:
@@ -99,7 +100,8 @@ def _target_tensors(leaf_path: str, f: LoraFactors | LeafDelta) -> dict[str, tup
             for field, arr in arrays.items() if arr is not None}
 
 
-def _target_entry(f: LoraFactors | LeafDelta, tensors: Mapping[str, tuple[str, np.ndarray]]) -> dict:
+def _target_entry(f: LoraFactors | LeafDelta,
+                  tensors: Mapping[str, tuple[str, np.ndarray]]) -> dict:
     """The config's entry for one target, given its tensors from :func:`_target_tensors`."""
     listed = {field: {"key": key, "shape": list(x.shape), "dtype": x.dtype.name}
               for field, (key, x) in tensors.items()}

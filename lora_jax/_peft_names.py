@@ -54,10 +54,12 @@ def compile_rules(rules: Rules, field: str) -> tuple[tuple[re.Pattern, str], ...
     """``(compiled regex, template)`` pairs; a malformed rule is a :class:`LoraArgumentError`.
 
     Example:
-      >>> compile_rules([("a", "b", "c")], "to_peft")
+      >>> compile_rules({"params/fc/kernel": "fc"}, "to_peft")[0][1]
+      'fc'
+      >>> compile_rules([("a", "b", "c")], "to_peft")  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      lora_jax._errors.LoraArgumentError: NameMap.to_peft: each rule is a [regex, template] pair, got ('a', 'b', 'c')
+      lora_jax._errors.LoraArgumentError: NameMap.to_peft: each rule is a [regex, template] pair...
     """
     pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     out = []

@@ -218,7 +218,7 @@ def _magnitude(weights: Path, part: Part, kind: str, fan_out: int) -> np.ndarray
 
 
 def peft_module(weights: Path, name: str, parts: Mapping[str, Part], alpha: float) -> PeftModule:
-    """One module's PEFT tensors (``{role: part}``, roles ``A``, ``B``, ``M``) as a :class:`PeftModule`.
+    """One module's PEFT tensors (``{role: part}``, roles ``A``, ``B``, ``M``) as a PeftModule.
 
     Example:
       >>> parts = {"A": ("fc.lora_A.weight", np.ones((2, 6)), False),
