@@ -233,8 +233,10 @@ def fit_to_params(weights: Path, modules: Mapping[str, PeftModule], params: Any,
     for leaf_path, leaf in leaves:
         template = nm.module_for(leaf_path)
         shape = tuple(getattr(leaf, "shape", ()))
-        layers = _leaf_layers(leaf_path, shape, template, modules, layouts) \
-            if template and len(shape) >= 2 else []
+        if not template or len(shape) < 2:  # no PyTorch twin, or not a kernel
+            out.append(None)
+            continue
+        layers = _leaf_layers(leaf_path, shape, template, modules, layouts)
         present = [m for _, m in layers if m is not None]
         if not present:
             out.append(None)
