@@ -6,7 +6,7 @@ evaluates the jaxpr with every targeted kernel carried as a
 :class:`~lora_jax._view.LoraView`. Where a view meets its input
 (``dot_general``, ``conv_general_dilated``, ``gather``) a rule from
 :mod:`lora_jax._lowrank` computes ``op(x, stop_gradient(W)) + s * (x @ A) @ B``;
-transposes, dtype casts, reshapes within one role (``(d, heads, head_dim)``
+transposes, dtype casts, copies, sharding constraints, reshapes within one role (``(d, heads, head_dim)``
 <-> ``(d, heads * head_dim)``) and slices of stacked axes (``w[i]`` of a
 ``(layers, in, out)`` stack) of a kernel are tracked on the view. Higher-order
 primitives are re-expressed through their public functions, so views flow
@@ -15,12 +15,13 @@ into their bodies:
 ==========================  ================================================
 primitive                   handled as
 ==========================  ================================================
-``jit``, ``closed_call``    inlined into the enclosing trace
+``jit`` and other calls     inlined into the enclosing trace
 ``remat2`` (checkpoint)     ``jax.checkpoint`` with the same policy
 ``scan``                    ``lax.scan``; stacked kernels are scanned inputs
                             and their factors are sliced per layer
 ``cond``                    ``lax.switch``
-``while``                   ``lax.while_loop`` (views as loop constants)
+``while``                   ``lax.while_loop`` (views as loop constants;
+                            a carried kernel is materialised)
 ==========================  ================================================
 
 Any other use of a targeted kernel (a custom_jvp/custom_vjp function that
@@ -34,10 +35,11 @@ point -- always correct -- and warns once per primitive with
 The rules are the dict :data:`RULES` (primitive name to rule); which
 primitive is which comes from :mod:`lora_jax._primitives`, the table
 :func:`~lora_jax.infer_layouts` and :mod:`lora_jax._rebuild` read too. One
-evaluation's settings and state travel in a :class:`Context` passed to every
-rule: the frame of the jaxpr being evaluated and the dropout key of the
-current scope (each layer of a scan gets its own) are fields of it, never
-reassigned.
+evaluation's settings and state travel in an immutable :class:`Context`
+passed to every rule: the frame of the jaxpr being evaluated and the dropout
+key of the current scope (each layer of a scan gets its own) are fields of
+it, replaced in a copy for a body, never reassigned; only its :class:`Log`
+(fallbacks warned about, dropout sites drawn) is shared and counts up.
 
 Only public JAX API is used: ``jax.make_jaxpr``, ``jax.extend.core`` types,
 ``Primitive.bind`` and ``Primitive.get_bind_params`` (whose return shape
@@ -275,6 +277,10 @@ def _evaluate_closed(ctx: Context, closed: Any, *args: Any) -> list[Any]:
     return evaluate(ctx, body, consts, args)
 
 
+#: A rule: ``(ctx, eqn, operands) -> outputs``, or None where the use has no low-rank form.
+Rule = Callable[[Context, Any, list], "list[Any] | None"]
+
+
 def apply_rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     """``eqn`` on operands that include a view: its rule, else the dense kernel (a fallback)."""
     name = eqn.primitive.name
@@ -283,9 +289,6 @@ def apply_rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     if out is None:
         out = bind(eqn, [ctx.dense(v, name) for v in invals])
     return out
-
-
-Rule = Callable[[Context, Any, list], "list[Any] | None"]
 
 
 # ---- rules: layout ops on a kernel -----------------------------------------------------------
