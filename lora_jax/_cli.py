@@ -17,7 +17,8 @@ a JSON name map for PEFT adapters (see :class:`lora_jax.NameMap`): a list of
 [...]}``.
 
 Exit status: 0 on success, 1 on an error (a message on stderr naming the file
-and key), 2 on a usage error.
+and key), 2 on a usage error, 141 (quietly) when the reader of stdout goes away
+(``lora-jax inspect ... | head``).
 """
 
 from __future__ import annotations
@@ -275,6 +276,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+def _stdout_closed() -> int:
+    """Points stdout at /dev/null (so exiting flushes nowhere) and returns 141 (128 + SIGPIPE,
+    what a command killed by the closed pipe would return)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured)
+        pass
+    return 141
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with ``exit`` turned into an exception, so :func:`main` returns codes."""
 
@@ -349,7 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Exit as e:
         return e.status
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # `lora-jax inspect ... | head`: the reader left; exit quietly
+        return _stdout_closed()
     except (CliError, LoraError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

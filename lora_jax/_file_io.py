@@ -107,6 +107,25 @@ def read_tensor(f: Any, path: Path, key: str) -> np.ndarray:
         raise LoraFileError(f"{path}: cannot read tensor {key!r}: {e}") from None
 
 
+def check_finite_array(path: Path, key: str, array: np.ndarray) -> None:
+    """Raises :class:`LoraFileError` naming ``path`` and ``key`` if ``array`` has a NaN or Inf.
+
+    Example:
+      >>> check_finite_array(Path("a.safetensors"), "w.lora_A", np.array([1.0, np.inf]))
+      Traceback (most recent call last):
+      ...
+      lora_jax._errors.LoraFileError: a.safetensors: tensor 'w.lora_A' has 1 NaN or Inf value(s) (pass check_finite=False to load it anyway)
+    """
+    if array.dtype.kind in "iub":  # integers and booleans are always finite
+        return
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise LoraFileError(
+            f"{path}: tensor {key!r} has {bad} NaN or Inf value(s) (pass check_finite=False "
+            "to load it anyway)"
+        )
+
+
 def tensor_info(f: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{key: (shape, safetensors dtype code)}`` from the header only (no data read)."""
     info = {}
@@ -222,6 +241,7 @@ def nested_from_paths(
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "check_finite_array",
     "dtype_name",
     "input_directory",
     "json_writer",

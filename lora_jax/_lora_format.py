@@ -61,6 +61,7 @@ from lora_jax._errors import LoraBaseMismatchError, LoraError, LoraFileError
 from lora_jax._file_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_finite_array,
     dtype_name,
     input_directory,
     json_writer,
@@ -445,6 +446,7 @@ def load(
     base: Any = None,
     *,
     verify: bool = True,
+    check_finite: bool = True,
 ) -> tuple[Any, LoraConfig | None]:
     """Loads and validates a lora_jax adapter directory written by :func:`save`.
 
@@ -457,6 +459,8 @@ def load(
         a nested dict rebuilt from the recorded leaf paths.
       verify: check the tensor file's sha256 against the config (catches
         corrupt tensor data the safetensors header cannot); on by default.
+      check_finite: refuse a tensor holding a NaN or Inf (:class:`LoraFileError`
+        naming the file and the tensor); on by default.
 
     Returns:
       ``(delta, config)``: factors as JAX arrays in their saved dtypes; the
@@ -489,6 +493,10 @@ def load(
     arrays = read_tensors(weights, doc, entries)
     if verify:
         verify_sha256(weights, doc)
+    if check_finite:
+        for e in entries:
+            for field, (key, _, _) in e.tensors.items():
+                check_finite_array(weights, key, arrays[e.leaf][field])
     factors = {e.leaf: build_target(weights, e, arrays[e.leaf]) for e in entries}
     config = config_from_json(doc.get("config"), str(cfg_path))
     return place(factors, doc, base, cfg_path), config
