@@ -81,6 +81,7 @@ from lora_jax._paths import leaves_with_paths
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 SUFFIXES = {"a": "lora_A", "b": "lora_B", "magnitude": "magnitude", "diff": "diff"}
 
 TensorEntry = tuple[str, tuple[int, ...], str]
@@ -240,11 +241,15 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
     if kind not in ("lora", "full"):
         raise LoraFileError(f"{where}: key 'type' is {kind!r}, expected 'lora' or 'full'")
     if kind == "full":
-        shape = tuple(require(meta, "kernel_shape", list, where))
+        shape = _sizes(where, "kernel_shape", require(meta, "kernel_shape", list, where))
         return TargetEntry(leaf, shape, _listed_tensors(where, leaf, meta, ("diff",)))
     rank = require(meta, "rank", int, where)
     alpha = require(meta, "alpha", (int, float), where)
     rslora = require(meta, "rslora", bool, where)
+    if isinstance(rank, bool) or rank < 1:
+        raise LoraFileError(f"{where}: key 'rank' is {rank!r}; expected an integer >= 1")
+    if isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise LoraFileError(f"{where}: key 'alpha' is {alpha!r}; expected a finite number > 0")
     layout, shape = _checked_layout(where, meta)
     scaling = meta.get("scaling")
     want = lora_scale(alpha, rank, rslora)
@@ -263,9 +268,9 @@ def _checked_layout(where: str, meta: dict) -> tuple[KernelLayout, tuple[int, ..
     layout_obj = require(meta, "layout", dict, where)
     try:
         layout = KernelLayout(layout_obj["axes"], layout_obj.get("kind", "dense"))
-    except (KeyError, LoraError) as e:
+    except (KeyError, TypeError, LoraError) as e:
         raise LoraFileError(f"{where}: key 'layout' is invalid: {e}") from None
-    shape = tuple(require(meta, "kernel_shape", list, where))
+    shape = _sizes(where, "kernel_shape", require(meta, "kernel_shape", list, where))
     if len(shape) != layout.ndim:
         raise LoraFileError(
             f"{where}: key 'kernel_shape' {list(shape)} has {len(shape)} axes but layout "
@@ -296,15 +301,29 @@ def _checked_layers(where: str, meta: dict, layout: KernelLayout,
     return LayerSelection(tuple(layers), n)
 
 
+def _sizes(where: str, key: str, value: list) -> tuple[int, ...]:
+    """A shape from the config: a list of integers >= 1."""
+    if not all(type(d) is int and d >= 1 for d in value):
+        raise LoraFileError(f"{where}: key {key!r} is {str(value)[:60]}; expected integers >= 1")
+    return tuple(value)
+
+
 def _listed_tensors(where: str, leaf: str, meta: dict,
                     fields: tuple[str, ...]) -> dict[str, TensorEntry]:
-    """``{field: (key, shape, dtype)}`` of the tensors a target's entry lists."""
+    """``{field: (key, shape, dtype)}`` of the tensors a target's entry lists; each dtype
+    must be a floating one."""
     tensors = require(meta, "tensors", dict, where)
     out = {}
     for field in fields:
         t = require(tensors, field, dict, f"{where} tensors")
         key = t.get("key", f"{leaf}.{SUFFIXES[field]}")
-        out[field] = (key, tuple(t.get("shape", ())), str(t.get("dtype")))
+        shape, dtype = t.get("shape", []), t.get("dtype")
+        if not isinstance(key, str) or not isinstance(shape, list):
+            raise LoraFileError(f"{where}: tensors.{field}: key 'key' or 'shape' has the wrong type")
+        if dtype not in FLOAT_DTYPES:
+            raise LoraFileError(f"{where}: tensors.{field}: key 'dtype' is {str(dtype)[:40]!r}; "
+                                f"expected one of {list(FLOAT_DTYPES)}")
+        out[field] = (key, tuple(shape), dtype)
     return out
 
 

@@ -345,7 +345,7 @@ def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, boo
         )
     raw: dict[str, dict[str, tuple[str, np.ndarray, bool]]] = {}
     with open_safetensors(weights) as f:
-        for key in tensor_info(f):
+        for key, (_, code) in tensor_info(f).items():
             split = split_key(key)
             if split is None:
                 raise LoraFileError(
@@ -353,6 +353,9 @@ def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, boo
                     "(lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector); lora_bias, "
                     "modules_to_save and other PEFT methods are not supported"
                 )
+            if code not in ("F32", "BF16", "F16", "F64"):
+                raise LoraFileError(f"{weights}: tensor {key!r} has dtype {dtype_name(code)}; "
+                                    "LoRA factors are floating point")
             module, role, embed = split
             raw.setdefault(module, {})[role] = (key, read_tensor(f, weights, key), embed)
     return raw
