@@ -253,9 +253,10 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
     layout, shape = _checked_layout(where, meta)
     scaling = meta.get("scaling")
     want = lora_scale(alpha, rank, rslora)
-    if scaling is not None and not math.isclose(float(scaling), want, rel_tol=1e-6):
+    if scaling is not None and (not isinstance(scaling, (int, float)) or isinstance(scaling, bool)
+                                or not math.isclose(scaling, want, rel_tol=1e-6)):
         raise LoraFileError(
-            f"{where}: key 'scaling' is {scaling} but alpha={alpha}, rank={rank}, "
+            f"{where}: key 'scaling' is {str(scaling)[:40]} but alpha={alpha}, rank={rank}, "
             f"rslora={rslora} give {want}"
         )
     fields = ("a", "b", "magnitude") if meta.get("dora") else ("a", "b")
@@ -289,10 +290,11 @@ def _checked_layers(where: str, meta: dict, layout: KernelLayout,
         raise LoraFileError(
             f"{where}: key 'layers' is set but layout {layout.axes!r} has no stacked axis")
     n = shape[layout.stack_axes[0]]
-    if (not isinstance(layers, list) or not layers or layers != sorted(set(layers))
-            or any(not isinstance(i, int) or not 0 <= i < n for i in layers)):
+    if (not isinstance(layers, list) or not layers
+            or any(type(i) is not int or not 0 <= i < n for i in layers)
+            or layers != sorted(set(layers))):
         raise LoraFileError(
-            f"{where}: key 'layers' is {layers!r}; expected distinct sorted indices below {n}")
+            f"{where}: key 'layers' is {str(layers)[:60]}; expected distinct sorted indices below {n}")
     if meta.get("num_layers") not in (None, n):
         raise LoraFileError(
             f"{where}: key 'num_layers' is {meta['num_layers']}, but kernel_shape "
@@ -318,7 +320,8 @@ def _listed_tensors(where: str, leaf: str, meta: dict,
         t = require(tensors, field, dict, f"{where} tensors")
         key = t.get("key", f"{leaf}.{SUFFIXES[field]}")
         shape, dtype = t.get("shape", []), t.get("dtype")
-        if not isinstance(key, str) or not isinstance(shape, list):
+        if (not isinstance(key, str) or not isinstance(shape, list)
+                or not all(type(d) is int and d >= 0 for d in shape)):
             raise LoraFileError(f"{where}: tensors.{field}: key 'key' or 'shape' has the wrong type")
         if dtype not in FLOAT_DTYPES:
             raise LoraFileError(f"{where}: tensors.{field}: key 'dtype' is {str(dtype)[:40]!r}; "
@@ -536,7 +539,7 @@ def describe(path: str | os.PathLike) -> list[dict]:
     for leaf, meta in doc["targets"].items():
         e = check_target(directory / CONFIG_NAME, leaf, meta)
         row = {"target": leaf, "kind": "full", "shape": e.kernel_shape, "layout": "-",
-               "rank": 0, "alpha": 0.0, "scaling": 0.0, "dtype": meta.get("dtype", "?"),
+               "rank": 0, "alpha": 0.0, "scaling": 0.0, "dtype": next(iter(e.tensors.values()))[2],
                "params": int(sum(math.prod(shape) for _, shape, _ in e.tensors.values())),
                "dora": "magnitude" in e.tensors}
         if e.layout is not None:
