@@ -24,11 +24,12 @@ PEFT adapter, but keyed by lora_jax leaf paths:
 Writes are atomic per file (:mod:`lora_jax._atomic`: temporary file in the
 same directory, flush, ``fsync``, ``os.replace``, then ``fsync`` of the
 directory); the tensor file is replaced first and the config last, and both
-carry the save's ``save_id``, so an interrupted save leaves the previous
-adapter loadable, and the only state a crash can leave that is not a
-complete adapter (new tensors, old config: a crash between the two renames)
-is refused by :func:`load` rather than half-read. Other files in the
-directory are left alone.
+carry the save's ``save_id``. Before the renames the previous tensor file is
+hard-linked to ``.adapter_model.safetensors.<previous save_id>`` (removed once
+the config is in place), so a kill at any point leaves a loadable adapter:
+the previous one until the config's rename, the new one after it. A tensor
+file that matches no config is refused by :func:`load` rather than half-read.
+Other files in the directory are left alone.
 
 :func:`load` validates everything it reads and raises :class:`LoraFileError`
 naming the file and the key: unknown format version, missing or extra
@@ -45,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._atomic import StagedFiles, sha256_file
+from lora_jax._atomic import StagedFiles, fsync_dir, sha256_file
 from lora_jax._config import LoraConfig
 from lora_jax._config_json import config_from_json, config_to_json
 from lora_jax._delta import LayerSelection, LeafDelta, LoraFactors, delta_entries, lora_scale
@@ -165,6 +167,7 @@ def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) 
             tensors.update(leaf_tensors.values())
             targets[leaf_path] = _target_entry(f, leaf_tensors)
     directory = output_directory(path)
+    previous_id = _current_save_id(directory)
     save_id = uuid.uuid4().hex
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "save_id": save_id}
     with StagedFiles(directory) as files:
@@ -180,8 +183,59 @@ def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) 
             "targets": targets,
         }
         files.stage(CONFIG_NAME, json_writer(doc))
+        _keep_previous_tensors(directory, previous_id)
         files.commit()  # tensors first, config last: the config (with the tensors' sha256) commits
+    _drop_kept_tensors(directory)
     return directory
+
+
+def _kept_name(save_id: str) -> str:
+    """The hidden name under which a save keeps the previous save's tensors until it commits."""
+    return f".{WEIGHTS_NAME}.{save_id}"
+
+
+def _current_save_id(directory: Path) -> str | None:
+    """The ``save_id`` of the adapter now in ``directory`` (None if there is none or it is bad)."""
+    try:
+        save_id = read_json(directory / CONFIG_NAME).get("save_id")
+    except LoraFileError:
+        return None
+    ok = isinstance(save_id, str) and save_id.isalnum() and len(save_id) <= 64
+    return save_id if ok and (directory / WEIGHTS_NAME).is_file() else None
+
+
+def _keep_previous_tensors(directory: Path, previous_id: str | None) -> None:
+    """Hard-links (or copies) the previous save's tensor file to a hidden name before the new
+    one replaces it: a kill between the two renames (new tensors, previous config) then still
+    leaves the previous adapter loadable (:func:`load` reads the kept file)."""
+    if previous_id is None:
+        return
+    kept = directory / _kept_name(previous_id)
+    if kept.is_file():  # an earlier save was killed after its tensors' rename: this is the one
+        return
+    try:
+        os.link(directory / WEIGHTS_NAME, kept)
+    except OSError:  # no hard links on this filesystem
+        shutil.copyfile(directory / WEIGHTS_NAME, kept)
+    fsync_dir(directory)
+
+
+def _drop_kept_tensors(directory: Path) -> None:
+    """Removes every kept tensor file (the save they protected has committed)."""
+    for kept in directory.glob(f".{WEIGHTS_NAME}.*"):
+        if "tmp-" not in kept.name:
+            kept.unlink(missing_ok=True)
+
+
+def _tensor_file(directory: Path, doc: dict) -> Path:
+    """The tensor file of the config's save: ``adapter_model.safetensors``, or the previous
+    save's tensors kept by a save that was killed between its two renames."""
+    weights = directory / WEIGHTS_NAME
+    save_id = doc.get("save_id")
+    if not isinstance(save_id, str) or not save_id.isalnum() or len(save_id) > 64:
+        return weights
+    kept = directory / _kept_name(save_id)
+    return kept if kept.is_file() else weights
 
 
 # --------------------------------------------------------------------------- load: the config
@@ -510,7 +564,7 @@ def load(
     """
     directory = input_directory(path)
     doc = read_config(directory)
-    cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    cfg_path, weights = directory / CONFIG_NAME, _tensor_file(directory, doc)
     entries = [check_target(cfg_path, leaf, meta) for leaf, meta in doc["targets"].items()]
     arrays = read_tensors(weights, doc, entries)
     if verify:
