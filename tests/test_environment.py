@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "peft"
-NEEDED = ("torch", "peft", "orbax.checkpoint", "hypothesis", "tqdm", "matplotlib", "safetensors")
+NEEDED = ("torch", "peft", "orbax.checkpoint", "hypothesis", "tqdm", "matplotlib")
 
 
 def fixture_peft_versions() -> set[str]:
