@@ -110,6 +110,14 @@ def test_every_config_starts_from_the_base_model(train_json):
         assert res["loss0"] == pytest.approx(loss0, rel=1e-5, abs=1e-5), name
 
 
+def test_lora_jax_step_computes_the_same_update_as_merge(train_json):
+    # Equal losses at step 0 prove nothing (B = 0); after several Adam steps from the same
+    # delta, only the same gradients give the same factors.
+    agreement = train_json["configs"]["lora_jax"]["update_vs_merge"]
+    assert agreement["steps"] >= 3 and agreement["max_abs_update"] > 1e-4, agreement
+    assert agreement["rel_diff"] < 1e-3, agreement
+
+
 def test_optimizer_state_is_adam_over_the_trainable_leaves_only(train_json):
     configs, d = train_json["configs"], train_json["meta"]["dims"]
     full = 2 * F32 * _params(d) + COUNTER
