@@ -146,7 +146,9 @@ def read_reference(case: str) -> dict:
 def fixture(case: str):
     ref = read_reference(case)
     model = model_of(case)
-    sd = {k[len("base."):]: v for k, v in ref.items() if k.startswith("base.")}
+    # PiSSA / OLoRA adapters belong to the residual base PEFT's initialiser left
+    prefix = "residual." if any(k.startswith("residual.") for k in ref) else "base."
+    sd = {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
     return model, torch_to_flax(model, sd), ref
 
 
@@ -244,6 +246,30 @@ def test_bf16_merge_rounds_once_to_nearest_even():
     }
     for name, other in wrong.items():  # the check has teeth: each wrong rounding differs
         assert (other != bits(want)).any(), name
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_match_peft_initialisers(init):
+    """init_lora(init=...) on the original weights gives PEFT's own initial factors (each
+    rank-1 component up to a sign, as SVD / QR fix none) and PEFT's residual base."""
+    case = f"mlp_{init}"
+    ref = read_reference(case)
+    original = torch_to_flax("mlp", {k[5:]: v for k, v in ref.items() if k.startswith("base.")})
+    cfg = lj.LoraConfig(targets=r"params/fc[12]/kernel", rank=3, alpha=6, init=init)
+    base, delta = lj.init_lora(jax.random.key(0), original, cfg)
+    _, residual, _ = fixture(case)
+    peft = import_peft(FIXTURES / case, residual)
+    for name in ("fc1", "fc2"):
+        ours, theirs = delta["params"][name]["kernel"], peft["params"][name]["kernel"]
+        np.testing.assert_allclose(base["params"][name]["kernel"],
+                                   residual["params"][name]["kernel"], rtol=1e-5, atol=1e-5)
+        assert ours.scale == theirs.scale
+        a, b, ta, tb = (np.asarray(v) for v in (ours.a, ours.b, theirs.a, theirs.b))
+        signs = np.sign(np.sum(a * ta, axis=0))  # per component
+        assert (signs != 0).all()
+        np.testing.assert_allclose(a * signs, ta, rtol=1e-4, atol=1e-5, err_msg=f"{case} {name} A")
+        np.testing.assert_allclose(b * signs[:, None], tb, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{case} {name} B")
 
 
 def test_import_keeps_bf16_and_casts_on_request():
