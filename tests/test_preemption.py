@@ -123,7 +123,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
     run_example(tmp, "warm-the-cache")
-    train_seconds = run_example(tmp, "ref", delay=1e6)[1]  # never killed: times the training
+    train_seconds = run_example(tmp, "ref")[1]
     ex = load_example()
     base = ex.base_params()
     states = [ex.initial_state(base)]
@@ -140,11 +140,12 @@ def args(tmp: Path, name: str) -> list[str]:
             str(tmp / f"{name}.log"), "--out", str(tmp / f"{name}.out")]
 
 
-def run_example(tmp: Path, name: str, kill_at: str | None = None, delay: float | None = None):
-    """Runs the example; with ``kill_at`` through the killer wrapper, with ``delay`` killed
-    from outside that many seconds after it printed ``starting at step N`` (its state is
-    restored and training begins). Returns the exit status and the seconds from that line
-    to the exit."""
+def run_example(tmp: Path, name: str, kill_at: str | None = None,
+                after: tuple[int, float] | None = None):
+    """Runs the example; with ``kill_at`` through the killer wrapper; with ``after=(k, t)``
+    killed from outside ``t`` seconds after it logged its ``k``-th new step (``k = 0``: after
+    it printed ``starting at step N``, i.e. restored its state). Returns the exit status and
+    the seconds from that line to the exit."""
     if kill_at is None:
         cmd = [sys.executable, str(EXAMPLE), *args(tmp, name)]
     else:
@@ -152,12 +153,15 @@ def run_example(tmp: Path, name: str, kill_at: str | None = None, delay: float |
         cmd = [sys.executable, str(tmp / "killer.py"), str(EXAMPLE), *args(tmp, name)]
     env = dict(ENV, KILL_AT=kill_at or "none:0")
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first, started = b"", time.perf_counter()
-    if delay is not None:
-        first = proc.stdout.readline()  # "starting at step N"
-        started = time.perf_counter()
+    first = proc.stdout.readline()  # "starting at step N"
+    started = time.perf_counter()
+    if after is not None:
+        log, (k, t) = tmp / f"{name}.log", after
+        lines = count_lines(log)
+        while proc.poll() is None and count_lines(log) < lines + k:
+            time.sleep(0.005)
         try:
-            proc.wait(timeout=delay)
+            proc.wait(timeout=t)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
@@ -165,6 +169,13 @@ def run_example(tmp: Path, name: str, kill_at: str | None = None, delay: float |
     if proc.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"exit {proc.returncode}:\n{out.decode()}\n{err.decode()}")
     return proc.returncode, time.perf_counter() - started
+
+
+def count_lines(path: Path) -> int:
+    try:
+        return path.read_text().count("\n")
+    except FileNotFoundError:  # not created yet
+        return 0
 
 
 def read_log(path: Path) -> dict[int, str]:
@@ -217,19 +228,29 @@ def test_resume_after_kills_at_chosen_moments(reference, tmp_path):
 
 
 def test_resume_after_kills_at_random_moments(reference, tmp_path):
-    """Kills at uniformly random times across a run's training (after its restore); a run
-    that finished before its kill is checked and the next kill starts a fresh run."""
+    """Kills at random moments: after a random number of new steps, a random fraction of a
+    step's time later (so each kill lands in a step, a save, the final save or the exit, and
+    every run makes progress); a run that finished first is checked, the next starts afresh."""
     rng = random.Random(int(os.environ.get("LORA_JAX_KILL_SEED", "0")))
     kills, chain, done = int(os.environ.get("LORA_JAX_RANDOM_KILLS", "1")), 0, []
+    per_step = reference["seconds"] / STEPS
     for _ in range(kills):
         name = f"random{chain}"
+        start = check_latest_checkpoint(reference, tmp_path, name)
+        if start == STEPS:  # every step checkpointed: finish this run, kill a fresh one
+            assert run_example(tmp_path, name)[0] == 0
+            done.append(name)
+            chain += 1
+            name, start = f"random{chain}", 0
         logged = len(read_log(tmp_path / f"{name}.log"))
-        delay = rng.uniform(0.0, reference["seconds"])
-        code, _ = run_example(tmp_path, name, delay=delay)
+        k, t = rng.randint(0, STEPS - start), rng.uniform(0.0, 2 * per_step)
+        code, _ = run_example(tmp_path, name, after=(k, t))
+        partial = [p.name for p in (tmp_path / f"{name}.ckpt").glob("*tmp*")]
         step = check_latest_checkpoint(reference, tmp_path, name)
         now = len(read_log(tmp_path / f"{name}.log"))
-        moment = "finished first" if code == 0 else f"steps logged {logged}->{now}"
-        REPORT["kills"].append((f"random {delay:.2f}s: {moment}", None, step))
+        moment = ("finished first" if code == 0 else
+                  f"steps logged {logged}->{now}, {'a partial checkpoint left' if partial else 'no partial checkpoint'}")
+        REPORT["kills"].append((f"random (+{k} steps, {t:.2f}s): {moment}", None, step))
         if code == 0:
             done.append(name)
             chain += 1
