@@ -40,6 +40,7 @@ MAX_SECONDS = 5.0  # per case, all its readers together
 SLACK = 4 << 20  # bytes tracemalloc may see beyond the files' and the model's sizes
 STATS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 PEAK = {"bytes": 0, "case": ""}
+SLOWEST = {"seconds": 0.0}
 FAST = settings(max_examples=100, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
@@ -133,6 +134,7 @@ def check_case(kind: str, fmt: str, directory: Path, params: Any) -> None:
             tracemalloc.stop()
         seconds = time.perf_counter() - t0
         assert seconds < MAX_SECONDS, (kind, fmt, seconds)
+        SLOWEST["seconds"] = max(SLOWEST["seconds"], seconds)
         assert peak <= 2 * size + model_bytes(params) + SLACK, (kind, fmt, peak, size)
         if peak > PEAK["bytes"]:
             PEAK.update(bytes=peak, case=f"{fmt}/{kind}", file_bytes=size)
@@ -479,6 +481,7 @@ def test_zz_report(capsys):
     """Prints the figures (run with -s to see them) and checks every format met many cases."""
     lines = [f"{fmt}: {dict(c)}" for fmt, c in sorted(STATS.items())]
     lines.append(f"worst-case tracemalloc peak: {PEAK}")
+    lines.append(f"slowest read: {SLOWEST['seconds']:.3f} s (bound {MAX_SECONDS} s)")
     with capsys.disabled():
         print("\nhostile files:\n  " + "\n  ".join(lines))
     if STATS:  # empty when this test runs alone

@@ -122,7 +122,6 @@ def reference(tmp_path_factory):
     The runs share a persistent compilation cache (the same programs, compiled once)."""
     tmp = tmp_path_factory.mktemp("reference")
     ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
-    run_example(tmp, "warm-the-cache")
     train_seconds = run_example(tmp, "ref")[1]
     ex = load_example()
     base = ex.base_params()
