@@ -221,12 +221,23 @@ def _write_params(out: Path, base: Any, merged: dict[str, Any], fmt: str, metada
     if fmt == "safetensors":
         atomic_write(out, lambda tmp: write_safetensors(tmp, flat, metadata))
         return
+    import shutil
+    import uuid
+
     import orbax.checkpoint as ocp
 
+    from lora_jax._atomic import replace_directory
+
     tree = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[p]) for p, _ in leaves])
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(out.resolve(), tree, force=args.force)
-    ckpt.wait_until_finished()
+    # Written beside OUT, then swapped in: a kill at any moment leaves the previous OUT whole.
+    tmp = out.resolve().with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(tmp, tree)
+        ckpt.wait_until_finished()
+        replace_directory(tmp, out.resolve())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -347,6 +347,61 @@ def test_killed_merge_leaves_the_previous_output(tmp_path):
         REPORT["merge"].append((moment, "new" if new else "previous"))
 
 
+ORBAX_KILLER = """
+import os, signal, sys
+import orbax.checkpoint as ocp
+import lora_jax._atomic as atomic, lora_jax._cli as cli
+moment = sys.argv[1]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_save, real_exchange, real_replace = ocp.StandardCheckpointer.save, atomic._exchange, atomic.replace_directory
+def save(self, *a, **k):
+    real_save(self, *a, **k)
+    if moment == "orbax_save_in_flight":
+        die()
+def replace(new, target):
+    if moment == "written_not_swapped":
+        die()
+    real_replace(new, target)
+def exchange(a, b):
+    r = real_exchange(a, b)
+    if moment == "swapped_old_not_removed":
+        die()
+    return r
+ocp.StandardCheckpointer.save, atomic._exchange, atomic.replace_directory = save, exchange, replace
+sys.exit(cli.main(["merge", "--force", "--no-progress"] + sys.argv[2:]))
+"""
+
+
+def test_killed_orbax_merge_leaves_the_previous_output(tmp_path):
+    base = {"params": {"w": np.zeros((4, 3), np.float32)}}
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save((tmp_path / "base").resolve(), base)
+    ckpt.wait_until_finished()
+    f = lj.LoraFactors(np.ones((4, 1), np.float32), np.ones((1, 3), np.float32), alpha=1.0,
+                       layout=lj.KernelLayout("io"))
+    lj.save(tmp_path / "adapter", {"params": {"w": f}})
+    (tmp_path / "k.py").write_text(ORBAX_KILLER)
+    out = (tmp_path / "merged").resolve()
+    for moment in ("orbax_save_in_flight", "written_not_swapped", "swapped_old_not_removed",
+                   "none"):
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        ckpt.save(out, {"params": {"w": np.full((4, 3), 7.0, np.float32)}})  # the previous output
+        ckpt.wait_until_finished()
+        r = subprocess.run([sys.executable, str(tmp_path / "k.py"), moment, "--base",
+                            str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                            "--out", str(out)], env=ENV, capture_output=True, timeout=300)
+        assert r.returncode == (0 if moment == "none" else -signal.SIGKILL), r.stderr.decode()
+        w = np.asarray(ocp.StandardCheckpointer().restore(out)["params"]["w"])
+        new = moment in ("swapped_old_not_removed", "none")
+        assert (w == (1.0 if new else 7.0)).all(), moment
+        REPORT["merge"].append((f"orbax {moment}", "new" if new else "previous"))
+
+
 def test_zz_report(capsys):
     with capsys.disabled():
         print("\npreemption: " + json.dumps(REPORT))
