@@ -87,7 +87,7 @@ def atomic_write(target: Path, write: Writer) -> None:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    """Swaps two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
     import ctypes
 
     try:

@@ -348,7 +348,8 @@ def _checked_layers(where: str, meta: dict, layout: KernelLayout,
             or any(type(i) is not int or not 0 <= i < n for i in layers)
             or layers != sorted(set(layers))):
         raise LoraFileError(
-            f"{where}: key 'layers' is {str(layers)[:60]}; expected distinct sorted indices below {n}")
+            f"{where}: key 'layers' is {str(layers)[:60]}; expected distinct sorted indices "
+            f"below {n}")
     if meta.get("num_layers") not in (None, n):
         raise LoraFileError(
             f"{where}: key 'num_layers' is {meta['num_layers']}, but kernel_shape "
@@ -376,7 +377,8 @@ def _listed_tensors(where: str, leaf: str, meta: dict,
         shape, dtype = t.get("shape", []), t.get("dtype")
         if (not isinstance(key, str) or not isinstance(shape, list)
                 or not all(type(d) is int and d >= 0 for d in shape)):
-            raise LoraFileError(f"{where}: tensors.{field}: key 'key' or 'shape' has the wrong type")
+            raise LoraFileError(
+                f"{where}: tensors.{field}: key 'key' or 'shape' has the wrong type")
         if dtype not in FLOAT_DTYPES:
             raise LoraFileError(f"{where}: tensors.{field}: key 'dtype' is {str(dtype)[:40]!r}; "
                                 f"expected one of {list(FLOAT_DTYPES)}")

@@ -282,7 +282,8 @@ def read_peft_config(directory: Path) -> dict:
                             "list of module names or one regex string")
     for key in ("use_rslora", "use_dora"):
         if not isinstance(cfg.get(key, False), bool):
-            raise LoraFileError(f"{cfg_path}: key {key!r} is {_short(cfg[key])}; expected a boolean")
+            raise LoraFileError(
+                f"{cfg_path}: key {key!r} is {_short(cfg[key])}; expected a boolean")
     return cfg
 
 
