@@ -143,6 +143,10 @@ def check_safetensors_header(path: Path) -> dict:
         raise LoraFileError(f"{path}: safetensors __metadata__ is not an object of strings")
     for key, entry in header.items():
         _header_entry(path, key, entry, size - 8 - n)
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if end != size - 8 - n:
+        raise LoraFileError(f"{path}: not a readable safetensors file: its tensors end at data byte "
+                            f"{end} but the file has {size - 8 - n} (truncated or appended to?)")
     return header
 
 

@@ -114,8 +114,9 @@ def model_bytes(params: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
-def check_case(kind: str, fmt: str, directory: Path, params: Any) -> None:
-    """Reads ``directory`` every way; each read succeeds or raises a LoraFileError naming a file."""
+def check_case(kind: str, fmt: str, directory: Path, params: Any, keys: tuple = ()) -> None:
+    """Reads ``directory`` every way; each read succeeds or raises a LoraFileError naming a file
+    (and, given ``keys``, one of them: the keys on the path to a mutated JSON field)."""
     size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
     for read in readers(fmt, params):
         tracemalloc.start()
@@ -127,6 +128,7 @@ def check_case(kind: str, fmt: str, directory: Path, params: Any) -> None:
             outcome = "LoraFileError"
             msg = str(e)
             assert str(directory) in msg and (CFG in msg or WTS in msg), msg
+            assert not keys or any(k in msg for k in keys), (keys, msg)
         except Exception as e:  # noqa: BLE001 - any other outcome is the failure being tested
             raise AssertionError(f"{kind} on {fmt}: {type(e).__name__}: {e}") from e
         finally:
@@ -151,8 +153,8 @@ def mutated(sources, fmt: str, tmp_path: Path, name: str, data: bytes) -> Path:
     return d
 
 
-def run(sources, fmt, tmp_path, kind, name, data):
-    check_case(kind, fmt, mutated(sources, fmt, tmp_path, name, data), sources[fmt][1])
+def run(sources, fmt, tmp_path, kind, name, data, keys=()):
+    check_case(kind, fmt, mutated(sources, fmt, tmp_path, name, data), sources[fmt][1], keys)
 
 
 FORMATS = ["lora_jax", "peft", "peft_dora"]
@@ -247,7 +249,8 @@ def test_json_mutated_field_by_field(sources, fmt, tmp_path):
         for j in range(4):
             value = HOSTILE_VALUES[(4 * i + j) % len(HOSTILE_VALUES)]
             text = json.dumps(replaced(doc, path, value)).encode()
-            run(sources, fmt, tmp_path, "json field", CFG, text)
+            keys = tuple(k for k in path if isinstance(k, str))  # the error names one of them
+            run(sources, fmt, tmp_path, "json field", CFG, text, keys)
         if len(path) == 1:
             text = json.dumps({k: v for k, v in doc.items() if k != path[0]}).encode()
             run(sources, fmt, tmp_path, "json field removed", CFG, text)
@@ -349,11 +352,18 @@ def extra_tensors(raw: bytes) -> dict[str, bytes]:
     return out
 
 
+FILE_LEVEL = {"header length past the end", "header length 2**64-1", "header length 0",
+              "header not an object", "data appended", "metadata not strings"}
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_lying_headers_and_extra_tensors(sources, fmt, tmp_path):
     raw = (sources[fmt][0] / WTS).read_bytes()
+    names = [k for k in st_split(raw)[0] if k != "__metadata__"]
     for kind, body in {**header_lies(raw), **extra_tensors(raw)}.items():
-        run(sources, fmt, tmp_path, kind, WTS, body)
+        # a lie about one tensor is reported with a tensor's name (the lie's, or one it displaced)
+        keys = () if kind in FILE_LEVEL else tuple(names) + ("''", "outside", kind.split()[-1])
+        run(sources, fmt, tmp_path, kind, WTS, body, keys)
 
 
 def test_terabyte_claim_is_refused_before_reading(sources, tmp_path):
