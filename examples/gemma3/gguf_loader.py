@@ -123,23 +123,42 @@ def _field(reader, key: str, file: Path, default: Any = None) -> Any:
     return field.contents()
 
 
-def _open(file: Path):
+class _Truncated(Exception):
+    pass
+
+
+def _reader_class():
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        """``GGUFReader`` that names the first tensor whose bytes run past the end of the file."""
+
+        def _build_tensors(self, start_offs, fields):
+            size = len(self.data)
+            for field in fields:
+                _, name_data, _, dims, raw_dtype, offset = field.parts
+                name = bytes(name_data).decode("utf-8", "replace")
+                qtype = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+                if end > size:
+                    raise _Truncated(f"truncated: tensor {name!r} ends at byte {end} but the "
+                                     f"file has {size} bytes")
+            super()._build_tensors(start_offs, fields)
+
+    return Reader
+
+
+def _open(file: Path):
     if not file.is_file():
         raise GGUFError(f"{file}: no such GGUF file")
     try:
-        reader = gguf.GGUFReader(file, "r")
-    except Exception as e:  # truncated headers surface as numpy / struct errors
+        return _reader_class()(file, "r")
+    except _Truncated as e:
+        raise GGUFError(f"{file}: {e}") from None
+    except Exception as e:  # a header cut short surfaces as a numpy / struct error
         raise GGUFError(f"{file}: not a readable GGUF file (truncated or corrupt?): "
                         f"{type(e).__name__}: {e}") from e
-    size = file.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + int(t.n_bytes) > size:
-            raise GGUFError(f"{file}: truncated: tensor {t.name!r} needs bytes "
-                            f"{t.data_offset}..{t.data_offset + int(t.n_bytes)} but the file "
-                            f"has {size}")
-    return reader
 
 
 def config_from_gguf(reader, file: Path) -> Gemma3Config:
