@@ -60,6 +60,27 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Returns freed heap to the OS and restarts the peak-RSS count (Linux), if possible."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def ce_last(logits, targets):
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
@@ -139,12 +160,22 @@ class Runner:
 
 
 def child(name: str, seq: int, steps: int) -> None:
-    """``--child NAME``: one configuration alone; prints its peak RSS as JSON."""
+    """``--child NAME``: one configuration alone; prints its RSS figures as JSON.
+
+    ``loaded_mb``: the weights loaded (float32, 1 GiB); ``compile_peak_mb``: the peak while
+    building and compiling the step; ``maxrss_mb``: the peak while ``steps`` steps run
+    (counted from after the compile, so it measures the step, not XLA's compiler).
+    """
     s = Setup(seq)
+    reset_peak_rss()
+    out = {"name": name, "loaded_mb": current_rss_mb()}
     r = Runner(name, s)
+    out["compile_peak_mb"] = maxrss_mb()
+    out["reset"] = reset_peak_rss()
     for _ in range(steps):
         r.step()
-    print(json.dumps({"name": name, "maxrss_mb": maxrss_mb(), "compile_s": r.compile_s}))
+    out.update(maxrss_mb=maxrss_mb(), compile_s=r.compile_s)
+    print(json.dumps(out))
 
 
 def measure_memory(seq: int, steps: int = 3) -> dict:
@@ -156,8 +187,11 @@ def measure_memory(seq: int, steps: int = 3) -> dict:
         if proc.returncode or not lines:
             print(f"  memory child {name} failed:\n{proc.stderr[-2000:]}")
             continue
-        out[name] = json.loads(lines[-1])["maxrss_mb"]
-        print(f"  peak RSS {name:9s} {out[name]:8.0f} MB (own process: weights + compile + {steps} steps)")
+        info = json.loads(lines[-1])
+        out[name] = info["maxrss_mb"]
+        print(f"  RSS {name:9s} (own process): weights loaded {info['loaded_mb']:6.0f} MB, "
+              f"peak while compiling {info['compile_peak_mb']:6.0f} MB, peak over {steps} "
+              f"steps {info['maxrss_mb']:6.0f} MB")
     return out
 
 
@@ -202,7 +236,7 @@ def time_configs(seq: int, names, args, mem: dict) -> dict:
     floor, full = med.get("floor"), med.get("full")
     print(f"\nsequence {seq} (medians of {args.rounds} interleaved steps; process peak RSS "
           f"{maxrss_mb():.0f} MB; load {os.getloadavg()[0]:.1f})")
-    print("| train step | s/step | x floor | x full | compile s | peak RSS MB (own process) | loss at step 0 |")
+    print("| train step | s/step | x floor | x full | compile s | peak RSS MB over steps (own process) | loss at step 0 |")
     print("|---|---|---|---|---|---|---|")
     for r in runners:
         xf = f"{med[r.name] / floor:.2f}" if floor else "-"
