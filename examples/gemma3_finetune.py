@@ -186,8 +186,7 @@ def main(argv=None) -> None:
     # ---- LoRA
     config = lj.LoraConfig(targets=gm.ALL_PROJECTIONS, rank=args.rank, alpha=2 * args.rank)
     base, delta = lj.init_lora(jax.random.key(args.seed), params, config)
-    summary = lj.print_summary(base, delta)
-    del summary
+    lj.print_summary(base, delta)  # one row per adapted kernel, then the trainable count
 
     implicit_apply = lj.implicit(model.apply)
 
