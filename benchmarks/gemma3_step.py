@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,41 +43,10 @@ import lora_jax as lj  # noqa: E402
 from examples.gemma3 import generate as gg  # noqa: E402
 from examples.gemma3 import gguf_loader as gl  # noqa: E402
 from examples.gemma3 import model as gm  # noqa: E402
+from benchmarks.rss import current_rss_mb, maxrss_mb, reset_peak_rss  # noqa: E402
 
 CONFIGS = ("floor", "lora_jax", "merge", "full")
 LOSS_POSITIONS = 32
-
-
-def maxrss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Returns freed heap to the OS and restarts the peak-RSS count (Linux), if possible."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def ce_last(logits, targets):

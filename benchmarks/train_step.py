@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import optax  # noqa: E402
 
 import lora_jax  # noqa: E402
 import workload as W  # noqa: E402
+from rss import maxrss_mb, reset_peak_rss  # noqa: E402
 
 CONFIGS = ("full", "floor", "merge", "lora_jax", "lora_jax_dora", "lora_jax_rslora", "nnx_lora",
            "qwix")
@@ -259,41 +259,6 @@ BUILDERS = {
     "nnx_lora": build_nnx_lora,
     "qwix": build_qwix,
 }
-
-
-def maxrss_mb() -> float:
-    """Peak resident memory of this process, in MiB.
-
-    On Linux this reads ``VmHWM`` from /proc/self/status: ``ru_maxrss`` of a
-    child started by fork + exec keeps the parent's peak from before the exec,
-    so every child would report at least the (large) parent's peak.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-
-
-def reset_peak_rss() -> bool:
-    """Returns freed heap to the OS and restarts the peak-RSS count (Linux), if possible.
-
-    Compiling a step takes more memory than running it; without this the peak
-    would measure XLA's compiler, not the step.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except (OSError, AttributeError):
-        return False
 
 
 def child(args) -> None:

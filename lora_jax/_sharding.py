@@ -32,7 +32,6 @@ leaf path.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Mapping, Sequence
@@ -43,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax._config import LoraConfig
 from lora_jax._errors import LoraShardingError
-from lora_jax._delta import LeafDelta, LoraFactors, is_delta_leaf
+from lora_jax._delta import LeafDelta, is_delta_leaf
 from lora_jax._init import init_lora
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
