@@ -33,6 +33,7 @@ from lora_jax._layout import KernelLayout
 from lora_jax._lora_format import load, save
 from lora_jax._merge import dora_norms, merge, unmerge
 from lora_jax._optim import lora_plus, train_delta_only
+from lora_jax._quant import QuantizedArray, dequantize, quantize
 from lora_jax._peft_format import NameMap, export_peft, import_peft
 from lora_jax._sharding import (
     delta_shardings,
@@ -62,8 +63,10 @@ __all__ = [
     "LoraStructureError",
     "LoraTargetError",
     "NameMap",
+    "QuantizedArray",
     "count_params",
     "delta_shardings",
+    "dequantize",
     "dora_norms",
     "export_peft",
     "implicit",
@@ -79,6 +82,7 @@ __all__ = [
     "param_shardings",
     "pissa",
     "print_summary",
+    "quantize",
     "save",
     "summarize",
     "train_delta_only",

@@ -1,0 +1,248 @@
+"""Quantized bases: the NF4 code book, round-trip bounds, double quantization, bits per
+parameter, N-D and stacked kernels, errors. References are computed here in NumPy from
+the published tables, never from lora_jax's own code."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax._quant import DYNAMIC_TABLE, NF4_TABLE
+from lora_jax.advanced import leaves_with_paths
+
+# bitsandbytes/functional.py, get_4bit_type("nf4") (QLoRA, arXiv:2305.14314, appendix E):
+PUBLISHED_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def ref_blockwise(x, table, block):
+    """Blockwise absmax quantization by brute-force nearest code (float64 NumPy)."""
+    flat = np.float64(x).reshape(-1, block)
+    absmax = np.abs(flat).max(axis=1, keepdims=True)
+    t = np.float64(table)
+    idx = np.abs(flat[..., None] / absmax[..., None] - t).argmin(axis=-1)
+    return (t[idx] * absmax).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------- the code book
+
+
+def test_nf4_code_values_equal_the_published_table():
+    np.testing.assert_array_equal(NF4_TABLE, np.float32(PUBLISHED_NF4))
+    # Through the public path: a block holding every code value (absmax 1) comes back exactly.
+    w = np.tile(np.float32(PUBLISHED_NF4), 4).reshape(64, 1)
+    q = lj.quantize({"w": jnp.asarray(np.tile(w, (1, 2)))}, "w", scheme="nf4")["w"]
+    np.testing.assert_array_equal(np.asarray(lj.dequantize(q))[:, 0], w[:, 0])
+
+
+def test_nf4_table_is_the_normal_quantile_construction():
+    """QLoRA's construction: quantiles of N(0,1) at linspace(0.9677083, 0.5), normalised."""
+    from scipy.stats import norm
+    off = 0.9677083
+    pos = norm.ppf(np.linspace(off, 0.5, 9)[:-1])
+    neg = -norm.ppf(np.linspace(off, 0.5, 8)[:-1])
+    vals = np.sort(np.concatenate([pos, neg, [0.0]]))
+    vals /= vals.max()
+    np.testing.assert_allclose(np.float32(PUBLISHED_NF4), vals, atol=2e-7)
+
+
+def test_codes_are_packed_two_per_byte_high_nibble_first():
+    w = np.zeros((64, 2), np.float32)
+    w.reshape(-1)[0], w.reshape(-1)[1] = -1.0, 1.0   # codes 0 and 15 in the first byte
+    q = lj.quantize({"w": jnp.asarray(w)}, "w", scheme="nf4")["w"]
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (64,)
+    assert int(q.codes[0]) == (0 << 4) | 15
+    assert int(q.codes[1]) == (7 << 4) | 7        # zeros: code 7 (0.0)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nf4_round_trip_is_the_nearest_code_of_each_block(dtype):
+    x = jnp.asarray(rng(1).standard_normal((256, 64)), dtype)
+    q = lj.quantize({"w": x}, "w", scheme="nf4")["w"]
+    assert q.dtype == dtype
+    got = np.float64(np.asarray(lj.dequantize(q, jnp.float32)))
+    want = ref_blockwise(np.asarray(x, np.float32), PUBLISHED_NF4, 64)
+    # The nearest code is unique except on exact midpoints: compare distances, which are.
+    xf = np.float64(np.asarray(x, np.float32))
+    np.testing.assert_allclose(np.abs(got - xf), np.abs(want - xf), atol=1e-6)
+    # and the code book's bound: half the widest gap times the block's absmax
+    absmax = np.abs(xf.reshape(-1, 64)).max(axis=1, keepdims=True)
+    half_gap = np.diff(PUBLISHED_NF4).max() / 2
+    assert (np.abs(got - xf).reshape(-1, 64) <= absmax * half_gap + 1e-6).all()
+    assert lj.dequantize(q).dtype == dtype
+
+
+@pytest.mark.parametrize("scheme,levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("block", [None, 32])
+def test_int_round_trip_within_half_a_step(scheme, levels, block):
+    x = rng(2).standard_normal((64, 48)).astype(np.float32)
+    q = lj.quantize({"w": jnp.asarray(x)}, "w", scheme=scheme, block_size=block)["w"]
+    got = np.float64(np.asarray(lj.dequantize(q)))
+    if block is None:   # per output channel: absmax over the fan-in axis
+        scale = np.abs(x).max(axis=0, keepdims=True) / levels
+        want = np.clip(np.round(x / scale), -levels, levels) * scale
+    else:
+        flat = x.reshape(-1, block)
+        scale = np.abs(flat).max(axis=1, keepdims=True) / levels
+        want = (np.clip(np.round(flat / scale), -levels, levels) * scale).reshape(x.shape)
+        scale = np.repeat(scale, block, axis=1).reshape(x.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (np.abs(got - x) <= scale / 2 * (1 + 1e-5)).all()
+
+
+def test_nf4_error_on_standard_normal_matches_the_published_code_book():
+    x = rng(3).standard_normal((1024, 1024)).astype(np.float32)
+    ref = ref_blockwise(x, PUBLISHED_NF4, 64)
+    ref_mse = np.mean((ref - x) ** 2)
+    for dq in (False, True):
+        q = lj.quantize({"w": jnp.asarray(x)}, "w", scheme="nf4", double_quant=dq)["w"]
+        mse = float(np.mean((np.float64(np.asarray(lj.dequantize(q))) - x) ** 2))
+        assert abs(mse / ref_mse - 1) <= 0.05, (dq, mse, ref_mse)
+    # NF4 beats uniform int4 with the same blocks on normal data
+    q4 = lj.quantize({"w": jnp.asarray(x)}, "w", scheme="int4", block_size=64)["w"]
+    assert np.mean((np.asarray(lj.dequantize(q4)) - x) ** 2) > 1.1 * ref_mse
+
+
+# --------------------------------------------------------------------------- double quantization
+
+
+def test_double_quant_absmax_error_is_bounded():
+    x = rng(4).standard_normal((512, 256)).astype(np.float32)
+    plain = lj.quantize({"w": jnp.asarray(x)}, "w", scheme="nf4")["w"]
+    dq = lj.quantize({"w": jnp.asarray(x)}, "w", scheme="nf4", double_quant=True)["w"]
+    absmax = np.abs(x.reshape(-1, 64)).max(axis=1)
+    np.testing.assert_allclose(np.asarray(plain.scales), absmax, rtol=0)
+    assert dq.scales.dtype == jnp.uint8 and dq.dq_scales.shape == (-(-absmax.size // 256),)
+    from lora_jax._quant import double_dequantize
+    got = np.asarray(double_dequantize(dq.scales, dq.dq_scales, dq.dq_offset))
+    dev = absmax - absmax.mean()
+    block_max = np.abs(np.pad(dev, (0, (-dev.size) % 256)).reshape(-1, 256)).max(axis=1)
+    bound = np.repeat(block_max, 256)[:dev.size] * np.diff(DYNAMIC_TABLE).max() / 2
+    err = np.abs(got - absmax)
+    assert (err <= bound + 1e-6).all()
+    assert err.max() / absmax.mean() < 0.01     # under 1% of a typical scale
+    # weights: the codes are the same; only the scale moved
+    np.testing.assert_array_equal(np.asarray(dq.codes), np.asarray(plain.codes))
+
+
+def test_dynamic_table_is_bitsandbytes_signed_dynamic_map():
+    """create_dynamic_map(signed=True): 127 positive, 127 negative, 0 and 1; the positive
+    values of exponent i are 10^(i-6) times the midpoints of linspace(0.1, 1, 2^i + 1)."""
+    t = np.float64(DYNAMIC_TABLE)
+    assert t.shape == (256,) and len(set(t.tolist())) == 256 and t[-1] == 1.0
+    pos = []
+    for i in range(7):
+        edges = np.linspace(0.1, 1, 2 ** i + 1)
+        pos += list(10.0 ** (i - 6) * (edges[1:] + edges[:-1]) / 2)
+    want = np.sort(np.concatenate([pos, -np.array(pos), [0.0, 1.0]]))
+    np.testing.assert_allclose(t, want, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- bits per parameter
+
+
+def test_bits_per_param():
+    w = jnp.asarray(rng(5).standard_normal((1024, 1024)), jnp.float32)
+    nf4dq = lj.quantize({"w": w}, "w", scheme="nf4", double_quant=True)["w"]
+    n, nb = 1024 * 1024, 1024 * 1024 // 64
+    assert nf4dq.bits_per_param == pytest.approx(
+        4 + 8 * nb / n + 32 * math.ceil(nb / 256) / n + 32 / n)
+    assert nf4dq.bits_per_param <= 4.2
+    assert abs(nf4dq.bits_per_param - 4.127) < 0.001
+    assert lj.quantize({"w": w}, "w", scheme="nf4")["w"].bits_per_param == 4.5
+    int8 = lj.quantize({"w": w}, "w", scheme="int8")["w"]
+    assert int8.bits_per_param == pytest.approx(8 + 32 / 1024) and int8.bits_per_param <= 8.3
+    int4 = lj.quantize({"w": w}, "w", scheme="int4")["w"]
+    assert int4.bits_per_param == pytest.approx(4 + 32 / 1024)
+    from lora_jax.advanced import kernel_bits
+    tree = {"a": nf4dq, "b": int8, "c": jnp.zeros(3)}
+    assert kernel_bits(tree) == pytest.approx((nf4dq.nbytes + int8.nbytes) * 8 / (2 * n))
+
+
+# --------------------------------------------------------------------------- N-D and stacked
+
+
+def test_stacked_kernel_quantizes_each_layer_alone():
+    # layers with scales 1, 100, 0.01: a block straddling layers would mix them
+    x = rng(6).standard_normal((3, 32, 6)).astype(np.float32) * np.array([1, 100, 0.01],
+                                                                         np.float32)[:, None, None]
+    for axes, w, take in [("sio", x, lambda a, i: a[i]),
+                          ("iso", np.transpose(x, (1, 0, 2)), lambda a, i: a[:, i])]:
+        q = lj.quantize({"w": jnp.asarray(w)}, "w", scheme="nf4", layouts={"w": axes},
+                        double_quant=True)["w"]
+        assert q.shape == w.shape and q.codes.shape == (3, 96) and q.scales.shape == (3, 3)
+        dense = np.asarray(lj.dequantize(q))
+        for i in range(3):
+            alone = lj.quantize({"w": jnp.asarray(take(w, i))}, "w", scheme="nf4",
+                                double_quant=True)["w"]
+            np.testing.assert_array_equal(take(dense, i), np.asarray(lj.dequantize(alone)))
+            np.testing.assert_array_equal(np.asarray(q.codes[i]), np.asarray(alone.codes))
+
+
+def test_dense_general_per_channel_scales_follow_the_layout():
+    x = rng(7).standard_normal((16, 4, 8)).astype(np.float32)      # (d, heads, head_dim)
+    q = lj.quantize({"w": jnp.asarray(x)}, "w", scheme="int8", layouts={"w": "ioo"})["w"]
+    assert q.scales.shape == (4, 8)
+    np.testing.assert_allclose(np.asarray(q.scales), np.abs(x).max(axis=0))
+    out = rng(8).standard_normal((4, 8, 16)).astype(np.float32)     # (heads, head_dim, d)
+    q2 = lj.quantize({"w": jnp.asarray(out)}, "w", scheme="int8", layouts={"w": "iio"})["w"]
+    assert q2.scales.shape == (16,)
+    np.testing.assert_allclose(np.asarray(q2.scales), np.abs(out).max(axis=(0, 1)))
+    step = np.abs(out).max(axis=(0, 1)) / 127
+    assert (np.abs(np.asarray(lj.dequantize(q2)) - out) <= step / 2 * (1 + 1e-5)).all()
+
+
+def test_quantized_leaf_is_one_leaf_to_lora_jax_and_arrays_to_jax():
+    params = {"fc": {"kernel": jnp.ones((64, 8)), "bias": jnp.zeros(8)}}
+    q = lj.quantize(params, ".*/kernel")
+    assert [p for p, _ in leaves_with_paths(q)[0]] == ["fc/bias", "fc/kernel"]
+    assert len(jax.tree.leaves(q)) == 3                      # bias, codes, scales
+    dense = jax.jit(lj.dequantize)(q)
+    np.testing.assert_array_equal(np.asarray(dense["fc"]["kernel"]), np.ones((64, 8)))
+    # init_lora reads shape and dtype off the quantized leaf
+    base, delta = lj.init_lora(jax.random.key(0), q, lj.LoraConfig(targets=".*/kernel", rank=2))
+    assert delta["fc"]["kernel"].a.shape == (64, 2) and base["fc"]["kernel"] is q["fc"]["kernel"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("params,kwargs,error,text", [
+    ({"blk/w": jnp.ones((10, 10))}, {"block_size": 64}, lj.LoraArgumentError,
+     "'blk/w': block_size 64 does not divide the 100 weights"),
+    ({"ids": jnp.ones((8, 8), jnp.int32)}, {}, lj.LoraTargetError, "'ids' matches"),
+    ({"b": jnp.ones(64)}, {}, lj.LoraTargetError, "'b' matches the quantize targets but has"),
+    ({"tok/embedding": jnp.ones((64, 8))}, {}, lj.LoraTargetError, "embedding table"),
+    ({"w3": jnp.ones((2, 64, 8))}, {}, lj.LoraLayoutError, "'w3'"),
+    ({"w": jnp.ones((64, 8))}, {"scheme": "fp4"}, lj.LoraArgumentError, "scheme"),
+    ({"w": jnp.ones((64, 8))}, {"block_size": None}, lj.LoraArgumentError, "nf4 is blockwise"),
+    ({"w": jnp.ones((64, 8))}, {"block_size": 63}, lj.LoraArgumentError, "even"),
+    ({"w": jnp.ones((64, 8))}, {"scheme": "int8", "double_quant": True}, lj.LoraArgumentError,
+     "double_quant"),
+])
+def test_errors_name_the_leaf(params, kwargs, error, text):
+    with pytest.raises(error, match=None) as info:
+        lj.quantize(params, ".*", **kwargs)
+    assert text in str(info.value)
+
+
+def test_pattern_matching_nothing_and_already_quantized():
+    with pytest.raises(lj.LoraTargetError, match="'nope' matches no"):
+        lj.quantize({"w": jnp.ones((64, 8))}, "nope")
+    q = lj.quantize({"w": jnp.ones((64, 8))}, "w")
+    with pytest.raises(lj.LoraTargetError, match="'w' is already quantized"):
+        lj.quantize(q, "w")
