@@ -33,6 +33,7 @@ from lora_jax._layout import KernelLayout
 from lora_jax._lora_format import load, save
 from lora_jax._merge import dora_norms, merge, unmerge
 from lora_jax._optim import lora_plus, train_delta_only
+from lora_jax._qlora import loftq, requantize
 from lora_jax._quant import QuantizedArray, dequantize, quantize
 from lora_jax._peft_format import NameMap, export_peft, import_peft
 from lora_jax._sharding import (
@@ -75,6 +76,7 @@ __all__ = [
     "init_lora",
     "init_lora_sharded",
     "load",
+    "loftq",
     "lora_plus",
     "merge",
     "olora",
@@ -83,6 +85,7 @@ __all__ = [
     "pissa",
     "print_summary",
     "quantize",
+    "requantize",
     "save",
     "summarize",
     "train_delta_only",

@@ -246,3 +246,127 @@ def test_pattern_matching_nothing_and_already_quantized():
     q = lj.quantize({"w": jnp.ones((64, 8))}, "w")
     with pytest.raises(lj.LoraTargetError, match="'w' is already quantized"):
         lj.quantize(q, "w")
+
+
+# --------------------------------------------------------------------------- merge, requantize, LoftQ
+
+
+def random_delta(params, config, seed=0):
+    """A 'trained' delta: both factors random (B = 0 at init would hide every bug)."""
+    _, delta = lj.init_lora(jax.random.key(seed), params, config)
+    r = rng(seed + 100)
+    return jax.tree.map(lambda x: jnp.asarray(r.standard_normal(x.shape) * 0.1, x.dtype), delta)
+
+
+def test_merge_against_a_quantized_base_is_dequantized_plus_delta():
+    r = rng(9)
+    params = {"fc": {"kernel": jnp.asarray(r.standard_normal((128, 32)), jnp.bfloat16)},
+              "stack": {"kernel": jnp.asarray(r.standard_normal((2, 64, 16)), jnp.float32)},
+              "other": jnp.asarray(r.standard_normal((64, 4)), jnp.float32),
+              "bias": jnp.ones(4)}
+    config = lj.LoraConfig(targets=r".*/kernel", rank=3, alpha=6,
+                           layouts={"stack/kernel": "sio"})
+    delta = random_delta(params, config)
+    qbase = lj.quantize(params, r".*/kernel|other", double_quant=True,
+                        layouts={"stack/kernel": "sio"})
+    for dtype in (None, jnp.float32):
+        merged = jax.jit(lambda b, d: lj.merge(b, d, dtype=dtype))(qbase, delta)
+        assert not any(isinstance(x, lj.QuantizedArray) for x in
+                       jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, lj.QuantizedArray)))
+        f, s = delta["fc"]["kernel"], 2.0
+        want = (np.float64(np.asarray(lj.dequantize(qbase["fc"]["kernel"], jnp.float32)))
+                + s * np.float64(f.a) @ np.float64(f.b))
+        got = merged["fc"]["kernel"]
+        assert got.dtype == (dtype or jnp.bfloat16)
+        np.testing.assert_allclose(np.float64(np.asarray(got, np.float32)), want,
+                                   rtol=1e-2 if dtype is None else 1e-5, atol=1e-2 if dtype is None else 1e-5)
+        g = delta["stack"]["kernel"]
+        want = (np.asarray(lj.dequantize(qbase["stack"]["kernel"]), np.float64)
+                + s * np.einsum("lir,lro->lio", np.float64(g.a), np.float64(g.b)))
+        np.testing.assert_allclose(np.asarray(merged["stack"]["kernel"]), want, rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(merged["other"]),
+                                      np.asarray(lj.dequantize(qbase["other"])))
+        assert merged["bias"] is qbase["bias"] or (merged["bias"] == 1).all()
+
+
+def test_dora_merge_against_a_quantized_base():
+    w = jnp.asarray(rng(10).standard_normal((64, 16)), jnp.float32)
+    config = lj.LoraConfig(targets="w", rank=2, use_dora=True)
+    qbase = lj.quantize({"w": w}, "w")
+    _, delta = lj.init_lora(jax.random.key(1), lj.dequantize(qbase), config)
+    delta = jax.tree.map(lambda x: x + 0.05, delta)
+    np.testing.assert_allclose(np.asarray(lj.merge(qbase, delta)["w"]),
+                               np.asarray(lj.merge(lj.dequantize(qbase), delta)["w"]), rtol=1e-6)
+
+
+def test_requantize_reports_the_fraction_of_the_delta_lost():
+    w = rng(11).standard_normal((256, 64)).astype(np.float32)
+    params = {"w": jnp.asarray(w)}
+    qbase = lj.quantize(params, "w")
+    config = lj.LoraConfig(targets="w", rank=4, alpha=4)
+    for size, lo, hi in [(1.0, 0.0, 0.5), (1e-3, 0.9, 10.0)]:
+        delta = jax.tree.map(lambda x: x * size / 0.1, random_delta(params, config, seed=2))
+        merged = lj.merge(qbase, delta, dtype=jnp.float32)
+        q, report = lj.requantize(merged, qbase)
+        assert isinstance(q["w"], lj.QuantizedArray) and q["w"].scheme == "nf4"
+        m = np.float64(np.asarray(merged["w"]))
+        deq_base = np.float64(np.asarray(lj.dequantize(qbase["w"])))
+        ref = ref_blockwise(m, PUBLISHED_NF4, 64)
+        want = np.linalg.norm(ref - m) / np.linalg.norm(m - deq_base)
+        assert report["w"].fraction_lost == pytest.approx(want, rel=1e-3)
+        assert lo <= report["w"].fraction_lost <= hi, (size, report["w"])
+    with pytest.raises(lj.LoraStructureError, match="different leaves"):
+        lj.requantize({"v": merged["w"]}, qbase)
+
+
+def ref_loftq(w, rank, scale, num_iter):
+    """LoftQ in NumPy (float64): NF4 blocks of 64 by brute force, truncated SVD."""
+    low = np.zeros_like(w)
+    for _ in range(num_iter):
+        deq = ref_blockwise(w - low, PUBLISHED_NF4, 64)
+        u, s, vh = np.linalg.svd(w - deq, full_matrices=False)
+        low = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    return deq, low
+
+
+@pytest.mark.parametrize("num_iter", [1, 3])
+def test_loftq_matches_a_numpy_reference_and_beats_plain_quantization(num_iter):
+    w = rng(12).standard_normal((128, 64)).astype(np.float32)
+    params = {"w": jnp.asarray(w)}
+    config = lj.LoraConfig(targets="w", rank=8, alpha=16)
+    base, delta = lj.init_lora(jax.random.key(0), params, config)
+    qbase, delta = lj.loftq(base, delta, num_iter=num_iter)
+    f = delta["w"]
+    got_err = np.linalg.norm(np.asarray(lj.merge(qbase, delta)["w"], np.float64) - w)
+    deq, low = ref_loftq(np.float64(w), 8, f.scale, num_iter)
+    want_err = np.linalg.norm(deq + low - w)
+    assert got_err == pytest.approx(want_err, rel=1e-3)
+    plain = np.linalg.norm(ref_blockwise(w, PUBLISHED_NF4, 64) - w)
+    assert got_err < 0.97 * plain, (got_err, plain)
+    # s A B is the rank-8 truncation of the residual W - Q̂
+    resid = np.float64(w) - np.asarray(lj.dequantize(qbase["w"]), np.float64)
+    u, s, vh = np.linalg.svd(resid, full_matrices=False)
+    np.testing.assert_allclose(f.scale * np.float64(f.a) @ np.float64(f.b),
+                               (u[:, :8] * s[:8]) @ vh[:8], atol=2e-4)
+
+
+def test_loftq_stacked_and_errors():
+    w = rng(13).standard_normal((2, 64, 16)).astype(np.float32)
+    params = {"w": jnp.asarray(w)}
+    config = lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"})
+    base, delta = lj.init_lora(jax.random.key(0), params, config)
+    qbase, d2 = lj.loftq(base, delta, scheme="int4", block_size=32)
+    assert qbase["w"].axes == "sio" and d2["w"].a.shape == (2, 64, 2)
+    for i in range(2):   # each layer alone: quantization and SVD per layer
+        alone = {"x": jnp.asarray(w[i])}
+        b1, dl = lj.init_lora(jax.random.key(0), alone, lj.LoraConfig(targets="x", rank=2))
+        q1, d1 = lj.loftq(b1, dl, scheme="int4", block_size=32)
+        np.testing.assert_allclose(np.asarray(lj.merge(qbase, d2)["w"][i]),
+                                   np.asarray(lj.merge(q1, d1)["x"]), atol=1e-5)
+    dora = lj.init_lora(jax.random.key(0), params,
+                        lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}, use_dora=True))
+    with pytest.raises(lj.LoraTargetError, match="'w': loftq"):
+        lj.loftq(*dora)
+    with pytest.raises(lj.LoraArgumentError, match="num_iter"):
+        lj.loftq(base, delta, num_iter=0)
