@@ -40,25 +40,33 @@ class CliError(Exception):
 
 
 def _adapter_format(path: Path) -> str:
-    from lora_jax._lora_format import CONFIG_NAME, LoraFileError, read_json
+    """``"peft"`` or ``"lora_jax"``: the format of an adapter directory, from its config."""
+    from lora_jax._errors import LoraFileError
+    from lora_jax._file_io import CONFIG_NAME, input_directory, read_json
+    from lora_jax._lora_format import FORMAT
 
-    if not path.is_dir():
-        raise LoraFileError(f"{path}: adapter directory not found")
-    doc = read_json(path / CONFIG_NAME)
+    doc = read_json(input_directory(path) / CONFIG_NAME)
     if "peft_type" in doc:
         return "peft"
-    if doc.get("format") == "lora_jax.adapter":
+    if doc.get("format") == FORMAT:
         return "lora_jax"
     raise LoraFileError(f"{path / CONFIG_NAME}: neither a lora_jax nor a PEFT adapter config")
 
 
 def _name_map(args: argparse.Namespace) -> Any:
-    from lora_jax._peft_format import NameMap
+    """The ``--name-map FILE`` as a :class:`~lora_jax.NameMap`, or None."""
+    from lora_jax._peft_names import NameMap
 
     return NameMap.from_json(args.name_map) if args.name_map else None
 
 
 def _human(n: int) -> str:
+    """A byte count for people (``'1.5 MB'``).
+
+    Example:
+      >>> _human(512), _human(1_500_000)
+      ('512 B', '1.5 MB')
+    """
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -71,7 +79,8 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
 
     Returns ``(tree, "safetensors" | "orbax", safetensors metadata)``.
     """
-    from lora_jax._lora_format import LoraFileError, nested_from_paths, open_safetensors, read_tensor
+    from lora_jax._errors import LoraFileError
+    from lora_jax._file_io import nested_from_paths, open_safetensors, read_tensor
 
     if path.is_dir():
         try:
@@ -95,6 +104,7 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
 
 
 def _load_adapter(path: Path, base: Any, args: argparse.Namespace) -> Any:
+    """The delta of a lora_jax or PEFT adapter directory, checked against and shaped by ``base``."""
     from lora_jax import import_peft, load
 
     if _adapter_format(path) == "peft":
@@ -105,14 +115,38 @@ def _load_adapter(path: Path, base: Any, args: argparse.Namespace) -> Any:
 # --------------------------------------------------------------------------- inspect
 
 
+def _inspect_header(path: Path, fmt: str, doc: dict) -> str:
+    """The first line of ``lora-jax inspect``: the format and who wrote it."""
+    if fmt == "peft":
+        head = (f"PEFT LoRA adapter (peft {doc.get('peft_version', '?')}), use_rslora="
+                f"{bool(doc.get('use_rslora'))}, use_dora={bool(doc.get('use_dora'))}")
+    else:
+        head = (f"lora_jax adapter (format v{doc.get('format_version')}, written by lora_jax "
+                f"{doc.get('library_version', '?')})")
+    return f"{path}: {head}"
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """The per-target table of ``lora-jax inspect``, as aligned lines (header, rule, rows)."""
+    cols = ("target", "kind", "shape", "r", "alpha", "scaling", "dtype", "dora", "params")
+    table = [(r["target"], r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
+              f"{r['alpha']:g}", f"{r['scaling']:.4g}", r["dtype"], "yes" if r["dora"] else "-",
+              f"{r['params']:,}") for r in rows]
+    widths = [max(len(x[i]) for x in [cols, *table]) for i in range(len(cols))]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+            for line in [cols, tuple("-" * w for w in widths), *table]]
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lora_jax._lora_format import describe, read_json
+    """``lora-jax inspect``: one row per target (or PEFT module), as a table or JSON."""
+    from lora_jax._file_io import CONFIG_NAME, read_json
+    from lora_jax._lora_format import describe
     from lora_jax._peft_format import describe_peft
 
     path = Path(args.adapter)
     fmt = _adapter_format(path)
     rows = describe_peft(path) if fmt == "peft" else describe(path)
-    doc = read_json(path / "adapter_config.json")
+    doc = read_json(path / CONFIG_NAME)
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     total = sum(r["params"] for r in rows)
     if args.json:
@@ -121,21 +155,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   sys.stdout, indent=2)
         print()
         return 0
-    if fmt == "peft":
-        head = (f"PEFT LoRA adapter (peft {doc.get('peft_version', '?')}), use_rslora="
-                f"{bool(doc.get('use_rslora'))}, use_dora={bool(doc.get('use_dora'))}")
-    else:
-        head = (f"lora_jax adapter (format v{doc.get('format_version')}, written by lora_jax "
-                f"{doc.get('library_version', '?')})")
-    print(f"{path}: {head}")
+    print(_inspect_header(path, fmt, doc))
     print("files: " + ", ".join(f"{name} ({_human(size)})" for name, size in files.items()))
-    cols = ("target", "kind", "shape", "r", "alpha", "scaling", "dtype", "dora", "params")
-    table = [(r["target"], r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
-              f"{r['alpha']:g}", f"{r['scaling']:.4g}", r["dtype"], "yes" if r["dora"] else "-",
-              f"{r['params']:,}") for r in rows]
-    widths = [max(len(x[i]) for x in [cols, *table]) for i in range(len(cols))]
-    for line in [cols, tuple("-" * w for w in widths), *table]:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+    for line in _table(rows):
+        print(line)
     print(f"{len(rows)} targets, {total:,} parameters, {_human(sum(files.values()))} on disk")
     return 0
 
@@ -154,22 +177,16 @@ def _progress(items: list, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="leaf", disable=None, file=sys.stderr)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def _merged_leaves(base: Any, delta: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``{path: W'}`` for every base leaf the delta adapts, merged one leaf at a time."""
     import jax.numpy as jnp
 
     from lora_jax import merge
     from lora_jax._delta import delta_entries
-    from lora_jax._lora_format import atomic_write, write_safetensors
     from lora_jax._paths import leaves_with_paths
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise CliError(f"{out}: already exists (pass --force to replace it)")
-    base, fmt, metadata = read_base(Path(args.base))
-    delta = _load_adapter(Path(args.adapter), base, args)  # refuses a mismatched base
-    leaves, treedef = leaves_with_paths(base)
     entries = dict(delta_entries(delta))
-    todo = [(p, leaf) for p, leaf in leaves if entries.get(p) is not None]
+    todo = [(p, leaf) for p, leaf in leaves_with_paths(base)[0] if entries.get(p) is not None]
     merged = {}
     for path, leaf in _progress(todo, not args.no_progress, "merging"):
         w = merge({"w": jnp.asarray(leaf)}, {"w": entries[path]})["w"]
@@ -179,6 +196,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 "merge; nothing was written (--check-finite)"
             )
         merged[path] = w
+    return merged
+
+
+def _write_params(out: Path, base: Any, merged: dict[str, Any], fmt: str, metadata: dict,
+                  args: argparse.Namespace) -> None:
+    """Writes ``base`` with ``merged`` leaves replaced (cast to ``--dtype``) in format ``fmt``."""
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax._atomic import atomic_write
+    from lora_jax._file_io import write_safetensors
+    from lora_jax._paths import leaves_with_paths
+
+    leaves, treedef = leaves_with_paths(base)
     dtype = None if args.dtype is None else jnp.dtype(args.dtype)
     flat = {}
     for path, leaf in leaves:
@@ -188,15 +219,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
         flat[path] = value
     if fmt == "safetensors":
         atomic_write(out, lambda tmp: write_safetensors(tmp, flat, metadata))
-    else:
-        import jax
-        import orbax.checkpoint as ocp
+        return
+    import orbax.checkpoint as ocp
 
-        tree = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[p]) for p, _ in leaves])
-        ckpt = ocp.StandardCheckpointer()
-        ckpt.save(out.resolve(), tree, force=args.force)
-        ckpt.wait_until_finished()
-    print(f"merged {len(merged)} of {len(leaves)} leaves into {out} ({fmt})", file=sys.stderr)
+    tree = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[p]) for p, _ in leaves])
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(out.resolve(), tree, force=args.force)
+    ckpt.wait_until_finished()
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``lora-jax merge``: dense params ``W + s A B`` written in the base's own format."""
+    from lora_jax._paths import leaves_with_paths
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CliError(f"{out}: already exists (pass --force to replace it)")
+    base, fmt, metadata = read_base(Path(args.base))
+    delta = _load_adapter(Path(args.adapter), base, args)  # refuses a mismatched base
+    merged = _merged_leaves(base, delta, args)
+    _write_params(out, base, merged, fmt, metadata, args)
+    n = len(leaves_with_paths(base)[0])
+    print(f"merged {len(merged)} of {n} leaves into {out} ({fmt})", file=sys.stderr)
     return 0
 
 

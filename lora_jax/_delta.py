@@ -294,36 +294,33 @@ def dense_delta(factors: LoraFactors) -> Array:
 # --------------------------------------------------------------------------- DoRA
 
 
-def factor_order_norm(w: Array, a: Array | None, b: Array | None, scale: float,
-                      n_stack: int) -> Array:
+def factor_order_norm(w: Array, a: Array, b: Array, scale: float, n_stack: int) -> Array:
     """``||W + s A B||`` over the fan-in axes, ``(*stack, *fan_out)`` float32.
 
     ``w`` is in factor order ``(*stack, *fan_in, *fan_out)``. The squared norm
     of each output column is expanded so that no dense ``W + s A B`` is formed:
     with ``W``, ``A``, ``B`` as ``(K, N)``, ``(K, r)``, ``(r, N)`` per stacked
     kernel, ``||W_j||^2 + 2 s (W^T A)_j . B_j + s^2 B_j^T (A^T A) B_j``.
-    ``a = b = None`` gives ``||W||`` alone.
 
     Example:
-      >>> float(factor_order_norm(jnp.array([[3.0], [4.0]]), None, None, 1.0, 0)[0])
+      >>> w, a, b = jnp.array([[3.0], [4.0]]), jnp.zeros((2, 1)), jnp.zeros((1, 1))
+      >>> float(factor_order_norm(w, a, b, 1.0, 0)[0])
       5.0
     """
     w = jnp.asarray(w, jnp.float32)
-    stack = w.shape[:n_stack]
-    n_in = w.ndim - n_stack - (np.ndim(b) - n_stack - 1 if b is not None else 1)
-    fan_out = w.shape[n_stack + n_in:]
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    stack, r = w.shape[:n_stack], a.shape[-1]
+    fan_out = b.shape[n_stack + 1:]
     w2 = w.reshape(stack + (-1, math.prod(fan_out)))
-    sq = jnp.sum(w2 * w2, axis=-2)
-    if a is not None:
-        a = jnp.asarray(a, jnp.float32)
-        r = a.shape[-1]
-        a2 = a.reshape(stack + (-1, r))
-        b2 = jnp.asarray(b, jnp.float32).reshape(stack + (r, math.prod(fan_out)))
-        hi = jax.lax.Precision.HIGHEST
-        wta = jnp.matmul(jnp.swapaxes(w2, -1, -2), a2, precision=hi)           # (N, r)
-        gram = jnp.matmul(jnp.swapaxes(a2, -1, -2), a2, precision=hi)          # (r, r)
-        sq = (sq + 2 * scale * jnp.sum(jnp.swapaxes(wta, -1, -2) * b2, axis=-2)
-              + scale * scale * jnp.sum(b2 * jnp.matmul(gram, b2, precision=hi), axis=-2))
+    a2 = a.reshape(stack + (-1, r))
+    b2 = b.reshape(stack + (r, math.prod(fan_out)))
+    hi = jax.lax.Precision.HIGHEST
+    wta = jnp.matmul(jnp.swapaxes(w2, -1, -2), a2, precision=hi)           # (N, r)
+    gram = jnp.matmul(jnp.swapaxes(a2, -1, -2), a2, precision=hi)          # (r, r)
+    sq = (jnp.sum(w2 * w2, axis=-2)
+          + 2 * scale * jnp.sum(jnp.swapaxes(wta, -1, -2) * b2, axis=-2)
+          + scale * scale * jnp.sum(b2 * jnp.matmul(gram, b2, precision=hi), axis=-2))
     return jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(stack + fan_out)
 
 

@@ -42,259 +42,110 @@ layer index (``params/layers/q/kernel`` -> ``model.layers.{}.q_proj`` ->
 names the index with a ``(?P<layer>\\d+)`` group and the layers are stacked on
 the leading axis. :func:`import_peft` with ``params`` only needs ``to_peft``:
 it maps every leaf of the params and inverts the result.
+
+**Modules.** This module reads and writes PEFT directories; the PyTorch
+tensor layouts are :mod:`lora_jax._peft_tensors`, the names
+:mod:`lora_jax._peft_names`, and fitting imported modules to Flax kernels
+:mod:`lora_jax._peft_fit`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import json
-import math
 import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._lora_format import (
+from lora_jax._atomic import StagedFiles
+from lora_jax._delta import LeafDelta, LoraFactors, delta_entries, lora_scale
+from lora_jax._errors import LoraArgumentError, LoraFileError, LoraStructureError
+from lora_jax._file_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    commit_file,
     dtype_name,
-    fsync_dir,
-    nested_from_paths,
+    json_writer,
     open_safetensors,
+    output_directory,
     read_json,
     read_tensor,
-    stage_file,
     tensor_info,
-    to_numpy,
-    write_json,
     write_safetensors,
 )
-from lora_jax._delta import (
-    LayerSelection,
-    LeafDelta,
-    LoraFactors,
-    column_norm,
-    delta_entries,
-    lora_scale,
-)
-from lora_jax._errors import LoraBaseMismatchError, LoraError, LoraFileError
-from lora_jax._layout import KernelLayout
-from lora_jax._paths import leaves_with_paths
+from lora_jax._peft_fit import fit_to_params, fit_without_params
+from lora_jax._peft_names import NameMap, fill_layers, pattern_key, pattern_value
+from lora_jax._peft_tensors import PEFT_PREFIX, PeftModule, peft_module, split_key, torch_tensors
 
-PEFT_PREFIX = "base_model.model."
-# (key suffix, role, embedding?) -- the keys current PEFT writes (adapter name removed).
-_KEY_SUFFIXES = (
-    (".lora_A.weight", "A", False),
-    (".lora_B.weight", "B", False),
-    (".lora_embedding_A", "A", True),
-    (".lora_embedding_B", "B", True),
-    (".lora_magnitude_vector.weight", "M", False),
-    (".lora_magnitude_vector", "M", False),
-)
-
-Rules = Union[Sequence[Sequence[str]], Mapping[str, str]]
-NameFn = Callable[..., Any]
-
-
-# --------------------------------------------------------------------------- names
-
-
-def default_to_peft(path: str) -> str:
-    """Flax path -> PyTorch module: drop ``params/``, ``/kernel`` or ``/embedding``; ``/`` -> ``.``.
-
-    Example:
-      >>> default_to_peft("params/encoder/fc1/kernel")
-      'encoder.fc1'
-    """
-    name = re.sub(r"^params/", "", path)
-    name = re.sub(r"/(kernel|embedding)$", "", name)
-    return name.replace("/", ".")
-
-
-def default_to_flax(module: str, kind: str) -> str:
-    """PyTorch module name -> Flax leaf path (linen ``params`` tree; ``embedding`` for embeddings).
-
-    Example:
-      >>> default_to_flax("encoder.fc1", "dense"), default_to_flax("wte", "embed")
-      ('params/encoder/fc1/kernel', 'params/wte/embedding')
-    """
-    leaf = "embedding" if kind == "embed" else "kernel"
-    return "params/" + module.replace(".", "/") + "/" + leaf
-
-
-def _compile_rules(rules: Rules, field: str) -> tuple[tuple[re.Pattern, str], ...]:
-    pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
-    out = []
-    for pair in pairs:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(isinstance(x, str) for x in pair)):
-            raise LoraError(f"NameMap.{field}: each rule is a [regex, template] pair, got {pair!r}")
-        try:
-            out.append((re.compile(pair[0]), pair[1]))
-        except re.error as e:
-            raise LoraError(f"NameMap.{field}: {pair[0]!r} is not a valid regex: {e}") from None
-    return tuple(out)
-
-
-def fill_layers(template: str, index: Sequence[int]) -> str:
-    """Fills each ``{}`` of a module-name template with one layer index, in order.
-
-    Example:
-      >>> fill_layers("model.layers.{}.q_proj", (3,))
-      'model.layers.3.q_proj'
-    """
-    for i in index:
-        template = template.replace("{}", str(int(i)), 1)
-    return template
-
-
-@dataclasses.dataclass(frozen=True)
-class NameMap:
-    """How Flax leaf paths and PyTorch module names correspond, both ways.
-
-    Attributes:
-      to_peft: Flax path -> PyTorch module name. A function ``path -> name |
-        None`` (None: no PyTorch twin), or regex rules ``[(regex, template),
-        ...]`` (or a dict): the first regex that matches the path in full
-        rewrites it with ``re.Match.expand(template)`` (``\\1``, ``\\g<name>``);
-        paths no rule matches get :func:`default_to_peft`. A scan-stacked leaf's
-        name holds one ``{}`` per stacked axis, filled with the layer index.
-      to_flax: PyTorch module name -> Flax path, for :func:`import_peft`
-        without ``params``. A function ``(module, kind) -> path | (path,
-        layer_index) | None``, or rules as above; a rule's named group
-        ``layer`` (or ``layer0``, ``layer1``, ... for several stacked axes)
-        is the layer index, and modules that map to the same path are stacked
-        on the leading axis. Unmatched names get :func:`default_to_flax`.
-
-    Example:
-      >>> nm = NameMap(
-      ...     to_peft=[(r"params/layers/(\\w+)/kernel", r"model.layers.{}.\\1")],
-      ...     to_flax=[(r"model\\.layers\\.(?P<layer>\\d+)\\.(\\w+)", r"params/layers/\\2/kernel")])
-      >>> nm.module_for("params/layers/q_proj/kernel"), nm.module_for("params/head/kernel")
-      ('model.layers.{}.q_proj', 'head')
-      >>> nm.path_for("model.layers.3.q_proj", "dense")
-      ('params/layers/q_proj/kernel', (3,))
-    """
-
-    to_peft: Any = None
-    to_flax: Any = None
-
-    def __post_init__(self):
-        for field in ("to_peft", "to_flax"):
-            value = getattr(self, field)
-            if value is None or callable(value):
-                continue
-            object.__setattr__(self, field, _compile_rules(value, field))
-
-    @classmethod
-    def coerce(cls, name_map: Any) -> "NameMap":
-        """A :class:`NameMap` from None, a NameMap, or a function or rules (``to_peft``)."""
-        if name_map is None:
-            return cls()
-        if isinstance(name_map, NameMap):
-            return name_map
-        if isinstance(name_map, Mapping) and set(name_map) <= {"to_peft", "to_flax"} and name_map:
-            return cls(**name_map)
-        return cls(to_peft=name_map)
-
-    @classmethod
-    def from_json(cls, file: str | os.PathLike) -> "NameMap":
-        """Reads a name map file: ``[[regex, template], ...]`` (``to_peft`` rules) or
-        ``{"to_peft": [...], "to_flax": [...]}``."""
-        file = Path(file)
-        if not file.is_file():
-            raise LoraFileError(f"{file}: name map file not found")
-        try:
-            obj = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise LoraFileError(f"{file}: not valid JSON: {e}") from None
-        try:
-            return cls.coerce(obj)
-        except (LoraError, TypeError) as e:
-            raise LoraFileError(f"{file}: not a valid name map: {e}") from None
-
-    def module_for(self, path: str) -> str | None:
-        """The PyTorch module name (template, with ``{}`` per stacked axis) of a Flax path."""
-        if callable(self.to_peft):
-            return self.to_peft(path)
-        for pattern, template in self.to_peft or ():
-            m = pattern.fullmatch(path)
-            if m:
-                return m.expand(template)
-        return default_to_peft(path)
-
-    def path_for(self, module: str, kind: str) -> tuple[str, tuple[int, ...]] | None:
-        """The Flax path and layer index (``()`` if not stacked) of a PyTorch module."""
-        if callable(self.to_flax):
-            out = self.to_flax(module, kind)
-            if out is None or isinstance(out, str):
-                return None if out is None else (out, ())
-            path, index = out
-            return path, (int(index),) if isinstance(index, (int, np.integer)) else tuple(index)
-        for pattern, template in self.to_flax or ():
-            m = pattern.fullmatch(module)
-            if m:
-                groups = m.groupdict()
-                names = sorted((k for k in groups if re.fullmatch(r"layer\d*", k)),
-                               key=lambda k: (len(k), k))
-                return m.expand(template), tuple(int(groups[k]) for k in names)
-        return default_to_flax(module, kind), ()
+ModuleInfo = tuple[int, float, str]
+"""What the PEFT config records of one exported module: ``(rank, alpha, Flax leaf path)``."""
 
 
 # --------------------------------------------------------------------------- export
 
 
-def _torch_tensors(
-    path: str, f: LoraFactors
-) -> list[tuple[tuple[int, ...], dict[str, np.ndarray]]]:
-    """Per stacked index: ``{peft tensor suffix: array}`` in PyTorch's layouts."""
-    layout = f.layout
-    n = len(layout.stack_axes)
-    r = f.rank
-    a, b = to_numpy(f.a), to_numpy(f.b)
-    m = None if f.magnitude is None else to_numpy(f.magnitude)
-    unstacked = layout.axes.replace("s", "")
-    if layout.kind == "embed" and unstacked not in ("io",):
-        raise LoraError(
-            f"leaf {path!r}: an embedding exports as torch nn.Embedding, which needs one fan-in "
-            f"(vocab) and one fan-out (dim) axis; layout is {layout.axes!r}"
+def _exportable(delta: Any) -> list[tuple[str, LoraFactors]]:
+    """The delta's ``(path, LoraFactors)``, checked to be one PEFT adapter's worth.
+
+    PEFT has no place for a :class:`LeafDelta`, and ``use_rslora`` / ``use_dora``
+    are one flag for the whole adapter: those are a :class:`LoraStructureError`.
+    """
+    targets = [(p, f) for p, f in delta_entries(delta) if f is not None]
+    for leaf, f in targets:
+        if isinstance(f, LeafDelta):
+            raise LoraStructureError(
+                f"export_peft: leaf {leaf!r} is a LeafDelta (trained in full); PEFT stores such "
+                "leaves as modules_to_save / bias holding the full value W + diff, which "
+                "export_peft does not write: merge it into the base params instead"
+            )
+    if not targets:
+        raise LoraStructureError("export_peft: the delta has no LoraFactors (nothing to export)")
+    for flag, has in (("use_rslora", lambda f: f.rslora),
+                      ("use_dora", lambda f: f.magnitude is not None)):
+        if len({has(f) for _, f in targets}) > 1:
+            mixed = [p for p, f in targets if has(f)]
+            raise LoraStructureError(
+                f"export_peft: PEFT's {flag} is one flag for the whole adapter, but only some "
+                f"targets have it (e.g. {mixed[:3]})"
+            )
+    return targets
+
+
+def _module_template(nm: NameMap, leaf: str, f: LoraFactors) -> str:
+    """The PyTorch module name of a target, with one ``{}`` per stacked axis."""
+    template = nm.module_for(leaf)
+    if not template:
+        raise LoraArgumentError(
+            f"export_peft: the name map gives no PyTorch module for target {leaf!r}")
+    n_stack = len(f.layout.stack_axes)
+    if template.count("{}") != n_stack:
+        raise LoraArgumentError(
+            f"export_peft: target {leaf!r} has {n_stack} stacked axes (layout "
+            f"{f.layout.axes!r}) but its module name {template!r} has "
+            f"{template.count('{}')} '{{}}' placeholders; map it to e.g. "
+            "'model.layers.{}.q_proj' so each layer gets its own module"
         )
-    if layout.kind == "conv" and not re.fullmatch(r"i{2,}o", unstacked):
-        raise LoraError(
-            f"leaf {path!r}: a conv kernel exports as torch (out, in, *window) only from Flax's "
-            f"(*window, in, out) layout ('i...io' after stacked axes); layout is {layout.axes!r}"
-        )
-    out = []
-    for idx in np.ndindex(*a.shape[:n]):
-        al, bl = a[idx], b[idx]
-        ml = None if m is None else m[idx]
-        if layout.kind == "embed":
-            t = {"lora_embedding_A": al.T, "lora_embedding_B": bl.T}
-            if ml is not None:
-                t["lora_magnitude_vector"] = ml.reshape(-1)
-        elif layout.kind == "conv":
-            nw = al.ndim - 2  # window axes before (in, r)
-            t = {
-                "lora_A.weight": al.transpose((nw + 1, nw) + tuple(range(nw))),  # (r, in, *win)
-                "lora_B.weight": bl.T.reshape((bl.shape[1], r) + (1,) * nw),  # (out, r, 1..)
-            }
-            if ml is not None:
-                t["lora_magnitude_vector"] = ml.reshape((1, -1) + (1,) * nw)
-        else:  # dense, any number of fan-in / fan-out axes: flattened to nn.Linear
-            t = {"lora_A.weight": al.reshape(-1, r).T, "lora_B.weight": bl.reshape(r, -1).T}
-            if ml is not None:
-                t["lora_magnitude_vector"] = ml.reshape(-1)
-        index = tuple(int(i) for i in idx)
-        if f.layers is not None:  # only these layers of the first stacked axis are stored
-            index = (f.layers.indices[index[0]],) + index[1:]
-        out.append((index, {k: to_numpy(v) for k, v in t.items()}))
-    return out
+    return template
+
+
+def _to_modules(targets: Sequence[tuple[str, LoraFactors]], nm: NameMap
+                ) -> tuple[dict[str, np.ndarray], dict[str, ModuleInfo]]:
+    """``({PEFT tensor key: array}, {module: (rank, alpha, leaf)})`` of the targets."""
+    tensors: dict[str, np.ndarray] = {}
+    modules: dict[str, ModuleInfo] = {}
+    for leaf, f in targets:
+        template = _module_template(nm, leaf, f)
+        for idx, arrays in torch_tensors(leaf, f):
+            module = fill_layers(template, idx)
+            if module in modules:
+                raise LoraArgumentError(
+                    f"export_peft: targets {modules[module][2]!r} and {leaf!r} both map to "
+                    f"PyTorch module {module!r}"
+                )
+            modules[module] = (f.rank, float(f.alpha), leaf)
+            for suffix, arr in arrays.items():
+                tensors[f"{PEFT_PREFIX}{module}.{suffix}"] = arr
+    return tensors, modules
 
 
 def _json_number(x: float) -> int | float:
@@ -306,17 +157,32 @@ def _most_common(values: list) -> Any:
     return max(counts, key=lambda v: (counts[v], -float(v)))
 
 
-def _pattern_key(module: str, modules: Sequence[str]) -> str:
-    """A PEFT ``rank_pattern`` / ``alpha_pattern`` key that selects exactly ``module``.
-
-    PEFT matches a key ``k`` against module ``n`` as ``re.match(rf"(.*\\.)?({k})$", n)``,
-    so a plain name also selects every module ending in ``.name``; ``^`` pins it
-    when another module here does.
-    """
-    key = re.escape(module)
-    if any(other != module and other.endswith("." + module) for other in modules):
-        key = "^" + key
-    return key
+def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
+                 base_model_name_or_path: str | None) -> dict:
+    """PEFT's ``adapter_config.json``: the most common rank / alpha, the others as patterns."""
+    names = sorted(modules)
+    r0 = _most_common([r for r, _, _ in modules.values()])
+    a0 = _most_common([a for _, a, _ in modules.values()])
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": int(r0),
+        "lora_alpha": _json_number(a0),
+        "lora_dropout": 0.0,
+        "target_modules": names,
+        "rank_pattern": {pattern_key(m, names): int(modules[m][0])
+                         for m in names if modules[m][0] != r0},
+        "alpha_pattern": {pattern_key(m, names): _json_number(modules[m][1])
+                          for m in names if modules[m][1] != a0},
+        "use_rslora": rslora,
+        "use_dora": dora,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
 
 
 def export_peft(
@@ -342,7 +208,7 @@ def export_peft(
       path: output directory (created if missing).
       delta: a lora_jax delta.
       name_map: a :class:`NameMap`, a function ``path -> module``, or
-        ``to_peft`` rules; default :func:`default_to_peft`.
+        ``to_peft`` rules; default: drop ``params/`` and ``/kernel``, ``/`` -> ``.``.
       base_model_name_or_path: recorded in the config (PEFT uses it to fetch
         the base model when none is passed).
 
@@ -350,148 +216,38 @@ def export_peft(
       The ``adapter_config.json`` contents written.
 
     Raises:
-      LoraError: mixed rsLoRA or DoRA across targets (global in PEFT), two
-        leaves mapping to one module, a stacked leaf whose name lacks a
-        ``{}`` per stacked axis, or a conv/embedding layout PyTorch cannot
-        express.
+      LoraStructureError: a delta PEFT cannot hold: mixed rsLoRA or DoRA
+        across targets (one flag in PEFT), a :class:`~lora_jax.LeafDelta`, no
+        factors at all, or a conv/embedding layout PyTorch cannot express.
+      LoraArgumentError: a name map that gives a target no module, a stacked
+        target's name without a ``{}`` per stacked axis, or two targets one
+        module.
+      LoraFileError: ``path`` exists and is not a directory.
 
     Example:
-      >>> import tempfile
+      >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
       >>> params = {"params": {"fc": {"kernel": jnp.ones((6, 4))}}}
-      >>> cfg = LoraConfig(targets=".*kernel", rank=2, alpha=4)
-      >>> _, delta = init_lora(jax.random.key(0), params, cfg)
-      >>> cfg = export_peft(tempfile.mkdtemp(), delta)
+      >>> cfg = lj.LoraConfig(targets=".*kernel", rank=2, alpha=4)
+      >>> _, delta = lj.init_lora(jax.random.key(0), params, cfg)
+      >>> cfg = lj.export_peft(tempfile.mkdtemp(), delta)
       >>> cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
       ('LORA', 2, 4, ['fc'])
     """
     nm = NameMap.coerce(name_map)
-    targets = [(p, f) for p, f in delta_entries(delta) if f is not None]
-    for leaf, f in targets:
-        if isinstance(f, LeafDelta):
-            raise LoraError(
-                f"export_peft: leaf {leaf!r} is a LeafDelta (trained in full); PEFT stores such "
-                "leaves as modules_to_save / bias holding the full value W + diff, which "
-                "export_peft does not write: merge it into the base params instead"
-            )
-    if not targets:
-        raise LoraError("export_peft: the delta has no LoraFactors (nothing to export)")
-    for flag, values in (("use_rslora", {f.rslora for _, f in targets}),
-                         ("use_dora", {f.magnitude is not None for _, f in targets})):
-        if len(values) > 1:
-            mixed = [p for p, f in targets
-                     if (f.rslora if flag == "use_rslora" else f.magnitude is not None)]
-            raise LoraError(
-                f"export_peft: PEFT's {flag} is one flag for the whole adapter, but only some "
-                f"targets have it (e.g. {mixed[:3]})"
-            )
-    tensors: dict[str, np.ndarray] = {}
-    modules: dict[str, tuple[int, float, str]] = {}
-    for leaf, f in targets:
-        template = nm.module_for(leaf)
-        if not template:
-            raise LoraError(
-                f"export_peft: the name map gives no PyTorch module for target {leaf!r}"
-            )
-        n_stack = len(f.layout.stack_axes)
-        if template.count("{}") != n_stack:
-            raise LoraError(
-                f"export_peft: target {leaf!r} has {n_stack} stacked axes (layout "
-                f"{f.layout.axes!r}) but its module name {template!r} has "
-                f"{template.count('{}')} '{{}}' placeholders; map it to e.g. "
-                "'model.layers.{}.q_proj' so each layer gets its own module"
-            )
-        for idx, arrays in _torch_tensors(leaf, f):
-            module = fill_layers(template, idx)
-            if module in modules:
-                raise LoraError(
-                    f"export_peft: targets {modules[module][2]!r} and {leaf!r} both map to "
-                    f"PyTorch module {module!r}"
-                )
-            modules[module] = (f.rank, float(f.alpha), leaf)
-            for suffix, arr in arrays.items():
-                tensors[f"{PEFT_PREFIX}{module}.{suffix}"] = arr
-    names = sorted(modules)
-    r0 = _most_common([r for r, _, _ in modules.values()])
-    a0 = _most_common([a for _, a, _ in modules.values()])
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "inference_mode": True,
-        "r": int(r0),
-        "lora_alpha": _json_number(a0),
-        "lora_dropout": 0.0,
-        "target_modules": names,
-        "rank_pattern": {_pattern_key(m, names): int(modules[m][0])
-                         for m in names if modules[m][0] != r0},
-        "alpha_pattern": {_pattern_key(m, names): _json_number(modules[m][1])
-                          for m in names if modules[m][1] != a0},
-        "use_rslora": bool(targets[0][1].rslora),
-        "use_dora": targets[0][1].magnitude is not None,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise LoraFileError(f"{directory}: exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    weights, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
-    staged = []
-    try:
-        write = lambda t: write_safetensors(t, tensors, {"format": "pt"})  # noqa: E731
-        staged.append(stage_file(weights, write))
-        staged.append(stage_file(cfg_path, write_json(cfg_path, config)))
-        commit_file(staged[0], weights)
-        commit_file(staged[1], cfg_path)
-    except BaseException:
-        for tmp in staged:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-        raise
-    fsync_dir(directory)
+    targets = _exportable(delta)
+    tensors, modules = _to_modules(targets, nm)
+    first = targets[0][1]
+    config = _peft_config(modules, bool(first.rslora), first.magnitude is not None,
+                          base_model_name_or_path)
+    directory = output_directory(path)
+    with StagedFiles(directory) as files:
+        files.stage(WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
+        files.stage(CONFIG_NAME, json_writer(config))
+        files.commit()
     return config
 
 
 # --------------------------------------------------------------------------- reading PEFT files
-
-
-@dataclasses.dataclass
-class PeftModule:
-    """One adapted PyTorch module of a PEFT file, with factors in lora_jax's orientation.
-
-    ``a: (*fan_in, r)`` with fan_in ``(in,)`` (Linear), ``(vocab,)`` (Embedding)
-    or ``(*window, in)`` (conv); ``b: (r, out)``; ``magnitude: (out,)`` or None.
-    """
-
-    name: str
-    kind: str
-    a: np.ndarray
-    b: np.ndarray
-    magnitude: np.ndarray | None
-    rank: int
-    alpha: float
-    keys: tuple[str, ...]
-    torch_shape: tuple[int, ...]
-
-    @property
-    def fan_in(self) -> tuple[int, ...]:
-        return tuple(self.a.shape[:-1])
-
-    @property
-    def fan_out(self) -> int:
-        return int(self.b.shape[1])
-
-
-def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def read_peft_config(directory: Path) -> dict:
@@ -510,221 +266,63 @@ def read_peft_config(directory: Path) -> dict:
     return cfg
 
 
-def read_peft_modules(directory: str | os.PathLike) -> tuple[dict, dict[str, PeftModule]]:
-    """Reads and validates a PEFT LoRA adapter: ``(config, {module: PeftModule})``."""
-    directory = Path(directory)
-    cfg = read_peft_config(directory)
-    weights = directory / WEIGHTS_NAME
+def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, bool]]]:
+    """``{module: {role: (key, array, embedding?)}}`` of every tensor in a PEFT file."""
+    directory = weights.parent
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise LoraFileError(
             f"{directory / 'adapter_model.bin'}: a pickled PyTorch adapter; lora_jax reads only "
             "adapter_model.safetensors (re-save with PEFT's "
             "save_pretrained(safe_serialization=True))"
         )
-    dora = bool(cfg.get("use_dora", False))
     raw: dict[str, dict[str, tuple[str, np.ndarray, bool]]] = {}
     with open_safetensors(weights) as f:
         for key in tensor_info(f):
-            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            for suffix, role, embed in _KEY_SUFFIXES:
-                if name.endswith(suffix):
-                    module = name[: -len(suffix)]
-                    raw.setdefault(module, {})[role] = (key, read_tensor(f, weights, key), embed)
-                    break
-            else:
+            split = split_key(key)
+            if split is None:
                 raise LoraFileError(
                     f"{weights}: tensor {key!r} is not a LoRA factor lora_jax can import "
                     "(lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector); lora_bias, "
                     "modules_to_save and other PEFT methods are not supported"
                 )
+            module, role, embed = split
+            raw.setdefault(module, {})[role] = (key, read_tensor(f, weights, key), embed)
+    return raw
+
+
+def _check_against_config(weights: Path, cfg: dict, mod: PeftModule,
+                          a_shape: tuple[int, ...]) -> None:
+    """A module (its ``lora_A`` of shape ``a_shape``) agrees with the config's ``use_dora``
+    and its ``r`` / ``rank_pattern``."""
+    dora = bool(cfg.get("use_dora", False))
+    if (mod.magnitude is not None) != dora:
+        state = "has" if mod.magnitude is not None else "lacks"
+        raise LoraFileError(
+            f"{weights}: module {mod.name!r} {state} lora_magnitude_vector but {CONFIG_NAME} has "
+            f"use_dora={dora}"
+        )
+    want_r = pattern_value(cfg.get("rank_pattern"), mod.name, cfg["r"])
+    if int(want_r) != mod.rank:
+        raise LoraFileError(
+            f"{weights}: tensor {mod.keys[0]!r} has rank {mod.rank} (shape {a_shape}), but "
+            f"{CONFIG_NAME} gives module {mod.name!r} rank {want_r} (r / rank_pattern)"
+        )
+
+
+def read_peft_modules(directory: str | os.PathLike) -> tuple[dict, dict[str, PeftModule]]:
+    """Reads and validates a PEFT LoRA adapter: ``(config, {module: PeftModule})``."""
+    directory = Path(directory)
+    cfg = read_peft_config(directory)
+    weights = directory / WEIGHTS_NAME
     modules = {}
-    for name, parts in raw.items():
-        modules[name] = _module(weights, cfg, name, parts, dora)
+    for name, parts in _read_parts(weights).items():
+        alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
+        modules[name] = peft_module(weights, name, parts, float(alpha))
+        _check_against_config(weights, cfg, modules[name], parts["A"][1].shape)
     return cfg, modules
 
 
-def _module(weights: Path, cfg: dict, name: str, parts: dict, dora: bool) -> PeftModule:
-    for role in ("A", "B"):
-        if role not in parts:
-            other = next(iter(parts.values()))[0]
-            raise LoraFileError(
-                f"{weights}: module {name!r} has {other!r} but no lora_{role} tensor"
-            )
-    (ka, A, emb_a), (kb, B, emb_b) = parts["A"], parts["B"]
-    if emb_a != emb_b:
-        raise LoraFileError(f"{weights}: {ka!r} and {kb!r} mix embedding and Linear/conv factors")
-    if ("M" in parts) != dora:
-        state = "has" if "M" in parts else "lacks"
-        raise LoraFileError(
-            f"{weights}: module {name!r} {state} lora_magnitude_vector but {CONFIG_NAME} has "
-            f"use_dora={dora}"
-        )
-    if A.ndim < 2 or B.ndim != A.ndim:
-        raise LoraFileError(
-            f"{weights}: tensors {ka!r} {A.shape} and {kb!r} {B.shape} are not a LoRA pair"
-        )
-    r = int(A.shape[0])
-    if B.shape[1] != r:
-        raise LoraFileError(
-            f"{weights}: tensor {kb!r} has shape {B.shape}; its rank axis (1) should be {r} "
-            f"like {ka!r} {A.shape}"
-        )
-    if emb_a:
-        kind = "embed"
-        if A.ndim != 2:
-            raise LoraFileError(f"{weights}: tensor {ka!r} should be 2-D (r, vocab), got {A.shape}")
-        a, b, torch_shape = A.T, B.T, (A.shape[1], B.shape[0])
-    elif A.ndim == 2:
-        kind = "dense"
-        a, b, torch_shape = A.T, B.T, (B.shape[0], A.shape[1])
-    else:
-        kind = "conv"
-        nw = A.ndim - 2
-        if any(d != 1 for d in B.shape[2:]):
-            raise LoraFileError(
-                f"{weights}: tensor {kb!r} has shape {B.shape}; PEFT's conv lora_B is a 1x1 conv "
-                "(out, r, 1, ...)"
-            )
-        a = A.transpose(tuple(range(2, 2 + nw)) + (1, 0))  # (*win, in, r)
-        b = B.reshape(B.shape[0], r).T
-        torch_shape = (B.shape[0], A.shape[1]) + tuple(A.shape[2:])
-    magnitude = None
-    if "M" in parts:
-        km, M, _ = parts["M"]
-        if M.size != b.shape[1] or (M.ndim > 1 and M.shape[1 if kind == "conv" else 0] != M.size):
-            raise LoraFileError(
-                f"{weights}: tensor {km!r} has shape {M.shape}; expected {b.shape[1]} magnitudes "
-                "(one per output feature)"
-            )
-        magnitude = M.reshape(-1)
-    want_r = _pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
-    if int(want_r) != r:
-        raise LoraFileError(
-            f"{weights}: tensor {ka!r} has rank {r} (shape {A.shape}), but {CONFIG_NAME} gives "
-            f"module {name!r} rank {want_r} (r / rank_pattern)"
-        )
-    alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
-    keys = tuple(parts[k][0] for k in ("A", "B", "M") if k in parts)
-    return PeftModule(name, kind, np.ascontiguousarray(a), np.ascontiguousarray(b), magnitude,
-                      r, alpha, keys, tuple(int(d) for d in torch_shape))
-
-
 # --------------------------------------------------------------------------- import
-
-
-def _explicit_layout(layouts: Mapping[str, Any] | None, path: str) -> KernelLayout | None:
-    if not layouts:
-        return None
-    value = layouts.get(path)
-    if value is None:
-        for pattern, v in layouts.items():
-            if re.fullmatch(pattern, path):
-                value = v
-                break
-    if value is None:
-        return None
-    return KernelLayout(value) if isinstance(value, str) else value
-
-
-def _layout_for(source: Path, path: str, shape: tuple[int, ...], n_stack: int, mod: PeftModule,
-                layouts: Mapping[str, Any] | None) -> KernelLayout:
-    explicit = _explicit_layout(layouts, path)
-    where = f"{source}: module {mod.name!r} -> Flax leaf {path!r} (shape {shape})"
-    if explicit is not None:
-        layout = KernelLayout(explicit.axes, mod.kind)
-    else:
-        rest = shape[n_stack:]
-        s = "s" * n_stack
-        if mod.kind == "conv":
-            axes = s + "i" * (len(rest) - 1) + "o"
-        elif mod.kind == "embed":
-            axes = s + "io"
-        else:
-            splits = [k for k in range(1, len(rest))
-                      if math.prod(rest[:k]) == math.prod(mod.fan_in)
-                      and math.prod(rest[k:]) == mod.fan_out]
-            if len(splits) != 1:
-                why = "no" if not splits else "more than one"
-                raise LoraBaseMismatchError(
-                    f"{where}: {why} split of the kernel's axes into fan-in {mod.fan_in[0]} and "
-                    f"fan-out {mod.fan_out} (PyTorch Linear {mod.torch_shape}); give its layout "
-                    "with layouts={path: KernelLayout(...)}"
-                )
-            axes = s + "i" * splits[0] + "o" * (len(rest) - splits[0])
-        if len(axes) != len(shape):
-            raise LoraBaseMismatchError(
-                f"{where}: a PyTorch {mod.kind} module with {len(mod.fan_in)} fan-in axes does not "
-                f"fit a {len(shape)}-D kernel"
-            )
-        layout = KernelLayout(axes, mod.kind)
-    if layout.ndim != len(shape):
-        raise LoraBaseMismatchError(f"{where}: layout {layout.axes!r} has {layout.ndim} axes")
-    fan_in = tuple(shape[a] for a in layout.in_axes)
-    fan_out = tuple(shape[a] for a in layout.out_axes)
-    if mod.kind in ("conv", "embed"):
-        ok = fan_in == mod.fan_in and fan_out == (mod.fan_out,)
-        if mod.kind == "conv":
-            ok = ok and re.fullmatch(r"i+o", layout.axes.replace("s", "")) is not None
-    else:
-        ok = math.prod(fan_in) == math.prod(mod.fan_in) and math.prod(fan_out) == mod.fan_out
-    if not ok:
-        raise LoraBaseMismatchError(
-            f"{where}: the kernel (layout {layout.axes!r}: fan-in {fan_in}, fan-out {fan_out}) "
-            f"does not match PyTorch {mod.kind} weight {mod.torch_shape} (tensor {mod.keys[0]!r})"
-        )
-    return layout
-
-
-def _stack(source: Path, path: str, leaf: Any, layout: KernelLayout,
-           layers: list[tuple[tuple[int, ...], PeftModule | None]], rslora: bool,
-           dtype: Any) -> LoraFactors:
-    shape = tuple(leaf.shape)
-    stack = tuple(shape[a] for a in layout.stack_axes)
-    fan_in = tuple(shape[a] for a in layout.in_axes)
-    fan_out = tuple(shape[a] for a in layout.out_axes)
-    present = [m for _, m in layers if m is not None]
-    first = present[0]
-    for m in present[1:]:
-        if (m.kind, m.rank, m.alpha) != (first.kind, first.rank, first.alpha):
-            raise LoraFileError(
-                f"{source}: modules {first.name!r} (rank {first.rank}, alpha {first.alpha:g}) and "
-                f"{m.name!r} (rank {m.rank}, alpha {m.alpha:g}) are layers of the one stacked "
-                f"Flax leaf {path!r}, which needs one rank and alpha for all layers"
-            )
-    r = first.rank
-    selection = None
-    if len(stack) == 1 and len(present) < len(layers) and first.magnitude is None:
-        # layers PEFT left out (layers_to_transform): keep only the adapted ones (layers=)
-        selection = LayerSelection(tuple(idx[0] for idx, m in layers if m is not None), stack[0])
-        layers = [(idx, m) for idx, m in layers if m is not None]
-        stack = (len(layers),)
-    a_parts, b_parts, m_parts = [], [], []
-    for idx, m in layers:
-        if m is None:  # a layer PEFT did not adapt: an exactly zero update
-            a_parts.append(np.zeros(fan_in + (r,), first.a.dtype))
-            b_parts.append(np.zeros((r,) + fan_out, first.b.dtype))
-            if first.magnitude is not None:
-                if isinstance(leaf, jax.ShapeDtypeStruct):
-                    raise LoraFileError(
-                        f"{source}: DoRA module for layer {idx} of stacked leaf {path!r} is "
-                        "missing, and its magnitude (the base weight's norm) needs concrete "
-                        "base params, not shapes"
-                    )
-                norm = column_norm(np.asarray(leaf), layout)[idx]
-                m_parts.append(np.asarray(norm).astype(first.magnitude.dtype))
-            continue
-        a_parts.append(m.a.reshape(fan_in + (r,)))
-        b_parts.append(m.b.reshape((r,) + fan_out))
-        if m.magnitude is not None:
-            m_parts.append(m.magnitude.reshape(fan_out))
-
-    def join(parts):
-        return np.stack(parts).reshape(stack + parts[0].shape) if stack else parts[0]
-
-    cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
-    return LoraFactors(cast(join(a_parts)), cast(join(b_parts)), alpha=first.alpha,
-                       layout=layout, rslora=rslora,
-                       magnitude=cast(join(m_parts)) if m_parts else None, layers=selection)
 
 
 def import_peft(
@@ -766,15 +364,18 @@ def import_peft(
       LoraFileError: not a PEFT LoRA adapter; a corrupt file; an unsupported
         tensor; a rank that contradicts the config; a module with no Flax leaf.
         :class:`LoraBaseMismatchError` when a module's shapes do not fit its
-        Flax kernel. Messages name the file and the key.
+        Flax kernel. :class:`LoraArgumentError` when the name map sends two
+        leaves to one module, or a stacked leaf's module name and its
+        ``layouts`` entry disagree. Messages name the file and the key.
 
     Example:
-      >>> import tempfile
+      >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
       >>> params = {"params": {"fc": {"kernel": jnp.ones((6, 4))}}}
-      >>> _, delta = init_lora(jax.random.key(0), params, LoraConfig(targets=".*kernel", rank=2))
+      >>> cfg = lj.LoraConfig(targets=".*kernel", rank=2)
+      >>> _, delta = lj.init_lora(jax.random.key(0), params, cfg)
       >>> d = tempfile.mkdtemp()
-      >>> _ = export_peft(d, delta)
-      >>> back = import_peft(d, params)
+      >>> _ = lj.export_peft(d, delta)
+      >>> back = lj.import_peft(d, params)
       >>> bool((back["params"]["fc"]["kernel"].a == delta["params"]["fc"]["kernel"].a).all())
       True
     """
@@ -784,96 +385,19 @@ def import_peft(
     rslora = bool(cfg.get("use_rslora", False))
     nm = NameMap.coerce(name_map)
     if params is None:
-        return _import_without_params(weights, modules, nm, rslora, dtype)
-    leaves, treedef = leaves_with_paths(params)
-    used: dict[str, str] = {}
-    out = []
-    for leaf_path, leaf in leaves:
-        template = nm.module_for(leaf_path)
-        shape = tuple(getattr(leaf, "shape", ()))
-        if not template or len(shape) < 2:
-            out.append(None)
-            continue
-        holes = template.count("{}")
-        explicit = _explicit_layout(layouts, leaf_path)
-        stack_axes = explicit.stack_axes if explicit is not None else tuple(range(holes))
-        if len(stack_axes) != holes:
-            raise LoraError(
-                f"leaf {leaf_path!r}: its module name {template!r} has {holes} '{{}}' but its "
-                f"layout {explicit.axes!r} has {len(stack_axes)} stacked axes"
-            )
-        index = list(np.ndindex(*(shape[a] for a in stack_axes))) if holes else [()]
-        layers = [(idx, modules.get(fill_layers(template, idx))) for idx in index]
-        present = [m for _, m in layers if m is not None]
-        if not present:
-            out.append(None)
-            continue
-        for m in present:
-            if m.name in used:
-                raise LoraError(
-                    f"{weights}: module {m.name!r} maps to two Flax leaves, {used[m.name]!r} and "
-                    f"{leaf_path!r}; make the name map tell them apart"
-                )
-            used[m.name] = leaf_path
-        layout = _layout_for(weights, leaf_path, shape, holes, present[0], layouts)
-        out.append(_stack(weights, leaf_path, leaf, layout, layers, rslora, dtype))
-    unused = [m for m in modules if m not in used]
-    if unused:
-        sample = [(p, nm.module_for(p)) for p, leaf in leaves
-                  if len(getattr(leaf, "shape", ())) >= 2]
-        raise LoraFileError(
-            f"{weights}: module {unused[0]!r} ({len(unused)} in all) matches no leaf of the "
-            f"params under the name map; Flax leaves map to e.g. {sample[:4]} -- give "
-            "name_map= rules (Flax path regex -> PyTorch module name)"
-        )
-    return jax.tree_util.tree_unflatten(treedef, out)
+        return fit_without_params(weights, modules, nm, rslora, dtype)
+    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype)
 
 
-def _import_without_params(weights: Path, modules: dict[str, PeftModule], nm: NameMap,
-                           rslora: bool, dtype: Any) -> dict:
-    groups: dict[str, list[tuple[tuple[int, ...], PeftModule]]] = {}
-    for name, mod in modules.items():
-        mapped = nm.path_for(name, mod.kind)
-        if mapped is None:
-            raise LoraFileError(f"{weights}: the name map gives no Flax path for module {name!r}")
-        groups.setdefault(mapped[0], []).append((mapped[1], mod))
-    factors = {}
-    for path, items in groups.items():
-        n = {len(idx) for idx, _ in items}
-        if len(n) != 1:
-            raise LoraFileError(f"{weights}: modules {[m.name for _, m in items]} map to Flax leaf "
-                                f"{path!r} with and without layer indices")
-        n_stack = n.pop()
-        if n_stack == 0 and len(items) > 1:
-            raise LoraFileError(f"{weights}: modules {[m.name for _, m in items]} all map to Flax "
-                                f"leaf {path!r}; name a (?P<layer>\\d+) group to stack them")
-        stack = tuple(max(idx[k] for idx, _ in items) + 1 for k in range(n_stack))
-        by_index = {idx: m for idx, m in items}
-        missing = [idx for idx in np.ndindex(*stack) if idx not in by_index] if n_stack else []
-        if missing:
-            raise LoraFileError(
-                f"{weights}: layer {missing[0]} of stacked Flax leaf {path!r} has no module; "
-                "pass params= so missing layers can be filled"
-            )
-        mod = items[0][1]
-        if mod.kind == "dense":
-            rest = (mod.fan_in[0], mod.fan_out)
-            axes = "io"
-        else:
-            rest = mod.fan_in + (mod.fan_out,)
-            axes = "i" * len(mod.fan_in) + "o"
-        layout = KernelLayout("s" * n_stack + axes, mod.kind)
-        leaf = jax.ShapeDtypeStruct(stack + rest, mod.a.dtype)
-        layers = [(idx, by_index[idx]) for idx in (np.ndindex(*stack) if n_stack else [()])]
-        factors[path] = _stack(weights, path, leaf, layout, layers, rslora, dtype)
-    return nested_from_paths(factors)
+# --------------------------------------------------------------------------- describe
 
 
 def describe_peft(path: str | os.PathLike) -> list[dict]:
     """One row per module of a PEFT LoRA adapter (for ``lora-jax inspect``).
 
     Each row: ``target`` (module name), ``kind``, ``shape`` (the PyTorch
-    weight's), ``rank``, ``alpha``, ``scaling``, ``dtype``, ``params``, ``dora``.
+    weight's), ``layout`` (``"torch"``), ``rank``, ``alpha``, ``scaling``,
+    ``dtype``, ``params``, ``dora``.
     """
     cfg, modules = read_peft_modules(path)
     rslora = bool(cfg.get("use_rslora", False))
@@ -895,15 +419,4 @@ def describe_peft(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def is_peft_dir(path: str | os.PathLike) -> bool:
-    """True if ``path`` holds an ``adapter_config.json`` with a ``peft_type``."""
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
-        return False
-    try:
-        return "peft_type" in json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-
-
-__all__ = ["NameMap", "export_peft", "import_peft", "describe_peft", "is_peft_dir"]
+__all__ = ["NameMap", "describe_peft", "export_peft", "import_peft", "read_peft_modules"]

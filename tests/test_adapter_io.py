@@ -326,9 +326,9 @@ def test_failed_save_leaves_previous_adapter(saved, monkeypatch):
 
 def test_crash_between_renames_is_detected(saved, monkeypatch):
     base, d = saved
-    import lora_jax._lora_format as aio
+    import lora_jax._atomic as atomic
 
-    real, calls = aio.commit_file, []
+    real, calls = atomic.commit_file, []
 
     def crash_on_config(tmp, target):
         calls.append(target)
@@ -336,7 +336,7 @@ def test_crash_between_renames_is_detected(saved, monkeypatch):
             raise KeyboardInterrupt  # the process dies after the tensors were renamed
         real(tmp, target)
 
-    monkeypatch.setattr(aio, "commit_file", crash_on_config)
+    monkeypatch.setattr(atomic, "commit_file", crash_on_config)
     with pytest.raises(KeyboardInterrupt):
         lj.save(d, {"w": make_factors(np.random.default_rng(3), (3, 3), "io", 1)})
     assert [Path(c).name for c in calls] == [WTS, CFG]

@@ -29,7 +29,7 @@ import lora_jax as lj
 from lora_jax.advanced import LayerSelection
 from lora_jax import KernelLayout, LoraFactors, LoraFileError, NameMap, export_peft, import_peft
 from lora_jax import LoraBaseMismatchError
-from lora_jax import LoraError
+from lora_jax import LoraArgumentError, LoraError, LoraStructureError
 from lora_jax import LeafDelta
 
 FIXTURES = Path(__file__).parent / "fixtures" / "peft"
@@ -306,6 +306,25 @@ def test_name_map_from_json(tmp_path):
         NameMap.from_json(tmp_path / "nope.json")
 
 
+def test_malformed_name_map_rules_are_argument_errors():
+    with pytest.raises(LoraArgumentError, match=r"NameMap.to_peft: each rule is a \[regex, template\] pair"):
+        NameMap(to_peft=[("only a regex",)])
+    with pytest.raises(LoraArgumentError, match=r"NameMap.to_flax: '\(' is not a valid regex"):
+        NameMap(to_flax={"(": "x"})
+    with pytest.raises(LoraError):  # the specific classes are still LoraErrors
+        NameMap(to_peft=[(1, 2)])
+
+
+def test_name_maps_that_do_not_fit_are_argument_errors(tmp_path):
+    rng = np.random.default_rng(6)
+    with pytest.raises(LoraArgumentError, match="gives no PyTorch module for target 'a'"):
+        export_peft(tmp_path, {"a": factors(rng, (4, 4), "io", 2)}, name_map=lambda p: None)
+    _, params, _ = fixture("stack_lora")
+    with pytest.raises(LoraArgumentError, match=r"has 1 '\{\}' but its layout 'io' has 0 stacked"):
+        import_peft(FIXTURES / "stack_lora", params, name_map=STACK_MAP,
+                    layouts={r".*/lin/kernel": "io"})
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -376,7 +395,7 @@ def test_import_base_mismatch(tmp_path):
         import_peft(FIXTURES / "mlp_lora", renamed)
     ok = import_peft(FIXTURES / "mlp_lora", renamed, name_map={r"params/dense1/kernel": "fc1"})
     assert ok["params"]["dense1"]["kernel"].rank == 4
-    with pytest.raises(LoraError, match="module 'fc1' maps to two Flax leaves"):
+    with pytest.raises(LoraArgumentError, match="module 'fc1' maps to two Flax leaves"):
         import_peft(FIXTURES / "mlp_lora", params, name_map={r".*/fc\d/kernel": "fc1"})
     _, cparams, _ = fixture("conv2d_lora")
     bad = {"params": {"conv": {"kernel": jnp.zeros((2, 3, 3, 4)), "bias": jnp.zeros(4)}}}
@@ -460,25 +479,25 @@ def test_import_ambiguous_nd_layout_needs_layouts(tmp_path):
 def test_export_errors(tmp_path):
     rng = np.random.default_rng(3)
     stacked = {"params": {"layers": {"lin": {"kernel": factors(rng, (3, 5, 5), "sio", 2)}}}}
-    with pytest.raises(LoraError, match=r"1 stacked axes .* 0 '\{\}' placeholders"):
+    with pytest.raises(LoraArgumentError, match=r"1 stacked axes .* 0 '\{\}' placeholders"):
         export_peft(tmp_path, stacked)
     export_peft(tmp_path / "ok", stacked, name_map=STACK_MAP)
     assert "base_model.model.layers.2.lin.lora_B.weight" in tensors_of(tmp_path / "ok")
     mixed = {"a": factors(rng, (4, 4), "io", 2, rslora=True), "b": factors(rng, (4, 4), "io", 2)}
-    with pytest.raises(LoraError, match="use_rslora is one flag"):
+    with pytest.raises(LoraStructureError, match="use_rslora is one flag"):
         export_peft(tmp_path, mixed)
     mixed = {"a": factors(rng, (4, 4), "io", 2, dora=True), "b": factors(rng, (4, 4), "io", 2)}
-    with pytest.raises(LoraError, match="use_dora is one flag"):
+    with pytest.raises(LoraStructureError, match="use_dora is one flag"):
         export_peft(tmp_path, mixed)
     clash = {"a": factors(rng, (4, 4), "io", 2), "b": factors(rng, (4, 4), "io", 2)}
-    with pytest.raises(LoraError, match="both map to PyTorch module 'x'"):
+    with pytest.raises(LoraArgumentError, match="both map to PyTorch module 'x'"):
         export_peft(tmp_path, clash, name_map=lambda p: "x")
-    with pytest.raises(LoraError, match="nothing to export"):
+    with pytest.raises(LoraStructureError, match="nothing to export"):
         export_peft(tmp_path, {"a": None})
-    with pytest.raises(LoraError, match="'bias' is a LeafDelta"):
+    with pytest.raises(LoraStructureError, match="'bias' is a LeafDelta"):
         export_peft(tmp_path, {"a": factors(rng, (4, 4), "io", 2), "bias": LeafDelta(jnp.ones(4))})
     conv = {"c": factors(rng, (3, 4, 5), KernelLayout("ioi", "conv"), 2)}
-    with pytest.raises(LoraError, match=r"\(\*window, in, out\)"):
+    with pytest.raises(LoraStructureError, match=r"\(\*window, in, out\)"):
         export_peft(tmp_path, conv)
 
 
