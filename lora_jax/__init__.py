@@ -35,6 +35,7 @@ from lora_jax._merge import dora_norms, merge, unmerge
 from lora_jax._optim import lora_plus, train_delta_only
 from lora_jax._qlora import loftq, requantize
 from lora_jax._quant import QuantizedArray, dequantize, quantize
+from lora_jax._quant_files import load_base, save_base
 from lora_jax._peft_format import NameMap, export_peft, import_peft
 from lora_jax._sharding import (
     delta_shardings,
@@ -76,6 +77,7 @@ __all__ = [
     "init_lora",
     "init_lora_sharded",
     "load",
+    "load_base",
     "loftq",
     "lora_plus",
     "merge",
@@ -87,6 +89,7 @@ __all__ = [
     "quantize",
     "requantize",
     "save",
+    "save_base",
     "summarize",
     "train_delta_only",
     "unmerge",

@@ -97,7 +97,7 @@ class QuantizedArray:
         ``(*stack, n/block_size)`` ``uint8`` of ``absmax - offset``.
       dq_scales: double quantization: float32 absmax per 256 scale codes,
         ``(*stack, ceil(n/block_size/256))``; ``None`` without.
-      dq_offset: double quantization: the mean absmax ``(*stack,)``; ``None`` without.
+      dq_offset: double quantization: the mean absmax ``(*stack, 1)``; ``None`` without.
       shape, dtype: the kernel's logical shape and dtype (static).
       scheme: ``'nf4'``, ``'int4'`` or ``'int8'`` (static).
       block_size: the block length, or ``None`` for per-output-channel scales (static).
@@ -239,18 +239,18 @@ def double_quantize(absmax: Array) -> tuple[Array, Array, Array]:
       absmax: ``(*stack, nb)`` float32.
 
     Returns:
-      ``(codes (*stack, nb) uint8, a2 (*stack, ceil(nb/256)) float32, c (*stack,) float32)``.
+      ``(codes (*stack, nb) uint8, a2 (*stack, ceil(nb/256)) float32, c (*stack, 1) float32)``.
 
     Example:
       >>> codes, a2, c = double_quantize(jnp.linspace(0.5, 1.5, 300)[None])
       >>> codes.shape, a2.shape, c.shape
-      ((1, 300), (1, 2), (1,))
+      ((1, 300), (1, 2), (1, 1))
     """
     absmax = absmax.astype(jnp.float32)
     nb = absmax.shape[-1]
     nb2 = -(-nb // DQ_BLOCK)
-    offset = jnp.mean(absmax, axis=-1)
-    d = absmax - offset[..., None]
+    offset = jnp.mean(absmax, axis=-1, keepdims=True)
+    d = absmax - offset
     padded = jnp.pad(d, [(0, 0)] * (d.ndim - 1) + [(0, nb2 * DQ_BLOCK - nb)])
     blocks = padded.reshape(d.shape[:-1] + (nb2, DQ_BLOCK))
     a2 = jnp.max(jnp.abs(blocks), axis=-1)
@@ -270,7 +270,7 @@ def double_dequantize(codes: Array, a2: Array, offset: Array) -> Array:
     nb = codes.shape[-1]
     vals = jnp.asarray(DYNAMIC_TABLE)[codes.astype(jnp.int32)]
     per = jnp.repeat(a2, DQ_BLOCK, axis=-1)[..., :nb]
-    return vals * per + offset[..., None]
+    return vals * per + offset
 
 
 # --------------------------------------------------------------------------- one kernel
@@ -370,6 +370,31 @@ def quantize_leaf(w: Array, scheme: str, block_size: int | None, double_quant: b
     return QuantizedArray(codes, scales, dq_scales, dq_offset, shape=shape,
                           dtype=np.dtype(w.dtype), scheme=scheme, block_size=block_size,
                           axes=axes)
+
+
+def storage_shapes(shape: tuple[int, ...], scheme: str, block_size: int | None,
+                   double_quant: bool, axes: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{field: (shape, dtype name)}`` of the arrays a :class:`QuantizedArray` stores.
+
+    Example:
+      >>> storage_shapes((2, 128, 8), "nf4", 64, True, "sio")
+      {'codes': ((2, 512), 'uint8'), 'scales': ((2, 16), 'uint8'), 'dq_scales': ((2, 1), 'float32'), 'dq_offset': ((2, 1), 'float32')}
+    """
+    stack_axes, rest_axes, roles = _split_axes(axes)
+    stack = tuple(shape[k] for k in stack_axes)
+    n = math.prod(shape[k] for k in rest_axes)
+    out = {"codes": (stack + ((n,) if scheme == "int8" else (n // 2,)),
+                     "int8" if scheme == "int8" else "uint8")}
+    if block_size is None:
+        fan_out = tuple(shape[k] for k, c in zip(rest_axes, roles) if c == "o")
+        out["scales"] = (stack + fan_out, "float32")
+        return out
+    nb = n // block_size
+    out["scales"] = (stack + (nb,), "uint8" if double_quant else "float32")
+    if double_quant:
+        out["dq_scales"] = (stack + (-(-nb // DQ_BLOCK),), "float32")
+        out["dq_offset"] = (stack + (1,), "float32")
+    return out
 
 
 # --------------------------------------------------------------------------- params trees

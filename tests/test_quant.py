@@ -370,3 +370,59 @@ def test_loftq_stacked_and_errors():
         lj.loftq(*dora)
     with pytest.raises(lj.LoraArgumentError, match="num_iter"):
         lj.loftq(base, delta, num_iter=0)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def quantized_model_params():
+    r = rng(14)
+    params = {"params": {
+        "attn": {"kernel": jnp.asarray(r.standard_normal((32, 4, 16)), jnp.bfloat16)},
+        "mlp": {"kernel": jnp.asarray(r.standard_normal((2, 64, 32)), jnp.float32),
+                "bias": jnp.asarray(r.standard_normal(32), jnp.bfloat16)},
+        "head": {"kernel": jnp.asarray(r.standard_normal((64, 8)), jnp.float32)}}}
+    q = lj.quantize(params, r".*/mlp/kernel", double_quant=True, layouts={".*mlp.*": "sio"})
+    q = lj.quantize(q, r".*/attn/kernel", scheme="int8", layouts={".*attn.*": "ioo"})
+    return params, lj.quantize(q, r".*/head/kernel", scheme="int4", block_size=16)
+
+
+def test_save_base_load_base_round_trip_is_bit_exact(tmp_path):
+    params, q = quantized_model_params()
+    path = lj.save_base(tmp_path / "base.safetensors", q)
+    for back in (lj.load_base(path), lj.load_base(path, like=params), lj.load_base(path, like=q)):
+        assert jax.tree.structure(back) == jax.tree.structure(q)
+        for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert back["params"]["attn"]["kernel"].dtype == jnp.bfloat16
+        assert repr(back["params"]["mlp"]["kernel"]) == repr(q["params"]["mlp"]["kernel"])
+
+
+def test_load_base_refuses_a_file_that_contradicts_the_model_or_itself(tmp_path):
+    params, q = quantized_model_params()
+    path = lj.save_base(tmp_path / "base.safetensors", q)
+    wrong = jax.tree.map(lambda x: x, params)
+    wrong["params"]["head"]["kernel"] = jnp.zeros((8, 64))
+    with pytest.raises(lj.LoraBaseMismatchError, match="'params/head/kernel' has shape"):
+        lj.load_base(path, like=wrong)
+    fewer = {"params": {k: v for k, v in params["params"].items() if k != "head"}}
+    with pytest.raises(lj.LoraBaseMismatchError, match="extra \\['params/head/kernel'\\]"):
+        lj.load_base(path, like=fewer)
+    # a tensor whose shape contradicts its leaf's record
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    with safe_open(str(path), framework="np") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad = dict(tensors)
+    bad["params/head/kernel.codes"] = bad["params/head/kernel.codes"][:-1]
+    save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(lj.LoraFileError, match="'params/head/kernel.codes' has shape"):
+        lj.load_base(tmp_path / "bad.safetensors")
+    gone = {k: v for k, v in tensors.items() if k != "params/mlp/kernel.dq_scales"}
+    save_file(gone, str(tmp_path / "gone.safetensors"), metadata=meta)
+    with pytest.raises(lj.LoraFileError, match="missing tensor 'params/mlp/kernel.dq_scales'"):
+        lj.load_base(tmp_path / "gone.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(lj.LoraFileError, match="cut.safetensors"):
+        lj.load_base(tmp_path / "cut.safetensors")
