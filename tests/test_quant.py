@@ -426,3 +426,42 @@ def test_load_base_refuses_a_file_that_contradicts_the_model_or_itself(tmp_path)
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:200])
     with pytest.raises(lj.LoraFileError, match="cut.safetensors"):
         lj.load_base(tmp_path / "cut.safetensors")
+
+
+# --------------------------------------------------------------------------- lazy kernels (implicit)
+
+
+def test_lazy_kernel_layout_ops_equal_the_same_ops_on_the_dense_kernel():
+    from jax import lax
+
+    from lora_jax._qview import LazyKernel
+    w = rng(15).standard_normal((3, 64, 8)).astype(np.float32)
+    q = lj.quantize({"w": jnp.asarray(w)}, "w", layouts={"w": "sio"}, double_quant=True)["w"]
+    dense = np.asarray(lj.dequantize(q))
+    k = LazyKernel(q)
+    np.testing.assert_array_equal(np.asarray(k.transpose((0, 2, 1)).reshape((3, 512)).dense()),
+                                  dense.transpose(0, 2, 1).reshape(3, 512))
+    static = k.slice_stack([1, 0, 0], [2, 64, 8], lambda x, s, n: lax.slice(
+        x, s, [a + b for a, b in zip(s, n)]))
+    assert static.post == () and static.q.codes.shape == (2, 256)
+    np.testing.assert_array_equal(np.asarray(static.dense()), dense[1:3])
+    one = jax.jit(lambda k, i: k.slice_stack([i, 0, 0], [1, 64, 8], lambda x, s, n: (
+        lax.dynamic_slice(x, s, n))).reshape((64, 8)).dense())(k, 2)
+    np.testing.assert_array_equal(np.asarray(one), dense[2])
+    layers = lax.scan(lambda c, kk: (c, kk.dense()), 0, k.scanned())[1]
+    np.testing.assert_array_equal(np.asarray(layers), dense)
+    assert k.transpose((1, 0, 2)).scanned() is None       # recorded op first: caller materialises
+
+
+def test_lazy_kernel_use_saves_codes_not_the_dense_kernel():
+    from lora_jax._qview import LazyKernel, use
+    q = lj.quantize({"w": jnp.asarray(rng(16).standard_normal((256, 128)), jnp.float32)},
+                    "w")["w"]
+    x = jnp.asarray(rng(17).standard_normal((4, 256)), jnp.float32)
+    loss = lambda x: jnp.sum(use(jnp.matmul, x, LazyKernel(q), jnp.float32) ** 2)  # noqa: E731
+    ref = lambda x: jnp.sum((x @ lj.dequantize(q)) ** 2)                          # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.grad(loss)(x)), np.asarray(jax.grad(ref)(x)),
+                               rtol=1e-5, atol=1e-4)
+    _, vjp = jax.vjp(loss, x)
+    saved = [leaf.shape for leaf in jax.tree.leaves(vjp)]
+    assert (256, 128) not in saved and (128, 256) not in saved, saved
