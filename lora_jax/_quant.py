@@ -586,3 +586,112 @@ def kernel_bits(params: Any, paths: Any = None) -> float:
                for _, x in chosen)
     return float(bits / sum(int(np.size(x)) if not is_quantized(x) else x.size
                             for _, x in chosen))
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def storage_specs(q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, int],
+                  path: str = "<kernel>") -> QuantizedArray:
+    """``PartitionSpec`` s of ``q``'s stored arrays from the dense kernel's spec.
+
+    Stacked axes keep their specs (they lead every stored array). The
+    flattened layer axis of the codes takes the spec of the first non-stacked
+    kernel axis, whose shards are then contiguous runs of whole blocks
+    (scales shard with their blocks); per-channel scales take the fan-out
+    axes' specs. Double-quantization scales shard only where each shard holds
+    whole groups of 256 (else they are replicated: 4 bytes per 16384 weights).
+
+    Args:
+      q: the quantized kernel.
+      kernel_spec: the ``PartitionSpec`` the dense kernel has (kernel axis order).
+      mesh_sizes: ``{mesh axis name: size}`` (``dict(mesh.shape)``).
+      path: the leaf path, for messages.
+
+    Raises:
+      LoraShardingError: a non-stacked axis other than the first is sharded,
+        or a shard would split a block (the message names the leaf).
+
+    Example:
+      >>> from jax.sharding import PartitionSpec as P
+      >>> q = quantize({"w": jnp.ones((256, 64))}, "w", double_quant=True)["w"]
+      >>> s = storage_specs(q, P("fsdp", None), {"fsdp": 4})
+      >>> [tuple(x) for x in (s.codes, s.scales, s.dq_scales, s.dq_offset)]
+      [('fsdp',), ('fsdp',), (None,), (None,)]
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from lora_jax._errors import LoraShardingError
+
+    entries = list(tuple(kernel_spec)) + [None] * (q.ndim - len(tuple(kernel_spec)))
+    stack_axes, rest_axes, roles = _split_axes(q.axes)
+    stack = [entries[d] for d in stack_axes]
+    first = entries[rest_axes[0]]
+    if any(entries[d] is not None for d in rest_axes[1:]):
+        raise LoraShardingError(
+            f"leaf {path!r}: a quantized kernel stores each layer flattened, so only its "
+            f"first non-stacked axis can be sharded; spec {tuple(entries)} shards another "
+            f"(axes {q.axes!r}). Shard the first axis, or keep this kernel dense")
+    names = () if first is None else (first,) if isinstance(first, str) else tuple(first)
+    shards = math.prod(mesh_sizes[n] for n in names)
+    n = math.prod(q.shape[d] for d in rest_axes)
+    unit = (q.block_size or 1) * (1 if q.scheme == "int8" else 2)
+    if shards > 1 and (n // shards) % unit:
+        raise LoraShardingError(
+            f"leaf {path!r}: {shards} shards of {n} weights per layer would split a block of "
+            f"{q.block_size or 1} ({q.scheme}); use fewer shards or a smaller block_size")
+    flat = P(*stack, first)
+    if q.block_size is None:
+        scales = P(*stack, *[entries[d] for d, c in zip(rest_axes, roles) if c == "o"])
+    else:
+        scales = flat
+    dq = None
+    if q.dq_scales is not None:
+        nb = n // q.block_size
+        dq_ok = shards == 1 or (nb // shards) % DQ_BLOCK == 0
+        dq = P(*stack, first if dq_ok else None)
+    return dataclasses.replace(q, codes=flat, scales=scales, dq_scales=dq,
+                               dq_offset=None if q.dq_offset is None else P(*stack, None))
+
+
+def quantized_shardings(params: Any, kernel_shardings: Any) -> Any:
+    """Shardings for quantized params, from the shardings their dense kernels have.
+
+    Args:
+      params: params with :class:`QuantizedArray` leaves (arrays or abstract).
+      kernel_shardings: ``NamedSharding`` s shaped like the dense params (e.g.
+        :func:`lora_jax.param_shardings` of the unquantized params); also what
+        :func:`lora_jax.delta_shardings` takes for the delta.
+
+    Returns:
+      A tree like ``params``: a ``NamedSharding`` per dense leaf, and at each
+      quantized leaf a :class:`QuantizedArray` of ``NamedSharding`` s (see
+      :func:`storage_specs`), ready for ``jax.device_put`` / ``jit``'s shardings.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+      >>> q = quantize({"w": jnp.ones((128, 64))}, "w")
+      >>> s = quantized_shardings(q, {"w": NamedSharding(mesh, P("fsdp"))})
+      >>> tuple(s["w"].codes.spec), tuple(s["w"].scales.spec)
+      (('fsdp',), ('fsdp',))
+    """
+    from jax.sharding import NamedSharding
+
+    leaves, treedef = leaves_with_paths(params)
+    given, _ = leaves_with_paths(kernel_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    by_path = dict(given)
+    out = []
+    for path, leaf in leaves:
+        sh = by_path.get(path)
+        if sh is None:
+            from lora_jax._errors import LoraShardingError
+            raise LoraShardingError(f"leaf {path!r} has no entry in the kernel shardings")
+        if not is_quantized(leaf):
+            out.append(sh)
+            continue
+        specs = storage_specs(leaf, sh.spec, dict(sh.mesh.shape), path)
+        out.append(jax.tree.map(lambda s: NamedSharding(sh.mesh, s), specs,
+                                is_leaf=lambda x: isinstance(x, type(sh.spec))))
+    return jax.tree_util.tree_unflatten(treedef, out)

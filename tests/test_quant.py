@@ -465,3 +465,62 @@ def test_lazy_kernel_use_saves_codes_not_the_dense_kernel():
     _, vjp = jax.vjp(loss, x)
     saved = [leaf.shape for leaf in jax.tree.leaves(vjp)]
     assert (256, 128) not in saved and (128, 256) not in saved, saved
+
+
+# --------------------------------------------------------------------------- sharding (8 CPU devices)
+
+SHARDING_SCRIPT = r'''
+import json, os
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import lora_jax as lj
+from lora_jax.advanced import quantized_shardings
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("stack", "fsdp"))
+r = np.random.default_rng(0)
+params = {"stk": jnp.asarray(r.standard_normal((2, 256, 64)), jnp.float32),
+          "fc": jnp.asarray(r.standard_normal((512, 128)), jnp.float32)}
+specs = {"stk": P("stack", "fsdp", None), "fc": P("fsdp", None)}
+kernel_sh = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+q = lj.quantize(params, "stk", double_quant=True, layouts={"stk": "sio"})
+q = lj.quantize(q, "fc", scheme="int8")
+sh = quantized_shardings(q, kernel_sh)
+placed = jax.device_put(q, sh)
+out = {"codes_shard": list(placed["stk"].codes.sharding.shard_shape(placed["stk"].codes.shape)),
+       "scales_shard": list(placed["stk"].scales.sharding.shard_shape(placed["stk"].scales.shape)),
+       "fc_codes_shard": list(placed["fc"].codes.sharding.shard_shape(placed["fc"].codes.shape)),
+       "fc_scales_shard": list(placed["fc"].scales.sharding.shard_shape(placed["fc"].scales.shape))}
+deq = jax.jit(lj.dequantize, out_shardings=kernel_sh)
+dense = deq(placed)
+ref = lj.dequantize(q)
+out["max_diff"] = max(float(jnp.abs(dense[k] - ref[k]).max()) for k in ref)
+hlo = deq.lower(placed).compile().as_text()
+out["collectives"] = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+                      if c in hlo]
+try:
+    quantized_shardings(q, {"stk": kernel_sh["stk"], "fc": NamedSharding(mesh, P(None, "fsdp"))})
+    out["error"] = None
+except lj.LoraShardingError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+'''
+
+
+def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # (2, 256, 64) nf4: codes (2, 8192) -> (1, 2048); 256 scales per layer -> (1, 64)
+    assert out["codes_shard"] == [1, 2048] and out["scales_shard"] == [1, 64]
+    # (512, 128) int8 rows over 4 shards; per-channel scales (128,) replicated (fan-out unsharded)
+    assert out["fc_codes_shard"] == [512 * 128 // 4] and out["fc_scales_shard"] == [128]
+    # the same values (up to float contraction order: FMA in one program, not the other)
+    assert out["max_diff"] < 1e-5 and out["collectives"] == [], out
+    assert out["error"] and "'fc'" in out["error"] and "first non-stacked axis" in out["error"]
