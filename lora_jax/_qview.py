@@ -64,9 +64,13 @@ class LazyKernel:
         return self.q.dtype
 
     def dense(self, dtype: Any = None) -> Array:
-        """The dense kernel in ``dtype`` (the codes and scales under ``stop_gradient``)."""
+        """The dense kernel in ``dtype`` (the codes and scales under ``stop_gradient``).
+
+        Dequantized to the kernel's logical dtype first, then cast, exactly as a
+        program casting the dequantized kernel would see it."""
         q = jax.tree.map(jax.lax.stop_gradient, self.q)
-        x = dequantize_leaf(q, dtype)
+        x = dequantize_leaf(q)
+        x = x if dtype is None else x.astype(dtype)
         for op, arg in self.post:
             x = jnp.transpose(x, arg) if op == "t" else jnp.reshape(x, arg)
         return x
