@@ -6,7 +6,7 @@ evaluates the jaxpr with every targeted kernel carried as a
 :class:`~lora_jax._view.LoraView`. Where a view meets its input
 (``dot_general``, ``conv_general_dilated``, ``gather``) a rule from
 :mod:`lora_jax._lowrank` computes ``op(x, stop_gradient(W)) + s * (x @ A) @ B``;
-transposes, dtype casts, reshapes within one role (``(d, heads, head_dim)``
+transposes, dtype casts, copies, sharding constraints, reshapes within one role (``(d, heads, head_dim)``
 <-> ``(d, heads * head_dim)``) and slices of stacked axes (``w[i]`` of a
 ``(layers, in, out)`` stack) of a kernel are tracked on the view. Higher-order
 primitives are re-expressed through their public functions, so views flow
@@ -15,12 +15,13 @@ into their bodies:
 ==========================  ================================================
 primitive                   handled as
 ==========================  ================================================
-``pjit`` / ``jit``          inlined into the enclosing trace
+``jit`` and other calls     inlined into the enclosing trace
 ``remat2`` (checkpoint)     ``jax.checkpoint`` with the same policy
 ``scan``                    ``lax.scan``; stacked kernels are scanned inputs
                             and their factors are sliced per layer
 ``cond``                    ``lax.switch``
-``while``                   ``lax.while_loop`` (views as loop constants)
+``while``                   ``lax.while_loop`` (views as loop constants;
+                            a carried kernel is materialised)
 ==========================  ================================================
 
 Any other use of a targeted kernel (a custom_jvp/custom_vjp function that
@@ -31,6 +32,15 @@ point -- always correct -- and warns once per primitive with
 :class:`LoraImplicitError` instead. The frozen kernel is always under
 ``stop_gradient``: it never receives a gradient.
 
+The rules are the dict :data:`RULES` (primitive name to rule); which
+primitive is which comes from :mod:`lora_jax._primitives`, the table
+:func:`~lora_jax.infer_layouts` and :mod:`lora_jax._rebuild` read too. One
+evaluation's settings and state travel in an immutable :class:`Context`
+passed to every rule: the frame of the jaxpr being evaluated and the dropout
+key of the current scope (each layer of a scan gets its own) are fields of
+it, replaced in a copy for a body, never reassigned; only its :class:`Log`
+(fallbacks warned about, dropout sites drawn) is shared and counts up.
+
 Only public JAX API is used: ``jax.make_jaxpr``, ``jax.extend.core`` types,
 ``Primitive.bind`` and ``Primitive.get_bind_params`` (whose return shape
 changed in JAX 0.7; both are handled).
@@ -38,6 +48,7 @@ changed in JAX 0.7; both are handled).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, Sequence
@@ -48,8 +59,9 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lora_jax._errors import LoraArgumentError, LoraFallbackWarning, LoraImplicitError
+from lora_jax import _primitives as P
 from lora_jax._delta import LeafDelta
+from lora_jax._errors import LoraArgumentError, LoraFallbackWarning, LoraImplicitError
 from lora_jax._lowrank import conv_rule, dot_general_rule, gather_rule
 from lora_jax._merge import align
 from lora_jax._rebuild import Graph, input_chain
@@ -93,9 +105,10 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
       grad- and vmap-able.
 
     Example:
-      >>> apply = implicit(lambda p, x: x @ p["w"])
-      >>> base, delta = init_lora(jax.random.key(0), {"w": jnp.ones((4, 3))},
-      ...                         LoraConfig(targets="w", rank=2))
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> apply = implicit(lambda p, x: x @ p["w"])          # x: (2, 4), w: (4, 3)
+      >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 3))},
+      ...                            lj.LoraConfig(targets="w", rank=2))
       >>> apply(base, delta, jnp.ones((2, 4))).shape
       (2, 3)
     """
@@ -110,9 +123,9 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
         closed, out_shape, dynamic = trace(fn, treedef, [leaf for _, leaf, _ in rows], args,
                                            kwargs)
         invals = [_input(path, leaf, f) for path, leaf, f in rows]
-        ctx = _Context(strict, dropout if lora_dropout_key is not None else 0.0,
-                       lora_dropout_key, rebuild_inputs)
-        outs = ctx.eval(closed.jaxpr, closed.consts, invals + list(dynamic))
+        ctx = Context(strict, dropout if lora_dropout_key is not None else 0.0,
+                      lora_dropout_key, rebuild_inputs)
+        outs = evaluate(ctx, closed.jaxpr, closed.consts, invals + list(dynamic))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
@@ -127,7 +140,7 @@ def _input(path: str, leaf: Any, f: Any) -> Any:
     return LoraView.of(path, leaf, f)
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+def bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     """Binds ``eqn``'s primitive on ``invals``, as ``jax.core.eval_jaxpr`` does."""
     params = eqn.primitive.get_bind_params(eqn.params)
     subfuns: Sequence[Any] = ()
@@ -138,53 +151,62 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-_CALLS = ("pjit", "jit", "closed_call", "core_call")
+# ---- one evaluation's settings and state ---------------------------------------------------
 
-
-def _cut_static(x: Any, starts: list[int], sizes: list[int]) -> Any:
-    return lax.slice(x, starts, [s + n for s, n in zip(starts, sizes)])
-
-
-def _cut_dynamic(x: Any, starts: list[Any], sizes: list[int]) -> Any:
-    return lax.dynamic_slice(x, [jnp.asarray(s, jnp.int32) for s in starts], sizes)
-
-
-class _Frame:
+@dataclasses.dataclass(frozen=True)
+class Frame:
     """The jaxpr being evaluated and its environment, for :func:`input_chain`."""
 
-    def __init__(self, jaxpr: Any, env: dict[Any, Any]):
-        self.jaxpr, self.env, self._graph = jaxpr, env, None
+    jaxpr: Any
+    env: dict[Any, Any]
+
+    @functools.cached_property
+    def graph(self) -> Graph:
+        return Graph(self.jaxpr)
 
     def source(self, var: Any) -> tuple[tuple, Callable[[tuple], Any]] | None:
         """``(leaves, rebuild)`` recomputing ``var`` from values the backward keeps, or None."""
-        if self._graph is None:
-            self._graph = Graph(self.jaxpr)
-        chain = input_chain(self._graph, var)
+        chain = input_chain(self.graph, var)
         if chain is None:
             return None
         leaves = tuple(self.env[v] for v in chain.leaves)
         if any(isinstance(v, LoraView) for v in leaves):
             return None
-        return leaves, functools.partial(chain.rebuild, _bind)
+        return leaves, functools.partial(chain.rebuild, bind)
 
 
-class _Context:
-    """One evaluation: strictness and which fallbacks have warned."""
+@dataclasses.dataclass
+class Log:
+    """What one evaluation has done so far: fallbacks warned about, dropout sites drawn."""
 
-    def __init__(self, strict: bool, rate: float = 0.0, key: Any = None,
-                 rebuild: bool = True):
-        self.strict = strict
-        self.rebuild = rebuild
-        self.frame: _Frame | None = None
-        self.warned: set[str] = set()
-        self.rate = rate
-        self.key = key
-        self.sites = 0
+    warned: set[str] = dataclasses.field(default_factory=set)
+    sites: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every rule is given besides its eqn and operands.
+
+    Attributes:
+      strict: raise instead of materialising a kernel.
+      rate: the dropout rate of the low-rank branch (0: no dropout).
+      key: the dropout key of the current scope (one per scan layer).
+      rebuild: rebuild low-rank inputs in the backward (see :mod:`lora_jax._rebuild`).
+      log: shared by the whole evaluation, including scan and cond bodies.
+      frame: the jaxpr the eqn being evaluated belongs to.
+    """
+
+    strict: bool
+    rate: float = 0.0
+    key: Any = None
+    rebuild: bool = True
+    log: Log = dataclasses.field(default_factory=Log)
+    frame: Frame | None = None
 
     def next_key(self) -> Any:
         """A key of its own for each use of a kernel (trace order is deterministic)."""
-        self.sites += 1
-        return jax.random.fold_in(self.key, self.sites)
+        self.log.sites += 1
+        return jax.random.fold_in(self.key, self.log.sites)
 
     def dropout(self) -> Callable[[Any], Any] | None:
         """Inverted dropout for the next low-rank branch, or None when inactive."""
@@ -208,8 +230,8 @@ class _Context:
                 "strict=True forbids materialising it (use strict=False to fall back to "
                 "W + s*A@B there)"
             )
-        if where not in self.warned:
-            self.warned.add(where)
+        if where not in self.log.warned:
+            self.log.warned.add(where)
             warnings.warn(
                 f"lora_jax.implicit: kernel {value.path!r} reaches {where!r}, which has no "
                 "low-rank rule; materialising W + s*A@B there (correct, but slower)",
@@ -218,154 +240,236 @@ class _Context:
             )
         return value.materialize()
 
-    def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
+
+# ---- the interpreter -------------------------------------------------------------------------
+
+def evaluate(ctx: Context, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
              keep_views: bool = False) -> list[Any]:
-        """Evaluates ``jaxpr``; outputs are dense unless ``keep_views``."""
-        env: dict[Any, Any] = {}
-        read = lambda v: v.val if isinstance(v, jex.Literal) else env[v]  # noqa: E731
-        for var, val in zip(jaxpr.constvars, consts):
-            env[var] = val
-        for var, val in zip(jaxpr.invars, args):
-            env[var] = val
-        frame = _Frame(jaxpr, env)
-        for eqn in jaxpr.eqns:
-            invals = [read(v) for v in eqn.invars]
-            if any(isinstance(v, LoraView) for v in invals):
-                self.frame = frame
-                outs = self.apply_rule(eqn, invals)
-            else:
-                outs = _bind(eqn, invals)
-            for var, val in zip(eqn.outvars, outs):
-                env[var] = val
-        outs = [read(v) for v in jaxpr.outvars]
-        return outs if keep_views else [self.dense(v, "the function's output") for v in outs]
+    """Evaluates ``jaxpr`` on ``args`` (views among them); outputs are dense unless ``keep_views``.
 
-    def apply_rule(self, eqn: Any, invals: list[Any]) -> list[Any]:
-        name, params = eqn.primitive.name, eqn.params
-        if name == "convert_element_type":
-            return [invals[0].replace(dtype=np.dtype(params["new_dtype"]))]
-        if name == "transpose":
-            return [invals[0].transpose(tuple(params["permutation"]))]
-        if name == "copy":
-            return [invals[0]]
-        if name in _CALLS:
-            closed = params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"]
-            return self.eval(closed.jaxpr, closed.consts, invals, keep_views=True)
-        handler = getattr(self, "_" + name, None)
-        out = handler(eqn, invals) if handler else None
-        if out is None:
-            out = _bind(eqn, [self.dense(v, name) for v in invals])
-        return out
-
-    def _squeeze(self, eqn, invals):
-        """Splitting or merging axes of one role reshapes that factor (see LoraView.reshape)."""
-        out = invals[0].reshape(tuple(eqn.outvars[0].aval.shape))
-        return None if out is None else [out]
-
-    def _reshape(self, eqn, invals):
-        if len(invals) != 1 or eqn.params.get("dimensions") is not None:
-            return None  # a dynamic shape, or a reshape with a transpose folded in
-        return self._squeeze(eqn, invals)
-
-    def _slice(self, eqn, invals):
-        """A static slice of stacked axes cuts the factors the same way."""
-        p = eqn.params
-        if p["strides"] is not None and set(p["strides"]) != {1}:
-            return None
-        sizes = [hi - lo for lo, hi in zip(p["start_indices"], p["limit_indices"])]
-        out = invals[0].slice_stack(list(p["start_indices"]), sizes, _cut_static)
-        return None if out is None else [out]
-
-    def _dynamic_slice(self, eqn, invals):
-        """``w[i]`` of a stack (e.g. in a ``fori_loop`` over layers) cuts the factors too."""
-        if any(isinstance(v, LoraView) for v in invals[1:]):
-            return None
-        out = invals[0].slice_stack(list(invals[1:]), list(eqn.params["slice_sizes"]),
-                                    _cut_dynamic)
-        return None if out is None else [out]
-
-    def _dot_general(self, eqn, invals):
-        lhs, rhs = invals
-        if isinstance(rhs, LoraView):
-            x, view, kernel_is_rhs = self.dense(lhs, "dot_general"), rhs, True
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> closed = jax.make_jaxpr(lambda x: x * 2)(jnp.ones(3))
+      >>> evaluate(Context(strict=True), closed.jaxpr, closed.consts, [jnp.ones(3)])
+      [Array([2., 2., 2.], dtype=float32)]
+    """
+    env: dict[Any, Any] = {}
+    read = lambda v: v.val if isinstance(v, jex.Literal) else env[v]  # noqa: E731
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    ctx = dataclasses.replace(ctx, frame=Frame(jaxpr, env))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(v, LoraView) for v in invals):
+            outs = apply_rule(ctx, eqn, invals)
         else:
-            x, view, kernel_is_rhs = rhs, lhs, False
-        source = self.frame.source(eqn.invars[0 if kernel_is_rhs else 1]) if self.rebuild else None
-        out = dot_general_rule(x, view, kernel_is_rhs, eqn.params, self.dropout(), source)
-        return None if out is None else [out]
+            outs = bind(eqn, invals)
+        for var, val in zip(eqn.outvars, outs):
+            env[var] = val
+    outs = [read(v) for v in jaxpr.outvars]
+    return outs if keep_views else [ctx.dense(v, "the function's output") for v in outs]
 
-    def _conv_general_dilated(self, eqn, invals):
-        x, view = invals
-        if isinstance(x, LoraView) or not isinstance(view, LoraView):
-            return None
-        out = conv_rule(x, view, eqn.params, self.dropout())
-        return None if out is None else [out]
 
-    def _gather(self, eqn, invals):
-        view, indices = invals
-        if not isinstance(view, LoraView) or isinstance(indices, LoraView):
-            return None
-        out = gather_rule(view, indices, eqn.params)
-        return None if out is None else [out]
+def _evaluate_closed(ctx: Context, closed: Any, *args: Any) -> list[Any]:
+    body, consts = P.as_open(closed)
+    return evaluate(ctx, body, consts, args)
 
-    def _sharding_constraint(self, eqn, invals):
-        """A constraint on a kernel constrains the frozen ``W``; the factors keep theirs."""
-        view = invals[0]
-        if len(invals) != 1 or not isinstance(view, LoraView):
-            return None
-        return [view.replace(w=_bind(eqn, [view.w])[0])]
 
-    def _remat2(self, eqn, invals):
-        p = eqn.params
-        jaxpr = p["jaxpr"]
-        body = lambda *xs: self.eval(jaxpr, (), xs)  # noqa: E731
-        return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+#: A rule: ``(ctx, eqn, operands) -> outputs``, or None where the use has no low-rank form.
+Rule = Callable[[Context, Any, list], "list[Any] | None"]
 
-    _checkpoint = _remat2
 
-    def _cond(self, eqn, invals):
-        index, ops = invals[0], invals[1:]
-        branches = [functools.partial(self._eval_closed, br) for br in eqn.params["branches"]]
-        return list(lax.switch(index, branches, *ops))
+def apply_rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
+    """``eqn`` on operands that include a view: its rule, else the dense kernel (a fallback)."""
+    name = eqn.primitive.name
+    rule = RULES.get(name)
+    out = rule(ctx, eqn, invals) if rule is not None else None
+    if out is None:
+        out = bind(eqn, [ctx.dense(v, name) for v in invals])
+    return out
 
-    def _eval_closed(self, closed, *args):
-        return self.eval(closed.jaxpr, closed.consts, args)
 
-    def _while(self, eqn, invals):
-        p = eqn.params
-        nc, nb = p["cond_nconsts"], p["body_nconsts"]
-        cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
-        carry = [self.dense(v, "while carry") for v in invals[nc + nb:]]
-        cond = lambda c: self._eval_closed(p["cond_jaxpr"], *cond_consts, *c)[0]  # noqa: E731
-        body = lambda c: self._eval_closed(p["body_jaxpr"], *body_consts, *c)  # noqa: E731
-        return list(lax.while_loop(cond, body, carry))
+# ---- rules: layout ops on a kernel -----------------------------------------------------------
 
-    def _scan(self, eqn, invals):
-        p = eqn.params
-        nc, ncarry = p["num_consts"], p["num_carry"]
-        consts = invals[:nc]
-        carry = [self.dense(v, "scan carry") for v in invals[nc:nc + ncarry]]
-        xs = [self._scanned(v) for v in invals[nc + ncarry:]]
-        outer_key = self.key
-        if self.rate:  # one dropout key per layer
-            xs.append(jax.random.split(self.next_key(), p["length"]))
+def _convert(ctx: Context, eqn: Any, invals: list) -> list | None:
+    return [invals[0].replace(dtype=np.dtype(eqn.params["new_dtype"]))]
 
-        def body(c, x):
-            if self.rate:
-                *x, self.key = x
-            outs = self._eval_closed(p["jaxpr"], *consts, *c, *x)
-            self.key = outer_key
-            return outs[:ncarry], outs[ncarry:]
 
-        carry, ys = lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
-                             unroll=p["unroll"])
-        return list(carry) + list(ys)
+def _copy(ctx: Context, eqn: Any, invals: list) -> list | None:
+    return [invals[0]]
 
-    def _scanned(self, value):
-        """A scanned input; a view scanned over a stacked axis keeps its factors per layer."""
-        if not isinstance(value, LoraView):
-            return value
-        axis_role = value.roles[0]
-        if axis_role[0] != "s":
-            return self.dense(value, "scan over a non-stacked kernel axis")
-        return value.sliced(axis_role)
+
+def _transpose(ctx: Context, eqn: Any, invals: list) -> list | None:
+    return [invals[0].transpose(tuple(eqn.params["permutation"]))]
+
+
+def _squeeze(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """Splitting or merging axes of one role reshapes that factor (see LoraView.reshape)."""
+    out = invals[0].reshape(tuple(eqn.outvars[0].aval.shape))
+    return None if out is None else [out]
+
+
+def _reshape(ctx: Context, eqn: Any, invals: list) -> list | None:
+    if len(invals) != 1 or eqn.params.get("dimensions") is not None:
+        return None  # a dynamic shape, or a reshape with a transpose folded in
+    return _squeeze(ctx, eqn, invals)
+
+
+def _cut_static(x: Any, starts: list[int], sizes: list[int]) -> Any:
+    return lax.slice(x, starts, [s + n for s, n in zip(starts, sizes)])
+
+
+def _cut_dynamic(x: Any, starts: list[Any], sizes: list[int]) -> Any:
+    return lax.dynamic_slice(x, [jnp.asarray(s, jnp.int32) for s in starts], sizes)
+
+
+def _slice(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """A static slice of stacked axes cuts the factors the same way."""
+    p = eqn.params
+    if p["strides"] is not None and set(p["strides"]) != {1}:
+        return None
+    sizes = [hi - lo for lo, hi in zip(p["start_indices"], p["limit_indices"])]
+    out = invals[0].slice_stack(list(p["start_indices"]), sizes, _cut_static)
+    return None if out is None else [out]
+
+
+def _dynamic_slice(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """``w[i]`` of a stack (e.g. in a ``fori_loop`` over layers) cuts the factors too."""
+    if any(isinstance(v, LoraView) for v in invals[1:]):
+        return None
+    out = invals[0].slice_stack(list(invals[1:]), list(eqn.params["slice_sizes"]),
+                                _cut_dynamic)
+    return None if out is None else [out]
+
+
+def _sharding_constraint(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """A constraint on a kernel constrains the frozen ``W``; the factors keep theirs."""
+    view = invals[0]
+    if len(invals) != 1 or not isinstance(view, LoraView):
+        return None
+    return [view.replace(w=bind(eqn, [view.w])[0])]
+
+
+# ---- rules: where a kernel meets its input ---------------------------------------------------
+
+def _dot_general(ctx: Context, eqn: Any, invals: list) -> list | None:
+    lhs, rhs = invals
+    if isinstance(rhs, LoraView):
+        x, view, kernel_is_rhs = ctx.dense(lhs, P.DOT_GENERAL), rhs, True
+    else:
+        x, view, kernel_is_rhs = rhs, lhs, False
+    source = ctx.frame.source(eqn.invars[0 if kernel_is_rhs else 1]) if ctx.rebuild else None
+    out = dot_general_rule(x, view, kernel_is_rhs, eqn.params, ctx.dropout(), source)
+    return None if out is None else [out]
+
+
+def _conv(ctx: Context, eqn: Any, invals: list) -> list | None:
+    x, view = invals
+    if isinstance(x, LoraView) or not isinstance(view, LoraView):
+        return None
+    out = conv_rule(x, view, eqn.params, ctx.dropout())
+    return None if out is None else [out]
+
+
+def _gather(ctx: Context, eqn: Any, invals: list) -> list | None:
+    view, indices = invals
+    if not isinstance(view, LoraView) or isinstance(indices, LoraView):
+        return None
+    out = gather_rule(view, indices, eqn.params)
+    return None if out is None else [out]
+
+
+# ---- rules: calls and control flow -----------------------------------------------------------
+
+def _call(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """A plain call is inlined; views flow in and out of it."""
+    body = P.sub_jaxpr(eqn.params)
+    if body is None:
+        return None
+    return evaluate(ctx, body[0], body[1], invals, keep_views=True)
+
+
+def _remat(ctx: Context, eqn: Any, invals: list) -> list | None:
+    p = eqn.params
+    jaxpr, consts = P.sub_jaxpr(p)
+    body = lambda *xs: evaluate(ctx, jaxpr, consts, xs)  # noqa: E731
+    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+
+
+def _cond(ctx: Context, eqn: Any, invals: list) -> list | None:
+    index, ops = invals[0], invals[1:]
+    branches = [functools.partial(_evaluate_closed, ctx, br) for br in eqn.params["branches"]]
+    return list(lax.switch(index, branches, *ops))
+
+
+def _while(ctx: Context, eqn: Any, invals: list) -> list | None:
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
+    carry = [ctx.dense(v, "while carry") for v in invals[nc + nb:]]
+    cond = lambda c: _evaluate_closed(ctx, p["cond_jaxpr"], *cond_consts, *c)[0]  # noqa: E731
+    body = lambda c: _evaluate_closed(ctx, p["body_jaxpr"], *body_consts, *c)  # noqa: E731
+    return list(lax.while_loop(cond, body, carry))
+
+
+def _scan(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """``lax.scan``; a view scanned over its stacked axis is a per-layer view in the body.
+
+    Under dropout each layer gets a key of its own, passed to the body with
+    the scanned inputs and given to the body's rules as ``ctx.key``.
+    """
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts = invals[:nc]
+    carry = [ctx.dense(v, "scan carry") for v in invals[nc:nc + ncarry]]
+    xs = [scanned(ctx, v) for v in invals[nc + ncarry:]]
+    if ctx.rate:  # one dropout key per layer
+        xs.append(jax.random.split(ctx.next_key(), p["length"]))
+
+    def body(c, x):
+        inner = ctx
+        if ctx.rate:
+            *x, key = x
+            inner = dataclasses.replace(ctx, key=key)
+        outs = _evaluate_closed(inner, p["jaxpr"], *consts, *c, *x)
+        return outs[:ncarry], outs[ncarry:]
+
+    carry, ys = lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
+                         unroll=p["unroll"])
+    return list(carry) + list(ys)
+
+
+def scanned(ctx: Context, value: Any) -> Any:
+    """A scanned input; a view scanned over a stacked axis keeps its factors per layer.
+
+    ``lax.scan`` then slices the returned view's leading axes (``w``'s first
+    axis, the scanned stacked axis of ``a``, ``b`` and the magnitude, moved first).
+    """
+    if not isinstance(value, LoraView):
+        return value
+    axis_role = value.roles[0]
+    if axis_role[0] != "s":
+        return ctx.dense(value, "scan over a non-stacked kernel axis")
+    return value.sliced(axis_role)
+
+
+def _rules() -> dict[str, Rule]:
+    rules: dict[str, Rule] = {
+        P.CONVERT: _convert, P.COPY: _copy, P.TRANSPOSE: _transpose, P.RESHAPE: _reshape,
+        P.SQUEEZE: _squeeze, P.SLICE: _slice, P.DYNAMIC_SLICE: _dynamic_slice,
+        P.SHARDING_CONSTRAINT: _sharding_constraint,
+        P.DOT_GENERAL: _dot_general, P.CONV: _conv, P.GATHER: _gather,
+        P.COND: _cond, P.WHILE: _while, P.SCAN: _scan,
+    }
+    rules.update({name: _call for name in P.CALLS})
+    rules.update({name: _remat for name in P.REMAT})
+    return rules
+
+
+#: ``{primitive name: rule}``. A rule takes ``(ctx, eqn, operands)``, some of
+#: them views, and returns the eqn's outputs, or None when this use has no
+#: low-rank form (the kernel is then materialised: :func:`apply_rule`).
+#: Custom-derivative calls have no rule: a kernel passed into one is dense.
+RULES: dict[str, Rule] = _rules()

@@ -17,7 +17,7 @@ as they are. The low-rank branch then saves those leaves instead of ``x`` and
 rebuilds ``x`` in the backward with the (few, cheap) equations in between.
 
 Example:
-  >>> import flax.linen as nn
+  >>> import jax, jax.numpy as jnp, flax.linen as nn
   >>> closed = jax.make_jaxpr(lambda h: nn.gelu(h) * 2.0)(jnp.ones((4, 8)))
   >>> chain = input_chain(Graph(closed.jaxpr), closed.jaxpr.outvars[0])
   >>> [e.primitive.name for e in chain.eqns]   # x = (h * 0.5(1 + tanh(..))) * 2
@@ -32,24 +32,15 @@ from typing import Any, Callable, Sequence
 
 from jax.extend import core as jex
 
-# Primitives a chain may contain (elementwise or layout, one output each), by
-# what their derivative keeps. Outputs of these are kept (d tanh = 1 - tanh^2):
-_OUTPUT_KEPT = frozenset({"tanh", "exp"})
-# Unary, non-linear:
-_UNARY = frozenset({
-    "tanh", "exp", "exp2", "log", "log1p", "logistic", "erf", "erfc", "erf_inv", "sin", "cos",
-    "rsqrt", "sqrt", "cbrt", "integer_pow", "square", "abs", "sign", "expm1",
-})
-# Binary ops whose derivative needs both operands (so autodiff keeps them).
-_BINARY = frozenset({"mul", "div", "max", "min", "pow", "atan2"})
-# Elementwise ops that keep only a mask or nothing of their value operands.
-_SELECT = frozenset({"select_n", "clamp"})
-# Linear or layout only (keep nothing):
-_LINEAR = frozenset({
-    "add", "sub", "neg", "add_any", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
-    "transpose", "convert_element_type", "copy", "reduce_precision",
-})
-_CALLS = frozenset({"pjit", "jit", "closed_call", "custom_jvp_call"})
+from lora_jax._primitives import (BINARY, CALLS, CUSTOM_JVP, LINEAR, OUTPUT_KEPT, SELECT, UNARY,
+                                  sub_jaxpr)
+
+# A chain may contain elementwise or layout equations (one output each; the
+# groups in lora_jax._primitives say what each one's derivative keeps), and
+# calls made only of them (a jitted GELU, a custom_jvp activation), which the
+# chain rebinds as they are.
+_ELEMENTWISE = UNARY | BINARY | SELECT | LINEAR
+_TRANSPARENT = CALLS | CUSTOM_JVP
 
 #: A value at most this fraction of ``x``'s size is "small": saved as it is.
 SMALL_FRACTION = 1 / 16
@@ -108,12 +99,10 @@ def _allowed(eqn: Any) -> bool:
     name = eqn.primitive.name
     if len(eqn.outvars) != 1:
         return False
-    if name in _CALLS:
-        closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-        body = getattr(closed, "jaxpr", closed)
-        return body is not None and all(_allowed(e) for e in body.eqns)
-    return (name in _UNARY or name in _BINARY or name in _SELECT
-            or name in _LINEAR)
+    if name in _TRANSPARENT:
+        body = sub_jaxpr(eqn.params)
+        return body is not None and all(_allowed(e) for e in body[0].eqns)
+    return name in _ELEMENTWISE
 
 
 def _kept(graph: Graph, v: Any) -> bool:
@@ -124,9 +113,9 @@ def _kept(graph: Graph, v: Any) -> bool:
     min whose other operand is not a literal (the derivative needs both).
     """
     _, eqn = graph.produced.get(v, (-1, None))
-    if eqn is not None and eqn.primitive.name in _OUTPUT_KEPT:
+    if eqn is not None and eqn.primitive.name in OUTPUT_KEPT:
         return True
-    return any(e.primitive.name in _BINARY
+    return any(e.primitive.name in BINARY
                and any(not isinstance(u, jex.Literal) and u is not v for u in e.invars)
                for e in graph.consumers.get(v, ()))
 

@@ -402,3 +402,19 @@ def test_slicing_a_fan_in_axis_falls_back_exactly():
     with pytest.warns(lj.LoraFallbackWarning, match="slice"):
         got = lj.implicit(fn)(base, delta, X)
     assert _rel(got, fn(lj.merge(base, delta), X)) < FWD_TOL
+
+
+def test_rules_are_looked_up_in_one_dict(monkeypatch):
+    """implicit dispatches on ``RULES``: without the transpose rule, a transposed kernel
+    is materialised (and named in the warning); with it, it stays low-rank."""
+    from lora_jax import _implicit
+
+    fn = lambda p, x: x @ p["w"].T   # noqa: E731
+    base, delta = lj.init_lora(jax.random.key(1), W44, lj.LoraConfig(targets="w", rank=2))
+    delta = _trained(delta)
+    want = fn(lj.merge(base, delta), X)
+    assert _rel(lj.implicit(fn, strict=True)(base, delta, X), want) < FWD_TOL
+    monkeypatch.delitem(_implicit.RULES, "transpose")
+    with pytest.warns(lj.LoraFallbackWarning, match="'transpose'"):
+        got = lj.implicit(fn)(base, delta, X)
+    assert _rel(got, want) < FWD_TOL
