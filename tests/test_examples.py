@@ -103,7 +103,7 @@ def test_finetune_lm_over_a_quantized_base(tmp_path):
                       "--quantize", "nf4", "--out", str(out_dir), cwd=tmp_path)
     check_lora_outcomes(out, merge_tol=1e-3)
     n, dense, packed, bits = numbers(
-        r"quantized base \(nf4\): (\d+) adapted kernels, (\d+) bytes float32 -> (\d+) bytes "
+        r"quantized base \(nf4\): (\d+) adapted kernels (\d+) bytes float32 -> (\d+) bytes "
         rf"\({FLOAT} bits/param", out.replace(",", ""))
     assert n == 12 and packed < dense / 7 and 4.0 < bits <= 4.2
     f32, nf4 = numbers(rf"target loss of the base alone: float32 {FLOAT}, nf4 {FLOAT}", out)
