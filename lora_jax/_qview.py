@@ -142,8 +142,13 @@ def _drop_stack_axis(q: QuantizedArray, d: int) -> QuantizedArray:
 
 
 def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) -> Array:
-    """``fn(x, W)`` with ``W`` the kernel in ``dtype``; a lazy kernel is dequantized inside a
-    ``jax.checkpoint``, so the backward saves ``x`` and the codes, never the dense ``W``.
+    """``fn(x, W)`` with ``W`` the kernel in ``dtype``, ``fn`` linear in ``x``.
+
+    A lazy kernel is dequantized here and, in the backward, dequantized again
+    from its codes (never saved dense), tied to the incoming cotangent so that
+    XLA cannot compute it before this use's backward. ``fn`` is linear in
+    ``x``, so the backward is its transpose at ``W``: ``x`` itself is not saved
+    (the frozen model's own backward does not keep it either).
 
     Example:
       >>> import jax.numpy as jnp, lora_jax as lj
@@ -154,7 +159,42 @@ def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) 
     """
     if not isinstance(kernel, LazyKernel):
         return fn(x, jax.lax.stop_gradient(kernel).astype(dtype))
-    return jax.checkpoint(lambda x_, k: fn(x_, k.dense(dtype)))(x, kernel)
+
+    x_aval = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+    def tied(k, v):
+        """W from scales tied to ``v``: computed only once ``v`` exists, and never the same
+        expression in the forward and the backward (so XLA can neither hoist it nor keep
+        the forward's dense W for the backward by common-subexpression elimination)."""
+        q = k.q
+        zero = jnp.zeros((), jnp.float32) * jnp.ravel(v)[0].astype(jnp.float32)
+        field = "scales" if q.dq_scales is None else "dq_scales"
+        q = dataclasses.replace(q, **{field: getattr(q, field) + zero})
+        return dataclasses.replace(k, q=q).dense(dtype)
+
+    @jax.custom_vjp
+    def product(x_, k):
+        return fn(x_, tied(k, x_))
+
+    def forward(x_, k):
+        return fn(x_, tied(k, x_)), k   # linear in x: the backward needs only W
+
+    def backward(k, g):
+        w = tied(k, g)
+        if jnp.issubdtype(x_aval.dtype, jnp.inexact):
+            dx = jax.linear_transpose(lambda v: fn(v, w), x_aval)(g)[0]
+        else:  # integer operands (gather indices) get no cotangent
+            dx = np.zeros(x_aval.shape, jax.dtypes.float0)
+        return dx, jax.tree.map(_zero_cotangent, k)
+
+    product.defvjp(forward, backward)
+    return product(x, kernel)
+
+
+def _zero_cotangent(a: Array) -> Any:
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
 
 
 def is_lazy(x: Any) -> bool:
