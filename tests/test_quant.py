@@ -496,6 +496,25 @@ out["max_diff"] = max(float(jnp.abs(dense[k] - ref[k]).max()) for k in ref)
 hlo = deq.lower(placed).compile().as_text()
 out["collectives"] = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
                       if c in hlo]
+# a sharded QLoRA step: delta shardings derived from the dense kernels' shardings
+cfg = lj.LoraConfig(targets="stk|fc", rank=4, layouts={"stk": "sio"})
+_, delta = lj.init_lora(jax.random.key(0), params, cfg)
+delta = jax.tree.map(lambda a: a + 0.01, delta)
+delta_sh = lj.delta_shardings(kernel_sh, delta)
+x = jnp.asarray(r.standard_normal((8, 512)), jnp.float32)
+def fn(p, x):
+    h = x @ p["fc"] / 16                                      # (8, 128), O(1) values
+    h = jnp.concatenate([h, h], axis=1)                       # (8, 256)
+    return jax.lax.scan(lambda c, w: (c, jnp.tanh(c @ w / 16)), h, p["stk"])[1]  # (2, 8, 64)
+loss = lambda d, b, x: jnp.sum(lj.implicit(fn)(b, d, x) ** 2)
+rep = NamedSharding(mesh, P())
+grad = jax.jit(jax.value_and_grad(loss), in_shardings=(delta_sh, sh, rep),
+               out_shardings=(rep, delta_sh))
+v, g = grad(jax.device_put(delta, delta_sh), placed, x)
+v0, g0 = jax.value_and_grad(loss)(delta, q, x)
+out["step_rel_diff"] = max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-12))
+                           for a, b in zip(jax.tree.leaves(g) + [v], jax.tree.leaves(g0) + [v0]))
+out["grad_a_sharding"] = str(g["fc"].a.sharding.spec)
 try:
     quantized_shardings(q, {"stk": kernel_sh["stk"], "fc": NamedSharding(mesh, P(None, "fsdp"))})
     out["error"] = None
@@ -524,3 +543,6 @@ def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
     # the same values (up to float contraction order: FMA in one program, not the other)
     assert out["max_diff"] < 1e-5 and out["collectives"] == [], out
     assert out["error"] and "'fc'" in out["error"] and "first non-stacked axis" in out["error"]
+    # implicit over the sharded quantized base == unsharded, gradients sharded like the delta
+    assert out["step_rel_diff"] < 1e-5, out
+    assert "fsdp" in out["grad_a_sharding"], out
