@@ -546,3 +546,20 @@ def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
     # implicit over the sharded quantized base == unsharded, gradients sharded like the delta
     assert out["step_rel_diff"] < 1e-5, out
     assert "fsdp" in out["grad_a_sharding"], out
+
+
+def test_a_delta_trained_on_a_quantized_base_is_an_ordinary_adapter(tmp_path):
+    params = {"fc": {"kernel": jnp.asarray(rng(18).standard_normal((64, 32)), jnp.float32)}}
+    base, delta = lj.init_lora(jax.random.key(0), params, lj.LoraConfig(targets="fc/kernel",
+                                                                          rank=2))
+    delta = jax.tree.map(lambda a: a + 0.1, delta)
+    qbase = lj.quantize(base, "fc/kernel")
+    lj.export_peft(tmp_path / "peft", delta)
+    back = lj.import_peft(tmp_path / "peft", qbase)           # the quantized base names the leaves
+    ours, _ = lj.load(lj.save(tmp_path / "ours", delta), base=qbase)
+    for got in (back, ours):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(delta)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(lj.LoraBaseMismatchError):
+        lj.load(tmp_path / "ours", base=lj.quantize({"fc": {"kernel": jnp.ones((32, 64))}},
+                                                     "fc/kernel"))
