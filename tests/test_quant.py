@@ -563,3 +563,9 @@ def test_a_delta_trained_on_a_quantized_base_is_an_ordinary_adapter(tmp_path):
     with pytest.raises(lj.LoraBaseMismatchError):
         lj.load(tmp_path / "ours", base=lj.quantize({"fc": {"kernel": jnp.ones((32, 64))}},
                                                      "fc/kernel"))
+
+
+def test_infer_layouts_reads_a_quantized_base():
+    q = lj.quantize({"w": jnp.ones((2, 64, 8))}, "w", layouts={"w": "sio"})
+    fn = lambda p, x: jax.lax.scan(lambda c, w: (c, c @ w), x, p["w"])[1]   # noqa: E731
+    assert lj.infer_layouts(fn, q, jnp.ones((3, 64)))["w"].axes == "sio"
