@@ -569,3 +569,30 @@ def test_infer_layouts_reads_a_quantized_base():
     q = lj.quantize({"w": jnp.ones((2, 64, 8))}, "w", layouts={"w": "sio"})
     fn = lambda p, x: jax.lax.scan(lambda c, w: (c, c @ w), x, p["w"])[1]   # noqa: E731
     assert lj.infer_layouts(fn, q, jnp.ones((3, 64)))["w"].axes == "sio"
+
+
+def test_cli_merges_an_adapter_into_a_quantized_base_file(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from lora_jax._cli import main
+    r = rng(19)
+    params = {"params": {"fc": {"kernel": jnp.asarray(r.standard_normal((64, 8)), jnp.float32),
+                                "bias": jnp.asarray(r.standard_normal(8), jnp.float32)},
+                         "head": {"kernel": jnp.asarray(r.standard_normal((64, 4)), jnp.float32)}}}
+    base, delta = lj.init_lora(jax.random.key(0), params,
+                               lj.LoraConfig(targets=".*/fc/kernel", rank=2))
+    delta = jax.tree.map(lambda a: a + 0.1, delta)
+    qbase = lj.quantize(base, ".*/kernel", double_quant=True)
+    lj.save_base(tmp_path / "qbase.safetensors", qbase)
+    lj.save(tmp_path / "adapter", delta)
+    code = main(["merge", "--base", str(tmp_path / "qbase.safetensors"), "--adapter",
+                 str(tmp_path / "adapter"), "--out", str(tmp_path / "out.safetensors"),
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    want = dict(leaves_with_paths(lj.merge(qbase, delta))[0])
+    with safe_open(str(tmp_path / "out.safetensors"), framework="np") as f:
+        assert "lora_jax_base" not in (f.metadata() or {})     # the output is dense
+        got = {k: f.get_tensor(k) for k in f.keys()}
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=1e-6, atol=1e-6)
