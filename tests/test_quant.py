@@ -596,3 +596,16 @@ def test_cli_merges_an_adapter_into_a_quantized_base_file(tmp_path, capsys):
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=1e-6, atol=1e-6)
+
+
+def test_merge_on_the_fly_over_a_quantized_base_differentiates():
+    w = jnp.asarray(rng(20).standard_normal((64, 16)), jnp.float32)
+    base, delta = lj.init_lora(jax.random.key(0), {"w": w}, lj.LoraConfig(targets="w", rank=2))
+    delta = jax.tree.map(lambda a: a + 0.1, delta)
+    qbase = lj.quantize(base, "w", scheme="int4", block_size=32)
+    x = jnp.asarray(rng(21).standard_normal((3, 64)), jnp.float32)
+    loss = lambda b: lambda d: jnp.sum(jnp.tanh(x @ lj.merge(b, d)["w"]))  # noqa: E731
+    g_q = jax.jit(jax.grad(loss(qbase)))(delta)
+    g_d = jax.grad(loss(lj.dequantize(qbase)))(delta)
+    for a, b in zip(jax.tree.leaves(g_q), jax.tree.leaves(g_d)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
