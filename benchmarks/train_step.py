@@ -71,11 +71,13 @@ class Runner:
         self.gflop = W.gflop(self.compiled)
         self.xla_temp_mib = W.xla_temp_mib(self.compiled)
         self.loss0 = None   # the loss of the first step: the model before any update
+        self.steps = 0
 
     def step(self):
         out = self.compiled(*self.state, *self.consts)
         jax.block_until_ready(out)
         self.state = tuple(out[:-1])
+        self.steps += 1
         if self.loss0 is None:
             self.loss0 = float(out[-1])
         self.last = out[-1]
@@ -376,6 +378,24 @@ def measure_memory(names, args, log=print) -> tuple[dict, float | None]:
     return res, res.pop("none", {}).get("maxrss_mb")
 
 
+def update_vs_merge(runners, wl) -> dict | None:
+    """How far lora_jax's delta is from merge-on-the-fly's after the same steps from the same
+    delta: ``max |D_lora_jax - D_merge| / max |D_merge - D_0|`` over every factor (D_0: the
+    initial delta). At step 0 B = 0 makes both losses equal whatever the backward does;
+    after several Adam steps only the same gradients give the same delta."""
+    a, b = runners.get("lora_jax"), runners.get("merge")
+    if a is None or b is None:
+        return None
+    if a.steps != b.steps:
+        raise RuntimeError(f"lora_jax ran {a.steps} steps, merge {b.steps}")
+    leaves = lambda t: [np.asarray(x, np.float64) for x in jax.tree.leaves(t)]  # noqa: E731
+    got, want, init = leaves(a.state[0]), leaves(b.state[0]), leaves(wl.delta)
+    diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+    moved = max(float(np.abs(w - i).max()) for w, i in zip(want, init))
+    return {"steps": a.steps, "max_abs_diff": diff, "max_abs_update": moved,
+            "rel_diff": diff / moved if moved else float("inf")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(CONFIGS),
@@ -427,6 +447,11 @@ def main(argv=None):
                          "base_kernel_bits": base_kernel_bits(wl, name)}
         if r.note:
             results[name]["note"] = r.note
+    agreement = update_vs_merge(runners, wl)
+    if agreement is not None:
+        results["lora_jax"]["update_vs_merge"] = agreement
+        print(f"lora_jax vs merge after {agreement['steps']} steps: max |delta diff| "
+              f"{agreement['max_abs_diff']:.3g} = {agreement['rel_diff']:.3g} of the largest update")
     full = results.get("full", {}).get("ms")
     floor = results.get("floor", {}).get("ms")
     for res in results.values():

@@ -12,6 +12,7 @@ first and the config, which carries the tensors' :func:`sha256_file`, last).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import uuid
@@ -85,6 +86,57 @@ def atomic_write(target: Path, write: Writer) -> None:
         files.commit()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no such flag here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Puts the directory ``new`` at ``target`` in one step, removing the old ``target``.
+
+    Where ``target`` exists it is swapped with ``new`` atomically (so a kill at
+    any moment leaves either the old or the new directory at ``target``), then
+    the old one is deleted. Without an atomic swap (not Linux) the old
+    directory is first renamed to a hidden sibling: a kill in that instant
+    leaves it there and ``target`` missing.
+
+    Example:
+      >>> import tempfile
+      >>> d = Path(tempfile.mkdtemp())
+      >>> (d / "out").mkdir(); _ = (d / "out" / "v").write_text("old")
+      >>> (d / "new").mkdir(); _ = (d / "new" / "v").write_text("new")
+      >>> replace_directory(d / "new", d / "out")
+      >>> (d / "out" / "v").read_text(), sorted(p.name for p in d.iterdir())
+      ('new', ['out'])
+    """
+    import shutil
+
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.replace(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new)  # now the old directory
+    else:
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old)
+    fsync_dir(target.parent)
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes.
 
@@ -150,4 +202,5 @@ class StagedFiles:
         self._staged = []
 
 
-__all__ = ["StagedFiles", "atomic_write", "commit_file", "fsync_dir", "sha256_file", "stage_file"]
+__all__ = ["StagedFiles", "atomic_write", "commit_file", "fsync_dir", "replace_directory",
+           "sha256_file", "stage_file"]

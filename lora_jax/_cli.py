@@ -17,7 +17,8 @@ a JSON name map for PEFT adapters (see :class:`lora_jax.NameMap`): a list of
 [...]}``.
 
 Exit status: 0 on success, 1 on an error (a message on stderr naming the file
-and key), 2 on a usage error.
+and key), 2 on a usage error, 141 (quietly) when the reader of stdout goes away
+(``lora-jax inspect ... | head``).
 """
 
 from __future__ import annotations
@@ -230,12 +231,23 @@ def _write_params(out: Path, base: Any, merged: dict[str, Any], fmt: str, metada
     if fmt == "safetensors":
         atomic_write(out, lambda tmp: write_safetensors(tmp, flat, metadata))
         return
+    import shutil
+    import uuid
+
     import orbax.checkpoint as ocp
 
+    from lora_jax._atomic import replace_directory
+
     tree = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[p]) for p, _ in leaves])
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(out.resolve(), tree, force=args.force)
-    ckpt.wait_until_finished()
+    # Written beside OUT, then swapped in: a kill at any moment leaves the previous OUT whole.
+    tmp = out.resolve().with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(tmp, tree)
+        ckpt.wait_until_finished()
+        replace_directory(tmp, out.resolve())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -283,6 +295,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _stdout_closed() -> int:
+    """Points stdout at /dev/null (so exiting flushes nowhere) and returns 141 (128 + SIGPIPE,
+    what a command killed by the closed pipe would return)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured)
+        pass
+    return 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -360,7 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Exit as e:
         return e.status
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # `lora-jax inspect ... | head`: the reader left; exit quietly
+        return _stdout_closed()
     except (CliError, LoraError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

@@ -68,7 +68,11 @@ def config_from_json(obj: dict | None, where: str) -> LoraConfig | None:
 
     Fields this lora_jax does not know (written by a newer one) are ignored.
     """
-    if obj is None or obj.get("unserializable") or obj.get("targets") is None:
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise LoraFileError(f"{where}: key 'config' is a {type(obj).__name__}, expected an object")
+    if obj.get("unserializable") or obj.get("targets") is None:
         return None
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     kwargs: dict[str, Any] = {}

@@ -72,9 +72,89 @@ def write_safetensors(
     save_file(arrays, str(path), metadata=dict(metadata or {}))
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER = 100_000_000  # the safetensors package's own limit on the JSON header
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` for :func:`json.loads`: a repeated key is an error, not last-wins."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _header_entry(path: Path, key: str, entry: Any, data_size: int) -> None:
+    """One tensor of a safetensors header: its dtype, shape and offsets fit inside the file."""
+    where = f"{path}: not a readable safetensors file: tensor {key!r}"
+    if not isinstance(entry, dict) or entry.get("dtype") not in _ITEMSIZE:
+        raise LoraFileError(f"{where}: header entry has no known dtype")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise LoraFileError(f"{where}: header shape {str(shape)[:60]} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise LoraFileError(f"{where}: header data_offsets {str(offsets)[:60]} are invalid")
+    nbytes = _ITEMSIZE[entry["dtype"]]
+    for d in shape:  # Python ints: no overflow, and stops growing once it is past the file
+        nbytes = min(nbytes * d, data_size + 1)
+    if offsets[1] > data_size or offsets[1] - offsets[0] != nbytes:
+        raise LoraFileError(
+            f"{where}: the header claims shape {shape} ({entry['dtype']}) at bytes {offsets}, "
+            f"which the file's {data_size} data bytes do not hold (truncated or lying header)")
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """Reads and checks a safetensors file's header before any tensor is read.
+
+    The header length, every tensor's claimed size and its offsets are checked
+    against the file's size (so no read can need more memory than the file
+    holds), a repeated key is refused, and every dtype must be one lora_jax
+    knows. Returns the header (``{key: {"dtype", "shape", "data_offsets"}}``).
+
+    Example:
+      >>> import tempfile
+      >>> p = Path(tempfile.mkdtemp()) / WEIGHTS_NAME
+      >>> write_safetensors(p, {"w": np.ones((4, 2), np.float32)})
+      >>> check_safetensors_header(p)["w"]["shape"]
+      [4, 2]
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, MAX_HEADER):
+            raise LoraFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                                f"header length {n} does not fit the file's {size} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise LoraFileError(
+            f"{path}: not a readable safetensors file: its header is not valid JSON: {e}"
+        ) from None
+    if not isinstance(header, dict):
+        raise LoraFileError(f"{path}: not a readable safetensors file: its header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise LoraFileError(f"{path}: safetensors __metadata__ is not an object of strings")
+    for key, entry in header.items():
+        _header_entry(path, key, entry, size - 8 - n)
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if end != size - 8 - n:
+        raise LoraFileError(f"{path}: not a readable safetensors file: its tensors end at data byte "
+                            f"{end} but the file has {size - 8 - n} (truncated or appended to?)")
+    return header
+
+
 @contextlib.contextmanager
 def open_safetensors(path: Path) -> Iterator[Any]:
     """``safetensors.safe_open`` (NumPy) with every failure turned into :class:`LoraFileError`.
+
+    The header is checked first (:func:`check_safetensors_header`).
 
     Example:
       >>> import tempfile
@@ -89,6 +169,7 @@ def open_safetensors(path: Path) -> Iterator[Any]:
     path = Path(path)
     if not path.is_file():
         raise LoraFileError(f"{path}: file not found")
+    check_safetensors_header(path)
     try:
         handle = safe_open(str(path), framework="np")
     except Exception as e:  # SafetensorError, OSError, ...
@@ -105,6 +186,26 @@ def read_tensor(f: Any, path: Path, key: str) -> np.ndarray:
         return f.get_tensor(key)
     except Exception as e:
         raise LoraFileError(f"{path}: cannot read tensor {key!r}: {e}") from None
+
+
+def check_finite_array(path: Path, key: str, array: np.ndarray) -> None:
+    """Raises :class:`LoraFileError` naming ``path`` and ``key`` if ``array`` has a NaN or Inf.
+
+    Example:
+      >>> check_finite_array(Path("a.safetensors"), "w.lora_A", np.array([1.0, np.inf]))
+      ... # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      lora_jax._errors.LoraFileError: a.safetensors: tensor 'w.lora_A' has 1 NaN or Inf value(s) ...
+    """
+    if array.dtype.kind in "iub":  # integers and booleans are always finite
+        return
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise LoraFileError(
+            f"{path}: tensor {key!r} has {bad} NaN or Inf value(s) (pass check_finite=False "
+            "to load it anyway)"
+        )
 
 
 def tensor_info(f: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -143,8 +244,9 @@ def read_json(path: Path) -> dict:
         raise LoraFileError(f"{path}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            obj = json.load(f, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: JSONDecodeError,
+        # a repeated key, an integer too long to convert
         raise LoraFileError(f"{path}: not valid JSON (truncated or corrupt?): {e}") from None
     if not isinstance(obj, dict):
         raise LoraFileError(f"{path}: expected a JSON object, got {type(obj).__name__}")
@@ -222,6 +324,8 @@ def nested_from_paths(
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "check_finite_array",
+    "check_safetensors_header",
     "dtype_name",
     "input_directory",
     "json_writer",

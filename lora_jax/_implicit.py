@@ -114,7 +114,7 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
-      >>> apply = implicit(lambda p, x: x @ p["w"])          # x: (2, 4), w: (4, 3)
+      >>> apply = lj.implicit(lambda p, x: x @ p["w"])          # x: (2, 4), w: (4, 3)
       >>> base, delta = lj.init_lora(jax.random.key(0), {"w": jnp.ones((4, 3))},
       ...                            lj.LoraConfig(targets="w", rank=2))
       >>> apply(base, delta, jnp.ones((2, 4))).shape
@@ -470,21 +470,14 @@ def scanned(ctx: Context, value: Any) -> Any:
     return value.sliced(axis_role)
 
 
-def _rules() -> dict[str, Rule]:
-    rules: dict[str, Rule] = {
-        P.CONVERT: _convert, P.COPY: _copy, P.TRANSPOSE: _transpose, P.RESHAPE: _reshape,
-        P.SQUEEZE: _squeeze, P.SLICE: _slice, P.DYNAMIC_SLICE: _dynamic_slice,
-        P.SHARDING_CONSTRAINT: _sharding_constraint,
-        P.DOT_GENERAL: _dot_general, P.CONV: _conv, P.GATHER: _gather,
-        P.COND: _cond, P.WHILE: _while, P.SCAN: _scan,
-    }
-    rules.update({name: _call for name in P.CALLS})
-    rules.update({name: _remat for name in P.REMAT})
-    return rules
-
-
 #: ``{primitive name: rule}``. A rule takes ``(ctx, eqn, operands)``, some of
 #: them views, and returns the eqn's outputs, or None when this use has no
 #: low-rank form (the kernel is then materialised: :func:`apply_rule`).
 #: Custom-derivative calls have no rule: a kernel passed into one is dense.
-RULES: dict[str, Rule] = _rules()
+RULES: dict[str, Rule] = P.by_name({
+    P.CONVERT: _convert, P.COPY: _copy, P.TRANSPOSE: _transpose, P.RESHAPE: _reshape,
+    P.SQUEEZE: _squeeze, P.SLICE: _slice, P.DYNAMIC_SLICE: _dynamic_slice,
+    P.SHARDING_CONSTRAINT: _sharding_constraint,
+    P.DOT_GENERAL: _dot_general, P.CONV: _conv, P.GATHER: _gather,
+    P.COND: _cond, P.WHILE: _while, P.SCAN: _scan, P.CALLS: _call, P.REMAT: _remat,
+})

@@ -106,14 +106,14 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
       LoraLayoutError: a leaf's uses imply different layouts.
 
     Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
       >>> m = nn.DenseGeneral((4, 8))                       # kernel (16, 4, 8)
       >>> x = jnp.ones((2, 16))
-      >>> infer_layouts(m.apply, m.init(jax.random.key(0), x), x)["params/kernel"]
+      >>> lj.infer_layouts(m.apply, m.init(jax.random.key(0), x), x)["params/kernel"]
       KernelLayout(axes='ioo', kind='dense')
       >>> stack = {"w": jnp.ones((3, 16, 16))}              # (layers, in, out), w[i] in a loop
       >>> loop = lambda p, x: jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x)
-      >>> infer_layouts(loop, stack, x)["w"]
+      >>> lj.infer_layouts(loop, stack, x)["w"]
       KernelLayout(axes='sio', kind='dense')
     """
     leaves, treedef = leaves_with_paths(params)
@@ -358,20 +358,13 @@ def _abstract_view(t: _Tracked, layout: str) -> LoraView:
                     1.0, jnp.dtype(t.dtype), t.path)
 
 
-def _steps() -> dict[str, Step]:
-    steps: dict[str, Step] = {
-        P.CONVERT: _follow, P.COPY: _follow, P.SHARDING_CONSTRAINT: _follow,
-        P.TRANSPOSE: _transpose, P.RESHAPE: _reshape, P.SQUEEZE: _reshape,
-        P.SLICE: _slice, P.DYNAMIC_SLICE: _slice,
-        P.DOT_GENERAL: _dot_general, P.CONV: _conv, P.GATHER: _gather,
-        P.COND: _cond, P.WHILE: _while, P.SCAN: _scan,
-    }
-    steps.update({name: _call for name in P.CALLS})
-    steps.update({name: _remat for name in P.REMAT})
-    return steps
-
-
 #: ``{primitive name: step}``: how a tracked kernel passes through each primitive
 #: ``implicit`` has a rule for (:data:`lora_jax._implicit.RULES`); any other
 #: primitive ends the kernel's path.
-STEPS: dict[str, Step] = _steps()
+STEPS: dict[str, Step] = P.by_name({
+    (P.CONVERT, P.COPY, P.SHARDING_CONSTRAINT): _follow,
+    P.TRANSPOSE: _transpose, (P.RESHAPE, P.SQUEEZE): _reshape,
+    (P.SLICE, P.DYNAMIC_SLICE): _slice,
+    P.DOT_GENERAL: _dot_general, P.CONV: _conv, P.GATHER: _gather,
+    P.COND: _cond, P.WHILE: _while, P.SCAN: _scan, P.CALLS: _call, P.REMAT: _remat,
+})

@@ -24,11 +24,12 @@ PEFT adapter, but keyed by lora_jax leaf paths:
 Writes are atomic per file (:mod:`lora_jax._atomic`: temporary file in the
 same directory, flush, ``fsync``, ``os.replace``, then ``fsync`` of the
 directory); the tensor file is replaced first and the config last, and both
-carry the save's ``save_id``, so an interrupted save leaves the previous
-adapter loadable, and the only state a crash can leave that is not a
-complete adapter (new tensors, old config: a crash between the two renames)
-is refused by :func:`load` rather than half-read. Other files in the
-directory are left alone.
+carry the save's ``save_id``. Before the renames the previous tensor file is
+hard-linked to ``.adapter_model.safetensors.<previous save_id>`` (removed once
+the config is in place), so a kill at any point leaves a loadable adapter:
+the previous one until the config's rename, the new one after it. A tensor
+file that matches no config is refused by :func:`load` rather than half-read.
+Other files in the directory are left alone.
 
 :func:`load` validates everything it reads and raises :class:`LoraFileError`
 naming the file and the key: unknown format version, missing or extra
@@ -45,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._atomic import StagedFiles, sha256_file
+from lora_jax._atomic import StagedFiles, fsync_dir, sha256_file
 from lora_jax._config import LoraConfig
 from lora_jax._config_json import config_from_json, config_to_json
 from lora_jax._delta import LayerSelection, LeafDelta, LoraFactors, delta_entries, lora_scale
@@ -61,6 +63,7 @@ from lora_jax._errors import LoraBaseMismatchError, LoraError, LoraFileError
 from lora_jax._file_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_finite_array,
     dtype_name,
     input_directory,
     json_writer,
@@ -80,6 +83,7 @@ from lora_jax._paths import leaves_with_paths
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 SUFFIXES = {"a": "lora_A", "b": "lora_B", "magnitude": "magnitude", "diff": "diff"}
 
 TensorEntry = tuple[str, tuple[int, ...], str]
@@ -163,6 +167,7 @@ def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) 
             tensors.update(leaf_tensors.values())
             targets[leaf_path] = _target_entry(f, leaf_tensors)
     directory = output_directory(path)
+    previous_id = _current_save_id(directory)
     save_id = uuid.uuid4().hex
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "save_id": save_id}
     with StagedFiles(directory) as files:
@@ -178,8 +183,59 @@ def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) 
             "targets": targets,
         }
         files.stage(CONFIG_NAME, json_writer(doc))
+        _keep_previous_tensors(directory, previous_id)
         files.commit()  # tensors first, config last: the config (with the tensors' sha256) commits
+    _drop_kept_tensors(directory)
     return directory
+
+
+def _kept_name(save_id: str) -> str:
+    """The hidden name under which a save keeps the previous save's tensors until it commits."""
+    return f".{WEIGHTS_NAME}.{save_id}"
+
+
+def _current_save_id(directory: Path) -> str | None:
+    """The ``save_id`` of the adapter now in ``directory`` (None if there is none or it is bad)."""
+    try:
+        save_id = read_json(directory / CONFIG_NAME).get("save_id")
+    except LoraFileError:
+        return None
+    ok = isinstance(save_id, str) and save_id.isalnum() and len(save_id) <= 64
+    return save_id if ok and (directory / WEIGHTS_NAME).is_file() else None
+
+
+def _keep_previous_tensors(directory: Path, previous_id: str | None) -> None:
+    """Hard-links (or copies) the previous save's tensor file to a hidden name before the new
+    one replaces it: a kill between the two renames (new tensors, previous config) then still
+    leaves the previous adapter loadable (:func:`load` reads the kept file)."""
+    if previous_id is None:
+        return
+    kept = directory / _kept_name(previous_id)
+    if kept.is_file():  # an earlier save was killed after its tensors' rename: this is the one
+        return
+    try:
+        os.link(directory / WEIGHTS_NAME, kept)
+    except OSError:  # no hard links on this filesystem
+        shutil.copyfile(directory / WEIGHTS_NAME, kept)
+    fsync_dir(directory)
+
+
+def _drop_kept_tensors(directory: Path) -> None:
+    """Removes every kept tensor file (the save they protected has committed)."""
+    for kept in directory.glob(f".{WEIGHTS_NAME}.*"):
+        if "tmp-" not in kept.name:
+            kept.unlink(missing_ok=True)
+
+
+def _tensor_file(directory: Path, doc: dict) -> Path:
+    """The tensor file of the config's save: ``adapter_model.safetensors``, or the previous
+    save's tensors kept by a save that was killed between its two renames."""
+    weights = directory / WEIGHTS_NAME
+    save_id = doc.get("save_id")
+    if not isinstance(save_id, str) or not save_id.isalnum() or len(save_id) > 64:
+        return weights
+    kept = directory / _kept_name(save_id)
+    return kept if kept.is_file() else weights
 
 
 # --------------------------------------------------------------------------- load: the config
@@ -239,17 +295,22 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
     if kind not in ("lora", "full"):
         raise LoraFileError(f"{where}: key 'type' is {kind!r}, expected 'lora' or 'full'")
     if kind == "full":
-        shape = tuple(require(meta, "kernel_shape", list, where))
+        shape = _sizes(where, "kernel_shape", require(meta, "kernel_shape", list, where))
         return TargetEntry(leaf, shape, _listed_tensors(where, leaf, meta, ("diff",)))
     rank = require(meta, "rank", int, where)
     alpha = require(meta, "alpha", (int, float), where)
     rslora = require(meta, "rslora", bool, where)
+    if isinstance(rank, bool) or rank < 1:
+        raise LoraFileError(f"{where}: key 'rank' is {rank!r}; expected an integer >= 1")
+    if isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise LoraFileError(f"{where}: key 'alpha' is {alpha!r}; expected a finite number > 0")
     layout, shape = _checked_layout(where, meta)
     scaling = meta.get("scaling")
     want = lora_scale(alpha, rank, rslora)
-    if scaling is not None and not math.isclose(float(scaling), want, rel_tol=1e-6):
+    if scaling is not None and (not isinstance(scaling, (int, float)) or isinstance(scaling, bool)
+                                or not math.isclose(scaling, want, rel_tol=1e-6)):
         raise LoraFileError(
-            f"{where}: key 'scaling' is {scaling} but alpha={alpha}, rank={rank}, "
+            f"{where}: key 'scaling' is {str(scaling)[:40]} but alpha={alpha}, rank={rank}, "
             f"rslora={rslora} give {want}"
         )
     fields = ("a", "b", "magnitude") if meta.get("dora") else ("a", "b")
@@ -262,9 +323,9 @@ def _checked_layout(where: str, meta: dict) -> tuple[KernelLayout, tuple[int, ..
     layout_obj = require(meta, "layout", dict, where)
     try:
         layout = KernelLayout(layout_obj["axes"], layout_obj.get("kind", "dense"))
-    except (KeyError, LoraError) as e:
+    except (KeyError, TypeError, LoraError) as e:
         raise LoraFileError(f"{where}: key 'layout' is invalid: {e}") from None
-    shape = tuple(require(meta, "kernel_shape", list, where))
+    shape = _sizes(where, "kernel_shape", require(meta, "kernel_shape", list, where))
     if len(shape) != layout.ndim:
         raise LoraFileError(
             f"{where}: key 'kernel_shape' {list(shape)} has {len(shape)} axes but layout "
@@ -283,10 +344,12 @@ def _checked_layers(where: str, meta: dict, layout: KernelLayout,
         raise LoraFileError(
             f"{where}: key 'layers' is set but layout {layout.axes!r} has no stacked axis")
     n = shape[layout.stack_axes[0]]
-    if (not isinstance(layers, list) or not layers or layers != sorted(set(layers))
-            or any(not isinstance(i, int) or not 0 <= i < n for i in layers)):
+    if (not isinstance(layers, list) or not layers
+            or any(type(i) is not int or not 0 <= i < n for i in layers)
+            or layers != sorted(set(layers))):
         raise LoraFileError(
-            f"{where}: key 'layers' is {layers!r}; expected distinct sorted indices below {n}")
+            f"{where}: key 'layers' is {str(layers)[:60]}; expected distinct sorted indices "
+            f"below {n}")
     if meta.get("num_layers") not in (None, n):
         raise LoraFileError(
             f"{where}: key 'num_layers' is {meta['num_layers']}, but kernel_shape "
@@ -295,15 +358,31 @@ def _checked_layers(where: str, meta: dict, layout: KernelLayout,
     return LayerSelection(tuple(layers), n)
 
 
+def _sizes(where: str, key: str, value: list) -> tuple[int, ...]:
+    """A shape from the config: a list of integers >= 1."""
+    if not all(type(d) is int and d >= 1 for d in value):
+        raise LoraFileError(f"{where}: key {key!r} is {str(value)[:60]}; expected integers >= 1")
+    return tuple(value)
+
+
 def _listed_tensors(where: str, leaf: str, meta: dict,
                     fields: tuple[str, ...]) -> dict[str, TensorEntry]:
-    """``{field: (key, shape, dtype)}`` of the tensors a target's entry lists."""
+    """``{field: (key, shape, dtype)}`` of the tensors a target's entry lists; each dtype
+    must be a floating one."""
     tensors = require(meta, "tensors", dict, where)
     out = {}
     for field in fields:
         t = require(tensors, field, dict, f"{where} tensors")
         key = t.get("key", f"{leaf}.{SUFFIXES[field]}")
-        out[field] = (key, tuple(t.get("shape", ())), str(t.get("dtype")))
+        shape, dtype = t.get("shape", []), t.get("dtype")
+        if (not isinstance(key, str) or not isinstance(shape, list)
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            raise LoraFileError(
+                f"{where}: tensors.{field}: key 'key' or 'shape' has the wrong type")
+        if dtype not in FLOAT_DTYPES:
+            raise LoraFileError(f"{where}: tensors.{field}: key 'dtype' is {str(dtype)[:40]!r}; "
+                                f"expected one of {list(FLOAT_DTYPES)}")
+        out[field] = (key, tuple(shape), dtype)
     return out
 
 
@@ -445,6 +524,7 @@ def load(
     base: Any = None,
     *,
     verify: bool = True,
+    check_finite: bool = True,
 ) -> tuple[Any, LoraConfig | None]:
     """Loads and validates a lora_jax adapter directory written by :func:`save`.
 
@@ -457,6 +537,8 @@ def load(
         a nested dict rebuilt from the recorded leaf paths.
       verify: check the tensor file's sha256 against the config (catches
         corrupt tensor data the safetensors header cannot); on by default.
+      check_finite: refuse a tensor holding a NaN or Inf (:class:`LoraFileError`
+        naming the file and the tensor); on by default.
 
     Returns:
       ``(delta, config)``: factors as JAX arrays in their saved dtypes; the
@@ -484,11 +566,15 @@ def load(
     """
     directory = input_directory(path)
     doc = read_config(directory)
-    cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    cfg_path, weights = directory / CONFIG_NAME, _tensor_file(directory, doc)
     entries = [check_target(cfg_path, leaf, meta) for leaf, meta in doc["targets"].items()]
     arrays = read_tensors(weights, doc, entries)
     if verify:
         verify_sha256(weights, doc)
+    if check_finite:
+        for e in entries:
+            for field, (key, _, _) in e.tensors.items():
+                check_finite_array(weights, key, arrays[e.leaf][field])
     factors = {e.leaf: build_target(weights, e, arrays[e.leaf]) for e in entries}
     config = config_from_json(doc.get("config"), str(cfg_path))
     return place(factors, doc, base, cfg_path), config
@@ -509,7 +595,7 @@ def describe(path: str | os.PathLike) -> list[dict]:
     for leaf, meta in doc["targets"].items():
         e = check_target(directory / CONFIG_NAME, leaf, meta)
         row = {"target": leaf, "kind": "full", "shape": e.kernel_shape, "layout": "-",
-               "rank": 0, "alpha": 0.0, "scaling": 0.0, "dtype": meta.get("dtype", "?"),
+               "rank": 0, "alpha": 0.0, "scaling": 0.0, "dtype": next(iter(e.tensors.values()))[2],
                "params": int(sum(math.prod(shape) for _, shape, _ in e.tensors.values())),
                "dora": "magnitude" in e.tensors}
         if e.layout is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -192,17 +192,9 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     """
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
-    kinds = {view.roles[d][0] for d in kc}
-    if len(kinds) != 1 or kinds == {"s"}:
+    contracted = _contracted_role(view, kc, kb)
+    if contracted is None:
         return None
-    (contracted,) = kinds
-    if len(kc) != sum(k == contracted for k, _ in view.roles):
-        return None
-    if sorted(view.roles[d][1] for d in kb if view.roles[d][0] == "s") != list(
-            range(view.n_stack)) or len(kb) != view.n_stack:
-        return None
-    if view.magnitude is not None and contracted != "i":
-        return None  # DoRA through x @ W.T: materialise (rare: a tied DoRA embedding)
     fa, fb, free_kind = view.factor_pair(contracted)
     ns = view.n_stack
     # x as (*stack, M, K): batch axes in stack order, free axes, contracted axes in factor order.
@@ -246,14 +238,39 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     y = jnp.transpose(y, order)
     base = view.with_frozen(base_product, x)
     out = base + y.astype(base.dtype)
-    if view.magnitude is not None:  # DoRA: scale each output feature by m / ||W + sAB||
-        ratio = jnp.transpose(view.dora_ratio(), batch_axes + [ns + view.roles[d][1] for d in k_free])
-        sizes = [view.shape[d] for d in k_free]
-        ones = [1] * len(m_shape)
-        batch = [view.shape[d] for d in kb]
-        shape = batch + (ones + sizes if kernel_is_rhs else sizes + ones)
-        out = out * ratio.reshape(shape).astype(out.dtype)
-    return out
+    if view.magnitude is None:
+        return out
+    return out * _dora_dot_ratio(view, kb, k_free, len(m_shape), kernel_is_rhs).astype(out.dtype)
+
+
+def _contracted_role(view: LoraView, kc: Sequence[int], kb: Sequence[int]) -> str | None:
+    """``"i"`` or ``"o"`` when the kernel's contracted axes ``kc`` are exactly its fan-in
+    (or fan-out) axes and its batch axes ``kb`` exactly its stacked axes; else None."""
+    kinds = {view.roles[d][0] for d in kc}
+    if len(kinds) != 1 or kinds == {"s"}:
+        return None
+    (contracted,) = kinds
+    if len(kc) != sum(k == contracted for k, _ in view.roles):
+        return None
+    if sorted(view.roles[d][1] for d in kb if view.roles[d][0] == "s") != list(
+            range(view.n_stack)) or len(kb) != view.n_stack:
+        return None
+    if view.magnitude is not None and contracted != "i":
+        return None  # DoRA through x @ W.T: materialise (rare: a tied DoRA embedding)
+    return contracted
+
+
+def _dora_dot_ratio(view: LoraView, kb: Sequence[int], k_free: Sequence[int], n_x_free: int,
+                    kernel_is_rhs: bool) -> Array:
+    """DoRA's ``m / ||W + sAB||`` arranged to broadcast against ``dot_general``'s output
+    (batch axes, then lhs free, then rhs free)."""
+    ns = view.n_stack
+    ratio = jnp.transpose(view.dora_ratio(),
+                          [view.roles[d][1] for d in kb] + [ns + view.roles[d][1] for d in k_free])
+    sizes = [view.shape[d] for d in k_free]
+    ones = [1] * n_x_free
+    batch = [view.shape[d] for d in kb]
+    return ratio.reshape(batch + (ones + sizes if kernel_is_rhs else sizes + ones))
 
 
 def conv_rule(x: Array, view: LoraView, params: dict,

@@ -52,7 +52,9 @@ tensor layouts are :mod:`lora_jax._peft_tensors`, the names
 from __future__ import annotations
 
 import collections
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -64,6 +66,7 @@ from lora_jax._errors import LoraArgumentError, LoraFileError, LoraStructureErro
 from lora_jax._file_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_finite_array,
     dtype_name,
     json_writer,
     open_safetensors,
@@ -251,7 +254,14 @@ def export_peft(
 
 
 def read_peft_config(directory: Path) -> dict:
-    """Reads a PEFT ``adapter_config.json`` and checks it is a LoRA adapter."""
+    """Reads a PEFT ``adapter_config.json`` and checks it is a LoRA adapter lora_jax can use.
+
+    ``r`` (and each ``rank_pattern`` value) must be an integer >= 1,
+    ``lora_alpha`` (and each ``alpha_pattern`` value) a finite number > 0,
+    ``target_modules`` a list of module names or one regex string (PEFT's two
+    forms), ``use_rslora`` / ``use_dora`` booleans; every failure is a
+    :class:`LoraFileError` naming the file and the key.
+    """
     cfg_path = Path(directory) / CONFIG_NAME
     cfg = read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
@@ -260,10 +270,69 @@ def read_peft_config(directory: Path) -> dict:
             f"{cfg_path}: key 'peft_type' is {cfg.get('peft_type')!r}; only PEFT LoRA adapters "
             f"('LORA') can be imported{hint}"
         )
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
-            raise LoraFileError(f"{cfg_path}: key {key!r} is missing or not a number")
+    _check_rank(cfg_path, "key 'r'", cfg.get("r"))
+    _check_alpha(cfg_path, "key 'lora_alpha'", cfg.get("lora_alpha"))
+    for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        for pattern, value in _checked_patterns(cfg_path, key, cfg.get(key)).items():
+            check(cfg_path, f"key '{key}' entry {_short(pattern)}", value)
+    targets = cfg.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise LoraFileError(f"{cfg_path}: key 'target_modules' is {_short(targets)}; expected a "
+                            "list of module names or one regex string")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise LoraFileError(
+                f"{cfg_path}: key {key!r} is {_short(cfg[key])}; expected a boolean")
     return cfg
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, at most 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rank(cfg_path: Path, label: str, value: Any) -> None:
+    """A rank: an integer >= 1 (PEFT writes ``8``; ``8.0`` is accepted)."""
+    if not _is_number(value) or not math.isfinite(value) or value != int(value) or value < 1:
+        raise LoraFileError(f"{cfg_path}: {label} is {_short(value)}; expected an integer >= 1")
+
+
+def _check_alpha(cfg_path: Path, label: str, value: Any) -> None:
+    """An alpha: a finite number > 0 (NaN or Inf would make every output NaN or Inf)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise LoraFileError(
+            f"{cfg_path}: {label} is {_short(value)}; expected a finite number > 0")
+
+
+# A group followed by a quantifier ("(a+)+", "(x|y)*"): the shape of catastrophic backtracking.
+_QUANTIFIED_GROUP = re.compile(r"\)[*+?{]")
+
+
+def _checked_patterns(cfg_path: Path, key: str, value: Any) -> dict:
+    """``rank_pattern`` / ``alpha_pattern``: an object whose keys are regexes PEFT matches
+    module names with; keys must compile and must not quantify a group (a file's regex
+    must not be able to hang the reader)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LoraFileError(f"{cfg_path}: key {key!r} is {_short(value)}; expected an object")
+    for pattern in value:
+        if len(pattern) > 1000 or _QUANTIFIED_GROUP.search(pattern):
+            raise LoraFileError(f"{cfg_path}: key {key!r} has pattern {_short(pattern)}: longer "
+                                "than 1000 characters or a quantified group, refused")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise LoraFileError(
+                f"{cfg_path}: key {key!r} has pattern {_short(pattern)}, not a regex: {e}"
+            ) from None
+    return value
 
 
 def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, bool]]]:
@@ -277,7 +346,7 @@ def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, boo
         )
     raw: dict[str, dict[str, tuple[str, np.ndarray, bool]]] = {}
     with open_safetensors(weights) as f:
-        for key in tensor_info(f):
+        for key, (_, code) in tensor_info(f).items():
             split = split_key(key)
             if split is None:
                 raise LoraFileError(
@@ -285,6 +354,9 @@ def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, boo
                     "(lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector); lora_bias, "
                     "modules_to_save and other PEFT methods are not supported"
                 )
+            if code not in ("F32", "BF16", "F16", "F64"):
+                raise LoraFileError(f"{weights}: tensor {key!r} has dtype {dtype_name(code)}; "
+                                    "LoRA factors are floating point")
             module, role, embed = split
             raw.setdefault(module, {})[role] = (key, read_tensor(f, weights, key), embed)
     return raw
@@ -332,6 +404,7 @@ def import_peft(
     name_map: Any = None,
     layouts: Mapping[str, Any] | None = None,
     dtype: Any = None,
+    check_finite: bool = True,
 ) -> Any:
     """Reads a HuggingFace PEFT LoRA adapter directory into a lora_jax delta.
 
@@ -355,6 +428,8 @@ def import_peft(
         layout cannot be read off the PEFT module (N-D kernels whose fan-in /
         fan-out split is ambiguous); the kind always follows the PEFT module.
       dtype: cast the factors to this dtype (default: keep the file's).
+      check_finite: refuse a file with a NaN or Inf in any factor or magnitude
+        (:class:`LoraFileError` naming the file and the tensor); on by default.
 
     Returns:
       The delta (``LoraFactors`` with ``alpha``, ``rslora`` and, for DoRA,
@@ -362,7 +437,9 @@ def import_peft(
 
     Raises:
       LoraFileError: not a PEFT LoRA adapter; a corrupt file; an unsupported
-        tensor; a rank that contradicts the config; a module with no Flax leaf.
+        tensor; a rank that contradicts the config; a module with no Flax leaf;
+        ``r`` not an integer >= 1, ``lora_alpha`` not a finite number > 0,
+        ``target_modules`` neither a list nor a string; a NaN or Inf tensor.
         :class:`LoraBaseMismatchError` when a module's shapes do not fit its
         Flax kernel. :class:`LoraArgumentError` when the name map sends two
         leaves to one module, or a stacked leaf's module name and its
@@ -382,6 +459,11 @@ def import_peft(
     directory = Path(path)
     cfg, modules = read_peft_modules(directory)
     weights = directory / WEIGHTS_NAME
+    if check_finite:
+        for mod in modules.values():
+            arrays = (mod.a, mod.b) + (() if mod.magnitude is None else (mod.magnitude,))
+            for key, array in zip(mod.keys, arrays):
+                check_finite_array(weights, key, array)
     rslora = bool(cfg.get("use_rslora", False))
     nm = NameMap.coerce(name_map)
     if params is None:

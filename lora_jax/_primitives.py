@@ -90,6 +90,20 @@ LINEAR = frozenset({
 _BODY_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
+def by_name(handlers: dict[Any, Any]) -> dict[str, Any]:
+    """A dispatch table keyed by primitive name from one keyed by names or groups.
+
+    Example:
+      >>> sorted(by_name({TRANSPOSE: "t", REMAT: "r"}).items())
+      [('checkpoint', 'r'), ('remat2', 'r'), ('transpose', 't')]
+    """
+    table: dict[str, Any] = {}
+    for key, handler in handlers.items():
+        for name in (key,) if isinstance(key, str) else key:
+            table[name] = handler
+    return table
+
+
 def as_open(jaxpr: Any) -> tuple[Any, Sequence[Any]]:
     """``(jaxpr, consts)`` of a closed jaxpr, or ``(jaxpr, ())`` of an open one.
 

@@ -384,24 +384,25 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
                 f"leaf {path!r} has LoRA factors but base_shardings has no entry for it "
                 f"(entries: {sample}{', ...' if len(entries) > 6 else ''})"
             )
-        sharding, _ = _named(path, entry, mesh, rules)
-        if isinstance(f, LeafDelta):  # trained in full: the diff is sharded like its leaf
-            _check_shape(path, sharding, f.diff.shape, "the leaf")
-            out.append(LeafDelta(sharding))
-            continue
-        shape = f.kernel_shape
-        _check_shape(path, sharding, shape)
-        a_spec, b_spec, m_spec = factor_specs(sharding.spec, f.layout)
-        m = sharding.mesh
-        new = f.replace(
-            a=NamedSharding(m, a_spec), b=NamedSharding(m, b_spec),
-            magnitude=None if f.magnitude is None else NamedSharding(m, m_spec))
-        for name in ("a", "b", "magnitude"):  # e.g. a stacked axis holding only some layers
-            if getattr(f, name) is not None:
-                _check_shape(path, getattr(new, name), getattr(f, name).shape,
-                             f"its factor {name!r}")
-        out.append(new)
+        out.append(_entry_shardings(path, f, _named(path, entry, mesh, rules)[0]))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _entry_shardings(path: str, f: Any, sharding: NamedSharding) -> Any:
+    """The shardings of one delta entry from its base leaf's ``sharding``."""
+    if isinstance(f, LeafDelta):  # trained in full: the diff is sharded like its leaf
+        _check_shape(path, sharding, f.diff.shape, "the leaf")
+        return LeafDelta(sharding)
+    _check_shape(path, sharding, f.kernel_shape)
+    a_spec, b_spec, m_spec = factor_specs(sharding.spec, f.layout)
+    m = sharding.mesh
+    new = f.replace(
+        a=NamedSharding(m, a_spec), b=NamedSharding(m, b_spec),
+        magnitude=None if f.magnitude is None else NamedSharding(m, m_spec))
+    for name in ("a", "b", "magnitude"):  # e.g. a stacked axis holding only some layers
+        if getattr(f, name) is not None:
+            _check_shape(path, getattr(new, name), getattr(f, name).shape, f"its factor {name!r}")
+    return new
 
 
 def _unboxed(params: Any) -> Any:

@@ -324,7 +324,7 @@ def test_failed_save_leaves_previous_adapter(saved, monkeypatch):
     assert_same_delta(lj.load(d, base=base)[0], example()[1])
 
 
-def test_crash_between_renames_is_detected(saved, monkeypatch):
+def test_crash_between_renames_leaves_the_previous_adapter(saved, monkeypatch):
     base, d = saved
     import lora_jax._atomic as atomic
 
@@ -337,12 +337,20 @@ def test_crash_between_renames_is_detected(saved, monkeypatch):
         real(tmp, target)
 
     monkeypatch.setattr(atomic, "commit_file", crash_on_config)
+    new = {"w": make_factors(np.random.default_rng(3), (3, 3), "io", 1)}
     with pytest.raises(KeyboardInterrupt):
-        lj.save(d, {"w": make_factors(np.random.default_rng(3), (3, 3), "io", 1)})
+        lj.save(d, new)
     assert [Path(c).name for c in calls] == [WTS, CFG]
-    assert not [p for p in d.iterdir() if p.name.startswith(".")]
+    kept = [p for p in d.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in kept] == [f".{WTS}.{json.loads((d / CFG).read_text())['save_id']}"]
+    assert_same_delta(lj.load(d, base=base)[0], example()[1])  # new tensors + old config
+    kept[0].unlink()
     with pytest.raises(LoraFileError, match="key .save_id. differs.*interrupted"):
-        lj.load(d)  # new tensors + old config: refused, never half-read
+        lj.load(d)  # a tensor file no config describes is refused, never half-read
+    monkeypatch.setattr(atomic, "commit_file", real)
+    lj.save(d, new)
+    assert_same_delta(lj.load(d)[0], new)
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]
 
 
 def test_killed_save_leaves_previous_adapter(saved):

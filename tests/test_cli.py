@@ -175,7 +175,9 @@ def test_merge_refuses_mismatched_base(setup, capsys):
 def test_check_finite(setup, capsys):
     base, delta, tmp = setup
     f = delta["params"]["conv"]["kernel"]
-    delta["params"]["conv"]["kernel"] = LoraFactors(f.a, f.b.at[0, 0].set(jnp.inf), alpha=f.alpha,
+    # Finite factors whose update overflows float32: only the merged kernel is Inf.
+    delta["params"]["conv"]["kernel"] = LoraFactors(f.a.at[0, 0, 0, 0].set(1e30),
+                                                    f.b.at[0, 0].set(1e30), alpha=f.alpha,
                                                     rslora=f.rslora, layout=f.layout)
     lj.save(tmp / "bad", delta)
     args = ["merge", "--base", tmp / "base.safetensors", "--adapter", tmp / "bad", "--out",
@@ -184,6 +186,17 @@ def test_check_finite(setup, capsys):
     assert code == 1 and "leaf 'params/conv/kernel' has NaN or Inf" in err
     assert not (tmp / "out.safetensors").exists()
     assert run(capsys, *args)[0] == 0  # without the flag it writes what it got
+
+
+def test_non_finite_adapter_tensors_are_refused_on_load(setup, capsys):
+    base, delta, tmp = setup
+    f = delta["params"]["conv"]["kernel"]
+    delta["params"]["conv"]["kernel"] = f.replace(b=f.b.at[0, 0].set(jnp.inf))
+    lj.save(tmp / "inf", delta)
+    code, _, err = run(capsys, "merge", "--base", tmp / "base.safetensors", "--adapter",
+                       tmp / "inf", "--out", tmp / "out.safetensors")
+    assert code == 1 and "tensor 'params/conv/kernel.lora_B' has 1 NaN or Inf" in err
+    assert not (tmp / "out.safetensors").exists()
 
 
 def test_merge_orbax(setup, capsys):

@@ -1,5 +1,6 @@
 """LoraConfig validation, per-pattern overrides and the LoRA scale."""
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -143,7 +144,7 @@ def test_predicate_targets_kept():
 
 def test_config_is_frozen():
     cfg = LoraConfig(targets="w")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rank = 3
 
 
