@@ -515,6 +515,9 @@ v0, g0 = jax.value_and_grad(loss)(delta, q, x)
 out["step_rel_diff"] = max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-12))
                            for a, b in zip(jax.tree.leaves(g) + [v], jax.tree.leaves(g0) + [v0]))
 out["grad_a_sharding"] = str(g["fc"].a.sharding.spec)
+_, d_init = lj.init_lora_sharded(jax.random.key(0), q, cfg, kernel_sh)   # quantized params
+out["init_a_spec"] = list(d_init["fc"].a.sharding.spec)
+out["init_stk_a_spec"] = list(d_init["stk"].a.sharding.spec)
 try:
     quantized_shardings(q, {"stk": kernel_sh["stk"], "fc": NamedSharding(mesh, P(None, "fsdp"))})
     out["error"] = None
@@ -546,6 +549,9 @@ def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
     # implicit over the sharded quantized base == unsharded, gradients sharded like the delta
     assert out["step_rel_diff"] < 1e-5, out
     assert "fsdp" in out["grad_a_sharding"], out
+    # init_lora_sharded draws the delta in its shardings over the quantized params
+    assert out["init_a_spec"] == ["fsdp", None], out
+    assert out["init_stk_a_spec"] == ["stack", "fsdp", None], out
 
 
 def test_a_delta_trained_on_a_quantized_base_is_an_ordinary_adapter(tmp_path):
