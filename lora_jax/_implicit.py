@@ -35,9 +35,9 @@ point -- always correct -- and warns once per primitive with
 A quantized base kernel (:class:`~lora_jax.QuantizedArray`) is traced as its
 dense shape and carried as a :class:`~lora_jax._qview.LazyKernel` inside its
 view (rank 0 when it has no factors): transposes, reshapes, stacked slices
-and scans act on its codes, and it is dequantized where it meets its input,
-inside a checkpoint, so no dense copy is kept between layers or for the
-backward.
+and scans act on its codes, and it is dequantized where it meets its input
+(:func:`lora_jax._qview.use`: the backward dequantizes again from the codes,
+so autodiff saves codes, not a dense kernel).
 
 The rules are the dict :data:`RULES` (primitive name to rule); which
 primitive is which comes from :mod:`lora_jax._primitives`, the table

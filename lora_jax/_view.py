@@ -116,7 +116,7 @@ class LoraView:
 
     def with_frozen(self, fn: Any, x: Array) -> Array:
         """``fn(x, frozen())``: the base product where the kernel meets its input. A quantized
-        kernel is dequantized here, inside a checkpoint (the backward keeps its codes)."""
+        kernel is dequantized here, and again from its codes in the backward (see ``use``)."""
         return use(fn, x, self.w, self.dtype)
 
     def update(self) -> Array:
