@@ -14,6 +14,10 @@ Configurations:
             SGD on the embeddings, no optimizer state): the physical limit
   merge     model.apply(lora_jax.merge(base, delta), x), grads for the delta only
   lora_jax  lora_jax.implicit(model.apply)(base, delta, x): x@W + s(x@A)@B
+  lora_jax_nf4 / lora_jax_int8
+            the same over a quantized base (QLoRA): the 24 targeted kernels stored
+            NF4 with double quantization (blocks of 64) / int8 per output channel,
+            dequantized where each meets its input
   nnx_lora  Flax nnx.LoRALinear on the same architecture rebuilt in NNX
   qwix      qwix LoRA (intercepts dot_general) on the linen model
 """
@@ -41,8 +45,10 @@ import lora_jax  # noqa: E402
 import workload as W  # noqa: E402
 from rss import maxrss_mb, reset_peak_rss  # noqa: E402
 
-CONFIGS = ("full", "floor", "merge", "lora_jax", "lora_jax_dora", "lora_jax_rslora", "nnx_lora",
-           "qwix")
+CONFIGS = ("full", "floor", "merge", "lora_jax", "lora_jax_dora", "lora_jax_rslora",
+           "lora_jax_nf4", "lora_jax_int8", "nnx_lora", "qwix")
+QUANTIZED = {"lora_jax_nf4": dict(scheme="nf4", double_quant=True),
+             "lora_jax_int8": dict(scheme="int8")}
 
 
 class Runner:
@@ -110,7 +116,7 @@ def build_floor(wl, copy=True):
     return Runner("floor", step, (h0,), (v, wl.targets), 0)
 
 
-def _delta_runner(name, wl, apply_fn, note="", delta=None):
+def _delta_runner(name, wl, apply_fn, note="", delta=None, base=None):
     opt = wl.optimizer()
     delta = fresh(wl.delta if delta is None else delta)
     opt_state = opt.init(delta)
@@ -120,7 +126,8 @@ def _delta_runner(name, wl, apply_fn, note="", delta=None):
         updates, opt_state = opt.update(g, opt_state, delta)
         return optax.apply_updates(delta, updates), opt_state, loss
 
-    return Runner(name, step, (delta, opt_state), (wl.variables, wl.inputs, wl.targets),
+    base = wl.variables if base is None else base
+    return Runner(name, step, (delta, opt_state), (base, wl.inputs, wl.targets),
                   lora_jax.advanced.tree_bytes(opt_state), note)
 
 
@@ -133,7 +140,7 @@ def build_merge(wl, copy=True):
     return _delta_runner("merge", wl, apply_fn)
 
 
-def build_lora_jax(wl, copy=True, name="lora_jax", delta=None):
+def build_lora_jax(wl, copy=True, name="lora_jax", delta=None, base=None):
     if not hasattr(lora_jax, "implicit"):
         raise W.Skip("lora_jax.implicit is not in this lora_jax build yet; skipped "
                      "(merge is NOT substituted for it)")
@@ -141,7 +148,8 @@ def build_lora_jax(wl, copy=True, name="lora_jax", delta=None):
     # LoraFallbackWarning: that would make this a merge benchmark, so say so.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runner = _delta_runner(name, wl, lora_jax.implicit(wl.model.apply), delta=delta)
+        runner = _delta_runner(name, wl, lora_jax.implicit(wl.model.apply), delta=delta,
+                               base=base)
     fallbacks = sorted({str(w.message).splitlines()[0] for w in caught
                         if type(w.message).__name__ == "LoraFallbackWarning"})
     if fallbacks:
@@ -159,6 +167,29 @@ def build_lora_jax_rslora(wl, copy=True):
     delta = jax.tree.map(lambda f: dataclasses.replace(f, rslora=True), wl.delta,
                          is_leaf=lora_jax.advanced.is_factors)
     return build_lora_jax(wl, copy, "lora_jax_rslora", delta)
+
+
+def quantized_base(wl, name):
+    """The workload's params with the 24 LoRA-targeted kernels quantized as ``name`` says."""
+    return lora_jax.quantize(wl.variables, W.TARGETS, **QUANTIZED[name])
+
+
+def build_lora_jax_nf4(wl, copy=True):
+    """QLoRA: the targeted kernels NF4 + double quantization (about 4.13 bits each)."""
+    return build_lora_jax(wl, copy, "lora_jax_nf4", base=quantized_base(wl, "lora_jax_nf4"))
+
+
+def build_lora_jax_int8(wl, copy=True):
+    """The targeted kernels int8, one absmax scale per output channel."""
+    return build_lora_jax(wl, copy, "lora_jax_int8", base=quantized_base(wl, "lora_jax_int8"))
+
+
+def base_kernel_bits(wl, name) -> float:
+    """Stored bits per parameter of the 24 targeted kernels in ``name``'s base, scales included."""
+    paths = [p for p, f in lora_jax.advanced.leaves_with_paths(
+        wl.delta, is_leaf=lora_jax.advanced.is_factors)[0] if lora_jax.advanced.is_factors(f)]
+    base = quantized_base(wl, name) if name in QUANTIZED else wl.variables
+    return lora_jax.advanced.kernel_bits(base, paths)
 
 
 def build_nnx_lora(wl, copy=True):
@@ -256,6 +287,8 @@ BUILDERS = {
     "lora_jax": build_lora_jax,
     "lora_jax_dora": build_lora_jax_dora,
     "lora_jax_rslora": build_lora_jax_rslora,
+    "lora_jax_nf4": build_lora_jax_nf4,
+    "lora_jax_int8": build_lora_jax_int8,
     "nnx_lora": build_nnx_lora,
     "qwix": build_qwix,
 }
@@ -375,7 +408,8 @@ def main(argv=None):
         results[name] = {**W.summary_stats(samples[name]), "compile_s": r.compile_s,
                          "gflop": r.gflop, "opt_state_bytes": r.opt_state_bytes,
                          "xla_temp_mib": r.xla_temp_mib,
-                         "loss0": r.loss0, "loss_end": float(r.last)}
+                         "loss0": r.loss0, "loss_end": float(r.last),
+                         "base_kernel_bits": base_kernel_bits(wl, name)}
         if r.note:
             results[name]["note"] = r.note
     agreement = update_vs_merge(runners, wl)
@@ -405,14 +439,14 @@ def main(argv=None):
 
     f = lambda x, fmt: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)  # noqa: E731
     header = ["config", "ms/step", "x full", "x floor", "compile s", "GFLOP/step", "opt-state bytes",
-              "XLA temp MiB"]
+              "XLA temp MiB", "kernel bits"]
     if args.memory:
         header += ["peak RSS MB", "x floor RSS"]
     rows = []
     for name, res in results.items():
         row = [name, f(res["ms"], ".1f"), f(res["x_full"], ".2f"), f(res["x_floor"], ".2f"),
                f(res["compile_s"], ".1f"), f(res["gflop"], ".4g"), f"{res['opt_state_bytes']:,}",
-               f(res["xla_temp_mib"], ".1f")]
+               f(res["xla_temp_mib"], ".1f"), f(res["base_kernel_bits"], ".3f")]
         if args.memory:
             row += [f(res.get("peak_rss_mb"), ".0f"), f(res.get("x_floor_rss"), ".2f")]
         rows.append(row)

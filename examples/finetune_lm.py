@@ -17,6 +17,7 @@ Everything is built in (no downloads) and deterministic given ``--seed``::
 
     python examples/finetune_lm.py                 # or: make demo
     python examples/finetune_lm.py --lora-steps 50 --out /tmp/lora-demo
+    python examples/finetune_lm.py --quantize nf4  # QLoRA: train over a 4-bit base
 """
 
 from __future__ import annotations
@@ -339,6 +340,29 @@ def show_sample(title: str, prompt: str, continuation: str) -> None:
 # -----------------------------------------------------------------------------
 
 
+def quantized(base, scheme: str):
+    """The base with LORA_CONFIG's targets quantized (``scheme`` 'none': the base itself)."""
+    if scheme == "none":
+        return base
+    kwargs = {"double_quant": True} if scheme == "nf4" else {}
+    return lora_jax.quantize(base, LORA_CONFIG.targets, scheme=scheme, **kwargs)
+
+
+def report_quantized(base, train_base, target_eval, scheme: str) -> None:
+    """Memory of the adapted kernels, dense vs quantized, and what quantizing alone cost."""
+    paths = [p for p, x in lora_jax.advanced.leaves_with_paths(train_base)[0]
+             if lora_jax.advanced.is_quantized(x)]
+    dense_bytes = sum(np.asarray(x).nbytes for p, x in lora_jax.advanced.leaves_with_paths(base)[0]
+                      if p in paths)
+    q_bytes = sum(x.nbytes for x in jax.tree.leaves(train_base, is_leaf=lora_jax.advanced.is_quantized)
+                  if lora_jax.advanced.is_quantized(x))
+    bits = lora_jax.advanced.kernel_bits(train_base)
+    print(f"quantized base ({scheme}): {len(paths)} adapted kernels, {dense_bytes:,} bytes "
+          f"float32 -> {q_bytes:,} bytes ({bits:.3f} bits/param, scales included)")
+    print(f"target loss of the base alone: float32 {float(eval_loss(base, target_eval)):.4f}, "
+          f"{scheme} {float(eval_loss(lora_jax.dequantize(train_base), target_eval)):.4f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pretrain-steps", type=int, default=600)
@@ -347,6 +371,9 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--no-cache", action="store_true",
                         help="pretrain from scratch; neither read nor write the params cache")
+    parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none",
+                        help="QLoRA: train the adapter over the base with its adapted kernels "
+                        "quantized (nf4: NF4 + double quantization; int8: per channel)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -372,13 +399,17 @@ def main(argv=None):
     print("\n== 2. LoRA fine-tuning ==")
     base, delta = lora_jax.init_lora(jax.random.key(args.seed), params, LORA_CONFIG)
     summary = lora_jax.print_summary(base, delta)
-    target_before = float(eval_loss(base, target_eval))
-    base_before = float(eval_loss(base, base_eval))
+    # With --quantize the adapter trains over the quantized base (QLoRA); `base`
+    # itself stays the dense pretrained params, untouched.
+    train_base = quantized(base, args.quantize)
+    model_before = lora_jax.dequantize(train_base)   # the model LoRA starts from
+    target_before = float(eval_loss(model_before, target_eval))
+    base_before = float(eval_loss(model_before, base_eval))
     delta, lora_losses, opt_state, tokens_per_s = lora_finetune(
-        base, delta, target_train, args.lora_steps, args.seed)
+        train_base, delta, target_train, args.lora_steps, args.seed)
 
     # Act 3: the report.
-    merged = lora_jax.merge(base, delta)
+    merged = lora_jax.merge(train_base, delta)
     restored = lora_jax.unmerge(merged, delta)
     target_after = float(eval_loss(merged, target_eval))
     base_merged = float(eval_loss(merged, base_eval))
@@ -386,10 +417,10 @@ def main(argv=None):
     base_identical = all(
         np.array_equal(np.asarray(a), b)
         for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(pretrained_copy)))
-    restore_error = max_abs_diff(restored, base)
+    restore_error = max_abs_diff(restored, model_before)
     inputs = jnp.asarray(target_eval[:16, :-1])
     merged_vs_unmerged = max_abs_diff(jax.jit(MODEL.apply)(merged, inputs),
-                                      jax.jit(forward)(base, delta, inputs))
+                                      jax.jit(forward)(train_base, delta, inputs))
 
     lora_state_bytes = lora_jax.advanced.tree_bytes(opt_state)
     full_state_bytes = lora_jax.advanced.tree_bytes(jax.eval_shape(optax.adamw(LORA_LR).init, params))
@@ -399,19 +430,21 @@ def main(argv=None):
     adapter_path = lora_jax.save(args.out / "adapter", delta, LORA_CONFIG)
     reloaded, _ = lora_jax.load(adapter_path, base=base)
     num_arrays = 2 * len(lora_jax.summarize(base, reloaded).leaves)
-    reload_diff = max_abs_diff(lora_jax.merge(base, reloaded), merged)
+    reload_diff = max_abs_diff(lora_jax.merge(train_base, reloaded), merged)
 
     plot_path = args.out / "loss_curve.png"
     plot_losses(pretrain_losses, lora_losses, plot_path)
 
     prompt = "    def __init__(self, "
-    base_sample, lora_sample = generate(base, prompt), generate(merged, prompt)
+    base_sample, lora_sample = generate(model_before, prompt), generate(merged, prompt)
 
     print("\n== 3. Results ==")
     print(f"trainable params: {summary.trainable_params:,} of {summary.total_params:,} "
           f"({summary.trainable_percent:.2f}%)")
     print(f"optimizer state: LoRA {lora_state_bytes:,} bytes vs full fine-tuning "
           f"{full_state_bytes:,} bytes ({100 * lora_state_bytes / full_state_bytes:.1f}%)")
+    if args.quantize != "none":
+        report_quantized(base, train_base, target_eval, args.quantize)
     print(f"target loss: before {target_before:.4f} after {target_after:.4f}"
           "   (held-out stdlib source, nats/byte)")
     print(f"base loss: before {base_before:.4f} after {base_after:.4f}"

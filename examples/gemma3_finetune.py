@@ -153,6 +153,22 @@ def answer_loss(logits, targets, mask):
 # --------------------------------------------------------------------------- main
 
 
+def quantize_projections(base, delta, scheme: str):
+    """``base`` with every LoRA-adapted kernel quantized, in the layouts of its factors."""
+    factors = [(p, f) for p, f in lj.advanced.leaves_with_paths(
+        delta, is_leaf=lj.advanced.is_factors)[0] if lj.advanced.is_factors(f)]
+    layouts = {p: f.layout for p, f in factors}
+    kwargs = {"double_quant": True} if scheme == "nf4" else {}
+    q = lj.quantize(base, lambda path, leaf: path in layouts, scheme=scheme, layouts=layouts,
+                    **kwargs)
+    dense = sum(np.asarray(x).nbytes for p, x in lj.advanced.leaves_with_paths(base)[0]
+                if p in layouts)
+    packed = sum(x.nbytes for p, x in lj.advanced.leaves_with_paths(q)[0] if p in layouts)
+    print(f"quantized base ({scheme}): {len(layouts)} adapted kernels, {dense:,} bytes -> "
+          f"{packed:,} bytes ({lj.advanced.kernel_bits(q):.3f} bits/param, scales included)")
+    return q
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=80, help="LoRA training steps")
@@ -167,6 +183,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default=None, help="converted-weights cache (default "
                     "$LORA_JAX_GEMMA3_CACHE or ~/.cache/lora_jax/gemma3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none",
+                    help="QLoRA: train over the base with the adapted projections quantized "
+                    "(nf4: NF4 + double quantization; int8: per output channel)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     out_dir = Path(args.out)
@@ -187,6 +206,10 @@ def main(argv=None) -> None:
     config = lj.LoraConfig(targets=gm.ALL_PROJECTIONS, rank=args.rank, alpha=2 * args.rank)
     base, delta = lj.init_lora(jax.random.key(args.seed), params, config)
     lj.print_summary(base, delta)  # one row per adapted kernel, then the trainable count
+    dense_base = base
+    if args.quantize != "none":  # QLoRA: the adapted projections stored quantized
+        base = quantize_projections(base, delta, args.quantize)
+        dense_base = lj.dequantize(base)   # what the base model now is (for its answers)
 
     implicit_apply = lj.implicit(model.apply)
 
@@ -229,7 +252,7 @@ def main(argv=None) -> None:
     show = held_kept[:: max(1, len(held_kept) // max(args.show, 1))][: args.show]  # a spread
     prompts = [p[3] for p in show]
     generator = gg.Generator(model.apply, model)
-    base_answers = generator((base,), prompts, args.max_new_tokens, eos_id=tok.eos_id)
+    base_answers = generator((dense_base,), prompts, args.max_new_tokens, eos_id=tok.eos_id)
 
     # ---- train
     from tqdm import tqdm

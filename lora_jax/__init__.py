@@ -33,6 +33,9 @@ from lora_jax._layout import KernelLayout
 from lora_jax._lora_format import load, save
 from lora_jax._merge import dora_norms, merge, unmerge
 from lora_jax._optim import lora_plus, train_delta_only
+from lora_jax._qlora import loftq, requantize
+from lora_jax._quant import QuantizedArray, dequantize, quantize
+from lora_jax._quant_files import load_base, save_base
 from lora_jax._peft_format import NameMap, export_peft, import_peft
 from lora_jax._sharding import (
     delta_shardings,
@@ -62,8 +65,10 @@ __all__ = [
     "LoraStructureError",
     "LoraTargetError",
     "NameMap",
+    "QuantizedArray",
     "count_params",
     "delta_shardings",
+    "dequantize",
     "dora_norms",
     "export_peft",
     "implicit",
@@ -72,6 +77,8 @@ __all__ = [
     "init_lora",
     "init_lora_sharded",
     "load",
+    "load_base",
+    "loftq",
     "lora_plus",
     "merge",
     "olora",
@@ -79,7 +86,10 @@ __all__ = [
     "param_shardings",
     "pissa",
     "print_summary",
+    "quantize",
+    "requantize",
     "save",
+    "save_base",
     "summarize",
     "train_delta_only",
     "unmerge",

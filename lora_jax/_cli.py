@@ -82,6 +82,7 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
     """
     from lora_jax._errors import LoraFileError
     from lora_jax._file_io import nested_from_paths, open_safetensors, read_tensor
+    from lora_jax._quant_files import META_KEY, load_base
 
     if path.is_dir():
         try:
@@ -97,6 +98,10 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
         raise LoraFileError(f"{path}: base params not found")
     with open_safetensors(path) as f:
         metadata = dict(f.metadata() or {})
+    if META_KEY in metadata:  # written by lora_jax.save_base: quantized leaves
+        metadata.pop(META_KEY)  # the merged output is dense: its record would be stale
+        return load_base(path), "safetensors", metadata
+    with open_safetensors(path) as f:
         flat = {k: read_tensor(f, path, k) for k in f.keys()}
     try:
         return nested_from_paths(flat), "safetensors", metadata
@@ -185,12 +190,14 @@ def _merged_leaves(base: Any, delta: Any, args: argparse.Namespace) -> dict[str,
     from lora_jax import merge
     from lora_jax._delta import delta_entries
     from lora_jax._paths import leaves_with_paths
+    from lora_jax._quant import is_quantized
 
     entries = dict(delta_entries(delta))
     todo = [(p, leaf) for p, leaf in leaves_with_paths(base)[0] if entries.get(p) is not None]
     merged = {}
     for path, leaf in _progress(todo, not args.no_progress, "merging"):
-        w = merge({"w": jnp.asarray(leaf)}, {"w": entries[path]})["w"]
+        leaf = leaf if is_quantized(leaf) else jnp.asarray(leaf)
+        w = merge({"w": leaf}, {"w": entries[path]})["w"]
         if args.check_finite and not bool(jnp.isfinite(w).all()):
             raise CliError(
                 f"merging {args.adapter} into {args.base}: leaf {path!r} has NaN or Inf after the "
@@ -209,12 +216,15 @@ def _write_params(out: Path, base: Any, merged: dict[str, Any], fmt: str, metada
     from lora_jax._atomic import atomic_write
     from lora_jax._file_io import write_safetensors
     from lora_jax._paths import leaves_with_paths
+    from lora_jax._quant import dequantize_leaf, is_quantized
 
     leaves, treedef = leaves_with_paths(base)
     dtype = None if args.dtype is None else jnp.dtype(args.dtype)
     flat = {}
     for path, leaf in leaves:
         value = merged.get(path, leaf)
+        if is_quantized(value):  # a quantized leaf the adapter does not touch: written dense
+            value = dequantize_leaf(value)
         if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
             value = jnp.asarray(value).astype(dtype)
         flat[path] = value
@@ -331,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Merge an adapter into base params (W + s*A@B, DoRA too) and "
                        "write dense params in the base's format.")
     m.add_argument("--base", required=True,
-                   help="safetensors file with '/'-joined keys, or an orbax checkpoint directory")
+                   help="safetensors file with '/'-joined keys (or one lora_jax.save_base wrote, "
+                   "quantized leaves included), or an orbax checkpoint directory")
     m.add_argument("--adapter", required=True, help="adapter directory (lora_jax or PEFT)")
     m.add_argument("--out", required=True, help="output file (safetensors) or directory (orbax)")
     m.add_argument("--dtype", choices=DTYPES, help="cast every floating leaf of the output")

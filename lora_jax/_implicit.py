@@ -32,6 +32,13 @@ point -- always correct -- and warns once per primitive with
 :class:`LoraImplicitError` instead. The frozen kernel is always under
 ``stop_gradient``: it never receives a gradient.
 
+A quantized base kernel (:class:`~lora_jax.QuantizedArray`) is traced as its
+dense shape and carried as a :class:`~lora_jax._qview.LazyKernel` inside its
+view (rank 0 when it has no factors): transposes, reshapes, stacked slices
+and scans act on its codes, and it is dequantized where it meets its input
+(:func:`lora_jax._qview.use`: the backward dequantizes again from the codes,
+so autodiff saves codes, not a dense kernel).
+
 The rules are the dict :data:`RULES` (primitive name to rule); which
 primitive is which comes from :mod:`lora_jax._primitives`, the table
 :func:`~lora_jax.infer_layouts` and :mod:`lora_jax._rebuild` read too. One
@@ -64,6 +71,7 @@ from lora_jax._delta import LeafDelta
 from lora_jax._errors import LoraArgumentError, LoraFallbackWarning, LoraImplicitError
 from lora_jax._lowrank import conv_rule, dot_general_rule, gather_rule
 from lora_jax._merge import align
+from lora_jax._quant import is_quantized
 from lora_jax._rebuild import Graph, input_chain
 from lora_jax._tracing import trace
 from lora_jax._view import LoraView
@@ -120,8 +128,8 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
     def wrapped(base: Any, delta: Any, *args: Any, lora_dropout_key: Any = None,
                 **kwargs: Any) -> Any:
         rows, treedef = align(base, delta)
-        closed, out_shape, dynamic = trace(fn, treedef, [leaf for _, leaf, _ in rows], args,
-                                           kwargs)
+        closed, out_shape, dynamic = trace(fn, treedef, [_traced(leaf) for _, leaf, _ in rows],
+                                           args, kwargs)
         invals = [_input(path, leaf, f) for path, leaf, f in rows]
         ctx = Context(strict, dropout if lora_dropout_key is not None else 0.0,
                       lora_dropout_key, rebuild_inputs)
@@ -131,8 +139,15 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
     return wrapped
 
 
+def _traced(leaf: Any) -> Any:
+    """What ``fn`` is traced with for one params leaf: a quantized kernel as its dense shape."""
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_quantized(leaf) else leaf
+
+
 def _input(path: str, leaf: Any, f: Any) -> Any:
     """What the interpreter carries for one params leaf."""
+    if is_quantized(leaf):
+        return LoraView.of_quantized(path, leaf, f)
     if f is None:
         return leaf
     if isinstance(f, LeafDelta):  # trained in full: a plain (small) value

@@ -208,6 +208,12 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     out_shape = fb.shape[ns + 1:]
     dtype = view.dtype
 
+    def base_product(x_: Array, w: Array) -> Array:
+        return lax.dot_general_p.bind(*((x_, w) if kernel_is_rhs else (w, x_)), **params)
+
+    if r == 0:  # a quantized kernel without factors: the base product alone
+        return view.with_frozen(base_product, x)
+
     def canonical(v: Array) -> Array:  # (*stack, M, K)
         v = v if perm == list(range(v.ndim)) else jnp.transpose(v, perm)
         return v.reshape(stack + (math.prod(m_shape), math.prod(fa.shape[ns:-1])))
@@ -230,8 +236,7 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     k_axes = [ns + len(m_shape) + view.roles[d][1] for d in k_free]
     order = batch_axes + (x_axes + k_axes if kernel_is_rhs else k_axes + x_axes)
     y = jnp.transpose(y, order)
-    w = view.frozen()
-    base = lax.dot_general_p.bind(*((x, w) if kernel_is_rhs else (w, x)), **params)
+    base = view.with_frozen(base_product, x)
     out = base + y.astype(base.dtype)
     if view.magnitude is None:
         return out
@@ -282,6 +287,8 @@ def conv_rule(x: Array, view: LoraView, params: dict,
     if view.roles[o_dim] != ("o", 0) or sum(k == "o" for k, _ in view.roles) != 1:
         return None
     dtype = view.dtype
+    if view.a.shape[-1] == 0:  # a quantized kernel without factors
+        return view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
     n_in = len(view.roles) - 1
     a = jnp.transpose(view.a.astype(dtype), [n_in if d == o_dim else j for d, (_, j) in
                                              enumerate(view.roles)])
@@ -290,7 +297,7 @@ def conv_rule(x: Array, view: LoraView, params: dict,
     u = jnp.moveaxis(u, feat, -1) * jnp.asarray(view.scale, u.dtype)
     y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype), precision=params.get("precision")),
                      -1, feat)
-    base = lax.conv_general_dilated_p.bind(x, view.frozen(), **params)
+    base = view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
     return _dora_scaled(base + y.astype(base.dtype), view, feat)
 
 
@@ -313,6 +320,8 @@ def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
         return None
     dtype = view.dtype
     r = view.a.shape[-1]
+    if r == 0:  # a quantized kernel without factors
+        return view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
     a = jnp.transpose(view.a.astype(dtype), [len(ins) if d == o_dim else j for d, (_, j) in
                                              enumerate(view.roles)])
     a_params = dict(params, slice_sizes=tuple(r if d == o_dim else s for d, s in enumerate(sizes)))
@@ -320,7 +329,7 @@ def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
     pos = dn.offset_dims[0]
     u = jnp.moveaxis(u, pos, -1) * jnp.asarray(view.scale, u.dtype)
     y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype)), -1, pos)
-    base = lax.gather_p.bind(view.frozen(), indices, **params)
+    base = view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
     return _dora_scaled(base + y.astype(base.dtype), view, pos)
 
 

@@ -6,7 +6,9 @@
    \\text{unmerge}(W', \\Delta) = \\operatorname{cast}_{W}(W' - s A B)
 
 with ``s A B`` computed in float32 and the sum cast back to the kernel's own
-dtype. Both are pure and jit-able; leaves without a delta pass through
+dtype. A quantized kernel (:class:`~lora_jax.QuantizedArray`) is dequantized
+first (``W = table[code] · absmax`` in float32), and every quantized leaf of the
+result is dense, in ``dtype`` or its logical dtype. Both are pure and jit-able; leaves without a delta pass through
 untouched (the same array object outside ``jit``), so donating the params to a
 jitted ``merge`` reuses their buffers.
 """
@@ -29,17 +31,24 @@ from lora_jax._delta import (
     to_kernel_axes,
 )
 from lora_jax._errors import LoraStructureError
+from lora_jax._quant import dequantize, dequantize_leaf, is_quantized
 
 
-def merge(params: Any, delta: Any) -> Any:
+def merge(params: Any, delta: Any, *, dtype: Any = None) -> Any:
     """Returns dense params ``W + s A B`` with the base's structure, shapes and dtypes.
 
     DoRA factors (with a ``magnitude``) merge to ``m * (W + s A B) / ||W + s A B||_c``;
-    a :class:`~lora_jax.LeafDelta` merges to ``W + diff``.
+    a :class:`~lora_jax.LeafDelta` merges to ``W + diff``. A quantized base kernel
+    merges to ``dequantize(W) + s A B`` (in float32, then cast), and quantized
+    leaves without a delta are dequantized: the result holds no
+    :class:`~lora_jax.QuantizedArray` (re-quantizing is the explicit
+    :func:`~lora_jax.requantize`).
 
     Args:
-      params: the base params pytree.
+      params: the base params pytree (dense or with quantized kernels).
       delta: the delta from :func:`lora_jax.init_lora` (or trained).
+      dtype: the dtype of every leaf that was quantized (default: its logical
+        dtype); dense leaves keep their own.
 
     Returns:
       A pytree like ``params``: targeted kernels replaced by
@@ -51,15 +60,27 @@ def merge(params: Any, delta: Any) -> Any:
       ...                            lj.LoraConfig(targets="w", rank=2))
       >>> bool((lj.merge(base, delta)["w"] == base["w"]).all())   # B = 0 at init
       True
+      >>> qbase = lj.quantize(base, "w", scheme="int8")
+      >>> lj.merge(qbase, delta, dtype=jnp.bfloat16)["w"].dtype
+      dtype(bfloat16)
     """
 
     def merge_one(path, w, f):
+        if not is_quantized(w):
+            if f is None:
+                return w
+            out_dtype = w.dtype
+        else:
+            out_dtype = dtype or w.dtype
+            if f is None:
+                return dequantize_leaf(w, out_dtype)
+            w = dequantize_leaf(w, jnp.float32)
         if isinstance(f, LeafDelta):
-            return (w.astype(jnp.float32) + f.diff).astype(w.dtype)
+            return (w.astype(jnp.float32) + f.diff).astype(out_dtype)
         dense = dense_delta(f) + w.astype(jnp.float32) if f.magnitude is None else dora_weight(w, f)
-        return dense.astype(w.dtype)
+        return dense.astype(out_dtype)
 
-    return map_entries(merge_one, params, delta)
+    return map_entries(merge_one, params, delta, skip=lambda entry: False)
 
 
 def dora_norms(params: Any, delta: Any) -> Any:
@@ -80,7 +101,8 @@ def dora_norms(params: Any, delta: Any) -> Any:
       Array([2., 2., 2.], dtype=float32)
     """
     rows, treedef = align(params, delta)
-    out = [column_norm(w, f.layout, f) if _is_dora(f) else None for _, w, f in rows]
+    out = [column_norm(dequantize(w, jnp.float32), f.layout, f) if _is_dora(f) else None
+           for _, w, f in rows]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -105,7 +127,7 @@ def unmerge(params: Any, delta: Any, norms: Any = None) -> Any:
       >>> bool(jnp.allclose(lj.unmerge(lj.merge(p, d), d)["w"], p["w"], atol=1e-6))
       True
     """
-    rows, treedef = align(params, delta)
+    rows, treedef = align(dequantize(params), delta)
     norm_leaves = [None] * len(rows) if norms is None else treedef.flatten_up_to(norms)
     out = []
     for (path, w, f), n in zip(rows, norm_leaves):

@@ -16,6 +16,34 @@ import jax
 
 KeyPath = Sequence[Any]
 
+# Pytree node types that lora_jax's tree walks treat as one leaf of the params
+# (a quantized kernel is a pytree of codes and scales, but one kernel to LoRA).
+_BASE_LEAF_TYPES: list[type] = []
+
+
+def register_base_leaf(cls: type) -> type:
+    """Makes :func:`leaves_with_paths` treat every ``cls`` node as one leaf.
+
+    Example:
+      >>> class Box:
+      ...     pass
+      >>> register_base_leaf(Box) is Box
+      True
+    """
+    if cls not in _BASE_LEAF_TYPES:
+        _BASE_LEAF_TYPES.append(cls)
+    return cls
+
+
+def is_base_leaf(x: Any) -> bool:
+    """True for a node of a type registered with :func:`register_base_leaf`.
+
+    Example:
+      >>> is_base_leaf(1.0)
+      False
+    """
+    return isinstance(x, tuple(_BASE_LEAF_TYPES))
+
 
 def key_name(key: Any) -> str:
     """Returns the text of one key-path entry.
@@ -51,9 +79,14 @@ def leaves_with_paths(
 ) -> tuple[list[tuple[str, Any]], Any]:
     """Flattens ``tree`` into ``[(path, leaf), ...]`` and its treedef.
 
+    Nodes of a registered base-leaf type (a quantized kernel) are leaves.
+
     Example:
       >>> leaves_with_paths({"a": {"b": 1}})[0]
       [('a/b', 1)]
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    def leaf(x: Any) -> bool:
+        return is_base_leaf(x) or (is_leaf is not None and bool(is_leaf(x)))
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)
     return [(path_str(kp), leaf) for kp, leaf in flat], treedef

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._delta import LoraFactors, factor_order_norm, factor_product
+from lora_jax._errors import LoraStructureError
+from lora_jax._qview import LazyKernel, use
 
 Array = jax.Array
 Role = tuple[str, int]
@@ -66,6 +68,31 @@ class LoraView:
             counters[letter] += 1
         return LoraView(w, f.a, f.b, tuple(roles), f.scale, jnp.dtype(w.dtype), path, f.magnitude)
 
+    @staticmethod
+    def of_quantized(path: str, q: Any, f: Any) -> "LoraView":
+        """The view of a quantized kernel ``q`` (a :class:`~lora_jax.QuantizedArray`), carried
+        as a :class:`~lora_jax._qview.LazyKernel`; without factors (``f`` None) the view has
+        rank 0, so the kernel is still dequantized only where it is used."""
+        if f is not None and not isinstance(f, LoraFactors):
+            raise LoraStructureError(
+                f"leaf {path!r} is quantized and cannot be trained in full (a LeafDelta); "
+                "keep it dense, or adapt it with LoRA factors")
+        if f is not None:
+            stacked = lambda axes: [d for d, c in enumerate(axes) if c == "s"]  # noqa: E731
+            if stacked(f.layout.axes) != stacked(q.axes):
+                raise LoraStructureError(
+                    f"leaf {path!r}: quantized with axes {q.axes!r} but the delta's layout is "
+                    f"{f.layout.axes!r}; their stacked axes must agree")
+            return LoraView.of(path, LazyKernel(q), f)
+        roles, counters = [], {"s": 0, "i": 0, "o": 0}
+        for letter in q.axes:
+            roles.append((letter, counters[letter]))
+            counters[letter] += 1
+        pick = lambda c: tuple(n for n, k in zip(q.shape, q.axes) if k == c)  # noqa: E731
+        a = jnp.zeros(pick("s") + pick("i") + (0,), q.dtype)
+        b = jnp.zeros(pick("s") + (0,) + pick("o"), q.dtype)
+        return LoraView(LazyKernel(q), a, b, tuple(roles), 0.0, jnp.dtype(q.dtype), path)
+
     @property
     def n_stack(self) -> int:
         return np.ndim(self.a) - sum(1 for k, _ in self.roles if k == "i") - 1
@@ -79,7 +106,18 @@ class LoraView:
 
     def frozen(self) -> Array:
         """``stop_gradient(w)`` cast to the program's dtype."""
-        return jax.lax.stop_gradient(self.w).astype(self.dtype)
+        return self.frozen_in(self.dtype)
+
+    def frozen_in(self, dtype: Any) -> Array:
+        """``stop_gradient(w)`` as a dense array in ``dtype`` (a quantized kernel dequantized)."""
+        if isinstance(self.w, LazyKernel):
+            return self.w.dense(dtype)
+        return jax.lax.stop_gradient(self.w).astype(dtype)
+
+    def with_frozen(self, fn: Any, x: Array) -> Array:
+        """``fn(x, frozen())``: the base product where the kernel meets its input. A quantized
+        kernel is dequantized here, and again from its codes in the backward (see ``use``)."""
+        return use(fn, x, self.w, self.dtype)
 
     def update(self) -> Array:
         """``scale * A @ B`` in float32, in the view's current axis order."""
@@ -96,7 +134,7 @@ class LoraView:
         """DoRA's ``m / ||W + s A B||_c`` as ``(*stack, *fan_out)``; the norm is detached
         and never formed densely (:func:`~lora_jax._delta.factor_order_norm`)."""
         order = sorted(range(len(self.roles)), key=lambda d: self._factor_axes()[d])
-        w = jnp.transpose(jax.lax.stop_gradient(self.w), order)  # factor order
+        w = jnp.transpose(self.frozen_in(jnp.float32), order)  # factor order
         a, b = jax.lax.stop_gradient(self.a), jax.lax.stop_gradient(self.b)
         norm = factor_order_norm(w, a, b, self.scale, self.n_stack)
         return jnp.asarray(self.magnitude, jnp.float32) / norm
@@ -104,7 +142,7 @@ class LoraView:
     def materialize(self) -> Array:
         """The dense kernel ``(w + scale * A @ B).astype(dtype)`` (DoRA-scaled if it
         has a magnitude); ``w`` gets no gradient."""
-        dense = jax.lax.stop_gradient(self.w).astype(jnp.float32) + self.update()
+        dense = self.frozen_in(jnp.float32) + self.update()
         if self.magnitude is not None:
             dense = dense * self.per_output(self.dora_ratio(), {"s", "o"})
         return dense.astype(self.dtype)
@@ -122,7 +160,9 @@ class LoraView:
         return x.reshape(shape)
 
     def transpose(self, permutation: tuple[int, ...]) -> "LoraView":
-        return self.replace(w=jnp.transpose(self.w, permutation),
+        w = (self.w.transpose(permutation) if isinstance(self.w, LazyKernel)
+             else jnp.transpose(self.w, permutation))
+        return self.replace(w=w,
                             roles=tuple(self.roles[p] for p in permutation))
 
     def reshape(self, new_sizes: tuple[int, ...]) -> "LoraView | None":
@@ -182,7 +222,8 @@ class LoraView:
         r = np.shape(self.a)[-1]
         mag = self.magnitude
         return self.replace(
-            w=jnp.reshape(self.w, new_sizes), roles=tuple(roles),
+            w=(self.w.reshape(tuple(new_sizes)) if isinstance(self.w, LazyKernel)
+               else jnp.reshape(self.w, new_sizes)), roles=tuple(roles),
             a=jnp.reshape(self.a, stack + sizes["i"] + (r,)),
             b=jnp.reshape(self.b, stack + (r,) + sizes["o"]),
             magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]))
@@ -212,7 +253,12 @@ class LoraView:
             rest = list(np.shape(x)[ns:])
             return slicer(x, f_starts + [0] * len(rest), f_sizes + rest)
 
-        return self.replace(w=slicer(self.w, list(starts), list(sizes)), a=cut(self.a),
+        w = self.w
+        if isinstance(w, LazyKernel):  # cut the stored codes; else dequantize, then cut
+            w = w.slice_stack(list(starts), list(sizes), slicer) or w.dense()
+        if not isinstance(w, LazyKernel):
+            w = slicer(w, list(starts), list(sizes))
+        return self.replace(w=w, a=cut(self.a),
                             b=cut(self.b), magnitude=cut(self.magnitude))
 
     def factor_pair(self, contracted: str) -> tuple[Array, Array, str]:
@@ -234,7 +280,10 @@ class LoraView:
         it yields the per-layer views."""
         _, j = axis_role
         move = lambda x: None if x is None else jnp.moveaxis(x, j, 0)  # noqa: E731
-        return self.replace(a=move(self.a), b=move(self.b), magnitude=move(self.magnitude),
+        w = self.w
+        if isinstance(w, LazyKernel):  # one layer's codes per scan step, else dense
+            w = w.scanned() or w.dense()
+        return self.replace(w=w, a=move(self.a), b=move(self.b), magnitude=move(self.magnitude),
                             roles=drop_stack_role(self.roles, axis_role))
 
 

@@ -23,6 +23,10 @@ name                      what it is
 ``leaves_with_paths``     ``[(path, leaf)]`` with lora_jax's path strings
 ``path_str``              a JAX key path as a lora_jax path string
 ``tree_bytes``            bytes held by a pytree's arrays
+``is_quantized``          ``is_leaf`` for :class:`~lora_jax.QuantizedArray`
+``kernel_bits``           stored bits per parameter of quantized (or given) kernels
+``quantized_shardings``   shardings of quantized params from their dense kernels' shardings
+``storage_specs``         ``PartitionSpec`` s of a quantized kernel's stored arrays
 ``LoraSummary``           the report :func:`~lora_jax.summarize` returns
 ``LeafSummary``           one row of a ``LoraSummary``
 ========================  =====================================================
@@ -47,6 +51,7 @@ from lora_jax._init import init_factors
 from lora_jax._layout import default_layout
 from lora_jax._optim import trainable_mask
 from lora_jax._paths import leaves_with_paths, path_str
+from lora_jax._quant import is_quantized, kernel_bits, quantized_shardings, storage_specs
 from lora_jax._sharding import factor_specs
 from lora_jax._summary import LeafSummary, LoraSummary, tree_bytes
 from lora_jax._targets import Target, select_extra_trainable, select_targets
@@ -64,11 +69,15 @@ __all__ = [
     "init_factors",
     "is_delta_leaf",
     "is_factors",
+    "is_quantized",
+    "kernel_bits",
     "leaves_with_paths",
     "lora_scale",
     "path_str",
+    "quantized_shardings",
     "select_extra_trainable",
     "select_targets",
+    "storage_specs",
     "tree_bytes",
     "trainable_mask",
 ]

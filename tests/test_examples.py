@@ -97,6 +97,20 @@ def test_finetune_lm(tmp_path):
 
 
 @needs_extras
+def test_finetune_lm_over_a_quantized_base(tmp_path):
+    out_dir = tmp_path / "out"
+    out = run_example("finetune_lm.py", "--pretrain-steps", "20", "--lora-steps", "20",
+                      "--quantize", "nf4", "--out", str(out_dir), cwd=tmp_path)
+    check_lora_outcomes(out, merge_tol=1e-3)
+    n, dense, packed, bits = numbers(
+        r"quantized base \(nf4\): (\d+) adapted kernels (\d+) bytes float32 -> (\d+) bytes "
+        rf"\({FLOAT} bits/param", out.replace(",", ""))
+    assert n == 12 and packed < dense / 7 and 4.0 < bits <= 4.2
+    f32, nf4 = numbers(rf"target loss of the base alone: float32 {FLOAT}, nf4 {FLOAT}", out)
+    assert nf4 != f32 and abs(nf4 - f32) < 0.1 * f32
+
+
+@needs_extras
 def test_pretrain_cache(tmp_path, monkeypatch, capsys):
     """A second run loads the pretrained params from the cache instead of training."""
     monkeypatch.syspath_prepend(str(EXAMPLES))  # for `import _text`
