@@ -8,7 +8,7 @@ OLDEST := jax==0.6.2 jaxlib==0.6.2 flax==0.10.7 optax==0.2.4 chex==0.1.89
 # The peft that wrote tests/fixtures/peft (their adapter_config.json's peft_version).
 PEFT := peft==0.21.2
 
-.PHONY: demo gemma test test-oldest clean
+.PHONY: demo gemma test test-slow test-oldest clean
 
 # torch (the CPU build these machines carry) and peft run the PEFT round-trip tests.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -35,6 +35,10 @@ gemma: $(VENV)/.installed
 # and lists what it skipped.
 test: $(VENV)/.installed
 	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q
+
+# The slow tests (example programs re-run over a quantized base); CI runs them after `make test`.
+test-slow: $(VENV)/.installed
+	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -m slow
 
 test-oldest: $(OLD_VENV)/.installed
 	LORA_JAX_TEST_ENV=oldest $(OLD_VENV)/bin/python -m pytest -q

@@ -96,6 +96,7 @@ def test_finetune_lm(tmp_path):
     assert config.rank == 8
 
 
+@pytest.mark.slow
 @needs_extras
 def test_finetune_lm_over_a_quantized_base(tmp_path):
     out_dir = tmp_path / "out"

