@@ -5,7 +5,9 @@ implicit and merged forwards must agree, and the implicit gradients of ``A`` and
 ``B`` must equal merge-on-the-fly's, to float32 tolerance.
 """
 
+import sys
 import warnings
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -16,27 +18,11 @@ from flax import nnx
 
 import lora_jax as lj
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pytest's importlib mode does not add it
+from tests._lowrank_checks import _highest_precision, _rel, _trained  # noqa: E402,F401
+
 FWD_TOL = 2e-5   # relative to the output's scale
 GRAD_TOL = 2e-5  # relative to each gradient leaf's scale
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def _trained(delta, seed=7):
-    """A delta with both factors non-zero, as after training."""
-    leaves, treedef = jax.tree_util.tree_flatten(delta)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
 
 
 def check_against_merge(fn, params, config, *args, layouts=None, grad=True, **kwargs):

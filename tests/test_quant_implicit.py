@@ -17,25 +17,10 @@ import pytest
 
 import lora_jax as lj
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pytest's importlib mode does not add it
+from tests._lowrank_checks import _highest_precision, _rel, _trained  # noqa: E402,F401
+
 TOL = 2e-5
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def _trained(delta, seed=7):
-    leaves, treedef = jax.tree_util.tree_flatten(delta)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
 
 
 def check_quantized(fn, params, config, quant, *args, **kwargs):
