@@ -17,7 +17,15 @@ Configurations:
   lora_jax_nf4 / lora_jax_int8
             the same over a quantized base (QLoRA): the 24 targeted kernels stored
             NF4 with double quantization (blocks of 64) / int8 per output channel,
-            dequantized where each meets its input
+            dequantized (in float32) where each meets its input
+  lora_jax_bf16
+            lora_jax over a bfloat16 base, as a user loading a bf16 checkpoint
+            runs it: every weight bfloat16, so Flax computes in bfloat16 (the loss
+            in float32); the LoRA factors and Adam stay float32
+  lora_jax_nf4_bf16 / lora_jax_int8_bf16
+            the bf16 base with its 24 targeted kernels quantized: dequantized to
+            bfloat16, the same compute as lora_jax_bf16 (the QLoRA/LoRA ratio on
+            the same base dtype)
   nnx_lora  Flax nnx.LoRALinear on the same architecture rebuilt in NNX
   qwix      qwix LoRA (intercepts dot_general) on the linen model
 """
@@ -46,9 +54,14 @@ import workload as W  # noqa: E402
 from rss import maxrss_mb, reset_peak_rss  # noqa: E402
 
 CONFIGS = ("full", "floor", "merge", "lora_jax", "lora_jax_dora", "lora_jax_rslora",
-           "lora_jax_nf4", "lora_jax_int8", "nnx_lora", "qwix")
-QUANTIZED = {"lora_jax_nf4": dict(scheme="nf4", double_quant=True),
-             "lora_jax_int8": dict(scheme="int8")}
+           "lora_jax_nf4", "lora_jax_int8", "lora_jax_bf16", "lora_jax_nf4_bf16",
+           "lora_jax_int8_bf16", "nnx_lora", "qwix")
+NF4 = dict(scheme="nf4", double_quant=True)
+INT8 = dict(scheme="int8")
+# name -> (dtype of every base weight, quantization of the 24 targeted kernels or None)
+BASES = {"lora_jax_nf4": (jnp.float32, NF4), "lora_jax_int8": (jnp.float32, INT8),
+         "lora_jax_bf16": (jnp.bfloat16, None), "lora_jax_nf4_bf16": (jnp.bfloat16, NF4),
+         "lora_jax_int8_bf16": (jnp.bfloat16, INT8)}
 
 
 class Runner:
@@ -169,26 +182,26 @@ def build_lora_jax_rslora(wl, copy=True):
     return build_lora_jax(wl, copy, "lora_jax_rslora", delta)
 
 
-def quantized_base(wl, name):
-    """The workload's params with the 24 LoRA-targeted kernels quantized as ``name`` says."""
-    return lora_jax.quantize(wl.variables, W.TARGETS, **QUANTIZED[name])
+def other_base(wl, name):
+    """The workload's params as ``BASES[name]`` says: cast (bf16), and the 24 LoRA-targeted
+    kernels quantized (NF4 + double quant / int8 per channel) from the cast weights."""
+    dtype, quant = BASES[name]
+    base = jax.tree.map(lambda x: x.astype(dtype), wl.variables)
+    return base if quant is None else lora_jax.quantize(base, W.TARGETS, **quant)
 
 
-def build_lora_jax_nf4(wl, copy=True):
-    """QLoRA: the targeted kernels NF4 + double quantization (about 4.13 bits each)."""
-    return build_lora_jax(wl, copy, "lora_jax_nf4", base=quantized_base(wl, "lora_jax_nf4"))
-
-
-def build_lora_jax_int8(wl, copy=True):
-    """The targeted kernels int8, one absmax scale per output channel."""
-    return build_lora_jax(wl, copy, "lora_jax_int8", base=quantized_base(wl, "lora_jax_int8"))
+def build_other_base(name):
+    """The builder of ``lora_jax`` over ``other_base(wl, name)`` (the same delta)."""
+    def build(wl, copy=True):
+        return build_lora_jax(wl, copy, name, base=other_base(wl, name))
+    return build
 
 
 def base_kernel_bits(wl, name) -> float:
     """Stored bits per parameter of the 24 targeted kernels in ``name``'s base, scales included."""
     paths = [p for p, f in lora_jax.advanced.leaves_with_paths(
         wl.delta, is_leaf=lora_jax.advanced.is_factors)[0] if lora_jax.advanced.is_factors(f)]
-    base = quantized_base(wl, name) if name in QUANTIZED else wl.variables
+    base = other_base(wl, name) if name in BASES else wl.variables
     return lora_jax.advanced.kernel_bits(base, paths)
 
 
@@ -287,8 +300,7 @@ BUILDERS = {
     "lora_jax": build_lora_jax,
     "lora_jax_dora": build_lora_jax_dora,
     "lora_jax_rslora": build_lora_jax_rslora,
-    "lora_jax_nf4": build_lora_jax_nf4,
-    "lora_jax_int8": build_lora_jax_int8,
+    **{name: build_other_base(name) for name in BASES},
     "nnx_lora": build_nnx_lora,
     "qwix": build_qwix,
 }

@@ -22,6 +22,7 @@ in, so every configuration of the benchmarks starts from the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -93,7 +94,7 @@ def causal_attention(q, k, v, n_heads: int):
     b, t, d = q.shape
     dh = d // n_heads
     q, k, v = (x.reshape(b, t, n_heads, dh) for x in (q, k, v))
-    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dh).astype(np.float32)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dh)   # weak: keeps bf16 bf16
     mask = jnp.tril(jnp.ones((t, t), bool))
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -157,7 +158,9 @@ class TransformerLM(nn.Module):
 
 
 def cross_entropy(logits, targets):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    """Mean token cross-entropy, in float32 whatever the logits' dtype."""
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets).mean()
 
 
 # ---------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_reference_counts_match_the_spec():
 def test_train_step_reports_every_config(train_json):
     configs, skipped = train_json["configs"], train_json["skipped"]
     expected = {"full", "floor", "merge", "nnx_lora"}
-    expected |= {"lora_jax", "lora_jax_dora", "lora_jax_rslora", "lora_jax_nf4", "lora_jax_int8"}
+    expected |= {"lora_jax", "lora_jax_dora", "lora_jax_rslora", *QUANTIZED, "lora_jax_bf16"}
     expected |= {"qwix"} if _has_qwix() else set()
     assert expected <= set(configs), (sorted(configs), skipped)
     assert set(configs) | set(skipped) == expected | {"qwix"}
@@ -107,28 +107,30 @@ def test_every_config_starts_from_the_base_model(train_json):
     configs = train_json["configs"]
     loss0 = configs["full"]["loss0"]
     for name, res in configs.items():
-        if name in QUANTIZED:   # the base is the quantized model: close, not equal
+        if name in QUANTIZED or name in BF16:   # rounded base: close, not equal
             assert res["loss0"] == pytest.approx(loss0, rel=0.05), name
             assert res["loss0"] != pytest.approx(loss0, rel=1e-7), name
             continue
         assert res["loss0"] == pytest.approx(loss0, rel=1e-5, abs=1e-5), name
 
 
-QUANTIZED = ("lora_jax_nf4", "lora_jax_int8")
+QUANTIZED = ("lora_jax_nf4", "lora_jax_int8", "lora_jax_nf4_bf16", "lora_jax_int8_bf16")
+BF16 = ("lora_jax_bf16",)
 
 
 def test_base_kernel_bits(train_json):
     configs, d = train_json["configs"], train_json["meta"]["dims"]
     for name, res in configs.items():
         if name not in QUANTIZED:
-            assert res["base_kernel_bits"] == 32.0, name
-    assert 4.0 < configs["lora_jax_nf4"]["base_kernel_bits"] <= 4.2
+            assert res["base_kernel_bits"] == (16.0 if name in BF16 else 32.0), name
     # int8 per output channel: 8 bits + one float32 scale per fan-in column of each kernel
     dm, f, n = d["d_model"], d["d_mlp"], d["n_blocks"]
     weights = n * (4 * dm * dm + 2 * dm * f)
     scales = n * (4 * dm + f + dm)
-    assert configs["lora_jax_int8"]["base_kernel_bits"] == pytest.approx(
-        8 + 32 * scales / weights)
+    for suffix in ("", "_bf16"):   # the same storage whatever the base dtype
+        assert 4.0 < configs["lora_jax_nf4" + suffix]["base_kernel_bits"] <= 4.2
+        assert configs["lora_jax_int8" + suffix]["base_kernel_bits"] == pytest.approx(
+            8 + 32 * scales / weights)
 
 
 def test_lora_jax_step_computes_the_same_update_as_merge(train_json):
@@ -145,8 +147,7 @@ def test_optimizer_state_is_adam_over_the_trainable_leaves_only(train_json):
     lora = 2 * F32 * _lora_params(d) + COUNTER
     assert configs["full"]["opt_state_bytes"] == full
     assert configs["floor"]["opt_state_bytes"] == 0
-    for name in ("merge", "lora_jax", "lora_jax_rslora", "lora_jax_nf4", "lora_jax_int8",
-                 "nnx_lora", "qwix"):
+    for name in ("merge", "lora_jax", "lora_jax_rslora", *QUANTIZED, *BF16, "nnx_lora", "qwix"):
         if name in configs:
             assert configs[name]["opt_state_bytes"] == lora, name
             assert configs[name]["opt_state_bytes"] < full / 10, name
