@@ -197,6 +197,13 @@ def build_other_base(name):
     return build
 
 
+def same_dtype_lora(name: str) -> str | None:
+    """The unquantized LoRA config over the same base dtype as ``name`` (None if not quantized)."""
+    if name not in BASES or BASES[name][1] is None:
+        return None
+    return "lora_jax_bf16" if BASES[name][0] == jnp.bfloat16 else "lora_jax"
+
+
 def base_kernel_bits(wl, name) -> float:
     """Stored bits per parameter of the 24 targeted kernels in ``name``'s base, scales included."""
     paths = [p for p, f in lora_jax.advanced.leaves_with_paths(
@@ -431,9 +438,12 @@ def main(argv=None):
               f"{agreement['max_abs_diff']:.3g} = {agreement['rel_diff']:.3g} of the largest update")
     full = results.get("full", {}).get("ms")
     floor = results.get("floor", {}).get("ms")
-    for res in results.values():
+    for name, res in results.items():
         res["x_full"] = W.ratio(res["ms"], full)
         res["x_floor"] = W.ratio(res["ms"], floor)
+        lora = same_dtype_lora(name)
+        if lora in results:   # QLoRA step / LoRA step over the same base dtype
+            res["x_lora_same_dtype"] = W.ratio(res["ms"], results[lora]["ms"])
 
     baseline = None
     if args.memory:
@@ -450,14 +460,14 @@ def main(argv=None):
     run_meta["baseline_rss_mb"] = baseline
 
     f = lambda x, fmt: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)  # noqa: E731
-    header = ["config", "ms/step", "x full", "x floor", "compile s", "GFLOP/step", "opt-state bytes",
-              "XLA temp MiB", "kernel bits"]
+    header = ["config", "ms/step", "x full", "x floor", "x LoRA same dtype", "compile s",
+              "GFLOP/step", "opt-state bytes", "XLA temp MiB", "kernel bits"]
     if args.memory:
         header += ["peak RSS MB", "x floor RSS"]
     rows = []
     for name, res in results.items():
         row = [name, f(res["ms"], ".1f"), f(res["x_full"], ".2f"), f(res["x_floor"], ".2f"),
-               f(res["compile_s"], ".1f"), f(res["gflop"], ".4g"), f"{res['opt_state_bytes']:,}",
+               f(res.get("x_lora_same_dtype"), ".2f"), f(res["compile_s"], ".1f"), f(res["gflop"], ".4g"), f"{res['opt_state_bytes']:,}",
                f(res["xla_temp_mib"], ".1f"), f(res["base_kernel_bits"], ".3f")]
         if args.memory:
             row += [f(res.get("peak_rss_mb"), ".0f"), f(res.get("x_floor_rss"), ".2f")]

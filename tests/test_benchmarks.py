@@ -131,6 +131,11 @@ def test_base_kernel_bits(train_json):
         assert 4.0 < configs["lora_jax_nf4" + suffix]["base_kernel_bits"] <= 4.2
         assert configs["lora_jax_int8" + suffix]["base_kernel_bits"] == pytest.approx(
             8 + 32 * scales / weights)
+    for name in QUANTIZED:   # the ratio to the LoRA step over the same base dtype is reported
+        lora = configs["lora_jax_bf16" if name.endswith("_bf16") else "lora_jax"]
+        assert configs[name]["x_lora_same_dtype"] == pytest.approx(
+            configs[name]["ms"] / lora["ms"]), name
+        assert "x_lora_same_dtype" not in lora
 
 
 def test_lora_jax_step_computes_the_same_update_as_merge(train_json):
