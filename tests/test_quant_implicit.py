@@ -198,3 +198,23 @@ def test_gemma3_example_trains_over_an_nf4_base(tmp_path):
                                          out).groups())
     assert after < before, out
     assert "implicit (unmerged) greedy answers equal the merged model's: 2/2" in out
+
+
+
+@pytest.mark.slow
+def test_the_compiled_step_keeps_no_dense_kernel_from_forward_to_backward():
+    # XLA merges equal expressions: were the backward's dequantization (codes -> table values,
+    # scales -> broadcast absmax) the same expression as the forward's, the compiled step
+    # would keep a dense f32 copy of each kernel from the forward to the backward (on the
+    # reference workload +46 MiB of temporaries, the 24 kernels' size). With both tied to
+    # the use's input / cotangent, the quantized step holds what the float32 one holds,
+    # give or take one kernel being dequantized (an fc kernel is 4 MiB).
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import train_step
+    import workload
+
+    wl = workload.build()
+    temps = {name: train_step.BUILDERS[name](wl).xla_temp_mib
+             for name in ("lora_jax", "lora_jax_nf4", "lora_jax_int8")}
+    for name in ("lora_jax_nf4", "lora_jax_int8"):
+        assert temps[name] < temps["lora_jax"] + 6, temps
