@@ -289,9 +289,51 @@ def _in_positions(axes: str) -> tuple[int, ...]:
     return tuple(len(stack) + k for k, c in enumerate(roles) if c == "i")
 
 
+def _row_unit(scheme: str, block_size: int | None) -> int:
+    """Weights a run along the last layer axis must hold: whole blocks, whole bytes."""
+    return math.lcm(block_size or 1, 1 if scheme == "int8" else 2)
+
+
+def _layer_shaped(shape: tuple[int, ...], axes: str, scheme: str, block_size: int | None) -> bool:
+    """Whether each layer is stored in the kernel's own shape (last axis packed / blocked).
+
+    True when the layer's last axis holds whole blocks (and bytes): then a block
+    never straddles two rows, the stored arrays are the flat ones reshaped, and
+    any axis can be sharded. Else each layer is stored flattened.
+    """
+    _, rest, _ = _split_axes(axes)
+    return shape[rest[-1]] % _row_unit(scheme, block_size) == 0
+
+
+def _stored_shapes(shape: tuple[int, ...], axes: str, scheme: str,
+                   block_size: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the codes and of blockwise scales (or their 8-bit double-quant codes)."""
+    stack_axes, rest_axes, _ = _split_axes(axes)
+    stack = tuple(shape[k] for k in stack_axes)
+    rest = tuple(shape[k] for k in rest_axes)
+    pack = 1 if scheme == "int8" else 2
+    n = math.prod(rest)
+    if not _layer_shaped(shape, axes, scheme, block_size):
+        return stack + (n // pack,), stack + (n // (block_size or n),)
+    return (stack + rest[:-1] + (rest[-1] // pack,),
+            stack + rest[:-1] + (rest[-1] // (block_size or rest[-1]),))
+
+
 def _quantize_arrays(w: Array, scheme: str, block_size: int | None, double_quant: bool,
                      axes: str) -> tuple[Array, Array, Array | None, Array | None]:
     """``(codes, scales, dq_scales, dq_offset)`` of one kernel (see the module docstring)."""
+    codes, scales, dq_scales, dq_offset = _quantize_flat(w, scheme, block_size, double_quant,
+                                                         axes)
+    code_shape, block_shape = _stored_shapes(tuple(w.shape), axes, scheme, block_size)
+    codes = codes.reshape(code_shape)
+    if block_size is not None:
+        scales = scales.reshape(block_shape)
+    return codes, scales, dq_scales, dq_offset
+
+
+def _quantize_flat(w: Array, scheme: str, block_size: int | None, double_quant: bool,
+                   axes: str) -> tuple[Array, Array, Array | None, Array | None]:
+    """The arrays with each layer flattened (codes ``(*stack, n/pack)``)."""
     stack_axes, rest_axes, _ = _split_axes(axes)
     x = jnp.transpose(w.astype(jnp.float32), stack_axes + rest_axes)
     ns = len(stack_axes)
@@ -332,16 +374,30 @@ def dequantize_leaf(q: QuantizedArray, dtype: Any = None) -> Array:
         codes = q.codes.astype(jnp.int32)
     else:
         codes = unpack4(q.codes) - (8 if q.scheme == "int4" else 0)
-    vals = _decode(codes, q.scheme)
-    absmax = q.scales if q.dq_scales is None else double_dequantize(
-        q.scales, q.dq_scales, q.dq_offset)
+    vals = _decode(codes, q.scheme)   # in the stored shape: every op below is local to a shard
+    absmax = q.scales if q.dq_scales is None else _double_dequantize_shaped(q)
     absmax = jnp.asarray(absmax, jnp.float32)
     if q.block_size is not None:
-        x = (vals.reshape(stack + (-1, q.block_size)) * absmax[..., None]).reshape(stack + rest)
+        blocks = absmax.shape + (q.block_size,)
+        x = (vals.reshape(blocks) * absmax[..., None]).reshape(stack + rest)
     else:
         x = vals.reshape(stack + rest) * jnp.expand_dims(absmax, _in_positions(q.axes))
     x = jnp.transpose(x, np.argsort(stack_axes + rest_axes))
     return x.astype(q.dtype if dtype is None else dtype)
+
+
+def _double_dequantize_shaped(q: QuantizedArray) -> Array:
+    """The absmax values in the stored scales' shape (groups of 256 along the flattened layer).
+
+    The per-group scales are expanded in the flat order, then reshaped: they are tiny
+    and replicated (not sharded along layer axes), so no shard needs another's data."""
+    ns = q.axes.count("s")
+    shape = q.scales.shape
+    nb = math.prod(shape[ns:])
+    per = jnp.repeat(q.dq_scales, DQ_BLOCK, axis=-1)[..., :nb].reshape(shape)
+    offset = q.dq_offset.reshape(q.dq_offset.shape[:ns] + (1,) * (len(shape) - ns))
+    vals = jnp.asarray(DYNAMIC_TABLE)[q.scales.astype(jnp.int32)]
+    return vals * per + offset
 
 
 def quantize_leaf(w: Array, scheme: str, block_size: int | None, double_quant: bool,
@@ -383,14 +439,14 @@ def storage_shapes(shape: tuple[int, ...], scheme: str, block_size: int | None,
     stack_axes, rest_axes, roles = _split_axes(axes)
     stack = tuple(shape[k] for k in stack_axes)
     n = math.prod(shape[k] for k in rest_axes)
-    out = {"codes": (stack + ((n,) if scheme == "int8" else (n // 2,)),
-                     "int8" if scheme == "int8" else "uint8")}
+    code_shape, block_shape = _stored_shapes(tuple(shape), axes, scheme, block_size)
+    out = {"codes": (code_shape, "int8" if scheme == "int8" else "uint8")}
     if block_size is None:
         fan_out = tuple(shape[k] for k, c in zip(rest_axes, roles) if c == "o")
         out["scales"] = (stack + fan_out, "float32")
         return out
     nb = n // block_size
-    out["scales"] = (stack + (nb,), "uint8" if double_quant else "float32")
+    out["scales"] = (block_shape, "uint8" if double_quant else "float32")
     if double_quant:
         out["dq_scales"] = (stack + (-(-nb // DQ_BLOCK),), "float32")
         out["dq_offset"] = (stack + (1,), "float32")
@@ -595,12 +651,14 @@ def storage_specs(q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, 
                   path: str = "<kernel>") -> QuantizedArray:
     """``PartitionSpec`` s of ``q``'s stored arrays from the dense kernel's spec.
 
-    Stacked axes keep their specs (they lead every stored array). The
-    flattened layer axis of the codes takes the spec of the first non-stacked
-    kernel axis, whose shards are then contiguous runs of whole blocks
-    (scales shard with their blocks); per-channel scales take the fan-out
-    axes' specs. Double-quantization scales shard only where each shard holds
-    whole groups of 256 (else they are replicated: 4 bytes per 16384 weights).
+    Stacked axes keep their specs (they lead every stored array). When each
+    layer is stored in the kernel's shape (its last axis holds whole blocks,
+    the usual case), the codes and blockwise scales take the spec of every
+    kernel axis: fan-in, fan-out or both (tensor parallel), a shard of the
+    last axis holding whole blocks with their scales. A layer stored
+    flattened takes only its first axis's spec. Per-channel scales take the
+    fan-out axes' specs; double-quantization scales and offsets (4 bytes per
+    16384 weights) are replicated but for stacked axes.
 
     Args:
       q: the quantized kernel.
@@ -609,15 +667,18 @@ def storage_specs(q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, 
       path: the leaf path, for messages.
 
     Raises:
-      LoraShardingError: a non-stacked axis other than the first is sharded,
-        or a shard would split a block (the message names the leaf).
+      LoraShardingError: a shard would split a block (or a byte of two 4-bit
+        codes), or a flattened layer is sharded on another than its first axis
+        (the message names the leaf).
 
     Example:
       >>> from jax.sharding import PartitionSpec as P
-      >>> q = quantize({"w": jnp.ones((256, 64))}, "w", double_quant=True)["w"]
-      >>> s = storage_specs(q, P("fsdp", None), {"fsdp": 4})
+      >>> q = quantize({"w": jnp.ones((256, 128))}, "w", double_quant=True)["w"]
+      >>> q.codes.shape, q.scales.shape
+      ((256, 64), (256, 2))
+      >>> s = storage_specs(q, P(None, "tp"), {"tp": 2})       # fan-out sharded
       >>> [tuple(x) for x in (s.codes, s.scales, s.dq_scales, s.dq_offset)]
-      [('fsdp',), ('fsdp',), (None,), (None,)]
+      [(None, 'tp'), (None, 'tp'), (None,), (None,)]
     """
     from jax.sharding import PartitionSpec as P
 
@@ -626,32 +687,41 @@ def storage_specs(q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, 
     entries = list(tuple(kernel_spec)) + [None] * (q.ndim - len(tuple(kernel_spec)))
     stack_axes, rest_axes, roles = _split_axes(q.axes)
     stack = [entries[d] for d in stack_axes]
-    first = entries[rest_axes[0]]
-    if any(entries[d] is not None for d in rest_axes[1:]):
-        raise LoraShardingError(
-            f"leaf {path!r}: a quantized kernel stores each layer flattened, so only its "
-            f"first non-stacked axis can be sharded; spec {tuple(entries)} shards another "
-            f"(axes {q.axes!r}). Shard the first axis, or keep this kernel dense")
-    names = () if first is None else (first,) if isinstance(first, str) else tuple(first)
-    shards = math.prod(mesh_sizes[n] for n in names)
-    n = math.prod(q.shape[d] for d in rest_axes)
-    unit = (q.block_size or 1) * (1 if q.scheme == "int8" else 2)
-    if shards > 1 and (n // shards) % unit:
-        raise LoraShardingError(
-            f"leaf {path!r}: {shards} shards of {n} weights per layer would split a block of "
-            f"{q.block_size or 1} ({q.scheme}); use fewer shards or a smaller block_size")
-    flat = P(*stack, first)
-    if q.block_size is None:
-        scales = P(*stack, *[entries[d] for d, c in zip(rest_axes, roles) if c == "o"])
+    rest = [entries[d] for d in rest_axes]
+
+    def shards(entry: Any) -> int:
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        return math.prod(mesh_sizes[n] for n in names)
+
+    unit = _row_unit(q.scheme, q.block_size)
+    if _layer_shaped(q.shape, q.axes, q.scheme, q.block_size):
+        last = q.shape[rest_axes[-1]]
+        if (last // shards(rest[-1])) % unit:
+            raise LoraShardingError(
+                f"leaf {path!r}: {shards(rest[-1])} shards of its last axis ({last}) would "
+                f"split a block of {q.block_size or 1} ({q.scheme}); use fewer shards or a "
+                "smaller block_size")
+        codes = P(*stack, *rest)
     else:
-        scales = flat
-    dq = None
-    if q.dq_scales is not None:
-        nb = n // q.block_size
-        dq_ok = shards == 1 or (nb // shards) % DQ_BLOCK == 0
-        dq = P(*stack, first if dq_ok else None)
-    return dataclasses.replace(q, codes=flat, scales=scales, dq_scales=dq,
-                               dq_offset=None if q.dq_offset is None else P(*stack, None))
+        if any(e is not None for e in rest[1:]):
+            raise LoraShardingError(
+                f"leaf {path!r}: its last axis ({q.shape[rest_axes[-1]]}) holds no whole "
+                f"blocks of {unit}, so each layer is stored flattened and only its first "
+                f"non-stacked axis can be sharded; spec {tuple(entries)} shards another "
+                f"(axes {q.axes!r}). Shard the first axis, or keep this kernel dense")
+        n = math.prod(q.shape[d] for d in rest_axes)
+        if shards(rest[0]) > 1 and (n // shards(rest[0])) % unit:
+            raise LoraShardingError(
+                f"leaf {path!r}: {shards(rest[0])} shards of {n} weights per layer would split "
+                f"a block of {q.block_size or 1} ({q.scheme}); use fewer shards or a smaller "
+                "block_size")
+        codes = P(*stack, rest[0])
+    if q.block_size is None:
+        scales = P(*stack, *[e for e, c in zip(rest, roles) if c == "o"])
+    else:
+        scales = codes
+    flat = None if q.dq_scales is None else P(*stack, None)
+    return dataclasses.replace(q, codes=codes, scales=scales, dq_scales=flat, dq_offset=flat)
 
 
 def quantized_shardings(params: Any, kernel_shardings: Any) -> Any:
@@ -675,7 +745,7 @@ def quantized_shardings(params: Any, kernel_shardings: Any) -> Any:
       >>> q = quantize({"w": jnp.ones((128, 64))}, "w")
       >>> s = quantized_shardings(q, {"w": NamedSharding(mesh, P("fsdp"))})
       >>> tuple(s["w"].codes.spec), tuple(s["w"].scales.spec)
-      (('fsdp',), ('fsdp',))
+      (('fsdp', None), ('fsdp', None))
     """
     from jax.sharding import NamedSharding
 

@@ -125,10 +125,12 @@ def test_double_quant_absmax_error_is_bounded():
     plain = lj.quantize({"w": jnp.asarray(x)}, "w", scheme="nf4")["w"]
     dq = lj.quantize({"w": jnp.asarray(x)}, "w", scheme="nf4", double_quant=True)["w"]
     absmax = np.abs(x.reshape(-1, 64)).max(axis=1)
-    np.testing.assert_allclose(np.asarray(plain.scales), absmax, rtol=0)
+    # each row of 256 holds 4 whole blocks: stored (512, 4), the flat blocks' scales in order
+    assert plain.scales.shape == dq.scales.shape == (512, 4)
+    np.testing.assert_allclose(np.ravel(plain.scales), absmax, rtol=0)
     assert dq.scales.dtype == jnp.uint8 and dq.dq_scales.shape == (-(-absmax.size // 256),)
     from lora_jax._quant import double_dequantize
-    got = np.asarray(double_dequantize(dq.scales, dq.dq_scales, dq.dq_offset))
+    got = np.asarray(double_dequantize(dq.scales.reshape(-1), dq.dq_scales, dq.dq_offset))
     dev = absmax - absmax.mean()
     block_max = np.abs(np.pad(dev, (0, (-dev.size) % 256)).reshape(-1, 256)).max(axis=1)
     bound = np.repeat(block_max, 256)[:dev.size] * np.diff(DYNAMIC_TABLE).max() / 2
@@ -481,17 +483,27 @@ from lora_jax.advanced import quantized_shardings
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("stack", "fsdp"))
 r = np.random.default_rng(0)
 params = {"stk": jnp.asarray(r.standard_normal((2, 256, 64)), jnp.float32),
-          "fc": jnp.asarray(r.standard_normal((512, 128)), jnp.float32)}
-specs = {"stk": P("stack", "fsdp", None), "fc": P("fsdp", None)}
+          "fc": jnp.asarray(r.standard_normal((512, 128)), jnp.float32),
+          "tp": jnp.asarray(r.standard_normal((128, 256)), jnp.float32),
+          "both": jnp.asarray(r.standard_normal((256, 128)), jnp.float32)}
+# stacked + fan-in, fan-in (FSDP), fan-out (tensor parallel), fan-in and fan-out
+specs = {"stk": P("stack", "fsdp", None), "fc": P("fsdp", None), "tp": P(None, "fsdp"),
+         "both": P("stack", "fsdp")}
 kernel_sh = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-q = lj.quantize(params, "stk", double_quant=True, layouts={"stk": "sio"})
+q = lj.quantize(params, "stk|tp", double_quant=True, layouts={"stk": "sio"})
 q = lj.quantize(q, "fc", scheme="int8")
+q = lj.quantize(q, "both", scheme="int4", block_size=32)
 sh = quantized_shardings(q, kernel_sh)
 placed = jax.device_put(q, sh)
 out = {"codes_shard": list(placed["stk"].codes.sharding.shard_shape(placed["stk"].codes.shape)),
        "scales_shard": list(placed["stk"].scales.sharding.shard_shape(placed["stk"].scales.shape)),
        "fc_codes_shard": list(placed["fc"].codes.sharding.shard_shape(placed["fc"].codes.shape)),
        "fc_scales_shard": list(placed["fc"].scales.sharding.shard_shape(placed["fc"].scales.shape))}
+for k in ("tp", "both"):
+    out[k] = {f: [list(getattr(placed[k], f).shape),
+                  list(getattr(placed[k], f).sharding.shard_shape(getattr(placed[k], f).shape))]
+              for f in ("codes", "scales")}
+out["specs"] = {k: [list(getattr(sh[k], f).spec) for f in ("codes", "scales")] for k in specs}
 deq = jax.jit(lj.dequantize, out_shardings=kernel_sh)
 dense = deq(placed)
 ref = lj.dequantize(q)
@@ -500,16 +512,18 @@ hlo = deq.lower(placed).compile().as_text()
 out["collectives"] = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
                       if c in hlo]
 # a sharded QLoRA step: delta shardings derived from the dense kernels' shardings
-cfg = lj.LoraConfig(targets="stk|fc", rank=4, layouts={"stk": "sio"})
+cfg = lj.LoraConfig(targets="stk|fc|tp|both", rank=4, layouts={"stk": "sio"})
 _, delta = lj.init_lora(jax.random.key(0), params, cfg)
 delta = jax.tree.map(lambda a: a + 0.01, delta)
 delta_sh = lj.delta_shardings(kernel_sh, delta)
 x = jnp.asarray(r.standard_normal((8, 512)), jnp.float32)
 def fn(p, x):
     h = x @ p["fc"] / 16                                      # (8, 128), O(1) values
-    h = jnp.concatenate([h, h], axis=1)                       # (8, 256)
-    return jax.lax.scan(lambda c, w: (c, jnp.tanh(c @ w / 16)), h, p["stk"])[1]  # (2, 8, 64)
-loss = lambda d, b, x: jnp.sum(lj.implicit(fn)(b, d, x) ** 2)
+    h = jnp.tanh(h @ p["tp"] / 8)                             # (8, 256)
+    y = jnp.tanh(h @ p["both"] / 16)                          # (8, 128)
+    s = jax.lax.scan(lambda c, w: (c, jnp.tanh(c @ w / 16)), h, p["stk"])[1]  # (2, 8, 64)
+    return jnp.sum(s ** 2) + jnp.sum(y ** 2)
+loss = lambda d, b, x: lj.implicit(fn)(b, d, x)
 rep = NamedSharding(mesh, P())
 grad = jax.jit(jax.value_and_grad(loss), in_shardings=(delta_sh, sh, rep),
                out_shardings=(rep, delta_sh))
@@ -518,11 +532,14 @@ v0, g0 = jax.value_and_grad(loss)(delta, q, x)
 out["step_rel_diff"] = max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-12))
                            for a, b in zip(jax.tree.leaves(g) + [v], jax.tree.leaves(g0) + [v0]))
 out["grad_a_sharding"] = str(g["fc"].a.sharding.spec)
+norm = lambda s: list(s) + [None] * (2 - len(s))   # noqa: E731  (trailing Nones)
+out["grad_specs"] = {k: [norm(g[k].a.sharding.spec), norm(g[k].b.sharding.spec)] for k in specs}
+out["delta_specs"] = {k: [norm(delta_sh[k].a.spec), norm(delta_sh[k].b.spec)] for k in specs}
 _, d_init = lj.init_lora_sharded(jax.random.key(0), q, cfg, kernel_sh)   # quantized params
 out["init_a_spec"] = list(d_init["fc"].a.sharding.spec)
 out["init_stk_a_spec"] = list(d_init["stk"].a.sharding.spec)
 try:
-    quantized_shardings(q, {"stk": kernel_sh["stk"], "fc": NamedSharding(mesh, P(None, "fsdp"))})
+    quantized_shardings(q, {**kernel_sh, "tp": NamedSharding(mesh, P(None, ("stack", "fsdp")))})
     out["error"] = None
 except lj.LoraShardingError as e:
     out["error"] = str(e)
@@ -542,13 +559,24 @@ def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    # (2, 256, 64) nf4: codes (2, 8192) -> (1, 2048); 256 scales per layer -> (1, 64)
-    assert out["codes_shard"] == [1, 2048] and out["scales_shard"] == [1, 64]
+    # (2, 256, 64) nf4, one block per row: codes (2, 256, 32) -> (1, 64, 32); scales
+    # (2, 256, 1) -> (1, 64, 1)
+    assert out["codes_shard"] == [1, 64, 32] and out["scales_shard"] == [1, 64, 1]
     # (512, 128) int8 rows over 4 shards; per-channel scales (128,) replicated (fan-out unsharded)
-    assert out["fc_codes_shard"] == [512 * 128 // 4] and out["fc_scales_shard"] == [128]
+    assert out["fc_codes_shard"] == [128, 128] and out["fc_scales_shard"] == [128]
     # the same values (up to float contraction order: FMA in one program, not the other)
     assert out["max_diff"] < 1e-5 and out["collectives"] == [], out
-    assert out["error"] and "'fc'" in out["error"] and "first non-stacked axis" in out["error"]
+    # fan-out (tensor parallel) and fan-in + fan-out shard too: each shard holds whole blocks
+    # of its rows and their scales. tp (128, 256) nf4: codes (128, 128), 4 blocks per row
+    assert out["tp"] == {"codes": [[128, 128], [128, 32]], "scales": [[128, 4], [128, 1]]}, out
+    # both (256, 128) int4 blocks of 32: codes (256, 64), scales (256, 4); 2 x 4 shards
+    assert out["both"] == {"codes": [[256, 64], [128, 16]], "scales": [[256, 4], [128, 1]]}, out
+    assert out["specs"]["tp"] == [[None, "fsdp"]] * 2, out["specs"]
+    # 8 shards of 256 columns would cut the blocks of 64: refused, naming the leaf
+    assert out["error"] and "'tp'" in out["error"] and "split a block" in out["error"]
+    # the gradients come out in the delta's derived shardings (B fan-out sharded for tp)
+    assert out["grad_specs"] == out["delta_specs"], out
+    assert out["delta_specs"]["tp"] == [[None, None], [None, "fsdp"]], out
     # implicit over the sharded quantized base == unsharded, gradients sharded like the delta
     assert out["step_rel_diff"] < 1e-5, out
     assert "fsdp" in out["grad_a_sharding"], out
