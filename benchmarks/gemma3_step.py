@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from examples.gemma3 import generate as gg  # noqa: E402
+from examples import generation as gg  # noqa: E402
 from examples.gemma3 import gguf_loader as gl  # noqa: E402
 from examples.gemma3 import model as gm  # noqa: E402
 from benchmarks.rss import current_rss_mb, maxrss_mb, reset_peak_rss  # noqa: E402
