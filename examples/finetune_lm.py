@@ -187,6 +187,15 @@ def quantized(base, scheme: str):
     return lora_jax.quantize(base, LORA_CONFIG.targets, scheme=scheme, **kwargs)
 
 
+def training_base(base, scheme: str, dtype: str):
+    """The base the adapter trains over: every weight cast to ``dtype`` (``bfloat16``: the
+    model then computes in bfloat16 where its code does not promote), then LORA_CONFIG's
+    targets quantized from the cast weights (dequantized to ``dtype`` where used)."""
+    if dtype != "float32":
+        base = jax.tree.map(lambda x: x.astype(dtype), base)
+    return quantized(base, scheme)
+
+
 def report_quantized(base, train_base, target_eval, scheme: str) -> None:
     """Memory of the adapted kernels, dense vs quantized, and what quantizing alone cost."""
     paths = [p for p, x in lora_jax.advanced.leaves_with_paths(train_base)[0]
@@ -213,6 +222,9 @@ def main(argv=None):
     parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none",
                         help="QLoRA: train the adapter over the base with its adapted kernels "
                         "quantized (nf4: NF4 + double quantization; int8: per channel)")
+    parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the frozen base weights LoRA trains over (the LoRA "
+                        "factors and Adam stay float32)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -241,7 +253,7 @@ def main(argv=None):
     summary = lora_jax.print_summary(base, delta)
     # With --quantize the adapter trains over the quantized base (QLoRA); `base`
     # itself stays the dense pretrained params, untouched.
-    train_base = quantized(base, args.quantize)
+    train_base = training_base(base, args.quantize, args.base_dtype)
     model_before = lora_jax.dequantize(train_base)   # the model LoRA starts from
     target_before = float(eval_loss(model_before, target_eval))
     base_before = float(eval_loss(model_before, base_eval))
