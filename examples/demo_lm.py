@@ -48,7 +48,7 @@ def _attend(q, keys, values, q_pos, k_pos):
 
     Query ``t`` of row ``b`` sees key ``s`` iff ``k_pos[b, s] <= q_pos[b, t]``.
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys) / np.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys) / q.shape[-1] ** 0.5  # weak: keeps bf16
     allowed = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
     scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), values)
