@@ -152,7 +152,9 @@ PRETRAIN_LR = 3e-3
 
 
 def cross_entropy(logits, targets):
-    """Mean next-byte cross-entropy, in nats."""
+    """Mean next-byte cross-entropy, in nats (in float32 whatever the logits' dtype:
+    bfloat16's 8-bit mantissa would round a loss near 2 to steps of 1/64)."""
+    logits = logits.astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
