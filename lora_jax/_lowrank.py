@@ -345,10 +345,24 @@ def conv_rule(x: Array, view: LoraView, params: dict,
     if view.a.shape[-1] == 0:  # a quantized kernel without factors
         return view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
     n_in = len(view.roles) - 1
-    a = jnp.transpose(view.a.astype(dtype), [n_in if d == o_dim else j for d, (_, j) in
-                                             enumerate(view.roles)])
-    u = lax.conv_general_dilated_p.bind(x if dropout is None else dropout(x), a, **params)
+    perm = [n_in if d == o_dim else j for d, (_, j) in enumerate(view.roles)]
     feat = dn.out_spec[1]
+    if view.ex_scale is not None:  # mixed adapters: each example's conv with its own factors
+        _check_examples(view, x.shape[dn.lhs_spec[0]])
+        xb, ob = dn.lhs_spec[0], dn.out_spec[0]
+
+        def one(x_i: Array, a_i: Array, b_i: Array, s_i: Array) -> Array:
+            u = lax.conv_general_dilated_p.bind(jnp.expand_dims(x_i, xb),
+                                                jnp.transpose(a_i.astype(dtype), perm), **params)
+            u = jnp.moveaxis(u, feat, -1) * s_i.astype(u.dtype)
+            return jnp.squeeze(jnp.moveaxis(jnp.matmul(u, b_i.astype(dtype)), -1, feat), ob)
+
+        xd = x if dropout is None else dropout(x)
+        y = jax.vmap(one, in_axes=(xb, 0, 0, 0), out_axes=ob)(xd, view.a, view.b, view.ex_scale)
+        base = view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
+        return base + y.astype(base.dtype)
+    a = jnp.transpose(view.a.astype(dtype), perm)
+    u = lax.conv_general_dilated_p.bind(x if dropout is None else dropout(x), a, **params)
     u = jnp.moveaxis(u, feat, -1) * jnp.asarray(view.scale, u.dtype)
     y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype), precision=params.get("precision")),
                      -1, feat)
@@ -377,15 +391,42 @@ def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
     r = view.a.shape[-1]
     if r == 0:  # a quantized kernel without factors
         return view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
-    a = jnp.transpose(view.a.astype(dtype), [len(ins) if d == o_dim else j for d, (_, j) in
-                                             enumerate(view.roles)])
+    perm = [len(ins) if d == o_dim else j for d, (_, j) in enumerate(view.roles)]
     a_params = dict(params, slice_sizes=tuple(r if d == o_dim else s for d, s in enumerate(sizes)))
-    u = lax.gather_p.bind(a, indices, **a_params)
     pos = dn.offset_dims[0]
+    if view.ex_scale is not None:  # mixed adapters: each example's rows of its own A
+        return _per_example_gather(view, indices, params, a_params, perm)
+    a = jnp.transpose(view.a.astype(dtype), perm)
+    u = lax.gather_p.bind(a, indices, **a_params)
     u = jnp.moveaxis(u, pos, -1) * jnp.asarray(view.scale, u.dtype)
     y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype)), -1, pos)
     base = view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
     return _dora_scaled(base + y.astype(base.dtype), view, pos)
+
+
+def _per_example_gather(view: LoraView, indices: Array, params: dict, a_params: dict,
+                        perm: list[int]) -> Array:
+    """An embedding lookup with per-example factors: the example axis is the first batch
+    axis of ``indices`` (``lax.gather``'s index vector is always its last axis)."""
+    dn = params["dimension_numbers"]
+    ib = 0
+    if indices.ndim < 2:
+        raise _ids_error(view.path, view.ex_scale.shape[-1], "none (a single lookup)")
+    _check_examples(view, indices.shape[ib])
+    ob = next(d for d in range(len(dn.offset_dims) + indices.ndim - 1)
+              if d not in dn.offset_dims)
+    pos = dn.offset_dims[0] - (ob < dn.offset_dims[0])
+    dtype = view.dtype
+
+    def one(a_i: Array, b_i: Array, s_i: Array, idx_i: Array) -> Array:
+        u = lax.gather_p.bind(jnp.transpose(a_i.astype(dtype), perm), jnp.expand_dims(idx_i, ib),
+                              **a_params)
+        u = jnp.moveaxis(jnp.squeeze(u, ob), pos, -1) * s_i.astype(u.dtype)
+        return jnp.moveaxis(jnp.matmul(u, b_i.astype(dtype)), -1, pos)
+
+    y = jax.vmap(one, in_axes=(0, 0, 0, ib), out_axes=ob)(view.a, view.b, view.ex_scale, indices)
+    base = view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
+    return base + y.astype(base.dtype)
 
 
 def _dora_scaled(out: Array, view: LoraView, feature_axis: int) -> Array:

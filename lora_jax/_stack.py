@@ -413,3 +413,40 @@ def _explicit_spec(x: Any) -> Any:
         return None
     spec = tuple(sharding.spec) + (None,) * (np.ndim(x) - len(sharding.spec))
     return spec
+
+
+class CompileCounter:
+    """Counts XLA compilations while active (a ``jax.monitoring`` listener), e.g. to check
+    that loading a new adapter into a stack does not recompile the serving function.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> f, x, y = jax.jit(lambda x: x * 3), jnp.ones(2), jnp.zeros(2)
+      >>> with CompileCounter() as c:
+      ...     _ = f(x); _ = f(y)
+      >>> c.count
+      1
+    """
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def _listen(self, event: str, duration: float, **kwargs: Any) -> None:
+        if self.active and event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self) -> "CompileCounter":
+        self.active = True
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.active = False  # older JAX cannot unregister a listener: it goes quiet instead
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is not None:
+            try:
+                unregister(self._listen)
+            except (AssertionError, ValueError):
+                pass
