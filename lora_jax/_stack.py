@@ -387,17 +387,18 @@ def gather_slots(x: Array, index: Array, ids: Any) -> Array:
       >>> gather_slots(jnp.arange(6.0).reshape(3, 2), jnp.array([2, 0]), None).tolist()
       [[4.0, 5.0], [0.0, 1.0]]
     """
-    spec = _explicit_spec(x)
-    if spec is None:
+    found = _explicit_spec(x)
+    if found is None:
         return jnp.take(x, index, axis=0)
-    id_spec = _explicit_spec(ids) if ids is not None else None
-    first = id_spec[0] if id_spec else None
-    out = jax.sharding.PartitionSpec(first, *tuple(spec)[1:])
+    mesh, spec = found
+    id_found = _explicit_spec(ids) if ids is not None else None
+    first = id_found[1][0] if id_found else None
+    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(first, *spec[1:]))
     return x.at[index].get(out_sharding=out)
 
 
 def _explicit_spec(x: Any) -> Any:
-    """The partition spec of ``x``'s type under explicit mesh axes, else None."""
+    """``(mesh, spec)`` of ``x``'s type under explicit mesh axes, else None."""
     typeof = getattr(jax, "typeof", None)
     if typeof is None:
         return None
@@ -411,8 +412,7 @@ def _explicit_spec(x: Any) -> Any:
     types = getattr(mesh, "axis_types", ())
     if not any("Explicit" in str(t) for t in types):
         return None
-    spec = tuple(sharding.spec) + (None,) * (np.ndim(x) - len(sharding.spec))
-    return spec
+    return mesh, tuple(sharding.spec) + (None,) * (np.ndim(x) - len(sharding.spec))
 
 
 class CompileCounter:
