@@ -2,9 +2,9 @@
 
 The story, in three acts:
 
-1. **Pretrain** a tiny decoder-only transformer (Flax linen) on Python's
-   documentation (``pydoc_data.topics``), by ordinary full fine-tuning. The
-   result is cached on disk, so later runs skip this step.
+1. **Pretrain** a tiny decoder-only transformer (Flax linen, ``demo_lm.py``) on
+   Python's documentation (``pydoc_data.topics``), by ordinary full
+   fine-tuning. The result is cached on disk, so later runs skip this step.
 2. **LoRA fine-tune** it on a different domain, the source code of a few
    standard library modules. ``lora_jax.init_lora`` splits the params into a
    frozen ``base`` and a small trainable ``delta``; ``jax.grad`` is taken with
@@ -23,16 +23,9 @@ Everything is built in (no downloads) and deterministic given ``--seed``::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
-import hashlib
-import inspect
-import json
 import time
 from pathlib import Path
 
-import flax.linen as nn
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,98 +34,18 @@ from tqdm import tqdm
 
 import lora_jax
 from _text import (
-    VOCAB_SIZE,
     decode,
     encode,
     eval_windows,
-    fingerprint,
     pydoc_text,
     random_batches,
     stdlib_source_text,
     train_eval_split,
 )
+from demo_lm import BATCH_SIZE, CONFIG, MODEL, cross_entropy, eval_loss, load_or_pretrain
+from generation import Generator
 
-# -----------------------------------------------------------------------------
-# The model: a small pre-LayerNorm decoder-only transformer over bytes.
-# -----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = VOCAB_SIZE
-    seq_len: int = 128
-    d_model: int = 128
-    num_heads: int = 4
-    num_layers: int = 2
-    d_ff: int = 512
-
-
-class CausalSelfAttention(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):  # x: (batch, seq, d_model)
-        cfg = self.config
-        b, t, d = x.shape
-        head_dim = d // cfg.num_heads
-        split_heads = lambda y: y.reshape(b, t, cfg.num_heads, head_dim)  # noqa: E731
-        # Separate q/k/v/out Dense layers: their kernels are what LoRA targets.
-        q = split_heads(nn.Dense(d, name="q")(x))
-        k = split_heads(nn.Dense(d, name="k")(x))
-        v = split_heads(nn.Dense(d, name="v")(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-        attn = jax.nn.softmax(scores, axis=-1)
-        y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d)
-        return nn.Dense(d, name="out")(y)
-
-
-class MLP(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        h = nn.gelu(nn.Dense(self.config.d_ff, name="fc1")(x))
-        return nn.Dense(self.config.d_model, name="fc2")(h)
-
-
-class Block(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        x = x + CausalSelfAttention(self.config, name="attn")(nn.LayerNorm(name="ln1")(x))
-        x = x + MLP(self.config, name="mlp")(nn.LayerNorm(name="ln2")(x))
-        return x
-
-
-class TransformerLM(nn.Module):
-    """tokens (batch, seq) int32 -> next-token logits (batch, seq, vocab)."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, tokens):
-        cfg = self.config
-        # Small (GPT-2 style) embedding init, so token and position signals start
-        # at the same scale; the default unit-variance init slows training down.
-        embed_init = nn.initializers.normal(0.02)
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, name="tok_embed")
-        x = embed(tokens)
-        pos = self.param("pos_embed", embed_init, (cfg.seq_len, cfg.d_model))
-        x = x + pos[: tokens.shape[1]]
-        for i in range(cfg.num_layers):
-            x = Block(cfg, name=f"block_{i}")(x)
-        return nn.Dense(cfg.vocab_size, name="head")(nn.LayerNorm(name="ln_f")(x))
-
-
-CONFIG = ModelConfig()
-MODEL = TransformerLM(CONFIG)
 IMPLICIT_APPLY = lora_jax.implicit(MODEL.apply, strict=True)  # training forward, see forward()
-# Training settings, sized for a laptop CPU (about 2 minutes on 2 cores).
-BATCH_SIZE = 16
-PRETRAIN_LR = 3e-3
 LORA_LR = 1e-2
 NUM_EVAL_WINDOWS = 128
 
@@ -142,74 +55,6 @@ LORA_CONFIG = lora_jax.LoraConfig(
     rank=8,
     alpha=16,
 )
-
-
-def cross_entropy(logits, targets):
-    """Mean next-byte cross-entropy, in nats."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
-@jax.jit
-def eval_loss(params, windows):
-    """Loss of dense ``params`` on fixed ``(n, seq_len + 1)`` windows."""
-    return cross_entropy(MODEL.apply(params, windows[:, :-1]), windows[:, 1:])
-
-
-# -----------------------------------------------------------------------------
-# Act 1: pretraining (full fine-tuning), cached on disk.
-# -----------------------------------------------------------------------------
-
-
-def pretrain(tokens, steps: int, seed: int):
-    """Trains every parameter with AdamW; returns (params, per-step losses)."""
-    params = MODEL.init(jax.random.key(seed), jnp.zeros((1, CONFIG.seq_len), jnp.int32))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, PRETRAIN_LR, warmup_steps=max(1, steps // 20), decay_steps=max(steps, 2),
-        end_value=PRETRAIN_LR / 10)
-    optimizer = optax.adamw(schedule, weight_decay=0.01)
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(
-            lambda p: cross_entropy(MODEL.apply(p, batch[:, :-1]), batch[:, 1:]))(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    batches = random_batches(tokens, BATCH_SIZE, CONFIG.seq_len, seed)
-    losses = []
-    with tqdm(range(steps), desc="pretrain (full)", unit="step") as bar:
-        for i in bar:
-            params, opt_state, loss = step(params, opt_state, next(batches))
-            losses.append(loss)
-            if i % 10 == 0 or i == steps - 1:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-    return params, np.asarray(jax.device_get(losses), np.float32)
-
-
-def load_or_pretrain(tokens, steps: int, seed: int, out: Path, use_cache: bool):
-    """Pretrained params from ``out``'s cache if present, else trains (and caches) them.
-
-    The cache file name holds a hash of everything the result depends on: the
-    model's code and config, the training code and settings, and the corpus.
-    """
-    code = "".join(inspect.getsource(f) for f in (CausalSelfAttention, MLP, Block,
-                                                   TransformerLM, pretrain))
-    key = json.dumps([code, dataclasses.asdict(CONFIG), steps, seed, BATCH_SIZE, PRETRAIN_LR,
-                      fingerprint(tokens)])
-    path = out / f"base_params-{hashlib.sha256(key.encode()).hexdigest()[:12]}.msgpack"
-    if use_cache and path.exists():
-        state = flax.serialization.msgpack_restore(path.read_bytes())
-        print(f"pretrained params: loaded from cache {path}")
-        return jax.tree.map(jnp.asarray, state["params"]), state["losses"]
-    params, losses = pretrain(tokens, steps, seed)
-    if use_cache:
-        state = {"params": jax.device_get(params), "losses": losses}
-        path.write_bytes(flax.serialization.msgpack_serialize(state))
-        print(f"pretrained params: trained and cached to {path}")
-    else:
-        print("pretrained params: trained (--no-cache: cache not read or written)")
-    return params, losses
 
 
 # -----------------------------------------------------------------------------
@@ -277,19 +122,13 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _greedy(params, buf, start: int):
-    def body(i, buf):
-        logits = MODEL.apply(params, buf)
-        return buf.at[0, i].set(jnp.argmax(logits[0, i - 1]).astype(buf.dtype))
-    return jax.lax.fori_loop(start, buf.shape[1], body, buf)
+GENERATOR = Generator(MODEL.apply, MODEL)  # jitted prefill + decode with a KV cache
 
 
 def generate(params, prompt: str) -> str:
     """Greedy continuation of ``prompt`` up to the model's context length."""
-    ids = encode(prompt)
-    buf = jnp.zeros((1, CONFIG.seq_len), jnp.int32).at[0, : len(ids)].set(ids)
-    return decode(_greedy(params, buf, len(ids))[0, len(ids):])
+    ids = encode(prompt).tolist()
+    return decode(GENERATOR((params,), [ids], CONFIG.seq_len - len(ids)).tokens[0])
 
 
 def max_abs_diff(tree_a, tree_b) -> float:
@@ -390,8 +229,9 @@ def main(argv=None):
 
     # Act 1: the pretrained model.
     print("\n== 1. Pretraining (full fine-tuning) ==")
-    params, pretrain_losses = load_or_pretrain(base_train, args.pretrain_steps, args.seed,
-                                               args.out, use_cache=not args.no_cache)
+    params, pretrain_losses = load_or_pretrain(
+        base_train, args.pretrain_steps, args.seed, args.out, use_cache=not args.no_cache,
+        progress=lambda steps: tqdm(steps, desc="pretrain (full)", unit="step"))
     print(f"model params: {lora_jax.count_params(params):,}")
     pretrained_copy = jax.tree.map(np.array, params)  # a host copy, to check later
 

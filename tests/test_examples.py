@@ -111,14 +111,19 @@ def test_finetune_lm_over_a_quantized_base(tmp_path):
     assert nf4 != f32 and abs(nf4 - f32) < 0.1 * f32
 
 
-@needs_extras
+def _import_example(monkeypatch, name: str):
+    """Imports ``examples/<name>.py`` as the examples do (their folder on ``sys.path``)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # for `import _text`, `import demo_lm`
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_pretrain_cache(tmp_path, monkeypatch, capsys):
     """A second run loads the pretrained params from the cache instead of training."""
-    monkeypatch.syspath_prepend(str(EXAMPLES))  # for `import _text`
-    spec = importlib.util.spec_from_file_location("finetune_lm", EXAMPLES / "finetune_lm.py")
-    demo = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "finetune_lm", demo)
-    spec.loader.exec_module(demo)
+    demo = _import_example(monkeypatch, "demo_lm")
     tokens = np.arange(4096, dtype=np.int32) % 256
 
     trained, losses = demo.load_or_pretrain(tokens, 2, 0, tmp_path, use_cache=True)
@@ -130,6 +135,39 @@ def test_pretrain_cache(tmp_path, monkeypatch, capsys):
     assert jax.tree.structure(trained) == jax.tree.structure(loaded)
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_demo_lm_kv_cache_generation_equals_full_recompute(monkeypatch):
+    """Greedy decoding with the KV cache (prompts of different lengths in one batch,
+    right-padded) gives the tokens of re-running the whole prefix at every step,
+    for the base and for an unmerged adapter under ``implicit``."""
+    demo = _import_example(monkeypatch, "demo_lm")
+    generation = _import_example(monkeypatch, "generation")
+    model = demo.MODEL
+    params = model.init(jax.random.key(3), np.zeros((1, 8), np.int32))
+    base, delta = lora_jax.init_lora(jax.random.key(4), params, lora_jax.LoraConfig(
+        targets=r".*/(q|v|fc1)/kernel", rank=4, alpha=8))
+    delta = jax.tree.map(lambda x: x + 0.05, delta)  # B != 0: the adapter changes the model
+    merged = lora_jax.merge(base, delta)
+    prompts = [[5, 77, 3, 9, 120, 64, 2], [200, 11], list(range(40, 57))]
+    n = 12
+
+    forward = jax.jit(model.apply)  # on a fixed-width buffer: causal, so the tail is inert
+
+    def recompute(p, prompt):
+        buf = np.zeros((1, 64), np.int32)
+        buf[0, :len(prompt)] = prompt
+        for t in range(len(prompt), len(prompt) + n):
+            buf[0, t] = int(np.argmax(forward(p, buf)[0, t - 1]))
+        return buf[0, len(prompt):len(prompt) + n].tolist()
+
+    want = [recompute(merged, p) for p in prompts]
+    assert want != [recompute(params, p) for p in prompts]  # the adapter matters
+    got_merged = generation.Generator(model.apply, model)((merged,), prompts, n).tokens
+    got_implicit = generation.Generator(lora_jax.implicit(model.apply), model)(
+        (base, delta), prompts, n).tokens
+    assert got_merged == want
+    assert got_implicit == want
 
 
 def test_nnx_finetune(tmp_path):

@@ -62,7 +62,7 @@ if _missing:
 import torch  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from examples.gemma3 import generate as gg  # noqa: E402
+from examples import generation as gg  # noqa: E402
 from examples.gemma3 import gguf_loader as gl  # noqa: E402
 from examples.gemma3 import model as gm  # noqa: E402
 from examples.gemma3.tokenizer import Tokenizer  # noqa: E402
