@@ -21,8 +21,11 @@ ids) and ``ragged`` (``lax.ragged_dot`` over the tokens sorted by adapter).
 
 ``compilations_on_swap`` counts XLA compilations of the serving function
 after a new adapter (another rank and alpha) is loaded into a slot.
-Decode figures (tokens/s with a KV cache: merged vs unmerged vs mixed) are in
-``decode`` when the demo LM with a KV cache is available.
+``decode``: decode tokens/s with a KV cache (``examples/generation.py``'s
+jitted prefill + decode loop) on the demo LM (``examples/demo_lm.py``, random
+weights; the reference workload has no cache), 16 prompts: ``merged`` (one
+adapter), ``unmerged`` (one adapter, implicit), ``mixed16`` (16 adapters, one
+batch) and ``loop16`` (each adapter's prompt decoded separately).
 """
 
 from __future__ import annotations
@@ -100,6 +103,55 @@ def formulations(rng, n: int, batch: int, seq: int, d_in: int, d_out: int, rank:
         err = float(np.abs(np.asarray(fn(*args)) - ref).max() / np.abs(ref).max())
         assert err < 1e-4, (name, err)
     return {name: Run(lambda fn=fn: fn(*args), batch * seq) for name, fn in fns.items()}
+
+
+def decode_figures(args) -> dict:
+    """Decode tokens/s of the demo LM with a KV cache (see the module docstring)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "examples"))
+    from demo_lm import MODEL  # noqa: PLC0415
+    from generation import Generator  # noqa: PLC0415
+
+    n, new_tokens, rounds = N_ADAPTERS, (4 if args.small else 32), max(1, args.rounds // 3)
+    params = MODEL.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    cfg = lora_jax.LoraConfig(targets=r".*/(q|k|v|out|fc1|fc2)/kernel",
+                              rank=8, alpha=16.0)
+    base, delta = lora_jax.init_lora(jax.random.key(1), params, cfg)
+    deltas = [W.trained_like(delta, seed=200 + i) for i in range(n)]
+    stack = lora_jax.stack_adapters(deltas)
+    ids = jnp.arange(n, dtype=jnp.int32)
+    prompts = [list(np.random.default_rng(i).integers(1, 256, 12)) for i in range(n)]
+    mixed_apply = lambda b, s, i, t, **kw: lora_jax.implicit(MODEL.apply)(  # noqa: E731
+        b, s, t, adapter_ids=i, **kw)
+    plain, lora, mixed = (Generator(MODEL.apply, MODEL), Generator(lora_jax.implicit(MODEL.apply),
+                          MODEL), Generator(mixed_apply, MODEL))
+    merged = lora_jax.merge(base, deltas[0])
+    runs = {
+        "merged": lambda: [plain((merged,), prompts, new_tokens, stop_at_eos=False)],
+        "unmerged": lambda: [lora((base, deltas[0]), prompts, new_tokens, stop_at_eos=False)],
+        "mixed16": lambda: [mixed((base, stack, ids), prompts, new_tokens, stop_at_eos=False)],
+        "loop16": lambda: [lora((base, deltas[i]), prompts[i:i + 1], new_tokens,
+                                stop_at_eos=False) for i in range(n)],
+    }
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    outs = {}
+    for r in range(rounds + 1):  # round 0 compiles
+        for name, run in runs.items():
+            gens = run()
+            outs[name] = gens
+            steps = sum(g.batch * g.decode_steps for g in gens)
+            if r:
+                rates[name].append(steps / sum(g.decode_s for g in gens))
+    mixed_tokens = outs["mixed16"][0].tokens
+    loop_tokens = [g.tokens[0] for g in outs["loop16"]]
+    result = {k: {"tokens_per_s": float(np.median(v))} for k, v in rates.items()}
+    result["mixed16_equals_loop16_tokens"] = mixed_tokens == loop_tokens
+    print()
+    print(W.fmt_table(["decode (demo LM, KV cache, 16 prompts)", "tokens/s"],
+                      [[k, f"{v['tokens_per_s']:.0f}"] for k, v in result.items()
+                       if isinstance(v, dict)]))
+    print(f"mixed16 tokens == each adapter decoded alone: {result['mixed16_equals_loop16_tokens']}")
+    return result
 
 
 def main(argv=None):
@@ -194,9 +246,7 @@ def main(argv=None):
         print(f"{k}: {v:.1e}")
     out = {"configs": results, "formulations": branch, "ratios": ratios,
            "compilations_on_swap": compilations, "check": check, "meta": run_meta}
-    decode = decode_figures(args, wl) if "decode_figures" in globals() else None
-    if decode is not None:
-        out["decode"] = decode
+    out["decode"] = decode_figures(args)
     if args.json:
         import json
         with open(args.json, "w") as fh:
