@@ -320,3 +320,46 @@ def test_sharded_mixed_batch_matches_one_device():
     for name, err in res["max_abs_err"].items():
         assert err < 1e-4, (name, err)
     assert res["gathered_spec"] == res["want_spec"], res
+
+
+# ---- examples and benchmark ------------------------------------------------------------------
+
+
+def _run(args: list[str], timeout: int = 600) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                          + " --xla_backend_optimization_level=0").strip())
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow  # about 50 s on 2 busy cores (pretrains and trains tiny adapters)
+def test_serve_many_adapters_example_generates_each_adapters_tokens(tmp_path):
+    """Mixed-adapter generation (KV cache, one batch) equals each adapter merged alone."""
+    out = _run([str(ROOT / "examples" / "serve_many_adapters.py"), "--adapters", "3",
+                "--steps", "2", "--pretrain-steps", "2", "--no-cache", "--max-new-tokens", "5",
+                "--out", str(tmp_path)])
+    agree, total = map(int, re.search(r"(\d+)/(\d+) identical generations", out).groups())
+    assert total == 4 and agree == total, out
+    diff = float(re.search(r"prefill logits max rel\. diff ([0-9.eE+-]+)", out).group(1))
+    assert diff < 1e-4
+    assert re.search(r"hot-swap into slot 0: 0 compilations", out), out
+    assert re.search(r"one batch: \d+ decode tokens/s", out), out
+
+
+@pytest.mark.slow  # about 45 s on 2 busy cores
+def test_serving_benchmark_smoke(tmp_path):
+    path = tmp_path / "serving.json"
+    _run([str(ROOT / "benchmarks" / "serving.py"), "--small", "--rounds", "1", "--steps", "1",
+          "--warmup", "1", "--json", str(path)])
+    res = json.loads(path.read_text())
+    assert set(res["configs"]) == {"merged", "unmerged", "mixed16", "loop16"}
+    for v in res["configs"].values():
+        assert np.isfinite(v["tokens_per_s"]) and v["tokens_per_s"] > 0
+    assert res["compilations_on_swap"] == 0
+    assert res["check"]["mixed16_rel_err_vs_merged"] < 1e-4
+    assert set(res["formulations"]) == {"gather", "onehot", "ragged"}
+    assert res["decode"]["mixed16_equals_loop16_tokens"] is True
+    assert {"merged", "unmerged", "mixed16", "loop16"} <= set(res["decode"])
