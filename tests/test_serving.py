@@ -197,6 +197,22 @@ def test_gradients_through_a_mixed_batch_are_right(net):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_mixed_batch_over_a_quantized_base():
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
+    q = lj.quantize(params, "w", scheme="int8")
+    deltas = [_trained(lj.init_lora(jax.random.key(i), params,
+                                    lj.LoraConfig(targets="w", rank=2 + i))[1], i)
+              for i in range(2)]
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    x = jax.random.normal(jax.random.key(3), (3, 64))
+    ids = [1, -1, 0]
+    out = lj.implicit(fn)(q, lj.stack_adapters(deltas), x, adapter_ids=jnp.asarray(ids))
+    dense = lj.dequantize(q)
+    want = jnp.stack([fn(dense if i < 0 else lj.merge(dense, deltas[i]), x[e])
+                      for e, i in enumerate(ids)])
+    np.testing.assert_allclose(out, want, **TOL)
+
+
 # ---- combinations --------------------------------------------------------------------------
 
 
