@@ -57,18 +57,18 @@ def _config(targets: str, **kw) -> lj.LoraConfig:
 
 
 def _trained(delta, seed):
-    """Random factors everywhere (init leaves B or an embedding's A at zero)."""
-    leaves, tdef = jax.tree_util.tree_flatten(delta)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tdef, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    """Random factors everywhere (init leaves B or an embedding's A at zero); drawn with
+    NumPy, since jax.random compiles one program per shape."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                        delta)
 
 
 @pytest.fixture(scope="module")
 def net():
     model = Net()
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (5, 4)), jnp.int32)
-    params = model.init(jax.random.key(0), tokens)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)
     deltas = []
     # Different ranks, alphas, rsLoRA and target subsets: slot 2 adapts only fc and out.
     for i, (rank, alpha, targets) in enumerate([(2, 4.0, TARGETS), (4, 3.0, TARGETS),
@@ -81,11 +81,16 @@ def net():
     return model, base, deltas, stack, tokens, serve
 
 
+_MERGE = jax.jit(lj.merge)
+
+
 def _reference(model, base, deltas, tokens, ids):
+    """Each example alone through its adapter merged (the base for id -1); one jit per model."""
+    apply = jax.jit(model.apply)
     rows = []
     for e, i in enumerate(ids):
-        params = base if i < 0 else lj.merge(base, deltas[i])
-        rows.append(model.apply(params, tokens[e:e + 1])[0])
+        params = base if i < 0 else _MERGE(base, deltas[i])
+        rows.append(apply(params, tokens[e:e + 1])[0])
     return jnp.stack(rows)
 
 
@@ -167,7 +172,7 @@ class Scanned(nn.Module):
 def test_scan_stacked_layers():
     model = Scanned()
     x = jax.random.normal(jax.random.key(0), (4, 2, 6))
-    params = model.init(jax.random.key(1), x)
+    params = jax.jit(model.init)(jax.random.key(1), x)
     cfg = lambda r: lj.LoraConfig(targets=r".*kernel", rank=r, alpha=2.0,  # noqa: E731
                                   layouts={".*": "sio"})
     deltas = [_trained(lj.init_lora(jax.random.key(i), params, cfg(r))[1], i)
@@ -185,12 +190,12 @@ def test_gradients_through_a_mixed_batch_are_right(net):
     def loss_mixed(s):
         return jnp.sum(lj.implicit(model.apply)(base, s, tokens, adapter_ids=jnp.asarray(ids))**2)
 
-    g = jax.grad(loss_mixed)(stack)["params"]["fc"]["kernel"]
+    g = jax.jit(jax.grad(loss_mixed))(stack)["params"]["fc"]["kernel"]
     # the same gradient from the per-example merged forwards (autodiff through merge)
     def loss_ref(ds):
         return sum(jnp.sum(model.apply(lj.merge(base, ds[i]), tokens[e:e + 1]) ** 2)
                    for e, i in enumerate(ids) if i >= 0)
-    ref = jax.grad(loss_ref)(deltas)
+    ref = jax.jit(jax.grad(loss_ref))(deltas)
     # slot 1's B gradient: the stack's is padded to rank 4, slot 1 has rank 4 (rsLoRA)
     np.testing.assert_allclose(g.b[1], ref[1]["params"]["fc"]["kernel"].b, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(g.a[0, :, :2], ref[0]["params"]["fc"]["kernel"].a,
