@@ -143,7 +143,8 @@ def truncate_rank(delta: Any, rank: int) -> tuple[Any, dict[str, Array]]:
     Returns:
       ``(delta, dropped)``: ``dropped[path]`` is ``sum_{j>k} S_j^2 / sum_j
       S_j^2``, the fraction of ``||Delta W||_F^2`` lost, float32 (per stacked
-      layer for stacked kernels, shape ``(*stack,)``).
+      layer for stacked kernels, shape ``(*stack,)``); kernels already of
+      rank ``<= rank`` (and leaves trained in full) are kept and have no entry.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
