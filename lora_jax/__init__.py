@@ -11,6 +11,7 @@ building blocks with no stability promise; every other module is private.
 """
 
 from lora_jax import advanced
+from lora_jax._combine import combine, truncate_rank
 from lora_jax._config import LoraConfig
 from lora_jax._delta import LeafDelta, LoraFactors
 from lora_jax._errors import (
@@ -43,6 +44,7 @@ from lora_jax._sharding import (
     opt_state_shardings,
     param_shardings,
 )
+from lora_jax._stack import StackedFactors, set_adapter, stack_adapters
 from lora_jax._summary import count_params, print_summary, summarize
 from lora_jax._variants import olora, pissa, with_dora
 
@@ -66,6 +68,8 @@ __all__ = [
     "LoraTargetError",
     "NameMap",
     "QuantizedArray",
+    "StackedFactors",
+    "combine",
     "count_params",
     "delta_shardings",
     "dequantize",
@@ -90,8 +94,11 @@ __all__ = [
     "requantize",
     "save",
     "save_base",
+    "set_adapter",
+    "stack_adapters",
     "summarize",
     "train_delta_only",
+    "truncate_rank",
     "unmerge",
     "with_dora",
 ]

@@ -386,7 +386,7 @@ def dora_weight(kernel: Array, factors: LoraFactors, norm: Array | None = None) 
 Row = tuple[str, Any, Any]  # (path, base leaf, LoraFactors | LeafDelta | None)
 
 
-def align(params: Any, delta: Any) -> tuple[list[Row], Any]:
+def align(params: Any, delta: Any, stacked_ok: bool = False) -> tuple[list[Row], Any]:
     """Pairs every leaf of ``params`` with its delta entry (or None).
 
     Args:
@@ -400,6 +400,8 @@ def align(params: Any, delta: Any) -> tuple[list[Row], Any]:
     Raises:
       LoraStructureError: the delta's structure differs from the params', or
         an entry does not fit its leaf's shape; the message names the leaf.
+        Adapter stacks (:class:`~lora_jax.StackedFactors`) are entries only
+        with ``stacked_ok`` (``implicit`` serves them; ``merge`` cannot).
 
     Example:
       >>> rows, _ = align({"w": jnp.ones((2, 2))}, {"w": None})
@@ -413,11 +415,11 @@ def align(params: Any, delta: Any) -> tuple[list[Row], Any]:
         raise LoraStructureError(_structure_message(params, delta, e)) from None
     for (path, leaf), entry in zip(leaves, entries):
         if entry is not None:
-            check_fits(path, tuple(getattr(leaf, "shape", ())), entry)
+            check_fits(path, tuple(getattr(leaf, "shape", ())), entry, stacked_ok)
     return [(path, leaf, entry) for (path, leaf), entry in zip(leaves, entries)], treedef
 
 
-def check_fits(path: str, shape: tuple[int, ...], entry: Any) -> None:
+def check_fits(path: str, shape: tuple[int, ...], entry: Any, stacked_ok: bool = False) -> None:
     """Raises :class:`LoraStructureError` unless ``entry`` adapts a leaf of ``shape``.
 
     Example:
@@ -431,6 +433,17 @@ def check_fits(path: str, shape: tuple[int, ...], entry: Any) -> None:
             raise LoraStructureError(
                 f"leaf {path!r}: the trained-in-full delta has shape {entry.kernel_shape}, "
                 f"the base leaf {shape}")
+        return
+    if type(entry).__name__ == "StackedFactors":  # lora_jax._stack builds on this module
+        if not stacked_ok:
+            raise LoraStructureError(
+                f"leaf {path!r}: the delta holds an adapter stack (StackedFactors); only "
+                "implicit(...)(base, stack, x, adapter_ids=ids) serves a stack: merge one "
+                "adapter of it (lora_jax.advanced.unstack) instead")
+        if entry.kernel_shape != shape:
+            raise LoraStructureError(
+                f"leaf {path!r}: the adapter stack adapts a kernel of shape "
+                f"{entry.kernel_shape}, the base kernel has shape {shape}")
         return
     if not is_factors(entry):
         raise LoraStructureError(

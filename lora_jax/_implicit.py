@@ -72,7 +72,9 @@ from lora_jax._errors import LoraArgumentError, LoraFallbackWarning, LoraImplici
 from lora_jax._lowrank import conv_rule, dot_general_rule, gather_rule
 from lora_jax._merge import align
 from lora_jax._quant import is_quantized
+from lora_jax._qview import LazyKernel
 from lora_jax._rebuild import Graph, input_chain
+from lora_jax._stack import example_ids, is_stacked, stack_slots
 from lora_jax._tracing import trace
 from lora_jax._view import LoraView
 
@@ -109,8 +111,24 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
         saves every ``x``.
 
     Returns:
-      ``wrapped(base, delta, *args, lora_dropout_key=None, **kwargs)``; jit-,
-      grad- and vmap-able.
+      ``wrapped(base, delta, *args, lora_dropout_key=None, adapter_ids=None,
+      **kwargs)``; jit-, grad- and vmap-able.
+
+    Mixed adapters in one batch: ``delta`` may hold
+    :class:`~lora_jax.StackedFactors` (from :func:`~lora_jax.stack_adapters`)
+    with ``N`` slots; ``adapter_ids`` ``(batch,)`` int then picks each
+    example's slot (``-1``: the base alone), and every use of a stacked kernel
+    computes ``x_e @ W + s_{id_e} (x_e @ A_{id_e}) @ B_{id_e}`` for each
+    example ``e``, in one program: each example's factors are gathered once
+    (``(batch, ..., R)``, see :func:`~lora_jax._stack.gather_slots` for their
+    sharding) and the branch is a batched matmul. The example axis of an
+    input ``x`` is its leading free axis (the first axis that is neither
+    contracted with the kernel nor a stacked-layer batch axis; a conv's batch
+    axis; the first batch axis of an embedding lookup's indices): its size
+    must be ``len(adapter_ids)``, else :class:`LoraArgumentError` names the
+    kernel. A stacked kernel cannot be materialised (there is no single
+    dense kernel), so a use without a rule raises :class:`LoraImplicitError`.
+    Concrete ids outside ``[-1, N)`` raise; under ``jit`` they make their row NaN.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -126,17 +144,42 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
 
     @functools.wraps(fn)
     def wrapped(base: Any, delta: Any, *args: Any, lora_dropout_key: Any = None,
-                **kwargs: Any) -> Any:
-        rows, treedef = align(base, delta)
+                adapter_ids: Any = None, **kwargs: Any) -> Any:
+        rows, treedef = align(base, delta, stacked_ok=True)
         closed, out_shape, dynamic = trace(fn, treedef, [_traced(leaf) for _, leaf, _ in rows],
                                            args, kwargs)
-        invals = [_input(path, leaf, f) for path, leaf, f in rows]
+        stacked = [path for path, _, f in rows if is_stacked(f)]
+        if stacked or adapter_ids is not None:
+            ids = _example_ids(rows, stacked, adapter_ids)
+            invals = [LoraView.of_stacked(path, _kernel(leaf), f, *ids, adapter_ids)
+                      if is_stacked(f) else _input(path, leaf, f) for path, leaf, f in rows]
+        else:
+            invals = [_input(path, leaf, f) for path, leaf, f in rows]
         ctx = Context(strict, dropout if lora_dropout_key is not None else 0.0,
                       lora_dropout_key, rebuild_inputs)
         outs = evaluate(ctx, closed.jaxpr, closed.consts, invals + list(dynamic))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+def _example_ids(rows: list, stacked: list[str], adapter_ids: Any) -> tuple[Any, Any]:
+    """``(slot index, valid)`` per example, checked against the stack's slot count."""
+    if adapter_ids is None:
+        raise LoraArgumentError(
+            f"the delta holds adapter stacks (at {stacked[:3]}); pass adapter_ids=(batch,) ids "
+            "choosing each example's slot (-1: the base alone)")
+    if not stacked:
+        raise LoraArgumentError(
+            "adapter_ids was given but the delta holds no adapter stack (build one with "
+            "lora_jax.stack_adapters)")
+    slots = stack_slots({path: f for path, _, f in rows if is_stacked(f)})
+    return example_ids(adapter_ids, slots)
+
+
+def _kernel(leaf: Any) -> Any:
+    """A stacked kernel's frozen base: a quantized one carried as its codes."""
+    return LazyKernel(leaf) if is_quantized(leaf) else leaf
 
 
 def _traced(leaf: Any) -> Any:
@@ -239,6 +282,12 @@ class Context:
         """``value``, or the materialised kernel if it is a view (after a warning)."""
         if not isinstance(value, LoraView):
             return value
+        if value.ex_scale is not None:
+            raise LoraImplicitError(
+                f"kernel {value.path!r} has per-example adapters (adapter_ids) and reaches "
+                f"{where!r}, which has no low-rank rule: there is no single dense kernel to "
+                "materialise for a batch of mixed adapters (serve this model merged per adapter, "
+                "or keep this kernel out of the stack)")
         if self.strict:
             raise LoraImplicitError(
                 f"kernel {value.path!r} reaches {where!r}, which has no low-rank rule; "

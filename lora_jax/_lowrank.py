@@ -204,8 +204,10 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     perm = xb_sorted + x_free + xc_sorted
     stack = tuple(x.shape[d] for d in xb_sorted)
     m_shape = tuple(x.shape[d] for d in x_free)
+    if view.ex_scale is not None:
+        _check_examples(view, m_shape[0] if m_shape else 0)
     r = fa.shape[-1]
-    out_shape = fb.shape[ns + 1:]
+    out_shape = fb.shape[ns + view.n_ex + 1:]
     dtype = view.dtype
 
     def base_product(x_: Array, w: Array) -> Array:
@@ -216,17 +218,21 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
 
     def canonical(v: Array) -> Array:  # (*stack, M, K)
         v = v if perm == list(range(v.ndim)) else jnp.transpose(v, perm)
-        return v.reshape(stack + (math.prod(m_shape), math.prod(fa.shape[ns:-1])))
+        return v.reshape(stack + (math.prod(m_shape), math.prod(fa.shape[ns + view.n_ex:-1])))
 
-    factors = (fa.astype(dtype).reshape(stack + (-1, r)),
-               fb.astype(dtype).reshape(stack + (r, math.prod(out_shape))))
     precision = params.get("precision")
-    if source is None or dropout is not None:
+    factors = lambda: (fa.astype(dtype).reshape(stack + (-1, r)),  # noqa: E731
+                       fb.astype(dtype).reshape(stack + (r, math.prod(out_shape))))
+    if view.ex_scale is not None:  # mixed adapters: one factor pair per example
         xd = x if dropout is None else dropout(x)
-        y = low_rank(canonical(xd), *factors, view.scale, precision)
+        y = per_example_low_rank(canonical(xd), fa.astype(dtype), fb.astype(dtype),
+                                 view.ex_scale, ns, precision, view.path)
+    elif source is None or dropout is not None:
+        xd = x if dropout is None else dropout(x)
+        y = low_rank(canonical(xd), *factors(), view.scale, precision)
     else:
         leaves, rebuild = source
-        y = low_rank_rebuilt(canonical(x), leaves, *factors, view.scale, precision,
+        y = low_rank_rebuilt(canonical(x), leaves, *factors(), view.scale, precision,
                              lambda ls: canonical(rebuild(ls)))
     y = y.reshape(stack + m_shape + out_shape)
     # dot_general's output order: batch (in the operands' order), then lhs free, then rhs free.
@@ -241,6 +247,55 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     if view.magnitude is None:
         return out
     return out * _dora_dot_ratio(view, kb, k_free, len(m_shape), kernel_is_rhs).astype(out.dtype)
+
+
+def per_example_low_rank(x: Array, fa: Array, fb: Array, scale: Array, n_stack: int,
+                         precision: Any, path: str) -> Array:
+    """``s_e * (x_e @ A_e) @ B_e`` for every example ``e``: the mixed-adapter branch.
+
+    Args:
+      x: ``(*stack, M, K)`` with ``M = batch * M'`` example-major (the example
+        axis is the leading free axis of the kernel's input).
+      fa: ``(batch, *stack, *contracted, r)``: each example's gathered factor.
+      fb: ``(batch, *stack, r, *free)``.
+      scale: ``(batch,)``: each example's scale (0 for the base alone).
+      n_stack: the number of stacked axes.
+      precision: passed to both matmuls.
+      path: the kernel's leaf path, for the error.
+
+    Returns:
+      ``(*stack, M, N)``. Two batched matmuls over the example axis
+      (``(B, M', K) @ (B, K, r)``, then ``@ (B, r, N)``): the low-rank FLOPs
+      of one adapter, whatever the mix. Plain autodiff: gradients are exact.
+
+    Example:
+      >>> x, a, b = jnp.ones((6, 3)), jnp.ones((2, 3, 1)), jnp.ones((2, 1, 4))
+      >>> per_example_low_rank(x, a, b, jnp.array([1.0, 0.0]), 0, None, "w")[:, 0].tolist()
+      [3.0, 3.0, 3.0, 0.0, 0.0, 0.0]
+    """
+    n_ex, r = fa.shape[0], fa.shape[-1]
+    stack, (m, k) = x.shape[:n_stack], x.shape[n_stack:]
+    if m % n_ex:
+        raise _ids_error(path, n_ex, m)
+    xe = x.reshape(stack + (n_ex, m // n_ex, k))
+    a = jnp.moveaxis(fa.reshape((n_ex,) + stack + (k, r)), 0, n_stack)          # (*stack, B, K, r)
+    b = jnp.moveaxis(fb.reshape((n_ex,) + stack + (r, -1)), 0, n_stack)         # (*stack, B, r, N)
+    u = jnp.matmul(xe, a, precision=precision) * scale.astype(x.dtype)[:, None, None]
+    y = jnp.matmul(u, b, precision=precision)
+    return y.reshape(stack + (m, b.shape[-1]))
+
+
+def _ids_error(path: str, n_ex: int, size: Any) -> Exception:
+    from lora_jax._errors import LoraArgumentError  # noqa: PLC0415
+    return LoraArgumentError(
+        f"kernel {path!r}: adapter_ids has {n_ex} entries but the input's example axis (its "
+        f"leading free axis) has size {size}; give one id per example of the batch")
+
+
+def _check_examples(view: LoraView, size: int) -> None:
+    """The example axis of a mixed-adapter input must have one entry per id."""
+    if view.ex_scale is not None and size != view.ex_scale.shape[-1]:
+        raise _ids_error(view.path, view.ex_scale.shape[-1], size)
 
 
 def _contracted_role(view: LoraView, kc: Sequence[int], kb: Sequence[int]) -> str | None:
@@ -290,10 +345,24 @@ def conv_rule(x: Array, view: LoraView, params: dict,
     if view.a.shape[-1] == 0:  # a quantized kernel without factors
         return view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
     n_in = len(view.roles) - 1
-    a = jnp.transpose(view.a.astype(dtype), [n_in if d == o_dim else j for d, (_, j) in
-                                             enumerate(view.roles)])
-    u = lax.conv_general_dilated_p.bind(x if dropout is None else dropout(x), a, **params)
+    perm = [n_in if d == o_dim else j for d, (_, j) in enumerate(view.roles)]
     feat = dn.out_spec[1]
+    if view.ex_scale is not None:  # mixed adapters: each example's conv with its own factors
+        _check_examples(view, x.shape[dn.lhs_spec[0]])
+        xb, ob = dn.lhs_spec[0], dn.out_spec[0]
+
+        def one(x_i: Array, a_i: Array, b_i: Array, s_i: Array) -> Array:
+            u = lax.conv_general_dilated_p.bind(jnp.expand_dims(x_i, xb),
+                                                jnp.transpose(a_i.astype(dtype), perm), **params)
+            u = jnp.moveaxis(u, feat, -1) * s_i.astype(u.dtype)
+            return jnp.squeeze(jnp.moveaxis(jnp.matmul(u, b_i.astype(dtype)), -1, feat), ob)
+
+        xd = x if dropout is None else dropout(x)
+        y = jax.vmap(one, in_axes=(xb, 0, 0, 0), out_axes=ob)(xd, view.a, view.b, view.ex_scale)
+        base = view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
+        return base + y.astype(base.dtype)
+    a = jnp.transpose(view.a.astype(dtype), perm)
+    u = lax.conv_general_dilated_p.bind(x if dropout is None else dropout(x), a, **params)
     u = jnp.moveaxis(u, feat, -1) * jnp.asarray(view.scale, u.dtype)
     y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype), precision=params.get("precision")),
                      -1, feat)
@@ -322,15 +391,42 @@ def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
     r = view.a.shape[-1]
     if r == 0:  # a quantized kernel without factors
         return view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
-    a = jnp.transpose(view.a.astype(dtype), [len(ins) if d == o_dim else j for d, (_, j) in
-                                             enumerate(view.roles)])
+    perm = [len(ins) if d == o_dim else j for d, (_, j) in enumerate(view.roles)]
     a_params = dict(params, slice_sizes=tuple(r if d == o_dim else s for d, s in enumerate(sizes)))
-    u = lax.gather_p.bind(a, indices, **a_params)
     pos = dn.offset_dims[0]
+    if view.ex_scale is not None:  # mixed adapters: each example's rows of its own A
+        return _per_example_gather(view, indices, params, a_params, perm)
+    a = jnp.transpose(view.a.astype(dtype), perm)
+    u = lax.gather_p.bind(a, indices, **a_params)
     u = jnp.moveaxis(u, pos, -1) * jnp.asarray(view.scale, u.dtype)
     y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype)), -1, pos)
     base = view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
     return _dora_scaled(base + y.astype(base.dtype), view, pos)
+
+
+def _per_example_gather(view: LoraView, indices: Array, params: dict, a_params: dict,
+                        perm: list[int]) -> Array:
+    """An embedding lookup with per-example factors: the example axis is the first batch
+    axis of ``indices`` (``lax.gather``'s index vector is always its last axis)."""
+    dn = params["dimension_numbers"]
+    ib = 0
+    if indices.ndim < 2:
+        raise _ids_error(view.path, view.ex_scale.shape[-1], "none (a single lookup)")
+    _check_examples(view, indices.shape[ib])
+    ob = next(d for d in range(len(dn.offset_dims) + indices.ndim - 1)
+              if d not in dn.offset_dims)
+    pos = dn.offset_dims[0] - (ob < dn.offset_dims[0])
+    dtype = view.dtype
+
+    def one(a_i: Array, b_i: Array, s_i: Array, idx_i: Array) -> Array:
+        u = lax.gather_p.bind(jnp.transpose(a_i.astype(dtype), perm), jnp.expand_dims(idx_i, ib),
+                              **a_params)
+        u = jnp.moveaxis(jnp.squeeze(u, ob), pos, -1) * s_i.astype(u.dtype)
+        return jnp.moveaxis(jnp.matmul(u, b_i.astype(dtype)), -1, pos)
+
+    y = jax.vmap(one, in_axes=(0, 0, 0, ib), out_axes=ob)(view.a, view.b, view.ex_scale, indices)
+    base = view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
+    return base + y.astype(base.dtype)
 
 
 def _dora_scaled(out: Array, view: LoraView, feature_axis: int) -> Array:

@@ -28,6 +28,7 @@ import numpy as np
 from lora_jax._delta import LoraFactors, factor_order_norm, factor_product
 from lora_jax._errors import LoraStructureError
 from lora_jax._qview import LazyKernel, use
+from lora_jax._stack import gather_slots
 
 Array = jax.Array
 Role = tuple[str, int]
@@ -46,6 +47,10 @@ class LoraView:
       dtype: the dtype the program sees the kernel in.
       path: the kernel's leaf path, for messages.
       magnitude: DoRA's ``(*stack, *fan_out)`` magnitude, or None.
+      ex_scale: for a batch of mixed adapters (``implicit(adapter_ids=...)``),
+        each example's scale ``(batch,)`` (0 for the base alone); ``a`` and
+        ``b`` then carry a leading example axis, ``(batch, *stack, ...)``,
+        and ``scale`` is unused. None: one adapter for every example.
     """
 
     w: Any
@@ -56,6 +61,7 @@ class LoraView:
     dtype: Any
     path: str
     magnitude: Any = None
+    ex_scale: Any = None
 
     @staticmethod
     def of(path: str, w: Array, f: LoraFactors) -> "LoraView":
@@ -93,9 +99,24 @@ class LoraView:
         b = jnp.zeros(pick("s") + (0,) + pick("o"), q.dtype)
         return LoraView(LazyKernel(q), a, b, tuple(roles), 0.0, jnp.dtype(q.dtype), path)
 
+    @staticmethod
+    def of_stacked(path: str, w: Any, s: Any, index: Array, valid: Array, ids: Any) -> "LoraView":
+        """The per-example view of kernel ``w`` with stacked factors ``s`` (a
+        :class:`~lora_jax._stack.StackedFactors`): each example's factors gathered
+        (``index``: its slot), its scale ``s[index] * valid``."""
+        view = LoraView.of(path, w, LoraFactors(s.a[0], s.b[0], alpha=1.0, layout=s.layout))
+        scale = jnp.asarray(s.scale, jnp.float32)[index] * valid
+        return view.replace(a=gather_slots(s.a, index, ids), b=gather_slots(s.b, index, ids),
+                            scale=0.0, ex_scale=scale)
+
+    @property
+    def n_ex(self) -> int:
+        """1 when the factors carry a leading example axis (mixed adapters), else 0."""
+        return 0 if self.ex_scale is None else 1
+
     @property
     def n_stack(self) -> int:
-        return np.ndim(self.a) - sum(1 for k, _ in self.roles if k == "i") - 1
+        return np.ndim(self.a) - sum(1 for k, _ in self.roles if k == "i") - 1 - self.n_ex
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -217,15 +238,16 @@ class LoraView:
                 start += len(new)
                 shape.extend(block_sizes)
             sizes[kind] = tuple(shape)
-        ns = self.n_stack
-        stack = tuple(n for j, n in enumerate(np.shape(self.a)[:ns]) if j not in dropped)
+        ns, ex = self.n_stack, self.n_ex
+        pre = tuple(np.shape(self.a)[:ex])
+        stack = tuple(n for j, n in enumerate(np.shape(self.a)[ex:ex + ns]) if j not in dropped)
         r = np.shape(self.a)[-1]
         mag = self.magnitude
         return self.replace(
             w=(self.w.reshape(tuple(new_sizes)) if isinstance(self.w, LazyKernel)
                else jnp.reshape(self.w, new_sizes)), roles=tuple(roles),
-            a=jnp.reshape(self.a, stack + sizes["i"] + (r,)),
-            b=jnp.reshape(self.b, stack + (r,) + sizes["o"]),
+            a=jnp.reshape(self.a, pre + stack + sizes["i"] + (r,)),
+            b=jnp.reshape(self.b, pre + stack + (r,) + sizes["o"]),
             magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]))
 
     def slice_stack(self, starts: list[Any], sizes: list[int],
@@ -237,9 +259,9 @@ class LoraView:
         The factors (and DoRA's magnitude) are cut along the same stacked
         axes. Returns None when a fan-in or fan-out axis is cut.
         """
-        ns = self.n_stack
+        ns, ex = self.n_stack, self.n_ex
         f_starts: list[Any] = [0] * ns
-        f_sizes = list(np.shape(self.a)[:ns])
+        f_sizes = list(np.shape(self.a)[ex:ex + ns])
         for d, (kind, j) in enumerate(self.roles):
             if kind != "s":
                 if sizes[d] != self.shape[d]:
@@ -250,8 +272,8 @@ class LoraView:
         def cut(x: Any) -> Any:
             if x is None:
                 return None
-            rest = list(np.shape(x)[ns:])
-            return slicer(x, f_starts + [0] * len(rest), f_sizes + rest)
+            pre, rest = list(np.shape(x)[:ex]), list(np.shape(x)[ex + ns:])
+            return slicer(x, [0] * ex + f_starts + [0] * len(rest), pre + f_sizes + rest)
 
         w = self.w
         if isinstance(w, LazyKernel):  # cut the stored codes; else dequantize, then cut
@@ -271,7 +293,7 @@ class LoraView:
         """
         if contracted == "i":
             return self.a, self.b, "o"
-        ns = self.n_stack
+        ns = self.n_stack + self.n_ex
         return jnp.moveaxis(self.b, ns, -1), jnp.moveaxis(self.a, -1, ns), "i"
 
     def sliced(self, axis_role: Role) -> "LoraView":
@@ -279,12 +301,16 @@ class LoraView:
         (and the magnitude), and the roles of one slice: scanned by ``lax.scan``,
         it yields the per-layer views."""
         _, j = axis_role
-        move = lambda x: None if x is None else jnp.moveaxis(x, j, 0)  # noqa: E731
+        ex = self.n_ex
+        move = lambda x: None if x is None else jnp.moveaxis(x, ex + j, 0)  # noqa: E731
         w = self.w
         if isinstance(w, LazyKernel):  # one layer's codes per scan step, else dense
             w = w.scanned() or w.dense()
+        ex_scale = self.ex_scale  # the same per-example scales in every layer
+        if ex_scale is not None:
+            ex_scale = jnp.broadcast_to(ex_scale, (self.shape[0],) + ex_scale.shape)
         return self.replace(w=w, a=move(self.a), b=move(self.b), magnitude=move(self.magnitude),
-                            roles=drop_stack_role(self.roles, axis_role))
+                            roles=drop_stack_role(self.roles, axis_role), ex_scale=ex_scale)
 
 
 def _reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
@@ -333,6 +359,6 @@ def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:
 
 
 jax.tree_util.register_dataclass(
-    LoraView, data_fields=["w", "a", "b", "magnitude"],
+    LoraView, data_fields=["w", "a", "b", "magnitude", "ex_scale"],
     meta_fields=["roles", "scale", "dtype", "path"]
 )

@@ -29,6 +29,9 @@ name                      what it is
 ``storage_specs``         ``PartitionSpec`` s of a quantized kernel's stored arrays
 ``LoraSummary``           the report :func:`~lora_jax.summarize` returns
 ``LeafSummary``           one row of a ``LoraSummary``
+``unstack``               one slot of an adapter stack as a plain delta (to merge it)
+``is_stacked``            ``is_leaf`` for :class:`~lora_jax.StackedFactors`
+``CompileCounter``        counts XLA compilations in a ``with`` block (hot-swap checks)
 ========================  =====================================================
 
 Example:
@@ -53,10 +56,12 @@ from lora_jax._optim import trainable_mask
 from lora_jax._paths import leaves_with_paths, path_str
 from lora_jax._quant import is_quantized, kernel_bits, quantized_shardings, storage_specs
 from lora_jax._sharding import factor_specs
+from lora_jax._stack import CompileCounter, is_stacked, unstack
 from lora_jax._summary import LeafSummary, LoraSummary, tree_bytes
 from lora_jax._targets import Target, select_extra_trainable, select_targets
 
 __all__ = [
+    "CompileCounter",
     "LayerSelection",
     "LeafSummary",
     "LoraSummary",
@@ -70,6 +75,7 @@ __all__ = [
     "is_delta_leaf",
     "is_factors",
     "is_quantized",
+    "is_stacked",
     "kernel_bits",
     "leaves_with_paths",
     "lora_scale",
@@ -80,4 +86,5 @@ __all__ = [
     "storage_specs",
     "tree_bytes",
     "trainable_mask",
+    "unstack",
 ]
