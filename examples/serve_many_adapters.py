@@ -78,6 +78,25 @@ def demo_setup(args):
     return MODEL, base, adapters, prompts, lambda ids: decode(np.asarray(ids, np.uint8))
 
 
+def gemma_adapter(args, i: int, params, config: lj.LoraConfig):
+    """Adapter ``i`` for Gemma: ``adapters_dir/adapter_<i>`` if given, else a random one
+    (B drawn small instead of zero, so each adapter changes the model)."""
+    if args.adapters_dir:
+        delta, _ = lj.load(Path(args.adapters_dir) / f"adapter_{i}", base=params)
+        return delta
+    _, delta = lj.init_lora(jax.random.key(args.seed + i), params, config)
+    key = jax.random.key(100 + i)
+
+    def random_b(f):
+        if not lj.advanced.is_factors(f):
+            return f
+        nonlocal key
+        key, sub = jax.random.split(key)
+        return f.replace(b=0.01 * jax.random.normal(sub, f.b.shape, f.b.dtype))
+
+    return jax.tree.map(random_b, delta, is_leaf=lj.advanced.is_factors)
+
+
 def gemma_setup(args):
     """(model, base params, adapters, prompts, decode) for Gemma 3 270M."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -90,18 +109,8 @@ def gemma_setup(args):
     tok = Tokenizer(fields)
     model = gm.Gemma3(cfg)
     config = lj.LoraConfig(targets=gm.ALL_PROJECTIONS, rank=8, alpha=16.0)
-    adapters = []
-    for i in range(args.adapters):
-        if args.adapters_dir:
-            adapters.append(lj.load(Path(args.adapters_dir) / f"adapter_{i}", params))
-            continue
-        base, delta = lj.init_lora(jax.random.key(args.seed + i), params, config)
-        leaves, tdef = jax.tree_util.tree_flatten(delta)
-        keys = jax.random.split(jax.random.key(100 + i), len(leaves))
-        adapters.append(jax.tree_util.tree_unflatten(tdef, [
-            x if j % 2 == 0 else 0.01 * jax.random.normal(k, x.shape, x.dtype)
-            for j, (k, x) in enumerate(zip(keys, leaves))]))
     base = lj.init_lora(jax.random.key(0), params, config)[0]
+    adapters = [gemma_adapter(args, i, params, config) for i in range(args.adapters)]
     prompts = [tok.encode(f"Question {i}: what does the Python module", add_bos=True)
                for i in range(args.adapters)]
     return model, base, adapters, prompts, tok.decode
@@ -144,21 +153,20 @@ def main(argv=None) -> dict:
           f"{out.decode_tokens_per_s:.0f} decode tokens/s")
 
     # Check every request against its adapter merged alone, served by itself.
-    agree, worst = 0, 0.0
+    logits = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731  (Gemma: (logits, cache))
     width = -(-max(map(len, requests)) // 16) * 16
+    batch = np.zeros((len(requests), width), np.int32)
+    for r, p in enumerate(requests):
+        batch[r, :len(p)] = p
+    logits_mixed = logits(jax.jit(lj.implicit(model.apply))(
+        base, stack, jnp.asarray(batch), adapter_ids=jnp.asarray(ids)))
+    dense_apply = jax.jit(model.apply)
+    agree, worst = 0, 0.0
     for row, (i, prompt) in enumerate(zip(ids, requests)):
         params = base if i < 0 else lj.merge(base, adapters[i])
         alone = plain((params,), [prompt], args.max_new_tokens, stop_at_eos=False)
         agree += alone.tokens[0] == out.tokens[row]
-        toks = np.zeros((1, width), np.int32)
-        toks[0, :len(prompt)] = prompt
-        want = model.apply(params, jnp.asarray(toks))[0, len(prompt) - 1]
-        batch = np.zeros((len(requests), width), np.int32)
-        for r, p in enumerate(requests):
-            batch[r, :len(p)] = p
-        if row == 0:
-            logits_mixed = lj.implicit(model.apply)(base, stack, jnp.asarray(batch),
-                                                    adapter_ids=jnp.asarray(ids))
+        want = logits(dense_apply(params, jnp.asarray(batch[row:row + 1])))[0, len(prompt) - 1]
         got = logits_mixed[row, len(prompt) - 1]
         worst = max(worst, float(jnp.abs(got - want).max() / jnp.abs(want).max()))
     print(f"checked against each adapter merged alone: {agree}/{len(requests)} identical "
