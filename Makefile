@@ -36,7 +36,7 @@ gemma: $(VENV)/.installed
 test: $(VENV)/.installed
 	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q
 
-# The slow tests (example programs re-run over a quantized base); CI runs them after `make test`.
+# The slow tests (whole example programs, long end-to-end runs); CI runs them after `make test`.
 test-slow: $(VENV)/.installed
 	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -m slow
 

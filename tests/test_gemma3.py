@@ -414,6 +414,7 @@ def test_missing_tensor_is_refused(tiny):
 # --------------------------------------------------------------------------- the example
 
 
+@pytest.mark.slow  # ~40 s: the whole example program (make test-slow; CI runs it)
 def test_finetune_example_tiny(tmp_path):
     """examples/gemma3_finetune.py end to end, 4 steps: it prints what it promises and writes
     a PEFT adapter (loadable back into the JAX model) and the loss curve."""

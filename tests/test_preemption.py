@@ -212,6 +212,7 @@ def check_final(reference, tmp: Path, name: str) -> None:
     assert bits(lj.load(tmp / f"{name}.out")[0]) == bits(reference["delta"])
 
 
+@pytest.mark.slow  # ~40 s of kills and resumes (make test-slow; CI runs it); the random-moment test stays
 def test_resume_after_kills_at_chosen_moments(reference, tmp_path):
     moments = ["in_step", "save_started", "arrays_written", "before_rename", "after_rename",
                "final_save"]
