@@ -319,7 +319,10 @@ def child(args) -> None:
     The first step (which compiles) runs before the peak is reset, so
     ``maxrss_mb`` is the peak while the remaining steps run, with the weights,
     the compiled program and the optimizer state resident; ``compile_peak_mb``
-    is the peak up to then.
+    is the peak up to then. ``live_arrays_mb`` is what the process's live JAX
+    arrays hold while stepping (weights, delta, optimizer state, batch): unlike
+    RSS it does not count pages the allocator kept after the dense weights a
+    quantized config was built from were freed.
     """
     wl = W.build(small=args.small)
     out = {"name": args.child}
@@ -338,6 +341,7 @@ def child(args) -> None:
         for _ in range(args.memory_steps - 1):
             runner.step()
         out["loss_end"] = float(runner.last)
+    out["live_arrays_mb"] = sum(a.nbytes for a in jax.live_arrays()) / 2**20
     out["maxrss_mb"] = maxrss_mb()
     print(json.dumps(out))
 
@@ -356,7 +360,8 @@ def measure_memory(names, args, log=print) -> tuple[dict, float | None]:
             raise RuntimeError(f"--child {name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
         if "maxrss_mb" in info:
             res[name] = info
-            log(f"  {name}: peak RSS {info['maxrss_mb']:.0f} MB while stepping"
+            log(f"  {name}: peak RSS {info['maxrss_mb']:.0f} MB while stepping, live arrays "
+                f"{info['live_arrays_mb']:.1f} MiB"
                 + ("" if info.get("peak_reset") else " (could not reset the peak: includes compiling)")
                 + f", {info['compile_peak_mb']:.0f} MB up to the first step")
     return res, res.pop("none", {}).get("maxrss_mb")
@@ -453,6 +458,7 @@ def main(argv=None):
         floor_rss = rss.get("floor", {}).get("maxrss_mb")
         for name, info in rss.items():
             results[name]["peak_rss_mb"] = info["maxrss_mb"]
+            results[name]["live_arrays_mb"] = info["live_arrays_mb"]
             results[name]["compile_peak_rss_mb"] = info["compile_peak_mb"]
             results[name]["rss_peak_reset"] = info["peak_reset"]
             results[name]["x_floor_rss"] = W.ratio(info["maxrss_mb"], floor_rss)
