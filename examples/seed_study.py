@@ -71,7 +71,7 @@ def lora_method(r, init="gaussian", rslora=False, lrs=(1e-3, 3e-3, 1e-2), in_tab
                   dict(r=r, init=init, rslora=rslora, scale=config.scale_for(r, ALPHA)), in_table)
 
 
-def methods(quick: bool) -> list[Method]:
+def methods(extra_ranks=()) -> list[Method]:
     adapter = lambda m: Method(  # noqa: E731
         f"Houlsby adapters m={m}", "adapter", lambda key, p: (p, init_adapters(key, m)),
         adapter_apply, (1e-3, 3e-3, 1e-2), dict(m=m))
@@ -83,9 +83,7 @@ def methods(quick: bool) -> list[Method]:
     out = [full, adapter(36), adapter(144), prefix(4), prefix(16), prefix(64),
            lora_method(64), lora_method(8), lora_method(4), lora_method(8, init="swapped"),
            lora_method(64, rslora=True)]
-    if not quick:
-        out += [lora_method(r, in_table=False) for r in (1, 2, 16, 32)]
-    return out
+    return out + [lora_method(r, in_table=False) for r in extra_ranks]
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +223,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a reduced run (CI): tiny steps, one LR")
     parser.add_argument("--steps", type=int, default=None, help="training steps per method and LR")
     parser.add_argument("--pretrain-steps", type=int, default=None)
+    parser.add_argument("--ranks", default="2,16",
+                        help="extra LoRA ranks for the r sweep figure (comma separated; '' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out",
                         help="where the pretrained params are cached (shared with the demo)")
@@ -238,7 +238,7 @@ def main(argv=None):
     params, _ = load_or_pretrain(base_train, args.pretrain_steps or (20 if q else 600), args.seed,
                                  args.cache)
     results = []
-    for m in methods(q):
+    for m in methods([] if q else [int(r) for r in args.ranks.split(",") if r]):
         if q:
             m.lrs = m.lrs[1:2]
         results.append(run_method(m, params, target_train, evals, steps, args.seed))
