@@ -19,36 +19,42 @@ def _tp(m, tp) -> str:
     return str(tp["base"]["total"]) if m.kind == "full" else "not measured"
 
 
-def _decode(m, decode_ms) -> str:
-    ratio = lambda k: decode_ms[k] / decode_ms["base"]  # noqa: E731
+def _decode(m, per_config) -> str:
+    """Ratio to the base of a per-decode-program number (time or FLOPs); LoRA: merged / unmerged."""
+    ratio = lambda k: per_config[k] / per_config["base"]  # noqa: E731
     if m.kind == "lora":
         return f"{ratio(m.name + ' merged'):.2f} / {ratio(m.name + ' unmerged'):.2f}"
     return "1.00 (base program)" if m.kind == "full" else f"{ratio(m.name):.2f}"
 
 
-def row(r, ref, evals, step_ms, decode_ms, tp) -> dict:
+def row(r, ref, evals, step_ms, decode, tp, full_gflop) -> dict:
     m = r["method"]
     n = m.text_len
     return dict(
         method=m.name, kind=m.kind, info=m.info, trainable=r["trainable"], adam_bytes=r["opt_bytes"],
         step_x_full=step_ms[m.name] / step_ms[FULL], step_ms=step_ms[m.name],
+        step_flops_x_full=r["step_gflop"] / full_gflop,
         step_mib=r["step_mib"], lr=r["lr"], by_lr=r["by_lr"],
         lr_spread=max(r["by_lr"].values()) - min(r["by_lr"].values()),
         loss0=r["loss0"], base_loss0=ref(evals["target"], n), target=r["target"],
         target_delta=r["target"] - ref(evals["target"], n), base_domain=r["base_loss"],
         base_domain_delta=r["base_loss"] - ref(evals["base"], n),
-        decode=_decode(m, decode_ms), tp=_tp(m, tp), context=n)
+        decode=_decode(m, decode[0]), decode_flops=_decode(m, decode[1]), tp=_tp(m, tp), context=n)
 
 
-def build(results, ref, evals, step_ms, decode_ms, tp, same_program, meta) -> dict:
-    rows = [row(r, ref, evals, step_ms, decode_ms, tp) for r in results if r["method"].in_table]
+def build(results, ref, evals, step_ms, decode, tp, same_program, meta) -> dict:
+    """``decode``: (ms, GFLOP) per decode program."""
+    full_gflop = next(r["step_gflop"] for r in results if r["method"].name == FULL)
+    rows = [row(r, ref, evals, step_ms, decode, tp, full_gflop)
+            for r in results if r["method"].in_table]
     sweep = [dict(r=r["method"].info["r"], by_lr=r["by_lr"], target=r["target"],
                   init=r["method"].info["init"], rslora=r["method"].info["rslora"])
              for r in results if r["method"].kind == "lora"]
     base = dict(method=BASE, target=ref(evals["target"], meta["seq"]),
                 base_domain=ref(evals["base"], meta["seq"]), tp=str(tp["base"]["total"]))
     return dict(meta=meta, base=base, rows=rows, r_sweep=sweep, tp_counts=tp,
-                decode_ms=decode_ms, step_ms=step_ms, merged_decode_program_is_base=same_program)
+                decode_ms=decode[0], decode_gflop=decode[1], step_ms=step_ms,
+                merged_decode_program_is_base=same_program)
 
 
 def _mb(b) -> str:
@@ -58,19 +64,21 @@ def _mb(b) -> str:
 def markdown(report) -> str:
     b, meta = report["base"], report["meta"]
     lines = [
-        "| method | trainable params | Adam state | train step x full | XLA step memory "
+        "| method | trainable params | Adam state | train step x full: time (FLOPs) | XLA step memory "
         "| LR (target spread over LRs) | target loss (vs base) | base-domain loss (vs base) "
-        "| decode x base | TP collectives | context for text |",
-        "|" + "---|" * 11,
-        f"| {BASE} | 0 | 0 | | | | {b['target']:.3f} | {b['base_domain']:.3f} | 1.00 | {b['tp']} "
+        "| decode time x base | decode FLOPs x base | TP collectives | context for text |",
+        "|" + "---|" * 12,
+        f"| {BASE} | 0 | 0 | | | | {b['target']:.3f} | {b['base_domain']:.3f} | 1.00 | 1.00 "
+        f"| {b['tp']} "
         f"| {meta['seq']} |",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['method']} | {r['trainable']:,} | {_mb(r['adam_bytes'])} | {r['step_x_full']:.2f} "
+            f"| {r['method']} | {r['trainable']:,} | {_mb(r['adam_bytes'])} | {r['step_x_full']:.2f} ({r['step_flops_x_full']:.2f}) "
             f"| {r['step_mib']:.1f} MiB | {r['lr']:g} ({r['lr_spread']:.3f}) "
             f"| {r['target']:.3f} ({r['target_delta']:+.3f}) "
-            f"| {r['base_domain']:.3f} ({r['base_domain_delta']:+.3f}) | {r['decode']} | {r['tp']} "
+            f"| {r['base_domain']:.3f} ({r['base_domain_delta']:+.3f}) | {r['decode']} | {r['decode_flops']} "
+            f"| {r['tp']} "
             f"| {r['context']} |")
     return "\n".join(lines)
 

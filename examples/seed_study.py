@@ -39,7 +39,7 @@ from seed_baselines import adapter_apply, init_adapters, init_prefix, prefix_app
 import seed_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from workload import time_interleaved  # noqa: E402
+from workload import gflop, time_interleaved  # noqa: E402
 
 TARGETS = [r".*/attn/(q|k|v|out)/kernel", r".*/mlp/(fc1|fc2)/kernel"]
 ALPHA = 64
@@ -62,7 +62,7 @@ class Method:
         return SEQ - self.info.get("prefix", 0)
 
 
-def lora_method(r, init="gaussian", rslora=False, lrs=(1e-3, 3e-3, 1e-2), in_table=True):
+def lora_method(r, init="gaussian", rslora=False, lrs=(5e-4, 1.5e-3, 5e-3, 1.5e-2), in_table=True):
     config = lora_jax.LoraConfig(targets=TARGETS, rank=r, alpha=ALPHA, init=init, use_rslora=rslora)
     name = f"LoRA r={r} alpha={ALPHA}" + (", swapped init" if init == "swapped" else "") + (
         ", rsLoRA" if rslora else "")
@@ -74,12 +74,12 @@ def lora_method(r, init="gaussian", rslora=False, lrs=(1e-3, 3e-3, 1e-2), in_tab
 def methods(extra_ranks=()) -> list[Method]:
     adapter = lambda m: Method(  # noqa: E731
         f"Houlsby adapters m={m}", "adapter", lambda key, p: (p, init_adapters(key, m)),
-        adapter_apply, (1e-3, 3e-3, 1e-2), dict(m=m))
+        adapter_apply, (3e-3, 1e-2, 3e-2), dict(m=m))
     prefix = lambda n: Method(  # noqa: E731
         f"prefix tuning P={n}", "prefix", lambda key, p: (p, init_prefix(key, n)),
-        lambda base, tr, x: prefix_apply(prefix_kv(tr), base, x), (3e-4, 1e-3, 3e-3), dict(prefix=n))
+        lambda base, tr, x: prefix_apply(prefix_kv(tr), base, x), (1e-3, 3e-3, 1e-2), dict(prefix=n))
     full = Method("full fine-tuning", "full", lambda key, p: (None, p),
-                  lambda base, tr, x: MODEL.apply(tr, x), (1e-4, 3e-4, 1e-3))
+                  lambda base, tr, x: MODEL.apply(tr, x), (3e-4, 1e-3, 3e-3))
     out = [full, adapter(36), adapter(144), prefix(4), prefix(16), prefix(64),
            lora_method(64), lora_method(8), lora_method(4), lora_method(8, init="swapped"),
            lora_method(64, rslora=True)]
@@ -142,6 +142,7 @@ def run_method(m, params, data, evals, steps, seed):
         trainable=lora_jax.count_params(tr0),
         opt_bytes=lora_jax.advanced.tree_bytes(adam.init(tr0)),
         step_mib=(mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**20,
+        step_gflop=gflop(step),
         batch=next(random_batches(data, BATCH_SIZE, m.text_len, seed)))
 
 
@@ -178,27 +179,23 @@ def decoders(params, results):
     return out
 
 
-def decode_program(gen, params, cache):
-    """The compiled decode step's HLO text."""
-    return gen._step.lower(params, *_decode_args(cache)).compile().as_text()
-
-
-def _decode_args(cache):
+def compile_decode(gen, params, cache):
+    """Generator's decode step compiled for batch 1 (one token at position 40 of a SEQ-slot
+    cache), with its arguments: ``compiled(*args) -> (token, new cache)``."""
     cache = MODEL.init_cache(1, SEQ) if cache is None else cache
-    return (jnp.zeros(1, jnp.int32), jnp.full(1, 40, jnp.int32), cache, jax.random.key(0), 0.0, None)
+    args = [params, jnp.zeros(1, jnp.int32), jnp.full(1, 40, jnp.int32), cache, jax.random.key(0)]
+    return gen._step.lower(*args, 0.0, None).compile(), args
 
 
-def time_decode(decs, rounds, steps):
-    def runner(gen, params, cache):
-        args = list(_decode_args(cache))
-
+def time_decode(programs, rounds, steps):
+    def runner(compiled, args):
         def one():
-            token, args[2] = gen._step(params, *args)
+            token, args[3] = compiled(*args)  # the cache is donated: carry the new one
             jax.block_until_ready(token)
 
         return one
 
-    ms = time_interleaved({k: runner(*v) for k, v in decs.items()}, rounds, steps, 2, log=None)
+    ms = time_interleaved({k: runner(*v) for k, v in programs.items()}, rounds, steps, 2, log=None)
     return {k: float(np.median(v)) for k, v in ms.items()}
 
 
@@ -223,7 +220,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a reduced run (CI): tiny steps, one LR")
     parser.add_argument("--steps", type=int, default=None, help="training steps per method and LR")
     parser.add_argument("--pretrain-steps", type=int, default=None)
-    parser.add_argument("--ranks", default="2,16",
+    parser.add_argument("--ranks", default="16,32",
                         help="extra LoRA ranks for the r sweep figure (comma separated; '' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out",
@@ -245,15 +242,16 @@ def main(argv=None):
         print(f"{m.name}: lr {results[-1]['lr']:g} target {results[-1]['target']:.4f} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     table = [r for r in results if r["method"].in_table]
-    step_ms = time_steps(table, 2 if q else 10, 2 if q else 5)
-    decs = decoders(params, table)
-    merged = next(k for k in decs if k.endswith(" merged"))
-    same_program = decode_program(*decs["base"]) == decode_program(*decs[merged])
-    decode_ms = time_decode(decs, 2 if q else 20, 3 if q else 10)
+    step_ms = time_steps(table, 1 if q else 8, 1 if q else 3)
+    programs = {k: compile_decode(*v) for k, v in decoders(params, table).items()}
+    merged = next(k for k in programs if k.endswith(" merged"))
+    same_program = programs["base"][0].as_text() == programs[merged][0].as_text()
+    decode_ms = time_decode(programs, 2 if q else 20, 3 if q else 10)
+    decode_flops = {k: gflop(c) for k, (c, _) in programs.items()}
     base_eval = jax.jit(lambda p, w: cross_entropy(MODEL.apply(p, w[:, :-1]), w[:, 1:]))
     reference = lambda windows, n: float(base_eval(params, windows[:, : n + 1]))  # noqa: E731
     tp_counts = json.loads(tp.communicate()[0].strip().splitlines()[-1])
-    report = seed_report.build(results, reference, evals, step_ms, decode_ms, tp_counts,
+    report = seed_report.build(results, reference, evals, step_ms, (decode_ms, decode_flops), tp_counts,
                                same_program, dict(steps=steps, batch=BATCH_SIZE, seq=SEQ, quick=q))
     seed_report.write(report, results, args.out)
     print(seed_report.markdown(report))
