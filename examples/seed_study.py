@@ -9,7 +9,7 @@ step, held-out loss on the target and on the base domain (forgetting), decode
 latency with a KV cache (ratio to the base model), collectives in a
 tensor-parallel forward (``seed_tp.py``) and the context left for the text.
 
-    python examples/seed_study.py              # the full run (about 15 min on 2 cores)
+    python examples/seed_study.py              # the full run (about 25 min on 2 loaded cores)
     python examples/seed_study.py --quick      # a reduced run (tests)
 
 Writes ``table.md``, ``results.json``, ``curves.png`` and ``rank.png`` to ``--out``.
