@@ -5,6 +5,9 @@ params pytree, :func:`init_lora` splits the params into a frozen base and a
 trainable low-rank delta, :func:`implicit` runs a model on ``(base, delta)``
 without merging, :func:`merge` returns dense params for serving, and
 :func:`train_delta_only` masks an optax optimizer so only the delta trains.
+:func:`quantize` stores a frozen base in 4 or 8 bits (QLoRA), and
+:func:`stack_adapters` puts many adapters in one stack that ``implicit``
+serves per example (``adapter_ids=``) in one batch.
 
 Everything here is the public API. :mod:`lora_jax.advanced` holds lower-level
 building blocks with no stability promise; every other module is private.
