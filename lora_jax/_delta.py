@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +93,24 @@ class LayerSelection:
         return x[np.asarray(self.indices)]
 
 
+def kernel_shape_of(a_shape: Sequence[int], b_shape: Sequence[int], layout: KernelLayout,
+                    layers: LayerSelection | None = None) -> tuple[int, ...]:
+    """The shape of the kernel that factors of shapes ``a_shape`` ``(*stack, *fan_in, r)``
+    and ``b_shape`` ``(*stack, r, *fan_out)`` adapt, in the kernel's own axis order
+    (with ``layers``, the first stacked axis has ``layers.total`` entries).
+
+    Example:
+      >>> kernel_shape_of((4, 2), (2, 3), KernelLayout("oi"))
+      (3, 4)
+    """
+    ns = len(layout.stack_axes)
+    stack = tuple(a_shape[:ns])
+    if layers is not None:
+        stack = (layers.total,) + stack[1:]
+    ordered = stack + tuple(a_shape[ns:-1]) + tuple(b_shape[ns + 1:])
+    return tuple(ordered[p] for p in np.argsort(layout.permutation))
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraFactors:
     """Trainable factors ``a``, ``b`` of one targeted kernel.
@@ -147,13 +165,7 @@ class LoraFactors:
     @property
     def kernel_shape(self) -> tuple[int, ...]:
         """The shape of the kernel these factors adapt, read off ``a``, ``b`` and ``layers``."""
-        ns = len(self.layout.stack_axes)
-        a_shape, b_shape = np.shape(self.a), np.shape(self.b)
-        stack = tuple(a_shape[:ns])
-        if self.layers is not None:
-            stack = (self.layers.total,) + stack[1:]
-        ordered = stack + tuple(a_shape[ns:-1]) + tuple(b_shape[ns + 1:])
-        return tuple(ordered[p] for p in np.argsort(self.layout.permutation))
+        return kernel_shape_of(np.shape(self.a), np.shape(self.b), self.layout, self.layers)
 
     def replace(self, **changes: Any) -> "LoraFactors":
         """A copy with ``changes`` applied (every other field kept)."""

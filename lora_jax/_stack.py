@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._delta import LeafDelta, LoraFactors, is_delta_leaf
+from lora_jax._delta import LeafDelta, LoraFactors, is_delta_leaf, kernel_shape_of
 from lora_jax._errors import LoraArgumentError, LoraStructureError
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
@@ -79,10 +79,7 @@ class StackedFactors:
     @property
     def kernel_shape(self) -> tuple[int, ...]:
         """The shape of the kernel every slot adapts."""
-        ns = len(self.layout.stack_axes)
-        a_shape, b_shape = np.shape(self.a)[1:], np.shape(self.b)[1:]
-        ordered = tuple(a_shape[:-1]) + tuple(b_shape[ns + 1:])
-        return tuple(ordered[p] for p in np.argsort(self.layout.permutation))
+        return kernel_shape_of(np.shape(self.a)[1:], np.shape(self.b)[1:], self.layout)
 
     def replace(self, **changes: Any) -> "StackedFactors":
         """A copy with ``changes`` applied."""
