@@ -28,6 +28,7 @@ import numpy as np
 
 from lora_jax._delta import LeafDelta, LoraFactors, delta_entries
 from lora_jax._errors import LoraArgumentError, LoraStructureError
+from lora_jax._stack import check_same_kernel, delta_columns
 
 Array = jax.Array
 HI = jax.lax.Precision.HIGHEST
@@ -73,7 +74,7 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None) -> An
     weights = [1.0] * len(deltas) if weights is None else [float(w) for w in weights]
     if len(weights) != len(deltas):
         raise LoraArgumentError(f"{len(weights)} weights for {len(deltas)} deltas")
-    columns, treedef = _columns(deltas)
+    columns, treedef = delta_columns(deltas, "combine")
     out = []
     for path, column in columns:
         present = [(w, f) for w, f in zip(weights, column) if f is not None]
@@ -86,39 +87,25 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None) -> An
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _columns(deltas: list[Any]) -> tuple[list[tuple[str, list[Any]]], Any]:
-    flat = []
-    for i, d in enumerate(deltas):
-        entries = delta_entries(d)
-        leaves, treedef = jax.tree_util.tree_flatten(
-            d, is_leaf=lambda x: x is None or isinstance(x, (LoraFactors, LeafDelta)))
-        flat.append((entries, treedef))
-        if treedef != flat[0][1]:
-            raise LoraStructureError(
-                f"delta {i} has a different tree structure from delta 0 (combine deltas of "
-                "one base)")
-    paths = [p for p, _ in flat[0][0]]
-    return [(p, [entries[k][1] for entries, _ in flat]) for k, p in enumerate(paths)], flat[0][1]
-
-
 def _concat(path: str, present: list[tuple[float, Any]]) -> LoraFactors:
     fs = []
     for _, f in present:
-        if not isinstance(f, LoraFactors):
+        if isinstance(f, LeafDelta):
             raise LoraStructureError(
                 f"leaf {path!r}: LoRA factors in one delta and a trained-in-full leaf in another "
                 "cannot be combined")
+        if not isinstance(f, LoraFactors):
+            raise LoraStructureError(
+                f"leaf {path!r}: combine takes plain deltas, got {type(f).__name__} (take a "
+                "stack's slot with lora_jax.advanced.unstack)")
         if f.magnitude is not None:
             raise LoraStructureError(
                 f"leaf {path!r} has DoRA factors: DoRA's column norm makes the update "
                 "non-additive, so no exact sum exists as a LoRA adapter")
         fs.append(f.all_layers())
     f0 = fs[0]
-    for f in fs[1:]:
-        if f.kernel_shape != f0.kernel_shape or f.layout.axes != f0.layout.axes:
-            raise LoraStructureError(
-                f"leaf {path!r}: factors for kernels of shapes {f0.kernel_shape} and "
-                f"{f.kernel_shape} (layouts {f0.layout.axes!r}, {f.layout.axes!r})")
+    for f in fs[1:]:  # dtypes may differ: the sum takes their result type
+        check_same_kernel(path, f, "one delta", f0, "another", dtypes=False)
     ns = len(f0.layout.stack_axes)
     dtype = jnp.result_type(*[jnp.asarray(f.a) for f in fs])
     a = jnp.concatenate([jnp.asarray(f.a, dtype) for f in fs], axis=-1)

@@ -119,6 +119,49 @@ def _entries(tree: Any, what: str) -> tuple[list[tuple[str, Any]], Any]:
     return entries, treedef
 
 
+def delta_columns(deltas: Sequence[Any], verb: str) -> tuple[list[tuple[str, list[Any]]], Any]:
+    """``([(path, [the entry of each delta at path]), ...], treedef)`` of deltas of one base.
+
+    Raises:
+      LoraStructureError: an entry that is not LoraFactors, LeafDelta, a stack
+        or None, or a delta whose tree structure differs from the first's.
+
+    Example:
+      >>> delta_columns([{"w": None}, {"w": None}], "stack")[0]
+      [('w', [None, None])]
+    """
+    flat = [_entries(d, f"delta {i}") for i, d in enumerate(deltas)]
+    treedef = flat[0][1]
+    for i, (_, td) in enumerate(flat[1:], 1):
+        if td != treedef:
+            raise LoraStructureError(
+                f"delta {i} has a different tree structure from delta 0 ({verb} deltas of "
+                "one base)")
+    paths = [p for p, _ in flat[0][0]]
+    return [(p, [entries[k][1] for entries, _ in flat]) for k, p in enumerate(paths)], treedef
+
+
+def check_same_kernel(path: str, f: Any, which: str, ref: Any, ref_which: str,
+                      dtypes: bool = True) -> None:
+    """Raises :class:`LoraStructureError` unless factors ``f`` adapt the kernel ``ref``
+    adapts (same shape and layout axes) and, with ``dtypes``, have its factor dtypes.
+
+    ``f`` and ``ref`` are :class:`~lora_jax.LoraFactors` or :class:`StackedFactors`;
+    ``which`` and ``ref_which`` name them in the message.
+    """
+    if f.kernel_shape != ref.kernel_shape or f.layout.axes != ref.layout.axes:
+        raise LoraStructureError(
+            f"leaf {path!r}: {which} adapts a kernel of shape {f.kernel_shape} (layout "
+            f"{f.layout.axes!r}), {ref_which} one of shape {ref.kernel_shape} (layout "
+            f"{ref.layout.axes!r}); one leaf needs one kernel shape")
+    for name in ("a", "b") if dtypes else ():
+        got, want = jnp.result_type(getattr(f, name)), jnp.result_type(getattr(ref, name))
+        if got != want:
+            raise LoraStructureError(
+                f"leaf {path!r}: factor {name} of {which} is {got}, of {ref_which} {want}; "
+                "cast the factors to one dtype first")
+
+
 def _check_plain(path: str, f: Any, which: str) -> None:
     if isinstance(f, LeafDelta):
         raise LoraStructureError(
@@ -194,16 +237,9 @@ def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < len(deltas):
         raise LoraArgumentError(
             f"slots must be an int >= the number of deltas ({len(deltas)}), got {slots!r}")
-    flat = [_entries(d, f"delta {i}") for i, d in enumerate(deltas)]
-    treedef = flat[0][1]
-    for i, (_, td) in enumerate(flat[1:], 1):
-        if td != treedef:
-            raise LoraStructureError(
-                f"delta {i} has a different tree structure from delta 0 (stack deltas of the "
-                "same base)")
+    columns, treedef = delta_columns(deltas, "stack")
     out = []
-    for k, (path, _) in enumerate(flat[0][0]):
-        column = [entries[k][1] for entries, _ in flat]
+    for path, column in columns:
         present = [(i, f) for i, f in enumerate(column) if f is not None]
         if not present:
             out.append(None)
@@ -212,17 +248,7 @@ def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
             _check_plain(path, f, f"delta {i}")
         i0, f0 = present[0]
         for i, f in present[1:]:
-            if f.kernel_shape != f0.kernel_shape or f.layout.axes != f0.layout.axes:
-                raise LoraStructureError(
-                    f"leaf {path!r}: delta {i} adapts a kernel of shape {f.kernel_shape} "
-                    f"(layout {f.layout.axes!r}), delta {i0} one of shape {f0.kernel_shape} "
-                    f"(layout {f0.layout.axes!r}); a stack needs one kernel shape per leaf")
-            for name in ("a", "b"):
-                da, d0 = jnp.asarray(getattr(f, name)).dtype, jnp.asarray(getattr(f0, name)).dtype
-                if da != d0:
-                    raise LoraStructureError(
-                        f"leaf {path!r}: factor {name} of delta {i} is {da}, of delta {i0} "
-                        f"{d0}; cast the factors to one dtype before stacking")
+            check_same_kernel(path, f, f"delta {i}", f0, f"delta {i0}")
         r = max(f.rank for _, f in present) if rank is None else rank
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
             raise LoraArgumentError(f"rank must be a positive int, got {rank!r}")
@@ -294,16 +320,8 @@ def set_adapter(stack: Any, slot: Any, delta: Any) -> Any:
                                  scale=s.scale.at[slot].set(0.0)))
             continue
         _check_plain(path, f, "the delta")
-        if f.kernel_shape != s.kernel_shape or f.layout.axes != s.layout.axes:
-            raise LoraStructureError(
-                f"leaf {path!r}: the delta adapts a kernel of shape {f.kernel_shape} (layout "
-                f"{f.layout.axes!r}), the stack one of {s.kernel_shape} ({s.layout.axes!r})")
+        check_same_kernel(path, f, "the delta", s, "the stack")
         a, b = _padded(path, f, s.rank, "the delta")
-        for name, x, y in (("a", a, s.a), ("b", b, s.b)):
-            if x.dtype != y.dtype:
-                raise LoraStructureError(
-                    f"leaf {path!r}: factor {name} of the delta is {x.dtype}, the stack's "
-                    f"{y.dtype}; cast the delta's factors first")
         out.append(s.replace(a=s.a.at[slot].set(a), b=s.b.at[slot].set(b),
                              scale=s.scale.at[slot].set(jnp.float32(f.scale))))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -320,7 +338,7 @@ def unstack(stack: Any, slot: int) -> Any:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> _, d = lj.init_lora(jax.random.key(0), {"w": jnp.ones((6, 5))},
       ...                     lj.LoraConfig(targets="w", rank=2))
-      >>> unstack(lj.stack_adapters([d]), 0)["w"].scale
+      >>> lj.advanced.unstack(lj.stack_adapters([d]), 0)["w"].scale
       1.0
     """
     entries, treedef = _entries(stack, "the stack")
