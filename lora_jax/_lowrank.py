@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax._errors import LoraArgumentError
 from lora_jax._view import LoraView
 
 Array = jax.Array
@@ -286,7 +287,6 @@ def per_example_low_rank(x: Array, fa: Array, fb: Array, scale: Array, n_stack: 
 
 
 def _ids_error(path: str, n_ex: int, size: Any) -> Exception:
-    from lora_jax._errors import LoraArgumentError  # noqa: PLC0415
     return LoraArgumentError(
         f"kernel {path!r}: adapter_ids has {n_ex} entries but the input's example axis (its "
         f"leading free axis) has size {size}; give one id per example of the batch")
@@ -294,7 +294,7 @@ def _ids_error(path: str, n_ex: int, size: Any) -> Exception:
 
 def _check_examples(view: LoraView, size: int) -> None:
     """The example axis of a mixed-adapter input must have one entry per id."""
-    if view.ex_scale is not None and size != view.ex_scale.shape[-1]:
+    if size != view.ex_scale.shape[-1]:
         raise _ids_error(view.path, view.ex_scale.shape[-1], size)
 
 
