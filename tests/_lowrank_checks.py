@@ -1,6 +1,8 @@
 """Helpers shared by the implicit-LoRA test files (test_implicit, test_quant_implicit)."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -24,3 +26,23 @@ def _rel(a, b):
     """max |a - b| relative to max |b|, in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+
+
+def _scanned_dense(features, remat):
+    """A model of 3 ``tanh(Dense(features))`` layers stacked by ``nn.scan`` (kernel
+    ``(3, features, features)``, layout ``sio``), each layer rematerialised if ``remat``."""
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, c, _):
+            return jnp.tanh(nn.Dense(features, name="fc")(c)), None
+
+    block = nn.remat(Block) if remat else Block
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return stack(name="layers")(x, None)[0]
+
+    return Scanned()

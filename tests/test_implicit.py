@@ -19,7 +19,7 @@ from flax import nnx
 import lora_jax as lj
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pytest's importlib mode does not add it
-from tests._lowrank_checks import _highest_precision, _rel, _trained  # noqa: E402,F401
+from tests._lowrank_checks import _highest_precision, _rel, _scanned_dense, _trained  # noqa: E402,F401
 
 FWD_TOL = 2e-5   # relative to the output's scale
 GRAD_TOL = 2e-5  # relative to each gradient leaf's scale
@@ -139,26 +139,13 @@ def test_bf16_compute_dtype_with_float32_factors():
     assert jax.tree.leaves(delta)[0].dtype == jnp.float32
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, c, _):
-        return jnp.tanh(nn.Dense(8, name="fc")(c)), None
-
-
 @pytest.mark.parametrize("remat", [False, True])
 def test_nn_scan_stacked_layers_with_and_without_remat(remat):
-    block = nn.remat(Block) if remat else Block
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-
-    class Scanned(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return stack(name="layers")(x, None)[0]
-
-    params = jax.jit(Scanned().init)(jax.random.key(0), X)
+    model = _scanned_dense(8, remat)
+    params = jax.jit(model.init)(jax.random.key(0), X)
     assert params["params"]["layers"]["fc"]["kernel"].shape == (3, 8, 8)
     cfg = lj.LoraConfig(targets=".*kernel", rank=2, layouts={".*kernel": "sio"})
-    base, delta = check_against_merge(Scanned().apply, params, cfg, X)
+    base, delta = check_against_merge(model.apply, params, cfg, X)
     a = delta["params"]["layers"]["fc"]["kernel"].a
     assert a.shape == (3, 8, 2) and not np.allclose(a[0], a[1])
 

@@ -18,7 +18,7 @@ import pytest
 import lora_jax as lj
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pytest's importlib mode does not add it
-from tests._lowrank_checks import _highest_precision, _rel, _trained  # noqa: E402,F401
+from tests._lowrank_checks import _highest_precision, _rel, _scanned_dense, _trained  # noqa: E402,F401
 
 TOL = 2e-5
 
@@ -97,28 +97,15 @@ def test_dense_general_both_directions():
                      (".*/o/kernel", {"scheme": "nf4", "layouts": layouts})], X)
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, c, _):
-        return jnp.tanh(nn.Dense(64, name="fc")(c)), None
-
-
 @pytest.mark.parametrize("remat", [False, True])
 def test_nn_scan_stacked_kernels_scan_their_codes(remat):
-    block = nn.remat(Block) if remat else Block
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-
-    class Scanned(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return stack(name="layers")(x, None)[0]
-
-    params = jax.jit(Scanned().init)(jax.random.key(0), X)
+    model = _scanned_dense(64, remat)
+    params = jax.jit(model.init)(jax.random.key(0), X)
     cfg = lj.LoraConfig(targets=".*kernel", rank=2, layouts={".*kernel": "sio"})
     quant = [(".*kernel", {"double_quant": True, "layouts": {".*kernel": "sio"}})]
-    qbase, delta = check_quantized(Scanned().apply, params, cfg, quant, X)
+    qbase, delta = check_quantized(model.apply, params, cfg, quant, X)
     # the scan's inputs are the stacked codes: no (3, 64, 64) float array anywhere
-    jaxpr = str(jax.make_jaxpr(lambda d: lj.implicit(Scanned().apply)(qbase, d, X))(delta))
+    jaxpr = str(jax.make_jaxpr(lambda d: lj.implicit(model.apply)(qbase, d, X))(delta))
     assert "f32[3,64,64]" not in jaxpr
     assert "u8[3,64,32]" in jaxpr  # codes stored in the kernel's shape, last axis packed
 
