@@ -325,6 +325,25 @@ def test_bad_stacks_are_clear_errors(net):
         lj.combine([other, dora])
 
 
+def test_bad_combinations_are_clear_errors():
+    f = lj.LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 4)), alpha=1.0, layout=lj.KernelLayout("io"))
+    wide = f.replace(a=jnp.ones((5, 2)))
+    with pytest.raises(lj.LoraArgumentError, match="at least one delta"):
+        lj.combine([])
+    with pytest.raises(lj.LoraArgumentError, match="1 weights for 2 deltas"):
+        lj.combine([{"w": f}, {"w": f}], [1.0])
+    with pytest.raises(lj.LoraStructureError, match=r"leaf 'w'.*shape \(5, 4\)"):
+        lj.combine([{"w": f}, {"w": wide}])
+    with pytest.raises(lj.LoraStructureError, match="leaf 'w'.*trained-in-full"):
+        lj.combine([{"w": f}, {"w": lj.LeafDelta(jnp.zeros((3, 4)))}])
+    with pytest.raises(lj.LoraStructureError, match="leaf 'w'.*StackedFactors.*unstack"):
+        lj.combine([lj.stack_adapters([{"w": f}])])
+    with pytest.raises(lj.LoraStructureError, match="different tree structure"):
+        lj.combine([{"w": f}, {"w": f, "v": None}])
+    with pytest.raises(lj.LoraArgumentError, match="rank must be a positive int"):
+        lj.truncate_rank({"w": f}, 0)
+
+
 # ---- sharded: 8 CPU devices in a subprocess ------------------------------------------------
 
 
