@@ -246,7 +246,8 @@ def main(argv=None) -> None:
     report["decode_tokens_per_s"] = dec
     report["process_peak_rss_mb"] = maxrss_mb()
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        text = json.dumps(report, indent=1)
+        lj.advanced.atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
 
 
 if __name__ == "__main__":

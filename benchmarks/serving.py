@@ -248,10 +248,7 @@ def main(argv=None):
            "compilations_on_swap": compilations, "check": check, "meta": run_meta}
     out["decode"] = decode_figures(args)
     if args.json:
-        import json
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
-        print(f"wrote {args.json}")
+        W.dump_json(args.json, out)
     return out
 
 

@@ -495,10 +495,16 @@ def print_skipped(skipped: dict) -> None:
 
 def write_json(path: str, results: dict, skipped: dict, run_meta: dict) -> None:
     """``{"configs": ..., "skipped": ..., "meta": ...}`` as the benchmarks' JSON output."""
-    import json
+    dump_json(path, {"configs": results, "skipped": skipped, "meta": run_meta})
 
-    with open(path, "w") as fh:
-        json.dump({"configs": results, "skipped": skipped, "meta": run_meta}, fh, indent=2)
+
+def dump_json(path: str, doc: Any) -> None:
+    """``doc`` as JSON at ``path``, written atomically (never half a file)."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(doc, indent=2)
+    lora_jax.advanced.atomic_write(Path(path), lambda tmp: tmp.write_text(text))
     print(f"wrote {path}")
 
 

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_jax.advanced import atomic_write
+
 from _text import VOCAB_SIZE, fingerprint, random_batches
 
 
@@ -211,10 +213,9 @@ def load_or_pretrain(tokens, steps: int, seed: int, out: Path, use_cache: bool =
     params, losses = pretrain(tokens, steps, seed, progress)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"params": jax.device_get(params), "losses": losses}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(flax.serialization.msgpack_serialize(state))
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache
+        data = flax.serialization.msgpack_serialize(
+            {"params": jax.device_get(params), "losses": losses})
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))  # never a half-written cache
         print(f"pretrained params: trained and cached to {path}")
     else:
         print("pretrained params: trained (--no-cache: cache not read or written)")

@@ -166,7 +166,7 @@ def plot_losses(pretrain_losses, lora_losses, path: Path) -> None:
            title="Byte-level transformer LM: pretraining, then LoRA on a new domain")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    lora_jax.advanced.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

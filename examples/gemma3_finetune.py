@@ -331,7 +331,8 @@ def main(argv=None) -> None:
     ax.set_title("Gemma 3 270M, LoRA r=%d (lora_jax)" % args.rank)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=100)
+    lj.advanced.atomic_write(out_dir / "loss.png",
+                             lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     print(f"loss curve: {out_dir / 'loss.png'}")
     print(f"total time: {time.perf_counter() - t_start:.0f} s")
 

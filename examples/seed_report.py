@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_jax.advanced import atomic_write
+
 BASE = "base model (no fine-tuning)"
 FULL = "full fine-tuning"
 
@@ -85,8 +87,9 @@ def markdown(report) -> str:
 
 def write(report, results, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(markdown(report) + "\n")
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    for name, text in (("table.md", markdown(report) + "\n"),
+                       ("results.json", json.dumps(report, indent=1, default=str))):
+        atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     plot_curves(results, out / "curves.png")
     plot_rank(report["r_sweep"], out / "rank.png")
 
@@ -119,7 +122,7 @@ def plot_curves(results, path: Path) -> None:
            title="Target-domain training loss, same steps x batch, tuned LR")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -141,5 +144,5 @@ def plot_rank(sweep, path: Path) -> None:
            title="LoRA: held-out loss against r at alpha 64")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

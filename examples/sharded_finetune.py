@@ -302,7 +302,8 @@ def main(argv=None) -> dict:
     # (all-gathers, all-reduces: look for any of a whole kernel's shape).
     step = step.lower(state, base, first).compile()
     if args.hlo is not None:
-        args.hlo.write_text(step.as_text())
+        hlo = step.as_text()
+        lora_jax.advanced.atomic_write(args.hlo, lambda tmp: tmp.write_text(hlo))
     losses = []
     for i, batch in enumerate(itertools.chain([first], batches)):
         state, loss = step(state, base, batch)  # `state` is donated: never reuse the old one

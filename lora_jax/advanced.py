@@ -32,6 +32,7 @@ name                      what it is
 ``unstack``               one slot of an adapter stack as a plain delta (to merge it)
 ``is_stacked``            ``is_leaf`` for :class:`~lora_jax.StackedFactors`
 ``CompileCounter``        counts XLA compilations in a ``with`` block (hot-swap checks)
+``atomic_write``          writes a file atomically (temp sibling, fsync, rename), as ``save`` does
 ========================  =====================================================
 
 Example:
@@ -41,6 +42,7 @@ Example:
   2.0
 """
 
+from lora_jax._atomic import atomic_write
 from lora_jax._delta import (
     LayerSelection,
     align,
@@ -67,6 +69,7 @@ __all__ = [
     "LoraSummary",
     "Target",
     "align",
+    "atomic_write",
     "column_norm",
     "default_layout",
     "dense_delta",

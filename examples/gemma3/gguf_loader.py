@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax.advanced import atomic_write
+
 from .model import Gemma3Config
 
 CACHE_VERSION = 1
@@ -333,15 +335,11 @@ def load(gguf_path: str | os.PathLike | None = None, cache_dir: str | os.PathLik
         print(f"gemma3: reading and dequantizing {file} (first run; cached afterwards) ...")
     cfg, params, tok = read_gguf(file)
     sub.mkdir(parents=True, exist_ok=True)
-    # Write the tensors and tokenizer first, the config (the cache key) last.
-    tmp = sub / (PARAMS_FILE + ".tmp")
-    save_file(flatten(params), str(tmp))
-    os.replace(tmp, sub / PARAMS_FILE)
-    (sub / (TOKENIZER_FILE + ".tmp")).write_text(json.dumps(tok))
-    os.replace(sub / (TOKENIZER_FILE + ".tmp"), sub / TOKENIZER_FILE)
-    (sub / (CONFIG_FILE + ".tmp")).write_text(
-        json.dumps({"source": key, "config": _config_to_json(cfg)}, indent=1))
-    os.replace(sub / (CONFIG_FILE + ".tmp"), meta_file)
+    # Write the tensors and tokenizer first, the config (the cache key) last; each atomically.
+    meta = json.dumps({"source": key, "config": _config_to_json(cfg)}, indent=1)
+    atomic_write(sub / PARAMS_FILE, lambda tmp: save_file(flatten(params), str(tmp)))
+    atomic_write(sub / TOKENIZER_FILE, lambda tmp: tmp.write_text(json.dumps(tok)))
+    atomic_write(meta_file, lambda tmp: tmp.write_text(meta))
     if verbose:
         print(f"gemma3: converted and cached in {sub} ({time.perf_counter() - t0:.1f} s)")
     return cfg, params, tok
