@@ -43,7 +43,7 @@ from jax import lax  # noqa: E402
 
 import lora_jax  # noqa: E402
 import workload as W  # noqa: E402
-from lora_jax.advanced import CompileCounter  # noqa: E402
+from lora_jax.debug import CompileCounter  # noqa: E402
 
 CONFIGS = ("merged", "unmerged", "mixed16", "loop16")
 N_ADAPTERS = 16

@@ -33,7 +33,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lora_jax as lj  # noqa: E402
-from lora_jax.advanced import CompileCounter  # noqa: E402
+from lora_jax.debug import CompileCounter  # noqa: E402
 from generation import Generator  # noqa: E402
 
 

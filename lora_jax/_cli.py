@@ -43,8 +43,8 @@ class CliError(Exception):
 def _adapter_format(path: Path) -> str:
     """``"peft"`` or ``"lora_jax"``: the format of an adapter directory, from its config."""
     from lora_jax._errors import LoraFileError
-    from lora_jax._file_io import CONFIG_NAME, input_directory, read_json
-    from lora_jax._lora_format import FORMAT
+    from lora_jax._files.safetensors_io import CONFIG_NAME, input_directory, read_json
+    from lora_jax._files.lora_format import FORMAT
 
     doc = read_json(input_directory(path) / CONFIG_NAME)
     if "peft_type" in doc:
@@ -56,7 +56,7 @@ def _adapter_format(path: Path) -> str:
 
 def _name_map(args: argparse.Namespace) -> Any:
     """The ``--name-map FILE`` as a :class:`~lora_jax.NameMap`, or None."""
-    from lora_jax._peft_names import NameMap
+    from lora_jax._files.peft.names import NameMap
 
     return NameMap.from_json(args.name_map) if args.name_map else None
 
@@ -81,8 +81,8 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
     Returns ``(tree, "safetensors" | "orbax", safetensors metadata)``.
     """
     from lora_jax._errors import LoraFileError
-    from lora_jax._file_io import nested_from_paths, open_safetensors, read_tensor
-    from lora_jax._quant_files import META_KEY, load_base
+    from lora_jax._files.safetensors_io import nested_from_paths, open_safetensors, read_tensor
+    from lora_jax._files.base_files import META_KEY, load_base
 
     if path.is_dir():
         try:
@@ -145,9 +145,9 @@ def _table(rows: list[dict]) -> list[str]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``lora-jax inspect``: one row per target (or PEFT module), as a table or JSON."""
-    from lora_jax._file_io import CONFIG_NAME, read_json
-    from lora_jax._lora_format import describe
-    from lora_jax._peft_format import describe_peft
+    from lora_jax._files.safetensors_io import CONFIG_NAME, read_json
+    from lora_jax._files.lora_format import describe
+    from lora_jax._files.peft.format import describe_peft
 
     path = Path(args.adapter)
     fmt = _adapter_format(path)
@@ -190,7 +190,7 @@ def _merged_leaves(base: Any, delta: Any, args: argparse.Namespace) -> dict[str,
     from lora_jax import merge
     from lora_jax._delta import delta_entries
     from lora_jax._paths import leaves_with_paths
-    from lora_jax._quant import is_quantized
+    from lora_jax._quant.array import is_quantized
 
     entries = dict(delta_entries(delta))
     todo = [(p, leaf) for p, leaf in leaves_with_paths(base)[0] if entries.get(p) is not None]
@@ -213,10 +213,10 @@ def _write_params(out: Path, base: Any, merged: dict[str, Any], fmt: str, metada
     import jax
     import jax.numpy as jnp
 
-    from lora_jax._atomic import atomic_write
-    from lora_jax._file_io import write_safetensors
+    from lora_jax._files.atomic import atomic_write
+    from lora_jax._files.safetensors_io import write_safetensors
     from lora_jax._paths import leaves_with_paths
-    from lora_jax._quant import dequantize_leaf, is_quantized
+    from lora_jax._quant.array import dequantize_leaf, is_quantized
 
     leaves, treedef = leaves_with_paths(base)
     dtype = None if args.dtype is None else jnp.dtype(args.dtype)
@@ -236,7 +236,7 @@ def _write_params(out: Path, base: Any, merged: dict[str, Any], fmt: str, metada
 
     import orbax.checkpoint as ocp
 
-    from lora_jax._atomic import replace_directory
+    from lora_jax._files.atomic import replace_directory
 
     tree = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[p]) for p, _ in leaves])
     # Written beside OUT, then swapped in: a kill at any moment leaves the previous OUT whole.

@@ -446,7 +446,7 @@ def check_fits(path: str, shape: tuple[int, ...], entry: Any, stacked_ok: bool =
                 f"leaf {path!r}: the trained-in-full delta has shape {entry.kernel_shape}, "
                 f"the base leaf {shape}")
         return
-    if type(entry).__name__ == "StackedFactors":  # lora_jax._stack builds on this module
+    if type(entry).__name__ == "StackedFactors":  # lora_jax._serving.stack builds on this module
         if not stacked_ok:
             raise LoraStructureError(
                 f"leaf {path!r}: the delta holds an adapter stack (StackedFactors); only "

@@ -31,7 +31,8 @@ from lora_jax._delta import (
     to_kernel_axes,
 )
 from lora_jax._errors import LoraStructureError
-from lora_jax._quant import dequantize, dequantize_leaf, is_quantized
+from lora_jax._quant.array import dequantize_leaf, is_quantized
+from lora_jax._quant.trees import dequantize
 
 
 def merge(params: Any, delta: Any, *, dtype: Any = None) -> Any:

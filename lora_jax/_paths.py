@@ -16,33 +16,32 @@ import jax
 
 KeyPath = Sequence[Any]
 
-# Pytree node types that lora_jax's tree walks treat as one leaf of the params
-# (a quantized kernel is a pytree of codes and scales, but one kernel to LoRA).
-_BASE_LEAF_TYPES: list[type] = []
+class BaseLeaf:
+    """Marker base class: a pytree node type that stands for one leaf of the params.
 
-
-def register_base_leaf(cls: type) -> type:
-    """Makes :func:`leaves_with_paths` treat every ``cls`` node as one leaf.
+    A quantized kernel is a pytree of codes and scales to JAX but one kernel to
+    LoRA. A type declares this by subclassing ``BaseLeaf`` (no registry, no
+    import-order dependence): every lora_jax tree walk then treats each of its
+    instances as one leaf with the kernel's ``shape`` and ``dtype``.
 
     Example:
-      >>> class Box:
-      ...     pass
-      >>> register_base_leaf(Box) is Box
-      True
+      >>> class Box(BaseLeaf):
+      ...     shape, dtype = (2, 3), "float32"
+      >>> is_base_leaf(Box()), is_base_leaf(1.0)
+      (True, False)
     """
-    if cls not in _BASE_LEAF_TYPES:
-        _BASE_LEAF_TYPES.append(cls)
-    return cls
+
+    __slots__ = ()
 
 
 def is_base_leaf(x: Any) -> bool:
-    """True for a node of a type registered with :func:`register_base_leaf`.
+    """True for an instance of a :class:`BaseLeaf` subclass (a quantized kernel).
 
     Example:
       >>> is_base_leaf(1.0)
       False
     """
-    return isinstance(x, tuple(_BASE_LEAF_TYPES))
+    return isinstance(x, BaseLeaf)
 
 
 def key_name(key: Any) -> str:
@@ -79,7 +78,7 @@ def leaves_with_paths(
 ) -> tuple[list[tuple[str, Any]], Any]:
     """Flattens ``tree`` into ``[(path, leaf), ...]`` and its treedef.
 
-    Nodes of a registered base-leaf type (a quantized kernel) are leaves.
+    Nodes of a :class:`BaseLeaf` type (a quantized kernel) are leaves.
 
     Example:
       >>> leaves_with_paths({"a": {"b": 1}})[0]

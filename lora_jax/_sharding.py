@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from lora_jax._config import LoraConfig
 from lora_jax._errors import LoraShardingError
 from lora_jax._delta import LeafDelta, is_delta_leaf
-from lora_jax._init import init_lora
+from lora_jax._init_lora import init_lora
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
 

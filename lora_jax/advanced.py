@@ -31,7 +31,6 @@ name                      what it is
 ``LeafSummary``           one row of a ``LoraSummary``
 ``unstack``               one slot of an adapter stack as a plain delta (to merge it)
 ``is_stacked``            ``is_leaf`` for :class:`~lora_jax.StackedFactors`
-``CompileCounter``        counts XLA compilations in a ``with`` block (hot-swap checks)
 ``atomic_write``          writes a file atomically (temp sibling, fsync, rename), as ``save`` does
 ========================  =====================================================
 
@@ -42,7 +41,7 @@ Example:
   2.0
 """
 
-from lora_jax._atomic import atomic_write
+from lora_jax._files.atomic import atomic_write
 from lora_jax._delta import (
     LayerSelection,
     align,
@@ -52,18 +51,19 @@ from lora_jax._delta import (
     is_factors,
     lora_scale,
 )
-from lora_jax._init import init_factors
+from lora_jax._init_lora import init_factors
 from lora_jax._layout import default_layout
 from lora_jax._optim import trainable_mask
 from lora_jax._paths import leaves_with_paths, path_str
-from lora_jax._quant import is_quantized, kernel_bits, quantized_shardings, storage_specs
+from lora_jax._quant.array import is_quantized
+from lora_jax._quant.storage_sharding import quantized_shardings, storage_specs
+from lora_jax._quant.trees import kernel_bits
 from lora_jax._sharding import factor_specs
-from lora_jax._stack import CompileCounter, is_stacked, unstack
+from lora_jax._serving.stack import is_stacked, unstack
 from lora_jax._summary import LeafSummary, LoraSummary, tree_bytes
 from lora_jax._targets import Target, select_extra_trainable, select_targets
 
 __all__ = [
-    "CompileCounter",
     "LayerSelection",
     "LeafSummary",
     "LoraSummary",

@@ -1,0 +1,504 @@
+"""HuggingFace PEFT adapter directories, both ways: :func:`export_peft` and :func:`import_peft`.
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` (``peft_type:
+"LORA"``, ``r``, ``lora_alpha``, ``target_modules``, ...) and
+``adapter_model.safetensors`` whose keys are
+``base_model.model.<module>.<tensor>``, in PyTorch's layouts:
+
+=====================  ==============================  ==============================
+PyTorch module         PEFT tensors                     Flax kernel (lora_jax layout)
+=====================  ==============================  ==============================
+``nn.Linear(in, out)`` ``lora_A.weight (r, in)``,       ``nn.Dense``: ``(in, out)``,
+weight ``(out, in)``   ``lora_B.weight (out, r)``       ``"io"``
+``nn.Embedding(V, D)`` ``lora_embedding_A (r, V)``,     ``nn.Embed``: ``(V, D)``,
+weight ``(V, D)``      ``lora_embedding_B (D, r)``      ``"io"`` kind ``embed``
+``nn.ConvNd``          ``lora_A.weight (r, in, *win)``, ``nn.Conv``: ``(*win, in, out)``,
+weight                 ``lora_B.weight (out, r, 1..)``  ``"i..io"`` kind ``conv``
+``(out, in, *win)``
+DoRA (any of them)     ``lora_magnitude_vector``:       ``magnitude (*fan_out)``
+                       ``(out,)``, ``(D,)``, conv
+                       ``(1, out, 1..)``
+=====================  ==============================  ==============================
+
+The scale is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per
+module through ``rank_pattern`` / ``alpha_pattern``, exactly as lora_jax's.
+
+**N-D (DenseGeneral) kernels** have no PEFT module of their own; they export
+as the ``nn.Linear`` whose weight is the kernel with its fan-in axes flattened
+into ``in`` and its fan-out axes into ``out`` (row-major, in the kernel's axis
+order): ``weight = W.transpose(layout.permutation).reshape(fan_in,
+fan_out).T``. The PyTorch twin of a ``(d, heads, head_dim)`` projection is
+``nn.Linear(d, heads * head_dim)``; importing back restores the N-D factors
+from the Flax kernel's shape.
+
+**Names.** A :class:`NameMap` turns Flax leaf paths into PyTorch module names
+(``to_peft``) and back (``to_flax``). By default ``params/`` and a trailing
+``/kernel`` or ``/embedding`` are dropped and ``/`` becomes ``.``
+(``params/encoder/fc1/kernel`` <-> ``encoder.fc1``). **Scan-stacked** kernels
+(layout ``"s..."``, e.g. ``(layers, in, out)``) map to one PyTorch module per
+layer: a ``to_peft`` name holds one ``{}`` per stacked axis, filled with the
+layer index (``params/layers/q/kernel`` -> ``model.layers.{}.q_proj`` ->
+``model.layers.0.q_proj``, ``model.layers.1.q_proj``, ...); a ``to_flax`` rule
+names the index with a ``(?P<layer>\\d+)`` group and the layers are stacked on
+the leading axis. :func:`import_peft` with ``params`` only needs ``to_peft``:
+it maps every leaf of the params and inverts the result.
+
+**Modules.** This module reads and writes PEFT directories; the PyTorch
+tensor layouts are :mod:`lora_jax._files.peft.tensors`, the names
+:mod:`lora_jax._files.peft.names`, and fitting imported modules to Flax kernels
+:mod:`lora_jax._files.peft.fit`.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from lora_jax._files.atomic import StagedFiles
+from lora_jax._delta import LeafDelta, LoraFactors, delta_entries, lora_scale
+from lora_jax._errors import LoraArgumentError, LoraFileError, LoraStructureError
+from lora_jax._files.safetensors_io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_finite_array,
+    dtype_name,
+    json_writer,
+    open_safetensors,
+    output_directory,
+    read_json,
+    read_tensor,
+    tensor_info,
+    write_safetensors,
+)
+from lora_jax._files.peft.fit import fit_to_params, fit_without_params
+from lora_jax._files.peft.names import NameMap, fill_layers, pattern_key, pattern_value
+from lora_jax._files.peft.tensors import PEFT_PREFIX, PeftModule, peft_module, split_key, torch_tensors
+
+ModuleInfo = tuple[int, float, str]
+"""What the PEFT config records of one exported module: ``(rank, alpha, Flax leaf path)``."""
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _exportable(delta: Any) -> list[tuple[str, LoraFactors]]:
+    """The delta's ``(path, LoraFactors)``, checked to be one PEFT adapter's worth.
+
+    PEFT has no place for a :class:`LeafDelta`, and ``use_rslora`` / ``use_dora``
+    are one flag for the whole adapter: those are a :class:`LoraStructureError`.
+    """
+    targets = [(p, f) for p, f in delta_entries(delta) if f is not None]
+    for leaf, f in targets:
+        if isinstance(f, LeafDelta):
+            raise LoraStructureError(
+                f"export_peft: leaf {leaf!r} is a LeafDelta (trained in full); PEFT stores such "
+                "leaves as modules_to_save / bias holding the full value W + diff, which "
+                "export_peft does not write: merge it into the base params instead"
+            )
+    if not targets:
+        raise LoraStructureError("export_peft: the delta has no LoraFactors (nothing to export)")
+    for flag, has in (("use_rslora", lambda f: f.rslora),
+                      ("use_dora", lambda f: f.magnitude is not None)):
+        if len({has(f) for _, f in targets}) > 1:
+            mixed = [p for p, f in targets if has(f)]
+            raise LoraStructureError(
+                f"export_peft: PEFT's {flag} is one flag for the whole adapter, but only some "
+                f"targets have it (e.g. {mixed[:3]})"
+            )
+    return targets
+
+
+def _module_template(nm: NameMap, leaf: str, f: LoraFactors) -> str:
+    """The PyTorch module name of a target, with one ``{}`` per stacked axis."""
+    template = nm.module_for(leaf)
+    if not template:
+        raise LoraArgumentError(
+            f"export_peft: the name map gives no PyTorch module for target {leaf!r}")
+    n_stack = len(f.layout.stack_axes)
+    if template.count("{}") != n_stack:
+        raise LoraArgumentError(
+            f"export_peft: target {leaf!r} has {n_stack} stacked axes (layout "
+            f"{f.layout.axes!r}) but its module name {template!r} has "
+            f"{template.count('{}')} '{{}}' placeholders; map it to e.g. "
+            "'model.layers.{}.q_proj' so each layer gets its own module"
+        )
+    return template
+
+
+def _to_modules(targets: Sequence[tuple[str, LoraFactors]], nm: NameMap
+                ) -> tuple[dict[str, np.ndarray], dict[str, ModuleInfo]]:
+    """``({PEFT tensor key: array}, {module: (rank, alpha, leaf)})`` of the targets."""
+    tensors: dict[str, np.ndarray] = {}
+    modules: dict[str, ModuleInfo] = {}
+    for leaf, f in targets:
+        template = _module_template(nm, leaf, f)
+        for idx, arrays in torch_tensors(leaf, f):
+            module = fill_layers(template, idx)
+            if module in modules:
+                raise LoraArgumentError(
+                    f"export_peft: targets {modules[module][2]!r} and {leaf!r} both map to "
+                    f"PyTorch module {module!r}"
+                )
+            modules[module] = (f.rank, float(f.alpha), leaf)
+            for suffix, arr in arrays.items():
+                tensors[f"{PEFT_PREFIX}{module}.{suffix}"] = arr
+    return tensors, modules
+
+
+def _json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _most_common(values: list) -> Any:
+    counts = collections.Counter(values)
+    return max(counts, key=lambda v: (counts[v], -float(v)))
+
+
+def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
+                 base_model_name_or_path: str | None) -> dict:
+    """PEFT's ``adapter_config.json``: the most common rank / alpha, the others as patterns."""
+    names = sorted(modules)
+    r0 = _most_common([r for r, _, _ in modules.values()])
+    a0 = _most_common([a for _, a, _ in modules.values()])
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": int(r0),
+        "lora_alpha": _json_number(a0),
+        "lora_dropout": 0.0,
+        "target_modules": names,
+        "rank_pattern": {pattern_key(m, names): int(modules[m][0])
+                         for m in names if modules[m][0] != r0},
+        "alpha_pattern": {pattern_key(m, names): _json_number(modules[m][1])
+                          for m in names if modules[m][1] != a0},
+        "use_rslora": rslora,
+        "use_dora": dora,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+
+
+def export_peft(
+    path: str | os.PathLike,
+    delta: Any,
+    *,
+    name_map: Any = None,
+    base_model_name_or_path: str | None = None,
+) -> dict:
+    """Writes a lora_jax delta as a HuggingFace PEFT LoRA adapter directory.
+
+    Each targeted kernel becomes one PyTorch module's tensors (a scan-stacked
+    kernel one per layer) in PyTorch's layouts: ``lora_A.weight (r, in)`` and
+    ``lora_B.weight (out, r)`` for Dense (N-D kernels flattened, see the module
+    doc), ``lora_embedding_A (r, vocab)`` / ``lora_embedding_B (dim, r)`` for
+    embeddings, ``(r, in, *window)`` / ``(out, r, 1, ..)`` for convs, and
+    ``lora_magnitude_vector`` for DoRA. ``r`` / ``lora_alpha`` are the most
+    common rank and alpha; modules that differ get ``rank_pattern`` /
+    ``alpha_pattern`` entries. Only config keys PEFT's ``LoraConfig`` knows
+    are written. Files are written atomically (config last).
+
+    Args:
+      path: output directory (created if missing).
+      delta: a lora_jax delta.
+      name_map: a :class:`NameMap`, a function ``path -> module``, or
+        ``to_peft`` rules; default: drop ``params/`` and ``/kernel``, ``/`` -> ``.``.
+      base_model_name_or_path: recorded in the config (PEFT uses it to fetch
+        the base model when none is passed).
+
+    Returns:
+      The ``adapter_config.json`` contents written.
+
+    Raises:
+      LoraStructureError: a delta PEFT cannot hold: mixed rsLoRA or DoRA
+        across targets (one flag in PEFT), a :class:`~lora_jax.LeafDelta`, no
+        factors at all, or a conv/embedding layout PyTorch cannot express.
+      LoraArgumentError: a name map that gives a target no module, a stacked
+        target's name without a ``{}`` per stacked axis, or two targets one
+        module.
+      LoraFileError: ``path`` exists and is not a directory.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"params": {"fc": {"kernel": jnp.ones((6, 4))}}}
+      >>> cfg = lj.LoraConfig(targets=".*kernel", rank=2, alpha=4)
+      >>> _, delta = lj.init_lora(jax.random.key(0), params, cfg)
+      >>> cfg = lj.export_peft(tempfile.mkdtemp(), delta)
+      >>> cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+      ('LORA', 2, 4, ['fc'])
+    """
+    nm = NameMap.coerce(name_map)
+    targets = _exportable(delta)
+    tensors, modules = _to_modules(targets, nm)
+    first = targets[0][1]
+    config = _peft_config(modules, bool(first.rslora), first.magnitude is not None,
+                          base_model_name_or_path)
+    directory = output_directory(path)
+    with StagedFiles(directory) as files:
+        files.stage(WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
+        files.stage(CONFIG_NAME, json_writer(config))
+        files.commit()
+    return config
+
+
+# --------------------------------------------------------------------------- reading PEFT files
+
+
+def read_peft_config(directory: Path) -> dict:
+    """Reads a PEFT ``adapter_config.json`` and checks it is a LoRA adapter lora_jax can use.
+
+    ``r`` (and each ``rank_pattern`` value) must be an integer >= 1,
+    ``lora_alpha`` (and each ``alpha_pattern`` value) a finite number > 0,
+    ``target_modules`` a list of module names or one regex string (PEFT's two
+    forms), ``use_rslora`` / ``use_dora`` booleans; every failure is a
+    :class:`LoraFileError` naming the file and the key.
+    """
+    cfg_path = Path(directory) / CONFIG_NAME
+    cfg = read_json(cfg_path)
+    if cfg.get("peft_type") != "LORA":
+        hint = " (a lora_jax adapter: use lora_jax.load)" if "format" in cfg else ""
+        raise LoraFileError(
+            f"{cfg_path}: key 'peft_type' is {cfg.get('peft_type')!r}; only PEFT LoRA adapters "
+            f"('LORA') can be imported{hint}"
+        )
+    _check_rank(cfg_path, "key 'r'", cfg.get("r"))
+    _check_alpha(cfg_path, "key 'lora_alpha'", cfg.get("lora_alpha"))
+    for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        for pattern, value in _checked_patterns(cfg_path, key, cfg.get(key)).items():
+            check(cfg_path, f"key '{key}' entry {_short(pattern)}", value)
+    targets = cfg.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise LoraFileError(f"{cfg_path}: key 'target_modules' is {_short(targets)}; expected a "
+                            "list of module names or one regex string")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise LoraFileError(
+                f"{cfg_path}: key {key!r} is {_short(cfg[key])}; expected a boolean")
+    return cfg
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, at most 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rank(cfg_path: Path, label: str, value: Any) -> None:
+    """A rank: an integer >= 1 (PEFT writes ``8``; ``8.0`` is accepted)."""
+    if not _is_number(value) or not math.isfinite(value) or value != int(value) or value < 1:
+        raise LoraFileError(f"{cfg_path}: {label} is {_short(value)}; expected an integer >= 1")
+
+
+def _check_alpha(cfg_path: Path, label: str, value: Any) -> None:
+    """An alpha: a finite number > 0 (NaN or Inf would make every output NaN or Inf)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise LoraFileError(
+            f"{cfg_path}: {label} is {_short(value)}; expected a finite number > 0")
+
+
+# A group followed by a quantifier ("(a+)+", "(x|y)*"): the shape of catastrophic backtracking.
+_QUANTIFIED_GROUP = re.compile(r"\)[*+?{]")
+
+
+def _checked_patterns(cfg_path: Path, key: str, value: Any) -> dict:
+    """``rank_pattern`` / ``alpha_pattern``: an object whose keys are regexes PEFT matches
+    module names with; keys must compile and must not quantify a group (a file's regex
+    must not be able to hang the reader)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LoraFileError(f"{cfg_path}: key {key!r} is {_short(value)}; expected an object")
+    for pattern in value:
+        if len(pattern) > 1000 or _QUANTIFIED_GROUP.search(pattern):
+            raise LoraFileError(f"{cfg_path}: key {key!r} has pattern {_short(pattern)}: longer "
+                                "than 1000 characters or a quantified group, refused")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise LoraFileError(
+                f"{cfg_path}: key {key!r} has pattern {_short(pattern)}, not a regex: {e}"
+            ) from None
+    return value
+
+
+def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, bool]]]:
+    """``{module: {role: (key, array, embedding?)}}`` of every tensor in a PEFT file."""
+    directory = weights.parent
+    if not weights.is_file() and (directory / "adapter_model.bin").is_file():
+        raise LoraFileError(
+            f"{directory / 'adapter_model.bin'}: a pickled PyTorch adapter; lora_jax reads only "
+            "adapter_model.safetensors (re-save with PEFT's "
+            "save_pretrained(safe_serialization=True))"
+        )
+    raw: dict[str, dict[str, tuple[str, np.ndarray, bool]]] = {}
+    with open_safetensors(weights) as f:
+        for key, (_, code) in tensor_info(f).items():
+            split = split_key(key)
+            if split is None:
+                raise LoraFileError(
+                    f"{weights}: tensor {key!r} is not a LoRA factor lora_jax can import "
+                    "(lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector); lora_bias, "
+                    "modules_to_save and other PEFT methods are not supported"
+                )
+            if code not in ("F32", "BF16", "F16", "F64"):
+                raise LoraFileError(f"{weights}: tensor {key!r} has dtype {dtype_name(code)}; "
+                                    "LoRA factors are floating point")
+            module, role, embed = split
+            raw.setdefault(module, {})[role] = (key, read_tensor(f, weights, key), embed)
+    return raw
+
+
+def _check_against_config(weights: Path, cfg: dict, mod: PeftModule,
+                          a_shape: tuple[int, ...]) -> None:
+    """A module (its ``lora_A`` of shape ``a_shape``) agrees with the config's ``use_dora``
+    and its ``r`` / ``rank_pattern``."""
+    dora = bool(cfg.get("use_dora", False))
+    if (mod.magnitude is not None) != dora:
+        state = "has" if mod.magnitude is not None else "lacks"
+        raise LoraFileError(
+            f"{weights}: module {mod.name!r} {state} lora_magnitude_vector but {CONFIG_NAME} has "
+            f"use_dora={dora}"
+        )
+    want_r = pattern_value(cfg.get("rank_pattern"), mod.name, cfg["r"])
+    if int(want_r) != mod.rank:
+        raise LoraFileError(
+            f"{weights}: tensor {mod.keys[0]!r} has rank {mod.rank} (shape {a_shape}), but "
+            f"{CONFIG_NAME} gives module {mod.name!r} rank {want_r} (r / rank_pattern)"
+        )
+
+
+def read_peft_modules(directory: str | os.PathLike) -> tuple[dict, dict[str, PeftModule]]:
+    """Reads and validates a PEFT LoRA adapter: ``(config, {module: PeftModule})``."""
+    directory = Path(directory)
+    cfg = read_peft_config(directory)
+    weights = directory / WEIGHTS_NAME
+    modules = {}
+    for name, parts in _read_parts(weights).items():
+        alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
+        modules[name] = peft_module(weights, name, parts, float(alpha))
+        _check_against_config(weights, cfg, modules[name], parts["A"][1].shape)
+    return cfg, modules
+
+
+# --------------------------------------------------------------------------- import
+
+
+def import_peft(
+    path: str | os.PathLike,
+    params: Any = None,
+    *,
+    name_map: Any = None,
+    layouts: Mapping[str, Any] | None = None,
+    dtype: Any = None,
+    check_finite: bool = True,
+) -> Any:
+    """Reads a HuggingFace PEFT LoRA adapter directory into a lora_jax delta.
+
+    Args:
+      path: the PEFT adapter directory (``adapter_config.json`` +
+        ``adapter_model.safetensors``, as ``save_pretrained`` writes).
+      params: the Flax params (arrays or ``jax.ShapeDtypeStruct``) the
+        adapter is for. Every leaf is mapped through ``name_map.to_peft``;
+        leaves whose module (or, for scan-stacked leaves, any layer's module)
+        is in the file get factors shaped for that kernel, the rest ``None``.
+        Layers of a stacked leaf that PEFT left out (``layers_to_transform``)
+        become ``LoraFactors(layers=...)`` holding only the adapted layers
+        (for DoRA, or several stacked axes: zero factors, DoRA magnitudes from
+        the base weights' norms, which then must be concrete). Without
+        ``params``, modules are mapped with ``name_map.to_flax`` and the
+        result is a nested dict of the targets only, each Linear a 2-D
+        ``(in, out)`` kernel, each conv ``(*window, in, out)``.
+      name_map: a :class:`NameMap`, a function ``path -> module``, or
+        ``to_peft`` rules.
+      layouts: ``{path or regex: KernelLayout | axes}`` for kernels whose
+        layout cannot be read off the PEFT module (N-D kernels whose fan-in /
+        fan-out split is ambiguous); the kind always follows the PEFT module.
+      dtype: cast the factors to this dtype (default: keep the file's).
+      check_finite: refuse a file with a NaN or Inf in any factor or magnitude
+        (:class:`LoraFileError` naming the file and the tensor); on by default.
+
+    Returns:
+      The delta (``LoraFactors`` with ``alpha``, ``rslora`` and, for DoRA,
+      ``magnitude`` taken from the file).
+
+    Raises:
+      LoraFileError: not a PEFT LoRA adapter; a corrupt file; an unsupported
+        tensor; a rank that contradicts the config; a module with no Flax leaf;
+        ``r`` not an integer >= 1, ``lora_alpha`` not a finite number > 0,
+        ``target_modules`` neither a list nor a string; a NaN or Inf tensor.
+        :class:`LoraBaseMismatchError` when a module's shapes do not fit its
+        Flax kernel. :class:`LoraArgumentError` when the name map sends two
+        leaves to one module, or a stacked leaf's module name and its
+        ``layouts`` entry disagree. Messages name the file and the key.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"params": {"fc": {"kernel": jnp.ones((6, 4))}}}
+      >>> cfg = lj.LoraConfig(targets=".*kernel", rank=2)
+      >>> _, delta = lj.init_lora(jax.random.key(0), params, cfg)
+      >>> d = tempfile.mkdtemp()
+      >>> _ = lj.export_peft(d, delta)
+      >>> back = lj.import_peft(d, params)
+      >>> bool((back["params"]["fc"]["kernel"].a == delta["params"]["fc"]["kernel"].a).all())
+      True
+    """
+    directory = Path(path)
+    cfg, modules = read_peft_modules(directory)
+    weights = directory / WEIGHTS_NAME
+    if check_finite:
+        for mod in modules.values():
+            arrays = (mod.a, mod.b) + (() if mod.magnitude is None else (mod.magnitude,))
+            for key, array in zip(mod.keys, arrays):
+                check_finite_array(weights, key, array)
+    rslora = bool(cfg.get("use_rslora", False))
+    nm = NameMap.coerce(name_map)
+    if params is None:
+        return fit_without_params(weights, modules, nm, rslora, dtype)
+    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype)
+
+
+# --------------------------------------------------------------------------- describe
+
+
+def describe_peft(path: str | os.PathLike) -> list[dict]:
+    """One row per module of a PEFT LoRA adapter (for ``lora-jax inspect``).
+
+    Each row: ``target`` (module name), ``kind``, ``shape`` (the PyTorch
+    weight's), ``layout`` (``"torch"``), ``rank``, ``alpha``, ``scaling``,
+    ``dtype``, ``params``, ``dora``.
+    """
+    cfg, modules = read_peft_modules(path)
+    rslora = bool(cfg.get("use_rslora", False))
+    rows = []
+    for name, m in modules.items():
+        n = m.a.size + m.b.size + (0 if m.magnitude is None else m.magnitude.size)
+        rows.append({
+            "target": name,
+            "kind": m.kind,
+            "shape": m.torch_shape,
+            "layout": "torch",
+            "rank": m.rank,
+            "alpha": m.alpha,
+            "scaling": lora_scale(m.alpha, m.rank, rslora),
+            "dtype": dtype_name(m.a.dtype),
+            "params": int(n),
+            "dora": m.magnitude is not None,
+        })
+    return rows
+
+
+__all__ = ["NameMap", "describe_peft", "export_peft", "import_peft", "read_peft_modules"]

@@ -1,0 +1,138 @@
+"""The one table of primitives that every jaxpr walker of lora_jax reads.
+
+Three walkers read a traced function: :func:`lora_jax.implicit` evaluates it
+with kernels carried as low-rank views, :func:`lora_jax.infer_layouts` follows
+each kernel to where it is used, and :mod:`lora_jax._implicit.rebuild` walks back from
+a low-rank input to values the backward keeps. They must agree on what each
+primitive is, so none of them names a primitive itself: each reads the groups
+below.
+
+Higher-order primitives (their body is a jaxpr in the eqn's params, read with
+:func:`sub_jaxpr`):
+
+* :data:`CALLS` -- plain calls, inlined (``jax.jit`` inside the function);
+* :data:`REMAT` -- ``jax.checkpoint``;
+* :data:`CUSTOM_JVP`, :data:`CUSTOM_VJP` -- functions with a custom derivative;
+* :data:`COND`, :data:`WHILE`, :data:`SCAN` -- control flow.
+
+What may happen to a kernel on its way to a use (:data:`KERNEL_LAYOUT`), and
+its uses (:data:`KERNEL_USES`); see :mod:`lora_jax._implicit.interpreter` for how each is
+run low-rank. For the input rebuild, the elementwise groups (by what their
+derivative keeps) are :data:`OUTPUT_KEPT`, :data:`UNARY`, :data:`BINARY`,
+:data:`SELECT` and :data:`LINEAR`.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> closed = jax.make_jaxpr(jax.jit(lambda w: w.T))(jnp.ones((2, 3)))
+  >>> eqn = closed.jaxpr.eqns[0]
+  >>> eqn.primitive.name in CALLS, [e.primitive.name for e in sub_jaxpr(eqn.params)[0].eqns]
+  (True, ['transpose'])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+# ---- higher-order primitives ------------------------------------------------------------
+#: Plain calls: ``jax.jit`` inside a traced function (``pjit`` before JAX 0.7, then
+#: ``jit``), ``core.closed_call`` and ``core.call`` (whose primitive is named ``call``).
+CALLS = frozenset({"pjit", "jit", "closed_call", "call"})
+#: ``jax.checkpoint`` / ``nn.remat``.
+REMAT = frozenset({"remat2", "checkpoint"})
+#: A ``jax.custom_jvp`` function.
+CUSTOM_JVP = frozenset({"custom_jvp_call"})
+#: A ``jax.custom_vjp`` function (``custom_vjp_call_jaxpr`` before JAX 0.7).
+CUSTOM_VJP = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
+CUSTOM_DERIVATIVE = CUSTOM_JVP | CUSTOM_VJP
+COND = "cond"
+WHILE = "while"
+SCAN = "scan"
+
+# ---- what a kernel goes through on its way to a use ----------------------------------------
+CONVERT = "convert_element_type"
+COPY = "copy"
+TRANSPOSE = "transpose"
+RESHAPE = "reshape"
+SQUEEZE = "squeeze"
+SLICE = "slice"
+DYNAMIC_SLICE = "dynamic_slice"
+SHARDING_CONSTRAINT = "sharding_constraint"
+#: Operations that move, cut or recast a kernel without mixing its entries:
+#: a low-rank view follows them (``reduce_precision`` is not one: it rounds
+#: ``W + s * A @ B``, which no factor of it can do).
+KERNEL_LAYOUT = frozenset({CONVERT, COPY, TRANSPOSE, RESHAPE, SQUEEZE, SLICE, DYNAMIC_SLICE,
+                           SHARDING_CONSTRAINT})
+
+# ---- where a kernel meets its input ----------------------------------------------------
+DOT_GENERAL = "dot_general"
+CONV = "conv_general_dilated"
+GATHER = "gather"
+KERNEL_USES = frozenset({DOT_GENERAL, CONV, GATHER})
+
+# ---- elementwise groups for the input rebuild (lora_jax._implicit.rebuild) -----------------------
+#: Outputs of these are kept by their own derivative (``d tanh = 1 - tanh^2``).
+OUTPUT_KEPT = frozenset({"tanh", "exp"})
+#: Unary, non-linear.
+UNARY = frozenset({
+    "tanh", "exp", "exp2", "log", "log1p", "logistic", "erf", "erfc", "erf_inv", "sin", "cos",
+    "rsqrt", "sqrt", "cbrt", "integer_pow", "square", "abs", "sign", "expm1",
+})
+#: Binary ops whose derivative needs both operands (so autodiff keeps them).
+BINARY = frozenset({"mul", "div", "max", "min", "pow", "atan2"})
+#: Elementwise ops that keep only a mask, or nothing, of their value operands.
+SELECT = frozenset({"select_n", "clamp"})
+#: Linear or layout only (their derivative keeps nothing).
+LINEAR = frozenset({
+    "add", "sub", "neg", "add_any", "broadcast_in_dim", RESHAPE, SQUEEZE, TRANSPOSE, CONVERT,
+    COPY, "reduce_precision",
+})
+
+_BODY_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def by_name(handlers: dict[Any, Any]) -> dict[str, Any]:
+    """A dispatch table keyed by primitive name from one keyed by names or groups.
+
+    Example:
+      >>> sorted(by_name({TRANSPOSE: "t", REMAT: "r"}).items())
+      [('checkpoint', 'r'), ('remat2', 'r'), ('transpose', 't')]
+    """
+    table: dict[str, Any] = {}
+    for key, handler in handlers.items():
+        for name in (key,) if isinstance(key, str) else key:
+            table[name] = handler
+    return table
+
+
+def as_open(jaxpr: Any) -> tuple[Any, Sequence[Any]]:
+    """``(jaxpr, consts)`` of a closed jaxpr, or ``(jaxpr, ())`` of an open one.
+
+    Example:
+      >>> import jax
+      >>> closed = jax.make_jaxpr(lambda x: x + 1)(1.0)
+      >>> as_open(closed)[0] is closed.jaxpr, as_open(closed.jaxpr)[1]
+      (True, ())
+    """
+    if hasattr(jaxpr, "consts"):
+        return jaxpr.jaxpr, jaxpr.consts
+    return jaxpr, ()
+
+
+def sub_jaxpr(params: dict[str, Any]) -> tuple[Any, Sequence[Any]] | None:
+    """The body of a call-like eqn as ``(open_jaxpr, consts)``, or None.
+
+    Reads ``jaxpr`` (``jit``, ``remat2``), ``call_jaxpr`` (``closed_call``,
+    ``call``, ``custom_jvp_call``, ``custom_vjp_call``) or ``fun_jaxpr``
+    (``custom_vjp_call_jaxpr``), closed or not.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> closed = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0)
+      >>> body, consts = sub_jaxpr(closed.jaxpr.eqns[0].params)
+      >>> [e.primitive.name for e in body.eqns], consts
+      (['sin'], ())
+    """
+    for name in _BODY_PARAMS:
+        if params.get(name) is not None:
+            return as_open(params[name])
+    return None

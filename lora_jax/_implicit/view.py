@@ -1,0 +1,364 @@
+"""A frozen kernel seen together with its LoRA factors, as it flows through a jaxpr.
+
+While :func:`lora_jax.implicit` interprets a function, every targeted kernel is
+carried as a :class:`LoraView` instead of a dense array: the frozen kernel
+``w`` (in its current axis order and original dtype), the factors ``a`` and
+``b``, and for each current axis its *role*:
+
+* ``("s", j)`` -- stacked axis ``j`` of ``a`` and ``b``;
+* ``("i", j)`` -- fan-in axis ``j`` of ``a`` (``a`` is ``(*stack, *fan_in, r)``);
+* ``("o", j)`` -- fan-out axis ``j`` of ``b`` (``b`` is ``(*stack, r, *fan_out)``).
+
+Transposes permute the roles and casts change ``dtype``; neither touches the
+arrays. The view stands for the dense kernel
+``(w + scale * A @ B).astype(dtype)`` in the current axis order, which
+:meth:`LoraView.materialize` builds when no low-rank rule applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._delta import LoraFactors, factor_order_norm, factor_product
+from lora_jax._errors import LoraStructureError
+from lora_jax._quant.lazy_kernel import LazyKernel, use
+from lora_jax._serving.stack import gather_slots
+
+Array = jax.Array
+Role = tuple[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraView:
+    """A kernel plus factors; see the module docstring.
+
+    Attributes:
+      w: the frozen kernel, current axis order, original dtype.
+      a: ``(*stack, *fan_in, r)``.
+      b: ``(*stack, r, *fan_out)``.
+      roles: one :data:`Role` per axis of ``w``.
+      scale: ``alpha / r`` (or rsLoRA's ``alpha / sqrt(r)``).
+      dtype: the dtype the program sees the kernel in.
+      path: the kernel's leaf path, for messages.
+      magnitude: DoRA's ``(*stack, *fan_out)`` magnitude, or None.
+      ex_scale: for a batch of mixed adapters (``implicit(adapter_ids=...)``),
+        each example's scale ``(batch,)`` (0 for the base alone); ``a`` and
+        ``b`` then carry a leading example axis, ``(batch, *stack, ...)``,
+        and ``scale`` is unused. None: one adapter for every example.
+    """
+
+    w: Any
+    a: Any
+    b: Any
+    roles: tuple[Role, ...]
+    scale: float
+    dtype: Any
+    path: str
+    magnitude: Any = None
+    ex_scale: Any = None
+
+    @staticmethod
+    def of(path: str, w: Array, f: LoraFactors) -> "LoraView":
+        """The view of kernel ``w`` (layout order as stored) with factors ``f``."""
+        f = f.all_layers()
+        counters = {"s": 0, "i": 0, "o": 0}
+        roles = []
+        for letter in f.layout.axes:
+            roles.append((letter, counters[letter]))
+            counters[letter] += 1
+        return LoraView(w, f.a, f.b, tuple(roles), f.scale, jnp.dtype(w.dtype), path, f.magnitude)
+
+    @staticmethod
+    def of_quantized(path: str, q: Any, f: Any) -> "LoraView":
+        """The view of a quantized kernel ``q`` (a :class:`~lora_jax.QuantizedArray`), carried
+        as a :class:`~lora_jax._quant.lazy_kernel.LazyKernel`; without factors (``f`` None) the view has
+        rank 0, so the kernel is still dequantized only where it is used."""
+        if f is not None and not isinstance(f, LoraFactors):
+            raise LoraStructureError(
+                f"leaf {path!r} is quantized and cannot be trained in full (a LeafDelta); "
+                "keep it dense, or adapt it with LoRA factors")
+        if f is not None:
+            stacked = lambda axes: [d for d, c in enumerate(axes) if c == "s"]  # noqa: E731
+            if stacked(f.layout.axes) != stacked(q.axes):
+                raise LoraStructureError(
+                    f"leaf {path!r}: quantized with axes {q.axes!r} but the delta's layout is "
+                    f"{f.layout.axes!r}; their stacked axes must agree")
+            return LoraView.of(path, LazyKernel(q), f)
+        roles, counters = [], {"s": 0, "i": 0, "o": 0}
+        for letter in q.axes:
+            roles.append((letter, counters[letter]))
+            counters[letter] += 1
+        pick = lambda c: tuple(n for n, k in zip(q.shape, q.axes) if k == c)  # noqa: E731
+        a = jnp.zeros(pick("s") + pick("i") + (0,), q.dtype)
+        b = jnp.zeros(pick("s") + (0,) + pick("o"), q.dtype)
+        return LoraView(LazyKernel(q), a, b, tuple(roles), 0.0, jnp.dtype(q.dtype), path)
+
+    @staticmethod
+    def of_stacked(path: str, w: Any, s: Any, index: Array, valid: Array, ids: Any) -> "LoraView":
+        """The per-example view of kernel ``w`` with stacked factors ``s`` (a
+        :class:`~lora_jax._serving.stack.StackedFactors`): each example's factors gathered
+        (``index``: its slot), its scale ``s[index] * valid``."""
+        view = LoraView.of(path, w, LoraFactors(s.a[0], s.b[0], alpha=1.0, layout=s.layout))
+        scale = jnp.asarray(s.scale, jnp.float32)[index] * valid
+        return view.replace(a=gather_slots(s.a, index, ids), b=gather_slots(s.b, index, ids),
+                            scale=0.0, ex_scale=scale)
+
+    @property
+    def n_ex(self) -> int:
+        """1 when the factors carry a leading example axis (mixed adapters), else 0."""
+        return 0 if self.ex_scale is None else 1
+
+    @property
+    def n_stack(self) -> int:
+        return np.ndim(self.a) - sum(1 for k, _ in self.roles if k == "i") - 1 - self.n_ex
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.w))
+
+    def replace(self, **changes: Any) -> "LoraView":
+        return dataclasses.replace(self, **changes)
+
+    def frozen(self) -> Array:
+        """``stop_gradient(w)`` cast to the program's dtype."""
+        return self.frozen_in(self.dtype)
+
+    def frozen_in(self, dtype: Any) -> Array:
+        """``stop_gradient(w)`` as a dense array in ``dtype`` (a quantized kernel dequantized)."""
+        if isinstance(self.w, LazyKernel):
+            return self.w.dense(dtype)
+        return jax.lax.stop_gradient(self.w).astype(dtype)
+
+    def with_frozen(self, fn: Any, x: Array) -> Array:
+        """``fn(x, frozen())``: the base product where the kernel meets its input. A quantized
+        kernel is dequantized here, and again from its codes in the backward (see ``use``)."""
+        return use(fn, x, self.w, self.dtype)
+
+    def update(self) -> Array:
+        """``scale * A @ B`` in float32, in the view's current axis order."""
+        full = factor_product(self.a, self.b, self.scale, self.n_stack)
+        return jnp.transpose(full, self._factor_axes())
+
+    def _factor_axes(self) -> list[int]:
+        """For each current axis, its position in factor order ``(*stack, *fan_in, *fan_out)``."""
+        ns = self.n_stack
+        offset = {"s": 0, "i": ns, "o": ns + sum(k == "i" for k, _ in self.roles)}
+        return [offset[k] + j for k, j in self.roles]
+
+    def dora_ratio(self) -> Array:
+        """DoRA's ``m / ||W + s A B||_c`` as ``(*stack, *fan_out)``; the norm is detached
+        and never formed densely (:func:`~lora_jax._delta.factor_order_norm`)."""
+        order = sorted(range(len(self.roles)), key=lambda d: self._factor_axes()[d])
+        w = jnp.transpose(self.frozen_in(jnp.float32), order)  # factor order
+        a, b = jax.lax.stop_gradient(self.a), jax.lax.stop_gradient(self.b)
+        norm = factor_order_norm(w, a, b, self.scale, self.n_stack)
+        return jnp.asarray(self.magnitude, jnp.float32) / norm
+
+    def materialize(self) -> Array:
+        """The dense kernel ``(w + scale * A @ B).astype(dtype)`` (DoRA-scaled if it
+        has a magnitude); ``w`` gets no gradient."""
+        dense = self.frozen_in(jnp.float32) + self.update()
+        if self.magnitude is not None:
+            dense = dense * self.per_output(self.dora_ratio(), {"s", "o"})
+        return dense.astype(self.dtype)
+
+    def per_output(self, x: Array, keep: set[str]) -> Array:
+        """Arranges a ``(*stack, *fan_out)`` array to broadcast against the current axes."""
+        ns = self.n_stack
+        present = [d for d, (k, _) in enumerate(self.roles) if k in keep]
+        src = [self.roles[d][1] if self.roles[d][0] == "s" else ns + self.roles[d][1]
+               for d in present]
+        x = jnp.transpose(x, src)
+        shape = [1] * len(self.roles)
+        for d in present:
+            shape[d] = self.w.shape[d]
+        return x.reshape(shape)
+
+    def transpose(self, permutation: tuple[int, ...]) -> "LoraView":
+        w = (self.w.transpose(permutation) if isinstance(self.w, LazyKernel)
+             else jnp.transpose(self.w, permutation))
+        return self.replace(w=w,
+                            roles=tuple(self.roles[p] for p in permutation))
+
+    def reshape(self, new_sizes: tuple[int, ...]) -> "LoraView | None":
+        """The view of ``reshape(w, new_sizes)``, or None when the reshape mixes roles.
+
+        A reshape that only splits or merges axes of one role, in their factor
+        order (``(d, heads, head_dim) <-> (d, heads * head_dim)``), reshapes
+        that factor (``b`` for fan-out axes, ``a`` for fan-in axes, and DoRA's
+        magnitude with ``b``); size-1 axes of a role may be dropped, including
+        a stacked one (``w[i]`` of a stack is a slice, then this). Anything
+        else (merging fan-in with fan-out, reshaping stacked axes, inserting
+        axes) returns None.
+
+        Example:
+          >>> from lora_jax import KernelLayout, LoraFactors
+          >>> f = LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3, 5)), alpha=1.0,
+          ...                 layout=KernelLayout("ioo"))
+          >>> LoraView.of("w", jnp.ones((4, 3, 5)), f).reshape((4, 15)).b.shape
+          (2, 15)
+        """
+        blocks = _reshape_blocks(self.shape, tuple(new_sizes))
+        if blocks is None:
+            return None
+        spans: dict[str, list[tuple[int, tuple[int, ...], list[int]]]] = {"i": [], "o": []}
+        dropped = []  # stacked axes of size 1 that the reshape removes
+        for old, new in blocks:
+            kinds = {self.roles[d][0] for d in old}
+            if len(kinds) != 1:
+                return None
+            (kind,) = kinds
+            idx = [self.roles[d][1] for d in old]
+            if idx != list(range(idx[0], idx[0] + len(idx))):
+                return None
+            if kind == "s":
+                if len(old) != 1 or len(new) > 1:
+                    return None
+                if not new:
+                    dropped.append(idx[0])
+                continue
+            spans[kind].append((idx[0], tuple(new_sizes[d] for d in new), new))
+        roles = [None] * len(new_sizes)
+        for old, new in blocks:
+            kind, j = self.roles[old[0]]
+            if kind == "s" and new:
+                roles[new[0]] = ("s", j - sum(d < j for d in dropped))
+        sizes = {}
+        for kind, kind_spans in spans.items():
+            start, shape = 0, []
+            for _, block_sizes, new in sorted(kind_spans, key=lambda t: t[0]):
+                for t, d in enumerate(new):
+                    roles[d] = (kind, start + t)
+                start += len(new)
+                shape.extend(block_sizes)
+            sizes[kind] = tuple(shape)
+        ns, ex = self.n_stack, self.n_ex
+        pre = tuple(np.shape(self.a)[:ex])
+        stack = tuple(n for j, n in enumerate(np.shape(self.a)[ex:ex + ns]) if j not in dropped)
+        r = np.shape(self.a)[-1]
+        mag = self.magnitude
+        return self.replace(
+            w=(self.w.reshape(tuple(new_sizes)) if isinstance(self.w, LazyKernel)
+               else jnp.reshape(self.w, new_sizes)), roles=tuple(roles),
+            a=jnp.reshape(self.a, pre + stack + sizes["i"] + (r,)),
+            b=jnp.reshape(self.b, pre + stack + (r,) + sizes["o"]),
+            magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]))
+
+    def slice_stack(self, starts: list[Any], sizes: list[int],
+                    slicer: Any) -> "LoraView | None":
+        """The view of a slice that cuts only stacked axes (fan-in and fan-out whole).
+
+        ``slicer(x, starts, sizes)`` slices an array (``lax.slice`` or
+        ``lax.dynamic_slice``); ``starts`` and ``sizes`` are per current axis.
+        The factors (and DoRA's magnitude) are cut along the same stacked
+        axes. Returns None when a fan-in or fan-out axis is cut.
+        """
+        ns, ex = self.n_stack, self.n_ex
+        f_starts: list[Any] = [0] * ns
+        f_sizes = list(np.shape(self.a)[ex:ex + ns])
+        for d, (kind, j) in enumerate(self.roles):
+            if kind != "s":
+                if sizes[d] != self.shape[d]:
+                    return None
+                continue
+            f_starts[j], f_sizes[j] = starts[d], sizes[d]
+
+        def cut(x: Any) -> Any:
+            if x is None:
+                return None
+            pre, rest = list(np.shape(x)[:ex]), list(np.shape(x)[ex + ns:])
+            return slicer(x, [0] * ex + f_starts + [0] * len(rest), pre + f_sizes + rest)
+
+        w = self.w
+        if isinstance(w, LazyKernel):  # cut the stored codes; else dequantize, then cut
+            w = w.slice_stack(list(starts), list(sizes), slicer) or w.dense()
+        if not isinstance(w, LazyKernel):
+            w = slicer(w, list(starts), list(sizes))
+        return self.replace(w=w, a=cut(self.a),
+                            b=cut(self.b), magnitude=cut(self.magnitude))
+
+    def factor_pair(self, contracted: str) -> tuple[Array, Array, str]:
+        """Factors ordered so that the first one meets the contracted side.
+
+        Returns ``(fa, fb, free)`` with ``fa: (*stack, *contracted_axes, r)``,
+        ``fb: (*stack, r, *free_axes)`` and ``free`` the role letter of the
+        free axes. Contracting the fan-out side (``x @ W.T``, as in Flax's
+        ``Embed.attend``) uses ``B^T`` first and ``A^T`` second.
+        """
+        if contracted == "i":
+            return self.a, self.b, "o"
+        ns = self.n_stack + self.n_ex
+        return jnp.moveaxis(self.b, ns, -1), jnp.moveaxis(self.a, -1, ns), "i"
+
+    def sliced(self, axis_role: Role) -> "LoraView":
+        """The view with stacked axis ``axis_role`` moved to the front of ``a``, ``b``
+        (and the magnitude), and the roles of one slice: scanned by ``lax.scan``,
+        it yields the per-layer views."""
+        _, j = axis_role
+        ex = self.n_ex
+        move = lambda x: None if x is None else jnp.moveaxis(x, ex + j, 0)  # noqa: E731
+        w = self.w
+        if isinstance(w, LazyKernel):  # one layer's codes per scan step, else dense
+            w = w.scanned() or w.dense()
+        ex_scale = self.ex_scale  # the same per-example scales in every layer
+        if ex_scale is not None:
+            ex_scale = jnp.broadcast_to(ex_scale, (self.shape[0],) + ex_scale.shape)
+        return self.replace(w=w, a=move(self.a), b=move(self.b), magnitude=move(self.magnitude),
+                            roles=drop_stack_role(self.roles, axis_role), ex_scale=ex_scale)
+
+
+def _reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
+                    ) -> list[tuple[list[int], list[int]]] | None:
+    """Pairs of (old axes, new axes) groups with equal sizes, or None.
+
+    ``(4, 3, 5) -> (4, 15)`` gives ``[([0], [0]), ([1, 2], [1])]``. Size-1 old
+    axes may form a group with no new axes; a group with no old axes (an
+    inserted axis) or a zero-size axis gives None.
+    """
+    if math.prod(old) != math.prod(new) or 0 in old:
+        return None
+    blocks, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i == len(old):
+            return None
+        bi, bj, po, pn = [i], [], old[i], 1
+        i += 1
+        if j < len(new) and not (po == 1 and new[j] != 1):
+            bj.append(j)
+            pn = new[j]
+            j += 1
+        while po != pn:
+            if po < pn:
+                if i == len(old):
+                    return None
+                bi.append(i)
+                po *= old[i]
+                i += 1
+            else:
+                if j == len(new):
+                    return None
+                bj.append(j)
+                pn *= new[j]
+                j += 1
+        blocks.append((bi, bj))
+    return blocks
+
+
+def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:
+    """Roles after stacked axis ``removed`` has been sliced away."""
+    _, j = removed
+    return tuple(
+        (k, i - 1 if k == "s" and i > j else i) for k, i in roles if (k, i) != removed
+    )
+
+
+jax.tree_util.register_dataclass(
+    LoraView, data_fields=["w", "a", "b", "magnitude", "ex_scale"],
+    meta_fields=["roles", "scale", "dtype", "path"]
+)
