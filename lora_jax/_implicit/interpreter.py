@@ -16,7 +16,8 @@ into their bodies:
 primitive                   handled as
 ==========================  ================================================
 ``jit`` and other calls     inlined into the enclosing trace
-``remat2`` (checkpoint)     ``jax.checkpoint`` with the same policy
+``remat2`` (checkpoint)     ``jax.checkpoint`` with the same policy; an
+                            input returned as it is stays a view
 ``scan``                    ``lax.scan``; stacked kernels are scanned inputs
                             and their factors are sliced per layer
 ``cond``                    ``lax.switch``
@@ -456,10 +457,19 @@ def _call(ctx: Context, eqn: Any, invals: list) -> list | None:
 
 
 def _remat(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """``jax.checkpoint`` with the same policy; outputs that are the body's own inputs
+    (a block returning its module's state) are the caller's operands, views kept."""
     p = eqn.params
     jaxpr, consts = P.sub_jaxpr(p)
-    body = lambda *xs: evaluate(ctx, jaxpr, consts, xs)  # noqa: E731
-    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+    forwarded = P.forwarded_inputs(jaxpr)
+
+    def body(*xs):
+        outs = evaluate(ctx, jaxpr, consts, xs, keep_views=True)
+        return [ctx.dense(out, "the output of a checkpointed function")
+                for out, source in zip(outs, forwarded) if source is None]
+
+    computed = iter(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+    return [next(computed) if source is None else invals[source] for source in forwarded]
 
 
 def _cond(ctx: Context, eqn: Any, invals: list) -> list | None:
@@ -485,7 +495,7 @@ def _scan(ctx: Context, eqn: Any, invals: list) -> list | None:
     the scanned inputs and given to the body's rules as ``ctx.key``.
     """
     p = eqn.params
-    nc, ncarry = p["num_consts"], p["num_carry"]
+    nc, ncarry = P.scan_operands(p)
     consts = invals[:nc]
     carry = [ctx.dense(v, "scan carry") for v in invals[nc:nc + ncarry]]
     xs = [scanned(ctx, v) for v in invals[nc + ncarry:]]

@@ -18,8 +18,9 @@ the names in :mod:`lora_jax._implicit.primitives`):
 * slices and dynamic slices: an axis they cut is stacked ``s`` (``w[i]`` of a
   ``(layers, in, out)`` stack in a ``fori_loop`` is a ``dynamic_slice`` and a
   squeeze);
-* ``jit`` and other plain calls, ``remat``, ``cond``, ``while`` (a kernel
-  as a loop constant) and ``scan`` (the scanned axis of a kernel is ``s``).
+* ``jit`` and other plain calls, ``remat`` (an input it returns as it is
+  stays tracked), ``cond``, ``while`` (a kernel as a loop constant) and
+  ``scan`` (the scanned axis of a kernel is ``s``).
 
 At a use, the letters are:
 
@@ -227,9 +228,11 @@ def _call(eqn: Any, ins: list, uses: Uses) -> list:
 
 
 def _remat(eqn: Any, ins: list, uses: Uses) -> list:
-    """``jax.checkpoint``: uses inside count; its outputs are dense in ``implicit``."""
+    """``jax.checkpoint``: uses inside count; an output that is one of the body's inputs
+    is that input (``implicit`` returns the caller's operand); the others are dense."""
     _call(eqn, ins, uses)
-    return _none(eqn)
+    return [None if source is None else ins[source]
+            for source in P.forwarded_inputs(P.sub_jaxpr(eqn.params)[0])]
 
 
 def _cond(eqn: Any, ins: list, uses: Uses) -> list:
@@ -251,7 +254,7 @@ def _while(eqn: Any, ins: list, uses: Uses) -> list:
 def _scan(eqn: Any, ins: list, uses: Uses) -> list:
     """Constants flow in as they are; a scanned kernel loses its first axis, which is ``s``."""
     p = eqn.params
-    nc, ncarry = p["num_consts"], p["num_carry"]
+    nc, ncarry = P.scan_operands(p)
     xs = [None if t is None else t.then(_SCANNED, groups=t.groups[1:],
                                         fixed=t.fixed | set(t.groups[0]))
           for t in ins[nc + ncarry:]]

@@ -15,6 +15,12 @@ Higher-order primitives (their body is a jaxpr in the eqn's params, read with
 * :data:`CUSTOM_JVP`, :data:`CUSTOM_VJP` -- functions with a custom derivative;
 * :data:`COND`, :data:`WHILE`, :data:`SCAN` -- control flow.
 
+Parameters whose form differs between JAX versions are read here, and only
+here: :func:`scan_operands` (how a scan's operands split into constants,
+carries and scanned inputs). :func:`forwarded_inputs` says which outputs of a
+body are its own inputs, passed straight through (a checkpointed block that
+returns its module's state).
+
 What may happen to a kernel on its way to a use (:data:`KERNEL_LAYOUT`), and
 its uses (:data:`KERNEL_USES`); see :mod:`lora_jax._implicit.interpreter` for how each is
 run low-rank. For the input rebuild, the elementwise groups (by what their
@@ -32,6 +38,8 @@ Example:
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+from jax.extend import core as jex
 
 # ---- higher-order primitives ------------------------------------------------------------
 #: Plain calls: ``jax.jit`` inside a traced function (``pjit`` before JAX 0.7, then
@@ -107,6 +115,10 @@ def by_name(handlers: dict[Any, Any]) -> dict[str, Any]:
 def as_open(jaxpr: Any) -> tuple[Any, Sequence[Any]]:
     """``(jaxpr, consts)`` of a closed jaxpr, or ``(jaxpr, ())`` of an open one.
 
+    From JAX 0.12 on there is one type for both (its ``jaxpr`` is itself, its
+    ``consts`` a list, empty when open); the consts come back as a tuple in
+    every version.
+
     Example:
       >>> import jax
       >>> closed = jax.make_jaxpr(lambda x: x + 1)(1.0)
@@ -114,7 +126,7 @@ def as_open(jaxpr: Any) -> tuple[Any, Sequence[Any]]:
       (True, ())
     """
     if hasattr(jaxpr, "consts"):
-        return jaxpr.jaxpr, jaxpr.consts
+        return jaxpr.jaxpr, tuple(jaxpr.consts)
     return jaxpr, ()
 
 
@@ -136,3 +148,40 @@ def sub_jaxpr(params: dict[str, Any]) -> tuple[Any, Sequence[Any]] | None:
         if params.get(name) is not None:
             return as_open(params[name])
     return None
+
+
+def scan_operands(params: dict[str, Any]) -> tuple[int, int]:
+    """``(constants, carries)``: how many of a ``scan`` eqn's operands are each.
+
+    The operands are the constants, then the carries, then the scanned inputs
+    (and the body's outputs the carries, then the stacked outputs). Before
+    JAX 0.12 the eqn says so in ``num_consts`` / ``num_carry``; from 0.12 on in
+    its flat trees ``ft_in`` (constants, carries, scanned inputs) and
+    ``ft_out`` (carries, outputs).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> k = jnp.ones((4, 4))
+      >>> step = lambda c, w: (c @ w @ k, c)             # k: a constant; c: a carry; w: scanned
+      >>> closed = jax.make_jaxpr(lambda ws, x: jax.lax.scan(step, x, ws))(
+      ...     jnp.ones((3, 4, 4)), jnp.ones((2, 4)))
+      >>> scan_operands(closed.jaxpr.eqns[0].params)
+      (1, 1)
+    """
+    if "num_consts" in params:  # JAX < 0.12
+        return params["num_consts"], params["num_carry"]
+    consts, carries, _ = params["ft_in"].unpack()
+    return len(consts), len(carries)
+
+
+def forwarded_inputs(jaxpr: Any) -> list[int | None]:
+    """For each output of ``jaxpr``, the position of the input it is (passed straight through), or None.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> closed = jax.make_jaxpr(lambda w, x: (x @ w, w))(jnp.ones((4, 3)), jnp.ones((2, 4)))
+      >>> forwarded_inputs(closed.jaxpr)
+      [None, 0]
+    """
+    position = {var: i for i, var in enumerate(jaxpr.invars)}
+    return [None if isinstance(var, jex.Literal) else position.get(var) for var in jaxpr.outvars]
