@@ -35,7 +35,7 @@ from lora_jax._config import LoraConfig
 from lora_jax._delta import LayerSelection, LeafDelta, LoraFactors
 from lora_jax._errors import LoraConfigError
 from lora_jax._layout import KernelLayout
-from lora_jax._paths import leaves_with_paths
+from lora_jax._paths import leaves_with_paths, unshared
 from lora_jax._targets import Target, select_extra_trainable, select_targets
 from lora_jax._variants import olora, pissa, with_dora
 
@@ -96,9 +96,11 @@ def init_lora(
 
     The delta has the params' tree structure, with a :class:`LoraFactors` at
     each targeted leaf, a :class:`LeafDelta` at each leaf trained in full
-    (``trainable`` / ``bias``) and ``None`` everywhere else. The base is
-    ``params`` itself, except with ``init="pissa"`` or ``"olora"``, which
+    (``trainable`` / ``bias``) and ``None`` everywhere else. The base holds
+    ``params``' own arrays, except with ``init="pissa"`` or ``"olora"``, which
     replace each target by its residual ``W - s A B``: keep the returned base.
+    Its containers are new: the base of an ``nnx.State`` shares no ``Variable``
+    with the module, so ``nnx.update(model, merge(base, delta))`` leaves it as it was.
     ``use_dora`` adds magnitudes ``||W + s A B||_c``. PiSSA, OLoRA and DoRA read
     the kernels' values; the other inits only their shapes.
 
@@ -135,7 +137,8 @@ def init_lora(
     ]
     if config.layers is not None:
         new_leaves = _select_layers(new_leaves, [p for p, _ in leaves], config.layers)
-    base, delta = params, jax.tree_util.tree_unflatten(treedef, new_leaves)
+    # The base's containers are new: an nnx.State shares its Variables with the module.
+    base, delta = unshared(params), jax.tree_util.tree_unflatten(treedef, new_leaves)
     if config.init == "pissa":
         base, delta = pissa(base, delta, niter=config.svd_niter, key=key)
     elif config.init == "olora":

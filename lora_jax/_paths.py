@@ -89,3 +89,22 @@ def leaves_with_paths(
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)
     return [(path_str(kp), leaf) for kp, leaf in flat], treedef
+
+
+def unshared(tree: Any) -> Any:
+    """``tree`` rebuilt around the same leaves: every container new, no array copied.
+
+    A Flax NNX ``State`` from ``nnx.split(model)`` holds the module's own
+    ``Variable`` objects, so ``nnx.update(model, ...)`` would also change any
+    tree that still holds them. Every lora_jax function that returns a base
+    passes it through here: what it returns shares no ``Variable`` (nor dict)
+    with its input, or with a live module.
+
+    Example:
+      >>> params = {"w": jax.numpy.ones(2)}
+      >>> out = unshared(params)
+      >>> out is params, out["w"] is params["w"]
+      (False, True)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_base_leaf)
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -45,7 +45,7 @@ from lora_jax._errors import LoraShardingError
 from lora_jax._delta import LeafDelta, is_delta_leaf
 from lora_jax._init_lora import init_lora
 from lora_jax._layout import KernelLayout
-from lora_jax._paths import leaves_with_paths
+from lora_jax._paths import leaves_with_paths, unshared
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -501,8 +501,9 @@ def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shar
       layouts: traced layouts ``{path: KernelLayout}``, as for ``init_lora``.
 
     Returns:
-      ``(base, delta)``: ``base`` is ``params`` as given (PiSSA and OLoRA: the
-      residual, sharded like the params); ``delta`` has
+      ``(base, delta)``: ``base`` holds ``params`` as given, in new containers
+      (see :func:`~lora_jax.init_lora`; PiSSA and OLoRA: the residual, sharded
+      like the params); ``delta`` has
       ``A: (*stack, *fan_in, r)`` and ``B: (*stack, r, *fan_out)`` sharded as
       :func:`delta_shardings` says.
 
@@ -529,7 +530,7 @@ def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shar
         # shardings), then put the delta (and a rewritten base) into their shardings.
         return _init_eagerly(key, params, config, base_shardings, mesh, rules, layouts)
     base, delta = init(*args)
-    return (params if base is None else base), delta
+    return (unshared(params) if base is None else base), delta
 
 
 _CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError,
@@ -547,8 +548,8 @@ def _init_eagerly(key, params, config, base_shardings, mesh, rules, layouts):
     base_shardings = params if base_shardings is None else base_shardings
     base, delta = init_lora(key, unboxed, config, layouts=layouts)
     delta = jax.device_put(delta, delta_shardings(base_shardings, delta, mesh, rules=rules))
-    if base is unboxed:
-        return params, delta
+    if config.init not in ("pissa", "olora"):  # the base is the params, not rewritten
+        return unshared(params), delta
     try:
         base = jax.device_put(base, param_shardings(base_shardings, mesh, rules=rules))
     except ValueError as e:  # LoraShardingError, or a structure mismatch
