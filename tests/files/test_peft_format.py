@@ -5,7 +5,7 @@ by PEFT itself, see make_peft_fixtures.py) is imported into the equivalent
 Flax layers and must reproduce PEFT's recorded outputs; export(import(f))
 reproduces PEFT's tensors bit for bit; errors name the file and key.
 
-Group 2 (needs torch and peft): lora_jax deltas are exported, loaded with
+Group 2 (marked torch: needs torch and peft): lora_jax deltas are exported, loaded with
 ``peft.PeftModel.from_pretrained`` into the PyTorch twin, and PEFT's outputs
 must match the Flax model on the merged params.
 """
@@ -626,6 +626,7 @@ def random_delta(model, leaves, rslora, dora, params, rng):
     return delta
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("case", sorted(EXPORT_CASES))
 def test_peft_loads_our_export(case, tmp_path, peft_env):
     torch, peft, twins = peft_env
@@ -659,6 +660,7 @@ def test_peft_loads_our_export(case, tmp_path, peft_env):
         assert layer.scaling["default"] == pytest.approx(delta["params"]["fc2"]["kernel"].scale)
 
 
+@pytest.mark.torch
 def test_peft_loads_flattened_dense_general(tmp_path, peft_env):
     torch, peft, _ = peft_env
     rng = np.random.default_rng(7)
@@ -686,6 +688,7 @@ def test_peft_loads_flattened_dense_general(tmp_path, peft_env):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.torch
 def test_peft_respects_anchored_patterns(tmp_path, peft_env):
     torch, peft, _ = peft_env
     rng = np.random.default_rng(8)
@@ -718,23 +721,31 @@ def _doc_blocks() -> list[str]:
     return [b for b in blocks if any(k in b for k in ("export_peft", "PeftModel", "NameMap("))]
 
 
-def test_readme_section_runs(tmp_path, monkeypatch):
-    """The worked example runs as written: the JAX blocks always, the PyTorch one when torch is here."""
+def _run_jax_blocks(tmp_path, monkeypatch) -> tuple[dict, list[str]]:
+    """Runs the section's JAX blocks in ``tmp_path``; returns their namespace and the PyTorch blocks."""
     blocks = _doc_blocks()
     assert len(blocks) >= 2
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     torch_blocks = [b for b in blocks if "import torch" in b]
+    assert torch_blocks
     for block in blocks:
         if block not in torch_blocks:
             exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "adapters" / "mlp_peft" / "adapter_model.safetensors").is_file()
     lj.load(tmp_path / "adapters" / "mlp", base=namespace["params"])
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        return
+    return namespace, torch_blocks
+
+
+def test_readme_section_runs(tmp_path, monkeypatch):
+    """The worked example's JAX blocks run as written."""
+    _run_jax_blocks(tmp_path, monkeypatch)
+
+
+@pytest.mark.torch
+def test_readme_section_runs_in_pytorch(tmp_path, monkeypatch):
+    """The worked example's PyTorch block loads the exported adapter and gives the JAX output."""
+    namespace, torch_blocks = _run_jax_blocks(tmp_path, monkeypatch)
     for block in torch_blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert np.allclose(namespace["y_torch"], namespace["y_jax"], atol=1e-4)
