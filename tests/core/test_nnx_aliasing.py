@@ -49,7 +49,7 @@ def test_merging_into_the_module_leaves_the_base_alone():
     base, delta = lj.init_lora(jax.random.key(0), state, lj.LoraConfig(targets="kernel", rank=2))
     delta = trained(delta)
     forward = lj.implicit(lambda s, x: nnx.merge(graphdef, s)(x), strict=True)
-    f = delta["kernel"]
+    (f,) = jax.tree.leaves(delta, is_leaf=lj.advanced.is_factors)  # the kernel's LoraFactors
     want = np.asarray(x) @ (kernel + f.scale * np.asarray(f.a) @ np.asarray(f.b)) + np.asarray(
         model.bias[...])
     before = forward(base, delta, x)

@@ -208,7 +208,7 @@ def test_init_lora_sharded_equals_init_lora_and_reads_placed_params():
                                                  is_leaf=lambda x: isinstance(x, P)))
     _, ref = lj.init_lora(jax.random.key(3), params, CONFIG)
     base, delta = lj.init_lora_sharded(jax.random.key(3), placed, CONFIG, SPECS, mesh=mesh)
-    assert base is placed
+    assert_same_arrays(base, placed)
     for r, d in zip(jax.tree.leaves(ref), jax.tree.leaves(delta)):
         np.testing.assert_array_equal(np.asarray(r), np.asarray(d))
     got = {p: (tuple(f.a.sharding.spec), tuple(f.b.sharding.spec))
@@ -239,7 +239,7 @@ def test_value_reading_inits_sharded():
     dora = lj.LoraConfig(targets=".*kernel", rank=2, use_dora=True)
     placed = jax.device_put(params, sh)
     base, delta = lj.init_lora_sharded(jax.random.key(0), placed, dora, sh)
-    assert base is placed
+    assert_same_arrays(base, placed)
     _close(delta, lj.init_lora(jax.random.key(0), params, dora)[1], tol=1e-6)
     assert delta["up"]["kernel"].magnitude.sharding.spec == P("tensor")
     with pytest.raises(lj.LoraShardingError, match="reads the kernels' values"):
@@ -400,6 +400,13 @@ def _train(cfg, base, delta, steps=3):
         state, loss = step(state, base, ex.local_batch(cfg, i, 8))
         losses.append(float(loss))
     return losses, state[0]
+
+
+def assert_same_arrays(base, params):
+    """The base holds the params' own leaves (no copy), in new containers (see init_lora)."""
+    assert base is not params
+    assert jax.tree.structure(base) == jax.tree.structure(params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(params)))
 
 
 def _close(a, b, tol=2e-5):

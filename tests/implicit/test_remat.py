@@ -45,11 +45,11 @@ class NnxModel(nnx.Module):
     """Two blocks, each run under ``nnx.remat`` (whose body returns the block's state)."""
 
     def __init__(self, rngs: nnx.Rngs):
-        self.blocks = nnx.List([NnxBlock(rngs), NnxBlock(rngs)])
+        self.block0, self.block1 = NnxBlock(rngs), NnxBlock(rngs)
         self.head = nnx.Linear(4, 2, rngs=rngs)
 
     def __call__(self, x):
-        for block in self.blocks:
+        for block in (self.block0, self.block1):
             x = nnx.remat(lambda b, h: b(h))(block, x)
         return self.head(x)
 
