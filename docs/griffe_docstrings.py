@@ -13,8 +13,9 @@ things about them need translating for mkdocstrings, without editing the source:
 * ``:class:`~lora_jax.LoraConfig``` and the other Sphinx roles become autorefs
   links (``[`LoraConfig`][lora_jax.LoraConfig]``) when they name a public object
   (``lora_jax.__all__``, ``lora_jax.advanced.__all__``, ``lora_jax.debug.__all__``),
-  so ``mkdocs build --strict`` fails if one no longer resolves; a role naming a
-  private object renders as plain code.
+  so ``mkdocs build --strict`` fails if one no longer resolves (as it does for a
+  ``lora_jax.``-qualified name that is not public); a role naming a private
+  object (``lora_jax._files.atomic``) or a local helper renders as plain code.
 
 mkdocs.yml loads it with ``extensions: [docs/griffe_docstrings.py]``.
 """
@@ -68,6 +69,8 @@ def _link(match: re.Match[str]) -> str:
     if head in _PUBLIC and not head.startswith("lora_jax"):
         identifier = _PUBLIC[head] + (f".{rest}" if rest else "")
         return f"[`{shown}`][{identifier}]"
+    if target.startswith("lora_jax.") and not any(p.startswith("_") for p in target.split(".")):
+        return f"[`{shown}`][{target}]"  # meant to be public: a typo fails the strict build
     return f"`{shown}`"
 
 
