@@ -22,7 +22,7 @@ DOCS = ROOT / "docs"
 PAGES = sorted(p.relative_to(ROOT).as_posix() for p in DOCS.rglob("*.md"))
 
 # Illustrative (not run) python blocks per page; every other block runs.
-ILLUSTRATIVE = {"docs/scale.md": 1}
+ILLUSTRATIVE = {"docs/gemma3.md": 1, "docs/scale.md": 1}
 
 _FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _MARKER = re.compile(r"<!-- illustrative: (.+?) -->\n$")
