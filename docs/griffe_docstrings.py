@@ -31,7 +31,7 @@ import griffe
 
 _PACKAGE = Path(__file__).resolve().parents[1] / "lora_jax"
 _ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):`(~?)([\w.]+)`")
-_EXAMPLE_TITLE = re.compile(r"^(\s*)Example:\s*$", re.M)
+_EXAMPLE_TITLE = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
 _RULE = re.compile(r"^\s*=+(\s+=+)+\s*$")
 _LITERAL = re.compile(r"^``([\w.]+)``$")
 

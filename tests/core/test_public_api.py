@@ -57,7 +57,7 @@ def _summary_rows() -> list[str]:
     """The first cells of the API page's summary table (header and rule skipped)."""
     text = API_PAGE.read_text()
     section = text.split("## Summary", 1)[1].split("\n#", 1)[0]
-    return re.findall(r"^\|(.*?)\|", section, re.M)[2:]
+    return re.findall(r"^\|(.*?)\|", section, re.MULTILINE)[2:]
 
 
 def test_api_page_summary_lists_exactly_all():
