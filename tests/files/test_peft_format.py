@@ -709,15 +709,15 @@ def test_peft_respects_anchored_patterns(tmp_path, peft_env):
     assert (m.lin.lora_alpha["default"], m.block.lin.lora_alpha["default"]) == (2, 4)
 
 
-# --------------------------------------------------------------------------- the README section
+# --------------------------------------------------------------------------- the docs page's worked example
 
 
 def _doc_blocks() -> list[str]:
-    """The python blocks of README.md's adapter-files section."""
+    """The python blocks of the adapter-files page's worked example (docs/files.md)."""
     import re
 
-    readme = Path(__file__).resolve().parents[2] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    page = Path(__file__).resolve().parents[2] / "docs" / "files.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
     return [b for b in blocks if any(k in b for k in ("export_peft", "PeftModel", "NameMap("))]
 
 
@@ -731,7 +731,7 @@ def _run_jax_blocks(tmp_path, monkeypatch) -> tuple[dict, list[str]]:
     assert torch_blocks
     for block in blocks:
         if block not in torch_blocks:
-            exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+            exec(compile(block, "docs/files.md", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "adapters" / "mlp_peft" / "adapter_model.safetensors").is_file()
     lj.load(tmp_path / "adapters" / "mlp", base=namespace["params"])
     return namespace, torch_blocks
@@ -747,5 +747,5 @@ def test_readme_section_runs_in_pytorch(tmp_path, monkeypatch):
     """The worked example's PyTorch block loads the exported adapter and gives the JAX output."""
     namespace, torch_blocks = _run_jax_blocks(tmp_path, monkeypatch)
     for block in torch_blocks:
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+        exec(compile(block, "docs/files.md", "exec"), namespace)  # noqa: S102
     assert np.allclose(namespace["y_torch"], namespace["y_jax"], atol=1e-4)
