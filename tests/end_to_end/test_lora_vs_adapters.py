@@ -1,4 +1,4 @@
-"""``examples/seed_study.py --quick``: it runs, the table has every row, and the numbers add up.
+"""``python -m studies.lora_vs_adapters.study --quick``: it runs, the table has every row, and the numbers add up.
 
 Trainable counts and Adam-state sizes are checked against formulas written
 here from the model's dimensions (not read from the study's code); LoRA and
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROOT = Path(__file__).resolve().parents[2]
 needs_extras = pytest.mark.skipif(not importlib.util.find_spec("matplotlib"),
                                   reason="the study's figures need matplotlib ([examples] extra)")
 
-V, SEQ, D, LAYERS, FF = 256, 128, 128, 2, 512  # demo_lm.ModelConfig's defaults
+V, SEQ, D, LAYERS, FF = 256, 128, 128, 2, 512  # examples.common.pretrained.CONFIG
 PREFIX_HIDDEN = 256
 
 
@@ -60,13 +60,14 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seed_study")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = tmp_path_factory.mktemp("lora_vs_adapters")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "seed_study.py"), "--quick", "--out", str(out),
+        [sys.executable, "-m", "studies.lora_vs_adapters.study", "--quick", "--out", str(out),
          "--cache", str(out)], cwd=out, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"seed_study.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, f"the study's --quick run failed:\n{proc.stdout}\n{proc.stderr}"
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
 
