@@ -39,14 +39,8 @@ from benchmarks.harness import gflop, time_interleaved
 from examples.common.generation import Generator
 from examples.common.lm import cross_entropy
 from examples.common.pretrained import BATCH_SIZE, CONFIG, MODEL, load_or_pretrain
-from examples.common.text import (
-    encode,
-    eval_windows,
-    pydoc_text,
-    random_batches,
-    stdlib_source_text,
-    train_eval_split,
-)
+from examples.common.text import (encode, eval_windows, pydoc_text, random_batches,
+                                  stdlib_source_text, train_eval_split)
 from studies.lora_vs_adapters import report as study_report
 from studies.lora_vs_adapters.baselines import (
     adapter_apply,
