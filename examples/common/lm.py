@@ -68,7 +68,8 @@ class ParamNames:
 class LMConfig:
     """Sizes of :class:`TransformerLM` (and its :class:`ParamNames`).
 
-    >>> LMConfig(d_model=64, num_heads=4).d_model // LMConfig(d_model=64, num_heads=4).num_heads
+    >>> cfg = LMConfig(d_model=64, num_heads=4)
+    >>> cfg.d_model // cfg.num_heads  # the head width
     16
     """
 
