@@ -1,5 +1,6 @@
 """The public API: exactly ``lora_jax.__all__``, each name documented with an example
-that runs in a fresh interpreter, every other module private, README's table in step."""
+that runs in a fresh interpreter, every other module private, the API page's summary table
+(docs/api/lora_jax.md) in step."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 import lora_jax
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+API_PAGE = Path(__file__).resolve().parents[2] / "docs" / "api" / "lora_jax.md"
 
 
 def _examples(obj) -> list[doctest.DocTest]:
@@ -52,16 +53,24 @@ def test_advanced_names_are_documented():
         assert f"``{name}``" in lora_jax.advanced.__doc__, name
 
 
-def _readme_api_names() -> list[str]:
-    text = README.read_text()
-    section = text.split("### API", 1)[1].split("\n#", 1)[0]
-    names = []
-    for row in re.findall(r"^\|(.*?)\|", section, re.M)[2:]:  # skip header and rule
-        names += re.findall(r"`([A-Za-z_]\w*)", row)
-    return names
+def _summary_rows() -> list[str]:
+    """The first cells of the API page's summary table (header and rule skipped)."""
+    text = API_PAGE.read_text()
+    section = text.split("## Summary", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"^\|(.*?)\|", section, re.MULTILINE)[2:]
 
 
-def test_readme_api_table_lists_exactly_all():
-    names = _readme_api_names()
-    assert len(names) == len(set(names)), "a name appears twice in README's API table"
+def test_api_page_summary_lists_exactly_all():
+    names = [n for row in _summary_rows() for n in re.findall(r"`([A-Za-z_]\w*)", row)]
+    assert len(names) == len(set(names)), "a name appears twice in the API summary table"
     assert sorted(names) == sorted(lora_jax.__all__)
+
+
+def test_api_page_summary_links_each_name_to_its_reference():
+    """Each name links to its own generated entry (``mkdocs build --strict`` resolves them)."""
+    for row in _summary_rows():
+        spans = re.findall(r"`([A-Za-z_]\w*)[^`]*`", row)
+        links = re.findall(r"\[`([A-Za-z_]\w*)[^`]*`\]\[([\w.]+)\]", row)
+        assert [name for name, _ in links] == spans, row
+        for name, target in links:
+            assert target == f"lora_jax.{name}", row
