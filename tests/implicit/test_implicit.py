@@ -380,7 +380,7 @@ def test_slicing_a_fan_in_axis_falls_back_exactly():
 def test_rules_are_looked_up_in_one_dict(monkeypatch):
     """implicit dispatches on ``RULES``: without the transpose rule, a transposed kernel
     is materialised (and named in the warning); with it, it stays low-rank."""
-    from lora_jax import _implicit
+    from lora_jax._implicit import interpreter as _implicit
 
     fn = lambda p, x: x @ p["w"].T   # noqa: E731
     base, delta = lj.init_lora(jax.random.key(1), W44, lj.LoraConfig(targets="w", rank=2))
