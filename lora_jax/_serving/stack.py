@@ -24,13 +24,13 @@ rejected with :class:`~lora_jax.LoraStructureError` naming the leaf.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._delta import LeafDelta, LoraFactors, is_delta_leaf, kernel_shape_of
+from lora_jax._delta import DeltaEntry, LeafDelta, LoraFactors, is_delta_leaf, kernel_shape_of
 from lora_jax._errors import LoraArgumentError, LoraStructureError
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
@@ -39,7 +39,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class StackedFactors:
+class StackedFactors(DeltaEntry):
     """The factors of ``N`` adapters of one kernel, padded to a common rank ``R``.
 
     Attributes:
@@ -66,6 +66,9 @@ class StackedFactors:
     _: dataclasses.KW_ONLY
     layout: KernelLayout
 
+    #: only ``implicit(..., adapter_ids=)`` serves a stack; ``merge`` and the files refuse it
+    serving_only: ClassVar[bool] = True
+
     @property
     def slots(self) -> int:
         """The number of adapter slots ``N``."""
@@ -84,6 +87,13 @@ class StackedFactors:
     def replace(self, **changes: Any) -> "StackedFactors":
         """A copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+    def check_fits(self, path: str, shape: tuple[int, ...]) -> None:
+        """Every slot must adapt a kernel of ``shape``."""
+        if self.kernel_shape != shape:
+            raise LoraStructureError(
+                f"leaf {path!r}: the adapter stack adapts a kernel of shape "
+                f"{self.kernel_shape}, the base kernel has shape {shape}")
 
     def factors(self, slot: int) -> LoraFactors:
         """Slot ``slot`` as plain :class:`~lora_jax.LoraFactors` (scale folded into ``b``,
