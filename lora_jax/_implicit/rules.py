@@ -247,9 +247,7 @@ def conv_rule(x: Array, view: LoraView, params: dict,
     perm, feat = axes
     a = jnp.transpose(view.a.astype(view.dtype), perm)
     u = lax.conv_general_dilated_p.bind(x if dropout is None else dropout(x), a, **params)
-    u = jnp.moveaxis(u, feat, -1) * jnp.asarray(view.scale, u.dtype)
-    y = jnp.moveaxis(jnp.matmul(u, view.b.astype(view.dtype), precision=params.get("precision")),
-                     -1, feat)
+    y = times_b(u, view.b, view.scale, feat, view.dtype, params.get("precision"))
     base = conv_base(view, x, params)
     return _dora_scaled(base + y.astype(base.dtype), view, feat)
 
@@ -299,10 +297,22 @@ def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
     pos = params["dimension_numbers"].offset_dims[0]
     a = jnp.transpose(view.a.astype(view.dtype), perm)
     u = lax.gather_p.bind(a, indices, **a_params)
-    u = jnp.moveaxis(u, pos, -1) * jnp.asarray(view.scale, u.dtype)
-    y = jnp.moveaxis(jnp.matmul(u, view.b.astype(view.dtype)), -1, pos)
+    y = times_b(u, view.b, view.scale, pos, view.dtype)
     base = gather_base(view, indices, params)
     return _dora_scaled(base + y.astype(base.dtype), view, pos)
+
+
+def times_b(u: Array, b: Array, scale: Any, axis: int, dtype: Any, precision: Any = None
+            ) -> Array:
+    """``scale * u @ B`` over ``u``'s rank axis ``axis``, whose place the fan-out takes: the
+    second half of a conv or lookup branch (``u`` the conv or lookup through ``A``).
+
+    Example:
+      >>> times_b(jnp.ones((5, 2, 3)), jnp.ones((2, 4)), 0.5, 1, jnp.float32).shape
+      (5, 4, 3)
+    """
+    u = jnp.moveaxis(u, axis, -1) * jnp.asarray(scale, u.dtype)
+    return jnp.moveaxis(jnp.matmul(u, b.astype(dtype), precision=precision), -1, axis)
 
 
 def _dora_scaled(out: Array, view: LoraView, feature_axis: int) -> Array:

@@ -195,40 +195,10 @@ class LoraView:
           >>> LoraView.of("w", jnp.ones((4, 3, 5)), f).reshape((4, 15)).b.shape
           (2, 15)
         """
-        blocks = reshape_blocks(self.shape, tuple(new_sizes))
-        if blocks is None:
+        plan = _reshaped_roles(self.roles, self.shape, tuple(new_sizes))
+        if plan is None:
             return None
-        spans: dict[str, list[tuple[int, tuple[int, ...], list[int]]]] = {"i": [], "o": []}
-        dropped = []  # stacked axes of size 1 that the reshape removes
-        for old, new in blocks:
-            kinds = {self.roles[d][0] for d in old}
-            if len(kinds) != 1:
-                return None
-            (kind,) = kinds
-            idx = [self.roles[d][1] for d in old]
-            if idx != list(range(idx[0], idx[0] + len(idx))):
-                return None
-            if kind == "s":
-                if len(old) != 1 or len(new) > 1:
-                    return None
-                if not new:
-                    dropped.append(idx[0])
-                continue
-            spans[kind].append((idx[0], tuple(new_sizes[d] for d in new), new))
-        roles = [None] * len(new_sizes)
-        for old, new in blocks:
-            kind, j = self.roles[old[0]]
-            if kind == "s" and new:
-                roles[new[0]] = ("s", j - sum(d < j for d in dropped))
-        sizes = {}
-        for kind, kind_spans in spans.items():
-            start, shape = 0, []
-            for _, block_sizes, new in sorted(kind_spans, key=lambda t: t[0]):
-                for t, d in enumerate(new):
-                    roles[d] = (kind, start + t)
-                start += len(new)
-                shape.extend(block_sizes)
-            sizes[kind] = tuple(shape)
+        roles, sizes, dropped = plan
         ns, ex = self.n_stack, self.n_lead
         pre = tuple(np.shape(self.a)[:ex])
         stack = tuple(n for j, n in enumerate(np.shape(self.a)[ex:ex + ns]) if j not in dropped)
@@ -236,7 +206,7 @@ class LoraView:
         mag = self.magnitude
         return self.replace(
             w=(self.w.reshape(tuple(new_sizes)) if isinstance(self.w, LazyKernel)
-               else jnp.reshape(self.w, new_sizes)), roles=tuple(roles),
+               else jnp.reshape(self.w, new_sizes)), roles=roles,
             a=jnp.reshape(self.a, pre + stack + sizes["i"] + (r,)),
             b=jnp.reshape(self.b, pre + stack + (r,) + sizes["o"]),
             magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]))
@@ -353,6 +323,65 @@ def reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
                 j += 1
         blocks.append((bi, bj))
     return blocks
+
+
+#: ``(start role index, new sizes, new axes)`` of one fan-in or fan-out block of a reshape.
+Span = tuple[int, tuple[int, ...], list[int]]
+
+
+def _reshaped_roles(roles: tuple[Role, ...], old: tuple[int, ...], new_sizes: tuple[int, ...]
+                    ) -> tuple[tuple[Role, ...], dict[str, tuple[int, ...]], list[int]] | None:
+    """``(new roles, {"i": fan-in sizes, "o": fan-out sizes}, dropped stacked axes)`` of a
+    kernel with ``roles`` reshaped from ``old`` to ``new_sizes``; None when it mixes roles.
+
+    Example:
+      >>> _reshaped_roles(roles_of("ioo"), (4, 3, 5), (4, 15))
+      ((('i', 0), ('o', 0)), {'i': (4,), 'o': (15,)}, [])
+    """
+    blocks = reshape_blocks(old, new_sizes)
+    found = None if blocks is None else _role_spans(roles, blocks, new_sizes)
+    if found is None:
+        return None
+    spans, dropped = found
+    out: list[Any] = [None] * len(new_sizes)
+    for old_axes, new in blocks:
+        kind, j = roles[old_axes[0]]
+        if kind == "s" and new:
+            out[new[0]] = ("s", j - sum(d < j for d in dropped))
+    sizes = {}
+    for kind, kind_spans in spans.items():
+        start, shape = 0, []
+        for _, block_sizes, new in sorted(kind_spans, key=lambda t: t[0]):
+            for t, d in enumerate(new):
+                out[d] = (kind, start + t)
+            start += len(new)
+            shape.extend(block_sizes)
+        sizes[kind] = tuple(shape)
+    return tuple(out), sizes, dropped
+
+
+def _role_spans(roles: tuple[Role, ...], blocks: list[tuple[list[int], list[int]]],
+                new_sizes: tuple[int, ...]) -> tuple[dict[str, list[Span]], list[int]] | None:
+    """The fan-in and fan-out blocks of a reshape, and the size-1 stacked axes it drops;
+    None when a block mixes roles, reorders a role's axes or reshapes a stacked axis."""
+    spans: dict[str, list[Span]] = {"i": [], "o": []}
+    dropped = []
+    for old, new in blocks:
+        kinds = {roles[d][0] for d in old}
+        if len(kinds) != 1:
+            return None
+        (kind,) = kinds
+        idx = [roles[d][1] for d in old]
+        if idx != list(range(idx[0], idx[0] + len(idx))):
+            return None
+        if kind == "s":
+            if len(old) != 1 or len(new) > 1:
+                return None
+            if not new:
+                dropped.append(idx[0])
+            continue
+        spans[kind].append((idx[0], tuple(new_sizes[d] for d in new), new))
+    return spans, dropped
 
 
 def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:

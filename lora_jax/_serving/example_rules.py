@@ -26,7 +26,7 @@ from jax import lax
 
 from lora_jax._errors import LoraArgumentError
 from lora_jax._implicit.rules import (
-    DotAxes, Dropout, conv_axes, conv_base, gather_axes, gather_base, plus_base)
+    DotAxes, Dropout, conv_axes, conv_base, gather_axes, gather_base, plus_base, times_b)
 from lora_jax._serving.example_view import ExampleView
 
 Array = jax.Array
@@ -100,8 +100,7 @@ def conv_rule(x: Array, ev: ExampleView, params: dict,
     def one(x_i: Array, a_i: Array, b_i: Array, s_i: Array) -> Array:
         u = lax.conv_general_dilated_p.bind(jnp.expand_dims(x_i, xb),
                                             jnp.transpose(a_i.astype(view.dtype), perm), **params)
-        u = jnp.moveaxis(u, feat, -1) * s_i.astype(u.dtype)
-        return jnp.squeeze(jnp.moveaxis(jnp.matmul(u, b_i.astype(view.dtype)), -1, feat), ob)
+        return jnp.squeeze(times_b(u, b_i, s_i, feat, view.dtype), ob)
 
     xd = x if dropout is None else dropout(x)
     y = jax.vmap(one, in_axes=(xb, 0, 0, 0), out_axes=ob)(xd, view.a, view.b, ev.scales)
@@ -130,8 +129,7 @@ def gather_rule(ev: ExampleView, indices: Array, params: dict) -> Array | None:
     def one(a_i: Array, b_i: Array, s_i: Array, idx_i: Array) -> Array:
         u = lax.gather_p.bind(jnp.transpose(a_i.astype(view.dtype), perm),
                               jnp.expand_dims(idx_i, ib), **a_params)
-        u = jnp.moveaxis(jnp.squeeze(u, ob), pos, -1) * s_i.astype(u.dtype)
-        return jnp.moveaxis(jnp.matmul(u, b_i.astype(view.dtype)), -1, pos)
+        return times_b(jnp.squeeze(u, ob), b_i, s_i, pos, view.dtype)
 
     y = jax.vmap(one, in_axes=(0, 0, 0, ib), out_axes=ob)(view.a, view.b, ev.scales, indices)
     base = gather_base(view, indices, params)
