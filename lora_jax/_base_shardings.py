@@ -31,7 +31,7 @@ Read = tuple[NamedSharding, Any]
 
 
 @functools.lru_cache(maxsize=None)
-def flax_types() -> tuple[tuple[type, ...], tuple[type, ...], Any]:
+def flax_types() -> tuple[tuple[Any, ...], tuple[Any, ...], Any]:
     """(linen box types, NNX variable types, LogicallyPartitioned), imported lazily."""
     from flax.core import meta
     from flax.linen import spmd
@@ -202,7 +202,8 @@ def _translate(path: str, spec: P, rules: Rules | Mapping[str, Any]) -> P:
                 f"axis rules (rules cover {sorted(known)}); add ({entry!r}, mesh_axes or None)"
             )
         names.append(entry)
-    return nn.logical_to_mesh_axes(names, rules)
+    mesh_spec = nn.logical_to_mesh_axes(names, rules)
+    return P() if mesh_spec is None else mesh_spec
 
 
 def _mesh_axes(entry: Any) -> tuple[str, ...]:

@@ -61,7 +61,7 @@ def _name_map(args: argparse.Namespace) -> Any:
     return NameMap.from_json(args.name_map) if args.name_map else None
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     """A byte count for people (``'1.5 MB'``).
 
     Example:

@@ -110,7 +110,7 @@ def kernel_shape_of(a_shape: Sequence[int], b_shape: Sequence[int], layout: Kern
     if layers is not None:
         stack = (layers.total,) + stack[1:]
     ordered = stack + tuple(a_shape[ns:-1]) + tuple(b_shape[ns + 1:])
-    return tuple(ordered[p] for p in np.argsort(layout.permutation))
+    return tuple(ordered[p] for p in np.argsort(layout.permutation).tolist())
 
 
 class DeltaEntry:
@@ -240,7 +240,7 @@ class LoraFactors(DeltaEntry):
             raise LoraStructureError(
                 f"leaf {path!r}: factors for layers {self.layers.indices} of {self.layers.total} "
                 f"do not fit a kernel of shape {shape} (layout {layout.axes!r})")
-        want = layout.factor_shapes(shape, self.rank)
+        want: tuple[tuple[int, ...], ...] = layout.factor_shapes(shape, self.rank)
         if self.layers is not None:  # only the selected layers of the first stacked axis
             want = tuple((len(self.layers.indices),) + w[1:] for w in want)
         got = (tuple(np.shape(self.a)), tuple(np.shape(self.b)))
@@ -358,7 +358,7 @@ def dense_delta(factors: LoraFactors) -> Array:
     factors = factors.all_layers()
     layout = factors.layout
     dense = factor_product(factors.a, factors.b, factors.scale, len(layout.stack_axes))
-    return jnp.transpose(dense, np.argsort(layout.permutation))
+    return jnp.transpose(dense, np.argsort(layout.permutation).tolist())
 
 
 # --------------------------------------------------------------------------- DoRA
@@ -423,7 +423,7 @@ def to_kernel_axes(per_output: Array, layout: KernelLayout) -> Array:
     """
     ns, ni = len(layout.stack_axes), len(layout.in_axes)
     x = jnp.expand_dims(per_output, tuple(range(ns, ns + ni)))
-    return jnp.transpose(x, np.argsort(layout.permutation))
+    return jnp.transpose(x, np.argsort(layout.permutation).tolist())
 
 
 def dora_weight(kernel: Array, factors: LoraFactors, norm: Array | None = None) -> Array:

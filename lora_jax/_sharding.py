@@ -47,6 +47,18 @@ from lora_jax._paths import leaves_with_paths
 # -----------------------------------------------------------------------------
 
 
+
+def _same_structure(a: Any, b: Any) -> bool:
+    """Whether two pytrees have the same structure (one treedef comparison).
+
+    Example:
+      >>> _same_structure({"a": 1}, {"a": 2}), _same_structure({"a": 1}, [1])
+      (True, False)
+    """
+    structure: Any = jax.tree_util.tree_structure(a)
+    return bool(structure == jax.tree_util.tree_structure(b))
+
+
 def factor_specs(kernel_spec: P | Sequence[Any], layout: KernelLayout | str) -> tuple[P, P, P]:
     """Partition specs of ``A``, ``B`` and the DoRA magnitude, from the kernel's spec.
 
@@ -137,7 +149,7 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
     entries, _ = entries_by_path(base_shardings)
     table = dict(entries)
     single = entries[0][1] if len(entries) == 1 and entries[0][0] == "" else None
-    out = []
+    out: list[Any] = []
     for path, f in rows:
         if f is None:
             out.append(None)
@@ -219,8 +231,7 @@ def sharded_init_fn(key: jax.Array, params: Any, config: LoraConfig, base_shardi
     if rewrites_base:
         try:
             out_shardings = (param_shardings(base_shardings, mesh, rules=rules), shardings)
-            if jax.tree_util.tree_structure(out_shardings[0]) != jax.tree_util.tree_structure(
-                    base_abstract):
+            if not _same_structure(out_shardings[0], base_abstract):
                 raise ValueError
         except (ValueError, LoraShardingError):
             raise LoraShardingError(
@@ -353,7 +364,6 @@ def opt_state_shardings(opt_state: Any, delta_shardings: Any) -> Any:
       >>> sh[0].mu["w"].a.spec == P("fsdp", None), sh[0].count.spec == P()
       (True, True)
     """
-    delta_def = jax.tree_util.tree_structure(delta_shardings)
     named = [s for s in jax.tree_util.tree_leaves(delta_shardings) if isinstance(s, NamedSharding)]
     if not named:
         raise LoraShardingError("delta_shardings holds no NamedSharding (an empty delta?)")
@@ -361,7 +371,7 @@ def opt_state_shardings(opt_state: Any, delta_shardings: Any) -> Any:
 
     def like_delta(x: Any) -> bool:
         try:
-            return jax.tree_util.tree_structure(x) == delta_def
+            return _same_structure(x, delta_shardings)
         except Exception:  # noqa: BLE001 -- exotic nodes simply do not match
             return False
 

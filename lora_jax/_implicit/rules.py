@@ -263,7 +263,7 @@ def gather_axes(view: LoraView, params: dict) -> tuple[list[int], dict] | None:
     """
     dn = params["dimension_numbers"]
     sizes = params["slice_sizes"]
-    if view.n_stack or getattr(dn, "operand_batching_dims", ()):
+    if view.n_stack or tuple(getattr(dn, "operand_batching_dims", None) or ()):
         return None
     outs = [d for d, (k, _) in enumerate(view.roles) if k == "o"]
     ins = [d for d, (k, _) in enumerate(view.roles) if k == "i"]

@@ -67,7 +67,7 @@ class LoraView:
     magnitude: Any = None
 
     @staticmethod
-    def of(path: str, w: Array, f: LoraFactors) -> "LoraView":
+    def of(path: str, w: Array | LazyKernel, f: LoraFactors) -> "LoraView":
         """The view of kernel ``w`` (layout order as stored) with factors ``f``."""
         f = f.all_layers()
         return LoraView(w, f.a, f.b, roles_of(f.layout.axes), f.scale, jnp.dtype(w.dtype), path,
@@ -339,7 +339,9 @@ def _reshaped_roles(roles: tuple[Role, ...], old: tuple[int, ...], new_sizes: tu
       ((('i', 0), ('o', 0)), {'i': (4,), 'o': (15,)}, [])
     """
     blocks = reshape_blocks(old, new_sizes)
-    found = None if blocks is None else _role_spans(roles, blocks, new_sizes)
+    if blocks is None:
+        return None
+    found = _role_spans(roles, blocks, new_sizes)
     if found is None:
         return None
     spans, dropped = found
@@ -348,9 +350,9 @@ def _reshaped_roles(roles: tuple[Role, ...], old: tuple[int, ...], new_sizes: tu
         kind, j = roles[old_axes[0]]
         if kind == "s" and new:
             out[new[0]] = ("s", j - sum(d < j for d in dropped))
-    sizes = {}
+    sizes: dict[Any, Any] = {}
     for kind, kind_spans in spans.items():
-        start, shape = 0, []
+        start, shape = 0, list[Any]()
         for _, block_sizes, new in sorted(kind_spans, key=lambda t: t[0]):
             for t, d in enumerate(new):
                 out[d] = (kind, start + t)

@@ -201,7 +201,7 @@ def _explicit_spec(x: Any) -> Any:
     except TypeError:
         return None
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not getattr(mesh, "axis_names", ()):
+    if sharding is None or mesh is None or not getattr(mesh, "axis_names", ()):
         return None
     types = getattr(mesh, "axis_types", ())
     if not any("Explicit" in str(t) for t in types):

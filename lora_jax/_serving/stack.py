@@ -248,7 +248,7 @@ def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
         raise LoraArgumentError(
             f"slots must be an int >= the number of deltas ({len(deltas)}), got {slots!r}")
     columns, treedef = delta_columns(deltas, "stack")
-    out = []
+    out: list[Any] = []
     for path, column in columns:
         present = [(i, f) for i, f in enumerate(column) if f is not None]
         if not present:
@@ -262,7 +262,7 @@ def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
         r = max(f.rank for _, f in present) if rank is None else rank
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
             raise LoraArgumentError(f"rank must be a positive int, got {rank!r}")
-        pairs = {i: _padded(path, f, r, f"delta {i}") for i, f in present}
+        pairs = {i: _padded(path, f, int(r), f"delta {i}") for i, f in present}
         a0, b0 = pairs[i0]
         a = jnp.stack([pairs[i][0] if i in pairs else jnp.zeros_like(a0) for i in range(n)])
         b = jnp.stack([pairs[i][1] if i in pairs else jnp.zeros_like(b0) for i in range(n)])
@@ -313,7 +313,7 @@ def set_adapter(stack: Any, slot: Any, delta: Any) -> Any:
     n = next((s.slots for _, s in s_entries if s is not None), 0)
     if isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and not 0 <= slot < n:
         raise LoraArgumentError(f"slot {slot} is outside the stack's {n} slots")
-    out = []
+    out: list[Any] = []
     for (path, s), f in zip(s_entries, d_entries):
         if s is None:
             if f is not None:
