@@ -41,8 +41,7 @@ import numpy as np
 
 from lora_jax._errors import LoraArgumentError
 from lora_jax._paths import BaseLeaf
-from lora_jax._quant.codebooks import (DQ_BLOCK, NF4_TABLE, decode, double_dequantize,
-                                       double_quantize, encode, pack4, unpack4)
+from lora_jax._quant.codebooks import (DQ_BLOCK, DYNAMIC_TABLE, decode, double_quantize, encode, pack4, unpack4)
 
 Array = jax.Array
 

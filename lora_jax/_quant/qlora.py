@@ -25,7 +25,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax._delta import LoraFactors, align, dense_delta, is_factors
 from lora_jax._errors import LoraArgumentError, LoraStructureError, LoraTargetError

@@ -12,7 +12,7 @@ import numpy as np
 from lora_jax._errors import LoraArgumentError, LoraLayoutError, LoraTargetError
 from lora_jax._layout import KernelLayout, default_layout
 from lora_jax._paths import leaves_with_paths
-from lora_jax._quant.array import QuantizedArray, dequantize_leaf, is_quantized, quantize_leaf
+from lora_jax._quant.array import dequantize_leaf, is_quantized, quantize_leaf
 from lora_jax._quant.codebooks import SCHEMES
 
 
