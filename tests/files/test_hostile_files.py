@@ -379,6 +379,112 @@ def test_terabyte_claim_is_refused_before_reading(sources, tmp_path):
     assert time.perf_counter() - t0 < 1.0 and peak < 1 << 20
 
 
+# --------------------------------------------------------------------------- quantized base files
+
+BASE_META = "lora_jax_base"
+RECORD_VALUES = HOSTILE_VALUES + [
+    "nf4", "int4", "int8", "nf8", "float32", "bfloat16", "int8", "uint8", "complex64", "object",
+    "io", "oi", "sio", "s", "iox", "ii", 32, 64, 128, 3, [64, 8], [8, 64], [2, 64, 8], [64],
+    [0, 8], [64, -8], [True, 8], [64.0, 8], [2**40, 2**40]]
+
+
+@pytest.fixture(scope="module")
+def base_source(tmp_path_factory):
+    """A base file with an NF4 + double quant, an int8 per-channel, an int4 blockwise and a
+    stacked NF4 kernel, and a dense leaf; its metadata document and tensors."""
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    w = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    params = {"a": w(64, 8), "b": w(32, 8), "c": w(64, 4), "s": w(2, 64, 8), "bias": w(8)}
+    q = lj.quantize(params, "a", double_quant=True)
+    q = lj.quantize(q, "b", scheme="int8", block_size=None)
+    q = lj.quantize(q, "c", scheme="int4", block_size=32)
+    q = lj.quantize(q, "s", layouts={"s": "sio"})
+    path = lj.save_base(tmp_path_factory.mktemp("base") / "base.safetensors", q)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="np") as f:
+        doc = json.loads(f.metadata()[BASE_META])
+    return doc, load_file(str(path))
+
+
+def check_base(path: Path, leaf: str | None = None) -> str:
+    """load_base reads ``path`` (every quantized leaf then dequantizes) or raises a
+    LoraFileError naming the file (and ``leaf``, given); returns the outcome."""
+    try:
+        back = lj.load_base(path)
+    except LoraFileError as e:
+        assert str(path) in str(e), str(e)
+        assert leaf is None or repr(leaf) in str(e), (leaf, str(e))
+        return "LoraFileError"
+    except Exception as e:  # noqa: BLE001 - any other outcome is the failure being tested
+        raise AssertionError(f"load_base: {type(e).__name__}: {e}") from e
+    for x in jax.tree.leaves(back, is_leaf=lambda x: isinstance(x, lj.QuantizedArray)):
+        if isinstance(x, lj.QuantizedArray):
+            assert lj.dequantize(x).shape == x.shape
+    return "read"
+
+
+def write_base(path: Path, tensors: dict, doc: Any) -> Path:
+    from safetensors.numpy import save_file
+
+    text = doc if isinstance(doc, str) else json.dumps(doc)
+    save_file(tensors, str(path), metadata={BASE_META: text})
+    return path
+
+
+@pytest.mark.parametrize("field,value", [
+    ("block_size", 0), ("block_size", -64), ("block_size", 48), ("block_size", True),
+    ("block_size", None), ("dtype", "int8"), ("dtype", "no such dtype"), ("shape", []),
+    ("shape", [64, 0]), ("axes", "ix"), ("axes", "ss"), ("scheme", "nf8"),
+    ("double_quant", "yes")])
+def test_load_base_refuses_each_malformed_record(base_source, tmp_path, field, value):
+    doc, tensors = base_source
+    bad = json.loads(json.dumps(doc))
+    bad["quantized"]["a"][field] = value
+    path = write_base(tmp_path / "bad.safetensors", tensors, bad)
+    with pytest.raises(LoraFileError, match=rf"{re.escape(str(path))}: quantization record of "
+                                             r"leaf 'a' is invalid"):
+        lj.load_base(path)
+    for missing in ("dtype", "shape", "axes", "scheme", "block_size"):
+        gone = json.loads(json.dumps(doc))
+        del gone["quantized"]["a"][missing]
+        path = write_base(tmp_path / f"gone-{missing}.safetensors", tensors, gone)
+        with pytest.raises(LoraFileError, match="leaf 'a' is invalid"):
+            lj.load_base(path)
+
+
+@FAST
+@given(data=st.data())
+def test_load_base_metadata_fuzz(base_source, tmp_path, data):
+    """Records mutated field by field (hostile and plausible values, removals, unknown
+    fields), whole records and the document replaced: a read or a LoraFileError."""
+    doc, tensors = base_source
+    bad = json.loads(json.dumps(doc))
+    leaf = data.draw(st.sampled_from(sorted(bad["quantized"])))
+    for _ in range(data.draw(st.integers(1, 3))):
+        action = data.draw(st.sampled_from(["set", "delete", "record", "extra", "top"]))
+        records = bad.get("quantized")
+        rec = records.get(leaf) if isinstance(records, dict) else None
+        if action in ("set", "delete") and isinstance(rec, dict) and rec:
+            field = data.draw(st.sampled_from(sorted(rec)))
+            if action == "delete":
+                del rec[field]
+            else:
+                rec[field] = data.draw(st.sampled_from(RECORD_VALUES))
+        elif action == "record" and isinstance(records, dict):
+            records[leaf] = data.draw(st.sampled_from(RECORD_VALUES))
+        elif action == "extra" and isinstance(rec, dict):
+            rec[data.draw(st.sampled_from(["extra", "", "shape "]))] = data.draw(
+                st.sampled_from(RECORD_VALUES))
+        elif action == "top":
+            key = data.draw(st.sampled_from(["format_version", "quantized", "other"]))
+            bad[key] = data.draw(st.sampled_from(RECORD_VALUES))
+    outcome = check_base(write_base(tmp_path / "fuzz.safetensors", tensors, bad))
+    STATS["load_base"][outcome] += 1
+    STATS["load_base"]["cases"] += 1
+
+
 # --------------------------------------------------------------------------- the command line
 
 
