@@ -114,9 +114,11 @@ def model_bytes(params: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
-def check_case(kind: str, fmt: str, directory: Path, params: Any, keys: tuple = ()) -> None:
+def check_case(kind: str, fmt: str, directory: Path, params: Any, keys: tuple = (),
+               expect: str | None = None) -> None:
     """Reads ``directory`` every way; each read succeeds or raises a LoraFileError naming a file
-    (and, given ``keys``, one of them: the keys on the path to a mutated JSON field)."""
+    (and, given ``keys``, one of them: the keys on the path to a mutated JSON field). Given
+    ``expect`` (``"read"`` or ``"LoraFileError"``), every read must have that outcome."""
     size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
     for read in readers(fmt, params):
         tracemalloc.start()
@@ -134,6 +136,7 @@ def check_case(kind: str, fmt: str, directory: Path, params: Any, keys: tuple = 
         finally:
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
+        assert expect in (None, outcome), f"{kind} on {fmt}: {outcome}, expected {expect}"
         seconds = time.perf_counter() - t0
         assert seconds < MAX_SECONDS, (kind, fmt, seconds)
         SLOWEST["seconds"] = max(SLOWEST["seconds"], seconds)
@@ -153,8 +156,9 @@ def mutated(sources, fmt: str, tmp_path: Path, name: str, data: bytes) -> Path:
     return d
 
 
-def run(sources, fmt, tmp_path, kind, name, data, keys=()):
-    check_case(kind, fmt, mutated(sources, fmt, tmp_path, name, data), sources[fmt][1], keys)
+def run(sources, fmt, tmp_path, kind, name, data, keys=(), expect=None):
+    check_case(kind, fmt, mutated(sources, fmt, tmp_path, name, data), sources[fmt][1], keys,
+               expect)
 
 
 FORMATS = ["lora_jax", "peft", "peft_dora"]
@@ -363,7 +367,9 @@ def test_lying_headers_and_extra_tensors(sources, fmt, tmp_path):
     for kind, body in {**header_lies(raw), **extra_tensors(raw)}.items():
         # a lie about one tensor is reported with a tensor's name (the lie's, or one it displaced)
         keys = () if kind in FILE_LEVEL else tuple(names) + ("''", "outside", kind.split()[-1])
-        run(sources, fmt, tmp_path, kind, WTS, body, keys)
+        # every case lies (about sizes, offsets, dtypes, names or tensors the adapter has not):
+        # each is refused, never read as data
+        run(sources, fmt, tmp_path, kind, WTS, body, keys, expect="LoraFileError")
 
 
 def test_terabyte_claim_is_refused_before_reading(sources, tmp_path):
