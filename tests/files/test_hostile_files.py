@@ -38,7 +38,7 @@ from lora_jax.debug import CompileCounter
 CFG, WTS = "adapter_config.json", "adapter_model.safetensors"
 PKG = Path(lj.__file__).parent
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peft"
-READ_FACTOR, READ_SLACK = 2, 256 << 10  # bytes one read may read: twice the files + 256 KiB
+READ_FACTOR, READ_SLACK = 2, 64 << 10  # bytes one read may read: twice the files + 64 KiB
 MAX_COMPILES = 16  # XLA compilations one read may trigger (measured: at most 6)
 SLACK = 4 << 20  # bytes tracemalloc may see beyond the files' and the model's sizes
 STATS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
