@@ -403,6 +403,36 @@ def test_terabyte_claim_is_refused_before_reading(sources, tmp_path):
     assert peak < 1 << 20
 
 
+# --------------------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("fmt,fixture", [("peft", "mlp_dora"), ("peft", "conv2d_dora"),
+                                         ("lora_jax", None)])
+def test_a_nan_or_inf_in_any_tensor_is_refused(sources, tmp_path, fmt, fixture):
+    """One NaN or Inf in any tensor (factors and DoRA magnitudes alike) is a LoraFileError
+    naming the file and the tensor; ``check_finite=False`` reads it."""
+    from safetensors.numpy import load_file, save_file
+
+    src = sources["lora_jax"][0] if fixture is None else FIXTURES / fixture
+    tensors = load_file(str(src / WTS))
+    assert any("magnitude" in k for k in tensors), sorted(tensors)  # DoRA: magnitudes included
+    for key in sorted(tensors):
+        for bad in (np.nan, np.inf):
+            d = tmp_path / f"{key.replace('/', '_')}-{bad}"
+            shutil.copytree(src, d)
+            changed = dict(tensors)
+            changed[key] = tensors[key].copy()
+            changed[key].reshape(-1)[-1] = bad
+            save_file(changed, str(d / WTS))
+            # (a lora_jax file's sha256 no longer matches: verify=False reads on to the values)
+            kw = {"verify": False} if fmt == "lora_jax" else {}
+            read = lj.load if fmt == "lora_jax" else lj.import_peft
+            with pytest.raises(LoraFileError, match=re.escape(key)) as e:
+                read(d, **kw)
+            assert str(d / WTS) in str(e.value)
+            read(d, check_finite=False, **kw)
+
+
 # --------------------------------------------------------------------------- quantized base files
 
 BASE_META = "lora_jax_base"
