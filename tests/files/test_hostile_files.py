@@ -8,7 +8,8 @@ names lie, repeated keys, extra tensors), then read by every entry point of its 
 The outcome must be a successful read (a well-formed file after all) or a
 :class:`~lora_jax.LoraFileError` (``LoraBaseMismatchError`` is one) whose message names
 the file; a header that lies must be refused. Quantized base files (``load_base``) get
-the same treatment of their metadata. ``pickle`` is disabled while reading. ``test_zz_report`` prints the figures.
+the same treatment of their metadata. ``pickle`` is disabled while reading.
+``test_zz_report`` prints the figures.
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ wrapper that imports the example and kills the process from inside at that momen
 step's computation is in flight, right after an async save was started, after an async
 save wrote its arrays but before orbax wrote the commit metadata, before orbax's final
 rename, after it, while the final adapter is being saved); random moments by a SIGKILL from
-outside after a random delay. After every kill the latest checkpoint must be the step that moment leaves (the new one
-after orbax's final rename, the previous one before it) and restore to the exact state
-(dtype, shape and bytes of every leaf) an uninterrupted run had at that step; at the end
-every logged loss and the final delta must be bit-identical to the uninterrupted run's.
-``LORA_JAX_RANDOM_KILLS`` (default 1) sets the number of random kills that must land.
+outside after a random delay. After every kill the latest checkpoint must be the step that
+moment leaves (the new one after orbax's final rename, the previous one before it) and
+restore to the exact state (dtype, shape and bytes of every leaf) an uninterrupted run had
+at that step; at the end every logged loss and the final delta must be bit-identical to the
+uninterrupted run's. ``LORA_JAX_RANDOM_KILLS`` (default 1) sets the number of random kills
+that must land.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def test_double_quant_offset_scales_and_codes_equal_numpy(shape, axes):
         absmax = np.abs(blocks).max(axis=1)
         codes, a2, offset = ref_double_quant(absmax)
         assert absmax.size % 256  # the last group of 256 scales is partial
-        np.testing.assert_allclose(float(np.asarray(dq.dq_offset).reshape(-1)[k]), offset, rtol=1e-6)
+        got_offset = float(np.asarray(dq.dq_offset).reshape(-1)[k])
+        np.testing.assert_allclose(got_offset, offset, rtol=1e-6)
         np.testing.assert_allclose(np.asarray(dq.dq_scales[k] if axes[0] == "s" else dq.dq_scales),
                                    a2, rtol=1e-6)
         got_codes = np.ravel(np.asarray(dq.scales[k] if axes[0] == "s" else dq.scales))
