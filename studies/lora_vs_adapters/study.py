@@ -263,8 +263,17 @@ def main(argv=None):
     base_eval = jax.jit(lambda p, w: cross_entropy(MODEL.apply(p, w[:, :-1]), w[:, 1:]))
     reference = lambda windows, n: float(base_eval(params, windows[:, : n + 1]))  # noqa: E731
     tp_counts = json.loads(tp.communicate()[0].strip().splitlines()[-1])
+    lora = next(r for r in table if r["method"].kind == "lora")  # merged vs base vs unmerged
+    window = evals["target"][:4, :-1]
+    logits = [np.asarray(MODEL.apply(p, window))
+              for p in (lora["base"], lora_jax.merge(lora["base"], lora["tr"]))]
+    logits.append(np.asarray(IMPLICIT(lora["base"], lora["tr"], window)))
+    merged_logits = dict(method=lora["method"].name,
+                         vs_base=float(np.abs(logits[1] - logits[0]).max()),
+                         vs_unmerged=float(np.abs(logits[1] - logits[2]).max()))
     report = study_report.build(results, reference, evals, step_ms, (decode_ms, decode_flops), tp_counts,
                                same_program, dict(steps=steps, batch=BATCH_SIZE, seq=SEQ, quick=q))
+    report["merged_logits"] = merged_logits
     study_report.write(report, results, args.out)
     print(study_report.markdown(report))
     print(f"merged LoRA decode program identical to the base's: {same_program}")

@@ -171,15 +171,20 @@ def test_lora_does_less_work_than_merge_on_the_fly(train_json):
 
 
 def test_memory_mode_reports_the_stepping_peak_apart_from_compiling(tmp_path):
-    out = _run("train_step.py", tmp_path, "--steps", "1", "--configs", "floor,lora_jax",
-               "--memory", "--memory-steps", "3")
+    out = _run("train_step.py", tmp_path, "--steps", "1", "--configs",
+               "floor,lora_jax,lora_jax_nf4", "--memory", "--memory-steps", "3")
     assert out["meta"]["baseline_rss_mb"] > 0
     for name, res in out["configs"].items():
         assert _positive_finite(res["peak_rss_mb"]), name
         assert _positive_finite(res["compile_peak_rss_mb"]), name
         assert _positive_finite(res["x_floor_rss"]), name
+        assert _positive_finite(res["live_arrays_mb"]), name
         if sys.platform.startswith("linux"):   # the peak was reset after compiling
             assert res["rss_peak_reset"] is True, name
+    # the README's "live arrays smaller over NF4": the process stepping over an NF4 base holds
+    # fewer bytes of live arrays than over float32 (deterministic, unlike RSS)
+    live = {name: out["configs"][name]["live_arrays_mb"] for name in ("lora_jax", "lora_jax_nf4")}
+    assert live["lora_jax_nf4"] < live["lora_jax"], live
 
 
 def test_inference_reports_base_merged_implicit(inference_json):

@@ -281,8 +281,12 @@ def test_peft_trained_in_torch_imports(gemma, hf_model, forward, tmp_path):
         peft_model.unload()
     delta = lj.import_peft(tmp_path, params, name_map=gm.HF_NAMES)
     ours = np.asarray(forward(lj.merge(params, delta), jnp.array([prompt]))[0])
+    base = np.asarray(forward(params, jnp.array([prompt]))[0])
     diff = float(np.abs(ours - theirs).max())
+    shift = float(np.abs(ours - base).max())
     report("torch-trained PEFT adapter logits max |jax - torch|", diff)
+    report("torch-trained PEFT adapter: logits moved by (max |adapted - base|)", shift)
+    assert shift > 100 * PEFT_TOL  # the adapter moves the logits far more than the tolerance
     assert diff < PEFT_TOL
 
 
