@@ -566,8 +566,10 @@ def import_peft(
       True
     """
     directory = Path(path)
+    # the keys first: a refused option's error names the key, not the tensors it brings
+    check_config_keys(directory / CONFIG_NAME, read_peft_config(directory),
+                      residual_base=residual_base)
     cfg, modules, full = read_peft_adapter(directory)
-    check_config_keys(directory / CONFIG_NAME, cfg, residual_base=residual_base)
     weights = directory / WEIGHTS_NAME
     if check_finite:
         for mod in modules.values():
