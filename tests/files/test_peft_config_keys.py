@@ -33,8 +33,8 @@ from lora_jax._files.peft.config_keys import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # pytest's importlib mode does not add it
 from tests.files.test_peft_format import (  # noqa: E402
-    FIXTURES, STACK_MAP, factors, flax_module, flax_to_torch, random_params, to_flax_input,
-    to_torch_output, torch_to_flax)
+    FIXTURES, STACK_MAP, factors, flax_module, flax_to_torch, random_params, tensors_of,
+    to_flax_input, to_torch_output, torch_to_flax)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,6 @@ def test_docs_table_is_the_code_table():
 
 # a live (non-inert) value for each refused key
 REFUSED_VALUES = {
-    "bias": "all",
     "megatron_config": {"tensor_model_parallel_size": 2},
     "target_parameters": ["experts.gate_up_proj"],
     "trainable_token_indices": [1, 2],
@@ -117,7 +116,7 @@ def test_refused_key_is_named(key, tmp_path):
     with pytest.raises(LoraFileError, match=rf"adapter_config.json: key '{key}' is .*refused"):
         import_peft(d, mlp_params())
     # its inert value imports
-    inert = {"bias": "none"}.get(key, False if isinstance(REFUSED_VALUES[key], bool) else None)
+    inert = False if isinstance(REFUSED_VALUES[key], bool) else None
     import_peft(with_config(tmp_path / "ok", **{key: inert}), mlp_params())
 
 
@@ -184,17 +183,26 @@ def test_rank_pattern_semantics_match_peft(peft_env):
 # --------------------------------------------------------------------------- modules_to_save
 
 
-def test_peft_modules_to_save_imports_and_reproduces(peft_env, tmp_path):
+TRAINED_IN_FULL = {  # PEFT options that save full tensors, and the leaves they become
+    "modules_to_save": (dict(modules_to_save=["fc2"]), {"fc2": ("kernel", "bias")}),
+    "bias_all": (dict(bias="all"), {"fc1": ("bias",), "fc2": ("bias",)}),
+    "bias_lora_only": (dict(bias="lora_only"), {"fc1": ("bias",)}),
+    "both": (dict(bias="all", modules_to_save=["fc2"]), {"fc1": ("bias",), "fc2": ("kernel", "bias")}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAINED_IN_FULL))
+def test_peft_trained_in_full_imports_and_reproduces(case, peft_env, tmp_path):
     torch, peft, twins = peft_env
+    extra, leaves = TRAINED_IN_FULL[case]
     torch.manual_seed(0)
     model = twins.MLP()
     base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"],
-                                                     modules_to_save=["fc2"]))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"], **extra))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in pm.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
+            if p.requires_grad:  # the LoRA factors and whatever PEFT trains in full
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     pm.eval()
     x = torch.randn(4, 6, generator=g)
@@ -203,13 +211,14 @@ def test_peft_modules_to_save_imports_and_reproduces(peft_env, tmp_path):
     pm.save_pretrained(str(tmp_path))
     params = torch_to_flax("mlp", {k: v.numpy() for k, v in base_sd.items()})
     delta = import_peft(tmp_path, params)
-    assert isinstance(delta["params"]["fc2"]["kernel"], LeafDelta)
-    assert isinstance(delta["params"]["fc2"]["bias"], LeafDelta)
+    full = {(m, n) for m in ("fc1", "fc2") for n in ("kernel", "bias")
+            if isinstance(delta["params"][m][n], LeafDelta)}
+    assert full == {(m, n) for m, names in leaves.items() for n in names}
     got = flax_module("mlp").apply(lj.merge(params, delta), jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     base = flax_module("mlp").apply(params, jnp.asarray(x.numpy()))
     assert not np.allclose(np.asarray(base), want, atol=1e-2)
-    with pytest.raises(LoraFileError, match="modules_to_save.*needs the base params"):
+    with pytest.raises(LoraFileError, match="needs the base params"):
         import_peft(tmp_path)
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     with pytest.raises(LoraFileError, match="needs concrete base params"):
@@ -224,10 +233,14 @@ def test_our_modules_to_save_loads_in_peft(peft_env, tmp_path):
     delta["params"]["fc1"]["kernel"] = factors(rng, (6, 8), "io", 2, alpha=3.0)
     delta["params"]["fc2"]["kernel"] = LeafDelta(jnp.asarray(rng.standard_normal((8, 5)) * 0.3, jnp.float32))
     delta["params"]["fc2"]["bias"] = LeafDelta(jnp.asarray(rng.standard_normal(5) * 0.3, jnp.float32))
+    delta["params"]["fc1"]["bias"] = LeafDelta(jnp.asarray(rng.standard_normal(8) * 0.3, jnp.float32))
     with pytest.raises(LoraStructureError, match="pass params="):
         export_peft(tmp_path / "x", delta)
     cfg = export_peft(tmp_path, delta, params=params)
     assert cfg["modules_to_save"] == ["fc2"] and cfg["target_modules"] == ["fc1"]
+    assert cfg["bias"] == "lora_only"  # fc1's bias, trained beside its LoRA factors
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["bias"] == "lora_only" and "base_model.model.fc1.base_layer.bias" in tensors_of(tmp_path)
     twin = twins.MLP()
     twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in flax_to_torch("mlp", params).items()})
     pm = peft.PeftModel.from_pretrained(twin, str(tmp_path)).eval()
@@ -237,8 +250,8 @@ def test_our_modules_to_save_loads_in_peft(peft_env, tmp_path):
     ours = np.asarray(flax_module("mlp").apply(lj.merge(params, delta), jnp.asarray(x)))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
     back = import_peft(tmp_path, params)  # and back: the same LeafDeltas
-    for name in ("kernel", "bias"):
-        np.testing.assert_allclose(back["params"]["fc2"][name].diff, delta["params"]["fc2"][name].diff,
+    for module, name in (("fc2", "kernel"), ("fc2", "bias"), ("fc1", "bias")):
+        np.testing.assert_allclose(back["params"][module][name].diff, delta["params"][module][name].diff,
                                    rtol=1e-6, atol=1e-6)
 
 
@@ -246,8 +259,9 @@ def test_modules_to_save_export_errors(tmp_path):
     rng = np.random.default_rng(12)
     params = random_params("mlp", rng)
     delta = jax.tree.map(lambda _: None, params)
+    params["params"]["fc1"]["scale"] = jnp.ones(8)  # a second weight of module fc1
     delta["params"]["fc1"]["kernel"] = factors(rng, (6, 8), "io", 2)
-    delta["params"]["fc1"]["bias"] = LeafDelta(jnp.zeros(8))
+    delta["params"]["fc1"]["scale"] = LeafDelta(jnp.zeros(8))
     with pytest.raises(LoraStructureError, match="module 'fc1' is also a LoRA target"):
         export_peft(tmp_path, delta, params=params)
     stacked = random_params("stack", rng)

@@ -104,9 +104,9 @@ CONFIG_KEYS: dict[str, KeyRule] = {
     "lora_dropout": _rule(IRRELEVANT, "training only (dropout is off at inference)"),
     "modules_to_save": _rule(IMPLEMENTED, "modules trained in full: imported as `LeafDelta` "
                              "(needs concrete params), exported from `LeafDelta` leaves"),
-    "bias": _rule(REFUSED, "`\"all\"` / `\"lora_only\"` train the base model's biases; lora_jax "
-                  "does not read them from a PEFT file (train them as `LeafDelta` in lora_jax)",
-                  inert=lambda v: v in (None, "none")),
+    "bias": _rule(IMPLEMENTED, "`\"all\"` / `\"lora_only\"`: the biases PEFT trained import as "
+                  "`LeafDelta` (needs concrete params); `export_peft` writes a LoRA-targeted "
+                  "module's `LeafDelta` bias as `\"lora_only\"`"),
     "init_lora_weights": _rule(
         IRRELEVANT, "how PEFT drew the first factors, moot once the weights exist; except "
         "`pissa*`, `olora`, `corda`, `loftq`, `lora_ga`, whose initialiser rewrites the base "

@@ -208,7 +208,7 @@ def _other_modules(delta: Any, nm: NameMap, modules: Mapping[str, ModuleInfo]) -
 
 def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
                  base_model_name_or_path: str | None, target_modules: list[str],
-                 modules_to_save: list[str] | None) -> dict:
+                 modules_to_save: list[str] | None, bias: str) -> dict:
     """PEFT's ``adapter_config.json``: the most common rank / alpha, the others as patterns."""
     names = sorted(modules)
     r0 = _most_common([r for r, _, _ in modules.values()])
@@ -229,7 +229,7 @@ def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
         "use_rslora": rslora,
         "use_dora": dora,
         "fan_in_fan_out": False,
-        "bias": "none",
+        "bias": bias,
         "init_lora_weights": True,
         "modules_to_save": modules_to_save,
     }
@@ -257,7 +257,8 @@ def export_peft(
     delta's leaves, else its full name, as a PEFT user would write it. Leaves
     trained in full (:class:`~lora_jax.LeafDelta`) are written as PEFT's
     ``modules_to_save`` (``<module>.weight`` / ``.bias`` holding ``W + diff``,
-    so ``params`` is needed). Only config keys PEFT's ``LoraConfig`` knows
+    so ``params`` is needed); the bias of a LoRA-targeted module as PEFT's
+    ``bias="lora_only"`` (``<module>.base_layer.bias``). Only config keys PEFT's ``LoraConfig`` knows
     are written. Files are written atomically (config last).
 
     Args:
@@ -296,14 +297,15 @@ def export_peft(
     nm = NameMap.coerce(name_map)
     targets, leaf_deltas = _exportable(delta)
     tensors, modules = _to_modules(targets, nm)
-    saved = None
+    saved, bias = None, "none"
     if leaf_deltas:
-        full, saved = export_saved(leaf_deltas, params, nm, modules)
+        full, saved, lora_biases = export_saved(leaf_deltas, params, nm, modules)
         tensors.update({f"{PEFT_PREFIX}{k}": v for k, v in full.items()})
+        bias = "lora_only" if lora_biases else "none"
     first = targets[0][1]
     target_modules = _target_modules(sorted(modules), _other_modules(delta, nm, modules))
     config = _peft_config(modules, bool(first.rslora), first.magnitude is not None,
-                          base_model_name_or_path, target_modules, saved)
+                          base_model_name_or_path, target_modules, saved or None, bias)
     directory = output_directory(path)
     with StagedFiles(directory) as files:
         files.stage(WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
@@ -412,9 +414,23 @@ def _saved_entries(cfg_path: Path, cfg: dict) -> list[str]:
     return saved
 
 
-def _read_parts(weights: Path, saved: Sequence[str]) -> tuple[Parts, Full]:
+def _trained_biases(cfg_path: Path, cfg: dict) -> bool:
+    """``bias``: ``"none"`` (False), or ``"all"`` / ``"lora_only"`` (True: PEFT saved the
+    trained biases)."""
+    bias = cfg.get("bias", "none")
+    if bias not in (None, "none", "all", "lora_only"):
+        raise LoraFileError(f"{cfg_path}: key 'bias' is {_short(bias)}; expected 'none', 'all' "
+                            "or 'lora_only'")
+    return bias in ("all", "lora_only")
+
+
+_BIAS_KEY = re.compile(r"(?P<module>.+?)(\.base_layer)?\.bias")
+
+
+def _read_parts(weights: Path, saved: Sequence[str], biases: bool) -> tuple[Parts, Full]:
     """``({module: {role: (key, array, embedding?)}}, {module.param: (key, array)})``: the
-    LoRA tensors of a PEFT file, and the full tensors of its ``modules_to_save``."""
+    LoRA tensors of a PEFT file, and the full tensors of its ``modules_to_save`` and (with
+    ``biases``, PEFT's ``bias="all"`` / ``"lora_only"``) its trained biases."""
     directory = weights.parent
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise LoraFileError(
@@ -431,7 +447,12 @@ def _read_parts(weights: Path, saved: Sequence[str]) -> tuple[Parts, Full]:
                                     "LoRA factors are floating point")
             split = split_key(key)
             name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            if split is None and ".original_module." in name:
+                continue  # PEFT's untouched copy of a modules_to_save module: the base itself
             kept = split_saved_key(name, saved) if split is None else None
+            bias = _BIAS_KEY.fullmatch(name) if split is None and biases else None
+            if kept is None and bias is not None:
+                kept = (bias.group("module"), "bias")
             if kept is not None:
                 full[".".join(kept)] = (key, read_tensor(f, weights, key))
                 continue
@@ -473,7 +494,8 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Pef
     cfg = read_peft_config(directory)
     weights = directory / WEIGHTS_NAME
     modules = {}
-    parts_by_module, full = _read_parts(weights, _saved_entries(directory / CONFIG_NAME, cfg))
+    parts_by_module, full = _read_parts(weights, _saved_entries(directory / CONFIG_NAME, cfg),
+                                        _trained_biases(directory / CONFIG_NAME, cfg))
     for name, parts in parts_by_module.items():
         alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
         modules[name] = peft_module(weights, name, parts, float(alpha))

@@ -4,7 +4,9 @@ A PEFT adapter can train whole modules besides the LoRA factors (a
 classifier head, a norm): the config lists them in ``modules_to_save`` and
 ``save_pretrained`` writes their full parameters as
 ``base_model.model.<module>.<param>`` (older PEFT: ``<module>.modules_to_save.<param>``),
-in PyTorch's layouts. lora_jax trains such leaves as a ``LeafDelta`` whose
+in PyTorch's layouts. With ``bias="all"`` / ``"lora_only"`` PEFT also saves
+the biases it trained (``<module>.bias``, ``<module>.base_layer.bias`` for a
+LoRA-targeted module); they are ``LeafDelta`` the same way. lora_jax trains such leaves as a ``LeafDelta`` whose
 ``diff`` is added to the base, so export writes ``W + diff`` and import
 needs the (concrete) base params to recover ``diff``.
 
@@ -79,12 +81,16 @@ def to_torch(path: str, value: np.ndarray) -> np.ndarray:
 
 
 def export_saved(leaf_deltas: Sequence[tuple[str, LeafDelta]], params: Any, nm: NameMap,
-                 lora_modules: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """``({module.param: W + diff in PyTorch's layout}, sorted module names)`` of the LeafDeltas.
+                 lora_modules: Mapping[str, Any]
+                 ) -> tuple[dict[str, np.ndarray], list[str], bool]:
+    """``({tensor name: W + diff in PyTorch's layout}, sorted modules_to_save, any LoRA
+    biases?)`` of the LeafDeltas.
 
-    Raises :class:`LoraStructureError` without concrete ``params``, for a
-    leaf with no plain PyTorch twin, or a module that is also a LoRA target
-    (PEFT's ``modules_to_save`` replaces the whole module).
+    The bias of a LoRA-targeted module is PEFT's ``bias="lora_only"``
+    (``<module>.base_layer.bias``); other leaves are ``modules_to_save``
+    (``<module>.<param>``). Raises :class:`LoraStructureError` without
+    concrete ``params``, for a leaf with no plain PyTorch twin, or a LoRA
+    target's weight (PEFT's ``modules_to_save`` replaces a whole module).
     """
     where = "export_peft"
     if params is None:
@@ -95,6 +101,7 @@ def export_saved(leaf_deltas: Sequence[tuple[str, LeafDelta]], params: Any, nm: 
     base = dict(leaves_with_paths(params)[0])
     tensors: dict[str, np.ndarray] = {}
     modules: set[str] = set()
+    lora_biases = False
     for path, d in leaf_deltas:
         w = base.get(path)
         if w is None or isinstance(w, jax.ShapeDtypeStruct) or tuple(np.shape(w)) != d.kernel_shape:
@@ -103,15 +110,19 @@ def export_saved(leaf_deltas: Sequence[tuple[str, LeafDelta]], params: Any, nm: 
                 f"has {'no concrete array' if w is None or isinstance(w, jax.ShapeDtypeStruct) else np.shape(w)} there")
         module, param = leaf_module(nm, path)
         module = _check_plain(where, path, module, d.kernel_shape)
-        if module in lora_modules:
-            raise LoraStructureError(
-                f"{where}: leaf {path!r} is a LeafDelta but its module {module!r} is also a LoRA "
-                "target; PEFT's modules_to_save replaces a whole module, so a module is one or "
-                "the other")
         value = to_numpy(jnp.asarray(w) + jnp.asarray(d.diff, jnp.asarray(w).dtype))
+        if module in lora_modules:
+            if param != "bias":
+                raise LoraStructureError(
+                    f"{where}: leaf {path!r} is a LeafDelta but its module {module!r} is also a "
+                    "LoRA target; PEFT's modules_to_save replaces a whole module, so a module's "
+                    "weight is one or the other (only its bias can be both)")
+            tensors[f"{module}.base_layer.bias"] = value
+            lora_biases = True
+            continue
         tensors[f"{module}.{param}"] = to_torch(path, value)
         modules.add(module)
-    return tensors, sorted(modules)
+    return tensors, sorted(modules), lora_biases
 
 
 def split_saved_key(name: str, saved: Sequence[str]) -> tuple[str, str] | None:
@@ -146,7 +157,7 @@ def import_saved(weights: Path, full: Mapping[str, tuple[str, np.ndarray]], para
     first = next(iter(full.values()))[0]
     if params is None:
         raise LoraFileError(
-            f"{weights}: tensor {first!r} is a module trained in full (modules_to_save); "
+            f"{weights}: tensor {first!r} is trained in full (modules_to_save or bias); "
             "importing it as a LeafDelta needs the base params (params=)")
     by_name: dict[str, tuple[str, str, Any]] = {}
     for path, leaf in leaves_with_paths(params)[0]:
@@ -157,12 +168,12 @@ def import_saved(weights: Path, full: Mapping[str, tuple[str, np.ndarray]], para
     for name, (key, array) in full.items():
         if name not in by_name:
             raise LoraFileError(
-                f"{weights}: tensor {key!r} (modules_to_save) matches no leaf of the params under "
+                f"{weights}: tensor {key!r} (trained in full) matches no leaf of the params under "
                 "the name map; give name_map= rules for the module's kernel")
         path, module, leaf = by_name[name]
         if isinstance(leaf, jax.ShapeDtypeStruct):
             raise LoraFileError(
-                f"{weights}: tensor {key!r} (modules_to_save) holds the full value of leaf "
+                f"{weights}: tensor {key!r} (trained in full) holds the full value of leaf "
                 f"{path!r}; its LeafDelta (value - base) needs concrete base params, not shapes")
         _check_plain(str(weights), path, module, np.shape(leaf), LoraFileError)
         value = to_torch(path, array)  # the transpose is its own inverse
