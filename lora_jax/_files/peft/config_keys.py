@@ -154,8 +154,8 @@ def base_rewriting_init(value: Any) -> bool:
     """Whether an ``init_lora_weights`` value's initialiser rewrites the base weights.
 
     Example:
-      >>> base_rewriting_init("pissa_niter_4"), base_rewriting_init(True), base_rewriting_init("eva")
-      (True, False, False)
+      >>> [base_rewriting_init(v) for v in ("pissa_niter_4", True, "eva")]
+      [True, False, False]
     """
     return isinstance(value, str) and _BASE_REWRITING.fullmatch(value) is not None
 

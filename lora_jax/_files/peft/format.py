@@ -258,8 +258,9 @@ def export_peft(
     trained in full (:class:`~lora_jax.LeafDelta`) are written as PEFT's
     ``modules_to_save`` (``<module>.weight`` / ``.bias`` holding ``W + diff``,
     so ``params`` is needed); the bias of a LoRA-targeted module as PEFT's
-    ``bias="lora_only"`` (``<module>.base_layer.bias``). Only config keys PEFT's ``LoraConfig`` knows
-    are written. Files are written atomically (config last).
+    ``bias="lora_only"`` (``<module>.base_layer.bias``). Only config keys
+    PEFT's ``LoraConfig`` knows are written. Files are written atomically
+    (config last).
 
     Args:
       path: output directory (created if missing).

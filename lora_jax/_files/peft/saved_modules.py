@@ -3,12 +3,13 @@
 A PEFT adapter can train whole modules besides the LoRA factors (a
 classifier head, a norm): the config lists them in ``modules_to_save`` and
 ``save_pretrained`` writes their full parameters as
-``base_model.model.<module>.<param>`` (older PEFT: ``<module>.modules_to_save.<param>``),
-in PyTorch's layouts. With ``bias="all"`` / ``"lora_only"`` PEFT also saves
-the biases it trained (``<module>.bias``, ``<module>.base_layer.bias`` for a
-LoRA-targeted module); they are ``LeafDelta`` the same way. lora_jax trains such leaves as a ``LeafDelta`` whose
-``diff`` is added to the base, so export writes ``W + diff`` and import
-needs the (concrete) base params to recover ``diff``.
+``base_model.model.<module>.<param>`` (older PEFT:
+``<module>.modules_to_save.<param>``), in PyTorch's layouts. With
+``bias="all"`` / ``"lora_only"`` PEFT also saves the biases it trained
+(``<module>.bias``; ``<module>.base_layer.bias`` for a LoRA-targeted
+module). lora_jax trains such leaves as a ``LeafDelta`` whose ``diff`` is
+added to the base, so export writes ``W + diff`` and import needs the
+(concrete) base params to recover ``diff``.
 
 A Flax leaf is the parameter ``param`` of a PyTorch module (:func:`leaf_module`):
 
@@ -104,10 +105,12 @@ def export_saved(leaf_deltas: Sequence[tuple[str, LeafDelta]], params: Any, nm: 
     lora_biases = False
     for path, d in leaf_deltas:
         w = base.get(path)
-        if w is None or isinstance(w, jax.ShapeDtypeStruct) or tuple(np.shape(w)) != d.kernel_shape:
+        missing = w is None or isinstance(w, jax.ShapeDtypeStruct)
+        if missing or tuple(np.shape(w)) != d.kernel_shape:
+            have = "no concrete array" if missing else f"shape {np.shape(w)}"
             raise LoraStructureError(
                 f"{where}: leaf {path!r} is a LeafDelta of shape {d.kernel_shape}, but params= "
-                f"has {'no concrete array' if w is None or isinstance(w, jax.ShapeDtypeStruct) else np.shape(w)} there")
+                f"has {have} there")
         module, param = leaf_module(nm, path)
         module = _check_plain(where, path, module, d.kernel_shape)
         value = to_numpy(jnp.asarray(w) + jnp.asarray(d.diff, jnp.asarray(w).dtype))
