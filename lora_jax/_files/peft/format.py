@@ -160,7 +160,8 @@ def _most_common(values: list) -> Any:
 
 def _target_modules(modules: Sequence[str], others: Sequence[str]) -> list[str]:
     """PEFT's ``target_modules`` as a PEFT user writes it: each module's last name
-    (``q_proj``) where that selects exactly the adapted modules, else the full name.
+    (``q_proj``) where that selects exactly the adapted modules, else the full name (also
+    for a bare index such as ``layers.0``, which would select any ``Sequential``'s child 0).
 
     PEFT selects a module ``n`` by a list entry ``k`` when ``n == k`` or
     ``n.endswith("." + k)``; ``others`` are the module names of the model's
@@ -169,8 +170,8 @@ def _target_modules(modules: Sequence[str], others: Sequence[str]) -> list[str]:
     Example:
       >>> _target_modules(["layers.0.q", "layers.1.q", "head"], ["layers.0.k"])
       ['head', 'q']
-      >>> _target_modules(["layers.0.q"], ["layers.1.q"])
-      ['layers.0.q']
+      >>> _target_modules(["layers.0.q"], ["layers.1.q"]), _target_modules(["seq.0"], [])
+      (['layers.0.q'], ['seq.0'])
     """
     adapted = set(modules)
 
@@ -180,7 +181,7 @@ def _target_modules(modules: Sequence[str], others: Sequence[str]) -> list[str]:
     out = set()
     for name in modules:
         short = name.rsplit(".", 1)[-1]
-        if not any(selects(short, o) for o in others if o not in adapted):
+        if not short.isdigit() and not any(selects(short, o) for o in others if o not in adapted):
             out.add(short)
         else:
             out.add(name)
