@@ -313,7 +313,9 @@ def main(argv=None) -> None:
     adapter = out_dir / "adapter"
     peft_cfg = lj.export_peft(adapter, delta, name_map=gm.HF_NAMES,
                               base_model_name_or_path="google/gemma-3-270m")
-    print(f"PEFT adapter: {adapter} ({len(peft_cfg['target_modules'])} modules, "
+    n_adapted = sum(map(lj.advanced.is_factors, jax.tree.leaves(delta, is_leaf=lj.advanced.is_delta_leaf)))
+    print(f"PEFT adapter: {adapter} ({n_adapted} adapted kernels, target_modules "
+          f"{peft_cfg['target_modules']}, "
           f"r={peft_cfg['r']}, lora_alpha={peft_cfg['lora_alpha']})")
     import matplotlib
 
