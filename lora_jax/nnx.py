@@ -30,7 +30,7 @@ name                   what it is
 ``split``              ``(graphdef, base, delta)``: the functional view
 ``merge``              a plain module (the original class), dense kernels
 ``from_qwix``          a lora_jax delta from qwix's ``<name>_lora_a/b``
-``to_qwix``            qwix's ``{path: array}`` LoRA state from a delta
+``to_qwix``            qwix's LoRA state from a delta (fills a qwix model's)
 =====================  ====================================================
 
 Only a call of the ``LoraModel`` itself (``model(...)`` or
@@ -57,8 +57,6 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lora_jax import (
@@ -73,6 +71,7 @@ from lora_jax import (
     init_lora,
 )
 from lora_jax import merge as merge_delta
+from lora_jax._files.qwix import from_qwix, to_qwix
 from lora_jax.advanced import LayerSelection, align, is_quantized, is_stacked, path_str
 
 __all__ = ["LoraModel", "from_delta", "from_qwix", "lora", "merge", "split", "to_qwix"]
@@ -333,149 +332,6 @@ def merge(lora_model: LoraModel) -> nnx.Module:
     """
     graphdef, base, delta = split(lora_model)
     return nnx.merge(graphdef, merge_delta(base, delta))
-
-
-# --- qwix interop ------------------------------------------------------------------------------
-
-
-def from_qwix(lora_state: Any, base: Any, *, alpha: float, layouts: Mapping[str, KernelLayout]
-              | None = None) -> Any:
-    """A lora_jax delta aligned with ``base`` from a qwix LoRA state, exactly.
-
-    qwix (and tunix and MaxText, which adapt models with it) store a kernel
-    ``<name>``'s factors beside it as ``<name>_lora_a`` and ``<name>_lora_b``
-    with scale ``alpha / rank``: for a ``dot_general`` kernel ``A`` is
-    ``(*batch, prod(contracted), r)`` and ``B`` ``(*batch, r, prod(rest))``
-    (axes in the kernel's order), for an ``einsum`` kernel ``A`` is
-    ``(*axes shared with the input, r)`` and ``B`` ``(r, *other axes)``, and
-    for a conv ``A`` is ``(*window, in, r)``, ``B`` ``(r, out)``. Each is
-    reshaped to lora_jax's ``A (*stack, *fan_in, r)``, ``B (*stack, r,
-    *fan_out)`` for the kernel's layout; the values are not changed.
-
-    Args:
-      lora_state: the qwix LoRA state: ``nnx.state(model, nnx.LoRAParam)`` of
-        a qwix-adapted NNX model, a linen ``params`` dict, or a flat
-        ``{path: array}`` dict; paths end in ``<name>_lora_a`` / ``_lora_b``.
-      base: the plain model's params (e.g. ``nnx.split(model)[1]``, the
-        model without qwix): the delta is aligned with it.
-      alpha: qwix's ``LoraRule.alpha`` (the scale is ``alpha / rank``).
-      layouts: ``{path: KernelLayout}`` for kernels of more than two axes
-        (from :func:`~lora_jax.infer_layouts`); a 2-D kernel defaults to ``"io"``.
-
-    Returns:
-      the delta: :class:`~lora_jax.LoraFactors` at each adapted kernel, ``None`` elsewhere.
-
-    Raises:
-      LoraStructureError: a factor pair names no kernel of ``base``, lacks its
-        partner, or has shapes that do not fit the kernel's layout.
-
-    Example:
-      >>> import jax.numpy as jnp, lora_jax as lj
-      >>> from lora_jax import nnx as lora_nnx
-      >>> base = {"q": {"w": jnp.ones((8, 2, 4))}}                   # einsum 'btd,dnh->btnh'
-      >>> qwix = {"q/w_lora_a": jnp.ones((8, 3)), "q/w_lora_b": jnp.ones((3, 2, 4))}
-      >>> d = lora_nnx.from_qwix(qwix, base, alpha=6.0, layouts={"q/w": lj.KernelLayout("ioo")})
-      >>> d["q"]["w"].a.shape, d["q"]["w"].b.shape, d["q"]["w"].scale
-      ((8, 3), (3, 2, 4), 2.0)
-    """
-    pairs = _qwix_pairs(lora_state)
-    rows = _rows(base)
-    by_path = {path: (keys, leaf) for keys, path, leaf in rows}
-    entries = {}
-    for kernel_path, (a, b) in pairs.items():
-        if kernel_path not in by_path:
-            raise LoraStructureError(
-                f"qwix factors {kernel_path}{SUFFIX_A}/{SUFFIX_B} name no leaf {kernel_path!r} of "
-                f"the base (its leaves include {sorted(by_path)[:6]})")
-        shape = tuple(np.shape(by_path[kernel_path][1]))
-        layout = _layout_for(kernel_path, shape, layouts)
-        a_shape, b_shape = layout.factor_shapes(shape, int(np.shape(a)[-1]))
-        if int(np.size(a)) != int(np.prod(a_shape)) or int(np.size(b)) != int(np.prod(b_shape)):
-            raise LoraStructureError(
-                f"leaf {kernel_path!r}: qwix factors {np.shape(a)}, {np.shape(b)} do not fit kernel "
-                f"{shape} with layout {layout.axes!r} (expected A {a_shape}, B {b_shape} up to "
-                "reshaping)")
-        entries[kernel_path] = LoraFactors(jnp.reshape(a, a_shape), jnp.reshape(b, b_shape),
-                                           alpha=float(alpha), layout=layout)
-    leaves = [entries.get(path) for _, path, _ in rows]
-    return jax.tree_util.tree_unflatten(_treedef(base), leaves)
-
-
-def to_qwix(delta: Any, base: Any, *, qwix_shapes: Mapping[str, tuple[tuple[int, ...],
-            tuple[int, ...]]] | None = None) -> dict[str, jax.Array]:
-    """qwix's LoRA state ``{"<path>_lora_a": A, "<path>_lora_b": B}`` from a delta, exactly.
-
-    The inverse of :func:`from_qwix`: each :class:`~lora_jax.LoraFactors`
-    becomes qwix's pair, reshaped to the shapes qwix gives that kernel
-    (``qwix_shapes[path] = (a_shape, b_shape)``, e.g. read off
-    ``nnx.state(qwix_model, nnx.LoRAParam)``); without them, lora_jax's shapes
-    (which are qwix's for ``einsum`` kernels and 2-D kernels). Write the
-    values into a qwix model with ``nnx.update`` on its LoRA state.
-
-    Raises:
-      LoraStructureError: an entry is not plain LoRA at scale ``alpha / r``
-        (rsLoRA, DoRA, a layer selection, a leaf trained in full), or its
-        factors do not fit the shapes given.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, lora_jax as lj
-      >>> from lora_jax import nnx as lora_nnx
-      >>> base = {"fc": {"kernel": jnp.ones((4, 3))}}
-      >>> _, delta = lj.init_lora(jax.random.key(0), base, lj.LoraConfig(targets=".*kernel", rank=2))
-      >>> sorted((k, v.shape) for k, v in lora_nnx.to_qwix(delta, base).items())
-      [('fc/kernel_lora_a', (4, 2)), ('fc/kernel_lora_b', (2, 3))]
-    """
-    out = {}
-    for _, path, entry in _rows(base, delta):
-        if entry is None:
-            continue
-        if (not isinstance(entry, LoraFactors) or entry.rslora or entry.magnitude is not None
-                or entry.layers is not None):
-            raise LoraStructureError(
-                f"leaf {path!r}: qwix holds plain LoRA factors at scale alpha / rank only, not "
-                f"{type(entry).__name__} with rslora/DoRA/layer selection")
-        a, b = entry.a, entry.b
-        if qwix_shapes is not None and path in qwix_shapes:
-            a_shape, b_shape = (tuple(s) for s in qwix_shapes[path])
-            if int(np.prod(a_shape)) != np.size(a) or int(np.prod(b_shape)) != np.size(b):
-                raise LoraStructureError(
-                    f"leaf {path!r}: factors {np.shape(a)}, {np.shape(b)} do not fit qwix's "
-                    f"{a_shape}, {b_shape}")
-            a, b = jnp.reshape(a, a_shape), jnp.reshape(b, b_shape)
-        out[f"{path}{SUFFIX_A}"], out[f"{path}{SUFFIX_B}"] = a, b
-    return out
-
-
-def _qwix_pairs(lora_state: Any) -> dict[str, tuple[Any, Any]]:
-    """``{kernel path: (A, B)}`` from any tree whose leaf paths end in ``_lora_a`` / ``_lora_b``."""
-    found: dict[str, dict[str, Any]] = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(lora_state)[0]:
-        path = path_str(kp)
-        for suffix in (SUFFIX_A, SUFFIX_B):
-            if path.endswith(suffix):
-                found.setdefault(path[: -len(suffix)], {})[suffix] = leaf
-                break
-        else:
-            raise LoraStructureError(
-                f"leaf {path!r} of the qwix LoRA state is neither <name>{SUFFIX_A} nor "
-                f"<name>{SUFFIX_B}")
-    for kernel, pair in found.items():
-        if len(pair) != 2:
-            missing = SUFFIX_B if SUFFIX_A in pair else SUFFIX_A
-            raise LoraStructureError(f"qwix LoRA state has {kernel}{next(iter(pair))} but no "
-                                     f"{kernel}{missing}")
-    return {kernel: (pair[SUFFIX_A], pair[SUFFIX_B]) for kernel, pair in found.items()}
-
-
-def _layout_for(path: str, shape: tuple[int, ...],
-                layouts: Mapping[str, KernelLayout] | None) -> KernelLayout:
-    if layouts is not None and path in layouts:
-        return layouts[path]
-    if len(shape) == 2:
-        return KernelLayout("io")
-    raise LoraStructureError(
-        f"leaf {path!r}: kernel {shape} has more than two axes; give its layout "
-        "(layouts={path: KernelLayout(...)}, e.g. from lj.infer_layouts)")
 
 
 # --- trees ----------------------------------------------------------------------------------
