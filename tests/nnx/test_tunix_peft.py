@@ -61,7 +61,7 @@ def _state_arrays(module, what) -> dict[str, np.ndarray]:
     return {p: np.array(x) for p, x in lj.advanced.leaves_with_paths(nnx.state(module, what))[0]}
 
 
-def test_peft_trainer_trains_a_lora_nnx_model_as_the_functional_api_does(tiny_qwen3):
+def test_peft_trainer_trains_a_lora_nnx_model_as_the_functional_api_does(tiny_qwen3, tmp_path):
     peft_trainer = pytest.importorskip("tunix.sft.peft_trainer")
     model = tiny_qwen3()
     batches = _batches()
@@ -87,7 +87,8 @@ def test_peft_trainer_trains_a_lora_nnx_model_as_the_functional_api_does(tiny_qw
     trainer = peft_trainer.PeftTrainer(
         lm, optax.adamw(LR),
         peft_trainer.TrainingConfig(eval_every_n_steps=1000, max_steps=STEPS,
-                                    pbar_description=None))
+                                    pbar_description=None,
+                                    checkpoint_root_directory=str(tmp_path / "ckpt")))
     trainer = trainer.with_gen_model_input_fn(_model_inputs)
     trainer.train([batches[i % 2] for i in range(STEPS)])
     assert trainer.train_steps == STEPS
@@ -141,3 +142,16 @@ def test_peft_trainer_trains_a_lora_nnx_model_as_the_functional_api_does(tiny_qw
     print(f"PeftTrainer vs functional: max |diff| {worst:.2e}, max movement {moved:.2e}, "
           f"loss {loss_before:.4f} -> {loss_after:.4f}")
     assert moved > 1e-2 and worst < 1e-3 * moved, (worst, moved)
+
+    # tunix's checkpoints (save_only_lora_params) restore into a fresh LoraModel.
+    fresh = lora_nnx.lora(model, config, jax.random.key(1), example["input_tokens"],
+                          example["positions"], None, example["attention_mask"])
+    resumed = peft_trainer.PeftTrainer(
+        fresh, optax.adamw(LR),
+        peft_trainer.TrainingConfig(eval_every_n_steps=1000, max_steps=STEPS,
+                                    pbar_description=None,
+                                    checkpoint_root_directory=str(tmp_path / "ckpt")))
+    assert resumed.train_steps == STEPS
+    restored = _state_arrays(fresh, nnx.LoRAParam)
+    for path, x in lora_after.items():
+        np.testing.assert_array_equal(restored[path], x, err_msg=path)
