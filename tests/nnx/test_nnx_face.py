@@ -305,3 +305,28 @@ def test_bad_deltas_are_refused_with_the_leaf_named(randomize):
     model.fc.kernel_lora_a = "taken"
     with pytest.raises(lj.LoraStructureError, match="fc/kernel.*kernel_lora_a"):
         lora_nnx.from_delta(model, delta)
+
+
+def test_split_feeds_stacks_and_qlora(randomize):
+    """The functional view serves adapter stacks, and a LoraModel can hold a quantized base."""
+    lm1 = _lora_model(randomize)
+    lm1.eval()
+    graphdef, base, d1 = lora_nnx.split(lm1)
+    d2 = _random_factors(d1, seed=9)
+    lm2 = lora_nnx.from_delta(nnx.merge(graphdef, base), d2)
+    lm2.eval()
+    f = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    mixed = lj.implicit(f)(base, lj.stack_adapters([d1, d2]), TOKENS,
+                           adapter_ids=jnp.asarray([1, 0, -1, 1]))
+    plain = nnx.merge(graphdef, base)
+    plain.eval()
+    for row, want in enumerate([lm2(TOKENS), lm1(TOKENS), plain(TOKENS), lm2(TOKENS)]):
+        np.testing.assert_allclose(mixed[row], want[row], rtol=1e-5, atol=1e-5)
+
+    qbase = lj.quantize(base, r"(heads|out|fc)/kernel", scheme="int8",
+                        layouts={"heads/kernel": "ioo", "out/kernel": "iio"})
+    want = lj.implicit(f)(lj.dequantize(qbase), d1, TOKENS)
+    assert float(jnp.abs(want - lm1(TOKENS)).max()) > 1e-4  # quantization moved the output
+    qlm = lora_nnx.from_delta(nnx.merge(graphdef, qbase), d1)
+    np.testing.assert_allclose(qlm(TOKENS), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lj.implicit(f)(qbase, d1, TOKENS), want, rtol=1e-5, atol=1e-5)
