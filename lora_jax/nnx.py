@@ -149,6 +149,11 @@ class LoraModel(nnx.Module):
       adapted: one :class:`Adapted` record per adapted leaf (static).
       strict: raise :class:`~lora_jax.LoraImplicitError` rather than form
         ``W + s A B`` for a kernel use with no low-rank rule (static).
+      dropout: LoRA dropout rate ``p`` (the low-rank branch sees ``dropout(x)``,
+        as :func:`~lora_jax.implicit`'s ``dropout``), active unless
+        ``deterministic`` (``lora_model.eval()`` sets it, ``.train()`` clears it).
+      rngs: the ``nnx.Rngs`` whose ``dropout`` stream draws each call's mask key
+        (needed when ``dropout > 0``).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -160,10 +165,18 @@ class LoraModel(nnx.Module):
       ((2, 3), (2, 3))
     """
 
-    def __init__(self, model: nnx.Module, adapted: tuple[Adapted, ...], strict: bool = True):
+    def __init__(self, model: nnx.Module, adapted: tuple[Adapted, ...], strict: bool = True,
+                 dropout: float = 0.0, rngs: nnx.Rngs | None = None):
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise LoraArgumentError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+        if dropout and rngs is None:
+            raise LoraArgumentError("LoRA dropout needs rngs=nnx.Rngs(dropout=...) to draw its masks")
         self.model = model
         self.adapted = tuple(adapted)
         self.strict = bool(strict)
+        self.dropout = float(dropout)
+        self.deterministic = False
+        self.rngs = rngs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``model(*args, **kwargs)`` with the adapter, computed implicitly."""
@@ -183,7 +196,9 @@ class LoraModel(nnx.Module):
             out = fn(module, *args, **kwargs)
             return out, nnx.state(module, nnx.Not(nnx.Param))
 
-        out, updates = implicit(run, strict=self.strict)(state, delta, lora_state, *args, **kwargs)
+        key = self.rngs.dropout() if self.dropout and not self.deterministic else None
+        out, updates = implicit(run, strict=self.strict, dropout=self.dropout)(
+            state, delta, lora_state, *args, lora_dropout_key=key, **kwargs)
         nnx.update(self.model, updates)
         return out
 
@@ -194,7 +209,7 @@ def _call_module(module: Any, *args: Any, **kwargs: Any) -> Any:
 
 def lora(model: nnx.Module, config: LoraConfig, key: jax.Array, *example_args: Any,
          layouts: Mapping[str, KernelLayout] | None = None, strict: bool = True,
-         **example_kwargs: Any) -> LoraModel:
+         dropout: float = 0.0, rngs: nnx.Rngs | None = None, **example_kwargs: Any) -> LoraModel:
     """A :class:`LoraModel` of ``model`` with fresh factors at the kernels ``config`` targets.
 
     Paths are those of ``nnx.split(model)[1]``: attribute names joined by
@@ -212,7 +227,7 @@ def lora(model: nnx.Module, config: LoraConfig, key: jax.Array, *example_args: A
       key: a PRNG key (as :func:`~lora_jax.init_lora`).
       *example_args, **example_kwargs: optional example inputs of ``model``.
       layouts: optional ``{path: KernelLayout}``.
-      strict: see :class:`LoraModel`.
+      strict, dropout, rngs: see :class:`LoraModel`.
 
     Returns:
       the :class:`LoraModel`.
@@ -232,10 +247,11 @@ def lora(model: nnx.Module, config: LoraConfig, key: jax.Array, *example_args: A
         layouts = infer_layouts(lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k),
                                 _fresh(state), *example_args, **example_kwargs)
     base, delta = init_lora(key, _fresh(state), config, layouts=layouts)
-    return from_delta(nnx.merge(graphdef, base), delta, strict=strict)
+    return from_delta(nnx.merge(graphdef, base), delta, strict=strict, dropout=dropout, rngs=rngs)
 
 
-def from_delta(model: nnx.Module, delta: Any, *, strict: bool = True) -> LoraModel:
+def from_delta(model: nnx.Module, delta: Any, *, strict: bool = True, dropout: float = 0.0,
+               rngs: nnx.Rngs | None = None) -> LoraModel:
     """A :class:`LoraModel` of ``model`` holding ``delta``'s factors as ``nnx.LoRAParam``.
 
     ``delta`` is aligned with ``nnx.split(model)[1]`` (as :func:`split`
@@ -281,7 +297,7 @@ def from_delta(model: nnx.Module, delta: Any, *, strict: bool = True) -> LoraMod
                     "module adapted already, e.g. by qwix? convert it with lora_nnx.from_qwix)")
             _set(owner, name, nnx.LoRAParam(value))
         adapted.append(record)
-    return LoraModel(inner, tuple(adapted), strict=strict)
+    return LoraModel(inner, tuple(adapted), strict=strict, dropout=dropout, rngs=rngs)
 
 
 def split(lora_model: LoraModel) -> tuple[Any, Any, Any]:

@@ -330,3 +330,25 @@ def test_split_feeds_stacks_and_qlora(randomize):
     qlm = lora_nnx.from_delta(nnx.merge(graphdef, qbase), d1)
     np.testing.assert_allclose(qlm(TOKENS), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lj.implicit(f)(qbase, d1, TOKENS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_dropout_draws_from_the_rngs_in_training_only(randomize):
+    lm = _lora_model(randomize)
+    graphdef, base, delta = lora_nnx.split(lm)
+    dm = lora_nnx.from_delta(nnx.merge(graphdef, base), delta, dropout=0.5,
+                             rngs=nnx.Rngs(dropout=3))
+    dm.eval()
+    lm.eval()
+    np.testing.assert_array_equal(dm(TOKENS), lm(TOKENS))  # eval: no dropout
+    dm.train()
+    dm.model.eval()  # the base model's own layers (BatchNorm) stay in eval mode
+    graphdef, base, _ = lora_nnx.split(dm)
+    key = nnx.Rngs(dropout=3).dropout()  # the first key dm's stream draws
+    want = lj.implicit(lambda s, x: nnx.merge(graphdef, s)(x), dropout=0.5)(
+        base, delta, TOKENS, lora_dropout_key=key)
+    got = dm(TOKENS)
+    assert float(jnp.abs(got - lm(TOKENS)).max()) > 1e-3  # the mask changed the output
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(dm(TOKENS), got)  # the next call draws a new mask
+    with pytest.raises(lj.LoraArgumentError, match="rngs"):
+        lora_nnx.from_delta(nnx.merge(graphdef, base), delta, dropout=0.1)
