@@ -56,11 +56,11 @@ $(DOCS_VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/python examples/finetune_lm.py
+	$(VENV)/bin/python -m examples.finetune_lm
 
 # Gemma 3 270M (examples/gemma3): LoRA fine-tune, base vs fine-tuned answers, PEFT adapter.
 gemma: $(VENV)/.installed
-	$(VENV)/bin/python examples/gemma3_finetune.py
+	$(VENV)/bin/python -m examples.gemma3.finetune
 
 # In the newest and torch environments a skipped test fails (tests/conftest.py); the oldest
 # may skip and lists what it skipped.

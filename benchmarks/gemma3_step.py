@@ -1,6 +1,6 @@
 """Train-step speed on a real pretrained model: Gemma 3 270M (examples/gemma3), float32, CPU.
 
-    .venv/bin/python benchmarks/gemma3_step.py [--seqs 64,128] [--rounds 10] [--memory] [--json out.json]
+    python -m benchmarks.gemma3_step [--seqs 64,128] [--rounds 10] [--memory] [--json out.json]
 
 Batch 1, sequence T, next-token cross-entropy on the last 32 positions only
 (the 262k-vocab output head runs on those 32 rows), one jit-compiled
@@ -31,27 +31,23 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import lora_jax as lj
+from benchmarks.report import dump_json
+from benchmarks.rss import current_rss_mb, maxrss_mb, reset_peak_rss
+from examples.common import generation as gg
+from examples.common.lm import cross_entropy
+from examples.gemma3 import gguf_loader as gl
+from examples.gemma3 import model as gm
 
-import lora_jax as lj  # noqa: E402
-from examples import generation as gg  # noqa: E402
-from examples.gemma3 import gguf_loader as gl  # noqa: E402
-from examples.gemma3 import model as gm  # noqa: E402
-from benchmarks.rss import current_rss_mb, maxrss_mb, reset_peak_rss  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # `-m benchmarks.gemma3_step` runs here
 
 CONFIGS = ("floor", "lora_jax", "merge", "full")
 LOSS_POSITIONS = 32
-
-
-def ce_last(logits, targets):
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
 
 class Setup:
@@ -74,7 +70,7 @@ def build(name: str, s: Setup):
 
         def step(params, opt_state, x, y):
             loss, g = jax.value_and_grad(
-                lambda p: ce_last(model.apply(p, x, last_k=LOSS_POSITIONS)[0], y))(params)
+                lambda p: cross_entropy(model.apply(p, x, last_k=LOSS_POSITIONS)[0], y))(params)
             updates, opt_state = opt.update(g, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
@@ -83,7 +79,7 @@ def build(name: str, s: Setup):
         h0 = jnp.take(s.params["params"]["embed_tokens"]["embedding"], s.x, axis=0)
 
         def step(h, params, x, y):
-            loss, g = jax.value_and_grad(lambda h: ce_last(
+            loss, g = jax.value_and_grad(lambda h: cross_entropy(
                 model.apply(params, x, input_embeds=h, last_k=LOSS_POSITIONS)[0], y))(h)
             return h - 1e-3 * g, loss
 
@@ -99,7 +95,7 @@ def build(name: str, s: Setup):
 
     def step(delta, opt_state, base, x, y):
         loss, g = jax.value_and_grad(
-            lambda d: ce_last(apply(base, d, x, last_k=LOSS_POSITIONS)[0], y))(delta)
+            lambda d: cross_entropy(apply(base, d, x, last_k=LOSS_POSITIONS)[0], y))(delta)
         updates, opt_state = opt.update(g, opt_state, delta)
         return optax.apply_updates(delta, updates), opt_state, loss
 
@@ -149,8 +145,9 @@ def child(name: str, seq: int, steps: int) -> None:
 def measure_memory(seq: int, steps: int = 3) -> dict:
     out = {}
     for name in CONFIGS:
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--seqs", str(seq),
-                               "--steps", str(steps)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gemma3_step", "--child", name,
+                               "--seqs", str(seq), "--steps", str(steps)],
+                              capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not lines:
             print(f"  memory child {name} failed:\n{proc.stderr[-2000:]}")
@@ -246,8 +243,7 @@ def main(argv=None) -> None:
     report["decode_tokens_per_s"] = dec
     report["process_peak_rss_mb"] = maxrss_mb()
     if args.json:
-        text = json.dumps(report, indent=1)
-        lj.advanced.atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
+        dump_json(args.json, report)
 
 
 if __name__ == "__main__":

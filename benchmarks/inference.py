@@ -1,6 +1,6 @@
 """Forward-only (inference) speed: base, merged and unmerged implicit LoRA.
 
-    .venv/bin/python benchmarks/inference.py --json inference.json
+    python -m benchmarks.inference --json inference.json   # from the repository root
 
 Configurations (the reference workload's forward pass on one batch):
 
@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import lora_jax  # noqa: E402
-import workload as W  # noqa: E402
+import lora_jax
+from benchmarks import harness, report
+from benchmarks import workload as W
 
 CONFIGS = ("base", "merged", "implicit")
 
@@ -43,7 +41,7 @@ class Fwd:
         self.lowered = jitted.lower(*args)
         self.compiled = self.lowered.compile()
         self.compile_s = time.perf_counter() - t0
-        self.gflop = W.gflop(self.compiled)
+        self.gflop = harness.gflop(self.compiled)
         self.note = ""
 
     def step(self):
@@ -62,7 +60,7 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny dims (for tests)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
-    names, wl, run_meta = W.start(ap, args, CONFIGS, "forwards")
+    names, wl, run_meta = harness.start(ap, args, CONFIGS, "forwards")
     if "base" not in names:
         names.insert(0, "base")
     base, x = wl.variables, wl.inputs
@@ -95,15 +93,15 @@ def main(argv=None):
     for name, r in runs.items():
         print(f"compiled {name}: {r.compile_s:.1f} s, {r.gflop:.4g} GFLOP")
 
-    samples = W.time_interleaved({n: r.step for n, r in runs.items()},
+    samples = harness.time_interleaved({n: r.step for n, r in runs.items()},
                                  args.rounds, args.steps, args.warmup)
     results = {}
     base_ms = float(np.median(samples["base"]))
     ref = runs["merged"].out if "merged" in runs else None
     base_out = runs["base"].out
     for name, r in runs.items():
-        res = {**W.summary_stats(samples[name]), "compile_s": r.compile_s, "gflop": r.gflop}
-        res["x_base"] = W.ratio(res["ms"], base_ms)
+        res = {**harness.summary_stats(samples[name]), "compile_s": r.compile_s, "gflop": r.gflop}
+        res["x_base"] = report.ratio(res["ms"], base_ms)
         if name == "merged":
             res["same_program"] = r.same_program
             res["max_abs_diff_vs_base"] = float(jnp.max(jnp.abs(r.out - base_out)))
@@ -126,10 +124,10 @@ def main(argv=None):
         rows.append([name, f(res["ms"], ".2f"), f(res["x_base"], ".2f"), f(res["compile_s"], ".1f"),
                      f(res["gflop"], ".4g"), check + (f" ({res['note']})" if "note" in res else "")])
     print()
-    print(W.fmt_table(header, rows, left=(0, 5)))
-    W.print_skipped(skipped)
+    print(report.fmt_table(header, rows, left=(0, 5)))
+    report.print_skipped(skipped)
     if args.json:
-        W.write_json(args.json, results, skipped, run_meta)
+        report.write_json(args.json, results, skipped, run_meta)
     return results
 
 

@@ -1,6 +1,6 @@
 """Serving many adapters over one base: throughput of mixed-adapter batches.
 
-    .venv/bin/python benchmarks/serving.py --json serving.json
+    python -m benchmarks.serving --json serving.json   # from the repository root
 
 The reference workload's model (``workload.py``) at batch 16 (sequence 128),
 16 adapters of rank 8 (random B, so each differs from the base), all timed
@@ -21,8 +21,8 @@ ids) and ``ragged`` (``lax.ragged_dot`` over the tokens sorted by adapter).
 
 ``compilations_on_swap`` counts XLA compilations of the serving function
 after a new adapter (another rank and alpha) is loaded into a slot.
-``decode``: decode tokens/s with a KV cache (``examples/generation.py``'s
-jitted prefill + decode loop) on the demo LM (``examples/demo_lm.py``, random
+``decode``: decode tokens/s with a KV cache (``examples/common/generation.py``'s
+jitted prefill + decode loop) on the demo LM (``examples/common/pretrained.py``, random
 weights; the reference workload has no cache), 16 prompts: ``merged`` (one
 adapter), ``unmerged`` (one adapter, implicit), ``mixed16`` (16 adapters, one
 batch) and ``loop16`` (each adapter's prompt decoded separately).
@@ -31,19 +31,16 @@ batch) and ``loop16`` (each adapter's prompt decoded separately).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-
-import lora_jax  # noqa: E402
-import workload as W  # noqa: E402
-from lora_jax.debug import CompileCounter  # noqa: E402
+import lora_jax
+from benchmarks import harness, report
+from benchmarks import workload as W
+from lora_jax.debug import CompileCounter
 
 CONFIGS = ("merged", "unmerged", "mixed16", "loop16")
 N_ADAPTERS = 16
@@ -107,10 +104,8 @@ def formulations(rng, n: int, batch: int, seq: int, d_in: int, d_out: int, rank:
 
 def decode_figures(args) -> dict:
     """Decode tokens/s of the demo LM with a KV cache (see the module docstring)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "examples"))
-    from demo_lm import MODEL  # noqa: PLC0415
-    from generation import Generator  # noqa: PLC0415
+    from examples.common.generation import Generator  # noqa: PLC0415
+    from examples.common.pretrained import MODEL  # noqa: PLC0415
 
     n, new_tokens, rounds = N_ADAPTERS, (4 if args.small else 32), max(1, args.rounds // 3)
     params = MODEL.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
@@ -147,7 +142,7 @@ def decode_figures(args) -> dict:
     result = {k: {"tokens_per_s": float(np.median(v))} for k, v in rates.items()}
     result["mixed16_equals_loop16_tokens"] = mixed_tokens == loop_tokens
     print()
-    print(W.fmt_table(["decode (demo LM, KV cache, 16 prompts)", "tokens/s"],
+    print(report.fmt_table(["decode (demo LM, KV cache, 16 prompts)", "tokens/s"],
                       [[k, f"{v['tokens_per_s']:.0f}"] for k, v in result.items()
                        if isinstance(v, dict)]))
     print(f"mixed16 tokens == each adapter decoded alone: {result['mixed16_equals_loop16_tokens']}")
@@ -165,7 +160,7 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny dims (for tests)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
-    names, wl, run_meta = W.start(ap, args, CONFIGS, "forwards")
+    names, wl, run_meta = harness.start(ap, args, CONFIGS, "forwards")
     d = wl.dims
     n = N_ADAPTERS
     rng = np.random.default_rng(0)
@@ -194,7 +189,7 @@ def main(argv=None):
                                       if r.size], tokens)
     forms = formulations(rng, n, BATCH, d.seq, d.d_model, d.d_mlp, d.rank)
     timed = {**runs, **{f"branch_{k}": v for k, v in forms.items()}}
-    samples = W.time_interleaved({k: r.step for k, r in timed.items()}, args.rounds, args.steps,
+    samples = harness.time_interleaved({k: r.step for k, r in timed.items()}, args.rounds, args.steps,
                                  args.warmup)
 
     # correctness: every mixed row equals its adapter merged alone
@@ -221,22 +216,22 @@ def main(argv=None):
 
     results = {}
     for name, r in runs.items():
-        st = W.summary_stats(samples[name])
+        st = harness.summary_stats(samples[name])
         results[name] = {**st, "tokens_per_s": r.tokens / (st["ms"] / 1e3)}
-    branch = {k: W.summary_stats(samples[f"branch_{k}"]) for k in forms}
+    branch = {k: harness.summary_stats(samples[f"branch_{k}"]) for k in forms}
     ratios = {
-        "mixed16_over_merged": W.ratio(results.get("mixed16", {}).get("tokens_per_s"),
+        "mixed16_over_merged": report.ratio(results.get("mixed16", {}).get("tokens_per_s"),
                                        results.get("merged", {}).get("tokens_per_s")),
-        "mixed16_over_loop16": W.ratio(results.get("mixed16", {}).get("tokens_per_s"),
+        "mixed16_over_loop16": report.ratio(results.get("mixed16", {}).get("tokens_per_s"),
                                        results.get("loop16", {}).get("tokens_per_s")),
-        "unmerged_over_merged": W.ratio(results.get("unmerged", {}).get("tokens_per_s"),
+        "unmerged_over_merged": report.ratio(results.get("unmerged", {}).get("tokens_per_s"),
                                         results.get("merged", {}).get("tokens_per_s")),
     }
     rows = [[k, f"{v['ms']:.2f}", f"{v['tokens_per_s']:.0f}"] for k, v in results.items()]
     print()
-    print(W.fmt_table(["config", "ms/forward", "tokens/s"], rows))
+    print(report.fmt_table(["config", "ms/forward", "tokens/s"], rows))
     print()
-    print(W.fmt_table(["mixed branch (one fc1 kernel)", "ms"],
+    print(report.fmt_table(["mixed branch (one fc1 kernel)", "ms"],
                       [[k, f"{v['ms']:.3f}"] for k, v in branch.items()]))
     print()
     for k, v in ratios.items():
@@ -248,7 +243,7 @@ def main(argv=None):
            "compilations_on_swap": compilations, "check": check, "meta": run_meta}
     out["decode"] = decode_figures(args)
     if args.json:
-        W.dump_json(args.json, out)
+        report.dump_json(args.json, out)
     return out
 
 

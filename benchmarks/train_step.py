@@ -5,7 +5,7 @@ one process: every configuration is compiled first, then they are timed
 interleaved (round robin), and the median ms/step is quoted as ratios to full
 fine-tuning and to the floor. See benchmarks/README.md.
 
-    .venv/bin/python benchmarks/train_step.py --json out.json [--memory]
+    python -m benchmarks.train_step --json out.json [--memory]   # from the repository root
 
 Configurations:
 
@@ -42,17 +42,17 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import lora_jax
+from benchmarks import harness, report
+from benchmarks import workload as W
+from benchmarks.rss import maxrss_mb, reset_peak_rss
 
-import lora_jax  # noqa: E402
-import workload as W  # noqa: E402
-from rss import maxrss_mb, reset_peak_rss  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `-m benchmarks.x` runs here
 CONFIGS = ("full", "floor", "merge", "lora_jax", "lora_jax_dora", "lora_jax_rslora",
            "lora_jax_nf4", "lora_jax_int8", "lora_jax_bf16", "lora_jax_nf4_bf16",
            "lora_jax_int8_bf16", "nnx_lora", "qwix")
@@ -81,8 +81,8 @@ class Runner:
         lowered = jax.jit(fn, donate_argnums=tuple(range(n))).lower(*self.state, *self.consts)
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
-        self.gflop = W.gflop(self.compiled)
-        self.xla_temp_mib = W.xla_temp_mib(self.compiled)
+        self.gflop = harness.gflop(self.compiled)
+        self.xla_temp_mib = harness.xla_temp_mib(self.compiled)
         self.loss0 = None   # the loss of the first step: the model before any update
         self.steps = 0
 
@@ -117,11 +117,11 @@ def build_full(wl, copy=True):
 
 def build_floor(wl, copy=True):
     model, v = wl.model, wl.variables
-    h0 = jax.jit(lambda v, x: model.apply(v, x, method="embed"))(v, wl.inputs)
+    h0 = jax.jit(W.input_embeddings)(v, wl.inputs)
 
     def step(h, v, y):
         def loss_fn(h):
-            return W.cross_entropy(model.apply(v, h, method="from_embeddings"), y)
+            return W.cross_entropy(model.apply(v, None, embeddings=h), y)
 
         loss, g = jax.value_and_grad(loss_fn)(h)
         return h - W.LR * g, loss   # SGD on the input embeddings: no optimizer state
@@ -155,7 +155,7 @@ def build_merge(wl, copy=True):
 
 def build_lora_jax(wl, copy=True, name="lora_jax", delta=None, base=None):
     if not hasattr(lora_jax, "implicit"):
-        raise W.Skip("lora_jax.implicit is not in this lora_jax build yet; skipped "
+        raise harness.Skip("lora_jax.implicit is not in this lora_jax build yet; skipped "
                      "(merge is NOT substituted for it)")
     # A kernel use with no low-rank rule would be materialised (W + s A B) with a
     # LoraFallbackWarning: that would make this a merge benchmark, so say so.
@@ -262,7 +262,7 @@ def build_qwix(wl, copy=True):
             warnings.simplefilter("ignore")
             import qwix
     except Exception as e:  # noqa: BLE001
-        raise W.Skip(f"qwix is not importable ({type(e).__name__}: {e}); "
+        raise harness.Skip(f"qwix is not importable ({type(e).__name__}: {e}); "
                      "pip install -e '.[bench]'") from None
     d = wl.dims
     provider = qwix.LoraProvider(module_path=W.MODULE_TARGETS, rank=d.rank, alpha=d.alpha)
@@ -330,7 +330,7 @@ def child(args) -> None:
     if args.child != "none":
         try:
             runner = BUILDERS[args.child](wl, copy=False)
-        except W.Skip as e:
+        except harness.Skip as e:
             print(json.dumps({"name": args.child, "skipped": str(e)}))
             return
         del wl
@@ -350,9 +350,9 @@ def measure_memory(names, args, log=print) -> tuple[dict, float | None]:
     """Peak RSS of each configuration in its own process; and of imports + weights alone."""
     res = {}
     for name in ["none", *names]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name,
+        cmd = [sys.executable, "-m", "benchmarks.train_step", "--child", name,
                "--memory-steps", str(args.memory_steps)] + (["--small"] if args.small else [])
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = (p.stdout.strip().splitlines() or [""])[-1]
         try:
             info = json.loads(line)
@@ -405,7 +405,7 @@ def main(argv=None):
     if args.child:
         return child(args)
 
-    names, wl, run_meta = W.start(ap, args, CONFIGS, "steps")
+    names, wl, run_meta = harness.start(ap, args, CONFIGS, "steps")
     d = wl.dims
     print(f"workload: {'SMALL' if args.small else 'reference'} {d}; "
           f"{lora_jax.count_params(wl.variables):,} params, "
@@ -417,7 +417,7 @@ def main(argv=None):
     for name in names:
         try:
             r = BUILDERS[name](wl)
-        except W.Skip as e:
+        except harness.Skip as e:
             skipped[name] = str(e)
             print(f"skip {name}: {e}")
             continue
@@ -425,11 +425,11 @@ def main(argv=None):
         print(f"compiled {name}: {r.compile_s:.1f} s, {r.gflop:.4g} GFLOP/step"
               + (f"  ({r.note})" if r.note else ""))
 
-    samples = W.time_interleaved({n: r.step for n, r in runners.items()},
+    samples = harness.time_interleaved({n: r.step for n, r in runners.items()},
                                  args.rounds, args.steps, args.warmup)
     results = {}
     for name, r in runners.items():
-        results[name] = {**W.summary_stats(samples[name]), "compile_s": r.compile_s,
+        results[name] = {**harness.summary_stats(samples[name]), "compile_s": r.compile_s,
                          "gflop": r.gflop, "opt_state_bytes": r.opt_state_bytes,
                          "xla_temp_mib": r.xla_temp_mib,
                          "loss0": r.loss0, "loss_end": float(r.last),
@@ -444,11 +444,11 @@ def main(argv=None):
     full = results.get("full", {}).get("ms")
     floor = results.get("floor", {}).get("ms")
     for name, res in results.items():
-        res["x_full"] = W.ratio(res["ms"], full)
-        res["x_floor"] = W.ratio(res["ms"], floor)
+        res["x_full"] = report.ratio(res["ms"], full)
+        res["x_floor"] = report.ratio(res["ms"], floor)
         lora = same_dtype_lora(name)
         if lora in results:   # QLoRA step / LoRA step over the same base dtype
-            res["x_lora_same_dtype"] = W.ratio(res["ms"], results[lora]["ms"])
+            res["x_lora_same_dtype"] = report.ratio(res["ms"], results[lora]["ms"])
 
     baseline = None
     if args.memory:
@@ -461,7 +461,7 @@ def main(argv=None):
             results[name]["live_arrays_mb"] = info["live_arrays_mb"]
             results[name]["compile_peak_rss_mb"] = info["compile_peak_mb"]
             results[name]["rss_peak_reset"] = info["peak_reset"]
-            results[name]["x_floor_rss"] = W.ratio(info["maxrss_mb"], floor_rss)
+            results[name]["x_floor_rss"] = report.ratio(info["maxrss_mb"], floor_rss)
     run_meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     run_meta["baseline_rss_mb"] = baseline
 
@@ -479,13 +479,13 @@ def main(argv=None):
             row += [f(res.get("peak_rss_mb"), ".0f"), f(res.get("x_floor_rss"), ".2f")]
         rows.append(row)
     print()
-    print(W.fmt_table(header, rows))
-    W.print_skipped(skipped)
+    print(report.fmt_table(header, rows))
+    report.print_skipped(skipped)
     if args.memory and baseline is not None:
         print(f"(imports + weights alone, no step: {baseline:.0f} MB)")
 
     if args.json:
-        W.write_json(args.json, results, skipped, run_meta)
+        report.write_json(args.json, results, skipped, run_meta)
     return results
 
 

@@ -9,8 +9,12 @@ As fixed in the project's performance anchors:
 * LoRA rank 8, alpha 16 on the q, k, v, o, fc1 and fc2 kernels of every block
   (24 kernels, 294,912 trainable parameters); head and embeddings frozen.
 
-The q/k/v/o projections are plain ``nn.Dense`` layers (2-D ``(in, out)``
-kernels), so lora_jax's default layouts apply without any ``layouts=``.
+The model is the examples' transformer LM (:mod:`examples.common.lm`) at the
+reference size, with the parameter names every figure was measured on
+(:data:`REFERENCE_NAMES`: ``tok``, ``pos``, ``blocks_{i}/attn/{q,k,v,o}``,
+``blocks_{i}/{fc1,fc2}``). Its q/k/v/o projections are plain ``nn.Dense``
+layers (2-D ``(in, out)`` kernels), so lora_jax's default layouts apply
+without any ``layouts=``.
 
 ``--small`` dims (:data:`SMALL`) keep the same structure at toy size for tests.
 
@@ -22,7 +26,6 @@ in, so every configuration of the benchmarks starts from the same numbers.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any
 
@@ -33,6 +36,7 @@ import optax
 from flax import linen as nn
 
 import lora_jax
+from examples.common.lm import LMConfig, ParamNames, TransformerLM, causal_attention, cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,87 +84,30 @@ LR = 1e-3
 WEIGHT_DECAY = 0.01
 
 
+# The reference LM's parameter names. jit names a compiled step's arguments by
+# their tree paths, so these names are part of the program the figures were measured on.
+REFERENCE_NAMES = ParamNames(tok="tok", pos="pos/embedding", block="blocks_{}", attn_out="o",
+                             mlp=None)
+
+
 def dims(small: bool) -> Dims:
     return SMALL if small else REFERENCE
 
 
-# ---------------------------------------------------------------------------
-# Flax linen model
-# ---------------------------------------------------------------------------
+def lm_config(d: Dims) -> LMConfig:
+    """The LM of the dims ``d``, with the reference names."""
+    return LMConfig(vocab_size=d.vocab, seq_len=d.seq, d_model=d.d_model, num_heads=d.n_heads,
+                    num_layers=d.n_blocks, d_ff=d.d_mlp, names=REFERENCE_NAMES)
 
 
-def causal_attention(q, k, v, n_heads: int):
-    """Multi-head causal self-attention core: (B, T, D) q, k, v -> (B, T, D)."""
-    b, t, d = q.shape
-    dh = d // n_heads
-    q, k, v = (x.reshape(b, t, n_heads, dh) for x in (q, k, v))
-    scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dh)   # weak: keeps bf16 bf16
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhts,bshd->bthd", probs, v)
-    return out.reshape(b, t, d)
+def input_embeddings(variables: Any, tokens: jax.Array) -> jax.Array:
+    """Token plus position embeddings of ``tokens`` (B, T) -> (B, T, d_model): the floor's variable.
 
-
-class Attention(nn.Module):
-    d_model: int
-    n_heads: int
-
-    @nn.compact
-    def __call__(self, x):
-        q = nn.Dense(self.d_model, name="q")(x)
-        k = nn.Dense(self.d_model, name="k")(x)
-        v = nn.Dense(self.d_model, name="v")(x)
-        return nn.Dense(self.d_model, name="o")(causal_attention(q, k, v, self.n_heads))
-
-
-class Block(nn.Module):
-    d_model: int
-    n_heads: int
-    d_mlp: int
-
-    @nn.compact
-    def __call__(self, x):
-        x = x + Attention(self.d_model, self.n_heads, name="attn")(nn.LayerNorm(name="ln1")(x))
-        h = nn.LayerNorm(name="ln2")(x)
-        h = nn.Dense(self.d_model, name="fc2")(nn.gelu(nn.Dense(self.d_mlp, name="fc1")(h)))
-        return x + h
-
-
-class TransformerLM(nn.Module):
-    """Decoder-only LM: pre-LN blocks, learned positions, untied head.
-
-    ``apply(v, tokens)`` gives logits; ``apply(v, tokens, method="embed")``
-    the input embeddings (token + position) and
-    ``apply(v, h, method="from_embeddings")`` the logits from them (the trunk).
+    ``model.apply(variables, None, embeddings=h)`` gives the logits from them.
     """
-
-    dims: Dims
-
-    def setup(self):
-        d = self.dims
-        self.tok = nn.Embed(d.vocab, d.d_model)
-        self.pos = nn.Embed(d.seq, d.d_model)
-        self.blocks = [Block(d.d_model, d.n_heads, d.d_mlp) for _ in range(d.n_blocks)]
-        self.ln_f = nn.LayerNorm()
-        self.head = nn.Dense(d.vocab)
-
-    def embed(self, tokens):
-        return self.tok(tokens) + self.pos(jnp.arange(tokens.shape[-1]))
-
-    def from_embeddings(self, h):
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.ln_f(h))
-
-    def __call__(self, tokens):
-        return self.from_embeddings(self.embed(tokens))
-
-
-def cross_entropy(logits, targets):
-    """Mean token cross-entropy, in float32 whatever the logits' dtype."""
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), targets).mean()
+    p = variables["params"]
+    return (jnp.take(p["tok"]["embedding"], tokens, axis=0)
+            + jnp.take(p["pos"]["embedding"], jnp.arange(tokens.shape[-1]), axis=0))
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +139,7 @@ def lora_config(d: Dims) -> lora_jax.LoraConfig:
 def build(small: bool = False, seed: int = 0) -> Workload:
     """Builds the workload and checks its parameter counts against the spec."""
     d = dims(small)
-    model = TransformerLM(d)
+    model = TransformerLM(lm_config(d))
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(0, d.vocab, (d.batch, d.seq + 1)), jnp.int32)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -286,7 +233,9 @@ def nnx_model(wl: Workload, lora_rank: int | None = None, lora_alpha: float | No
 
         def __call__(self, x):
             h = self.ln1(x)
-            x = x + self.o(causal_attention(self.q(h), self.k(h), self.v(h), d.n_heads))
+            b, t, _ = h.shape
+            q, k, v = (y.reshape(b, t, d.n_heads, -1) for y in (self.q(h), self.k(h), self.v(h)))
+            x = x + self.o(causal_attention(q, k, v).reshape(b, t, d.d_model))
             return x + self.fc2(nn.gelu(self.fc1(self.ln2(x))))
 
     class NnxLM(nnx.Module):
@@ -344,185 +293,3 @@ def nnx_model(wl: Workload, lora_rank: int | None = None, lora_alpha: float | No
     left = [x for x in jax.tree.leaves(nnx.state(model)) if not isinstance(x, jax.Array)]
     assert not left, f"{len(left)} NNX variables were not filled"
     return model
-
-
-# ---------------------------------------------------------------------------
-# Measurement helpers shared by train_step.py and inference.py
-# ---------------------------------------------------------------------------
-
-
-class Skip(Exception):
-    """A configuration that cannot run here (missing package or API); the message says why."""
-
-
-def gflop(compiled) -> float:
-    """XLA's FLOP count of a compiled executable, in GFLOP (NaN if unavailable).
-
-    ``Compiled.cost_analysis()`` returns a dict in recent JAX and a list of
-    dicts (one per computation) in older ones.
-    """
-    try:
-        ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return float("nan")
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    if not ca or "flops" not in ca:
-        return float("nan")
-    return float(ca["flops"]) / 1e9
-
-
-def xla_temp_mib(compiled) -> float:
-    """XLA's buffer assignment for a compiled program: its temporaries, in MiB (NaN if unknown).
-
-    Deterministic for a given program and XLA version: the working memory of a
-    step beyond its arguments and outputs, free of the noise of RSS readings.
-    """
-    try:
-        return compiled.memory_analysis().temp_size_in_bytes / 2**20
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return float("nan")
-
-
-def time_interleaved(steps_by_name, rounds: int, steps: int, warmup: int, log=print):
-    """Times callables round robin; returns ``{name: [ms, ...]}``.
-
-    Each callable runs one step and blocks until its results are ready. Every
-    one is first run ``warmup`` times; then ``rounds`` rounds each run every
-    callable ``steps`` times in a row, starting each round at the next name so
-    that no configuration always follows the same one.
-    """
-    import time
-
-    names = list(steps_by_name)
-    for name in names:
-        for _ in range(warmup):
-            steps_by_name[name]()
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)] if names else []
-        for name in order:
-            fn = steps_by_name[name]
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append(1e3 * (time.perf_counter() - t0))
-        if log is not None:
-            log(f"  round {r + 1}/{rounds}: " + ", ".join(
-                f"{n} {np.median(samples[n]):.1f}" for n in names) + " ms (running medians)")
-    return samples
-
-
-def summary_stats(ms: list[float]) -> dict:
-    a = np.asarray(ms)
-    return {
-        "ms": float(np.median(a)),
-        "ms_p25": float(np.percentile(a, 25)),
-        "ms_p75": float(np.percentile(a, 75)),
-        "samples": int(a.size),
-    }
-
-
-def meta(**extra) -> dict:
-    """Versions, device, cores, load and date of this run."""
-    import datetime
-    import os
-    import platform
-    import sys
-
-    import flax
-
-    versions = {"python": platform.python_version(), "jax": jax.__version__,
-                "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
-                "flax": flax.__version__, "optax": optax.__version__,
-                "lora_jax": lora_jax.__version__}
-    try:
-        import qwix
-        versions["qwix"] = qwix.__version__
-    except Exception:  # noqa: BLE001
-        versions["qwix"] = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    out = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions,
-        "device": f"{dev.platform}:{dev.device_kind}",
-        "num_devices": jax.device_count(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "argv": sys.argv[1:],
-    }
-    try:
-        import psutil
-        out["physical_cores"] = psutil.cpu_count(logical=False)
-        out["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:  # noqa: BLE001 - psutil is optional
-        pass
-    out.update(extra)
-    return out
-
-
-def fmt_table(header, rows, left=(0,)) -> str:
-    """A fixed-width text table; columns in ``left`` are left-aligned, others right-aligned."""
-    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
-    line = lambda r: "  ".join(  # noqa: E731
-        (c.ljust(w) if i in left else c.rjust(w)) for i, (c, w) in enumerate(zip(r, widths))
-    ).rstrip()
-    return "\n".join([line([str(h) for h in header]), line(["-" * w for w in widths]),
-                      *map(line, rows)])
-
-
-def ratio(a, b):
-    if a is None or b is None or not b:
-        return None
-    return a / b
-
-
-def print_skipped(skipped: dict) -> None:
-    """One line per configuration that could not run, with the reason."""
-    for name, why in skipped.items():
-        print(f"skipped {name}: {why}")
-
-
-def write_json(path: str, results: dict, skipped: dict, run_meta: dict) -> None:
-    """``{"configs": ..., "skipped": ..., "meta": ...}`` as the benchmarks' JSON output."""
-    dump_json(path, {"configs": results, "skipped": skipped, "meta": run_meta})
-
-
-def dump_json(path: str, doc: Any) -> None:
-    """``doc`` as JSON at ``path``, written atomically (never half a file)."""
-    import json
-    from pathlib import Path
-
-    text = json.dumps(doc, indent=2)
-    lora_jax.advanced.atomic_write(Path(path), lambda tmp: tmp.write_text(text))
-    print(f"wrote {path}")
-
-
-def start(ap, args, configs, unit: str):
-    """The common start of a benchmark script: the chosen configs, the workload, run metadata.
-
-    Rejects unknown ``--configs`` through ``ap.error``, says when ``rounds x
-    steps`` is too few timed ``unit`` to quote, builds the (``--small``) workload.
-    """
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(configs))
-    if unknown:
-        ap.error(f"unknown configs {unknown}; choose from {', '.join(configs)}")
-    if args.rounds * args.steps < 20:
-        print(f"note: {args.rounds * args.steps} timed {unit} per config (< 20): a smoke run, "
-              "not a quotable measurement")
-    run_meta = meta(rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
-                    small=args.small)
-    wl = build(small=args.small)
-    run_meta["dims"] = dataclasses.asdict(wl.dims)
-    return names, wl, run_meta

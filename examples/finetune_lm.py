@@ -2,7 +2,7 @@
 
 The story, in three acts:
 
-1. **Pretrain** a tiny decoder-only transformer (Flax linen, ``demo_lm.py``) on
+1. **Pretrain** a tiny decoder-only transformer (Flax linen, ``common/lm.py``) on
    Python's documentation (``pydoc_data.topics``), by ordinary full
    fine-tuning. The result is cached on disk, so later runs skip this step.
 2. **LoRA fine-tune** it on a different domain, the source code of a few
@@ -15,9 +15,11 @@ The story, in three acts:
 
 Everything is built in (no downloads) and deterministic given ``--seed``::
 
-    python examples/finetune_lm.py                 # or: make demo
-    python examples/finetune_lm.py --lora-steps 50 --out /tmp/lora-demo
-    python examples/finetune_lm.py --quantize nf4  # QLoRA: train over a 4-bit base
+    python -m examples.finetune_lm                 # or: make demo
+    python -m examples.finetune_lm --lora-steps 50 --out /tmp/lora-demo
+    python -m examples.finetune_lm --quantize nf4  # QLoRA: train over a 4-bit base
+
+(run from the repository root, or with it on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ import optax
 from tqdm import tqdm
 
 import lora_jax
-from _text import (
+from examples.common.generation import Generator
+from examples.common.lm import cross_entropy
+from examples.common.pretrained import BATCH_SIZE, CONFIG, MODEL, eval_loss, load_or_pretrain
+from examples.common.text import (
     decode,
     encode,
     eval_windows,
@@ -42,8 +47,6 @@ from _text import (
     stdlib_source_text,
     train_eval_split,
 )
-from demo_lm import BATCH_SIZE, CONFIG, MODEL, cross_entropy, eval_loss, load_or_pretrain
-from generation import Generator
 
 IMPLICIT_APPLY = lora_jax.implicit(MODEL.apply, strict=True)  # training forward, see forward()
 LORA_LR = 1e-2
@@ -303,8 +306,10 @@ def main(argv=None):
           "   (held-out pydoc text; base model = unmerge(merge(base, delta), delta))")
     print(f"base loss with the adapter merged: {base_merged:.4f}   (how much of the base domain "
           "the adapted model forgot)")
-    print(f"base params bit-identical to pretrained: {base_identical}   "
-          f"(max |unmerge(merge(base, delta), delta) - base|: {restore_error:.1e})")
+    print(f"base params never modified: {base_identical}   (bit-identical to the pretrained "
+          "params after training, merge and unmerge)")
+    print(f"unmerge(merge(base, delta), delta) equals base to {restore_error:.1e}   "
+          "(float32 rounding of adding and subtracting s*A@B)")
     print(f"max |merged - unmerged forward|: {merged_vs_unmerged:.3e}   (logits, "
           "model.apply(merge(base, delta)) vs the training forward)")
     print(f"LoRA training throughput: {tokens_per_s:,.0f} tokens/s   "

@@ -12,7 +12,7 @@ from the previous 8). It is first trained in full on Python's documentation,
 then adapted with LoRA to Python source code, then the adapter is merged into
 the module for inference. Runs in well under a minute on a laptop CPU::
 
-    python examples/nnx_finetune.py
+    python -m examples.nnx_finetune
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import optax
 from flax import nnx
 
 import lora_jax
-from _text import (
+from examples.common.lm import cross_entropy
+from examples.common.text import (
     VOCAB_SIZE,
     encode,
     eval_windows,
@@ -51,10 +52,6 @@ class ByteMLP(nnx.Module):
     def __call__(self, x):
         h = self.embed(x).reshape(x.shape[0], -1)  # concatenate the context embeddings
         return self.fc2(nnx.gelu(self.fc1(h)))
-
-
-def cross_entropy(logits, targets):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def train(loss_fn, params, tokens, steps: int, lr: float, seed: int):

@@ -3,7 +3,7 @@ orbax's ``CheckpointManager`` (async saves), and resume exactly where a killed r
 
 Run it, kill it at any moment (``kill -9``, a preempted VM), run the same command again::
 
-    python examples/resumable_training.py --ckpt /tmp/lora_run --steps 30 --out /tmp/lora_adapter
+    python -m examples.resumable_training --ckpt /tmp/lora_run --steps 30 --out /tmp/lora_adapter
 
 The second run restores the latest *complete* checkpoint and continues; its
 losses and final delta are bit-identical to a run that was never interrupted.

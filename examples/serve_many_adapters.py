@@ -1,16 +1,16 @@
 """Serve many LoRA adapters over one base model in one batch, with a KV cache.
 
-    python examples/serve_many_adapters.py                 # demo LM, 16 adapters
-    python examples/serve_many_adapters.py --gemma         # Gemma 3 270M (converted weights)
+    python -m examples.serve_many_adapters                 # demo LM, 16 adapters
+    python -m examples.serve_many_adapters --gemma         # Gemma 3 270M (converted weights)
 
-1. A base model: the demo byte-level LM (``examples/demo_lm.py``, pretrained on
+1. A base model: the demo byte-level LM (``examples/common/pretrained.py``, pretrained on
    Python's documentation and cached), or Gemma 3 270M with ``--gemma``.
 2. 16 adapters: each trained briefly (``--steps``) on its own slice of the
    standard library's source (with ``--gemma``: random adapters, or
    ``--adapters-dir`` with lora_jax adapter directories to load).
 3. ``lora_jax.stack_adapters`` puts them in one stack (ranks padded, scales as
    data); one request per adapter plus one for the bare base (id -1) are served
-   in ONE batch by the jitted prefill + decode loop of ``examples/generation.py``
+   in ONE batch by the jitted prefill + decode loop of ``examples/common/generation.py``
    over ``lora_jax.implicit(model.apply)`` with ``adapter_ids``.
 4. Checks: every request's prefill logits and generated tokens against its
    adapter merged alone (``lora_jax.merge``) and served by itself; then a
@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -30,18 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import lora_jax as lj  # noqa: E402
-from lora_jax.debug import CompileCounter  # noqa: E402
-from generation import Generator  # noqa: E402
+import lora_jax as lj
+from examples.common.generation import Generator
+from lora_jax.debug import CompileCounter
 
 
 def demo_setup(args):
     """(model, base params, adapters, prompts, decode) for the demo LM."""
-    from _text import decode, encode, pydoc_text, random_batches, stdlib_source_text, \
-        train_eval_split
-    from demo_lm import BATCH_SIZE, CONFIG, MODEL, cross_entropy, load_or_pretrain
+    from examples.common.lm import cross_entropy
+    from examples.common.pretrained import BATCH_SIZE, CONFIG, MODEL, load_or_pretrain
+    from examples.common.text import decode, encode, pydoc_text, random_batches, \
+        stdlib_source_text, train_eval_split
 
     base_train, _ = train_eval_split(encode(pydoc_text()))
     params, _ = load_or_pretrain(base_train, args.pretrain_steps, args.seed, args.out,
@@ -99,7 +97,6 @@ def gemma_adapter(args, i: int, params, config: lj.LoraConfig):
 
 def gemma_setup(args):
     """(model, base params, adapters, prompts, decode) for Gemma 3 270M."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from examples.gemma3 import gguf_loader as gl  # noqa: PLC0415
     from examples.gemma3 import model as gm  # noqa: PLC0415
     from examples.gemma3.tokenizer import Tokenizer  # noqa: PLC0415

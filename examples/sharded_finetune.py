@@ -23,8 +23,8 @@ each process feeds its own slice of the batch
 (``jax.make_array_from_process_local_data``). On CPU it simulates 8 devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here if unset)::
 
-    python examples/sharded_finetune.py                     # mesh 2x2x2
-    python examples/sharded_finetune.py --mesh 1,1,8 --scan --remat --steps 20
+    python -m examples.sharded_finetune                     # mesh 2x2x2
+    python -m examples.sharded_finetune --mesh 1,1,8 --scan --remat --steps 20
 
 ``--scan`` stacks the blocks with ``nn.scan`` (kernels get a leading layer
 axis, layout ``"sio"``), ``--remat`` rematerialises each block.

@@ -61,7 +61,7 @@ def _name_map(args: argparse.Namespace) -> Any:
     return NameMap.from_json(args.name_map) if args.name_map else None
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     """A byte count for people (``'1.5 MB'``).
 
     Example:
@@ -280,17 +280,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if fmt == "peft":
             raise CliError(f"{src}: already a PEFT adapter")
         delta = load(src, base=base)[0]
-        cfg = export_peft(dst, delta, name_map=_name_map(args),
-                          base_model_name_or_path=args.base_model_name_or_path)
-        n = len(cfg["target_modules"])
+        export_peft(dst, delta, name_map=_name_map(args),
+                    base_model_name_or_path=args.base_model_name_or_path)
     else:
         if fmt == "lora_jax":
             raise CliError(f"{src}: already a lora_jax adapter")
         delta = import_peft(src, base, name_map=_name_map(args))
         save(dst, delta)
-        n = sum(1 for _, f in delta_entries(delta) if f is not None)
-    print(f"wrote {args.to} adapter {dst} ({n} {'modules' if args.to == 'peft' else 'targets'})",
-          file=sys.stderr)
+    n = sum(1 for _, f in delta_entries(delta) if f is not None)
+    print(f"wrote {args.to} adapter {dst} ({n} adapted leaves)", file=sys.stderr)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 Everything that knows what a delta *is* lives here, and nowhere else:
 
+* :class:`DeltaEntry`, what every entry type of a delta provides: the check
+  that it fits its base leaf.
 * :class:`LoraFactors`, the leaf of a delta at a targeted kernel: a frozen
   dataclass registered as a pytree whose children are the arrays ``a``, ``b``
   (and DoRA's ``magnitude``) and whose static metadata (``alpha``, ``rslora``,
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,11 +110,29 @@ def kernel_shape_of(a_shape: Sequence[int], b_shape: Sequence[int], layout: Kern
     if layers is not None:
         stack = (layers.total,) + stack[1:]
     ordered = stack + tuple(a_shape[ns:-1]) + tuple(b_shape[ns + 1:])
-    return tuple(ordered[p] for p in np.argsort(layout.permutation))
+    return tuple(ordered[p] for p in np.argsort(layout.permutation).tolist())
+
+
+class DeltaEntry:
+    """The base of every type a delta holds at a leaf (:class:`LoraFactors`,
+    :class:`LeafDelta`, and :class:`~lora_jax.StackedFactors` in the serving wing).
+
+    Each type checks itself against its base leaf (:meth:`check_fits`), so
+    :func:`check_fits` pairs any entry with its leaf without knowing the types.
+    ``serving_only`` marks a type that only ``implicit(..., adapter_ids=)``
+    serves (an adapter stack): :func:`align` refuses it unless asked.
+    """
+
+    serving_only: ClassVar[bool] = False
+
+    def check_fits(self, path: str, shape: tuple[int, ...]) -> None:
+        """Raises :class:`LoraStructureError` naming ``path`` unless this entry adapts a
+        leaf of ``shape``."""
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraFactors:
+class LoraFactors(DeltaEntry):
     """Trainable factors ``a``, ``b`` of one targeted kernel.
 
     Everything but ``a`` and ``b`` is keyword-only, so a rebuilt factor pair
@@ -198,6 +218,37 @@ class LoraFactors:
             raise LoraStructureError(f"the factors already hold a layer selection ({self.layers})")
         return self.replace(a=layers.gather(self.a), b=layers.gather(self.b), layers=layers)
 
+    def check_fits(self, path: str, shape: tuple[int, ...]) -> None:
+        """The layout's rank of axes, the layer selection and both factor shapes against a
+        kernel of ``shape``.
+
+        Example:
+          >>> f = LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3)), alpha=1.0,
+          ...                 layout=KernelLayout("io"))
+          >>> f.check_fits("w", (4, 5))
+          Traceback (most recent call last):
+          ...
+          lora_jax._errors.LoraStructureError: leaf 'w': factors A(4, 2) B(2, 3) do not fit the base kernel of shape (4, 5) (layout 'io'); expected A(4, 2) B(2, 5)
+        """
+        layout = self.layout
+        if len(shape) != layout.ndim:
+            raise LoraStructureError(
+                f"leaf {path!r}: the base kernel has shape {shape} but the delta's layout "
+                f"{layout.axes!r} is for a {layout.ndim}-D kernel")
+        if self.layers is not None and (
+                not layout.stack_axes or self.layers.total != shape[layout.stack_axes[0]]):
+            raise LoraStructureError(
+                f"leaf {path!r}: factors for layers {self.layers.indices} of {self.layers.total} "
+                f"do not fit a kernel of shape {shape} (layout {layout.axes!r})")
+        want: tuple[tuple[int, ...], ...] = layout.factor_shapes(shape, self.rank)
+        if self.layers is not None:  # only the selected layers of the first stacked axis
+            want = tuple((len(self.layers.indices),) + w[1:] for w in want)
+        got = (tuple(np.shape(self.a)), tuple(np.shape(self.b)))
+        if got != want:
+            raise LoraStructureError(
+                f"leaf {path!r}: factors A{got[0]} B{got[1]} do not fit the base kernel of "
+                f"shape {shape} (layout {layout.axes!r}); expected A{want[0]} B{want[1]}")
+
 
 jax.tree_util.register_dataclass(
     LoraFactors, data_fields=["a", "b", "magnitude"],
@@ -206,7 +257,7 @@ jax.tree_util.register_dataclass(
 
 
 @dataclasses.dataclass(frozen=True)
-class LeafDelta:
+class LeafDelta(DeltaEntry):
     """A leaf trained in full beside the low-rank factors (a bias, a head, a norm).
 
     Stored additively, like the factors: the adapted value is ``W + diff``,
@@ -229,6 +280,13 @@ class LeafDelta:
     def kernel_shape(self) -> tuple[int, ...]:
         """The shape of the leaf this delta adapts."""
         return tuple(np.shape(self.diff))
+
+    def check_fits(self, path: str, shape: tuple[int, ...]) -> None:
+        """``diff`` must have the leaf's shape."""
+        if self.kernel_shape != shape:
+            raise LoraStructureError(
+                f"leaf {path!r}: the trained-in-full delta has shape {self.kernel_shape}, "
+                f"the base leaf {shape}")
 
 
 jax.tree_util.register_dataclass(LeafDelta, data_fields=["diff"], meta_fields=[])
@@ -300,7 +358,7 @@ def dense_delta(factors: LoraFactors) -> Array:
     factors = factors.all_layers()
     layout = factors.layout
     dense = factor_product(factors.a, factors.b, factors.scale, len(layout.stack_axes))
-    return jnp.transpose(dense, np.argsort(layout.permutation))
+    return jnp.transpose(dense, np.argsort(layout.permutation).tolist())
 
 
 # --------------------------------------------------------------------------- DoRA
@@ -365,7 +423,7 @@ def to_kernel_axes(per_output: Array, layout: KernelLayout) -> Array:
     """
     ns, ni = len(layout.stack_axes), len(layout.in_axes)
     x = jnp.expand_dims(per_output, tuple(range(ns, ns + ni)))
-    return jnp.transpose(x, np.argsort(layout.permutation))
+    return jnp.transpose(x, np.argsort(layout.permutation).tolist())
 
 
 def dora_weight(kernel: Array, factors: LoraFactors, norm: Array | None = None) -> Array:
@@ -434,51 +492,25 @@ def align(params: Any, delta: Any, stacked_ok: bool = False) -> tuple[list[Row],
 def check_fits(path: str, shape: tuple[int, ...], entry: Any, stacked_ok: bool = False) -> None:
     """Raises :class:`LoraStructureError` unless ``entry`` adapts a leaf of ``shape``.
 
+    ``entry`` must be a :class:`DeltaEntry`, which checks itself; one that only
+    ``implicit`` serves (an adapter stack) needs ``stacked_ok``.
+
     Example:
       >>> check_fits("w", (2, 3), LeafDelta(jnp.zeros((2, 2))))
       Traceback (most recent call last):
       ...
       lora_jax._errors.LoraStructureError: leaf 'w': the trained-in-full delta has shape (2, 2), the base leaf (2, 3)
     """
-    if isinstance(entry, LeafDelta):
-        if entry.kernel_shape != shape:
-            raise LoraStructureError(
-                f"leaf {path!r}: the trained-in-full delta has shape {entry.kernel_shape}, "
-                f"the base leaf {shape}")
-        return
-    if type(entry).__name__ == "StackedFactors":  # lora_jax._serving.stack builds on this module
-        if not stacked_ok:
-            raise LoraStructureError(
-                f"leaf {path!r}: the delta holds an adapter stack (StackedFactors); only "
-                "implicit(...)(base, stack, x, adapter_ids=ids) serves a stack: merge one "
-                "adapter of it (lora_jax.advanced.unstack) instead")
-        if entry.kernel_shape != shape:
-            raise LoraStructureError(
-                f"leaf {path!r}: the adapter stack adapts a kernel of shape "
-                f"{entry.kernel_shape}, the base kernel has shape {shape}")
-        return
-    if not is_factors(entry):
+    if not isinstance(entry, DeltaEntry):
         raise LoraStructureError(
             f"leaf {path!r}: the delta holds {type(entry).__name__}, expected LoraFactors, "
             "LeafDelta or None")
-    layout = entry.layout
-    if len(shape) != layout.ndim:
+    if entry.serving_only and not stacked_ok:
         raise LoraStructureError(
-            f"leaf {path!r}: the base kernel has shape {shape} but the delta's layout "
-            f"{layout.axes!r} is for a {layout.ndim}-D kernel")
-    if entry.layers is not None and (
-            not layout.stack_axes or entry.layers.total != shape[layout.stack_axes[0]]):
-        raise LoraStructureError(
-            f"leaf {path!r}: factors for layers {entry.layers.indices} of {entry.layers.total} "
-            f"do not fit a kernel of shape {shape} (layout {layout.axes!r})")
-    want = layout.factor_shapes(shape, entry.rank)
-    if entry.layers is not None:  # only the selected layers of the first stacked axis
-        want = tuple((len(entry.layers.indices),) + w[1:] for w in want)
-    got = (tuple(np.shape(entry.a)), tuple(np.shape(entry.b)))
-    if got != want:
-        raise LoraStructureError(
-            f"leaf {path!r}: factors A{got[0]} B{got[1]} do not fit the base kernel of shape "
-            f"{shape} (layout {layout.axes!r}); expected A{want[0]} B{want[1]}")
+            f"leaf {path!r}: the delta holds an adapter stack ({type(entry).__name__}); only "
+            "implicit(...)(base, stack, x, adapter_ids=ids) serves a stack: merge one "
+            "adapter of it (lora_jax.advanced.unstack) instead")
+    entry.check_fits(path, shape)
 
 
 def _structure_message(params: Any, delta: Any, error: Exception) -> str:

@@ -18,28 +18,23 @@ axis shards ``B``'s columns, and every low-rank product is local up to an
 all-reduce of an ``(M, r)`` activation: the dense kernel and its gradient are
 never formed, and neither is ever gathered.
 
-The base's shardings may be given as a pytree of ``NamedSharding``; of
-``PartitionSpec`` plus a ``mesh``; as Flax linen variables boxed with
-``nn.Partitioned`` / ``nn.with_logical_partitioning`` (e.g. the output of
-``jax.eval_shape(model.init, ...)``) plus logical-axis ``rules``; as an NNX
-state whose variables carry sharding annotations (``nnx.with_partitioning``);
-or as the already placed params themselves (their ``.sharding``). Every check
-that can fail -- a mesh axis that does not exist, a mesh axis used twice, a
-spec longer than its kernel, a sharded axis its mesh axes do not divide, a
-logical axis with no rule -- raises :class:`LoraShardingError` naming the
-leaf path.
+The base's shardings may be given in any form
+:func:`~lora_jax._base_shardings.param_shardings` reads (``NamedSharding`` or
+``PartitionSpec`` pytrees, Flax boxed variables, NNX annotated state, placed
+arrays); every check that can fail raises :class:`LoraShardingError` naming
+the leaf path.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lora_jax._base_shardings import (
+    Rules, check_shape, entries_by_path, param_shardings, read_entry, unboxed)
 from lora_jax._config import LoraConfig
 from lora_jax._errors import LoraShardingError
 from lora_jax._delta import LeafDelta, is_delta_leaf
@@ -47,12 +42,21 @@ from lora_jax._init_lora import init_lora
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths, unshared
 
-Rules = Sequence[tuple[str, Any]]
-
-
 # -----------------------------------------------------------------------------
 # Factor specs from a kernel spec
 # -----------------------------------------------------------------------------
+
+
+
+def _same_structure(a: Any, b: Any) -> bool:
+    """Whether two pytrees have the same structure (one treedef comparison).
+
+    Example:
+      >>> _same_structure({"a": 1}, {"a": 2}), _same_structure({"a": 1}, [1])
+      (True, False)
+    """
+    structure: Any = jax.tree_util.tree_structure(a)
+    return bool(structure == jax.tree_util.tree_structure(b))
 
 
 def factor_specs(kernel_spec: P | Sequence[Any], layout: KernelLayout | str) -> tuple[P, P, P]:
@@ -91,227 +95,6 @@ def _entries(spec: Any, ndim: int) -> list[Any]:
     if len(entries) > ndim:
         raise LoraShardingError(f"spec {spec} has {len(entries)} entries for a {ndim}-D kernel")
     return entries + [None] * (ndim - len(entries))
-
-
-# -----------------------------------------------------------------------------
-# Normalising the base's shardings
-# -----------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _flax_types() -> tuple[tuple[type, ...], tuple[type, ...], Any]:
-    """(linen box types, NNX variable types, LogicallyPartitioned), imported lazily."""
-    from flax.core import meta
-    from flax.linen import spmd
-    from flax.nnx import variablelib
-
-    variables = tuple(getattr(variablelib, n) for n in ("Variable", "VariableState")
-                      if isinstance(getattr(variablelib, n, None), type))
-    return (meta.AxisMetadata,), variables, spmd.LogicallyPartitioned
-
-
-def _is_entry(x: Any) -> bool:
-    """A node of a base-shardings tree that stands for one leaf."""
-    if isinstance(x, (NamedSharding, P)):
-        return True
-    boxes, variables, _ = _flax_types()
-    return isinstance(x, boxes + variables)
-
-
-def _entries_by_path(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
-    return leaves_with_paths(tree, is_leaf=_is_entry)
-
-
-def _var_value(var: Any) -> Any:
-    get = getattr(var, "get_value", None)
-    return get() if callable(get) else var.value
-
-
-def _shape_of(x: Any) -> tuple[int, ...] | None:
-    shape = getattr(x, "shape", None)
-    return None if shape is None else tuple(shape)
-
-
-def _named(path: str, entry: Any, mesh: Any, rules: Rules | None) -> tuple[NamedSharding,
-                                                                          tuple[int, ...] | None]:
-    """One base entry as ``(NamedSharding, shape or None)``, validated against the mesh."""
-    boxes, variables, logical_box = _flax_types()
-    shape = None
-    if isinstance(entry, NamedSharding):
-        sharding = entry
-        _check_axes(path, sharding.spec, sharding.mesh)
-        return sharding, None
-    if isinstance(entry, P):
-        spec = _translate(path, entry, rules) if rules is not None else entry
-    elif isinstance(entry, logical_box):
-        shape = _shape_of(entry.value)
-        box_rules = rules if rules is not None else (entry.rules or _context_rules())
-        if not box_rules:
-            raise LoraShardingError(
-                f"leaf {path!r} is logically partitioned as {tuple(entry.names)} but no "
-                "logical axis rules were given: pass rules=((logical, mesh_axes), ...) or "
-                "call inside flax.linen.logical_axis_rules(...)"
-            )
-        spec = _translate(path, P(*entry.names), box_rules)
-        mesh = mesh if mesh is not None else entry.mesh
-    elif isinstance(entry, boxes):  # nn.Partitioned: names are mesh axes
-        shape = _shape_of(entry.value)
-        spec = P(*entry.names) if hasattr(entry, "names") else P()
-        mesh = mesh if mesh is not None else getattr(entry, "mesh", None)
-    elif isinstance(entry, variables):  # NNX: its own helper reads the annotation
-        from flax import nnx
-
-        if mesh is None and hasattr(entry, "get_metadata"):
-            mesh = entry.get_metadata().get("mesh")
-        value = _var_value(entry)
-        if isinstance(value, (NamedSharding, P)):  # nnx.get_named_sharding / get_partition_spec
-            return _named(path, value, mesh, rules)
-        shape = _shape_of(value)
-        spec = _var_value(nnx.get_partition_spec(entry))
-        spec = P() if spec is None else spec
-        if rules is not None:
-            spec = _translate(path, spec, rules)
-    else:  # an array, a ShapeDtypeStruct, or anything without an annotation
-        shape = _shape_of(entry)
-        sharding = getattr(entry, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            _check_axes(path, sharding.spec, sharding.mesh)
-            return sharding, shape
-        if mesh is None:
-            what = type(sharding).__name__ if sharding is not None else type(entry).__name__
-            raise LoraShardingError(
-                f"leaf {path!r} carries no NamedSharding ({what}); place the params with "
-                "NamedShardings, or pass base_shardings / mesh=... (unannotated leaves are "
-                "then replicated)"
-            )
-        spec = P()  # not annotated: replicated, as flax's get_partition_spec
-    if mesh is None:
-        raise LoraShardingError(
-            f"leaf {path!r}: the partition spec {spec} needs a mesh; pass mesh=... (or give "
-            "NamedShardings)"
-        )
-    _check_axes(path, spec, mesh)
-    return NamedSharding(mesh, spec), shape
-
-
-def _context_rules() -> Rules:
-    import flax.linen as nn
-
-    return tuple(nn.get_logical_axis_rules())
-
-
-def _translate(path: str, spec: P, rules: Rules | Mapping[str, Any]) -> P:
-    """Logical names -> mesh axes with flax's resolution, after checking every name has a rule."""
-    import flax.linen as nn
-
-    rules = tuple(rules.items()) if isinstance(rules, Mapping) else tuple(tuple(r) for r in rules)
-    known = {r[0] for r in rules}
-    names = []
-    for entry in tuple(spec):
-        if entry is not None and not isinstance(entry, str):
-            raise LoraShardingError(
-                f"leaf {path!r}: logical spec {spec} has entry {entry!r}; logical specs name "
-                "one logical axis (or None) per kernel axis"
-            )
-        if entry is not None and entry not in known:
-            raise LoraShardingError(
-                f"leaf {path!r}: logical axis {entry!r} (of {spec}) has no rule in the logical "
-                f"axis rules (rules cover {sorted(known)}); add ({entry!r}, mesh_axes or None)"
-            )
-        names.append(entry)
-    return nn.logical_to_mesh_axes(names, rules)
-
-
-def _mesh_axes(entry: Any) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def _check_axes(path: str, spec: P, mesh: Any) -> None:
-    names = tuple(mesh.axis_names)
-    used: list[str] = []
-    for entry in tuple(spec):
-        if entry is P.UNCONSTRAINED:
-            raise LoraShardingError(f"leaf {path!r}: spec {spec} is UNCONSTRAINED; give a "
-                                    "concrete spec")
-        for axis in _mesh_axes(entry):
-            if axis not in names:
-                raise LoraShardingError(
-                    f"leaf {path!r}: spec {spec} names mesh axis {axis!r}, which is not an "
-                    f"axis of the mesh (axes: {names})"
-                )
-            if axis in used:
-                raise LoraShardingError(
-                    f"leaf {path!r}: spec {spec} uses mesh axis {axis!r} twice"
-                )
-            used.append(axis)
-
-
-def _check_shape(path: str, sharding: NamedSharding, shape: Sequence[int],
-                 what: str = "the kernel") -> None:
-    spec = tuple(sharding.spec)
-    if len(spec) > len(shape):
-        raise LoraShardingError(
-            f"leaf {path!r}: spec {sharding.spec} has {len(spec)} entries but {what} has "
-            f"shape {tuple(shape)}"
-        )
-    sizes = dict(sharding.mesh.shape)
-    for dim, (entry, n) in enumerate(zip(spec, shape)):
-        axes = _mesh_axes(entry)
-        ways = math.prod(sizes[a] for a in axes)
-        if n % ways:
-            raise LoraShardingError(
-                f"leaf {path!r}: axis {dim} of {what} (shape {tuple(shape)}) has size {n}, "
-                f"which mesh axes {axes} ({ways} devices, spec {sharding.spec}) do not divide"
-            )
-
-
-def param_shardings(tree: Any, mesh: Any = None, *, rules: Rules | None = None) -> Any:
-    """The base params' shardings as a pytree of ``NamedSharding``.
-
-    Args:
-      tree: one of: a pytree of ``NamedSharding``; a pytree of
-        ``PartitionSpec`` (needs ``mesh``); Flax linen variables with
-        ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` boxes (e.g.
-        ``jax.eval_shape(model.init, ...)``); an NNX state whose variables
-        carry sharding annotations; or placed arrays (their ``.sharding``).
-        Leaves with no annotation are replicated.
-      mesh: the ``Mesh`` (or ``AbstractMesh``) for specs and boxes that carry none.
-      rules: logical-axis rules ``((logical, mesh_axes | None), ...)``. Linen
-        ``LogicallyPartitioned`` names are always logical (``rules``, else the
-        box's own, else flax's ``logical_axis_rules`` context); for specs and
-        NNX annotations, giving ``rules`` means the names are logical.
-
-    Returns:
-      A pytree of ``NamedSharding``, with linen boxes unboxed (so it matches
-      ``nn.unbox(variables)``) and NNX variables kept.
-
-    Raises:
-      LoraShardingError: an unknown or repeated mesh axis, a logical axis with
-        no rule, a spec longer than its array, or an axis the mesh does not
-        divide (when shapes are known); the message names the leaf path.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, lora_jax as lj
-      >>> import flax.linen as nn
-      >>> mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
-      >>> init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
-      >>> variables = jax.eval_shape(nn.Dense(16, kernel_init=init).init, jax.random.key(0),
-      ...                            jnp.ones((1, 8)))
-      >>> sh = lj.param_shardings(variables, mesh, rules=(("embed", "fsdp"), ("mlp", "tensor")))
-      >>> sh["params"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-      True
-    """
-    _, variables, _ = _flax_types()
-    rows, treedef = _entries_by_path(tree)
-    out = []
-    for path, entry in rows:
-        sharding, shape = _named(path, entry, mesh, rules)
-        if shape is not None:
-            _check_shape(path, sharding, shape)
-        out.append(entry.replace(sharding) if isinstance(entry, variables) else sharding)
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # -----------------------------------------------------------------------------
@@ -363,10 +146,10 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
       (('fsdp', None), (None, 'tensor'), (32, 8), (8, 64))
     """
     rows, treedef = leaves_with_paths(delta, is_leaf=lambda x: x is None or is_delta_leaf(x))
-    entries, _ = _entries_by_path(base_shardings)
+    entries, _ = entries_by_path(base_shardings)
     table = dict(entries)
     single = entries[0][1] if len(entries) == 1 and entries[0][0] == "" else None
-    out = []
+    out: list[Any] = []
     for path, f in rows:
         if f is None:
             out.append(None)
@@ -383,16 +166,16 @@ def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
                 f"leaf {path!r} has LoRA factors but base_shardings has no entry for it "
                 f"(entries: {sample}{', ...' if len(entries) > 6 else ''})"
             )
-        out.append(_entry_shardings(path, f, _named(path, entry, mesh, rules)[0]))
+        out.append(_entry_shardings(path, f, read_entry(path, entry, mesh, rules)[0]))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _entry_shardings(path: str, f: Any, sharding: NamedSharding) -> Any:
     """The shardings of one delta entry from its base leaf's ``sharding``."""
     if isinstance(f, LeafDelta):  # trained in full: the diff is sharded like its leaf
-        _check_shape(path, sharding, f.diff.shape, "the leaf")
+        check_shape(path, sharding, f.diff.shape, "the leaf")
         return LeafDelta(sharding)
-    _check_shape(path, sharding, f.kernel_shape)
+    check_shape(path, sharding, f.kernel_shape)
     a_spec, b_spec, m_spec = factor_specs(sharding.spec, f.layout)
     m = sharding.mesh
     new = f.replace(
@@ -400,15 +183,8 @@ def _entry_shardings(path: str, f: Any, sharding: NamedSharding) -> Any:
         magnitude=None if f.magnitude is None else NamedSharding(m, m_spec))
     for name in ("a", "b", "magnitude"):  # e.g. a stacked axis holding only some layers
         if getattr(f, name) is not None:
-            _check_shape(path, getattr(new, name), getattr(f, name).shape, f"its factor {name!r}")
+            check_shape(path, getattr(new, name), getattr(f, name).shape, f"its factor {name!r}")
     return new
-
-
-def _unboxed(params: Any) -> Any:
-    """``params`` with linen partitioning boxes removed."""
-    boxes, _, _ = _flax_types()
-    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, boxes) else x, params,
-                                  is_leaf=lambda x: isinstance(x, boxes))
 
 
 def _abstract(params: Any) -> Any:
@@ -430,8 +206,8 @@ def sharded_init_fn(key: jax.Array, params: Any, config: LoraConfig, base_shardi
     ``args`` is ``(key, params)``. ``init.lower(*args).compile().as_text()``
     shows the compiled program.
     """
-    unboxed = _unboxed(params)
-    abstract = _abstract(unboxed)
+    bare = unboxed(params)
+    abstract = _abstract(bare)
     if base_shardings is None:
         base_shardings = params
 
@@ -455,8 +231,7 @@ def sharded_init_fn(key: jax.Array, params: Any, config: LoraConfig, base_shardi
     if rewrites_base:
         try:
             out_shardings = (param_shardings(base_shardings, mesh, rules=rules), shardings)
-            if jax.tree_util.tree_structure(out_shardings[0]) != jax.tree_util.tree_structure(
-                    base_abstract):
+            if not _same_structure(out_shardings[0], base_abstract):
                 raise ValueError
         except (ValueError, LoraShardingError):
             raise LoraShardingError(
@@ -468,11 +243,11 @@ def sharded_init_fn(key: jax.Array, params: Any, config: LoraConfig, base_shardi
         fn = lambda k, p: (None, full(k, p)[1])  # noqa: E731
     if not reads_params:
         return jax.jit(lambda k: fn(k, abstract), out_shardings=out_shardings), (key,)
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(unboxed)):
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(bare)):
         raise LoraShardingError(
             f"this config (init={config.init!r}, use_dora={getattr(config, 'use_dora', False)}) "
             "reads the kernels' values: pass the params themselves, not ShapeDtypeStructs")
-    return jax.jit(fn, out_shardings=out_shardings), (key, unboxed)
+    return jax.jit(fn, out_shardings=out_shardings), (key, bare)
 
 
 def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shardings: Any = None,
@@ -540,13 +315,13 @@ _CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError,
 
 
 def _init_eagerly(key, params, config, base_shardings, mesh, rules, layouts):
-    unboxed = _unboxed(params)
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(unboxed)):
+    bare = unboxed(params)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(bare)):
         raise LoraShardingError(
             f"init={config.init!r} reads the kernels' values: pass the params themselves, "
             "not ShapeDtypeStructs")
     base_shardings = params if base_shardings is None else base_shardings
-    base, delta = init_lora(key, unboxed, config, layouts=layouts)
+    base, delta = init_lora(key, bare, config, layouts=layouts)
     delta = jax.device_put(delta, delta_shardings(base_shardings, delta, mesh, rules=rules))
     if config.init not in ("pissa", "olora"):  # the base is the params, not rewritten
         return unshared(params), delta
@@ -590,7 +365,6 @@ def opt_state_shardings(opt_state: Any, delta_shardings: Any) -> Any:
       >>> sh[0].mu["w"].a.spec == P("fsdp", None), sh[0].count.spec == P()
       (True, True)
     """
-    delta_def = jax.tree_util.tree_structure(delta_shardings)
     named = [s for s in jax.tree_util.tree_leaves(delta_shardings) if isinstance(s, NamedSharding)]
     if not named:
         raise LoraShardingError("delta_shardings holds no NamedSharding (an empty delta?)")
@@ -598,7 +372,7 @@ def opt_state_shardings(opt_state: Any, delta_shardings: Any) -> Any:
 
     def like_delta(x: Any) -> bool:
         try:
-            return jax.tree_util.tree_structure(x) == delta_def
+            return _same_structure(x, delta_shardings)
         except Exception:  # noqa: BLE001 -- exotic nodes simply do not match
             return False
 

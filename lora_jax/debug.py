@@ -23,7 +23,7 @@ _LOCK = threading.Lock()
 _REGISTERED = False
 
 
-def _dispatch(event: str, duration: float, **kwargs: Any) -> None:
+def _dispatch(event: str, duration_secs: float, **kwargs: str | int) -> None:
     """The one ``jax.monitoring`` listener: forwards compile events to the open counters."""
     if event == _EVENT:
         with _LOCK:

@@ -24,11 +24,19 @@ oldest supported version, else ``newest``.
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# The repository root, so tests import the examples, benchmarks and studies as packages
+# (``import examples.common.lm``); pytest's importlib mode does not add it.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def _randomize(tree, seed=0, scale=0.5):

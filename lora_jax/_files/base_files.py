@@ -19,6 +19,7 @@ or of another shape than the model's is a
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -87,32 +88,73 @@ def save_base(path: str | os.PathLike, params: Any) -> Path:
 
 
 def _header(path: Path, f: Any) -> dict[str, dict]:
-    """The per-leaf quantization records of the file's metadata, checked."""
+    """The per-leaf quantization records of the file's metadata, each checked."""
     raw = (f.metadata() or {}).get(META_KEY)
     if raw is None:
         return {}
     try:
         doc = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise LoraFileError(f"{path}: metadata {META_KEY!r} is not JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
         raise LoraFileError(f"{path}: unknown {META_KEY} format_version "
                             f"{doc.get('format_version') if isinstance(doc, dict) else doc!r}")
     records = doc.get("quantized", {})
+    if not isinstance(records, dict):
+        raise LoraFileError(f"{path}: {META_KEY} 'quantized' must be an object of per-leaf "
+                            f"records, got {type(records).__name__}")
     for leaf, rec in records.items():
-        ok = (isinstance(rec, dict) and rec.get("scheme") in SCHEMES
-              and isinstance(rec.get("shape"), list) and isinstance(rec.get("axes"), str)
-              and len(rec["axes"]) == len(rec["shape"])
-              and (rec.get("block_size") is None or isinstance(rec.get("block_size"), int)))
-        if not ok:
-            raise LoraFileError(f"{path}: quantization record of leaf {leaf!r} is invalid: {rec!r}")
+        problem = _record_problem(rec)
+        if problem:
+            raise LoraFileError(f"{path}: quantization record of leaf {leaf!r} is invalid "
+                                f"({problem}): {rec!r}"[:2000])
     return records
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _record_problem(rec: Any) -> str | None:
+    """What is wrong with one leaf's quantization record, or None (every field the reader
+    uses is checked here, so a damaged record is a LoraFileError, never a crash later)."""
+    if not isinstance(rec, dict):
+        return f"expected an object, got {type(rec).__name__}"
+    scheme, shape, axes = rec.get("scheme"), rec.get("shape"), rec.get("axes")
+    block, dq = rec.get("block_size"), rec.get("double_quant", False)
+    if scheme not in SCHEMES:
+        return f"scheme must be one of {list(SCHEMES)}"
+    if not (isinstance(shape, list) and shape and all(_is_int(d) and d > 0 for d in shape)):
+        return "shape must be a non-empty list of positive ints"
+    if not (isinstance(axes, str) and len(axes) == len(shape) and set(axes) <= set("sio")
+            and any(c != "s" for c in axes)):
+        return "axes must hold one of 's', 'i', 'o' per dimension, not only 's'"
+    try:
+        name = rec.get("dtype")
+        dtype = np.dtype(jnp.dtype(name)) if isinstance(name, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        return "dtype must name a floating dtype"
+    if not isinstance(dq, bool):
+        return "double_quant must be true or false"
+    layer = math.prod(d for d, c in zip(shape, axes) if c != "s")
+    if block is None:
+        if scheme == "nf4" or dq:
+            return "block_size null (per output channel) is for int4 / int8 without double_quant"
+        if "o" not in axes:
+            return "per-output-channel scales need an 'o' axis"
+    elif not (_is_int(block) and block > 0 and layer % block == 0):
+        return f"block_size must be a positive int dividing the {layer} weights of one layer"
+    if scheme != "int8" and layer % 2:
+        return f"{scheme} packs two codes per byte: one layer's {layer} weights must be even"
+    return None
 
 
 def _want(rec: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """The tensors a quantization record implies: ``{field: (shape, dtype)}``."""
-    return storage_shapes(tuple(int(d) for d in rec["shape"]), rec["scheme"], rec["block_size"],
-                          bool(rec.get("double_quant")), rec["axes"])
+    return storage_shapes(tuple(int(d) for d in rec["shape"]), rec["scheme"],
+                          rec.get("block_size"), bool(rec.get("double_quant")), rec["axes"])
 
 
 def _read_quantized(path: Path, f: Any, info: dict, leaf: str, rec: dict) -> QuantizedArray:
@@ -132,7 +174,7 @@ def _read_quantized(path: Path, f: Any, info: dict, leaf: str, rec: dict) -> Qua
     return QuantizedArray(arrays["codes"], arrays["scales"], arrays.get("dq_scales"),
                           arrays.get("dq_offset"), shape=shape, dtype=np.dtype(
                               jnp.dtype(rec["dtype"])), scheme=rec["scheme"],
-                          block_size=rec["block_size"], axes=rec["axes"])
+                          block_size=rec.get("block_size"), axes=rec["axes"])
 
 
 def load_base(path: str | os.PathLike, *, like: Any = None) -> Any:

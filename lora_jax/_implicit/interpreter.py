@@ -70,12 +70,14 @@ from jax.extend import core as jex
 from lora_jax._implicit import primitives as P
 from lora_jax._delta import LeafDelta
 from lora_jax._errors import LoraArgumentError, LoraFallbackWarning, LoraImplicitError
-from lora_jax._implicit.rules import conv_rule, dot_general_rule, gather_rule
+from lora_jax._implicit import rules
 from lora_jax._merge import align
 from lora_jax._quant.array import is_quantized
 from lora_jax._quant.lazy_kernel import LazyKernel
 from lora_jax._implicit.rebuild import Graph, input_chain
-from lora_jax._serving.stack import example_ids, is_stacked, stack_slots
+from lora_jax._serving import example_rules
+from lora_jax._serving.example_view import ExampleView, batch_ids
+from lora_jax._serving.stack import is_stacked
 from lora_jax._implicit.tracing import trace
 from lora_jax._implicit.view import LoraView
 
@@ -121,7 +123,7 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
     example's slot (``-1``: the base alone), and every use of a stacked kernel
     computes ``x_e @ W + s_{id_e} (x_e @ A_{id_e}) @ B_{id_e}`` for each
     example ``e``, in one program: each example's factors are gathered once
-    (``(batch, ..., R)``, see :func:`~lora_jax._serving.stack.gather_slots` for their
+    (``(batch, ..., R)``, see :func:`~lora_jax._serving.example_view.gather_slots` for their
     sharding) and the branch is a batched matmul. The example axis of an
     input ``x`` is its leading free axis (the first axis that is neither
     contracted with the kernel nor a stacked-layer batch axis; a conv's batch
@@ -149,13 +151,7 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
         rows, treedef = align(base, delta, stacked_ok=True)
         closed, out_shape, dynamic = trace(fn, treedef, [_traced(leaf) for _, leaf, _ in rows],
                                            args, kwargs)
-        stacked = [path for path, _, f in rows if is_stacked(f)]
-        if stacked or adapter_ids is not None:
-            ids = _example_ids(rows, stacked, adapter_ids)
-            invals = [LoraView.of_stacked(path, _kernel(leaf), f, *ids, adapter_ids)
-                      if is_stacked(f) else _input(path, leaf, f) for path, leaf, f in rows]
-        else:
-            invals = [_input(path, leaf, f) for path, leaf, f in rows]
+        invals = _inputs(rows, adapter_ids)
         ctx = Context(strict, dropout if lora_dropout_key is not None else 0.0,
                       lora_dropout_key, rebuild_inputs)
         outs = evaluate(ctx, closed.jaxpr, closed.consts, invals + list(dynamic))
@@ -164,18 +160,15 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
     return wrapped
 
 
-def _example_ids(rows: list, stacked: list[str], adapter_ids: Any) -> tuple[Any, Any]:
-    """``(slot index, valid)`` per example, checked against the stack's slot count."""
-    if adapter_ids is None:
-        raise LoraArgumentError(
-            f"the delta holds adapter stacks (at {stacked[:3]}); pass adapter_ids=(batch,) ids "
-            "choosing each example's slot (-1: the base alone)")
-    if not stacked:
-        raise LoraArgumentError(
-            "adapter_ids was given but the delta holds no adapter stack (build one with "
-            "lora_jax.stack_adapters)")
-    slots = stack_slots({path: f for path, _, f in rows if is_stacked(f)})
-    return example_ids(adapter_ids, slots)
+def _inputs(rows: list, adapter_ids: Any) -> list[Any]:
+    """What the interpreter carries for each params leaf; with adapter stacks, each stacked
+    kernel as an :class:`ExampleView` (every example's factors gathered here, once)."""
+    stacks = {path: f for path, _, f in rows if is_stacked(f)}
+    if not stacks and adapter_ids is None:
+        return [_input(path, leaf, f) for path, leaf, f in rows]
+    index, valid = batch_ids(adapter_ids, stacks)
+    return [ExampleView.of(path, _kernel(leaf), f, index, valid, adapter_ids) if is_stacked(f)
+            else _input(path, leaf, f) for path, leaf, f in rows]
 
 
 def _kernel(leaf: Any) -> Any:
@@ -210,6 +203,11 @@ def bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def is_view(value: Any) -> bool:
+    """True for a kernel the interpreter carries as a view (one adapter's, or per example)."""
+    return isinstance(value, (LoraView, ExampleView))
+
+
 # ---- one evaluation's settings and state ---------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +227,7 @@ class Frame:
         if chain is None:
             return None
         leaves = tuple(self.env[v] for v in chain.leaves)
-        if any(isinstance(v, LoraView) for v in leaves):
+        if any(is_view(v) for v in leaves):
             return None
         return leaves, functools.partial(chain.rebuild, bind)
 
@@ -281,9 +279,9 @@ class Context:
 
     def dense(self, value: Any, where: str) -> Any:
         """``value``, or the materialised kernel if it is a view (after a warning)."""
-        if not isinstance(value, LoraView):
+        if not is_view(value):
             return value
-        if value.ex_scale is not None:
+        if isinstance(value, ExampleView):
             raise LoraImplicitError(
                 f"kernel {value.path!r} has per-example adapters (adapter_ids) and reaches "
                 f"{where!r}, which has no low-rank rule: there is no single dense kernel to "
@@ -327,7 +325,7 @@ def evaluate(ctx: Context, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any
     ctx = dataclasses.replace(ctx, frame=Frame(jaxpr, env))
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(v, LoraView) for v in invals):
+        if any(is_view(v) for v in invals):
             outs = apply_rule(ctx, eqn, invals)
         else:
             outs = bind(eqn, invals)
@@ -402,7 +400,7 @@ def _slice(ctx: Context, eqn: Any, invals: list) -> list | None:
 
 def _dynamic_slice(ctx: Context, eqn: Any, invals: list) -> list | None:
     """``w[i]`` of a stack (e.g. in a ``fori_loop`` over layers) cuts the factors too."""
-    if any(isinstance(v, LoraView) for v in invals[1:]):
+    if any(is_view(v) for v in invals[1:]):
         return None
     out = invals[0].slice_stack(list(invals[1:]), list(eqn.params["slice_sizes"]),
                                 _cut_dynamic)
@@ -412,7 +410,7 @@ def _dynamic_slice(ctx: Context, eqn: Any, invals: list) -> list | None:
 def _sharding_constraint(ctx: Context, eqn: Any, invals: list) -> list | None:
     """A constraint on a kernel constrains the frozen ``W``; the factors keep theirs."""
     view = invals[0]
-    if len(invals) != 1 or not isinstance(view, LoraView):
+    if len(invals) != 1 or not is_view(view):
         return None
     return [view.replace(w=bind(eqn, [view.w])[0])]
 
@@ -421,28 +419,33 @@ def _sharding_constraint(ctx: Context, eqn: Any, invals: list) -> list | None:
 
 def _dot_general(ctx: Context, eqn: Any, invals: list) -> list | None:
     lhs, rhs = invals
-    if isinstance(rhs, LoraView):
+    if is_view(rhs):
         x, view, kernel_is_rhs = ctx.dense(lhs, P.DOT_GENERAL), rhs, True
     else:
         x, view, kernel_is_rhs = rhs, lhs, False
-    source = ctx.frame.source(eqn.invars[0 if kernel_is_rhs else 1]) if ctx.rebuild else None
-    out = dot_general_rule(x, view, kernel_is_rhs, eqn.params, ctx.dropout(), source)
+    if isinstance(view, ExampleView):
+        out = example_rules.dot_general_rule(x, view, kernel_is_rhs, eqn.params, ctx.dropout())
+    else:
+        source = ctx.frame.source(eqn.invars[0 if kernel_is_rhs else 1]) if ctx.rebuild else None
+        out = rules.dot_general_rule(x, view, kernel_is_rhs, eqn.params, ctx.dropout(), source)
     return None if out is None else [out]
 
 
 def _conv(ctx: Context, eqn: Any, invals: list) -> list | None:
     x, view = invals
-    if isinstance(x, LoraView) or not isinstance(view, LoraView):
+    if is_view(x) or not is_view(view):
         return None
-    out = conv_rule(x, view, eqn.params, ctx.dropout())
+    rule = example_rules.conv_rule if isinstance(view, ExampleView) else rules.conv_rule
+    out = rule(x, view, eqn.params, ctx.dropout())
     return None if out is None else [out]
 
 
 def _gather(ctx: Context, eqn: Any, invals: list) -> list | None:
     view, indices = invals
-    if not isinstance(view, LoraView) or isinstance(indices, LoraView):
+    if not is_view(view) or is_view(indices):
         return None
-    out = gather_rule(view, indices, eqn.params)
+    rule = example_rules.gather_rule if isinstance(view, ExampleView) else rules.gather_rule
+    out = rule(view, indices, eqn.params)
     return None if out is None else [out]
 
 
@@ -521,7 +524,7 @@ def scanned(ctx: Context, value: Any) -> Any:
     ``lax.scan`` then slices the returned view's leading axes (``w``'s first
     axis, the scanned stacked axis of ``a``, ``b`` and the magnitude, moved first).
     """
-    if not isinstance(value, LoraView):
+    if not is_view(value):
         return value
     axis_role = value.roles[0]
     if axis_role[0] != "s":

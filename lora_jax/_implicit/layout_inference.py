@@ -56,7 +56,7 @@ from lora_jax._implicit.interpreter import RULES, Context, scanned
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
 from lora_jax._implicit.tracing import trace
-from lora_jax._implicit.view import LoraView, _reshape_blocks
+from lora_jax._implicit.view import LoraView, reshape_blocks, roles_of
 
 #: A path step that is not an eqn: the kernel was scanned over its first axis.
 _SCANNED = "scanned"
@@ -193,8 +193,8 @@ def _reshape(eqn: Any, ins: list, uses: Uses) -> list:
     (a size-1 piece of a split axis).
     """
     t = ins[0]
-    blocks = None if t is None else _reshape_blocks(tuple(eqn.invars[0].aval.shape),
-                                                    tuple(eqn.outvars[0].aval.shape))
+    blocks = None if t is None else reshape_blocks(tuple(eqn.invars[0].aval.shape),
+                                                   tuple(eqn.outvars[0].aval.shape))
     if blocks is None:
         return _none(eqn)
     groups: list[tuple[int, ...]] = [()] * len(eqn.outvars[0].aval.shape)
@@ -356,9 +356,8 @@ def _operands(eqn: Any) -> list[Any]:
 def _abstract_view(t: _Tracked, layout: str) -> LoraView:
     """A rank-1 view of ``t``'s leaf with ``layout``, as ``implicit`` would carry it."""
     a_shape, b_shape = KernelLayout(layout).factor_shapes(t.shape, rank=1)
-    roles = tuple((c, layout[:n].count(c)) for n, c in enumerate(layout))
-    return LoraView(jnp.zeros(t.shape, t.dtype), jnp.zeros(a_shape), jnp.zeros(b_shape), roles,
-                    1.0, jnp.dtype(t.dtype), t.path)
+    return LoraView(jnp.zeros(t.shape, t.dtype), jnp.zeros(a_shape), jnp.zeros(b_shape),
+                    roles_of(layout), 1.0, jnp.dtype(t.dtype), t.path)
 
 
 #: ``{primitive name: step}``: how a tracked kernel passes through each primitive

@@ -8,19 +8,22 @@ does not fit the low-rank form (the interpreter then materialises the kernel).
 * ``dot_general``: the kernel's contracted axes must be exactly its fan-in
   axes (``x @ W``) or exactly its fan-out axes (``x @ W.T``, as in
   ``Embed.attend``), and its batch axes exactly its stacked axes. The input is
-  flattened to ``(*stack, M, K)`` so both low-rank products are plain
-  ``[M, K] @ [K, r]`` and ``[M, r] @ [r, N]`` matmuls, and :func:`low_rank`'s
-  custom VJP keeps every backward product in that canonical form, transposing
-  only rank-``r`` operands (XLA:CPU otherwise writes cotangents in transposed
-  layouts, see ``docs/design.md``).
+  flattened to ``(*stack, M, K)`` (:class:`DotAxes`) so both low-rank products
+  are plain ``[M, K] @ [K, r]`` and ``[M, r] @ [r, N]`` matmuls, and
+  :func:`~lora_jax._implicit.low_rank.low_rank`'s custom VJP keeps every
+  backward product in that canonical form.
 * ``conv_general_dilated``: ``A`` is a conv with the full window into ``r``
   channels, ``B`` a 1x1 conv (a matmul over the channel axis), as in PEFT.
 * ``gather`` (embedding lookup): gather the rows of ``A``, then ``@ B``.
+
+The axis bookkeeping of each (:class:`DotAxes`, :func:`conv_axes`,
+:func:`gather_axes`) and the base products are shared with the rules for a
+batch of mixed adapters (:mod:`lora_jax._serving.example_rules`).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -28,159 +31,94 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._errors import LoraArgumentError
+from lora_jax._implicit.low_rank import low_rank, low_rank_rebuilt
 from lora_jax._implicit.view import LoraView
 
 Array = jax.Array
+Dropout = Callable[[Array], Array]
+Source = tuple[tuple, Callable[[tuple], Array]]
 
 
-def _mT(x: Array) -> Array:
-    return jnp.swapaxes(x, -1, -2)
+# ---- dot_general ----------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class DotAxes:
+    """``dot_general(x, W)`` (or ``(W, x)``) as the product ``(*stack, M, K) @ (*stack, K, N)``.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def low_rank(x: Array, a: Array, b: Array, scale: float, precision: Any = None) -> Array:
-    """``scale * (x @ a) @ b`` with a layout-friendly backward.
-
-    Args:
-      x: ``(*batch, M, K)``.
-      a: ``(*batch, K, r)``.
-      b: ``(*batch, r, N)``.
-      scale: the LoRA scale ``s``.
-      precision: passed to every matmul.
-
-    Returns:
-      ``(*batch, M, N)``.
-
-    Not differentiated, it is two matmuls. Under differentiation the forward
-    forms ``u @ b`` with :func:`expand`, and the backward, with
-    ``u = s * x @ a`` saved from the forward and ``g`` the output cotangent, is::
-
-      dB = u^T @ g            (r, M) @ (M, N)
-      du = s * g @ b^T        (M, N) @ (N, r)
-      dA = (du^T @ x)^T       (r, M) @ (M, K), then a rank-r transpose
-      dx = du @ a^T           (M, r) @ (r, K), with expand
+    Attributes:
+      kernel_is_rhs: the kernel is ``dot_general``'s second operand.
+      contracted: the role of the kernel's contracted axes: ``"i"`` (``x @ W``)
+        or ``"o"`` (``x @ W.T``).
+      x_perm: ``x``'s axes in canonical order: batch axes in stack order, free
+        axes, contracted axes in factor order.
+      stack: the sizes of the stacked (batch) axes.
+      m_shape: the sizes of ``x``'s free axes (``M`` is their product).
+      k: ``K``, the product of the contracted sizes.
+      out_shape: the sizes of the kernel's free axes in factor order (``N``).
+      out_order: ``(*stack, *m_shape, *out_shape)`` -> ``dot_general``'s output
+        order (batch axes, then lhs free, then rhs free).
+      kb: the kernel's batch axes; k_free: its free axes.
 
     Example:
-      >>> x, a, b = jnp.ones((5, 3)), jnp.ones((3, 2)), jnp.ones((2, 4))
-      >>> low_rank(x, a, b, 0.5).shape
-      (5, 4)
+      >>> from lora_jax import KernelLayout, LoraFactors
+      >>> f = LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3)), alpha=1.0,
+      ...                 layout=KernelLayout("io"))
+      >>> view = LoraView.of("w", jnp.ones((4, 3)), f)
+      >>> dims = {"dimension_numbers": (((2,), (0,)), ((), ()))}
+      >>> d = DotAxes.of(jnp.ones((5, 6, 4)), view, True, dims)
+      >>> d.contracted, d.x_perm, d.m_shape, d.k, d.out_shape, d.out_order
+      ('i', [0, 1, 2], (5, 6), 4, (3,), [0, 1, 2])
     """
-    return jnp.matmul(_scaled_u(x, a, scale, precision), b, precision=precision)
 
+    kernel_is_rhs: bool
+    contracted: str
+    x_perm: list[int]
+    stack: tuple[int, ...]
+    m_shape: tuple[int, ...]
+    k: int
+    out_shape: tuple[int, ...]
+    out_order: list[int]
+    kb: tuple[int, ...]
+    k_free: list[int]
 
-def _scaled_u(x: Array, a: Array, scale: float, precision: Any) -> Array:
-    """``u = s * x @ a``, ``(*batch, M, r)``."""
-    return jnp.matmul(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
+    @staticmethod
+    def of(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict) -> "DotAxes | None":
+        """The axes of one use, or None when it does not fit (see :func:`dot_general_rule`)."""
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
+        contracted = _contracted_role(view, kc, kb)
+        if contracted is None:
+            return None
+        in_role_order = lambda ks, xs: [  # noqa: E731
+            x_d for _, x_d in sorted(zip((view.roles[d][1] for d in ks), xs))]
+        xb_sorted, xc_sorted = in_role_order(kb, xb), in_role_order(kc, xc)
+        x_free = [d for d in range(x.ndim) if d not in xb and d not in xc]
+        k_free = [d for d in range(len(view.roles)) if d not in kc and d not in kb]
+        ns, nm = view.n_stack, len(x_free)
+        x_axes = [ns + i for i in range(nm)]
+        k_axes = [ns + nm + view.roles[d][1] for d in k_free]
+        return DotAxes(
+            kernel_is_rhs, contracted, xb_sorted + x_free + xc_sorted,
+            tuple(x.shape[d] for d in xb_sorted), tuple(x.shape[d] for d in x_free),
+            math.prod(x.shape[d] for d in xc),
+            tuple(view.shape[d] for d in sorted(k_free, key=lambda d: view.roles[d][1])),
+            [view.roles[d][1] for d in kb] + (x_axes + k_axes if kernel_is_rhs
+                                               else k_axes + x_axes),
+            tuple(kb), k_free)
 
+    def canonical(self, v: Array) -> Array:
+        """An input ``v`` shaped like ``x`` as ``(*stack, M, K)``."""
+        v = v if self.x_perm == list(range(v.ndim)) else jnp.transpose(v, self.x_perm)
+        return v.reshape(self.stack + (math.prod(self.m_shape), self.k))
 
-#: Largest rank for which :func:`expand` sums outer products on CPU.
-OUTER_MAX_RANK = 16
-
-
-def expand(u: Array, b: Array, precision: Any = None) -> Array:
-    """``u @ b`` for a rank-``r`` inner axis: ``(*batch, M, r) @ (*batch, r, N)``.
-
-    On CPU, for ``r <= OUTER_MAX_RANK``, computed as ``sum_j u[:, j] * b[j, :]``
-    (accumulated in float32): XLA fuses that sum, and the add that follows it,
-    into the neighbouring full-size matmul, so ``x @ W + s * (x @ A) @ B`` is
-    written once, as one array, where a matmul would write the ``(M, N)``
-    product separately. Used where the result is differentiated: a non-linear
-    consumer (GELU after ``fc1``) then keeps one array for its backward, not
-    the two summands. Elsewhere, and for larger ``r``, a matmul.
-
-    Example:
-      >>> u, b = jnp.ones((5, 2)), jnp.ones((2, 4))
-      >>> bool(jnp.allclose(expand(u, b), u @ b))
-      True
-    """
-    r = u.shape[-1]
-    if r > OUTER_MAX_RANK or jax.default_backend() != "cpu":
-        return jnp.matmul(u, b, precision=precision)
-    acc = jnp.promote_types(u.dtype, jnp.float32)
-    terms = u.astype(acc)[..., :, :, None] * b.astype(acc)[..., None, :, :]
-    return terms.sum(-2).astype(jnp.result_type(u, b))
-
-
-def _low_rank_fwd(x, a, b, scale, precision):
-    u = _scaled_u(x, a, scale, precision)
-    return expand(u, b, precision), (x, a, b, u)
-
-
-def _grads(scale, precision, x, a, b, u, g):
-    """``(dx, dA, dB)`` of ``s * (x @ a) @ b`` with canonical matmuls only."""
-    g = g.astype(u.dtype)
-    db = jnp.matmul(_mT(u), g, precision=precision)
-    du = jnp.matmul(g, _mT(b), precision=precision) * jnp.asarray(scale, g.dtype)
-    if callable(x):  # rebuilt in the backward, after dB (see low_rank_rebuilt)
-        x = x(db)
-    da = _mT(jnp.matmul(_mT(du), x, precision=precision))
-    dx = expand(du, _mT(a), precision)
-    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
-
-
-def _low_rank_bwd(scale, precision, res, g):
-    return _grads(scale, precision, *res, g)
-
-
-low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def low_rank_rebuilt(x: Array, leaves: tuple, a: Array, b: Array, scale: float,
-                     precision: Any, rebuild: Callable[[tuple], Array]) -> Array:
-    """:func:`low_rank` that saves ``leaves`` instead of ``x`` for the backward.
-
-    ``rebuild(leaves)`` must equal ``x``; the backward recomputes ``x`` from
-    ``leaves``, tied to ``dB`` (see :func:`_after`) so that XLA cannot reuse
-    the forward's ``x`` and keep it alive. Cotangents flow to ``x`` only: the
-    leaves get none through this branch. Worth it when ``x`` is a cheap
-    elementwise function of values the backward keeps anyway (see
-    :mod:`lora_jax._implicit.rebuild`).
-
-    Example:
-      >>> h, a, b = jnp.ones((5, 3)), jnp.ones((3, 2)), jnp.ones((2, 4))
-      >>> y = low_rank_rebuilt(jnp.tanh(h), (h,), a, b, 0.5, None, lambda l: jnp.tanh(l[0]))
-      >>> bool(jnp.allclose(y, low_rank(jnp.tanh(h), a, b, 0.5)))
-      True
-    """
-    return low_rank(x, a, b, scale, precision)
-
-
-def _rebuilt_fwd(x, leaves, a, b, scale, precision, rebuild):
-    y, (_, _, _, u) = _low_rank_fwd(x, a, b, scale, precision)
-    return y, (leaves, a, b, u)
-
-
-def _after(leaves: tuple, db: Array) -> tuple:
-    """``leaves``, made to depend on ``dB`` so that XLA computes their use in the backward.
-
-    Otherwise XLA merges the rebuilt ``x`` with the forward's and keeps that
-    alive (``lax.optimization_barrier`` does not survive XLA:CPU's passes).
-    Adding ``0 * dB[0, 0]`` changes no finite value (a non-finite ``dB`` makes
-    the gradients non-finite already), and ``dB`` is small and, in a sharded
-    step, already reduced: reading one element of it adds no collective.
-    """
-    if not db.size:
-        return leaves
-    zero = db.reshape(-1)[0] * 0
-    return tuple(v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v
-                 for v in leaves)
-
-
-def _rebuilt_bwd(scale, precision, rebuild, res, g):
-    leaves, a, b, u = res
-    x = lambda db: rebuild(_after(leaves, db))  # noqa: E731
-    dx, da, db = _grads(scale, precision, x, a, b, u, g)
-    return dx, jax.tree.map(lambda _: None, leaves), da, db
-
-
-low_rank_rebuilt.defvjp(_rebuilt_fwd, _rebuilt_bwd)
+    def restore(self, y: Array) -> Array:
+        """A canonical ``(*stack, M, N)`` result in ``dot_general``'s output shape and order."""
+        y = y.reshape(self.stack + self.m_shape + self.out_shape)
+        return jnp.transpose(y, self.out_order)
 
 
 def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict,
-                     dropout: Callable[[Array], Array] | None = None,
-                     source: tuple[tuple, Callable[[tuple], Array]] | None = None
+                     dropout: Dropout | None = None, source: Source | None = None
                      ) -> Array | None:
     """``dot_general(x, W)`` (or ``dot_general(W, x)``) with ``W`` a LoRA view.
 
@@ -189,113 +127,57 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     axes. ``dropout``, if given, is applied to ``x`` in the low-rank branch only.
     ``source``, if given, is ``(leaves, rebuild)`` with ``rebuild(leaves) == x``:
     the backward then keeps ``leaves`` instead of ``x`` (see
-    :func:`low_rank_rebuilt`); it is ignored under dropout.
-    """
-    (lc, rc), (lb, rb) = params["dimension_numbers"]
-    xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
-    contracted = _contracted_role(view, kc, kb)
-    if contracted is None:
-        return None
-    fa, fb, free_kind = view.factor_pair(contracted)
-    ns = view.n_stack
-    # x as (*stack, M, K): batch axes in stack order, free axes, contracted axes in factor order.
-    xb_sorted = [x_d for _, x_d in sorted(zip((view.roles[d][1] for d in kb), xb))]
-    xc_sorted = [x_d for _, x_d in sorted(zip((view.roles[d][1] for d in kc), xc))]
-    x_free = [d for d in range(x.ndim) if d not in xb and d not in xc]
-    perm = xb_sorted + x_free + xc_sorted
-    stack = tuple(x.shape[d] for d in xb_sorted)
-    m_shape = tuple(x.shape[d] for d in x_free)
-    if view.ex_scale is not None:
-        _check_examples(view, m_shape[0] if m_shape else 0)
-    r = fa.shape[-1]
-    out_shape = fb.shape[ns + view.n_ex + 1:]
-    dtype = view.dtype
-
-    def base_product(x_: Array, w: Array) -> Array:
-        return lax.dot_general_p.bind(*((x_, w) if kernel_is_rhs else (w, x_)), **params)
-
-    if r == 0:  # a quantized kernel without factors: the base product alone
-        return view.with_frozen(base_product, x)
-
-    def canonical(v: Array) -> Array:  # (*stack, M, K)
-        v = v if perm == list(range(v.ndim)) else jnp.transpose(v, perm)
-        return v.reshape(stack + (math.prod(m_shape), math.prod(fa.shape[ns + view.n_ex:-1])))
-
-    precision = params.get("precision")
-    factors = lambda: (fa.astype(dtype).reshape(stack + (-1, r)),  # noqa: E731
-                       fb.astype(dtype).reshape(stack + (r, math.prod(out_shape))))
-    if view.ex_scale is not None:  # mixed adapters: one factor pair per example
-        xd = x if dropout is None else dropout(x)
-        y = per_example_low_rank(canonical(xd), fa.astype(dtype), fb.astype(dtype),
-                                 view.ex_scale, ns, precision, view.path)
-    elif source is None or dropout is not None:
-        xd = x if dropout is None else dropout(x)
-        y = low_rank(canonical(xd), *factors(), view.scale, precision)
-    else:
-        leaves, rebuild = source
-        y = low_rank_rebuilt(canonical(x), leaves, *factors(), view.scale, precision,
-                             lambda ls: canonical(rebuild(ls)))
-    y = y.reshape(stack + m_shape + out_shape)
-    # dot_general's output order: batch (in the operands' order), then lhs free, then rhs free.
-    k_free = [d for d in range(len(view.roles)) if d not in kc and d not in kb]
-    batch_axes = [view.roles[d][1] for d in kb]
-    x_axes = [ns + i for i in range(len(m_shape))]
-    k_axes = [ns + len(m_shape) + view.roles[d][1] for d in k_free]
-    order = batch_axes + (x_axes + k_axes if kernel_is_rhs else k_axes + x_axes)
-    y = jnp.transpose(y, order)
-    base = view.with_frozen(base_product, x)
-    out = base + y.astype(base.dtype)
-    if view.magnitude is None:
-        return out
-    return out * _dora_dot_ratio(view, kb, k_free, len(m_shape), kernel_is_rhs).astype(out.dtype)
-
-
-def per_example_low_rank(x: Array, fa: Array, fb: Array, scale: Array, n_stack: int,
-                         precision: Any, path: str) -> Array:
-    """``s_e * (x_e @ A_e) @ B_e`` for every example ``e``: the mixed-adapter branch.
-
-    Args:
-      x: ``(*stack, M, K)`` with ``M = batch * M'`` example-major (the example
-        axis is the leading free axis of the kernel's input).
-      fa: ``(batch, *stack, *contracted, r)``: each example's gathered factor.
-      fb: ``(batch, *stack, r, *free)``.
-      scale: ``(batch,)``: each example's scale (0 for the base alone).
-      n_stack: the number of stacked axes.
-      precision: passed to both matmuls.
-      path: the kernel's leaf path, for the error.
-
-    Returns:
-      ``(*stack, M, N)``. Two batched matmuls over the example axis
-      (``(B, M', K) @ (B, K, r)``, then ``@ (B, r, N)``): the low-rank FLOPs
-      of one adapter, whatever the mix. Plain autodiff: gradients are exact.
+    :func:`~lora_jax._implicit.low_rank.low_rank_rebuilt`); it is ignored under dropout.
 
     Example:
-      >>> x, a, b = jnp.ones((6, 3)), jnp.ones((2, 3, 1)), jnp.ones((2, 1, 4))
-      >>> per_example_low_rank(x, a, b, jnp.array([1.0, 0.0]), 0, None, "w")[:, 0].tolist()
-      [3.0, 3.0, 3.0, 0.0, 0.0, 0.0]
+      >>> from lora_jax import KernelLayout, LoraFactors
+      >>> f = LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3)), alpha=2.0,
+      ...                 layout=KernelLayout("io"))
+      >>> view = LoraView.of("w", jnp.zeros((4, 3)), f)
+      >>> x = jnp.ones((1, 4))
+      >>> params = jax.make_jaxpr(jnp.matmul)(x, view.w).eqns[0].params
+      >>> dot_general_rule(x, view, True, params).tolist()   # s * (x @ A) @ B = 1 * 4 * 2
+      [[8.0, 8.0, 8.0]]
     """
-    n_ex, r = fa.shape[0], fa.shape[-1]
-    stack, (m, k) = x.shape[:n_stack], x.shape[n_stack:]
-    if m % n_ex:
-        raise _ids_error(path, n_ex, m)
-    xe = x.reshape(stack + (n_ex, m // n_ex, k))
-    a = jnp.moveaxis(fa.reshape((n_ex,) + stack + (k, r)), 0, n_stack)          # (*stack, B, K, r)
-    b = jnp.moveaxis(fb.reshape((n_ex,) + stack + (r, -1)), 0, n_stack)         # (*stack, B, r, N)
-    u = jnp.matmul(xe, a, precision=precision) * scale.astype(x.dtype)[:, None, None]
-    y = jnp.matmul(u, b, precision=precision)
-    return y.reshape(stack + (m, b.shape[-1]))
+    dot = DotAxes.of(x, view, kernel_is_rhs, params)
+    if dot is None:
+        return None
+    fa, fb = view.factor_pair(dot.contracted)
+    if view.rank == 0:  # a quantized kernel without factors: the base product alone
+        return dot_base(view, x, params, kernel_is_rhs)
+    y = _branch(x, view, dot, fa, fb, params.get("precision"), dropout, source)
+    out = plus_base(dot.restore(y), view, x, params, kernel_is_rhs)
+    if view.magnitude is None:
+        return out
+    return out * _dora_dot_ratio(view, dot).astype(out.dtype)
 
 
-def _ids_error(path: str, n_ex: int, size: Any) -> Exception:
-    return LoraArgumentError(
-        f"kernel {path!r}: adapter_ids has {n_ex} entries but the input's example axis (its "
-        f"leading free axis) has size {size}; give one id per example of the batch")
+def _branch(x: Array, view: LoraView, dot: DotAxes, fa: Array, fb: Array, precision: Any,
+            dropout: Dropout | None, source: Source | None) -> Array:
+    """``s (x @ A) @ B`` as ``(*stack, M, N)``: saving ``x``, or rebuilding it from ``source``."""
+    r = fa.shape[-1]
+    factors = lambda: (fa.astype(view.dtype).reshape(dot.stack + (-1, r)),  # noqa: E731
+                       fb.astype(view.dtype).reshape(dot.stack + (r, math.prod(dot.out_shape))))
+    if source is None or dropout is not None:
+        xd = x if dropout is None else dropout(x)
+        return low_rank(dot.canonical(xd), *factors(), view.scale, precision)
+    leaves, rebuild = source
+    return low_rank_rebuilt(dot.canonical(x), leaves, *factors(), view.scale, precision,
+                            lambda ls: dot.canonical(rebuild(ls)))
 
 
-def _check_examples(view: LoraView, size: int) -> None:
-    """The example axis of a mixed-adapter input must have one entry per id."""
-    if size != view.ex_scale.shape[-1]:
-        raise _ids_error(view.path, view.ex_scale.shape[-1], size)
+def dot_base(view: LoraView, x: Array, params: dict, kernel_is_rhs: bool) -> Array:
+    """The base product ``dot_general(x, stop_gradient(W))`` as the model wrote it."""
+    def product(x_: Array, w: Array) -> Array:
+        return lax.dot_general_p.bind(*((x_, w) if kernel_is_rhs else (w, x_)), **params)
+
+    return view.with_frozen(product, x)
+
+
+def plus_base(y: Array, view: LoraView, x: Array, params: dict, kernel_is_rhs: bool) -> Array:
+    """The base product plus the branch ``y`` (already in the output's shape and order)."""
+    base = dot_base(view, x, params, kernel_is_rhs)
+    return base + y.astype(base.dtype)
 
 
 def _contracted_role(view: LoraView, kc: Sequence[int], kb: Sequence[int]) -> str | None:
@@ -315,25 +197,26 @@ def _contracted_role(view: LoraView, kc: Sequence[int], kb: Sequence[int]) -> st
     return contracted
 
 
-def _dora_dot_ratio(view: LoraView, kb: Sequence[int], k_free: Sequence[int], n_x_free: int,
-                    kernel_is_rhs: bool) -> Array:
+def _dora_dot_ratio(view: LoraView, dot: DotAxes) -> Array:
     """DoRA's ``m / ||W + sAB||`` arranged to broadcast against ``dot_general``'s output
     (batch axes, then lhs free, then rhs free)."""
     ns = view.n_stack
-    ratio = jnp.transpose(view.dora_ratio(),
-                          [view.roles[d][1] for d in kb] + [ns + view.roles[d][1] for d in k_free])
-    sizes = [view.shape[d] for d in k_free]
-    ones = [1] * n_x_free
-    batch = [view.shape[d] for d in kb]
-    return ratio.reshape(batch + (ones + sizes if kernel_is_rhs else sizes + ones))
+    ratio = jnp.transpose(view.dora_ratio(), [view.roles[d][1] for d in dot.kb]
+                          + [ns + view.roles[d][1] for d in dot.k_free])
+    sizes = [view.shape[d] for d in dot.k_free]
+    ones = [1] * len(dot.m_shape)
+    batch = [view.shape[d] for d in dot.kb]
+    return ratio.reshape(batch + (ones + sizes if dot.kernel_is_rhs else sizes + ones))
 
 
-def conv_rule(x: Array, view: LoraView, params: dict,
-              dropout: Callable[[Array], Array] | None = None) -> Array | None:
-    """``conv_general_dilated(x, W)``: a full-window conv into ``r`` channels, then ``@ B``.
+# ---- conv_general_dilated ---------------------------------------------------------------------
 
-    Returns ``None`` for grouped convs, stacked kernels, or a kernel whose
-    output-feature axis is not its only fan-out axis.
+def conv_axes(view: LoraView, params: dict) -> tuple[list[int], int] | None:
+    """``(perm, feature)``: ``perm`` transposes ``A`` ``(*fan_in, r)`` into the conv kernel's
+    axis order with ``r`` as its output features; ``feature`` is the output's feature axis.
+
+    None for grouped convs, stacked kernels, or a kernel whose output-feature axis
+    is not its only fan-out axis.
     """
     if params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or view.n_stack:
         return None
@@ -341,44 +224,46 @@ def conv_rule(x: Array, view: LoraView, params: dict,
     o_dim = dn.rhs_spec[0]
     if view.roles[o_dim] != ("o", 0) or sum(k == "o" for k, _ in view.roles) != 1:
         return None
-    dtype = view.dtype
-    if view.a.shape[-1] == 0:  # a quantized kernel without factors
-        return view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
     n_in = len(view.roles) - 1
-    perm = [n_in if d == o_dim else j for d, (_, j) in enumerate(view.roles)]
-    feat = dn.out_spec[1]
-    if view.ex_scale is not None:  # mixed adapters: each example's conv with its own factors
-        _check_examples(view, x.shape[dn.lhs_spec[0]])
-        xb, ob = dn.lhs_spec[0], dn.out_spec[0]
+    return [n_in if d == o_dim else j for d, (_, j) in enumerate(view.roles)], dn.out_spec[1]
 
-        def one(x_i: Array, a_i: Array, b_i: Array, s_i: Array) -> Array:
-            u = lax.conv_general_dilated_p.bind(jnp.expand_dims(x_i, xb),
-                                                jnp.transpose(a_i.astype(dtype), perm), **params)
-            u = jnp.moveaxis(u, feat, -1) * s_i.astype(u.dtype)
-            return jnp.squeeze(jnp.moveaxis(jnp.matmul(u, b_i.astype(dtype)), -1, feat), ob)
 
-        xd = x if dropout is None else dropout(x)
-        y = jax.vmap(one, in_axes=(xb, 0, 0, 0), out_axes=ob)(xd, view.a, view.b, view.ex_scale)
-        base = view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
-        return base + y.astype(base.dtype)
-    a = jnp.transpose(view.a.astype(dtype), perm)
+def conv_base(view: LoraView, x: Array, params: dict) -> Array:
+    """The base conv ``conv(x, stop_gradient(W))``."""
+    return view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
+
+
+def conv_rule(x: Array, view: LoraView, params: dict,
+              dropout: Dropout | None = None) -> Array | None:
+    """``conv_general_dilated(x, W)``: a full-window conv into ``r`` channels, then ``@ B``.
+
+    Returns ``None`` where :func:`conv_axes` does.
+    """
+    axes = conv_axes(view, params)
+    if axes is None:
+        return None
+    if view.rank == 0:  # a quantized kernel without factors
+        return conv_base(view, x, params)
+    perm, feat = axes
+    a = jnp.transpose(view.a.astype(view.dtype), perm)
     u = lax.conv_general_dilated_p.bind(x if dropout is None else dropout(x), a, **params)
-    u = jnp.moveaxis(u, feat, -1) * jnp.asarray(view.scale, u.dtype)
-    y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype), precision=params.get("precision")),
-                     -1, feat)
-    base = view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
+    y = times_b(u, view.b, view.scale, feat, view.dtype, params.get("precision"))
+    base = conv_base(view, x, params)
     return _dora_scaled(base + y.astype(base.dtype), view, feat)
 
 
-def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
-    """An embedding lookup ``W[ids]``: gather rows of ``A``, then ``@ B``.
+# ---- gather (embedding lookup) ----------------------------------------------------------------
 
-    Returns ``None`` unless every fan-in axis is collapsed with slice size 1
-    and the single fan-out axis is sliced whole.
+def gather_axes(view: LoraView, params: dict) -> tuple[list[int], dict] | None:
+    """``(perm, a_params)``: ``perm`` transposes ``A`` ``(*fan_in, r)`` into the table's axis
+    order with ``r`` for its fan-out axis, ``a_params`` gathers rows of that ``A``.
+
+    None unless every fan-in axis is collapsed with slice size 1 and the single
+    fan-out axis is sliced whole (and the kernel is not stacked).
     """
     dn = params["dimension_numbers"]
     sizes = params["slice_sizes"]
-    if view.n_stack or getattr(dn, "operand_batching_dims", ()):
+    if view.n_stack or tuple(getattr(dn, "operand_batching_dims", None) or ()):
         return None
     outs = [d for d, (k, _) in enumerate(view.roles) if k == "o"]
     ins = [d for d, (k, _) in enumerate(view.roles) if k == "i"]
@@ -387,46 +272,47 @@ def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
     (o_dim,) = outs
     if sizes[o_dim] != view.shape[o_dim] or any(sizes[d] != 1 for d in ins):
         return None
-    dtype = view.dtype
-    r = view.a.shape[-1]
-    if r == 0:  # a quantized kernel without factors
-        return view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
     perm = [len(ins) if d == o_dim else j for d, (_, j) in enumerate(view.roles)]
-    a_params = dict(params, slice_sizes=tuple(r if d == o_dim else s for d, s in enumerate(sizes)))
-    pos = dn.offset_dims[0]
-    if view.ex_scale is not None:  # mixed adapters: each example's rows of its own A
-        return _per_example_gather(view, indices, params, a_params, perm)
-    a = jnp.transpose(view.a.astype(dtype), perm)
+    r = view.rank
+    return perm, dict(params, slice_sizes=tuple(r if d == o_dim else s
+                                                for d, s in enumerate(sizes)))
+
+
+def gather_base(view: LoraView, indices: Array, params: dict) -> Array:
+    """The base lookup ``stop_gradient(W)[indices]``."""
+    return view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
+
+
+def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
+    """An embedding lookup ``W[ids]``: gather rows of ``A``, then ``@ B``.
+
+    Returns ``None`` where :func:`gather_axes` does.
+    """
+    axes = gather_axes(view, params)
+    if axes is None:
+        return None
+    if view.rank == 0:  # a quantized kernel without factors
+        return gather_base(view, indices, params)
+    perm, a_params = axes
+    pos = params["dimension_numbers"].offset_dims[0]
+    a = jnp.transpose(view.a.astype(view.dtype), perm)
     u = lax.gather_p.bind(a, indices, **a_params)
-    u = jnp.moveaxis(u, pos, -1) * jnp.asarray(view.scale, u.dtype)
-    y = jnp.moveaxis(jnp.matmul(u, view.b.astype(dtype)), -1, pos)
-    base = view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
+    y = times_b(u, view.b, view.scale, pos, view.dtype)
+    base = gather_base(view, indices, params)
     return _dora_scaled(base + y.astype(base.dtype), view, pos)
 
 
-def _per_example_gather(view: LoraView, indices: Array, params: dict, a_params: dict,
-                        perm: list[int]) -> Array:
-    """An embedding lookup with per-example factors: the example axis is the first batch
-    axis of ``indices`` (``lax.gather``'s index vector is always its last axis)."""
-    dn = params["dimension_numbers"]
-    ib = 0
-    if indices.ndim < 2:
-        raise _ids_error(view.path, view.ex_scale.shape[-1], "none (a single lookup)")
-    _check_examples(view, indices.shape[ib])
-    ob = next(d for d in range(len(dn.offset_dims) + indices.ndim - 1)
-              if d not in dn.offset_dims)
-    pos = dn.offset_dims[0] - (ob < dn.offset_dims[0])
-    dtype = view.dtype
+def times_b(u: Array, b: Array, scale: Any, axis: int, dtype: Any, precision: Any = None
+            ) -> Array:
+    """``scale * u @ B`` over ``u``'s rank axis ``axis``, whose place the fan-out takes: the
+    second half of a conv or lookup branch (``u`` the conv or lookup through ``A``).
 
-    def one(a_i: Array, b_i: Array, s_i: Array, idx_i: Array) -> Array:
-        u = lax.gather_p.bind(jnp.transpose(a_i.astype(dtype), perm), jnp.expand_dims(idx_i, ib),
-                              **a_params)
-        u = jnp.moveaxis(jnp.squeeze(u, ob), pos, -1) * s_i.astype(u.dtype)
-        return jnp.moveaxis(jnp.matmul(u, b_i.astype(dtype)), -1, pos)
-
-    y = jax.vmap(one, in_axes=(0, 0, 0, ib), out_axes=ob)(view.a, view.b, view.ex_scale, indices)
-    base = view.with_frozen(lambda i, w: lax.gather_p.bind(w, i, **params), indices)
-    return base + y.astype(base.dtype)
+    Example:
+      >>> times_b(jnp.ones((5, 2, 3)), jnp.ones((2, 4)), 0.5, 1, jnp.float32).shape
+      (5, 4, 3)
+    """
+    u = jnp.moveaxis(u, axis, -1) * jnp.asarray(scale, u.dtype)
+    return jnp.moveaxis(jnp.matmul(u, b.astype(dtype), precision=precision), -1, axis)
 
 
 def _dora_scaled(out: Array, view: LoraView, feature_axis: int) -> Array:

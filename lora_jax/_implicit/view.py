@@ -13,6 +13,12 @@ Transposes permute the roles and casts change ``dtype``; neither touches the
 arrays. The view stands for the dense kernel
 ``(w + scale * A @ B).astype(dtype)`` in the current axis order, which
 :meth:`LoraView.materialize` builds when no low-rank rule applies.
+
+The factors may carry *leading* axes that no kernel axis has (``n_lead`` of
+them): layout operations keep them in front and leave them alone. A mixed
+adapter batch uses one, the example axis of each example's own factors
+(:class:`lora_jax._serving.example_view.ExampleView`); the view itself knows
+nothing of examples or adapters.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import numpy as np
 from lora_jax._delta import LoraFactors, factor_order_norm, factor_product
 from lora_jax._errors import LoraStructureError
 from lora_jax._quant.lazy_kernel import LazyKernel, use
-from lora_jax._serving.stack import gather_slots
 
 Array = jax.Array
 Role = tuple[str, int]
@@ -47,10 +52,9 @@ class LoraView:
       dtype: the dtype the program sees the kernel in.
       path: the kernel's leaf path, for messages.
       magnitude: DoRA's ``(*stack, *fan_out)`` magnitude, or None.
-      ex_scale: for a batch of mixed adapters (``implicit(adapter_ids=...)``),
-        each example's scale ``(batch,)`` (0 for the base alone); ``a`` and
-        ``b`` then carry a leading example axis, ``(batch, *stack, ...)``,
-        and ``scale`` is unused. None: one adapter for every example.
+
+    ``a`` and ``b`` may also carry ``n_lead`` leading axes before ``*stack``
+    (see the module docstring).
     """
 
     w: Any
@@ -61,18 +65,13 @@ class LoraView:
     dtype: Any
     path: str
     magnitude: Any = None
-    ex_scale: Any = None
 
     @staticmethod
-    def of(path: str, w: Array, f: LoraFactors) -> "LoraView":
+    def of(path: str, w: Array | LazyKernel, f: LoraFactors) -> "LoraView":
         """The view of kernel ``w`` (layout order as stored) with factors ``f``."""
         f = f.all_layers()
-        counters = {"s": 0, "i": 0, "o": 0}
-        roles = []
-        for letter in f.layout.axes:
-            roles.append((letter, counters[letter]))
-            counters[letter] += 1
-        return LoraView(w, f.a, f.b, tuple(roles), f.scale, jnp.dtype(w.dtype), path, f.magnitude)
+        return LoraView(w, f.a, f.b, roles_of(f.layout.axes), f.scale, jnp.dtype(w.dtype), path,
+                        f.magnitude)
 
     @staticmethod
     def of_quantized(path: str, q: Any, f: Any) -> "LoraView":
@@ -90,33 +89,25 @@ class LoraView:
                     f"leaf {path!r}: quantized with axes {q.axes!r} but the delta's layout is "
                     f"{f.layout.axes!r}; their stacked axes must agree")
             return LoraView.of(path, LazyKernel(q), f)
-        roles, counters = [], {"s": 0, "i": 0, "o": 0}
-        for letter in q.axes:
-            roles.append((letter, counters[letter]))
-            counters[letter] += 1
         pick = lambda c: tuple(n for n, k in zip(q.shape, q.axes) if k == c)  # noqa: E731
         a = jnp.zeros(pick("s") + pick("i") + (0,), q.dtype)
         b = jnp.zeros(pick("s") + (0,) + pick("o"), q.dtype)
-        return LoraView(LazyKernel(q), a, b, tuple(roles), 0.0, jnp.dtype(q.dtype), path)
-
-    @staticmethod
-    def of_stacked(path: str, w: Any, s: Any, index: Array, valid: Array, ids: Any) -> "LoraView":
-        """The per-example view of kernel ``w`` with stacked factors ``s`` (a
-        :class:`~lora_jax._serving.stack.StackedFactors`): each example's factors gathered
-        (``index``: its slot), its scale ``s[index] * valid``."""
-        view = LoraView.of(path, w, LoraFactors(s.a[0], s.b[0], alpha=1.0, layout=s.layout))
-        scale = jnp.asarray(s.scale, jnp.float32)[index] * valid
-        return view.replace(a=gather_slots(s.a, index, ids), b=gather_slots(s.b, index, ids),
-                            scale=0.0, ex_scale=scale)
-
-    @property
-    def n_ex(self) -> int:
-        """1 when the factors carry a leading example axis (mixed adapters), else 0."""
-        return 0 if self.ex_scale is None else 1
+        return LoraView(LazyKernel(q), a, b, roles_of(q.axes), 0.0, jnp.dtype(q.dtype), path)
 
     @property
     def n_stack(self) -> int:
-        return np.ndim(self.a) - sum(1 for k, _ in self.roles if k == "i") - 1 - self.n_ex
+        """The number of stacked axes (of ``w``, and of the factors after their lead)."""
+        return sum(1 for k, _ in self.roles if k == "s")
+
+    @property
+    def n_lead(self) -> int:
+        """The factors' leading axes that no kernel axis has (0 for one adapter's factors)."""
+        return np.ndim(self.a) - self.n_stack - sum(1 for k, _ in self.roles if k == "i") - 1
+
+    @property
+    def rank(self) -> int:
+        """The rank ``r`` (0 for a quantized kernel without factors)."""
+        return np.shape(self.a)[-1]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -204,48 +195,18 @@ class LoraView:
           >>> LoraView.of("w", jnp.ones((4, 3, 5)), f).reshape((4, 15)).b.shape
           (2, 15)
         """
-        blocks = _reshape_blocks(self.shape, tuple(new_sizes))
-        if blocks is None:
+        plan = _reshaped_roles(self.roles, self.shape, tuple(new_sizes))
+        if plan is None:
             return None
-        spans: dict[str, list[tuple[int, tuple[int, ...], list[int]]]] = {"i": [], "o": []}
-        dropped = []  # stacked axes of size 1 that the reshape removes
-        for old, new in blocks:
-            kinds = {self.roles[d][0] for d in old}
-            if len(kinds) != 1:
-                return None
-            (kind,) = kinds
-            idx = [self.roles[d][1] for d in old]
-            if idx != list(range(idx[0], idx[0] + len(idx))):
-                return None
-            if kind == "s":
-                if len(old) != 1 or len(new) > 1:
-                    return None
-                if not new:
-                    dropped.append(idx[0])
-                continue
-            spans[kind].append((idx[0], tuple(new_sizes[d] for d in new), new))
-        roles = [None] * len(new_sizes)
-        for old, new in blocks:
-            kind, j = self.roles[old[0]]
-            if kind == "s" and new:
-                roles[new[0]] = ("s", j - sum(d < j for d in dropped))
-        sizes = {}
-        for kind, kind_spans in spans.items():
-            start, shape = 0, []
-            for _, block_sizes, new in sorted(kind_spans, key=lambda t: t[0]):
-                for t, d in enumerate(new):
-                    roles[d] = (kind, start + t)
-                start += len(new)
-                shape.extend(block_sizes)
-            sizes[kind] = tuple(shape)
-        ns, ex = self.n_stack, self.n_ex
+        roles, sizes, dropped = plan
+        ns, ex = self.n_stack, self.n_lead
         pre = tuple(np.shape(self.a)[:ex])
         stack = tuple(n for j, n in enumerate(np.shape(self.a)[ex:ex + ns]) if j not in dropped)
         r = np.shape(self.a)[-1]
         mag = self.magnitude
         return self.replace(
             w=(self.w.reshape(tuple(new_sizes)) if isinstance(self.w, LazyKernel)
-               else jnp.reshape(self.w, new_sizes)), roles=tuple(roles),
+               else jnp.reshape(self.w, new_sizes)), roles=roles,
             a=jnp.reshape(self.a, pre + stack + sizes["i"] + (r,)),
             b=jnp.reshape(self.b, pre + stack + (r,) + sizes["o"]),
             magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]))
@@ -259,7 +220,7 @@ class LoraView:
         The factors (and DoRA's magnitude) are cut along the same stacked
         axes. Returns None when a fan-in or fan-out axis is cut.
         """
-        ns, ex = self.n_stack, self.n_ex
+        ns, ex = self.n_stack, self.n_lead
         f_starts: list[Any] = [0] * ns
         f_sizes = list(np.shape(self.a)[ex:ex + ns])
         for d, (kind, j) in enumerate(self.roles):
@@ -283,43 +244,57 @@ class LoraView:
         return self.replace(w=w, a=cut(self.a),
                             b=cut(self.b), magnitude=cut(self.magnitude))
 
-    def factor_pair(self, contracted: str) -> tuple[Array, Array, str]:
+    def factor_pair(self, contracted: str) -> tuple[Array, Array]:
         """Factors ordered so that the first one meets the contracted side.
 
-        Returns ``(fa, fb, free)`` with ``fa: (*stack, *contracted_axes, r)``,
-        ``fb: (*stack, r, *free_axes)`` and ``free`` the role letter of the
-        free axes. Contracting the fan-out side (``x @ W.T``, as in Flax's
-        ``Embed.attend``) uses ``B^T`` first and ``A^T`` second.
+        Returns ``(fa, fb)`` with ``fa: (*lead, *stack, *contracted_axes, r)`` and
+        ``fb: (*lead, *stack, r, *free_axes)``. Contracting the fan-out side
+        (``x @ W.T``, as in Flax's ``Embed.attend``) uses ``B^T`` first and
+        ``A^T`` second.
         """
         if contracted == "i":
-            return self.a, self.b, "o"
-        ns = self.n_stack + self.n_ex
-        return jnp.moveaxis(self.b, ns, -1), jnp.moveaxis(self.a, -1, ns), "i"
+            return self.a, self.b
+        ns = self.n_stack + self.n_lead
+        return jnp.moveaxis(self.b, ns, -1), jnp.moveaxis(self.a, -1, ns)
 
     def sliced(self, axis_role: Role) -> "LoraView":
         """The view with stacked axis ``axis_role`` moved to the front of ``a``, ``b``
         (and the magnitude), and the roles of one slice: scanned by ``lax.scan``,
         it yields the per-layer views."""
         _, j = axis_role
-        ex = self.n_ex
+        ex = self.n_lead
         move = lambda x: None if x is None else jnp.moveaxis(x, ex + j, 0)  # noqa: E731
         w = self.w
         if isinstance(w, LazyKernel):  # one layer's codes per scan step, else dense
             w = w.scanned() or w.dense()
-        ex_scale = self.ex_scale  # the same per-example scales in every layer
-        if ex_scale is not None:
-            ex_scale = jnp.broadcast_to(ex_scale, (self.shape[0],) + ex_scale.shape)
         return self.replace(w=w, a=move(self.a), b=move(self.b), magnitude=move(self.magnitude),
-                            roles=drop_stack_role(self.roles, axis_role), ex_scale=ex_scale)
+                            roles=drop_stack_role(self.roles, axis_role))
 
 
-def _reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
-                    ) -> list[tuple[list[int], list[int]]] | None:
+def roles_of(axes: str) -> tuple[Role, ...]:
+    """The roles of a kernel stored in layout order: each letter numbered among its kind.
+
+    Example:
+      >>> roles_of("sioo")
+      (('s', 0), ('i', 0), ('o', 0), ('o', 1))
+    """
+    return tuple((letter, axes[:n].count(letter)) for n, letter in enumerate(axes))
+
+
+def reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
+                   ) -> list[tuple[list[int], list[int]]] | None:
     """Pairs of (old axes, new axes) groups with equal sizes, or None.
 
-    ``(4, 3, 5) -> (4, 15)`` gives ``[([0], [0]), ([1, 2], [1])]``. Size-1 old
-    axes may form a group with no new axes; a group with no old axes (an
-    inserted axis) or a zero-size axis gives None.
+    Size-1 old axes may form a group with no new axes; a group with no old
+    axes (an inserted axis) or a zero-size axis gives None. ``implicit``
+    (:meth:`LoraView.reshape`) and ``infer_layouts`` follow a reshape of a
+    kernel through these groups alike.
+
+    Example:
+      >>> reshape_blocks((4, 3, 5), (4, 15))
+      [([0], [0]), ([1, 2], [1])]
+      >>> reshape_blocks((4, 3), (4, 3, 1)) is None
+      True
     """
     if math.prod(old) != math.prod(new) or 0 in old:
         return None
@@ -350,6 +325,67 @@ def _reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
     return blocks
 
 
+#: ``(start role index, new sizes, new axes)`` of one fan-in or fan-out block of a reshape.
+Span = tuple[int, tuple[int, ...], list[int]]
+
+
+def _reshaped_roles(roles: tuple[Role, ...], old: tuple[int, ...], new_sizes: tuple[int, ...]
+                    ) -> tuple[tuple[Role, ...], dict[str, tuple[int, ...]], list[int]] | None:
+    """``(new roles, {"i": fan-in sizes, "o": fan-out sizes}, dropped stacked axes)`` of a
+    kernel with ``roles`` reshaped from ``old`` to ``new_sizes``; None when it mixes roles.
+
+    Example:
+      >>> _reshaped_roles(roles_of("ioo"), (4, 3, 5), (4, 15))
+      ((('i', 0), ('o', 0)), {'i': (4,), 'o': (15,)}, [])
+    """
+    blocks = reshape_blocks(old, new_sizes)
+    if blocks is None:
+        return None
+    found = _role_spans(roles, blocks, new_sizes)
+    if found is None:
+        return None
+    spans, dropped = found
+    out: list[Any] = [None] * len(new_sizes)
+    for old_axes, new in blocks:
+        kind, j = roles[old_axes[0]]
+        if kind == "s" and new:
+            out[new[0]] = ("s", j - sum(d < j for d in dropped))
+    sizes: dict[Any, Any] = {}
+    for kind, kind_spans in spans.items():
+        start, shape = 0, list[Any]()
+        for _, block_sizes, new in sorted(kind_spans, key=lambda t: t[0]):
+            for t, d in enumerate(new):
+                out[d] = (kind, start + t)
+            start += len(new)
+            shape.extend(block_sizes)
+        sizes[kind] = tuple(shape)
+    return tuple(out), sizes, dropped
+
+
+def _role_spans(roles: tuple[Role, ...], blocks: list[tuple[list[int], list[int]]],
+                new_sizes: tuple[int, ...]) -> tuple[dict[str, list[Span]], list[int]] | None:
+    """The fan-in and fan-out blocks of a reshape, and the size-1 stacked axes it drops;
+    None when a block mixes roles, reorders a role's axes or reshapes a stacked axis."""
+    spans: dict[str, list[Span]] = {"i": [], "o": []}
+    dropped = []
+    for old, new in blocks:
+        kinds = {roles[d][0] for d in old}
+        if len(kinds) != 1:
+            return None
+        (kind,) = kinds
+        idx = [roles[d][1] for d in old]
+        if idx != list(range(idx[0], idx[0] + len(idx))):
+            return None
+        if kind == "s":
+            if len(old) != 1 or len(new) > 1:
+                return None
+            if not new:
+                dropped.append(idx[0])
+            continue
+        spans[kind].append((idx[0], tuple(new_sizes[d] for d in new), new))
+    return spans, dropped
+
+
 def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:
     """Roles after stacked axis ``removed`` has been sliced away."""
     _, j = removed
@@ -359,6 +395,6 @@ def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:
 
 
 jax.tree_util.register_dataclass(
-    LoraView, data_fields=["w", "a", "b", "magnitude", "ex_scale"],
+    LoraView, data_fields=["w", "a", "b", "magnitude"],
     meta_fields=["roles", "scale", "dtype", "path"]
 )

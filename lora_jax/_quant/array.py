@@ -11,7 +11,10 @@ leaf with the kernel's ``shape`` and ``dtype``.
 Storage, per stacked layer (blocks never straddle layers; stacked axes, the
 ``'s'`` letters of the layout, are moved to the front):
 
-* ``x``: the layer's ``n`` weights flattened in the kernel's own axis order.
+* ``x``: the layer's ``n`` weights flattened in the kernel's own axis order
+  (row-major): for a Flax ``(in, out)`` kernel a block runs along the output
+  features. bitsandbytes flattens PyTorch's ``(out, in)`` weight, so its blocks
+  run along the input features: same code book and rounding, other blocks.
 * **blockwise** (``block_size = B``): ``absmax_k = max |x_{kB..kB+B-1}|``,
   ``code_j = argmin_c |x_j / absmax_k - table_c|`` (ties to the lower code,
   as bitsandbytes), ``x̂_j = table[code_j] · absmax_k``.

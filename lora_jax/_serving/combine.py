@@ -75,7 +75,7 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None) -> An
     if len(weights) != len(deltas):
         raise LoraArgumentError(f"{len(weights)} weights for {len(deltas)} deltas")
     columns, treedef = delta_columns(deltas, "combine")
-    out = []
+    out: list[Any] = []
     for path, column in columns:
         present = [(w, f) for w, f in zip(weights, column) if f is not None]
         if not present:
@@ -146,7 +146,7 @@ def truncate_rank(delta: Any, rank: int) -> tuple[Any, dict[str, Array]]:
     leaves, treedef = jax.tree_util.tree_flatten(
         delta, is_leaf=lambda x: x is None or isinstance(x, (LoraFactors, LeafDelta)))
     dropped: dict[str, Array] = {}
-    out = []
+    out: list[Any] = []
     for (path, f), leaf in zip(delta_entries(delta), leaves):
         if not isinstance(f, LoraFactors) or f.rank <= rank:
             out.append(leaf)

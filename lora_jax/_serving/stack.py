@@ -24,13 +24,13 @@ rejected with :class:`~lora_jax.LoraStructureError` naming the leaf.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._delta import LeafDelta, LoraFactors, is_delta_leaf, kernel_shape_of
+from lora_jax._delta import DeltaEntry, LeafDelta, LoraFactors, is_delta_leaf, kernel_shape_of
 from lora_jax._errors import LoraArgumentError, LoraStructureError
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
@@ -39,7 +39,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class StackedFactors:
+class StackedFactors(DeltaEntry):
     """The factors of ``N`` adapters of one kernel, padded to a common rank ``R``.
 
     Attributes:
@@ -66,6 +66,9 @@ class StackedFactors:
     _: dataclasses.KW_ONLY
     layout: KernelLayout
 
+    #: only ``implicit(..., adapter_ids=)`` serves a stack; ``merge`` and the files refuse it
+    serving_only: ClassVar[bool] = True
+
     @property
     def slots(self) -> int:
         """The number of adapter slots ``N``."""
@@ -84,6 +87,13 @@ class StackedFactors:
     def replace(self, **changes: Any) -> "StackedFactors":
         """A copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+    def check_fits(self, path: str, shape: tuple[int, ...]) -> None:
+        """Every slot must adapt a kernel of ``shape``."""
+        if self.kernel_shape != shape:
+            raise LoraStructureError(
+                f"leaf {path!r}: the adapter stack adapts a kernel of shape "
+                f"{self.kernel_shape}, the base kernel has shape {shape}")
 
     def factors(self, slot: int) -> LoraFactors:
         """Slot ``slot`` as plain :class:`~lora_jax.LoraFactors` (scale folded into ``b``,
@@ -238,7 +248,7 @@ def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
         raise LoraArgumentError(
             f"slots must be an int >= the number of deltas ({len(deltas)}), got {slots!r}")
     columns, treedef = delta_columns(deltas, "stack")
-    out = []
+    out: list[Any] = []
     for path, column in columns:
         present = [(i, f) for i, f in enumerate(column) if f is not None]
         if not present:
@@ -252,7 +262,7 @@ def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
         r = max(f.rank for _, f in present) if rank is None else rank
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
             raise LoraArgumentError(f"rank must be a positive int, got {rank!r}")
-        pairs = {i: _padded(path, f, r, f"delta {i}") for i, f in present}
+        pairs = {i: _padded(path, f, int(r), f"delta {i}") for i, f in present}
         a0, b0 = pairs[i0]
         a = jnp.stack([pairs[i][0] if i in pairs else jnp.zeros_like(a0) for i in range(n)])
         b = jnp.stack([pairs[i][1] if i in pairs else jnp.zeros_like(b0) for i in range(n)])
@@ -303,7 +313,7 @@ def set_adapter(stack: Any, slot: Any, delta: Any) -> Any:
     n = next((s.slots for _, s in s_entries if s is not None), 0)
     if isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and not 0 <= slot < n:
         raise LoraArgumentError(f"slot {slot} is outside the stack's {n} slots")
-    out = []
+    out: list[Any] = []
     for (path, s), f in zip(s_entries, d_entries):
         if s is None:
             if f is not None:
@@ -358,73 +368,3 @@ def stack_slots(stack: Any) -> int:
     if len(set(sizes.values())) > 1:
         raise LoraStructureError(f"the stack's kernels have different slot counts: {sizes}")
     return next(iter(sizes.values()), 0)
-
-
-def example_ids(adapter_ids: Any, slots: int) -> tuple[Array, Array]:
-    """``(index, valid)`` for per-example adapter ids: ``index`` clipped into ``[0, N)`` for
-    the gather, ``valid`` a float ``(batch,)``: 1 for a slot, 0 for id -1 (the base alone),
-    NaN for an id outside ``[-1, N)`` under ``jit`` (concrete ids are checked here).
-
-    Example:
-      >>> example_ids(jnp.array([1, -1]), 2)[1].tolist()
-      [1.0, 0.0]
-    """
-    ids = jnp.asarray(adapter_ids)
-    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise LoraArgumentError(
-            f"adapter_ids must be a 1-D integer array (one id per example), got shape "
-            f"{tuple(ids.shape)} dtype {ids.dtype}")
-    if not isinstance(adapter_ids, jax.core.Tracer):
-        host = np.asarray(ids)
-        bad = host[(host < -1) | (host >= slots)]
-        if bad.size:
-            raise LoraArgumentError(
-                f"adapter_ids {sorted(set(bad.tolist()))[:5]} are outside [-1, {slots}) "
-                f"(the stack has {slots} slots; -1 means the base alone)")
-    ok = (ids >= -1) & (ids < slots)
-    valid = jnp.where(ok, (ids >= 0).astype(jnp.float32), jnp.float32(jnp.nan))
-    return jnp.clip(ids, 0, max(slots - 1, 0)).astype(jnp.int32), valid
-
-
-def gather_slots(x: Array, index: Array, ids: Any) -> Array:
-    """``x[index]`` along the slot axis: each example's factors, ``(batch, ...)``.
-
-    Sharding (stated, not left to propagation where JAX needs it): with
-    explicit mesh axes (JAX >= 0.7), a gather from a sharded operand needs an
-    ``out_sharding`` (JAX 0.9 raises otherwise); the gathered factors get the
-    stack's spec with the slot axis replaced by the spec of ``adapter_ids``'
-    axis, ``P(ids_spec, *stack_spec[1:])``: examples split like the batch,
-    fan-in / fan-out split like the kernel, rank unsplit. Under auto axes the
-    stack's sharding is not visible inside ``jit`` and XLA propagates the
-    same spec from the operand.
-
-    Example:
-      >>> gather_slots(jnp.arange(6.0).reshape(3, 2), jnp.array([2, 0]), None).tolist()
-      [[4.0, 5.0], [0.0, 1.0]]
-    """
-    found = _explicit_spec(x)
-    if found is None:
-        return jnp.take(x, index, axis=0)
-    mesh, spec = found
-    id_found = _explicit_spec(ids) if ids is not None else None
-    first = id_found[1][0] if id_found else None
-    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(first, *spec[1:]))
-    return x.at[index].get(out_sharding=out)
-
-
-def _explicit_spec(x: Any) -> Any:
-    """``(mesh, spec)`` of ``x``'s type under explicit mesh axes, else None."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is None:
-        return None
-    try:
-        sharding = getattr(typeof(x), "sharding", None)
-    except TypeError:
-        return None
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not getattr(mesh, "axis_names", ()):
-        return None
-    types = getattr(mesh, "axis_types", ())
-    if not any("Explicit" in str(t) for t in types):
-        return None
-    return mesh, tuple(sharding.spec) + (None,) * (np.ndim(x) - len(sharding.spec))

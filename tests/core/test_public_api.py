@@ -44,7 +44,7 @@ def test_all_is_sorted_unique_and_importable():
 def test_every_module_but_advanced_is_private():
     names = {m.name for m in pkgutil.iter_modules(lora_jax.__path__)}
     public = {n for n in names if not n.startswith("_")}
-    assert public == {"advanced", "debug"}, public
+    assert public == {"advanced", "debug", "nnx"}, public
 
 
 def test_advanced_names_are_documented():

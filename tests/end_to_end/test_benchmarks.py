@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/train_step.py and benchmarks/inference.py.
+"""Smoke tests of ``python -m benchmarks.train_step`` and ``python -m benchmarks.inference``.
 
 Each script runs once, in a subprocess, on the ``--small`` workload with one
 round of one or two steps; the tests check the JSON it writes: every expected
@@ -24,7 +24,6 @@ import pytest
 import lora_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks"
 F32 = 4       # bytes per float32
 COUNTER = 4   # adamw's one int32 step count (scale_by_adam); its other parts hold no arrays
 
@@ -35,7 +34,8 @@ def _run(script: str, tmp_path: pathlib.Path, *args: str) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     # Compile faster: these runs check plumbing and numbers, not speed.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    cmd = [sys.executable, str(BENCH / script), "--small", "--rounds", "1", "--warmup", "1",
+    module = "benchmarks." + script.removesuffix(".py")  # run from the root: `python -m` finds it
+    cmd = [sys.executable, "-m", module, "--small", "--rounds", "1", "--warmup", "1",
            "--json", str(out), *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
@@ -171,15 +171,20 @@ def test_lora_does_less_work_than_merge_on_the_fly(train_json):
 
 
 def test_memory_mode_reports_the_stepping_peak_apart_from_compiling(tmp_path):
-    out = _run("train_step.py", tmp_path, "--steps", "1", "--configs", "floor,lora_jax",
-               "--memory", "--memory-steps", "3")
+    out = _run("train_step.py", tmp_path, "--steps", "1", "--configs",
+               "floor,lora_jax,lora_jax_nf4", "--memory", "--memory-steps", "3")
     assert out["meta"]["baseline_rss_mb"] > 0
     for name, res in out["configs"].items():
         assert _positive_finite(res["peak_rss_mb"]), name
         assert _positive_finite(res["compile_peak_rss_mb"]), name
         assert _positive_finite(res["x_floor_rss"]), name
+        assert _positive_finite(res["live_arrays_mb"]), name
         if sys.platform.startswith("linux"):   # the peak was reset after compiling
             assert res["rss_peak_reset"] is True, name
+    # the README's "live arrays smaller over NF4": the process stepping over an NF4 base holds
+    # fewer bytes of live arrays than over float32 (deterministic, unlike RSS)
+    live = {name: out["configs"][name]["live_arrays_mb"] for name in ("lora_jax", "lora_jax_nf4")}
+    assert live["lora_jax_nf4"] < live["lora_jax"], live
 
 
 def test_inference_reports_base_merged_implicit(inference_json):

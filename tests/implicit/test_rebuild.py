@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lora_jax
-from lora_jax._implicit.rules import OUTER_MAX_RANK, expand
+from lora_jax._implicit.low_rank import OUTER_MAX_RANK, expand
 from lora_jax._implicit.rebuild import Graph, input_chain
 
 

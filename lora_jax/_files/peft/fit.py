@@ -220,8 +220,10 @@ def _leaf_layers(path: str, shape: tuple[int, ...], template: str,
 
 
 def fit_to_params(weights: Path, modules: Mapping[str, PeftModule], params: Any, nm: NameMap,
-                  layouts: Mapping[str, Any] | None, rslora: bool, dtype: Any) -> Any:
-    """A delta with ``params``' structure: factors at each leaf some module maps to, else None.
+                  layouts: Mapping[str, Any] | None, rslora: bool, dtype: Any,
+                  saved: Mapping[str, Any] | None = None) -> Any:
+    """A delta with ``params``' structure: factors at each leaf some module maps to, the
+    ``saved`` entry (a ``LeafDelta`` of a modules_to_save tensor) at its leaf, else None.
 
     Every module must map to exactly one leaf (:class:`LoraFileError` for a
     module that maps to none, :class:`LoraArgumentError` when the name map
@@ -231,6 +233,9 @@ def fit_to_params(weights: Path, modules: Mapping[str, PeftModule], params: Any,
     used: dict[str, str] = {}
     out = []
     for leaf_path, leaf in leaves:
+        if saved and leaf_path in saved:
+            out.append(saved[leaf_path])
+            continue
         template = nm.module_for(leaf_path)
         shape = tuple(getattr(leaf, "shape", ()))
         if not template or len(shape) < 2:  # no PyTorch twin, or not a kernel

@@ -77,7 +77,9 @@ from lora_jax._files.safetensors_io import (
     write_safetensors,
 )
 from lora_jax._files.peft.fit import fit_to_params, fit_without_params
+from lora_jax._files.peft.config_keys import check_config_keys
 from lora_jax._files.peft.names import NameMap, fill_layers, pattern_key, pattern_value
+from lora_jax._files.peft.saved_modules import export_saved, import_saved, split_saved_key
 from lora_jax._files.peft.tensors import PEFT_PREFIX, PeftModule, peft_module, split_key, torch_tensors
 
 ModuleInfo = tuple[int, float, str]
@@ -87,20 +89,16 @@ ModuleInfo = tuple[int, float, str]
 # --------------------------------------------------------------------------- export
 
 
-def _exportable(delta: Any) -> list[tuple[str, LoraFactors]]:
-    """The delta's ``(path, LoraFactors)``, checked to be one PEFT adapter's worth.
+def _exportable(delta: Any) -> tuple[list[tuple[str, LoraFactors]], list[tuple[str, LeafDelta]]]:
+    """The delta's ``(path, LoraFactors)`` and ``(path, LeafDelta)``, checked to be one PEFT
+    adapter's worth.
 
-    PEFT has no place for a :class:`LeafDelta`, and ``use_rslora`` / ``use_dora``
-    are one flag for the whole adapter: those are a :class:`LoraStructureError`.
+    ``use_rslora`` / ``use_dora`` are one flag for the whole adapter in PEFT:
+    mixing them is a :class:`LoraStructureError`; so is a delta with no factors.
     """
-    targets = [(p, f) for p, f in delta_entries(delta) if f is not None]
-    for leaf, f in targets:
-        if isinstance(f, LeafDelta):
-            raise LoraStructureError(
-                f"export_peft: leaf {leaf!r} is a LeafDelta (trained in full); PEFT stores such "
-                "leaves as modules_to_save / bias holding the full value W + diff, which "
-                "export_peft does not write: merge it into the base params instead"
-            )
+    entries = [(p, f) for p, f in delta_entries(delta) if f is not None]
+    targets = [(p, f) for p, f in entries if not isinstance(f, LeafDelta)]
+    leaf_deltas = [(p, f) for p, f in entries if isinstance(f, LeafDelta)]
     if not targets:
         raise LoraStructureError("export_peft: the delta has no LoraFactors (nothing to export)")
     for flag, has in (("use_rslora", lambda f: f.rslora),
@@ -111,7 +109,7 @@ def _exportable(delta: Any) -> list[tuple[str, LoraFactors]]:
                 f"export_peft: PEFT's {flag} is one flag for the whole adapter, but only some "
                 f"targets have it (e.g. {mixed[:3]})"
             )
-    return targets
+    return targets, leaf_deltas
 
 
 def _module_template(nm: NameMap, leaf: str, f: LoraFactors) -> str:
@@ -160,8 +158,58 @@ def _most_common(values: list) -> Any:
     return max(counts, key=lambda v: (counts[v], -float(v)))
 
 
+def _target_modules(modules: Sequence[str], others: Sequence[str]) -> list[str]:
+    """PEFT's ``target_modules`` as a PEFT user writes it: each module's last name
+    (``q_proj``) where that selects exactly the adapted modules, else the full name (also
+    for a bare index such as ``layers.0``, which would select any ``Sequential``'s child 0).
+
+    PEFT selects a module ``n`` by a list entry ``k`` when ``n == k`` or
+    ``n.endswith("." + k)``; ``others`` are the module names of the model's
+    other leaves, which a short name must not select.
+
+    Example:
+      >>> _target_modules(["layers.0.q", "layers.1.q", "head"], ["layers.0.k"])
+      ['head', 'q']
+      >>> _target_modules(["layers.0.q"], ["layers.1.q"]), _target_modules(["seq.0"], [])
+      (['layers.0.q'], ['seq.0'])
+    """
+    adapted = set(modules)
+
+    def selects(key: str, name: str) -> bool:
+        return name == key or name.endswith("." + key)
+
+    out = set()
+    for name in modules:
+        short = name.rsplit(".", 1)[-1]
+        if not short.isdigit() and not any(selects(short, o) for o in others if o not in adapted):
+            out.add(short)
+        else:
+            out.add(name)
+    return sorted(out)
+
+
+def _other_modules(delta: Any, nm: NameMap, modules: Mapping[str, ModuleInfo]) -> list[str]:
+    """The module names of the model's parts the delta does not adapt: its ``None`` leaves
+    (``{}`` kept literally, so a stacked kernel's name still ends in its short name) and the
+    layers a layer selection leaves out."""
+    names = []
+    for path, f in delta_entries(delta):
+        template = nm.module_for(path)
+        if not template:
+            continue
+        if f is None:
+            names.append(template)
+        elif isinstance(f, LoraFactors) and f.layers is not None:
+            n = len(f.layout.stack_axes)
+            rest = np.shape(f.a)[1:n]
+            for i in set(range(f.layers.total)) - set(f.layers.indices):
+                names.extend(fill_layers(template, (i,) + idx) for idx in np.ndindex(*rest))
+    return [n for n in names if n not in modules]
+
+
 def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
-                 base_model_name_or_path: str | None) -> dict:
+                 base_model_name_or_path: str | None, target_modules: list[str],
+                 modules_to_save: list[str] | None, bias: str) -> dict:
     """PEFT's ``adapter_config.json``: the most common rank / alpha, the others as patterns."""
     names = sorted(modules)
     r0 = _most_common([r for r, _, _ in modules.values()])
@@ -174,7 +222,7 @@ def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
         "r": int(r0),
         "lora_alpha": _json_number(a0),
         "lora_dropout": 0.0,
-        "target_modules": names,
+        "target_modules": target_modules,
         "rank_pattern": {pattern_key(m, names): int(modules[m][0])
                          for m in names if modules[m][0] != r0},
         "alpha_pattern": {pattern_key(m, names): _json_number(modules[m][1])
@@ -182,9 +230,9 @@ def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
         "use_rslora": rslora,
         "use_dora": dora,
         "fan_in_fan_out": False,
-        "bias": "none",
+        "bias": bias,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
     }
 
 
@@ -194,6 +242,7 @@ def export_peft(
     *,
     name_map: Any = None,
     base_model_name_or_path: str | None = None,
+    params: Any = None,
 ) -> dict:
     """Writes a lora_jax delta as a HuggingFace PEFT LoRA adapter directory.
 
@@ -204,8 +253,15 @@ def export_peft(
     embeddings, ``(r, in, *window)`` / ``(out, r, 1, ..)`` for convs, and
     ``lora_magnitude_vector`` for DoRA. ``r`` / ``lora_alpha`` are the most
     common rank and alpha; modules that differ get ``rank_pattern`` /
-    ``alpha_pattern`` entries. Only config keys PEFT's ``LoraConfig`` knows
-    are written. Files are written atomically (config last).
+    ``alpha_pattern`` entries. ``target_modules`` lists each module's last
+    name (``q_proj``) where that selects exactly the adapted modules among the
+    delta's leaves, else its full name, as a PEFT user would write it. Leaves
+    trained in full (:class:`~lora_jax.LeafDelta`) are written as PEFT's
+    ``modules_to_save`` (``<module>.weight`` / ``.bias`` holding ``W + diff``,
+    so ``params`` is needed); the bias of a LoRA-targeted module as PEFT's
+    ``bias="lora_only"`` (``<module>.base_layer.bias``). Only config keys
+    PEFT's ``LoraConfig`` knows are written. Files are written atomically
+    (config last).
 
     Args:
       path: output directory (created if missing).
@@ -214,14 +270,18 @@ def export_peft(
         ``to_peft`` rules; default: drop ``params/`` and ``/kernel``, ``/`` -> ``.``.
       base_model_name_or_path: recorded in the config (PEFT uses it to fetch
         the base model when none is passed).
+      params: the base params; needed only when the delta has ``LeafDelta``
+        leaves (their full values ``W + diff`` are what PEFT stores).
 
     Returns:
       The ``adapter_config.json`` contents written.
 
     Raises:
       LoraStructureError: a delta PEFT cannot hold: mixed rsLoRA or DoRA
-        across targets (one flag in PEFT), a :class:`~lora_jax.LeafDelta`, no
-        factors at all, or a conv/embedding layout PyTorch cannot express.
+        across targets (one flag in PEFT), no factors at all, a conv/embedding
+        layout PyTorch cannot express, or a :class:`~lora_jax.LeafDelta`
+        without ``params``, on a stacked or N-D kernel leaf, or on a module that
+        is also a LoRA target.
       LoraArgumentError: a name map that gives a target no module, a stacked
         target's name without a ``{}`` per stacked axis, or two targets one
         module.
@@ -237,11 +297,17 @@ def export_peft(
       ('LORA', 2, 4, ['fc'])
     """
     nm = NameMap.coerce(name_map)
-    targets = _exportable(delta)
+    targets, leaf_deltas = _exportable(delta)
     tensors, modules = _to_modules(targets, nm)
+    saved, bias = None, "none"
+    if leaf_deltas:
+        full, saved, lora_biases = export_saved(leaf_deltas, params, nm, modules)
+        tensors.update({f"{PEFT_PREFIX}{k}": v for k, v in full.items()})
+        bias = "lora_only" if lora_biases else "none"
     first = targets[0][1]
+    target_modules = _target_modules(sorted(modules), _other_modules(delta, nm, modules))
     config = _peft_config(modules, bool(first.rslora), first.magnitude is not None,
-                          base_model_name_or_path)
+                          base_model_name_or_path, target_modules, saved or None, bias)
     directory = output_directory(path)
     with StagedFiles(directory) as files:
         files.stage(WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
@@ -335,8 +401,38 @@ def _checked_patterns(cfg_path: Path, key: str, value: Any) -> dict:
     return value
 
 
-def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, bool]]]:
-    """``{module: {role: (key, array, embedding?)}}`` of every tensor in a PEFT file."""
+Parts = dict[str, dict[str, tuple[str, np.ndarray, bool]]]
+Full = dict[str, tuple[str, np.ndarray]]
+
+
+def _saved_entries(cfg_path: Path, cfg: dict) -> list[str]:
+    """``modules_to_save``: a list of module names (or null)."""
+    saved = cfg.get("modules_to_save")
+    if saved is None:
+        return []
+    if not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        raise LoraFileError(f"{cfg_path}: key 'modules_to_save' is {_short(saved)}; expected a "
+                            "list of module names")
+    return saved
+
+
+def _trained_biases(cfg_path: Path, cfg: dict) -> bool:
+    """``bias``: ``"none"`` (False), or ``"all"`` / ``"lora_only"`` (True: PEFT saved the
+    trained biases)."""
+    bias = cfg.get("bias", "none")
+    if bias not in (None, "none", "all", "lora_only"):
+        raise LoraFileError(f"{cfg_path}: key 'bias' is {_short(bias)}; expected 'none', 'all' "
+                            "or 'lora_only'")
+    return bias in ("all", "lora_only")
+
+
+_BIAS_KEY = re.compile(r"(?P<module>.+?)(\.base_layer)?\.bias")
+
+
+def _read_parts(weights: Path, saved: Sequence[str], biases: bool) -> tuple[Parts, Full]:
+    """``({module: {role: (key, array, embedding?)}}, {module.param: (key, array)})``: the
+    LoRA tensors of a PEFT file, and the full tensors of its ``modules_to_save`` and (with
+    ``biases``, PEFT's ``bias="all"`` / ``"lora_only"``) its trained biases."""
     directory = weights.parent
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise LoraFileError(
@@ -344,22 +440,34 @@ def _read_parts(weights: Path) -> dict[str, dict[str, tuple[str, np.ndarray, boo
             "adapter_model.safetensors (re-save with PEFT's "
             "save_pretrained(safe_serialization=True))"
         )
-    raw: dict[str, dict[str, tuple[str, np.ndarray, bool]]] = {}
+    raw: Parts = {}
+    full: Full = {}
     with open_safetensors(weights) as f:
         for key, (_, code) in tensor_info(f).items():
-            split = split_key(key)
-            if split is None:
-                raise LoraFileError(
-                    f"{weights}: tensor {key!r} is not a LoRA factor lora_jax can import "
-                    "(lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector); lora_bias, "
-                    "modules_to_save and other PEFT methods are not supported"
-                )
             if code not in ("F32", "BF16", "F16", "F64"):
                 raise LoraFileError(f"{weights}: tensor {key!r} has dtype {dtype_name(code)}; "
                                     "LoRA factors are floating point")
+            split = split_key(key)
+            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            if split is None and ".original_module." in name:
+                continue  # PEFT's untouched copy of a modules_to_save module: the base itself
+            kept = split_saved_key(name, saved) if split is None else None
+            bias = _BIAS_KEY.fullmatch(name) if split is None and biases else None
+            if kept is None and bias is not None:
+                kept = (bias.group("module"), "bias")
+            if kept is not None:
+                full[".".join(kept)] = (key, read_tensor(f, weights, key))
+                continue
+            if split is None:
+                raise LoraFileError(
+                    f"{weights}: tensor {key!r} is not a LoRA factor lora_jax can import "
+                    "(lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector) nor a module "
+                    "listed in modules_to_save; lora_bias and other PEFT methods are not "
+                    "supported"
+                )
             module, role, embed = split
             raw.setdefault(module, {})[role] = (key, read_tensor(f, weights, key), embed)
-    return raw
+    return raw, full
 
 
 def _check_against_config(weights: Path, cfg: dict, mod: PeftModule,
@@ -381,16 +489,25 @@ def _check_against_config(weights: Path, cfg: dict, mod: PeftModule,
         )
 
 
-def read_peft_modules(directory: str | os.PathLike) -> tuple[dict, dict[str, PeftModule]]:
-    """Reads and validates a PEFT LoRA adapter: ``(config, {module: PeftModule})``."""
+def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, PeftModule], Full]:
+    """Reads and validates a PEFT LoRA adapter: ``(config, {module: PeftModule},
+    {module.param: (key, array)} of its modules_to_save)``."""
     directory = Path(directory)
     cfg = read_peft_config(directory)
     weights = directory / WEIGHTS_NAME
     modules = {}
-    for name, parts in _read_parts(weights).items():
+    parts_by_module, full = _read_parts(weights, _saved_entries(directory / CONFIG_NAME, cfg),
+                                        _trained_biases(directory / CONFIG_NAME, cfg))
+    for name, parts in parts_by_module.items():
         alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
         modules[name] = peft_module(weights, name, parts, float(alpha))
         _check_against_config(weights, cfg, modules[name], parts["A"][1].shape)
+    return cfg, modules, full
+
+
+def read_peft_modules(directory: str | os.PathLike) -> tuple[dict, dict[str, PeftModule]]:
+    """Reads and validates a PEFT LoRA adapter: ``(config, {module: PeftModule})``."""
+    cfg, modules, _ = read_peft_adapter(directory)
     return cfg, modules
 
 
@@ -405,6 +522,7 @@ def import_peft(
     layouts: Mapping[str, Any] | None = None,
     dtype: Any = None,
     check_finite: bool = True,
+    residual_base: bool = False,
 ) -> Any:
     """Reads a HuggingFace PEFT LoRA adapter directory into a lora_jax delta.
 
@@ -430,10 +548,25 @@ def import_peft(
       dtype: cast the factors to this dtype (default: keep the file's).
       check_finite: refuse a file with a NaN or Inf in any factor or magnitude
         (:class:`LoraFileError` naming the file and the tensor); on by default.
+      residual_base: ``params`` are the residual base that a base-rewriting
+        ``init_lora_weights`` (``pissa``, ``olora``, ``corda``, ``loftq``,
+        ``lora_ga``) left, ``W - s B0 A0``. PEFT re-runs that initialiser on the
+        weights it loads the adapter onto, so without this such an adapter is
+        refused (``lj.init_lora(init="pissa" | "olora")`` on the original
+        weights gives the residual).
+
+    Every key of ``adapter_config.json`` is checked against lora_jax's table
+    of PEFT's ``LoraConfig`` keys (``lora_jax._files.peft.config_keys``): a
+    key that changes what the adapter computes in a way lora_jax does not
+    (``alora_invocation_tokens``, ``layer_replication``, ``lora_bias``,
+    ``trainable_token_indices``, ``target_parameters``, other variants) or
+    that lora_jax does not know is refused by name rather than imported as a
+    plain LoRA. Modules PEFT trained in full (``modules_to_save``) import as
+    :class:`~lora_jax.LeafDelta` (``value - base``; needs concrete params).
 
     Returns:
       The delta (``LoraFactors`` with ``alpha``, ``rslora`` and, for DoRA,
-      ``magnitude`` taken from the file).
+      ``magnitude`` taken from the file; ``LeafDelta`` for modules_to_save).
 
     Raises:
       LoraFileError: not a PEFT LoRA adapter; a corrupt file; an unsupported
@@ -457,18 +590,25 @@ def import_peft(
       True
     """
     directory = Path(path)
-    cfg, modules = read_peft_modules(directory)
+    # the keys first: a refused option's error names the key, not the tensors it brings
+    check_config_keys(directory / CONFIG_NAME, read_peft_config(directory),
+                      residual_base=residual_base)
+    cfg, modules, full = read_peft_adapter(directory)
     weights = directory / WEIGHTS_NAME
     if check_finite:
         for mod in modules.values():
             arrays = (mod.a, mod.b) + (() if mod.magnitude is None else (mod.magnitude,))
             for key, array in zip(mod.keys, arrays):
                 check_finite_array(weights, key, array)
+        for key, array in full.values():
+            check_finite_array(weights, key, array)
     rslora = bool(cfg.get("use_rslora", False))
     nm = NameMap.coerce(name_map)
     if params is None:
+        import_saved(weights, full, None, nm, dtype)  # refuses modules_to_save without params
         return fit_without_params(weights, modules, nm, rslora, dtype)
-    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype)
+    saved = import_saved(weights, full, params, nm, dtype)
+    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype, saved)
 
 
 # --------------------------------------------------------------------------- describe
@@ -501,4 +641,5 @@ def describe_peft(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-__all__ = ["NameMap", "describe_peft", "export_peft", "import_peft", "read_peft_modules"]
+__all__ = ["NameMap", "describe_peft", "export_peft", "import_peft", "read_peft_adapter",
+           "read_peft_modules"]

@@ -1,16 +1,19 @@
-"""The seed article's claims, measured: full fine-tuning vs adapters vs prefix tuning vs LoRA.
+"""LoRA vs adapters vs prefix tuning vs full fine-tuning, measured on one workload.
 
-On the demo's setting (``demo_lm.py``: the byte-level LM pretrained on
+The claims LoRA was introduced with (the project's seed article), checked on
+the demo's setting (``examples/common/pretrained.py``: the byte-level LM pretrained on
 Python's docs, adapted to stdlib source code) every method trains for the same
 steps x batch with a learning rate picked from a small sweep by held-out
 target loss, and one table compares them: trainable parameters, Adam state,
 train-step time (interleaved, ratio to full fine-tuning), XLA's memory for the
 step, held-out loss on the target and on the base domain (forgetting), decode
 latency with a KV cache (ratio to the base model), collectives in a
-tensor-parallel forward (``seed_tp.py``) and the context left for the text.
+tensor-parallel forward (``tensor_parallel.py``) and the context left for the text.
 
-    python examples/seed_study.py              # the full run (about 25 min on 2 loaded cores)
-    python examples/seed_study.py --quick      # a reduced run (tests)
+    python -m studies.lora_vs_adapters.study           # the full run (about 25 min on 2 loaded cores)
+    python -m studies.lora_vs_adapters.study --quick   # a reduced run (tests)
+
+(from the repository root, or with it on ``PYTHONPATH``).
 
 Writes ``table.md``, ``results.json``, ``curves.png`` and ``rank.png`` to ``--out``.
 """
@@ -32,14 +35,23 @@ import numpy as np
 import optax
 
 import lora_jax
-from _text import encode, eval_windows, pydoc_text, random_batches, stdlib_source_text, train_eval_split
-from demo_lm import BATCH_SIZE, CONFIG, MODEL, cross_entropy, load_or_pretrain
-from generation import Generator
-from seed_baselines import adapter_apply, init_adapters, init_prefix, prefix_apply, prefix_kv, prefix_cache
-import seed_report
+from benchmarks.harness import gflop, time_interleaved
+from examples.common.generation import Generator
+from examples.common.lm import cross_entropy
+from examples.common.pretrained import BATCH_SIZE, CONFIG, MODEL, load_or_pretrain
+from examples.common.text import (encode, eval_windows, pydoc_text, random_batches,
+                                  stdlib_source_text, train_eval_split)
+from studies.lora_vs_adapters import report as study_report
+from studies.lora_vs_adapters.baselines import (
+    adapter_apply,
+    init_adapters,
+    init_prefix,
+    prefix_apply,
+    prefix_cache,
+    prefix_kv,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from workload import gflop, time_interleaved  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the repository root: `-m studies...` runs here
 
 TARGETS = [r".*/attn/(q|k|v|out)/kernel", r".*/mlp/(fc1|fc2)/kernel"]
 ALPHA = 64
@@ -211,8 +223,8 @@ def data_and_evals(num_eval):
 
 
 def start_tp_count():
-    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "seed_tp.py")],
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "studies.lora_vs_adapters.tensor_parallel"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def main(argv=None):
@@ -223,9 +235,9 @@ def main(argv=None):
     parser.add_argument("--ranks", default="16,32",
                         help="extra LoRA ranks for the r sweep figure (comma separated; '' for none)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out",
+    parser.add_argument("--cache", type=Path, default=ROOT / "examples" / "out",
                         help="where the pretrained params are cached (shared with the demo)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "seed_study")
+    parser.add_argument("--out", type=Path, default=ROOT / "examples" / "out" / "lora_vs_adapters")
     args = parser.parse_args(argv)
     q = args.quick
     steps = args.steps or (8 if q else 300)
@@ -251,10 +263,19 @@ def main(argv=None):
     base_eval = jax.jit(lambda p, w: cross_entropy(MODEL.apply(p, w[:, :-1]), w[:, 1:]))
     reference = lambda windows, n: float(base_eval(params, windows[:, : n + 1]))  # noqa: E731
     tp_counts = json.loads(tp.communicate()[0].strip().splitlines()[-1])
-    report = seed_report.build(results, reference, evals, step_ms, (decode_ms, decode_flops), tp_counts,
+    lora = next(r for r in table if r["method"].kind == "lora")  # merged vs base vs unmerged
+    window = evals["target"][:4, :-1]
+    logits = [np.asarray(MODEL.apply(p, window))
+              for p in (lora["base"], lora_jax.merge(lora["base"], lora["tr"]))]
+    logits.append(np.asarray(IMPLICIT(lora["base"], lora["tr"], window)))
+    merged_logits = dict(method=lora["method"].name,
+                         vs_base=float(np.abs(logits[1] - logits[0]).max()),
+                         vs_unmerged=float(np.abs(logits[1] - logits[2]).max()))
+    report = study_report.build(results, reference, evals, step_ms, (decode_ms, decode_flops), tp_counts,
                                same_program, dict(steps=steps, batch=BATCH_SIZE, seq=SEQ, quick=q))
-    seed_report.write(report, results, args.out)
-    print(seed_report.markdown(report))
+    report["merged_logits"] = merged_logits
+    study_report.write(report, results, args.out)
+    print(study_report.markdown(report))
     print(f"merged LoRA decode program identical to the base's: {same_program}")
     print(f"total time: {time.perf_counter() - t0:.1f}s")
 

@@ -1,4 +1,4 @@
-"""Built-in byte-level text data shared by the examples.
+"""Built-in byte-level text data shared by the examples and the study.
 
 Both corpora ship with every CPython, so the examples need no download:
 

@@ -1,7 +1,7 @@
-"""The seed study's two pre-LoRA baselines on the demo LM (``demo_lm.py``), written functionally.
+"""The study's two pre-LoRA baselines on the demo LM (``examples/common/pretrained.py``), written functionally.
 
 Neither changes the model's code or its params tree: each is a function of
-``(base, trainable, tokens, ...)`` around ``demo_lm.MODEL.apply``, so the base
+``(base, trainable, tokens, ...)`` around ``pretrained.MODEL.apply``, so the base
 stays frozen and only the small trainable tree gets gradients and optimizer state.
 
 * **Houlsby adapters** (Houlsby et al. 2019): a bottleneck MLP
@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from demo_lm import CONFIG, MODEL
+from examples.common.pretrained import CONFIG, MODEL
 
 PREFIX_HIDDEN = 256  # the reparametrisation MLP's hidden width
 ADAPTED = ("attn", "mlp")  # the sublayers whose outputs get an adapter

@@ -1,4 +1,4 @@
-"""The seed study's table (Markdown + JSON) and figures, from ``seed_study.py``'s results."""
+"""The LoRA-vs-adapters study's table (Markdown + JSON) and figures, from ``study.py``'s results."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fine-tune the pretrained Gemma 3 270M with LoRA in JAX, on CPU, in a few minutes.
 
-    make gemma                      # or: python examples/gemma3_finetune.py [--steps N] [--out DIR]
+    make gemma                      # or: python -m examples.gemma3.finetune [--steps N] [--out DIR]
 
 The task: answer questions about Python's standard library in one fixed,
 short format, from the stdlib's own docstrings (read from the installed
@@ -44,13 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import lora_jax as lj  # noqa: E402
-from examples import generation as gg  # noqa: E402
-from examples.gemma3 import gguf_loader as gl  # noqa: E402
-from examples.gemma3 import model as gm  # noqa: E402
-from examples.gemma3.tokenizer import Tokenizer  # noqa: E402
+import lora_jax as lj
+from examples.common import generation as gg
+from examples.gemma3 import gguf_loader as gl
+from examples.gemma3 import model as gm
+from examples.gemma3.tokenizer import Tokenizer
 
 # Modules whose docstrings are test scaffolding, platform shims or jokes.
 SKIP_MODULES = {"this", "antigravity", "idlelib", "test", "lib2to3", "turtledemo", "pydoc_data",
@@ -315,7 +313,9 @@ def main(argv=None) -> None:
     adapter = out_dir / "adapter"
     peft_cfg = lj.export_peft(adapter, delta, name_map=gm.HF_NAMES,
                               base_model_name_or_path="google/gemma-3-270m")
-    print(f"PEFT adapter: {adapter} ({len(peft_cfg['target_modules'])} modules, "
+    n_adapted = sum(map(lj.advanced.is_factors, jax.tree.leaves(delta, is_leaf=lj.advanced.is_delta_leaf)))
+    print(f"PEFT adapter: {adapter} ({n_adapted} adapted kernels, target_modules "
+          f"{peft_cfg['target_modules']}, "
           f"r={peft_cfg['r']}, lora_alpha={peft_cfg['lora_alpha']})")
     import matplotlib
 

@@ -1,7 +1,7 @@
 """Collectives in one tensor-parallel forward of the demo LM: base, LoRA, adapters.
 
-Run by ``seed_study.py`` as a subprocess (8 simulated CPU devices need
-``XLA_FLAGS`` before JAX starts); prints one JSON object
+Run by ``study.py`` as a subprocess, ``python -m studies.lora_vs_adapters.tensor_parallel``
+(8 simulated CPU devices need ``XLA_FLAGS`` before JAX starts); prints one JSON object
 ``{config: {collective kind: count}}`` read off the compiled HLO.
 
 Mesh ``(data 2, tensor 4)``: the model has 4 heads, so the tensor axis is 4
@@ -16,11 +16,9 @@ column-parallel, up row-parallel, as a user would shard a small MLP).
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import json  # noqa: E402
 import re  # noqa: E402
@@ -31,8 +29,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import lora_jax  # noqa: E402
-from demo_lm import CONFIG, MODEL  # noqa: E402
-from seed_baselines import adapter_apply, init_adapters  # noqa: E402
+from examples.common.pretrained import CONFIG, MODEL  # noqa: E402
+from studies.lora_vs_adapters.baselines import adapter_apply, init_adapters  # noqa: E402
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 COLLECTIVE = re.compile(r"\s(" + "|".join(KINDS) + r")(?:-start)?\(")

@@ -3,7 +3,7 @@
 ``model`` is any model with ``init_cache(batch, length)`` whose
 ``apply(params, tokens, positions=, cache=, logits_index=)`` returns
 ``(logits, new_cache)``: Gemma 3 (``examples/gemma3/model.py``) and the demo
-LM (``examples/demo_lm.py``). ``Generator(apply_fn, model)`` works with
+LM (``examples/common/lm.py``). ``Generator(apply_fn, model)`` works with
 
 * ``model.apply`` and ``params=(params,)`` (the base or the merged params), and
 * ``lora_jax.implicit(model.apply)`` and ``params=(base, delta)`` (unmerged LoRA),

@@ -1,0 +1,1 @@
+"""The recipes (``python -m examples.<recipe>`` from the repository root); see README.md."""

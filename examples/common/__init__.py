@@ -1,0 +1,1 @@
+"""What the recipes, the study and the benchmarks share: the LM, its pretrained base, text, generation."""

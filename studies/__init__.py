@@ -1,0 +1,1 @@
+"""Studies: longer measurements that compare methods, run as ``python -m studies.<name>.study``."""
