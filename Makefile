@@ -13,6 +13,8 @@
 PYTHON_NEWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python) python3.12)
 VENV := .venv
 NEWEST := jax==0.12.0.1 jaxlib==0.12.0.1 flax==0.12.12 optax==0.2.8 chex==0.1.92 orbax-checkpoint==0.12.8
+# tunix's PeftTrainer and qwix (which it brings), for the tests marked tunix (tests/nnx).
+TUNIX := google-tunix==0.1.7
 
 # Torch parity: Python 3.11, torch's CPU build and the newest JAX that Python 3.11 has.
 PYTHON ?= python3
@@ -32,7 +34,7 @@ DOCS_VENV := .venv-docs
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON_NEWEST) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q $(NEWEST) -e '.[dev,examples,gemma]'
+	$(VENV)/bin/python -m pip install -q $(NEWEST) $(TUNIX) -e '.[dev,examples,gemma]'
 	touch $@
 
 $(TORCH_VENV)/.installed: pyproject.toml Makefile
