@@ -53,6 +53,7 @@ def peft_env():
 # --------------------------------------------------------------------------- the table
 
 
+@pytest.mark.torch
 def test_every_lora_config_field_is_classified(peft_env):
     _, peft, _ = peft_env
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
@@ -61,6 +62,7 @@ def test_every_lora_config_field_is_classified(peft_env):
     assert {r.handling for r in CONFIG_KEYS.values()} == {IMPLEMENTED, IRRELEVANT, REFUSED}
 
 
+@pytest.mark.torch
 def test_every_key_peft_writes_is_classified(peft_env):
     """What save_pretrained writes (not only the dataclass fields) is in the table."""
     for case in ("mlp_lora", "stack_partial", "mlp_pissa"):
@@ -156,12 +158,14 @@ def test_pissa_on_the_original_base_is_refused_not_wrong():
         import_peft(ref, mlp_params())
 
 
+@pytest.mark.torch
 def test_check_config_keys_is_silent_on_peft_defaults(peft_env):
     _, peft, _ = peft_env
     cfg = peft.LoraConfig(target_modules=["fc1"]).to_dict()
     check_config_keys(Path("adapter_config.json"), json.loads(json.dumps(cfg, default=str)))
 
 
+@pytest.mark.torch
 def test_rank_pattern_semantics_match_peft(peft_env):
     """lora_jax's pattern_value is PEFT's own get_pattern_key, on names that tell regexes,
     suffixes and first-match order apart."""
@@ -191,6 +195,7 @@ TRAINED_IN_FULL = {  # PEFT options that save full tensors, and the leaves they 
 }
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("case", sorted(TRAINED_IN_FULL))
 def test_peft_trained_in_full_imports_and_reproduces(case, peft_env, tmp_path):
     torch, peft, twins = peft_env
@@ -225,6 +230,7 @@ def test_peft_trained_in_full_imports_and_reproduces(case, peft_env, tmp_path):
         import_peft(tmp_path, shapes)
 
 
+@pytest.mark.torch
 def test_our_modules_to_save_loads_in_peft(peft_env, tmp_path):
     torch, peft, twins = peft_env
     rng = np.random.default_rng(11)
@@ -276,6 +282,7 @@ def test_modules_to_save_export_errors(tmp_path):
 # --------------------------------------------------------------------------- target_modules
 
 
+@pytest.mark.torch
 def test_target_modules_are_short_when_unambiguous(peft_env, tmp_path):
     torch, peft, twins = peft_env
     rng = np.random.default_rng(13)
@@ -369,6 +376,7 @@ def peft_adapter(torch, peft, twins, model_name, kw, directory, seed):
     return x.numpy(), out, base, residual
 
 
+@pytest.mark.torch
 @HYP
 @given(peft_configs(), st.integers(0, 2**16))
 def test_import_reproduces_peft_or_refuses(peft_env, tmp_path_factory, drawn, seed):
