@@ -218,7 +218,7 @@ class LoraModel(nnx.Module):
         Use it to run any method of the inner module with LoRA, e.g.
         ``lora_model.apply(lambda m, x: m.decode(x), x)``.
         """
-        graphdef, lora_state, state = nnx.split(self.model, nnx.LoRAParam, ...)
+        graphdef, lora_state, state = nnx.split(self.model, nnx.LoRAParam, ...)  # type: ignore[misc]
         delta = _delta_of(state, lora_state, self.adapted)
 
         def run(state, lora_state, *args, **kwargs):
@@ -226,7 +226,11 @@ class LoraModel(nnx.Module):
             out = fn(module, *args, **kwargs)
             return out, nnx.state(module, nnx.Not(nnx.Param))
 
-        key = self.rngs.dropout() if self.dropout and not self.deterministic else None
+        key = (
+            self.rngs.dropout()
+            if self.dropout and not self.deterministic and self.rngs is not None
+            else None
+        )
         out, updates = implicit(run, strict=self.strict, dropout=self.dropout)(
             state, delta, lora_state, *args, lora_dropout_key=key, **kwargs
         )
@@ -372,7 +376,7 @@ def split(lora_model: LoraModel) -> tuple[Any, Any, Any]:
       >>> type(plain := nnx.merge(graphdef, base)).__name__, [x.shape for x in jax.tree.leaves(delta)]
       ('Linear', [(4, 2), (2, 3)])
     """
-    graphdef, lora_state, state = nnx.split(lora_model.model, nnx.LoRAParam, ...)
+    graphdef, lora_state, state = nnx.split(lora_model.model, nnx.LoRAParam, ...)  # type: ignore[misc]
     plain = nnx.merge(graphdef, lora_state, _fresh(state))
     for record in lora_model.adapted:
         owner = _owner(plain, record.keys)
@@ -437,7 +441,8 @@ def _treedef(tree: Any) -> Any:
 def _rows(tree: Any, delta: Any = None) -> list[tuple[Keys, str, Any]]:
     """``[(keys, path, leaf)]`` of ``tree`` (a quantized kernel is one leaf); with
     ``delta``, its entry at each leaf instead of the leaf."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
+    flat, treedef_ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
+    treedef: Any = treedef_
     values = [leaf for _, leaf in flat]
     if delta is not None:
         try:

@@ -236,7 +236,9 @@ def load_base(path: str | os.PathLike, *, like: Any = None) -> Any:
     with open_safetensors(path) as f:
         records = _header(path, f)
         info = tensor_info(f)
-        leaves = {leaf: _read_quantized(path, f, info, leaf, rec) for leaf, rec in records.items()}
+        leaves: dict[str, Any] = {
+            leaf: _read_quantized(path, f, info, leaf, rec) for leaf, rec in records.items()
+        }
         owned = {f"{leaf}.{n}" for leaf, rec in records.items() for n in _want(rec)}
         stray = [k for k in info if k not in owned and k.rsplit(".", 1)[0] in records]
         if stray:

@@ -257,7 +257,7 @@ def dequantize_leaf(q: QuantizedArray, dtype: Any = None) -> Array:
         x = (vals.reshape(blocks) * absmax[..., None]).reshape(stack + rest)
     else:
         x = vals.reshape(stack + rest) * jnp.expand_dims(absmax, _in_positions(q.axes))
-    x = jnp.transpose(x, np.argsort(stack_axes + rest_axes))
+    x = jnp.transpose(x, np.argsort(stack_axes + rest_axes).tolist())
     return x.astype(q.dtype if dtype is None else dtype)
 
 

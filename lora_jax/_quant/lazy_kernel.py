@@ -138,7 +138,9 @@ def _dropped_stack_axis(k: LazyKernel, shape: tuple[int, ...]) -> int | None:
 
 def _drop_stack_axis(q: QuantizedArray, d: int) -> QuantizedArray:
     k = q.axes[:d].count("s")  # its position among the stored stacked axes
-    drop = {f: None if getattr(q, f) is None else jnp.squeeze(getattr(q, f), k) for f in FIELDS}
+    drop: dict[str, Any] = {
+        f: None if getattr(q, f) is None else jnp.squeeze(getattr(q, f), k) for f in FIELDS
+    }
     return dataclasses.replace(
         q, **drop, shape=q.shape[:d] + q.shape[d + 1 :], axes=q.axes[:d] + q.axes[d + 1 :]
     )

@@ -163,7 +163,7 @@ def _missing_layer(
             "missing, and its magnitude (the base weight's norm) needs concrete "
             "base params, not shapes"
         )
-    norm = column_norm(np.asarray(leaf), layout)[idx]
+    norm = column_norm(jnp.asarray(leaf), layout)[idx]
     return a, b, np.asarray(norm).astype(like.magnitude.dtype)
 
 
@@ -241,7 +241,7 @@ def _leaf_layers(
     if len(stack_axes) != holes:
         raise LoraArgumentError(
             f"leaf {path!r}: its module name {template!r} has {holes} '{{}}' but its "
-            f"layout {explicit.axes!r} has {len(stack_axes)} stacked axes"
+            f"layout {explicit.axes if explicit else None!r} has {len(stack_axes)} stacked axes"
         )
     index = list(np.ndindex(*(shape[a] for a in stack_axes))) if holes else [()]
     return [(idx, modules.get(fill_layers(template, idx))) for idx in index]
@@ -370,6 +370,7 @@ def fit_without_params(
     for path, items in _group_by_path(weights, modules, nm).items():
         stack = _stack_shape(weights, path, items)
         mod = items[0][1]
+        rest: tuple[int, ...]
         if mod.kind == "dense":
             rest, axes = (mod.fan_in[0], mod.fan_out), "io"
         else:
@@ -377,7 +378,9 @@ def fit_without_params(
         layout = KernelLayout("s" * len(stack) + axes, mod.kind)
         leaf = jax.ShapeDtypeStruct(stack + rest, mod.a.dtype)
         by_index = dict(items)
-        layers = [(idx, by_index[idx]) for idx in (np.ndindex(*stack) if stack else [()])]
+        layers: list[tuple[tuple[int, ...], Any]] = [
+            (idx, by_index[idx]) for idx in (np.ndindex(*stack) if stack else [()])
+        ]
         factors[path] = stack_layers(weights, path, leaf, layout, layers, rslora, dtype)
     return nested_from_paths(factors, where=str(weights))
 

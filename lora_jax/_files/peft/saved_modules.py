@@ -117,9 +117,9 @@ def export_saved(
     lora_biases = False
     for path, d in leaf_deltas:
         w = base.get(path)
-        missing = w is None or isinstance(w, jax.ShapeDtypeStruct)
-        if missing or tuple(np.shape(w)) != d.kernel_shape:
-            have = "no concrete array" if missing else f"shape {np.shape(w)}"
+        shape = None if w is None or isinstance(w, jax.ShapeDtypeStruct) else np.shape(w)
+        if shape is None or tuple(shape) != d.kernel_shape:
+            have = "no concrete array" if shape is None else f"shape {shape}"
             raise LoraStructureError(
                 f"{where}: leaf {path!r} is a LeafDelta of shape {d.kernel_shape}, but params= "
                 f"has {have} there"
