@@ -58,7 +58,7 @@ class Setup:
         rng = np.random.default_rng(0)
         ids = rng.integers(3, 20_000, size=(1, seq + 1)).astype(np.int32)
         self.x = jnp.asarray(ids[:, :seq])
-        self.y = jnp.asarray(ids[:, seq + 1 - LOSS_POSITIONS:])
+        self.y = jnp.asarray(ids[:, seq + 1 - LOSS_POSITIONS :])
         self.config = lj.LoraConfig(targets=gm.ALL_PROJECTIONS, rank=rank, alpha=2 * rank)
 
 
@@ -70,7 +70,8 @@ def build(name: str, s: Setup):
 
         def step(params, opt_state, x, y):
             loss, g = jax.value_and_grad(
-                lambda p: cross_entropy(model.apply(p, x, last_k=LOSS_POSITIONS)[0], y))(params)
+                lambda p: cross_entropy(model.apply(p, x, last_k=LOSS_POSITIONS)[0], y)
+            )(params)
             updates, opt_state = opt.update(g, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
@@ -79,8 +80,11 @@ def build(name: str, s: Setup):
         h0 = jnp.take(s.params["params"]["embed_tokens"]["embedding"], s.x, axis=0)
 
         def step(h, params, x, y):
-            loss, g = jax.value_and_grad(lambda h: cross_entropy(
-                model.apply(params, x, input_embeds=h, last_k=LOSS_POSITIONS)[0], y))(h)
+            loss, g = jax.value_and_grad(
+                lambda h: cross_entropy(
+                    model.apply(params, x, input_embeds=h, last_k=LOSS_POSITIONS)[0], y
+                )
+            )(h)
             return h - 1e-3 * g, loss
 
         return jax.jit(step, donate_argnums=(0,)), (h0,), (s.params, s.x, s.y)
@@ -88,6 +92,7 @@ def build(name: str, s: Setup):
     if name == "lora_jax":
         apply = lj.implicit(model.apply, strict=True)
     elif name == "merge":
+
         def apply(base, delta, x, **kw):
             return model.apply(lj.merge(base, delta), x, **kw)
     else:
@@ -95,7 +100,8 @@ def build(name: str, s: Setup):
 
     def step(delta, opt_state, base, x, y):
         loss, g = jax.value_and_grad(
-            lambda d: cross_entropy(apply(base, d, x, last_k=LOSS_POSITIONS)[0], y))(delta)
+            lambda d: cross_entropy(apply(base, d, x, last_k=LOSS_POSITIONS)[0], y)
+        )(delta)
         updates, opt_state = opt.update(g, opt_state, delta)
         return optax.apply_updates(delta, updates), opt_state, loss
 
@@ -145,18 +151,33 @@ def child(name: str, seq: int, steps: int) -> None:
 def measure_memory(seq: int, steps: int = 3) -> dict:
     out = {}
     for name in CONFIGS:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.gemma3_step", "--child", name,
-                               "--seqs", str(seq), "--steps", str(steps)],
-                              capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.gemma3_step",
+                "--child",
+                name,
+                "--seqs",
+                str(seq),
+                "--steps",
+                str(steps),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not lines:
             print(f"  memory child {name} failed:\n{proc.stderr[-2000:]}")
             continue
         info = json.loads(lines[-1])
         out[name] = info["maxrss_mb"]
-        print(f"  RSS {name:9s} (own process): weights loaded {info['loaded_mb']:6.0f} MB, "
-              f"peak while compiling {info['compile_peak_mb']:6.0f} MB, peak over {steps} "
-              f"steps {info['maxrss_mb']:6.0f} MB")
+        print(
+            f"  RSS {name:9s} (own process): weights loaded {info['loaded_mb']:6.0f} MB, "
+            f"peak while compiling {info['compile_peak_mb']:6.0f} MB, peak over {steps} "
+            f"steps {info['maxrss_mb']:6.0f} MB"
+        )
     return out
 
 
@@ -164,18 +185,22 @@ def decode_speed(rounds: int = 5, prompt_len: int = 16, new_tokens: int = 32) ->
     cfg, params, _ = gl.load()
     params = jax.tree.map(jnp.asarray, params)
     model = gm.Gemma3(cfg)
-    base, delta = lj.init_lora(jax.random.key(1), params,
-                               lj.LoraConfig(targets=gm.ALL_PROJECTIONS, rank=8, alpha=16))
+    base, delta = lj.init_lora(
+        jax.random.key(1), params, lj.LoraConfig(targets=gm.ALL_PROJECTIONS, rank=8, alpha=16)
+    )
     leaves, tdef = jax.tree.flatten(delta)
     rng = np.random.default_rng(0)
-    delta = jax.tree.unflatten(tdef, [x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype)
-                                      for x in leaves])
+    delta = jax.tree.unflatten(
+        tdef, [x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves]
+    )
     merged = lj.merge(base, delta)
     prompt = [[2] + list(rng.integers(3, 20_000, prompt_len - 1))]
-    gens = {"merged": (gg.Generator(model.apply, model), (merged,)),
-            "implicit": (gg.Generator(lj.implicit(model.apply, strict=True), model), (base, delta))}
+    gens = {
+        "merged": (gg.Generator(model.apply, model), (merged,)),
+        "implicit": (gg.Generator(lj.implicit(model.apply, strict=True), model), (base, delta)),
+    }
     speeds = {k: [] for k in gens}
-    for k, (g, p) in gens.items():
+    for g, p in gens.values():
         g(p, prompt, new_tokens, stop_at_eos=False)  # compile
     for _ in range(rounds):
         for k, (g, p) in gens.items():
@@ -199,17 +224,31 @@ def time_configs(seq: int, names, args, mem: dict) -> dict:
             r.times.append(r.step())
     med = {r.name: float(np.median(r.times)) for r in runners}
     floor, full = med.get("floor"), med.get("full")
-    print(f"\nsequence {seq} (medians of {args.rounds} interleaved steps; process peak RSS "
-          f"{maxrss_mb():.0f} MB; load {os.getloadavg()[0]:.1f})")
-    print("| train step | s/step | x floor | x full | compile s | peak RSS MB over steps (own process) | loss at step 0 |")
+    print(
+        f"\nsequence {seq} (medians of {args.rounds} interleaved steps; process peak RSS "
+        f"{maxrss_mb():.0f} MB; load {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        "| train step | s/step | x floor | x full | compile s | peak RSS MB over steps (own process) | loss at step 0 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in runners:
         xf = f"{med[r.name] / floor:.2f}" if floor else "-"
         xu = f"{med[r.name] / full:.2f}" if full else "-"
         m = f"{mem[r.name]:.0f}" if r.name in mem else "-"
-        print(f"| {r.name} | {med[r.name]:.3f} | {xf} | {xu} | {r.compile_s:.1f} | {m} | {r.loss0:.4f} |")
-    return {r.name: {"median_s": med[r.name], "compile_s": r.compile_s, "times": r.times,
-                     "loss0": r.loss0, "peak_rss_mb": mem.get(r.name)} for r in runners}
+        print(
+            f"| {r.name} | {med[r.name]:.3f} | {xf} | {xu} | {r.compile_s:.1f} | {m} | {r.loss0:.4f} |"
+        )
+    return {
+        r.name: {
+            "median_s": med[r.name],
+            "compile_s": r.compile_s,
+            "times": r.times,
+            "loss0": r.loss0,
+            "peak_rss_mb": mem.get(r.name),
+        }
+        for r in runners
+    }
 
 
 def main(argv=None) -> None:
@@ -218,7 +257,9 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rounds", type=int, default=10, help="timed steps per config (round robin)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--memory", action="store_true", help="peak RSS per config, each in its own process")
+    ap.add_argument(
+        "--memory", action="store_true", help="peak RSS per config, each in its own process"
+    )
     ap.add_argument("--steps", type=int, default=3, help="(memory children) steps to run")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
@@ -228,18 +269,27 @@ def main(argv=None) -> None:
         child(args.child, seqs[0], args.steps)
         return
     names = args.configs.split(",")
-    report = {"jax": jax.__version__, "cpu_count": os.cpu_count(), "batch": 1,
-              "loss_positions": LOSS_POSITIONS, "runs": {}}
-    print(f"Gemma 3 270M train step, float32, batch 1, loss on the last {LOSS_POSITIONS} "
-          f"positions, JAX {jax.__version__}, {os.cpu_count()} CPUs, load "
-          f"{os.getloadavg()[0]:.1f}")
+    report = {
+        "jax": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "batch": 1,
+        "loss_positions": LOSS_POSITIONS,
+        "runs": {},
+    }
+    print(
+        f"Gemma 3 270M train step, float32, batch 1, loss on the last {LOSS_POSITIONS} "
+        f"positions, JAX {jax.__version__}, {os.cpu_count()} CPUs, load "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     for seq in seqs:
         mem = measure_memory(seq, args.steps) if args.memory else {}
         report["runs"][str(seq)] = time_configs(seq, names, args, mem)
     dec = decode_speed()
-    print(f"\ndecode (batch 1, 16-token prompt, 32 greedy tokens, KV cache): merged "
-          f"{dec['merged']:.1f} tokens/s, implicit unmerged {dec['implicit']:.1f} tokens/s "
-          f"({dec['implicit'] / dec['merged']:.2f}x)")
+    print(
+        f"\ndecode (batch 1, 16-token prompt, 32 greedy tokens, KV cache): merged "
+        f"{dec['merged']:.1f} tokens/s, implicit unmerged {dec['implicit']:.1f} tokens/s "
+        f"({dec['implicit'] / dec['merged']:.2f}x)"
+    )
     report["decode_tokens_per_s"] = dec
     report["process_peak_rss_mb"] = maxrss_mb()
     if args.json:

@@ -68,7 +68,7 @@ def time_interleaved(steps_by_name, rounds: int, steps: int, warmup: int, log=pr
             steps_by_name[name]()
     samples = {name: [] for name in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)] if names else []
+        order = names[r % len(names) :] + names[: r % len(names)] if names else []
         for name in order:
             fn = steps_by_name[name]
             for _ in range(steps):
@@ -76,8 +76,11 @@ def time_interleaved(steps_by_name, rounds: int, steps: int, warmup: int, log=pr
                 fn()
                 samples[name].append(1e3 * (time.perf_counter() - t0))
         if log is not None:
-            log(f"  round {r + 1}/{rounds}: " + ", ".join(
-                f"{n} {np.median(samples[n]):.1f}" for n in names) + " ms (running medians)")
+            log(
+                f"  round {r + 1}/{rounds}: "
+                + ", ".join(f"{n} {np.median(samples[n]):.1f}" for n in names)
+                + " ms (running medians)"
+            )
     return samples
 
 
@@ -100,12 +103,17 @@ def meta(**extra) -> dict:
 
     import flax
 
-    versions = {"python": platform.python_version(), "jax": jax.__version__,
-                "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
-                "flax": flax.__version__, "optax": optax.__version__,
-                "lora_jax": lora_jax.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "lora_jax": lora_jax.__version__,
+    }
     try:
         import qwix
+
         versions["qwix"] = qwix.__version__
     except Exception:  # noqa: BLE001
         versions["qwix"] = None
@@ -129,6 +137,7 @@ def meta(**extra) -> dict:
     }
     try:
         import psutil
+
         out["physical_cores"] = psutil.cpu_count(logical=False)
         out["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     except Exception:  # noqa: BLE001 - psutil is optional
@@ -148,10 +157,13 @@ def start(ap, args, configs, unit: str):
     if unknown:
         ap.error(f"unknown configs {unknown}; choose from {', '.join(configs)}")
     if args.rounds * args.steps < 20:
-        print(f"note: {args.rounds * args.steps} timed {unit} per config (< 20): a smoke run, "
-              "not a quotable measurement")
-    run_meta = meta(rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup,
-                    small=args.small)
+        print(
+            f"note: {args.rounds * args.steps} timed {unit} per config (< 20): a smoke run, "
+            "not a quotable measurement"
+        )
+    run_meta = meta(
+        rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup, small=args.small
+    )
     wl = build(small=args.small)
     run_meta["dims"] = dataclasses.asdict(wl.dims)
     return names, wl, run_meta

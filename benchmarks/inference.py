@@ -50,12 +50,18 @@ class Fwd:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help=f"comma-separated subset of {','.join(CONFIGS)} (base is always run)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (base is always run)",
+    )
     ap.add_argument("--rounds", type=int, default=25, help="round-robin rounds (default 25)")
-    ap.add_argument("--steps", type=int, default=2,
-                    help="timed forwards per config per round (default 2)")
+    ap.add_argument(
+        "--steps", type=int, default=2, help="timed forwards per config per round (default 2)"
+    )
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="tiny dims (for tests)")
     ap.add_argument("--json", metavar="PATH")
@@ -65,8 +71,10 @@ def main(argv=None):
         names.insert(0, "base")
     base, x = wl.variables, wl.inputs
     delta = W.trained_like(wl.delta)
-    print(f"workload: {'SMALL' if args.small else 'reference'} {wl.dims}; forward of "
-          f"{x.shape[0]}x{x.shape[1]} tokens; {run_meta['device']}, {run_meta['cores']} cores")
+    print(
+        f"workload: {'SMALL' if args.small else 'reference'} {wl.dims}; forward of "
+        f"{x.shape[0]}x{x.shape[1]} tokens; {run_meta['device']}, {run_meta['cores']} cores"
+    )
 
     fwd = jax.jit(lambda v, x: wl.model.apply(v, x))
     runs, skipped = {}, {}
@@ -82,19 +90,27 @@ def main(argv=None):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 runs["implicit"] = Fwd(jax.jit(lora_jax.implicit(wl.model.apply)), (base, delta, x))
-            fallbacks = sorted({str(w.message).splitlines()[0] for w in caught
-                                if type(w.message).__name__ == "LoraFallbackWarning"})
+            fallbacks = sorted(
+                {
+                    str(w.message).splitlines()[0]
+                    for w in caught
+                    if type(w.message).__name__ == "LoraFallbackWarning"
+                }
+            )
             if fallbacks:
                 runs["implicit"].note = "FALLBACK (kernel materialised): " + "; ".join(fallbacks)
         else:
-            skipped["implicit"] = ("lora_jax.implicit is not in this lora_jax build yet; "
-                                   "skipped (merge is NOT substituted for it)")
+            skipped["implicit"] = (
+                "lora_jax.implicit is not in this lora_jax build yet; "
+                "skipped (merge is NOT substituted for it)"
+            )
             print(f"skip implicit: {skipped['implicit']}")
     for name, r in runs.items():
         print(f"compiled {name}: {r.compile_s:.1f} s, {r.gflop:.4g} GFLOP")
 
-    samples = harness.time_interleaved({n: r.step for n, r in runs.items()},
-                                 args.rounds, args.steps, args.warmup)
+    samples = harness.time_interleaved(
+        {n: r.step for n, r in runs.items()}, args.rounds, args.steps, args.warmup
+    )
     results = {}
     base_ms = float(np.median(samples["base"]))
     ref = runs["merged"].out if "merged" in runs else None
@@ -112,7 +128,9 @@ def main(argv=None):
         results[name] = res
     run_meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
-    f = lambda v, fmt: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)  # noqa: E731
+    f = lambda v, fmt: (
+        "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    )  # noqa: E731
     header = ["config", "ms/forward", "x base", "compile s", "GFLOP", "check"]
     rows = []
     for name, res in results.items():
@@ -121,8 +139,16 @@ def main(argv=None):
             check = "same program as base" if res["same_program"] else "PROGRAM DIFFERS"
         if "max_abs_diff_vs_merged" in res:
             check = f"max |implicit - merged| = {res['max_abs_diff_vs_merged']:.1e}"
-        rows.append([name, f(res["ms"], ".2f"), f(res["x_base"], ".2f"), f(res["compile_s"], ".1f"),
-                     f(res["gflop"], ".4g"), check + (f" ({res['note']})" if "note" in res else "")])
+        rows.append(
+            [
+                name,
+                f(res["ms"], ".2f"),
+                f(res["x_base"], ".2f"),
+                f(res["compile_s"], ".1f"),
+                f(res["gflop"], ".4g"),
+                check + (f" ({res['note']})" if "note" in res else ""),
+            ]
+        )
     print()
     print(report.fmt_table(header, rows, left=(0, 5)))
     report.print_skipped(skipped)

@@ -10,13 +10,16 @@ import lora_jax
 def fmt_table(header, rows, left=(0,)) -> str:
     """A fixed-width text table; columns in ``left`` are left-aligned, others right-aligned."""
     rows = [[("" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+        for i, h in enumerate(header)
+    ]
     line = lambda r: "  ".join(  # noqa: E731
         (c.ljust(w) if i in left else c.rjust(w)) for i, (c, w) in enumerate(zip(r, widths))
     ).rstrip()
-    return "\n".join([line([str(h) for h in header]), line(["-" * w for w in widths]),
-                      *map(line, rows)])
+    return "\n".join(
+        [line([str(h) for h in header]), line(["-" * w for w in widths]), *map(line, rows)]
+    )
 
 
 def ratio(a, b):

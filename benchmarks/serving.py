@@ -109,24 +109,29 @@ def decode_figures(args) -> dict:
 
     n, new_tokens, rounds = N_ADAPTERS, (4 if args.small else 32), max(1, args.rounds // 3)
     params = MODEL.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
-    cfg = lora_jax.LoraConfig(targets=r".*/(q|k|v|out|fc1|fc2)/kernel",
-                              rank=8, alpha=16.0)
+    cfg = lora_jax.LoraConfig(targets=r".*/(q|k|v|out|fc1|fc2)/kernel", rank=8, alpha=16.0)
     base, delta = lora_jax.init_lora(jax.random.key(1), params, cfg)
     deltas = [W.trained_like(delta, seed=200 + i) for i in range(n)]
     stack = lora_jax.stack_adapters(deltas)
     ids = jnp.arange(n, dtype=jnp.int32)
     prompts = [list(np.random.default_rng(i).integers(1, 256, 12)) for i in range(n)]
     mixed_apply = lambda b, s, i, t, **kw: lora_jax.implicit(MODEL.apply)(  # noqa: E731
-        b, s, t, adapter_ids=i, **kw)
-    plain, lora, mixed = (Generator(MODEL.apply, MODEL), Generator(lora_jax.implicit(MODEL.apply),
-                          MODEL), Generator(mixed_apply, MODEL))
+        b, s, t, adapter_ids=i, **kw
+    )
+    plain, lora, mixed = (
+        Generator(MODEL.apply, MODEL),
+        Generator(lora_jax.implicit(MODEL.apply), MODEL),
+        Generator(mixed_apply, MODEL),
+    )
     merged = lora_jax.merge(base, deltas[0])
     runs = {
         "merged": lambda: [plain((merged,), prompts, new_tokens, stop_at_eos=False)],
         "unmerged": lambda: [lora((base, deltas[0]), prompts, new_tokens, stop_at_eos=False)],
         "mixed16": lambda: [mixed((base, stack, ids), prompts, new_tokens, stop_at_eos=False)],
-        "loop16": lambda: [lora((base, deltas[i]), prompts[i:i + 1], new_tokens,
-                                stop_at_eos=False) for i in range(n)],
+        "loop16": lambda: [
+            lora((base, deltas[i]), prompts[i : i + 1], new_tokens, stop_at_eos=False)
+            for i in range(n)
+        ],
     }
     rates: dict[str, list[float]] = {k: [] for k in runs}
     outs = {}
@@ -142,18 +147,25 @@ def decode_figures(args) -> dict:
     result = {k: {"tokens_per_s": float(np.median(v))} for k, v in rates.items()}
     result["mixed16_equals_loop16_tokens"] = mixed_tokens == loop_tokens
     print()
-    print(report.fmt_table(["decode (demo LM, KV cache, 16 prompts)", "tokens/s"],
-                      [[k, f"{v['tokens_per_s']:.0f}"] for k, v in result.items()
-                       if isinstance(v, dict)]))
+    print(
+        report.fmt_table(
+            ["decode (demo LM, KV cache, 16 prompts)", "tokens/s"],
+            [[k, f"{v['tokens_per_s']:.0f}"] for k, v in result.items() if isinstance(v, dict)],
+        )
+    )
     print(f"mixed16 tokens == each adapter decoded alone: {result['mixed16_equals_loop16_tokens']}")
     return result
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)}",
+    )
     ap.add_argument("--rounds", type=int, default=10, help="round-robin rounds (default 10)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per config per round")
     ap.add_argument("--warmup", type=int, default=2)
@@ -172,8 +184,10 @@ def main(argv=None):
     apply = jax.jit(wl.model.apply)
     serve = jax.jit(lora_jax.implicit(wl.model.apply, strict=True))
     tokens = BATCH * d.seq
-    print(f"workload: {'SMALL' if args.small else 'reference'} {d}; {n} adapters, batch "
-          f"{BATCH} x {d.seq} tokens; {run_meta['device']}, {run_meta['cores']} cores")
+    print(
+        f"workload: {'SMALL' if args.small else 'reference'} {d}; {n} adapters, batch "
+        f"{BATCH} x {d.seq} tokens; {run_meta['device']}, {run_meta['cores']} cores"
+    )
 
     merged = jax.jit(lora_jax.merge)(base, deltas[0])
     runs = {}
@@ -185,12 +199,14 @@ def main(argv=None):
         runs["mixed16"] = Run(lambda: serve(base, stack, x, adapter_ids=ids), tokens)
     if "loop16" in names:
         rows = [np.flatnonzero(np.asarray(ids) == i) for i in range(n)]
-        runs["loop16"] = Run(lambda: [serve(base, deltas[i], x[r]) for i, r in enumerate(rows)
-                                      if r.size], tokens)
+        runs["loop16"] = Run(
+            lambda: [serve(base, deltas[i], x[r]) for i, r in enumerate(rows) if r.size], tokens
+        )
     forms = formulations(rng, n, BATCH, d.seq, d.d_model, d.d_mlp, d.rank)
     timed = {**runs, **{f"branch_{k}": v for k, v in forms.items()}}
-    samples = harness.time_interleaved({k: r.step for k, r in timed.items()}, args.rounds, args.steps,
-                                 args.warmup)
+    samples = harness.time_interleaved(
+        {k: r.step for k, r in timed.items()}, args.rounds, args.steps, args.warmup
+    )
 
     # correctness: every mixed row equals its adapter merged alone
     check = {}
@@ -198,7 +214,7 @@ def main(argv=None):
         mixed = np.asarray(runs["mixed16"].out)
         errs = []
         for e in (0, BATCH - 1):
-            want = np.asarray(apply(lora_jax.merge(base, deltas[int(ids[e])]), x[e:e + 1]))[0]
+            want = np.asarray(apply(lora_jax.merge(base, deltas[int(ids[e])]), x[e : e + 1]))[0]
             errs.append(float(np.abs(mixed[e] - want).max() / np.abs(want).max()))
         check["mixed16_rel_err_vs_merged"] = max(errs)
 
@@ -220,27 +236,43 @@ def main(argv=None):
         results[name] = {**st, "tokens_per_s": r.tokens / (st["ms"] / 1e3)}
     branch = {k: harness.summary_stats(samples[f"branch_{k}"]) for k in forms}
     ratios = {
-        "mixed16_over_merged": report.ratio(results.get("mixed16", {}).get("tokens_per_s"),
-                                       results.get("merged", {}).get("tokens_per_s")),
-        "mixed16_over_loop16": report.ratio(results.get("mixed16", {}).get("tokens_per_s"),
-                                       results.get("loop16", {}).get("tokens_per_s")),
-        "unmerged_over_merged": report.ratio(results.get("unmerged", {}).get("tokens_per_s"),
-                                        results.get("merged", {}).get("tokens_per_s")),
+        "mixed16_over_merged": report.ratio(
+            results.get("mixed16", {}).get("tokens_per_s"),
+            results.get("merged", {}).get("tokens_per_s"),
+        ),
+        "mixed16_over_loop16": report.ratio(
+            results.get("mixed16", {}).get("tokens_per_s"),
+            results.get("loop16", {}).get("tokens_per_s"),
+        ),
+        "unmerged_over_merged": report.ratio(
+            results.get("unmerged", {}).get("tokens_per_s"),
+            results.get("merged", {}).get("tokens_per_s"),
+        ),
     }
     rows = [[k, f"{v['ms']:.2f}", f"{v['tokens_per_s']:.0f}"] for k, v in results.items()]
     print()
     print(report.fmt_table(["config", "ms/forward", "tokens/s"], rows))
     print()
-    print(report.fmt_table(["mixed branch (one fc1 kernel)", "ms"],
-                      [[k, f"{v['ms']:.3f}"] for k, v in branch.items()]))
+    print(
+        report.fmt_table(
+            ["mixed branch (one fc1 kernel)", "ms"],
+            [[k, f"{v['ms']:.3f}"] for k, v in branch.items()],
+        )
+    )
     print()
     for k, v in ratios.items():
         print(f"{k}: {'-' if v is None else format(v, '.2f')}")
     print(f"compilations_on_swap: {compilations}")
     for k, v in check.items():
         print(f"{k}: {v:.1e}")
-    out = {"configs": results, "formulations": branch, "ratios": ratios,
-           "compilations_on_swap": compilations, "check": check, "meta": run_meta}
+    out = {
+        "configs": results,
+        "formulations": branch,
+        "ratios": ratios,
+        "compilations_on_swap": compilations,
+        "check": check,
+        "meta": run_meta,
+    }
     out["decode"] = decode_figures(args)
     if args.json:
         report.dump_json(args.json, out)

@@ -53,15 +53,31 @@ from benchmarks import workload as W
 from benchmarks.rss import maxrss_mb, reset_peak_rss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `-m benchmarks.x` runs here
-CONFIGS = ("full", "floor", "merge", "lora_jax", "lora_jax_dora", "lora_jax_rslora",
-           "lora_jax_nf4", "lora_jax_int8", "lora_jax_bf16", "lora_jax_nf4_bf16",
-           "lora_jax_int8_bf16", "nnx_lora", "qwix")
+CONFIGS = (
+    "full",
+    "floor",
+    "merge",
+    "lora_jax",
+    "lora_jax_dora",
+    "lora_jax_rslora",
+    "lora_jax_nf4",
+    "lora_jax_int8",
+    "lora_jax_bf16",
+    "lora_jax_nf4_bf16",
+    "lora_jax_int8_bf16",
+    "nnx_lora",
+    "qwix",
+)
 NF4 = dict(scheme="nf4", double_quant=True)
 INT8 = dict(scheme="int8")
 # name -> (dtype of every base weight, quantization of the 24 targeted kernels or None)
-BASES = {"lora_jax_nf4": (jnp.float32, NF4), "lora_jax_int8": (jnp.float32, INT8),
-         "lora_jax_bf16": (jnp.bfloat16, None), "lora_jax_nf4_bf16": (jnp.bfloat16, NF4),
-         "lora_jax_int8_bf16": (jnp.bfloat16, INT8)}
+BASES = {
+    "lora_jax_nf4": (jnp.float32, NF4),
+    "lora_jax_int8": (jnp.float32, INT8),
+    "lora_jax_bf16": (jnp.bfloat16, None),
+    "lora_jax_nf4_bf16": (jnp.bfloat16, NF4),
+    "lora_jax_int8_bf16": (jnp.bfloat16, INT8),
+}
 
 
 class Runner:
@@ -83,7 +99,7 @@ class Runner:
         self.compile_s = time.perf_counter() - t0
         self.gflop = harness.gflop(self.compiled)
         self.xla_temp_mib = harness.xla_temp_mib(self.compiled)
-        self.loss0 = None   # the loss of the first step: the model before any update
+        self.loss0 = None  # the loss of the first step: the model before any update
         self.steps = 0
 
     def step(self):
@@ -111,8 +127,13 @@ def build_full(wl, copy=True):
         updates, opt_state = opt.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return Runner("full", step, (params, opt_state), (wl.inputs, wl.targets),
-                  lora_jax.advanced.tree_bytes(opt_state))
+    return Runner(
+        "full",
+        step,
+        (params, opt_state),
+        (wl.inputs, wl.targets),
+        lora_jax.advanced.tree_bytes(opt_state),
+    )
 
 
 def build_floor(wl, copy=True):
@@ -124,7 +145,7 @@ def build_floor(wl, copy=True):
             return W.cross_entropy(model.apply(v, None, embeddings=h), y)
 
         loss, g = jax.value_and_grad(loss_fn)(h)
-        return h - W.LR * g, loss   # SGD on the input embeddings: no optimizer state
+        return h - W.LR * g, loss  # SGD on the input embeddings: no optimizer state
 
     return Runner("floor", step, (h0,), (v, wl.targets), 0)
 
@@ -140,8 +161,14 @@ def _delta_runner(name, wl, apply_fn, note="", delta=None, base=None):
         return optax.apply_updates(delta, updates), opt_state, loss
 
     base = wl.variables if base is None else base
-    return Runner(name, step, (delta, opt_state), (base, wl.inputs, wl.targets),
-                  lora_jax.advanced.tree_bytes(opt_state), note)
+    return Runner(
+        name,
+        step,
+        (delta, opt_state),
+        (base, wl.inputs, wl.targets),
+        lora_jax.advanced.tree_bytes(opt_state),
+        note,
+    )
 
 
 def build_merge(wl, copy=True):
@@ -155,16 +182,22 @@ def build_merge(wl, copy=True):
 
 def build_lora_jax(wl, copy=True, name="lora_jax", delta=None, base=None):
     if not hasattr(lora_jax, "implicit"):
-        raise harness.Skip("lora_jax.implicit is not in this lora_jax build yet; skipped "
-                     "(merge is NOT substituted for it)")
+        raise harness.Skip(
+            "lora_jax.implicit is not in this lora_jax build yet; skipped "
+            "(merge is NOT substituted for it)"
+        )
     # A kernel use with no low-rank rule would be materialised (W + s A B) with a
     # LoraFallbackWarning: that would make this a merge benchmark, so say so.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runner = _delta_runner(name, wl, lora_jax.implicit(wl.model.apply), delta=delta,
-                               base=base)
-    fallbacks = sorted({str(w.message).splitlines()[0] for w in caught
-                        if type(w.message).__name__ == "LoraFallbackWarning"})
+        runner = _delta_runner(name, wl, lora_jax.implicit(wl.model.apply), delta=delta, base=base)
+    fallbacks = sorted(
+        {
+            str(w.message).splitlines()[0]
+            for w in caught
+            if type(w.message).__name__ == "LoraFallbackWarning"
+        }
+    )
     if fallbacks:
         runner.note = "FALLBACK (kernel materialised): " + "; ".join(fallbacks)
     return runner
@@ -177,8 +210,11 @@ def build_lora_jax_dora(wl, copy=True):
 
 def build_lora_jax_rslora(wl, copy=True):
     """rsLoRA: the same factors scaled by alpha / sqrt(r)."""
-    delta = jax.tree.map(lambda f: dataclasses.replace(f, rslora=True), wl.delta,
-                         is_leaf=lora_jax.advanced.is_factors)
+    delta = jax.tree.map(
+        lambda f: dataclasses.replace(f, rslora=True),
+        wl.delta,
+        is_leaf=lora_jax.advanced.is_factors,
+    )
     return build_lora_jax(wl, copy, "lora_jax_rslora", delta)
 
 
@@ -192,8 +228,10 @@ def other_base(wl, name):
 
 def build_other_base(name):
     """The builder of ``lora_jax`` over ``other_base(wl, name)`` (the same delta)."""
+
     def build(wl, copy=True):
         return build_lora_jax(wl, copy, name, base=other_base(wl, name))
+
     return build
 
 
@@ -206,8 +244,13 @@ def same_dtype_lora(name: str) -> str | None:
 
 def base_kernel_bits(wl, name) -> float:
     """Stored bits per parameter of the 24 targeted kernels in ``name``'s base, scales included."""
-    paths = [p for p, f in lora_jax.advanced.leaves_with_paths(
-        wl.delta, is_leaf=lora_jax.advanced.is_factors)[0] if lora_jax.advanced.is_factors(f)]
+    paths = [
+        p
+        for p, f in lora_jax.advanced.leaves_with_paths(
+            wl.delta, is_leaf=lora_jax.advanced.is_factors
+        )[0]
+        if lora_jax.advanced.is_factors(f)
+    ]
     base = other_base(wl, name) if name in BASES else wl.variables
     return lora_jax.advanced.kernel_bits(base, paths)
 
@@ -232,9 +275,14 @@ def build_nnx_lora(wl, copy=True):
 
     n = lora_jax.count_params(lora_state)
     assert n == d.n_trainable(), (n, d.n_trainable())
-    return Runner("nnx_lora", step, (lora_state, opt_state), (rest, wl.inputs, wl.targets),
-                  lora_jax.advanced.tree_bytes(opt_state),
-                  note=f"nnx.LoRA has no alpha: s = alpha/r = {d.alpha / d.rank:g} folded into A's init")
+    return Runner(
+        "nnx_lora",
+        step,
+        (lora_state, opt_state),
+        (rest, wl.inputs, wl.targets),
+        lora_jax.advanced.tree_bytes(opt_state),
+        note=f"nnx.LoRA has no alpha: s = alpha/r = {d.alpha / d.rank:g} folded into A's init",
+    )
 
 
 def _deep_merge(a, b):
@@ -262,8 +310,9 @@ def build_qwix(wl, copy=True):
             warnings.simplefilter("ignore")
             import qwix
     except Exception as e:  # noqa: BLE001
-        raise harness.Skip(f"qwix is not importable ({type(e).__name__}: {e}); "
-                     "pip install -e '.[bench]'") from None
+        raise harness.Skip(
+            f"qwix is not importable ({type(e).__name__}: {e}); pip install -e '.[bench]'"
+        ) from None
     d = wl.dims
     provider = qwix.LoraProvider(module_path=W.MODULE_TARGETS, rank=d.rank, alpha=d.alpha)
     lora_model = qwix.apply_lora_to_model(wl.model, provider)
@@ -296,8 +345,14 @@ def build_qwix(wl, copy=True):
         return optax.apply_updates(lora, updates), opt_state, loss
 
     note = "" if qwix.__version__ == "0.1.8" else f"qwix {qwix.__version__}, not 0.1.8"
-    return Runner("qwix", step, (lora, opt_state), (wl.variables, wl.inputs, wl.targets),
-                  lora_jax.advanced.tree_bytes(opt_state), note)
+    return Runner(
+        "qwix",
+        step,
+        (lora, opt_state),
+        (wl.variables, wl.inputs, wl.targets),
+        lora_jax.advanced.tree_bytes(opt_state),
+        note,
+    )
 
 
 BUILDERS = {
@@ -350,20 +405,35 @@ def measure_memory(names, args, log=print) -> tuple[dict, float | None]:
     """Peak RSS of each configuration in its own process; and of imports + weights alone."""
     res = {}
     for name in ["none", *names]:
-        cmd = [sys.executable, "-m", "benchmarks.train_step", "--child", name,
-               "--memory-steps", str(args.memory_steps)] + (["--small"] if args.small else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.train_step",
+            "--child",
+            name,
+            "--memory-steps",
+            str(args.memory_steps),
+        ] + (["--small"] if args.small else [])
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = (p.stdout.strip().splitlines() or [""])[-1]
         try:
             info = json.loads(line)
         except json.JSONDecodeError:
-            raise RuntimeError(f"--child {name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+            raise RuntimeError(
+                f"--child {name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}"
+            ) from None
         if "maxrss_mb" in info:
             res[name] = info
-            log(f"  {name}: peak RSS {info['maxrss_mb']:.0f} MB while stepping, live arrays "
+            log(
+                f"  {name}: peak RSS {info['maxrss_mb']:.0f} MB while stepping, live arrays "
                 f"{info['live_arrays_mb']:.1f} MiB"
-                + ("" if info.get("peak_reset") else " (could not reset the peak: includes compiling)")
-                + f", {info['compile_peak_mb']:.0f} MB up to the first step")
+                + (
+                    ""
+                    if info.get("peak_reset")
+                    else " (could not reset the peak: includes compiling)"
+                )
+                + f", {info['compile_peak_mb']:.0f} MB up to the first step"
+            )
     return res, res.pop("none", {}).get("maxrss_mb")
 
 
@@ -381,22 +451,35 @@ def update_vs_merge(runners, wl) -> dict | None:
     got, want, init = leaves(a.state[0]), leaves(b.state[0]), leaves(wl.delta)
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
     moved = max(float(np.abs(w - i).max()) for w, i in zip(want, init))
-    return {"steps": a.steps, "max_abs_diff": diff, "max_abs_update": moved,
-            "rel_diff": diff / moved if moved else float("inf")}
+    return {
+        "steps": a.steps,
+        "max_abs_diff": diff,
+        "max_abs_update": moved,
+        "rel_diff": diff / moved if moved else float("inf"),
+    }
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)}",
+    )
     ap.add_argument("--rounds", type=int, default=10, help="round-robin rounds (default 10)")
-    ap.add_argument("--steps", type=int, default=3,
-                    help="timed steps per configuration per round (default 3)")
+    ap.add_argument(
+        "--steps", type=int, default=3, help="timed steps per configuration per round (default 3)"
+    )
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     ap.add_argument("--small", action="store_true", help="tiny dims (for tests)")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    ap.add_argument("--memory", action="store_true",
-                    help="also measure peak RSS of each configuration in its own process")
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure peak RSS of each configuration in its own process",
+    )
     ap.add_argument("--memory-steps", type=int, default=30)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -407,11 +490,15 @@ def main(argv=None):
 
     names, wl, run_meta = harness.start(ap, args, CONFIGS, "steps")
     d = wl.dims
-    print(f"workload: {'SMALL' if args.small else 'reference'} {d}; "
-          f"{lora_jax.count_params(wl.variables):,} params, "
-          f"{lora_jax.count_params(wl.delta):,} LoRA params")
-    print(f"{run_meta['device']} ({run_meta['cpu']}, {run_meta['cores']} cores), "
-          f"jax {jax.__version__}, flax {run_meta['versions']['flax']}")
+    print(
+        f"workload: {'SMALL' if args.small else 'reference'} {d}; "
+        f"{lora_jax.count_params(wl.variables):,} params, "
+        f"{lora_jax.count_params(wl.delta):,} LoRA params"
+    )
+    print(
+        f"{run_meta['device']} ({run_meta['cpu']}, {run_meta['cores']} cores), "
+        f"jax {jax.__version__}, flax {run_meta['versions']['flax']}"
+    )
 
     runners, skipped = {}, {}
     for name in names:
@@ -422,38 +509,50 @@ def main(argv=None):
             print(f"skip {name}: {e}")
             continue
         runners[name] = r
-        print(f"compiled {name}: {r.compile_s:.1f} s, {r.gflop:.4g} GFLOP/step"
-              + (f"  ({r.note})" if r.note else ""))
+        print(
+            f"compiled {name}: {r.compile_s:.1f} s, {r.gflop:.4g} GFLOP/step"
+            + (f"  ({r.note})" if r.note else "")
+        )
 
-    samples = harness.time_interleaved({n: r.step for n, r in runners.items()},
-                                 args.rounds, args.steps, args.warmup)
+    samples = harness.time_interleaved(
+        {n: r.step for n, r in runners.items()}, args.rounds, args.steps, args.warmup
+    )
     results = {}
     for name, r in runners.items():
-        results[name] = {**harness.summary_stats(samples[name]), "compile_s": r.compile_s,
-                         "gflop": r.gflop, "opt_state_bytes": r.opt_state_bytes,
-                         "xla_temp_mib": r.xla_temp_mib,
-                         "loss0": r.loss0, "loss_end": float(r.last),
-                         "base_kernel_bits": base_kernel_bits(wl, name)}
+        results[name] = {
+            **harness.summary_stats(samples[name]),
+            "compile_s": r.compile_s,
+            "gflop": r.gflop,
+            "opt_state_bytes": r.opt_state_bytes,
+            "xla_temp_mib": r.xla_temp_mib,
+            "loss0": r.loss0,
+            "loss_end": float(r.last),
+            "base_kernel_bits": base_kernel_bits(wl, name),
+        }
         if r.note:
             results[name]["note"] = r.note
     agreement = update_vs_merge(runners, wl)
     if agreement is not None:
         results["lora_jax"]["update_vs_merge"] = agreement
-        print(f"lora_jax vs merge after {agreement['steps']} steps: max |delta diff| "
-              f"{agreement['max_abs_diff']:.3g} = {agreement['rel_diff']:.3g} of the largest update")
+        print(
+            f"lora_jax vs merge after {agreement['steps']} steps: max |delta diff| "
+            f"{agreement['max_abs_diff']:.3g} = {agreement['rel_diff']:.3g} of the largest update"
+        )
     full = results.get("full", {}).get("ms")
     floor = results.get("floor", {}).get("ms")
     for name, res in results.items():
         res["x_full"] = report.ratio(res["ms"], full)
         res["x_floor"] = report.ratio(res["ms"], floor)
         lora = same_dtype_lora(name)
-        if lora in results:   # QLoRA step / LoRA step over the same base dtype
+        if lora in results:  # QLoRA step / LoRA step over the same base dtype
             res["x_lora_same_dtype"] = report.ratio(res["ms"], results[lora]["ms"])
 
     baseline = None
     if args.memory:
-        print(f"peak resident memory while running steps 2-{args.memory_steps} (after the "
-              "compiling first step), one process per config:")
+        print(
+            f"peak resident memory while running steps 2-{args.memory_steps} (after the "
+            "compiling first step), one process per config:"
+        )
         rss, baseline = measure_memory(list(runners), args)
         floor_rss = rss.get("floor", {}).get("maxrss_mb")
         for name, info in rss.items():
@@ -465,16 +564,37 @@ def main(argv=None):
     run_meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     run_meta["baseline_rss_mb"] = baseline
 
-    f = lambda x, fmt: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)  # noqa: E731
-    header = ["config", "ms/step", "x full", "x floor", "x LoRA same dtype", "compile s",
-              "GFLOP/step", "opt-state bytes", "XLA temp MiB", "kernel bits"]
+    f = lambda x, fmt: (
+        "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+    )  # noqa: E731
+    header = [
+        "config",
+        "ms/step",
+        "x full",
+        "x floor",
+        "x LoRA same dtype",
+        "compile s",
+        "GFLOP/step",
+        "opt-state bytes",
+        "XLA temp MiB",
+        "kernel bits",
+    ]
     if args.memory:
         header += ["peak RSS MB", "x floor RSS"]
     rows = []
     for name, res in results.items():
-        row = [name, f(res["ms"], ".1f"), f(res["x_full"], ".2f"), f(res["x_floor"], ".2f"),
-               f(res.get("x_lora_same_dtype"), ".2f"), f(res["compile_s"], ".1f"), f(res["gflop"], ".4g"), f"{res['opt_state_bytes']:,}",
-               f(res["xla_temp_mib"], ".1f"), f(res["base_kernel_bits"], ".3f")]
+        row = [
+            name,
+            f(res["ms"], ".1f"),
+            f(res["x_full"], ".2f"),
+            f(res["x_floor"], ".2f"),
+            f(res.get("x_lora_same_dtype"), ".2f"),
+            f(res["compile_s"], ".1f"),
+            f(res["gflop"], ".4g"),
+            f"{res['opt_state_bytes']:,}",
+            f(res["xla_temp_mib"], ".1f"),
+            f(res["base_kernel_bits"], ".3f"),
+        ]
         if args.memory:
             row += [f(res.get("peak_rss_mb"), ".0f"), f(res.get("x_floor_rss"), ".2f")]
         rows.append(row)

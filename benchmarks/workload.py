@@ -73,8 +73,9 @@ class Dims:
 
 REFERENCE = Dims()
 # Rank 2 (alpha 4: the same scale 2) keeps the LoRA share of the toy model small.
-SMALL = Dims(vocab=64, d_model=32, n_blocks=2, n_heads=2, d_mlp=64, seq=16, batch=2,
-             rank=2, alpha=4.0)
+SMALL = Dims(
+    vocab=64, d_model=32, n_blocks=2, n_heads=2, d_mlp=64, seq=16, batch=2, rank=2, alpha=4.0
+)
 
 # Selects exactly the q, k, v, o, fc1 and fc2 kernels of every block.
 TARGETS = r".*/(q|k|v|o|fc1|fc2)/kernel"
@@ -86,8 +87,9 @@ WEIGHT_DECAY = 0.01
 
 # The reference LM's parameter names. jit names a compiled step's arguments by
 # their tree paths, so these names are part of the program the figures were measured on.
-REFERENCE_NAMES = ParamNames(tok="tok", pos="pos/embedding", block="blocks_{}", attn_out="o",
-                             mlp=None)
+REFERENCE_NAMES = ParamNames(
+    tok="tok", pos="pos/embedding", block="blocks_{}", attn_out="o", mlp=None
+)
 
 
 def dims(small: bool) -> Dims:
@@ -96,8 +98,15 @@ def dims(small: bool) -> Dims:
 
 def lm_config(d: Dims) -> LMConfig:
     """The LM of the dims ``d``, with the reference names."""
-    return LMConfig(vocab_size=d.vocab, seq_len=d.seq, d_model=d.d_model, num_heads=d.n_heads,
-                    num_layers=d.n_blocks, d_ff=d.d_mlp, names=REFERENCE_NAMES)
+    return LMConfig(
+        vocab_size=d.vocab,
+        seq_len=d.seq,
+        d_model=d.d_model,
+        num_heads=d.n_heads,
+        num_layers=d.n_blocks,
+        d_ff=d.d_mlp,
+        names=REFERENCE_NAMES,
+    )
 
 
 def input_embeddings(variables: Any, tokens: jax.Array) -> jax.Array:
@@ -106,8 +115,9 @@ def input_embeddings(variables: Any, tokens: jax.Array) -> jax.Array:
     ``model.apply(variables, None, embeddings=h)`` gives the logits from them.
     """
     p = variables["params"]
-    return (jnp.take(p["tok"]["embedding"], tokens, axis=0)
-            + jnp.take(p["pos"]["embedding"], jnp.arange(tokens.shape[-1]), axis=0))
+    return jnp.take(p["tok"]["embedding"], tokens, axis=0) + jnp.take(
+        p["pos"]["embedding"], jnp.arange(tokens.shape[-1]), axis=0
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -119,11 +129,11 @@ def input_embeddings(variables: Any, tokens: jax.Array) -> jax.Array:
 class Workload:
     dims: Dims
     model: TransformerLM
-    variables: Any          # {"params": ...}: the base (frozen) weights
-    delta: Any              # lora_jax delta over ``variables`` (B = 0 at init)
+    variables: Any  # {"params": ...}: the base (frozen) weights
+    delta: Any  # lora_jax delta over ``variables`` (B = 0 at init)
     config: lora_jax.LoraConfig
-    inputs: jax.Array       # (batch, seq) int32
-    targets: jax.Array      # (batch, seq) int32
+    inputs: jax.Array  # (batch, seq) int32
+    targets: jax.Array  # (batch, seq) int32
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adamw(LR, weight_decay=WEIGHT_DECAY)
@@ -156,8 +166,8 @@ def build(small: bool = False, seed: int = 0) -> Workload:
     assert n_train == d.n_trainable(), (n_train, d.n_trainable())
     assert n_targets == d.n_targets, (n_targets, d.n_targets)
     if not small:
-        assert n_params == 16_874_496, n_params       # "about 16.9M"
-        assert n_train == 294_912, n_train            # "295k"
+        assert n_params == 16_874_496, n_params  # "about 16.9M"
+        assert n_train == 294_912, n_train  # "295k"
         assert n_targets == 24, n_targets
     return Workload(d, model, base, delta, config, inputs, targets)
 
@@ -188,7 +198,8 @@ def trained_like(delta: Any, seed: int = 1, std: float = 0.02) -> Any:
     rng = np.random.default_rng(seed)
     out = [
         dataclasses.replace(f, b=jnp.asarray(std * rng.standard_normal(f.b.shape), f.b.dtype))
-        if lora_jax.advanced.is_factors(f) else f
+        if lora_jax.advanced.is_factors(f)
+        else f
         for f in leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -242,8 +253,11 @@ def nnx_model(wl: Workload, lora_rank: int | None = None, lora_alpha: float | No
         def __init__(self, rngs):
             self.tok = nnx.Embed(d.vocab, d.d_model, rngs=rngs)
             self.pos = nnx.Embed(d.seq, d.d_model, rngs=rngs)
-            self.blocks = nnx.List([NnxBlock(rngs) for _ in range(d.n_blocks)]) if hasattr(
-                nnx, "List") else [NnxBlock(rngs) for _ in range(d.n_blocks)]
+            self.blocks = (
+                nnx.List([NnxBlock(rngs) for _ in range(d.n_blocks)])
+                if hasattr(nnx, "List")
+                else [NnxBlock(rngs) for _ in range(d.n_blocks)]
+            )
             self.ln_f = nnx.LayerNorm(d.d_model, rngs=rngs)
             self.head = nnx.Linear(d.d_model, d.vocab, rngs=rngs)
 
@@ -285,11 +299,15 @@ def nnx_model(wl: Workload, lora_rank: int | None = None, lora_alpha: float | No
                 lora = getattr(block, name).lora
                 fan_in = lora.lora_a.shape[0]
                 bound = np.sqrt(6.0 / fan_in)  # he_uniform
-                copy(lora, {
-                    "lora_a": jnp.asarray(scale * rng.uniform(-bound, bound, lora.lora_a.shape),
-                                          jnp.float32),
-                    "lora_b": jnp.zeros(lora.lora_b.shape, jnp.float32),
-                })
+                copy(
+                    lora,
+                    {
+                        "lora_a": jnp.asarray(
+                            scale * rng.uniform(-bound, bound, lora.lora_a.shape), jnp.float32
+                        ),
+                        "lora_b": jnp.zeros(lora.lora_b.shape, jnp.float32),
+                    },
+                )
     left = [x for x in jax.tree.leaves(nnx.state(model)) if not isinstance(x, jax.Array)]
     assert not left, f"{len(left)} NNX variables were not filled"
     return model

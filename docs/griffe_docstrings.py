@@ -49,8 +49,11 @@ def _all(module_file: Path) -> list[str]:
 def _public_names() -> dict[str, str]:
     """``{name: the identifier its API page anchors}`` for every public name."""
     names: dict[str, str] = {}
-    for module, file in (("lora_jax.debug", "debug.py"), ("lora_jax.advanced", "advanced.py"),
-                         ("lora_jax", "__init__.py")):
+    for module, file in (
+        ("lora_jax.debug", "debug.py"),
+        ("lora_jax.advanced", "advanced.py"),
+        ("lora_jax", "__init__.py"),
+    ):
         names.update({n: f"{module}.{n}" for n in _all(_PACKAGE / file)})
     names.update({m: m for m in ("lora_jax", "lora_jax.advanced", "lora_jax.debug")})
     return names
@@ -101,11 +104,14 @@ def _tables(text: str) -> str:
             out.append(lines[i])
             i += 1
             continue
-        rows = [_row(line) for line in lines[i + 1:end] if line.strip()]
+        rows = [_row(line) for line in lines[i + 1 : end] if line.strip()]
         header = ["name", "what it is"]
         closing = next((j for j in range(end + 1, len(lines)) if _RULE.match(lines[j])), None)
         if end == i + 2 and closing is not None:  # a header row between the first two rules
-            header, rows = rows[0], [_row(line) for line in lines[end + 1:closing] if line.strip()]
+            header, rows = (
+                rows[0],
+                [_row(line) for line in lines[end + 1 : closing] if line.strip()],
+            )
             end = closing
         out += ["", f"| {header[0]} | {header[1]} |", "|---|---|"]
         out += [f"| {_cell_link(a)} | {b.replace('``', '`')} |" for a, b in rows]

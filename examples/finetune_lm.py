@@ -83,9 +83,11 @@ def lora_loss(delta, base, batch):
 def lora_finetune(base, delta, tokens, steps: int, seed: int):
     """Trains the delta with AdamW. Returns (delta, losses, opt_state, tokens/s)."""
     optimizer = optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, LORA_LR, max(1, steps // 20), max(steps, 2),
-                                           LORA_LR / 10),
-        weight_decay=0.0)
+        optax.warmup_cosine_decay_schedule(
+            0.0, LORA_LR, max(1, steps // 20), max(steps, 2), LORA_LR / 10
+        ),
+        weight_decay=0.0,
+    )
     opt_state = optimizer.init(delta)  # Adam moments for the delta only
 
     def step(delta, opt_state, base, batch):
@@ -157,16 +159,23 @@ def plot_losses(pretrain_losses, lora_losses, path: Path) -> None:
     p = len(pretrain_losses)
     phases = [
         (np.arange(p), pretrain_losses, "C0", "pretraining, full fine-tuning (pydoc text)"),
-        (p + np.arange(len(lora_losses)), lora_losses, "C1",
-         f"LoRA r={LORA_CONFIG.rank}, base frozen (stdlib source code)"),
+        (
+            p + np.arange(len(lora_losses)),
+            lora_losses,
+            "C1",
+            f"LoRA r={LORA_CONFIG.rank}, base frozen (stdlib source code)",
+        ),
     ]
     for steps, losses, color, label in phases:
         if len(losses):
             ax.plot(steps, losses, color=color, alpha=0.25, lw=0.7)
             ax.plot(steps, smooth(losses), color=color, lw=1.5, label=label)
     ax.axvline(p, color="gray", ls="--", lw=0.8)
-    ax.set(xlabel="step", ylabel="training loss (nats / byte)",
-           title="Byte-level transformer LM: pretraining, then LoRA on a new domain")
+    ax.set(
+        xlabel="step",
+        ylabel="training loss (nats / byte)",
+        title="Byte-level transformer LM: pretraining, then LoRA on a new domain",
+    )
     ax.legend()
     fig.tight_layout()
     lora_jax.advanced.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
@@ -201,17 +210,28 @@ def training_base(base, scheme: str, dtype: str):
 
 def report_quantized(base, train_base, target_eval, scheme: str) -> None:
     """Memory of the adapted kernels, dense vs quantized, and what quantizing alone cost."""
-    paths = [p for p, x in lora_jax.advanced.leaves_with_paths(train_base)[0]
-             if lora_jax.advanced.is_quantized(x)]
-    dense_bytes = sum(np.asarray(x).nbytes for p, x in lora_jax.advanced.leaves_with_paths(base)[0]
-                      if p in paths)
-    q_bytes = sum(x.nbytes for x in jax.tree.leaves(train_base, is_leaf=lora_jax.advanced.is_quantized)
-                  if lora_jax.advanced.is_quantized(x))
+    paths = [
+        p
+        for p, x in lora_jax.advanced.leaves_with_paths(train_base)[0]
+        if lora_jax.advanced.is_quantized(x)
+    ]
+    dense_bytes = sum(
+        np.asarray(x).nbytes for p, x in lora_jax.advanced.leaves_with_paths(base)[0] if p in paths
+    )
+    q_bytes = sum(
+        x.nbytes
+        for x in jax.tree.leaves(train_base, is_leaf=lora_jax.advanced.is_quantized)
+        if lora_jax.advanced.is_quantized(x)
+    )
     bits = lora_jax.advanced.kernel_bits(train_base)
-    print(f"quantized base ({scheme}): {len(paths)} adapted kernels, {dense_bytes:,} bytes "
-          f"float32 -> {q_bytes:,} bytes ({bits:.3f} bits/param, scales included)")
-    print(f"target loss of the base alone: float32 {float(eval_loss(base, target_eval)):.4f}, "
-          f"{scheme} {float(eval_loss(lora_jax.dequantize(train_base), target_eval)):.4f}")
+    print(
+        f"quantized base ({scheme}): {len(paths)} adapted kernels, {dense_bytes:,} bytes "
+        f"float32 -> {q_bytes:,} bytes ({bits:.3f} bits/param, scales included)"
+    )
+    print(
+        f"target loss of the base alone: float32 {float(eval_loss(base, target_eval)):.4f}, "
+        f"{scheme} {float(eval_loss(lora_jax.dequantize(train_base), target_eval)):.4f}"
+    )
 
 
 def main(argv=None):
@@ -220,14 +240,25 @@ def main(argv=None):
     parser.add_argument("--lora-steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="pretrain from scratch; neither read nor write the params cache")
-    parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none",
-                        help="QLoRA: train the adapter over the base with its adapted kernels "
-                        "quantized (nf4: NF4 + double quantization; int8: per channel)")
-    parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="dtype of the frozen base weights LoRA trains over (the LoRA "
-                        "factors and Adam stay float32)")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="pretrain from scratch; neither read nor write the params cache",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "nf4", "int8"),
+        default="none",
+        help="QLoRA: train the adapter over the base with its adapted kernels "
+        "quantized (nf4: NF4 + double quantization; int8: per channel)",
+    )
+    parser.add_argument(
+        "--base-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the frozen base weights LoRA trains over (the LoRA "
+        "factors and Adam stay float32)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -237,16 +268,25 @@ def main(argv=None):
     target_train, target_heldout = train_eval_split(encode(stdlib_source_text()))
     base_eval = eval_windows(base_heldout, CONFIG.seq_len, NUM_EVAL_WINDOWS)
     target_eval = eval_windows(target_heldout, CONFIG.seq_len, NUM_EVAL_WINDOWS)
-    print(f"base domain   (pydoc topics):   {len(base_train):,} training bytes, "
-          f"{len(base_heldout):,} held out")
-    print(f"target domain (stdlib source):  {len(target_train):,} training bytes, "
-          f"{len(target_heldout):,} held out")
+    print(
+        f"base domain   (pydoc topics):   {len(base_train):,} training bytes, "
+        f"{len(base_heldout):,} held out"
+    )
+    print(
+        f"target domain (stdlib source):  {len(target_train):,} training bytes, "
+        f"{len(target_heldout):,} held out"
+    )
 
     # Act 1: the pretrained model.
     print("\n== 1. Pretraining (full fine-tuning) ==")
     params, pretrain_losses = load_or_pretrain(
-        base_train, args.pretrain_steps, args.seed, args.out, use_cache=not args.no_cache,
-        progress=lambda steps: tqdm(steps, desc="pretrain (full)", unit="step"))
+        base_train,
+        args.pretrain_steps,
+        args.seed,
+        args.out,
+        use_cache=not args.no_cache,
+        progress=lambda steps: tqdm(steps, desc="pretrain (full)", unit="step"),
+    )
     print(f"model params: {lora_jax.count_params(params):,}")
     pretrained_copy = jax.tree.map(np.array, params)  # a host copy, to check later
 
@@ -257,11 +297,12 @@ def main(argv=None):
     # With --quantize the adapter trains over the quantized base (QLoRA); `base`
     # itself stays the dense pretrained params, untouched.
     train_base = training_base(base, args.quantize, args.base_dtype)
-    model_before = lora_jax.dequantize(train_base)   # the model LoRA starts from
+    model_before = lora_jax.dequantize(train_base)  # the model LoRA starts from
     target_before = float(eval_loss(model_before, target_eval))
     base_before = float(eval_loss(model_before, base_eval))
     delta, lora_losses, opt_state, tokens_per_s = lora_finetune(
-        train_base, delta, target_train, args.lora_steps, args.seed)
+        train_base, delta, target_train, args.lora_steps, args.seed
+    )
 
     # Act 3: the report.
     merged = lora_jax.merge(train_base, delta)
@@ -271,14 +312,18 @@ def main(argv=None):
     base_after = float(eval_loss(restored, base_eval))
     base_identical = all(
         np.array_equal(np.asarray(a), b)
-        for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(pretrained_copy)))
+        for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(pretrained_copy))
+    )
     restore_error = max_abs_diff(restored, model_before)
     inputs = jnp.asarray(target_eval[:16, :-1])
-    merged_vs_unmerged = max_abs_diff(jax.jit(MODEL.apply)(merged, inputs),
-                                      jax.jit(forward)(train_base, delta, inputs))
+    merged_vs_unmerged = max_abs_diff(
+        jax.jit(MODEL.apply)(merged, inputs), jax.jit(forward)(train_base, delta, inputs)
+    )
 
     lora_state_bytes = lora_jax.advanced.tree_bytes(opt_state)
-    full_state_bytes = lora_jax.advanced.tree_bytes(jax.eval_shape(optax.adamw(LORA_LR).init, params))
+    full_state_bytes = lora_jax.advanced.tree_bytes(
+        jax.eval_shape(optax.adamw(LORA_LR).init, params)
+    )
 
     # The adapter directory: adapter_config.json + adapter_model.safetensors,
     # written atomically; lora_jax.export_peft writes the HuggingFace PEFT form.
@@ -294,28 +339,48 @@ def main(argv=None):
     base_sample, lora_sample = generate(model_before, prompt), generate(merged, prompt)
 
     print("\n== 3. Results ==")
-    print(f"trainable params: {summary.trainable_params:,} of {summary.total_params:,} "
-          f"({summary.trainable_percent:.2f}%)")
-    print(f"optimizer state: LoRA {lora_state_bytes:,} bytes vs full fine-tuning "
-          f"{full_state_bytes:,} bytes ({100 * lora_state_bytes / full_state_bytes:.1f}%)")
+    print(
+        f"trainable params: {summary.trainable_params:,} of {summary.total_params:,} "
+        f"({summary.trainable_percent:.2f}%)"
+    )
+    print(
+        f"optimizer state: LoRA {lora_state_bytes:,} bytes vs full fine-tuning "
+        f"{full_state_bytes:,} bytes ({100 * lora_state_bytes / full_state_bytes:.1f}%)"
+    )
     if args.quantize != "none":
         report_quantized(base, train_base, target_eval, args.quantize)
-    print(f"target loss: before {target_before:.4f} after {target_after:.4f}"
-          "   (held-out stdlib source, nats/byte)")
-    print(f"base loss: before {base_before:.4f} after {base_after:.4f}"
-          "   (held-out pydoc text; base model = unmerge(merge(base, delta), delta))")
-    print(f"base loss with the adapter merged: {base_merged:.4f}   (how much of the base domain "
-          "the adapted model forgot)")
-    print(f"base params never modified: {base_identical}   (bit-identical to the pretrained "
-          "params after training, merge and unmerge)")
-    print(f"unmerge(merge(base, delta), delta) equals base to {restore_error:.1e}   "
-          "(float32 rounding of adding and subtracting s*A@B)")
-    print(f"max |merged - unmerged forward|: {merged_vs_unmerged:.3e}   (logits, "
-          "model.apply(merge(base, delta)) vs the training forward)")
-    print(f"LoRA training throughput: {tokens_per_s:,.0f} tokens/s   "
-          f"({args.lora_steps} steps x {BATCH_SIZE} x {CONFIG.seq_len} tokens, compile excluded)")
-    print(f"adapter: {adapter_path} ({directory_bytes(adapter_path):,} bytes on disk, "
-          f"{num_arrays} arrays; reloaded and re-merged: max diff {reload_diff:.1e})")
+    print(
+        f"target loss: before {target_before:.4f} after {target_after:.4f}"
+        "   (held-out stdlib source, nats/byte)"
+    )
+    print(
+        f"base loss: before {base_before:.4f} after {base_after:.4f}"
+        "   (held-out pydoc text; base model = unmerge(merge(base, delta), delta))"
+    )
+    print(
+        f"base loss with the adapter merged: {base_merged:.4f}   (how much of the base domain "
+        "the adapted model forgot)"
+    )
+    print(
+        f"base params never modified: {base_identical}   (bit-identical to the pretrained "
+        "params after training, merge and unmerge)"
+    )
+    print(
+        f"unmerge(merge(base, delta), delta) equals base to {restore_error:.1e}   "
+        "(float32 rounding of adding and subtracting s*A@B)"
+    )
+    print(
+        f"max |merged - unmerged forward|: {merged_vs_unmerged:.3e}   (logits, "
+        "model.apply(merge(base, delta)) vs the training forward)"
+    )
+    print(
+        f"LoRA training throughput: {tokens_per_s:,.0f} tokens/s   "
+        f"({args.lora_steps} steps x {BATCH_SIZE} x {CONFIG.seq_len} tokens, compile excluded)"
+    )
+    print(
+        f"adapter: {adapter_path} ({directory_bytes(adapter_path):,} bytes on disk, "
+        f"{num_arrays} arrays; reloaded and re-merged: max diff {reload_diff:.1e})"
+    )
     print(f"loss curve: {plot_path}")
     print()
     show_sample("base model", prompt, base_sample)

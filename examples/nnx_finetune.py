@@ -123,8 +123,10 @@ def main(argv=None):
     before = float(lora_loss(delta, target_eval))
     delta, opt_state = train(lora_loss, delta, target_train, args.lora_steps, 1e-2, args.seed + 1)
     after = float(lora_loss(delta, target_eval))
-    print(f"optimizer state: {lora_jax.advanced.tree_bytes(opt_state):,} bytes (full fine-tuning: "
-          f"{lora_jax.advanced.tree_bytes(jax.eval_shape(optax.adamw(1e-2).init, state)):,})")
+    print(
+        f"optimizer state: {lora_jax.advanced.tree_bytes(opt_state):,} bytes (full fine-tuning: "
+        f"{lora_jax.advanced.tree_bytes(jax.eval_shape(optax.adamw(1e-2).init, state)):,})"
+    )
     print(f"target loss: before {before:.4f} after {after:.4f}   (held-out stdlib source)")
 
     # --- 3. Merge the adapter into the module for inference. -----------------
@@ -135,8 +137,10 @@ def main(argv=None):
     # Unmerging recovers the pretrained module: its base-domain loss is unchanged.
     nnx.update(model, lora_jax.unmerge(nnx.state(model), delta))
     base_after = float(cross_entropy(model(base_eval[:, :-1]), base_eval[:, -1]))
-    print(f"base loss: before {float(model_loss(base, base_eval)):.4f} after {base_after:.4f}"
-          "   (module after unmerge)")
+    print(
+        f"base loss: before {float(model_loss(base, base_eval)):.4f} after {base_after:.4f}"
+        "   (module after unmerge)"
+    )
     print(f"total time: {time.perf_counter() - t_start:.1f}s")
 
 

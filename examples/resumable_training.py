@@ -67,8 +67,12 @@ def base_params():
 def initial_state(base) -> dict:
     """The train state at step 0: ``{"delta", "opt_state", "step", "rng"}`` (all arrays)."""
     _, delta = lj.init_lora(jax.random.key(1), base, CONFIG)
-    return {"delta": delta, "opt_state": OPT.init(delta), "step": jnp.asarray(0, jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(2))}
+    return {
+        "delta": delta,
+        "opt_state": OPT.init(delta),
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(2)),
+    }
 
 
 def batch(step):
@@ -90,8 +94,12 @@ def train_step(base, state):
 
     loss, grads = jax.value_and_grad(loss_fn)(state["delta"])
     updates, opt_state = OPT.update(grads, state["opt_state"], state["delta"])
-    new = {"delta": optax.apply_updates(state["delta"], updates), "opt_state": opt_state,
-           "step": state["step"] + 1, "rng": jax.random.key_data(key)}
+    new = {
+        "delta": optax.apply_updates(state["delta"], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": jax.random.key_data(key),
+    }
     return new, loss
 
 

@@ -38,14 +38,22 @@ def demo_setup(args):
     """(model, base params, adapters, prompts, decode) for the demo LM."""
     from examples.common.lm import cross_entropy
     from examples.common.pretrained import BATCH_SIZE, CONFIG, MODEL, load_or_pretrain
-    from examples.common.text import decode, encode, pydoc_text, random_batches, \
-        stdlib_source_text, train_eval_split
+    from examples.common.text import (
+        decode,
+        encode,
+        pydoc_text,
+        random_batches,
+        stdlib_source_text,
+        train_eval_split,
+    )
 
     base_train, _ = train_eval_split(encode(pydoc_text()))
-    params, _ = load_or_pretrain(base_train, args.pretrain_steps, args.seed, args.out,
-                                 use_cache=not args.no_cache)
-    config = lj.LoraConfig(targets=[r".*/attn/(q|k|v|out)/kernel", r".*/mlp/(fc1|fc2)/kernel"],
-                           rank=8, alpha=16.0)
+    params, _ = load_or_pretrain(
+        base_train, args.pretrain_steps, args.seed, args.out, use_cache=not args.no_cache
+    )
+    config = lj.LoraConfig(
+        targets=[r".*/attn/(q|k|v|out)/kernel", r".*/mlp/(fc1|fc2)/kernel"], rank=8, alpha=16.0
+    )
     base, delta0 = lj.init_lora(jax.random.key(args.seed), params, config)
     source = encode(stdlib_source_text())
     slices = np.array_split(source, args.adapters)
@@ -54,8 +62,9 @@ def demo_setup(args):
 
     @jax.jit
     def step(delta, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda d: cross_entropy(
-            forward(base, d, batch[:, :-1]), batch[:, 1:]))(delta)
+        loss, grads = jax.value_and_grad(
+            lambda d: cross_entropy(forward(base, d, batch[:, :-1]), batch[:, 1:])
+        )(delta)
         updates, opt_state = opt.update(grads, opt_state, delta)
         return optax.apply_updates(delta, updates), opt_state, loss
 
@@ -68,8 +77,10 @@ def demo_setup(args):
         for _ in range(args.steps):
             delta, opt_state, loss = step(delta, opt_state, next(batches))
         adapters.append(delta)
-        print(f"adapter {i:2d}: {args.steps} steps on bytes {sum(map(len, slices[:i])):,}.., "
-              f"loss {float(loss):.3f}")
+        print(
+            f"adapter {i:2d}: {args.steps} steps on bytes {sum(map(len, slices[:i])):,}.., "
+            f"loss {float(loss):.3f}"
+        )
     print(f"trained {len(adapters)} adapters in {time.perf_counter() - t0:.1f}s")
     prompts = [[int(t) for t in s[:24]] for s in slices]
     del delta0
@@ -108,8 +119,10 @@ def gemma_setup(args):
     config = lj.LoraConfig(targets=gm.ALL_PROJECTIONS, rank=8, alpha=16.0)
     base = lj.init_lora(jax.random.key(0), params, config)[0]
     adapters = [gemma_adapter(args, i, params, config) for i in range(args.adapters)]
-    prompts = [tok.encode(f"Question {i}: what does the Python module", add_bos=True)
-               for i in range(args.adapters)]
+    prompts = [
+        tok.encode(f"Question {i}: what does the Python module", add_bos=True)
+        for i in range(args.adapters)
+    ]
     return model, base, adapters, prompts, tok.decode
 
 
@@ -124,8 +137,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-cache", action="store_true", help="pretrain the demo base afresh")
     ap.add_argument("--gemma", action="store_true", help="Gemma 3 270M as the base")
     ap.add_argument("--cache-dir", default=None, help="Gemma's converted-weights cache")
-    ap.add_argument("--adapters-dir", default=None,
-                    help="with --gemma: load adapter_0..adapter_{N-1} from here")
+    ap.add_argument(
+        "--adapters-dir", default=None, help="with --gemma: load adapter_0..adapter_{N-1} from here"
+    )
     args = ap.parse_args(argv)
 
     model, base, adapters, prompts, decode = (gemma_setup if args.gemma else demo_setup)(args)
@@ -137,37 +151,45 @@ def main(argv=None) -> dict:
     requests = [prompts[i] for i in order] + [prompts[0]]
 
     mixed_apply = lambda b, s, i, t, **kw: lj.implicit(model.apply)(  # noqa: E731
-        b, s, t, adapter_ids=i, **kw)
+        b, s, t, adapter_ids=i, **kw
+    )
     mixed = Generator(mixed_apply, model)
     plain = Generator(model.apply, model)
     lora = Generator(lj.implicit(model.apply), model)
 
-    out = mixed((base, stack, jnp.asarray(ids)), requests, args.max_new_tokens,
-                stop_at_eos=False)                                          # compiles
-    out = mixed((base, stack, jnp.asarray(ids)), requests, args.max_new_tokens,
-                stop_at_eos=False)
-    print(f"\nmixed batch: {len(requests)} requests over {n} adapters + the base, one batch: "
-          f"{out.decode_tokens_per_s:.0f} decode tokens/s")
+    out = mixed(
+        (base, stack, jnp.asarray(ids)), requests, args.max_new_tokens, stop_at_eos=False
+    )  # compiles
+    out = mixed((base, stack, jnp.asarray(ids)), requests, args.max_new_tokens, stop_at_eos=False)
+    print(
+        f"\nmixed batch: {len(requests)} requests over {n} adapters + the base, one batch: "
+        f"{out.decode_tokens_per_s:.0f} decode tokens/s"
+    )
 
     # Check every request against its adapter merged alone, served by itself.
     logits = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731  (Gemma: (logits, cache))
     width = -(-max(map(len, requests)) // 16) * 16
     batch = np.zeros((len(requests), width), np.int32)
     for r, p in enumerate(requests):
-        batch[r, :len(p)] = p
-    logits_mixed = logits(jax.jit(lj.implicit(model.apply))(
-        base, stack, jnp.asarray(batch), adapter_ids=jnp.asarray(ids)))
+        batch[r, : len(p)] = p
+    logits_mixed = logits(
+        jax.jit(lj.implicit(model.apply))(
+            base, stack, jnp.asarray(batch), adapter_ids=jnp.asarray(ids)
+        )
+    )
     dense_apply = jax.jit(model.apply)
     agree, worst = 0, 0.0
     for row, (i, prompt) in enumerate(zip(ids, requests)):
         params = base if i < 0 else lj.merge(base, adapters[i])
         alone = plain((params,), [prompt], args.max_new_tokens, stop_at_eos=False)
         agree += alone.tokens[0] == out.tokens[row]
-        want = logits(dense_apply(params, jnp.asarray(batch[row:row + 1])))[0, len(prompt) - 1]
+        want = logits(dense_apply(params, jnp.asarray(batch[row : row + 1])))[0, len(prompt) - 1]
         got = logits_mixed[row, len(prompt) - 1]
         worst = max(worst, float(jnp.abs(got - want).max() / jnp.abs(want).max()))
-    print(f"checked against each adapter merged alone: {agree}/{len(requests)} identical "
-          f"generations, prefill logits max rel. diff {worst:.1e}")
+    print(
+        f"checked against each adapter merged alone: {agree}/{len(requests)} identical "
+        f"generations, prefill logits max rel. diff {worst:.1e}"
+    )
     assert worst < 1e-4, worst
 
     # Each adapter's request served separately (unmerged, batch 1), for comparison.
@@ -178,22 +200,31 @@ def main(argv=None) -> dict:
         decode_s += g.decode_s
         steps += g.decode_steps
     loop_rate = steps / max(decode_s, 1e-9)
-    print(f"served one adapter at a time: {loop_rate:.0f} decode tokens/s "
-          f"(mixed batch: {out.decode_tokens_per_s / max(loop_rate, 1e-9):.1f}x)")
+    print(
+        f"served one adapter at a time: {loop_rate:.0f} decode tokens/s "
+        f"(mixed batch: {out.decode_tokens_per_s / max(loop_rate, 1e-9):.1f}x)"
+    )
 
     # Hot-swap: adapter 1 into slot 0; nothing compiles (the stack is an argument).
     jax.block_until_ready(lj.set_adapter(stack, n - 1, adapters[0]))  # compiles the .at updates
     with CompileCounter() as counter:
         swapped = lj.set_adapter(stack, 0, adapters[1 % n])
-        after = mixed((base, swapped, jnp.asarray(ids)), requests, args.max_new_tokens,
-                      stop_at_eos=False)
+        after = mixed(
+            (base, swapped, jnp.asarray(ids)), requests, args.max_new_tokens, stop_at_eos=False
+        )
     print(f"hot-swap into slot 0: {counter.count} compilations")
     for row in range(min(3, len(requests))):
         tag = "base" if ids[row] < 0 else f"adapter {ids[row]}"
         print(f"  [{tag}] {decode(requests[row])!r} -> {decode(out.tokens[row])!r}")
-    return {"agree": int(agree), "requests": len(requests), "max_rel_diff": worst,
-            "tokens_per_s": out.decode_tokens_per_s, "loop_tokens_per_s": loop_rate,
-            "swap_compilations": counter.count, "after_swap_rows": len(after.tokens)}
+    return {
+        "agree": int(agree),
+        "requests": len(requests),
+        "max_rel_diff": worst,
+        "tokens_per_s": out.decode_tokens_per_s,
+        "loop_tokens_per_s": loop_rate,
+        "swap_compilations": counter.count,
+        "after_swap_rows": len(after.tokens),
+    }
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ from __future__ import annotations
 import os
 
 if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""):
+    "XLA_FLAGS", ""
+):
     # Must happen before jax initialises its backends.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -80,7 +82,7 @@ class Config:
     d_ff: int = 192
     num_layers: int = 2
     seq_len: int = 10
-    scan: bool = False   # blocks stacked with nn.scan (kernels (layers, in, out))
+    scan: bool = False  # blocks stacked with nn.scan (kernels (layers, in, out))
     remat: bool = False  # each block under nn.remat
 
 
@@ -132,8 +134,13 @@ class Transformer(nn.Module):
         x = constrain(x, self.act_sharding)
         block = nn.remat(Block) if cfg.remat else Block
         if cfg.scan:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             x, _ = stack(cfg, self.act_sharding, name="layers")(x, None)
         else:
             for i in range(cfg.num_layers):
@@ -175,8 +182,10 @@ def local_batch(cfg: Config, step: int, batch_size: int, seed: int = 0):
 
 def global_batch(cfg: Config, step: int, batch_size: int, sharding: NamedSharding, seed: int = 0):
     """The global batch as sharded arrays, assembled from every process's local slice."""
-    return tuple(jax.make_array_from_process_local_data(sharding, x)
-                 for x in local_batch(cfg, step, batch_size, seed))
+    return tuple(
+        jax.make_array_from_process_local_data(sharding, x)
+        for x in local_batch(cfg, step, batch_size, seed)
+    )
 
 
 def abstract_variables(cfg: Config):
@@ -215,8 +224,12 @@ def make_train_step(model: Transformer, optimizer, state_sh=None, base_sh=None, 
     if state_sh is None:
         return jax.jit(step, donate_argnums=0)
     replicated = NamedSharding(batch_sh.mesh, P())
-    return jax.jit(step, in_shardings=(state_sh, base_sh, (batch_sh, batch_sh)),
-                   out_shardings=(state_sh, replicated), donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, base_sh, (batch_sh, batch_sh)),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
 
 
 def setup(cfg: Config, mesh: Mesh, key, optimizer=None, base=None):
@@ -228,16 +241,26 @@ def setup(cfg: Config, mesh: Mesh, key, optimizer=None, base=None):
     """
     base_sh = lora_jax.param_shardings(abstract_variables(cfg), mesh, rules=RULES)
     base = init_base(cfg, key, base_sh) if base is None else jax.device_put(base, base_sh)
-    base, delta = lora_jax.init_lora_sharded(jax.random.fold_in(key, 1), base, lora_config(cfg),
-                                             base_sh)
+    base, delta = lora_jax.init_lora_sharded(
+        jax.random.fold_in(key, 1), base, lora_config(cfg), base_sh
+    )
     delta_sh = lora_jax.delta_shardings(base_sh, delta)
     optimizer = optax.adam(3e-2) if optimizer is None else optimizer
     opt_sh = lora_jax.opt_state_shardings(jax.eval_shape(optimizer.init, delta), delta_sh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(delta)
     batch_sh = NamedSharding(mesh, P(("data", "fsdp")))
     model = Transformer(cfg, NamedSharding(mesh, P(("data", "fsdp"))))
-    return dict(model=model, base=base, base_sh=base_sh, delta=delta, delta_sh=delta_sh,
-                optimizer=optimizer, opt_state=opt_state, opt_sh=opt_sh, batch_sh=batch_sh)
+    return dict(
+        model=model,
+        base=base,
+        base_sh=base_sh,
+        delta=delta,
+        delta_sh=delta_sh,
+        optimizer=optimizer,
+        opt_state=opt_state,
+        opt_sh=opt_sh,
+        batch_sh=batch_sh,
+    )
 
 
 def spec_str(sharding) -> str:
@@ -247,21 +270,31 @@ def spec_str(sharding) -> str:
 def show_shardings(base, delta, opt_state, cfg: Config) -> None:
     rows = [("kernel", "shape", "base spec", "A spec / shard", "B spec / shard")]
     for path, leaf, f in lora_jax.advanced.align(base, delta)[0]:
-        if f is None or not path.split("/")[-2] in ("q", "o", "up", "down"):
+        if f is None or path.split("/")[-2] not in ("q", "o", "up", "down"):
             continue
         if not cfg.scan and "layers_0" not in path:
             continue
-        rows.append((path, str(tuple(leaf.shape)), spec_str(leaf.sharding),
-                     f"{spec_str(f.a.sharding)} {f.a.sharding.shard_shape(f.a.shape)}",
-                     f"{spec_str(f.b.sharding)} {f.b.sharding.shard_shape(f.b.shape)}"))
+        rows.append(
+            (
+                path,
+                str(tuple(leaf.shape)),
+                spec_str(leaf.sharding),
+                f"{spec_str(f.a.sharding)} {f.a.sharding.shard_shape(f.a.shape)}",
+                f"{spec_str(f.b.sharding)} {f.b.sharding.shard_shape(f.b.shape)}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)))
     mu = opt_state[0].mu
-    first = next(f for f in jax.tree.leaves(mu, is_leaf=lora_jax.advanced.is_factors)
-                 if lora_jax.advanced.is_factors(f))
-    print(f"  adam mu (first kernel): A {spec_str(first.a.sharding)}, "
-          f"B {spec_str(first.b.sharding)}")
+    first = next(
+        f
+        for f in jax.tree.leaves(mu, is_leaf=lora_jax.advanced.is_factors)
+        if lora_jax.advanced.is_factors(f)
+    )
+    print(
+        f"  adam mu (first kernel): A {spec_str(first.a.sharding)}, B {spec_str(first.b.sharding)}"
+    )
 
 
 def main(argv=None) -> dict:
@@ -274,29 +307,36 @@ def main(argv=None) -> dict:
     parser.add_argument("--remat", action="store_true", help="rematerialise each block")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="save the adapter to this directory")
-    parser.add_argument("--hlo", type=Path, default=None,
-                        help="write the compiled train step's HLO text here")
+    parser.add_argument(
+        "--hlo", type=Path, default=None, help="write the compiled train step's HLO text here"
+    )
     args = parser.parse_args(argv)
 
     shape = tuple(int(s) for s in args.mesh.split(","))
     mesh = make_mesh(shape)
     cfg = Config(num_layers=args.layers, scan=args.scan, remat=args.remat)
-    print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
-          f"devices, {jax.process_count()} process(es)")
+    print(
+        f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
+        f"devices, {jax.process_count()} process(es)"
+    )
     t0 = time.perf_counter()
     s = setup(cfg, mesh, jax.random.key(args.seed))
     base, delta, opt_state = s["base"], s["delta"], s["opt_state"]
     print(f"model: {cfg}\nshardings (fan-in spec -> A, fan-out spec -> B, rank replicated):")
     show_shardings(base, delta, opt_state, cfg)
-    print(f"trainable params: {lora_jax.count_params(delta)} of "
-          f"{lora_jax.count_params(base)} base params")
+    print(
+        f"trainable params: {lora_jax.count_params(delta)} of "
+        f"{lora_jax.count_params(base)} base params"
+    )
 
     model = s["model"]
-    step = make_train_step(model, s["optimizer"], (s["delta_sh"], s["opt_sh"]), s["base_sh"],
-                           s["batch_sh"])
+    step = make_train_step(
+        model, s["optimizer"], (s["delta_sh"], s["opt_sh"]), s["base_sh"], s["batch_sh"]
+    )
     state = (delta, opt_state)
-    batches = (global_batch(cfg, i, args.batch_size, s["batch_sh"], args.seed)
-               for i in range(args.steps))
+    batches = (
+        global_batch(cfg, i, args.batch_size, s["batch_sh"], args.seed) for i in range(args.steps)
+    )
     first = next(batches)
     # Compile ahead of time: the same program jit would build, and its HLO can be inspected
     # (all-gathers, all-reduces: look for any of a whole kernel's shape).
@@ -311,24 +351,38 @@ def main(argv=None) -> dict:
         if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
             print(f"step {i:3d}  loss {losses[-1]:.4f}")
     delta = state[0]
-    print(f"loss: first {losses[0]:.4f} last {losses[-1]:.4f} "
-          f"({time.perf_counter() - t0:.1f}s with compiles)")
-    kept = all(leaf.a.sharding.is_equivalent_to(sh.a, leaf.a.ndim)
-               for leaf, sh in zip(*(
-                   [x for x in jax.tree.leaves(t, is_leaf=lora_jax.advanced.is_factors)
-                    if lora_jax.advanced.is_factors(x)] for t in (delta, s["delta_sh"]))))
+    print(
+        f"loss: first {losses[0]:.4f} last {losses[-1]:.4f} "
+        f"({time.perf_counter() - t0:.1f}s with compiles)"
+    )
+    kept = all(
+        leaf.a.sharding.is_equivalent_to(sh.a, leaf.a.ndim)
+        for leaf, sh in zip(
+            *(
+                [
+                    x
+                    for x in jax.tree.leaves(t, is_leaf=lora_jax.advanced.is_factors)
+                    if lora_jax.advanced.is_factors(x)
+                ]
+                for t in (delta, s["delta_sh"])
+            )
+        )
+    )
     print(f"delta keeps its derived shardings after training: {kept}")
 
     # Merge without gathering: each device adds its shard of s*A@B to its shard of W.
     merged = jax.jit(lora_jax.merge, out_shardings=s["base_sh"])(base, delta)
-    same = jax.tree.all(jax.tree.map(lambda m, b: m.sharding.is_equivalent_to(b.sharding, m.ndim),
-                                     merged, base))
+    same = jax.tree.all(
+        jax.tree.map(lambda m, b: m.sharding.is_equivalent_to(b.sharding, m.ndim), merged, base)
+    )
     inputs, targets = global_batch(cfg, 0, args.batch_size, s["batch_sh"], args.seed)
     fwd = jax.jit(model.apply)(merged, inputs)
     imp = jax.jit(lora_jax.implicit(model.apply))(base, delta, inputs)
     diff = float(jnp.max(jnp.abs(fwd - imp)))
-    print(f"merged params keep the base's shardings: {same}; "
-          f"max |merged forward - implicit forward|: {diff:.2e}")
+    print(
+        f"merged params keep the base's shardings: {same}; "
+        f"max |merged forward - implicit forward|: {diff:.2e}"
+    )
 
     # The adapter is small: gather it to every host, write it from process 0. (Or save the
     # sharded delta with orbax.checkpoint, which writes each shard from the host holding it.)
@@ -337,17 +391,32 @@ def main(argv=None) -> dict:
         host_delta = multihost_utils.process_allgather(delta, tiled=True)
         if jax.process_index() == 0:
             lora_jax.save(args.out, host_delta, lora_config(cfg))
-            print(f"saved the adapter ({lora_jax.advanced.tree_bytes(host_delta)} bytes) to {args.out}")
+            print(
+                f"saved the adapter ({lora_jax.advanced.tree_bytes(host_delta)} bytes) to {args.out}"
+            )
         multihost_utils.sync_global_devices("adapter saved")
         # Loading onto the mesh: read on the host, then place with the delta's shardings.
         restored, _ = lora_jax.load(args.out, base=base)
         restored = jax.device_put(restored, s["delta_sh"])
-        restored_ok = bool(jax.tree.all(jax.tree.map(
-            lambda x, y: bool(jnp.array_equal(x, y)) and x.sharding == y.sharding,
-            restored, delta)))
+        restored_ok = bool(
+            jax.tree.all(
+                jax.tree.map(
+                    lambda x, y: bool(jnp.array_equal(x, y)) and x.sharding == y.sharding,
+                    restored,
+                    delta,
+                )
+            )
+        )
         print(f"adapter reloaded onto the mesh, equal and sharded alike: {restored_ok}")
-    return dict(losses=losses, merged_diff=diff, shardings_kept=kept, merged_sharded=same,
-                restored=restored_ok, base=base, delta=delta)
+    return dict(
+        losses=losses,
+        merged_diff=diff,
+        shardings_kept=kept,
+        merged_sharded=same,
+        restored=restored_ok,
+        base=base,
+        delta=delta,
+    )
 
 
 if __name__ == "__main__":

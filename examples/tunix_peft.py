@@ -42,7 +42,9 @@ from examples.gemma3 import gguf_loader as gl
 from examples.gemma3.tokenizer import Tokenizer
 from lora_jax import nnx as lora_nnx
 
-LORA_TARGETS = r"layers/\d+/(attn/(q_einsum|kv_einsum|attn_vec_einsum)/w|mlp/(gate|up|down)_proj/kernel)"
+LORA_TARGETS = (
+    r"layers/\d+/(attn/(q_einsum|kv_einsum|attn_vec_einsum)/w|mlp/(gate|up|down)_proj/kernel)"
+)
 QWIX_MODULES = r".*q_einsum|.*kv_einsum|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj"
 
 
@@ -68,10 +70,15 @@ def tunix_gemma3(params: dict, dtype):
         i, rest = parts[1], "/".join(parts[2:])
         p = lambda name: params[f"layers_{i}/{name}"]  # noqa: E731
         return {
-            "attn/q_einsum/w": lambda: p("self_attn/q_proj/kernel").reshape(d, n, h).transpose(1, 0, 2),
+            "attn/q_einsum/w": lambda: (
+                p("self_attn/q_proj/kernel").reshape(d, n, h).transpose(1, 0, 2)
+            ),
             "attn/kv_einsum/w": lambda: np.stack(
-                [p(f"self_attn/{x}_proj/kernel").reshape(d, k, h).transpose(1, 0, 2)
-                 for x in ("k", "v")]),
+                [
+                    p(f"self_attn/{x}_proj/kernel").reshape(d, k, h).transpose(1, 0, 2)
+                    for x in ("k", "v")
+                ]
+            ),
             "attn/attn_vec_einsum/w": lambda: p("self_attn/o_proj/kernel").reshape(n, h, d),
             "attn/_query_norm/scale": lambda: p("self_attn/q_norm/scale"),
             "attn/_key_norm/scale": lambda: p("self_attn/k_norm/scale"),
@@ -87,8 +94,11 @@ def tunix_gemma3(params: dict, dtype):
     def fill(key_path, leaf):
         path = lj.advanced.path_str(key_path)
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            return jnp.zeros(leaf.shape, leaf.dtype) if leaf.dtype != jax.dtypes.prng_key else \
-                jax.random.key(0)
+            return (
+                jnp.zeros(leaf.shape, leaf.dtype)
+                if leaf.dtype != jax.dtypes.prng_key
+                else jax.random.key(0)
+            )
         value = np.asarray(source(path), np.float32)
         if value.shape != tuple(leaf.shape):
             raise ValueError(f"{path}: converted {value.shape}, tunix expects {leaf.shape}")
@@ -122,15 +132,19 @@ def batches(tok: Tokenizer, lines: list[str], batch: int, seq_len: int, steps: i
     for line in lines:
         ids = (tok.encode(line) + [tok.eos_id])[:seq_len]
         t = np.full(seq_len, tok.pad_id, np.int32)
-        t[:len(ids)] = ids
+        t[: len(ids)] = ids
         m = np.zeros(seq_len, np.int32)
-        m[:len(ids)] = 1
+        m[: len(ids)] = 1
         rows.append((t, m))
     out = []
     for s in range(steps):
         pick = [rows[(s * batch + j) % len(rows)] for j in range(batch)]
-        out.append(peft_trainer.TrainingInput(input_tokens=np.stack([p[0] for p in pick]),
-                                              input_mask=np.stack([p[1] for p in pick])))
+        out.append(
+            peft_trainer.TrainingInput(
+                input_tokens=np.stack([p[0] for p in pick]),
+                input_mask=np.stack([p[1] for p in pick]),
+            )
+        )
     return out
 
 
@@ -139,9 +153,12 @@ def model_inputs(x):
     tokens, mask = jnp.asarray(x.input_tokens), jnp.asarray(x.input_mask)
     length = tokens.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
-    return {"input_tokens": tokens, "input_mask": mask,
-            "positions": jnp.broadcast_to(jnp.arange(length), tokens.shape),
-            "attention_mask": causal[None] & mask[:, None, :].astype(bool)}
+    return {
+        "input_tokens": tokens,
+        "input_mask": mask,
+        "positions": jnp.broadcast_to(jnp.arange(length), tokens.shape),
+        "attention_mask": causal[None] & mask[:, None, :].astype(bool),
+    }
 
 
 def compiled_cost(model, inputs) -> str:
@@ -161,8 +178,10 @@ def compiled_cost(model, inputs) -> str:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0)
-    return (f"{cost.get('flops', 0) / 1e9:.2f} GFLOP, {cost.get('bytes accessed', 0) / 1e9:.2f} GB "
-            f"accessed, {temp / 2**20:.0f} MiB temporaries")
+    return (
+        f"{cost.get('flops', 0) / 1e9:.2f} GFLOP, {cost.get('bytes accessed', 0) / 1e9:.2f} GB "
+        f"accessed, {temp / 2**20:.0f} MiB temporaries"
+    )
 
 
 def train(model, data, lr: float):
@@ -177,7 +196,7 @@ def train(model, data, lr: float):
             self.times.append(time.perf_counter())
 
         def on_train_step_end(self, ctx, step, loss):
-            self.losses.append(float(loss))   # waits for the step
+            self.losses.append(float(loss))  # waits for the step
             self.times.append(time.perf_counter())
 
         def on_train_end(self, ctx): ...
@@ -187,9 +206,12 @@ def train(model, data, lr: float):
 
     clock = Clock()
     trainer = peft_trainer.PeftTrainer(
-        model, optax.adamw(lr),
-        peft_trainer.TrainingConfig(eval_every_n_steps=10**9, max_steps=len(data),
-                                    pbar_description=None))
+        model,
+        optax.adamw(lr),
+        peft_trainer.TrainingConfig(
+            eval_every_n_steps=10**9, max_steps=len(data), pbar_description=None
+        ),
+    )
     trainer = trainer.with_gen_model_input_fn(model_inputs)
     trainer.with_training_hooks(clock)
     trainer.train(data)
@@ -204,10 +226,17 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="tunix's param_dtype (its default is bfloat16; float32 is faster on CPU)")
-    ap.add_argument("--cost", action="store_true",
-                    help="also print each compiled step's FLOPs, bytes accessed and temporaries")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="tunix's param_dtype (its default is bfloat16; float32 is faster on CPU)",
+    )
+    ap.add_argument(
+        "--cost",
+        action="store_true",
+        help="also print each compiled step's FLOPs, bytes accessed and temporaries",
+    )
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
     import qwix
@@ -225,12 +254,17 @@ def main(argv=None) -> None:
 
     # lora_jax: the LoRA model, and its initial factors for qwix's run
     t0 = time.perf_counter()
-    lm = lora_nnx.lora(nnx.merge(graphdef, state), lj.LoraConfig(
-        targets=LORA_TARGETS, rank=args.rank, alpha=alpha, dtype=args.dtype), jax.random.key(0),
-        *example)
+    lm = lora_nnx.lora(
+        nnx.merge(graphdef, state),
+        lj.LoraConfig(targets=LORA_TARGETS, rank=args.rank, alpha=alpha, dtype=args.dtype),
+        jax.random.key(0),
+        *example,
+    )
     _, _, delta0 = lora_nnx.split(lm)
-    print(f"lora_jax: {len(lm.adapted)} kernels adapted, "
-          f"{lj.count_params(delta0):,} trainable ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"lora_jax: {len(lm.adapted)} kernels adapted, "
+        f"{lj.count_params(delta0):,} trainable ({time.perf_counter() - t0:.1f} s)"
+    )
     lj_cost = compiled_cost(lm, model_inputs(data[0])) if args.cost else ""
     lj_losses, lj_steps = train(lm, data, args.lr)
     del lm
@@ -239,11 +273,14 @@ def main(argv=None) -> None:
     qm = qwix.apply_lora_to_model(
         nnx.merge(graphdef, state),
         qwix.LoraProvider(module_path=QWIX_MODULES, rank=args.rank, alpha=alpha),
-        *example, rngs=nnx.Rngs(0))
+        *example,
+        rngs=nnx.Rngs(0),
+    )
     nnx.update(qm, lora_nnx.to_qwix(delta0, like=nnx.state(qm, nnx.LoRAParam)))
     qwix_count = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(qm, nnx.LoRAParam)))
-    print(f"qwix: {qwix_count:,} trainable, "
-          f"same starting factors ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"qwix: {qwix_count:,} trainable, same starting factors ({time.perf_counter() - t0:.1f} s)"
+    )
     q_cost = compiled_cost(qm, model_inputs(data[0])) if args.cost else ""
     q_losses, q_steps = train(qm, data, args.lr)
 
@@ -252,8 +289,10 @@ def main(argv=None) -> None:
         print(f"{i:>4}  {a:>13.4f}  {b:>9.4f}")
     lj_t, q_t = np.median(lj_steps[1:]), np.median(q_steps[1:])
     print(f"\nfirst step (compile): lora_jax {lj_steps[0]:.1f} s, qwix {q_steps[0]:.1f} s")
-    print(f"median step after it: lora_jax {lj_t:.3f} s, qwix {q_t:.3f} s "
-          f"(lora_jax / qwix = {lj_t / q_t:.2f})")
+    print(
+        f"median step after it: lora_jax {lj_t:.3f} s, qwix {q_t:.3f} s "
+        f"(lora_jax / qwix = {lj_t / q_t:.2f})"
+    )
     print(f"max |loss difference|: {np.max(np.abs(np.subtract(lj_losses, q_losses))):.2e}")
     if args.cost:
         print(f"compiled step: lora_jax {lj_cost}\n               qwix     {q_cost}")

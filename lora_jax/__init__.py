@@ -13,8 +13,8 @@ Everything here is the public API. :mod:`lora_jax.advanced` holds lower-level
 building blocks with no stability promise; every other module is private.
 """
 
-from lora_jax import advanced, debug
-from lora_jax._serving.combine import combine, truncate_rank
+from lora_jax import advanced as advanced
+from lora_jax import debug as debug
 from lora_jax._config import LoraConfig
 from lora_jax._delta import LeafDelta, LoraFactors
 from lora_jax._errors import (
@@ -30,25 +30,26 @@ from lora_jax._errors import (
     LoraStructureError,
     LoraTargetError,
 )
+from lora_jax._files.base_files import load_base, save_base
+from lora_jax._files.lora_format import load, save
+from lora_jax._files.peft.format import NameMap, export_peft, import_peft
 from lora_jax._implicit.interpreter import implicit
 from lora_jax._implicit.layout_inference import infer_layouts
 from lora_jax._init_lora import init_lora
 from lora_jax._layout import KernelLayout
-from lora_jax._files.lora_format import load, save
 from lora_jax._merge import dora_norms, merge, unmerge
 from lora_jax._optim import lora_plus, train_delta_only
-from lora_jax._quant.qlora import loftq, requantize
 from lora_jax._quant.array import QuantizedArray
+from lora_jax._quant.qlora import loftq, requantize
 from lora_jax._quant.trees import dequantize, quantize
-from lora_jax._files.base_files import load_base, save_base
-from lora_jax._files.peft.format import NameMap, export_peft, import_peft
+from lora_jax._serving.combine import combine, truncate_rank
+from lora_jax._serving.stack import StackedFactors, set_adapter, stack_adapters
 from lora_jax._sharding import (
     delta_shardings,
     init_lora_sharded,
     opt_state_shardings,
     param_shardings,
 )
-from lora_jax._serving.stack import StackedFactors, set_adapter, stack_adapters
 from lora_jax._summary import count_params, print_summary, summarize
 from lora_jax._variants import olora, pissa, with_dora
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import NamedSharding
@@ -30,15 +31,18 @@ Rules = Sequence[tuple[str, Any]]
 Read = tuple[NamedSharding, Any]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flax_types() -> tuple[tuple[Any, ...], tuple[Any, ...], Any]:
     """(linen box types, NNX variable types, LogicallyPartitioned), imported lazily."""
     from flax.core import meta
     from flax.linen import spmd
     from flax.nnx import variablelib
 
-    variables = tuple(getattr(variablelib, n) for n in ("Variable", "VariableState")
-                      if isinstance(getattr(variablelib, n, None), type))
+    variables = tuple(
+        getattr(variablelib, n)
+        for n in ("Variable", "VariableState")
+        if isinstance(getattr(variablelib, n, None), type)
+    )
     return (meta.AxisMetadata,), variables, spmd.LogicallyPartitioned
 
 
@@ -63,8 +67,11 @@ def entries_by_path(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
 def unboxed(params: Any) -> Any:
     """``params`` with linen partitioning boxes removed."""
     boxes, _, _ = flax_types()
-    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, boxes) else x, params,
-                                  is_leaf=lambda x: isinstance(x, boxes))
+    return jax.tree_util.tree_map(
+        lambda x: x.value if isinstance(x, boxes) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, boxes),
+    )
 
 
 def _var_value(var: Any) -> Any:
@@ -78,6 +85,7 @@ def _shape_of(x: Any) -> tuple[int, ...] | None:
 
 
 # ---- one reader per form of entry ----------------------------------------------------------
+
 
 def _from_named(path: str, entry: NamedSharding, mesh: Any, rules: Rules | None) -> Read:
     _check_axes(path, entry.spec, entry.mesh)
@@ -157,8 +165,13 @@ def _placed(path: str, spec: P, mesh: Any) -> NamedSharding:
 def _readers() -> list[tuple[Any, Callable[..., Read]]]:
     """``[(entry types, reader), ...]``, most specific first (a logical box is a box)."""
     boxes, variables, logical_box = flax_types()
-    return [(NamedSharding, _from_named), (P, _from_spec), (logical_box, _from_logical_box),
-            (boxes, _from_box), (variables, _from_variable)]
+    return [
+        (NamedSharding, _from_named),
+        (P, _from_spec),
+        (logical_box, _from_logical_box),
+        (boxes, _from_box),
+        (variables, _from_variable),
+    ]
 
 
 def read_entry(path: str, entry: Any, mesh: Any, rules: Rules | None) -> Read:
@@ -176,6 +189,7 @@ def read_entry(path: str, entry: Any, mesh: Any, rules: Rules | None) -> Read:
 
 
 # ---- logical names and checks ------------------------------------------------------------
+
 
 def _context_rules() -> Rules:
     import flax.linen as nn
@@ -217,8 +231,9 @@ def _check_axes(path: str, spec: P, mesh: Any) -> None:
     used: list[str] = []
     for entry in tuple(spec):
         if entry is P.UNCONSTRAINED:
-            raise LoraShardingError(f"leaf {path!r}: spec {spec} is UNCONSTRAINED; give a "
-                                    "concrete spec")
+            raise LoraShardingError(
+                f"leaf {path!r}: spec {spec} is UNCONSTRAINED; give a concrete spec"
+            )
         for axis in _mesh_axes(entry):
             if axis not in names:
                 raise LoraShardingError(
@@ -226,14 +241,13 @@ def _check_axes(path: str, spec: P, mesh: Any) -> None:
                     f"axis of the mesh (axes: {names})"
                 )
             if axis in used:
-                raise LoraShardingError(
-                    f"leaf {path!r}: spec {spec} uses mesh axis {axis!r} twice"
-                )
+                raise LoraShardingError(f"leaf {path!r}: spec {spec} uses mesh axis {axis!r} twice")
             used.append(axis)
 
 
-def check_shape(path: str, sharding: NamedSharding, shape: Sequence[int],
-                what: str = "the kernel") -> None:
+def check_shape(
+    path: str, sharding: NamedSharding, shape: Sequence[int], what: str = "the kernel"
+) -> None:
     """Raises :class:`LoraShardingError` unless ``sharding`` fits an array of ``shape``
     (no more spec entries than axes, every sharded axis divided by its mesh axes).
 
@@ -263,6 +277,7 @@ def check_shape(path: str, sharding: NamedSharding, shape: Sequence[int],
 
 
 # ---- the public reader ---------------------------------------------------------------------
+
 
 def param_shardings(tree: Any, mesh: Any = None, *, rules: Rules | None = None) -> Any:
     """The base params' shardings as a pytree of ``NamedSharding``.

@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 PROG = "lora-jax"
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -43,8 +44,8 @@ class CliError(Exception):
 def _adapter_format(path: Path) -> str:
     """``"peft"`` or ``"lora_jax"``: the format of an adapter directory, from its config."""
     from lora_jax._errors import LoraFileError
-    from lora_jax._files.safetensors_io import CONFIG_NAME, input_directory, read_json
     from lora_jax._files.lora_format import FORMAT
+    from lora_jax._files.safetensors_io import CONFIG_NAME, input_directory, read_json
 
     doc = read_json(input_directory(path) / CONFIG_NAME)
     if "peft_type" in doc:
@@ -81,14 +82,16 @@ def read_base(path: Path) -> tuple[Any, str, dict]:
     Returns ``(tree, "safetensors" | "orbax", safetensors metadata)``.
     """
     from lora_jax._errors import LoraFileError
-    from lora_jax._files.safetensors_io import nested_from_paths, open_safetensors, read_tensor
     from lora_jax._files.base_files import META_KEY, load_base
+    from lora_jax._files.safetensors_io import nested_from_paths, open_safetensors, read_tensor
 
     if path.is_dir():
         try:
             import orbax.checkpoint as ocp
         except ImportError:
-            raise CliError(f"{path}: an orbax checkpoint, but orbax-checkpoint is not installed")
+            raise CliError(
+                f"{path}: an orbax checkpoint, but orbax-checkpoint is not installed"
+            ) from None
         try:
             tree = ocp.StandardCheckpointer().restore(path.resolve())
         except Exception as e:  # orbax raises many types for a bad directory
@@ -124,30 +127,47 @@ def _load_adapter(path: Path, base: Any, args: argparse.Namespace) -> Any:
 def _inspect_header(path: Path, fmt: str, doc: dict) -> str:
     """The first line of ``lora-jax inspect``: the format and who wrote it."""
     if fmt == "peft":
-        head = (f"PEFT LoRA adapter (peft {doc.get('peft_version', '?')}), use_rslora="
-                f"{bool(doc.get('use_rslora'))}, use_dora={bool(doc.get('use_dora'))}")
+        head = (
+            f"PEFT LoRA adapter (peft {doc.get('peft_version', '?')}), use_rslora="
+            f"{bool(doc.get('use_rslora'))}, use_dora={bool(doc.get('use_dora'))}"
+        )
     else:
-        head = (f"lora_jax adapter (format v{doc.get('format_version')}, written by lora_jax "
-                f"{doc.get('library_version', '?')})")
+        head = (
+            f"lora_jax adapter (format v{doc.get('format_version')}, written by lora_jax "
+            f"{doc.get('library_version', '?')})"
+        )
     return f"{path}: {head}"
 
 
 def _table(rows: list[dict]) -> list[str]:
     """The per-target table of ``lora-jax inspect``, as aligned lines (header, rule, rows)."""
     cols = ("target", "kind", "shape", "r", "alpha", "scaling", "dtype", "dora", "params")
-    table = [(r["target"], r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
-              f"{r['alpha']:g}", f"{r['scaling']:.4g}", r["dtype"], "yes" if r["dora"] else "-",
-              f"{r['params']:,}") for r in rows]
+    table = [
+        (
+            r["target"],
+            r["kind"],
+            "x".join(map(str, r["shape"])),
+            str(r["rank"]),
+            f"{r['alpha']:g}",
+            f"{r['scaling']:.4g}",
+            r["dtype"],
+            "yes" if r["dora"] else "-",
+            f"{r['params']:,}",
+        )
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [cols, *table]) for i in range(len(cols))]
-    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-            for line in [cols, tuple("-" * w for w in widths), *table]]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+        for line in [cols, tuple("-" * w for w in widths), *table]
+    ]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``lora-jax inspect``: one row per target (or PEFT module), as a table or JSON."""
-    from lora_jax._files.safetensors_io import CONFIG_NAME, read_json
     from lora_jax._files.lora_format import describe
     from lora_jax._files.peft.format import describe_peft
+    from lora_jax._files.safetensors_io import CONFIG_NAME, read_json
 
     path = Path(args.adapter)
     fmt = _adapter_format(path)
@@ -156,9 +176,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     total = sum(r["params"] for r in rows)
     if args.json:
-        json.dump({"format": fmt, "path": str(path), "files": files, "params": total,
-                   "targets": [{**r, "shape": list(r["shape"])} for r in rows]},
-                  sys.stdout, indent=2)
+        json.dump(
+            {
+                "format": fmt,
+                "path": str(path),
+                "files": files,
+                "params": total,
+                "targets": [{**r, "shape": list(r["shape"])} for r in rows],
+            },
+            sys.stdout,
+            indent=2,
+        )
         print()
         return 0
     print(_inspect_header(path, fmt, doc))
@@ -207,8 +235,9 @@ def _merged_leaves(base: Any, delta: Any, args: argparse.Namespace) -> dict[str,
     return merged
 
 
-def _write_params(out: Path, base: Any, merged: dict[str, Any], fmt: str, metadata: dict,
-                  args: argparse.Namespace) -> None:
+def _write_params(
+    out: Path, base: Any, merged: dict[str, Any], fmt: str, metadata: dict, args: argparse.Namespace
+) -> None:
     """Writes ``base`` with ``merged`` leaves replaced (cast to ``--dtype``) in format ``fmt``."""
     import jax
     import jax.numpy as jnp
@@ -280,8 +309,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if fmt == "peft":
             raise CliError(f"{src}: already a PEFT adapter")
         delta = load(src, base=base)[0]
-        export_peft(dst, delta, name_map=_name_map(args),
-                    base_model_name_or_path=args.base_model_name_or_path)
+        export_peft(
+            dst,
+            delta,
+            name_map=_name_map(args),
+            base_model_name_or_path=args.base_model_name_or_path,
+        )
     else:
         if fmt == "lora_jax":
             raise CliError(f"{src}: already a lora_jax adapter")
@@ -325,42 +358,66 @@ class _Exit(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lora-jax`` argument parser (subcommands inspect, merge, convert)."""
-    p = _Parser(prog=PROG, description="Inspect, merge and convert LoRA adapter files "
-                "(lora_jax and HuggingFace PEFT).")
+    p = _Parser(
+        prog=PROG,
+        description="Inspect, merge and convert LoRA adapter files "
+        "(lora_jax and HuggingFace PEFT).",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    i = sub.add_parser("inspect", help="targets, shapes, ranks, alpha, scaling, dtype, sizes",
-                       description="Describe a lora_jax or PEFT adapter directory.")
+    i = sub.add_parser(
+        "inspect",
+        help="targets, shapes, ranks, alpha, scaling, dtype, sizes",
+        description="Describe a lora_jax or PEFT adapter directory.",
+    )
     i.add_argument("adapter", help="adapter directory (lora_jax or PEFT)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_inspect)
 
-    m = sub.add_parser("merge", help="merge an adapter into base params",
-                       description="Merge an adapter into base params (W + s*A@B, DoRA too) and "
-                       "write dense params in the base's format.")
-    m.add_argument("--base", required=True,
-                   help="safetensors file with '/'-joined keys (or one lora_jax.save_base wrote, "
-                   "quantized leaves included), or an orbax checkpoint directory")
+    m = sub.add_parser(
+        "merge",
+        help="merge an adapter into base params",
+        description="Merge an adapter into base params (W + s*A@B, DoRA too) and "
+        "write dense params in the base's format.",
+    )
+    m.add_argument(
+        "--base",
+        required=True,
+        help="safetensors file with '/'-joined keys (or one lora_jax.save_base wrote, "
+        "quantized leaves included), or an orbax checkpoint directory",
+    )
     m.add_argument("--adapter", required=True, help="adapter directory (lora_jax or PEFT)")
     m.add_argument("--out", required=True, help="output file (safetensors) or directory (orbax)")
     m.add_argument("--dtype", choices=DTYPES, help="cast every floating leaf of the output")
-    m.add_argument("--check-finite", action="store_true",
-                   help="refuse a merge that produces NaN or Inf (PEFT's safe_merge)")
+    m.add_argument(
+        "--check-finite",
+        action="store_true",
+        help="refuse a merge that produces NaN or Inf (PEFT's safe_merge)",
+    )
     m.add_argument("--name-map", metavar="FILE", help="JSON name map for a PEFT adapter")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_merge)
 
-    c = sub.add_parser("convert", help="convert between lora_jax and PEFT adapter formats",
-                       description="Convert an adapter directory to the other format.")
+    c = sub.add_parser(
+        "convert",
+        help="convert between lora_jax and PEFT adapter formats",
+        description="Convert an adapter directory to the other format.",
+    )
     c.add_argument("--to", required=True, choices=("peft", "lora_jax"), help="output format")
     c.add_argument("src", help="input adapter directory")
     c.add_argument("dst", help="output adapter directory")
-    c.add_argument("--name-map", metavar="FILE",
-                   help="JSON name map: [[flax_regex, torch_template], ...] or "
-                   '{"to_peft": [...], "to_flax": [...]}')
-    c.add_argument("--base", help="base params (safetensors or orbax) to check the adapter "
-                   "against and, for --to lora_jax, to shape the delta (N-D and stacked kernels)")
+    c.add_argument(
+        "--name-map",
+        metavar="FILE",
+        help="JSON name map: [[flax_regex, torch_template], ...] or "
+        '{"to_peft": [...], "to_flax": [...]}',
+    )
+    c.add_argument(
+        "--base",
+        help="base params (safetensors or orbax) to check the adapter "
+        "against and, for --to lora_jax, to shape the delta (N-D and stacked kernels)",
+    )
     c.add_argument("--base-model-name-or-path", help="recorded in the PEFT config")
     c.set_defaults(func=cmd_convert)
     return p

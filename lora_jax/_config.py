@@ -12,17 +12,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._errors import LoraConfigError
 from lora_jax._delta import lora_scale
+from lora_jax._errors import LoraConfigError
 from lora_jax._layout import KernelLayout
 
 Predicate = Callable[[str, Any], bool]
-Targets = Union[str, Sequence[str], Predicate]
+Targets = str | Sequence[str] | Predicate
 
 INIT_SCHEMES = ("kaiming", "gaussian", "swapped", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -32,7 +33,9 @@ def _compile(pattern: str, field: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except (re.error, TypeError) as e:
-        raise LoraConfigError(f"{field}: {pattern!r} is not a valid regular expression: {e}")
+        raise LoraConfigError(
+            f"{field}: {pattern!r} is not a valid regular expression: {e}"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +92,7 @@ class LoraConfig:
     exclude: Sequence[str] = ()
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    layouts: Mapping[str, Union[KernelLayout, str]] = dataclasses.field(default_factory=dict)
+    layouts: Mapping[str, KernelLayout | str] = dataclasses.field(default_factory=dict)
     init: str = "kaiming"
     svd_niter: int | None = None
     use_rslora: bool = False
@@ -105,10 +108,12 @@ class LoraConfig:
             object.__setattr__(self, "targets", (self.targets,))
         elif not callable(self.targets):
             if not isinstance(self.targets, (list, tuple)) or not all(
-                    isinstance(t, str) for t in self.targets):
+                isinstance(t, str) for t in self.targets
+            ):
                 raise LoraConfigError(
                     "targets must be a regex, a list of regexes or a predicate (path, leaf) -> "
-                    f"bool, got {self.targets!r}")
+                    f"bool, got {self.targets!r}"
+                )
             object.__setattr__(self, "targets", tuple(self.targets))
             if not self.targets:
                 raise LoraConfigError("targets is empty: give at least one pattern")
@@ -117,17 +122,26 @@ class LoraConfig:
                 object.__setattr__(self, field, (getattr(self, field),))
         if self.layers is not None:
             layers = tuple(self.layers)
-            if not layers or any(isinstance(i, bool) or not isinstance(i, (int, np.integer))
-                                 or i < 0 for i in layers) or len(set(layers)) != len(layers):
-                raise LoraConfigError(
-                    f"layers must be distinct integers >= 0, got {self.layers!r}")
+            if (
+                not layers
+                or any(
+                    isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0
+                    for i in layers
+                )
+                or len(set(layers)) != len(layers)
+            ):
+                raise LoraConfigError(f"layers must be distinct integers >= 0, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(int(i) for i in layers)))
         if self.bias not in BIAS_MODES:
             raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.svd_niter is not None and (
-                isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int)
-                or self.svd_niter < 0):
-            raise LoraConfigError(f"svd_niter must be None or an integer >= 0, got {self.svd_niter!r}")
+            isinstance(self.svd_niter, bool)
+            or not isinstance(self.svd_niter, int)
+            or self.svd_niter < 0
+        ):
+            raise LoraConfigError(
+                f"svd_niter must be None or an integer >= 0, got {self.svd_niter!r}"
+            )
         _check_rank(self.rank, "rank")
         _check_alpha(self.alpha, "alpha")
         for pattern, r in self.rank_pattern.items():
@@ -137,8 +151,7 @@ class LoraConfig:
         if self.init not in INIT_SCHEMES:
             raise LoraConfigError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         try:
-            floating = self.dtype is not None and jnp.issubdtype(np.dtype(self.dtype),
-                                                                 jnp.floating)
+            floating = self.dtype is not None and jnp.issubdtype(np.dtype(self.dtype), jnp.floating)
         except TypeError:
             floating = False
         if not floating:

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +78,17 @@ class LayerSelection:
 
     def __post_init__(self):
         idx = tuple(int(i) for i in self.indices)
-        if (not idx or list(idx) != sorted(set(idx)) or idx[0] < 0
-                or not isinstance(self.total, (int, np.integer)) or idx[-1] >= self.total):
+        if (
+            not idx
+            or list(idx) != sorted(set(idx))
+            or idx[0] < 0
+            or not isinstance(self.total, (int, np.integer))
+            or idx[-1] >= self.total
+        ):
             raise LoraStructureError(
                 f"LayerSelection needs distinct sorted indices in [0, {self.total}), got "
-                f"{self.indices!r}")
+                f"{self.indices!r}"
+            )
         object.__setattr__(self, "indices", idx)
         object.__setattr__(self, "total", int(self.total))
 
@@ -95,8 +102,12 @@ class LayerSelection:
         return x[np.asarray(self.indices)]
 
 
-def kernel_shape_of(a_shape: Sequence[int], b_shape: Sequence[int], layout: KernelLayout,
-                    layers: LayerSelection | None = None) -> tuple[int, ...]:
+def kernel_shape_of(
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    layout: KernelLayout,
+    layers: LayerSelection | None = None,
+) -> tuple[int, ...]:
     """The shape of the kernel that factors of shapes ``a_shape`` ``(*stack, *fan_in, r)``
     and ``b_shape`` ``(*stack, r, *fan_out)`` adapt, in the kernel's own axis order
     (with ``layers``, the first stacked axis has ``layers.total`` entries).
@@ -109,7 +120,7 @@ def kernel_shape_of(a_shape: Sequence[int], b_shape: Sequence[int], layout: Kern
     stack = tuple(a_shape[:ns])
     if layers is not None:
         stack = (layers.total,) + stack[1:]
-    ordered = stack + tuple(a_shape[ns:-1]) + tuple(b_shape[ns + 1:])
+    ordered = stack + tuple(a_shape[ns:-1]) + tuple(b_shape[ns + 1 :])
     return tuple(ordered[p] for p in np.argsort(layout.permutation).tolist())
 
 
@@ -187,11 +198,11 @@ class LoraFactors(DeltaEntry):
         """The shape of the kernel these factors adapt, read off ``a``, ``b`` and ``layers``."""
         return kernel_shape_of(np.shape(self.a), np.shape(self.b), self.layout, self.layers)
 
-    def replace(self, **changes: Any) -> "LoraFactors":
+    def replace(self, **changes: Any) -> LoraFactors:
         """A copy with ``changes`` applied (every other field kept)."""
         return dataclasses.replace(self, **changes)
 
-    def all_layers(self) -> "LoraFactors":
+    def all_layers(self) -> LoraFactors:
         """The factors with every stacked layer present (zeros at unselected layers).
 
         Example:
@@ -208,11 +219,13 @@ class LoraFactors(DeltaEntry):
             # An unselected layer's DoRA magnitude would have to be its base norm.
             raise LoraStructureError(
                 f"DoRA magnitudes of layers {self.layers.indices} cannot be filled in for the "
-                f"other layers of {self.layers.total} (their magnitude is the base weight's norm)")
-        return self.replace(a=self.layers.scatter(self.a), b=self.layers.scatter(self.b),
-                            layers=None)
+                f"other layers of {self.layers.total} (their magnitude is the base weight's norm)"
+            )
+        return self.replace(
+            a=self.layers.scatter(self.a), b=self.layers.scatter(self.b), layers=None
+        )
 
-    def select_layers(self, layers: LayerSelection) -> "LoraFactors":
+    def select_layers(self, layers: LayerSelection) -> LoraFactors:
         """The factors of ``layers`` only (from factors holding every layer)."""
         if self.layers is not None:
             raise LoraStructureError(f"the factors already hold a layer selection ({self.layers})")
@@ -234,12 +247,15 @@ class LoraFactors(DeltaEntry):
         if len(shape) != layout.ndim:
             raise LoraStructureError(
                 f"leaf {path!r}: the base kernel has shape {shape} but the delta's layout "
-                f"{layout.axes!r} is for a {layout.ndim}-D kernel")
+                f"{layout.axes!r} is for a {layout.ndim}-D kernel"
+            )
         if self.layers is not None and (
-                not layout.stack_axes or self.layers.total != shape[layout.stack_axes[0]]):
+            not layout.stack_axes or self.layers.total != shape[layout.stack_axes[0]]
+        ):
             raise LoraStructureError(
                 f"leaf {path!r}: factors for layers {self.layers.indices} of {self.layers.total} "
-                f"do not fit a kernel of shape {shape} (layout {layout.axes!r})")
+                f"do not fit a kernel of shape {shape} (layout {layout.axes!r})"
+            )
         want: tuple[tuple[int, ...], ...] = layout.factor_shapes(shape, self.rank)
         if self.layers is not None:  # only the selected layers of the first stacked axis
             want = tuple((len(self.layers.indices),) + w[1:] for w in want)
@@ -247,12 +263,14 @@ class LoraFactors(DeltaEntry):
         if got != want:
             raise LoraStructureError(
                 f"leaf {path!r}: factors A{got[0]} B{got[1]} do not fit the base kernel of "
-                f"shape {shape} (layout {layout.axes!r}); expected A{want[0]} B{want[1]}")
+                f"shape {shape} (layout {layout.axes!r}); expected A{want[0]} B{want[1]}"
+            )
 
 
 jax.tree_util.register_dataclass(
-    LoraFactors, data_fields=["a", "b", "magnitude"],
-    meta_fields=["alpha", "layout", "rslora", "layers"]
+    LoraFactors,
+    data_fields=["a", "b", "magnitude"],
+    meta_fields=["alpha", "layout", "rslora", "layers"],
 )
 
 
@@ -286,7 +304,8 @@ class LeafDelta(DeltaEntry):
         if self.kernel_shape != shape:
             raise LoraStructureError(
                 f"leaf {path!r}: the trained-in-full delta has shape {self.kernel_shape}, "
-                f"the base leaf {shape}")
+                f"the base leaf {shape}"
+            )
 
 
 jax.tree_util.register_dataclass(LeafDelta, data_fields=["diff"], meta_fields=[])
@@ -331,11 +350,16 @@ def factor_product(a: Array, b: Array, scale: float, n_stack: int) -> Array:
     """
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
-    stack, fan_in, fan_out = a.shape[:n_stack], a.shape[n_stack:-1], b.shape[n_stack + 1:]
+    stack, fan_in, fan_out = a.shape[:n_stack], a.shape[n_stack:-1], b.shape[n_stack + 1 :]
     r = a.shape[-1]
-    dense = jnp.matmul(a.reshape(stack + (math.prod(fan_in), r)),
-                       b.reshape(stack + (r, math.prod(fan_out))),
-                       precision=jax.lax.Precision.HIGHEST) * scale
+    dense = (
+        jnp.matmul(
+            a.reshape(stack + (math.prod(fan_in), r)),
+            b.reshape(stack + (r, math.prod(fan_out))),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        * scale
+    )
     return dense.reshape(stack + fan_in + fan_out)
 
 
@@ -381,21 +405,22 @@ def factor_order_norm(w: Array, a: Array, b: Array, scale: float, n_stack: int) 
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
     stack, r = w.shape[:n_stack], a.shape[-1]
-    fan_out = b.shape[n_stack + 1:]
+    fan_out = b.shape[n_stack + 1 :]
     w2 = w.reshape(stack + (-1, math.prod(fan_out)))
     a2 = a.reshape(stack + (-1, r))
     b2 = b.reshape(stack + (r, math.prod(fan_out)))
     hi = jax.lax.Precision.HIGHEST
-    wta = jnp.matmul(jnp.swapaxes(w2, -1, -2), a2, precision=hi)           # (N, r)
-    gram = jnp.matmul(jnp.swapaxes(a2, -1, -2), a2, precision=hi)          # (r, r)
-    sq = (jnp.sum(w2 * w2, axis=-2)
-          + 2 * scale * jnp.sum(jnp.swapaxes(wta, -1, -2) * b2, axis=-2)
-          + scale * scale * jnp.sum(b2 * jnp.matmul(gram, b2, precision=hi), axis=-2))
+    wta = jnp.matmul(jnp.swapaxes(w2, -1, -2), a2, precision=hi)  # (N, r)
+    gram = jnp.matmul(jnp.swapaxes(a2, -1, -2), a2, precision=hi)  # (r, r)
+    sq = (
+        jnp.sum(w2 * w2, axis=-2)
+        + 2 * scale * jnp.sum(jnp.swapaxes(wta, -1, -2) * b2, axis=-2)
+        + scale * scale * jnp.sum(b2 * jnp.matmul(gram, b2, precision=hi), axis=-2)
+    )
     return jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(stack + fan_out)
 
 
-def column_norm(kernel: Array, layout: KernelLayout, factors: LoraFactors | None = None
-                ) -> Array:
+def column_norm(kernel: Array, layout: KernelLayout, factors: LoraFactors | None = None) -> Array:
     """DoRA's ``||W + s A B||_c``: the L2 norm over the fan-in axes, ``(*stack, *fan_out)``.
 
     PEFT's per-output-feature weight norm, for Linear, Conv and Embedding
@@ -504,12 +529,14 @@ def check_fits(path: str, shape: tuple[int, ...], entry: Any, stacked_ok: bool =
     if not isinstance(entry, DeltaEntry):
         raise LoraStructureError(
             f"leaf {path!r}: the delta holds {type(entry).__name__}, expected LoraFactors, "
-            "LeafDelta or None")
+            "LeafDelta or None"
+        )
     if entry.serving_only and not stacked_ok:
         raise LoraStructureError(
             f"leaf {path!r}: the delta holds an adapter stack ({type(entry).__name__}); only "
             "implicit(...)(base, stack, x, adapter_ids=ids) serves a stack: merge one "
-            "adapter of it (lora_jax.advanced.unstack) instead")
+            "adapter of it (lora_jax.advanced.unstack) instead"
+        )
     entry.check_fits(path, shape)
 
 
@@ -518,18 +545,26 @@ def _structure_message(params: Any, delta: Any, error: Exception) -> str:
     delta_paths = [p for p, _ in leaves_with_paths(delta, is_leaf=is_delta_leaf)[0]]
     unknown = [p for p in delta_paths if p not in set(base_paths)]
     if unknown:
-        return (f"the delta has factors at {unknown[:5]}, which are not leaves of the base "
-                f"(base leaves: {base_paths[:6]}...)")
+        return (
+            f"the delta has factors at {unknown[:5]}, which are not leaves of the base "
+            f"(base leaves: {base_paths[:6]}...)"
+        )
     entries = leaves_with_paths(delta, is_leaf=lambda x: x is None or is_delta_leaf(x))[0]
     missing = [p for p in base_paths if p not in {q for q, _ in entries}]
     if missing:
-        return ("the delta's tree structure does not match the base's: it has no entry "
-                f"(LoraFactors or None) for the base leaves {missing[:5]}")
+        return (
+            "the delta's tree structure does not match the base's: it has no entry "
+            f"(LoraFactors or None) for the base leaves {missing[:5]}"
+        )
     return f"the delta's tree structure does not match the base's: {error}"
 
 
-def map_entries(fn: Callable[[str, Any, Any], Any], params: Any, delta: Any,
-                skip: Callable[[Any], bool] = lambda entry: entry is None) -> Any:
+def map_entries(
+    fn: Callable[[str, Any, Any], Any],
+    params: Any,
+    delta: Any,
+    skip: Callable[[Any], bool] = lambda entry: entry is None,
+) -> Any:
     """``params`` with each leaf replaced by ``fn(path, leaf, entry)``, except where ``skip(entry)``.
 
     Example:
@@ -539,7 +574,8 @@ def map_entries(fn: Callable[[str, Any, Any], Any], params: Any, delta: Any,
     """
     rows, treedef = align(params, delta)
     return jax.tree_util.tree_unflatten(
-        treedef, [leaf if skip(entry) else fn(path, leaf, entry) for path, leaf, entry in rows])
+        treedef, [leaf if skip(entry) else fn(path, leaf, entry) for path, leaf, entry in rows]
+    )
 
 
 def delta_entries(delta: Any) -> list[tuple[str, Any]]:
@@ -554,5 +590,6 @@ def delta_entries(delta: Any) -> list[tuple[str, Any]]:
         if leaf is not None and not is_delta_leaf(leaf):
             raise LoraStructureError(
                 f"leaf {path!r}: a delta holds LoraFactors, LeafDelta or None at each leaf, got "
-                f"{type(leaf).__name__} (pass the delta, not the params)")
+                f"{type(leaf).__name__} (pass the delta, not the params)"
+            )
     return entries

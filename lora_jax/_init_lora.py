@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +75,11 @@ def init_factors(key: Array, target: Target, scheme: str, dtype: Any, rslora: bo
 
     zeros = lambda shape: jnp.zeros(shape, dtype)  # noqa: E731
     if target.layout.kind == "embed":
-        a, b = (normal(a_shape, 1.0), zeros(b_shape)) if scheme == "swapped" else (
-            zeros(a_shape), normal(b_shape, 1.0))
+        a, b = (
+            (normal(a_shape, 1.0), zeros(b_shape))
+            if scheme == "swapped"
+            else (zeros(a_shape), normal(b_shape, 1.0))
+        )
     elif scheme == "kaiming":
         a, b = uniform(a_shape, fan_in**-0.5), zeros(b_shape)
     elif scheme == "gaussian":
@@ -129,9 +133,16 @@ def init_lora(
     # PiSSA / OLoRA replace the drawn values below; the draw fixes shapes and dtypes.
     scheme = config.init if config.init in ("kaiming", "gaussian", "swapped") else "kaiming"
     new_leaves = [
-        _draw_one(_path_key(key, path), dataclasses.replace(targets[path], path=""), scheme,
-                  dtype, config.use_rslora) if path in targets
-        else LeafDelta(jnp.zeros(leaf.shape, dtype)) if path in extra
+        _draw_one(
+            _path_key(key, path),
+            dataclasses.replace(targets[path], path=""),
+            scheme,
+            dtype,
+            config.use_rslora,
+        )
+        if path in targets
+        else LeafDelta(jnp.zeros(leaf.shape, dtype))
+        if path in extra
         else None
         for path, leaf in leaves
     ]
@@ -157,13 +168,15 @@ def _select_layers(leaves: list, paths: list[str], layers: tuple[int, ...]) -> l
             n = f.a.shape[0]
             if max(layers) >= n:
                 raise LoraConfigError(
-                    f"leaf {path!r}: layers {layers} out of range for its {n} stacked layers")
+                    f"leaf {path!r}: layers {layers} out of range for its {n} stacked layers"
+                )
             f = f.select_layers(LayerSelection(layers, n))
         out.append(f)
     if not stacked:
         raise LoraConfigError(
             f"layers={layers} selects layers of scan-stacked kernels, but no targeted kernel has a "
-            "stacked axis ('s' in its layout); select unrolled layers with the target regex")
+            "stacked axis ('s' in its layout); select unrolled layers with the target regex"
+        )
     return out
 
 

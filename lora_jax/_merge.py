@@ -102,8 +102,10 @@ def dora_norms(params: Any, delta: Any) -> Any:
       Array([2., 2., 2.], dtype=float32)
     """
     rows, treedef = align(params, delta)
-    out = [column_norm(dequantize(w, jnp.float32), f.layout, f) if _is_dora(f) else None
-           for _, w, f in rows]
+    out = [
+        column_norm(dequantize(w, jnp.float32), f.layout, f) if _is_dora(f) else None
+        for _, w, f in rows
+    ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -144,8 +146,10 @@ def unmerge(params: Any, delta: Any, norms: Any = None) -> Any:
                 raise LoraStructureError(
                     f"leaf {path!r} is a DoRA kernel: unmerge needs its column norms "
                     "||W + s A B||, which the merged weight no longer holds; pass "
-                    "norms=dora_norms(base, delta) computed before merging")
-            dense = dense * to_kernel_axes(jnp.asarray(n, jnp.float32) /
-                                           jnp.asarray(f.magnitude, jnp.float32), f.layout)
+                    "norms=dora_norms(base, delta) computed before merging"
+                )
+            dense = dense * to_kernel_axes(
+                jnp.asarray(n, jnp.float32) / jnp.asarray(f.magnitude, jnp.float32), f.layout
+            )
         out.append((dense - dense_delta(f)).astype(w.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

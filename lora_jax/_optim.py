@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax
@@ -123,8 +124,9 @@ def b_mask(tree: Any) -> Any:
     return jax.tree.map(label, tree, is_leaf=is_factors)
 
 
-def lora_plus(optimizer: optax.GradientTransformation, ratio: float = 16.0
-              ) -> optax.GradientTransformation:
+def lora_plus(
+    optimizer: optax.GradientTransformation, ratio: float = 16.0
+) -> optax.GradientTransformation:
     """Wraps ``optimizer`` so that ``B``'s updates are ``ratio`` times larger.
 
     Args:
@@ -145,7 +147,10 @@ def lora_plus(optimizer: optax.GradientTransformation, ratio: float = 16.0
       >>> round(float(updates["w"].a[0, 0]), 6), round(float(updates["w"].b[0, 0]), 6)
       (-0.1, -0.4)
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
-            math.isfinite(ratio) and ratio > 0):
+    if (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, (int, float))
+        or not (math.isfinite(ratio) and ratio > 0)
+    ):
         raise LoraArgumentError(f"LoRA+ ratio must be a finite number > 0, got {ratio!r}")
     return optax.chain(optimizer, optax.masked(optax.scale(float(ratio)), b_mask))

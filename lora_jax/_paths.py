@@ -10,11 +10,13 @@ strings.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 
 KeyPath = Sequence[Any]
+
 
 class BaseLeaf:
     """Marker base class: a pytree node type that stands for one leaf of the params.
@@ -84,6 +86,7 @@ def leaves_with_paths(
       >>> leaves_with_paths({"a": {"b": 1}})[0]
       [('a/b', 1)]
     """
+
     def leaf(x: Any) -> bool:
         return is_base_leaf(x) or (is_leaf is not None and bool(is_leaf(x)))
 

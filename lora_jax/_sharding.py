@@ -27,17 +27,24 @@ the leaf path.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_jax._base_shardings import (
-    Rules, check_shape, entries_by_path, param_shardings, read_entry, unboxed)
+    Rules,
+    check_shape,
+    entries_by_path,
+    param_shardings,
+    read_entry,
+    unboxed,
+)
 from lora_jax._config import LoraConfig
-from lora_jax._errors import LoraShardingError
 from lora_jax._delta import LeafDelta, is_delta_leaf
+from lora_jax._errors import LoraShardingError
 from lora_jax._init_lora import init_lora
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths, unshared
@@ -45,7 +52,6 @@ from lora_jax._paths import leaves_with_paths, unshared
 # -----------------------------------------------------------------------------
 # Factor specs from a kernel spec
 # -----------------------------------------------------------------------------
-
 
 
 def _same_structure(a: Any, b: Any) -> bool:
@@ -102,8 +108,9 @@ def _entries(spec: Any, ndim: int) -> list[Any]:
 # -----------------------------------------------------------------------------
 
 
-def delta_shardings(base_shardings: Any, delta: Any, mesh: Any = None, *,
-                    rules: Rules | None = None) -> Any:
+def delta_shardings(
+    base_shardings: Any, delta: Any, mesh: Any = None, *, rules: Rules | None = None
+) -> Any:
     """Shardings of the delta, derived from the base kernels' shardings.
 
     Each targeted kernel's spec ``(*S, *I, *O)`` (stacked, fan-in, fan-out
@@ -179,8 +186,10 @@ def _entry_shardings(path: str, f: Any, sharding: NamedSharding) -> Any:
     a_spec, b_spec, m_spec = factor_specs(sharding.spec, f.layout)
     m = sharding.mesh
     new = f.replace(
-        a=NamedSharding(m, a_spec), b=NamedSharding(m, b_spec),
-        magnitude=None if f.magnitude is None else NamedSharding(m, m_spec))
+        a=NamedSharding(m, a_spec),
+        b=NamedSharding(m, b_spec),
+        magnitude=None if f.magnitude is None else NamedSharding(m, m_spec),
+    )
     for name in ("a", "b", "magnitude"):  # e.g. a stacked axis holding only some layers
         if getattr(f, name) is not None:
             check_shape(path, getattr(new, name), getattr(f, name).shape, f"its factor {name!r}")
@@ -189,12 +198,20 @@ def _entry_shardings(path: str, f: Any, sharding: NamedSharding) -> Any:
 
 def _abstract(params: Any) -> Any:
     return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, params)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, params
+    )
 
 
-def sharded_init_fn(key: jax.Array, params: Any, config: LoraConfig, base_shardings: Any = None,
-                    *, mesh: Any = None, rules: Rules | None = None,
-                    layouts: Mapping[str, KernelLayout] | None = None) -> tuple[Any, tuple]:
+def sharded_init_fn(
+    key: jax.Array,
+    params: Any,
+    config: LoraConfig,
+    base_shardings: Any = None,
+    *,
+    mesh: Any = None,
+    rules: Rules | None = None,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> tuple[Any, tuple]:
     """The jitted program behind :func:`init_lora_sharded`, and its arguments.
 
     Returns ``(init, args)``: ``init`` is ``jax.jit`` of ``init_lora`` with
@@ -236,7 +253,8 @@ def sharded_init_fn(key: jax.Array, params: Any, config: LoraConfig, base_shardi
         except (ValueError, LoraShardingError):
             raise LoraShardingError(
                 f"init {config.init!r} rewrites the base, so base_shardings must give a sharding "
-                "for every leaf of the params (e.g. lora_jax.param_shardings(...))") from None
+                "for every leaf of the params (e.g. lora_jax.param_shardings(...))"
+            ) from None
         fn = full
     else:
         out_shardings = (None, shardings)
@@ -246,13 +264,21 @@ def sharded_init_fn(key: jax.Array, params: Any, config: LoraConfig, base_shardi
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(bare)):
         raise LoraShardingError(
             f"this config (init={config.init!r}, use_dora={getattr(config, 'use_dora', False)}) "
-            "reads the kernels' values: pass the params themselves, not ShapeDtypeStructs")
+            "reads the kernels' values: pass the params themselves, not ShapeDtypeStructs"
+        )
     return jax.jit(fn, out_shardings=out_shardings), (key, bare)
 
 
-def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shardings: Any = None,
-                      *, mesh: Any = None, rules: Rules | None = None,
-                      layouts: Mapping[str, KernelLayout] | None = None) -> tuple[Any, Any]:
+def init_lora_sharded(
+    key: jax.Array,
+    params: Any,
+    config: LoraConfig,
+    base_shardings: Any = None,
+    *,
+    mesh: Any = None,
+    rules: Rules | None = None,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> tuple[Any, Any]:
     """:func:`lora_jax.init_lora` with the delta created directly in its shardings.
 
     Everything runs in one ``jax.jit`` whose ``out_shardings`` are
@@ -297,8 +323,9 @@ def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shar
       (('fsdp', None), (None, 'tensor'))
     """
     try:
-        init, args = sharded_init_fn(key, params, config, base_shardings, mesh=mesh,
-                                     rules=rules, layouts=layouts)
+        init, args = sharded_init_fn(
+            key, params, config, base_shardings, mesh=mesh, rules=rules, layouts=layouts
+        )
     except _CONCRETE_VALUE_ERRORS:
         # An init that inspects values on the host (PiSSA's and OLoRA's rank checks) cannot
         # be traced: run it op by op on the placed params (each op SPMD over their
@@ -308,10 +335,12 @@ def init_lora_sharded(key: jax.Array, params: Any, config: LoraConfig, base_shar
     return (unshared(params) if base is None else base), delta
 
 
-_CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError,
-                          jax.errors.TracerArrayConversionError,
-                          jax.errors.TracerBoolConversionError,
-                          jax.errors.TracerIntegerConversionError)
+_CONCRETE_VALUE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
 
 
 def _init_eagerly(key, params, config, base_shardings, mesh, rules, layouts):
@@ -319,7 +348,8 @@ def _init_eagerly(key, params, config, base_shardings, mesh, rules, layouts):
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(bare)):
         raise LoraShardingError(
             f"init={config.init!r} reads the kernels' values: pass the params themselves, "
-            "not ShapeDtypeStructs")
+            "not ShapeDtypeStructs"
+        )
     base_shardings = params if base_shardings is None else base_shardings
     base, delta = init_lora(key, bare, config, layouts=layouts)
     delta = jax.device_put(delta, delta_shardings(base_shardings, delta, mesh, rules=rules))
@@ -330,7 +360,8 @@ def _init_eagerly(key, params, config, base_shardings, mesh, rules, layouts):
     except ValueError as e:  # LoraShardingError, or a structure mismatch
         raise LoraShardingError(
             f"init {config.init!r} rewrites the base, so base_shardings must give a sharding "
-            f"for every leaf of the params (e.g. lora_jax.param_shardings(...)): {e}") from None
+            f"for every leaf of the params (e.g. lora_jax.param_shardings(...)): {e}"
+        ) from None
     return base, delta
 
 
@@ -376,5 +407,6 @@ def opt_state_shardings(opt_state: Any, delta_shardings: Any) -> Any:
         except Exception:  # noqa: BLE001 -- exotic nodes simply do not match
             return False
 
-    return jax.tree_util.tree_map(lambda x: delta_shardings if like_delta(x) else replicated,
-                                  opt_state, is_leaf=like_delta)
+    return jax.tree_util.tree_map(
+        lambda x: delta_shardings if like_delta(x) else replicated, opt_state, is_leaf=like_delta
+    )

@@ -55,8 +55,16 @@ class LoraSummary:
         """The report as a fixed-width text table."""
         head = ("path", "kind", "shape", "layout", "r", "alpha", "scale", "params")
         rows = [
-            (l.path, l.kind, "x".join(map(str, l.shape)), l.layout, str(l.rank),
-             f"{l.alpha:g}", f"{l.scale:g}", f"{l.params:,}")
+            (
+                l.path,
+                l.kind,
+                "x".join(map(str, l.shape)),
+                l.layout,
+                str(l.rank),
+                f"{l.alpha:g}",
+                f"{l.scale:g}",
+                f"{l.params:,}",
+            )
             for l in self.leaves
         ]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -137,5 +145,10 @@ def tree_bytes(tree: Any) -> int:
       >>> lj.advanced.tree_bytes({"a": jnp.ones((2, 3), jnp.float32)})
       24
     """
-    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-                   if hasattr(x, "dtype")))
+    return int(
+        sum(
+            np.size(x) * np.dtype(x.dtype).itemsize
+            for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype")
+        )
+    )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -85,7 +86,8 @@ def select_targets(
     if config.skip_unsupported and not any(_is_supported(leaf) for _, leaf in matched):
         raise LoraTargetError(
             f"the targets match only leaves LoRA cannot serve ({[p for p, _ in matched][:5]}); "
-            "nothing would be adapted")
+            "nothing would be adapted"
+        )
     targets = {}
     for path, leaf in matched:
         if not _is_supported(leaf):
@@ -152,8 +154,9 @@ def _dtype_name(leaf: Any) -> str:
     return str(dtype) if dtype is not None else type(leaf).__name__
 
 
-def select_extra_trainable(params: Any, config: LoraConfig, targets: Mapping[str, Target]
-                           ) -> list[str]:
+def select_extra_trainable(
+    params: Any, config: LoraConfig, targets: Mapping[str, Target]
+) -> list[str]:
     """Paths of the leaves trained in full: ``config.trainable`` matches and ``config.bias``.
 
     Raises:
@@ -173,14 +176,17 @@ def select_extra_trainable(params: Any, config: LoraConfig, targets: Mapping[str
     for pattern in config.trainable:
         hits = [p for p in paths if re.fullmatch(pattern, p)]
         if not hits:
-            raise LoraTargetError(f"trainable pattern {pattern!r} matches no leaf "
-                                  f"(leaves such as {paths[:6]})")
+            raise LoraTargetError(
+                f"trainable pattern {pattern!r} matches no leaf (leaves such as {paths[:6]})"
+            )
         chosen.update(hits)
     parents = {t.rsplit("/", 1)[0] for t in targets}
     for p in paths:
         name = p.rsplit("/", 1)
-        if name[-1] == "bias" and (config.bias == "all" or (
-                config.bias == "lora_only" and len(name) == 2 and name[0] in parents)):
+        if name[-1] == "bias" and (
+            config.bias == "all"
+            or (config.bias == "lora_only" and len(name) == 2 and name[0] in parents)
+        ):
             chosen.add(p)
     for path, leaf in leaves:
         if path not in chosen:

@@ -22,7 +22,8 @@ weight plus the trained update afterwards.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +57,9 @@ def with_dora(base: Any, delta: Any) -> Any:
     return _map_factors(base, delta, add)
 
 
-def pissa(base: Any, delta: Any, niter: int | None = None, key: Array | None = None
-          ) -> tuple[Any, Any]:
+def pissa(
+    base: Any, delta: Any, niter: int | None = None, key: Array | None = None
+) -> tuple[Any, Any]:
     """PiSSA init: factors from the top-``r`` singular triplets, base = residual.
 
     Args:
@@ -111,16 +113,19 @@ def olora(base: Any, delta: Any) -> tuple[Any, Any]:
     """
 
     def factorize(w2, r, s, path):
-        q, rr = jnp.linalg.qr(jnp.swapaxes(w2, -1, -2))       # W^T: (N, K) = Q (N, k) R (k, K)
+        q, rr = jnp.linalg.qr(jnp.swapaxes(w2, -1, -2))  # W^T: (N, K) = Q (N, k) R (k, K)
         _check_rank(jnp.abs(jnp.diagonal(rr, axis1=-2, axis2=-1)), r, path, "OLoRA")
         return jnp.swapaxes(rr[..., :r, :], -1, -2), jnp.swapaxes(q[..., :, :r], -1, -2)
 
     return _reinit(base, delta, factorize, "OLoRA")
 
 
-def _reinit(base: Any, delta: Any,
-            factorize: Callable[[Array, int, float, str], tuple[Array, Array]],
-            name: str) -> tuple[Any, Any]:
+def _reinit(
+    base: Any,
+    delta: Any,
+    factorize: Callable[[Array, int, float, str], tuple[Array, Array]],
+    name: str,
+) -> tuple[Any, Any]:
     """Replaces every target's factors by ``factorize(W2)`` and its base by the residual."""
     rows, treedef = align(base, delta)
     new_base, new_delta = [], []
@@ -133,11 +138,12 @@ def _reinit(base: Any, delta: Any,
         _refuse_layers(path, f, name)
         layout, ns = f.layout, len(f.layout.stack_axes)
         wf = jnp.transpose(jnp.asarray(w, jnp.float32), layout.permutation)
-        stack, fan_in, fan_out = wf.shape[:ns], f.a.shape[ns:-1], f.b.shape[ns + 1:]
+        stack, fan_in, fan_out = wf.shape[:ns], f.a.shape[ns:-1], f.b.shape[ns + 1 :]
         w2 = wf.reshape(stack + (math.prod(fan_in), math.prod(fan_out)))
         a, b = factorize(w2, f.rank, f.scale, path)
-        factors = f.replace(a=a.reshape(f.a.shape).astype(f.a.dtype),
-                            b=b.reshape(f.b.shape).astype(f.b.dtype))
+        factors = f.replace(
+            a=a.reshape(f.a.shape).astype(f.a.dtype), b=b.reshape(f.b.shape).astype(f.b.dtype)
+        )
         new_base.append((jnp.asarray(w, jnp.float32) - dense_delta(factors)).astype(w.dtype))
         new_delta.append(factors)
     unflatten = jax.tree_util.tree_unflatten
@@ -185,4 +191,5 @@ def _need_values(path: str, w: Any, name: str) -> None:
 def _map_factors(base: Any, delta: Any, fn: Callable[[str, Any, LoraFactors], Any]) -> Any:
     rows, treedef = align(base, delta)
     return jax.tree_util.tree_unflatten(
-        treedef, [fn(path, w, f) if isinstance(f, LoraFactors) else f for path, w, f in rows])
+        treedef, [fn(path, w, f) if isinstance(f, LoraFactors) else f for path, w, f in rows]
+    )

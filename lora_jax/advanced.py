@@ -41,7 +41,6 @@ Example:
   2.0
 """
 
-from lora_jax._files.atomic import atomic_write
 from lora_jax._delta import (
     LayerSelection,
     align,
@@ -51,6 +50,7 @@ from lora_jax._delta import (
     is_factors,
     lora_scale,
 )
+from lora_jax._files.atomic import atomic_write
 from lora_jax._init_lora import init_factors
 from lora_jax._layout import default_layout
 from lora_jax._optim import trainable_mask
@@ -58,8 +58,8 @@ from lora_jax._paths import leaves_with_paths, path_str
 from lora_jax._quant.array import is_quantized
 from lora_jax._quant.storage_sharding import quantized_shardings, storage_specs
 from lora_jax._quant.trees import kernel_bits
-from lora_jax._sharding import factor_specs
 from lora_jax._serving.stack import is_stacked, unstack
+from lora_jax._sharding import factor_specs
 from lora_jax._summary import LeafSummary, LoraSummary, tree_bytes
 from lora_jax._targets import Target, select_extra_trainable, select_targets
 

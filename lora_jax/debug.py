@@ -18,7 +18,7 @@ import jax
 __all__ = ["CompileCounter"]
 
 _EVENT = "/jax/core/compile/backend_compile_duration"
-_ACTIVE: list["CompileCounter"] = []
+_ACTIVE: list[CompileCounter] = []
 _LOCK = threading.Lock()
 _REGISTERED = False
 
@@ -56,7 +56,7 @@ class CompileCounter:
     def __init__(self) -> None:
         self.count = 0
 
-    def __enter__(self) -> "CompileCounter":
+    def __enter__(self) -> CompileCounter:
         global _REGISTERED
         with _LOCK:
             if not _REGISTERED:

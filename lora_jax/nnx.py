@@ -53,8 +53,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, MutableMapping
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -80,7 +80,12 @@ Keys = tuple[Any, ...]
 
 # The suffixes of the Variables an adapted kernel ``<name>`` gains; ``_lora_a``
 # and ``_lora_b`` are qwix's.
-SUFFIX_A, SUFFIX_B, SUFFIX_MAGNITUDE, SUFFIX_FULL = "_lora_a", "_lora_b", "_lora_magnitude", "_lora_diff"
+SUFFIX_A, SUFFIX_B, SUFFIX_MAGNITUDE, SUFFIX_FULL = (
+    "_lora_a",
+    "_lora_b",
+    "_lora_magnitude",
+    "_lora_diff",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,23 +116,36 @@ class Adapted:
         if self.layout is None:
             return (f"{name}{SUFFIX_FULL}",)
         return (f"{name}{SUFFIX_A}", f"{name}{SUFFIX_B}") + (
-            (f"{name}{SUFFIX_MAGNITUDE}",) if self.magnitude else ())
+            (f"{name}{SUFFIX_MAGNITUDE}",) if self.magnitude else ()
+        )
 
     def entry(self, values: Sequence[Any]) -> LoraFactors | LeafDelta:
         """The delta entry holding ``values`` (in the order of :meth:`names`)."""
         if self.layout is None:
             return LeafDelta(values[0])
-        return LoraFactors(values[0], values[1], alpha=self.alpha, layout=self.layout,
-                           rslora=self.rslora, magnitude=values[2] if self.magnitude else None,
-                           layers=self.layers)
+        return LoraFactors(
+            values[0],
+            values[1],
+            alpha=self.alpha,
+            layout=self.layout,
+            rslora=self.rslora,
+            magnitude=values[2] if self.magnitude else None,
+            layers=self.layers,
+        )
 
     @staticmethod
-    def of(keys: Keys, entry: LoraFactors | LeafDelta) -> tuple["Adapted", tuple[Any, ...]]:
+    def of(keys: Keys, entry: LoraFactors | LeafDelta) -> tuple[Adapted, tuple[Any, ...]]:
         """The record of ``entry`` at ``keys`` and its arrays (in the order of :meth:`names`)."""
         if isinstance(entry, LeafDelta):
             return Adapted(keys), (entry.diff,)
-        record = Adapted(keys, float(entry.alpha), entry.layout, bool(entry.rslora), entry.layers,
-                         entry.magnitude is not None)
+        record = Adapted(
+            keys,
+            float(entry.alpha),
+            entry.layout,
+            bool(entry.rslora),
+            entry.layers,
+            entry.magnitude is not None,
+        )
         return record, (entry.a, entry.b) + ((entry.magnitude,) if record.magnitude else ())
 
 
@@ -165,12 +183,24 @@ class LoraModel(nnx.Module):
       ((2, 3), (2, 3))
     """
 
-    def __init__(self, model: nnx.Module, adapted: tuple[Adapted, ...], strict: bool = True,
-                 dropout: float = 0.0, rngs: nnx.Rngs | None = None):
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    def __init__(
+        self,
+        model: nnx.Module,
+        adapted: tuple[Adapted, ...],
+        strict: bool = True,
+        dropout: float = 0.0,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1
+        ):
             raise LoraArgumentError(f"dropout must be a rate in [0, 1), got {dropout!r}")
         if dropout and rngs is None:
-            raise LoraArgumentError("LoRA dropout needs rngs=nnx.Rngs(dropout=...) to draw its masks")
+            raise LoraArgumentError(
+                "LoRA dropout needs rngs=nnx.Rngs(dropout=...) to draw its masks"
+            )
         self.model = model
         self.adapted = tuple(adapted)
         self.strict = bool(strict)
@@ -188,7 +218,7 @@ class LoraModel(nnx.Module):
         Use it to run any method of the inner module with LoRA, e.g.
         ``lora_model.apply(lambda m, x: m.decode(x), x)``.
         """
-        graphdef, lora_state, state = nnx.split(self.model, nnx.LoRAParam, ...)
+        graphdef, lora_state, state = nnx.split(self.model, nnx.LoRAParam, ...)  # type: ignore[misc]
         delta = _delta_of(state, lora_state, self.adapted)
 
         def run(state, lora_state, *args, **kwargs):
@@ -196,9 +226,14 @@ class LoraModel(nnx.Module):
             out = fn(module, *args, **kwargs)
             return out, nnx.state(module, nnx.Not(nnx.Param))
 
-        key = self.rngs.dropout() if self.dropout and not self.deterministic else None
+        key = (
+            self.rngs.dropout()
+            if self.dropout and not self.deterministic and self.rngs is not None
+            else None
+        )
         out, updates = implicit(run, strict=self.strict, dropout=self.dropout)(
-            state, delta, lora_state, *args, lora_dropout_key=key, **kwargs)
+            state, delta, lora_state, *args, lora_dropout_key=key, **kwargs
+        )
         nnx.update(self.model, updates)
         return out
 
@@ -207,9 +242,17 @@ def _call_module(module: Any, *args: Any, **kwargs: Any) -> Any:
     return module(*args, **kwargs)
 
 
-def lora(model: nnx.Module, config: LoraConfig, key: jax.Array, *example_args: Any,
-         layouts: Mapping[str, KernelLayout] | None = None, strict: bool = True,
-         dropout: float = 0.0, rngs: nnx.Rngs | None = None, **example_kwargs: Any) -> LoraModel:
+def lora(
+    model: nnx.Module,
+    config: LoraConfig,
+    key: jax.Array,
+    *example_args: Any,
+    layouts: Mapping[str, KernelLayout] | None = None,
+    strict: bool = True,
+    dropout: float = 0.0,
+    rngs: nnx.Rngs | None = None,
+    **example_kwargs: Any,
+) -> LoraModel:
     """A :class:`LoraModel` of ``model`` with fresh factors at the kernels ``config`` targets.
 
     Paths are those of ``nnx.split(model)[1]``: attribute names joined by
@@ -244,14 +287,24 @@ def lora(model: nnx.Module, config: LoraConfig, key: jax.Array, *example_args: A
     """
     graphdef, state = nnx.split(model)
     if layouts is None and (example_args or example_kwargs):
-        layouts = infer_layouts(lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k),
-                                _fresh(state), *example_args, **example_kwargs)
+        layouts = infer_layouts(
+            lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k),
+            _fresh(state),
+            *example_args,
+            **example_kwargs,
+        )
     base, delta = init_lora(key, _fresh(state), config, layouts=layouts)
     return from_delta(nnx.merge(graphdef, base), delta, strict=strict, dropout=dropout, rngs=rngs)
 
 
-def from_delta(model: nnx.Module, delta: Any, *, strict: bool = True, dropout: float = 0.0,
-               rngs: nnx.Rngs | None = None) -> LoraModel:
+def from_delta(
+    model: nnx.Module,
+    delta: Any,
+    *,
+    strict: bool = True,
+    dropout: float = 0.0,
+    rngs: nnx.Rngs | None = None,
+) -> LoraModel:
     """A :class:`LoraModel` of ``model`` holding ``delta``'s factors as ``nnx.LoRAParam``.
 
     ``delta`` is aligned with ``nnx.split(model)[1]`` (as :func:`split`
@@ -279,7 +332,8 @@ def from_delta(model: nnx.Module, delta: Any, *, strict: bool = True, dropout: f
         raise LoraStructureError(
             f"the module holds nnx.LoRAParam Variables already ({held[:4]}): it is adapted "
             "already (by qwix? convert its LoRA state with lora_nnx.from_qwix; a LoraModel's "
-            "inner module? use lora_nnx.split)")
+            "inner module? use lora_nnx.split)"
+        )
     graphdef, state = nnx.split(model)
     inner = nnx.merge(graphdef, _fresh(state))
     adapted = []
@@ -287,14 +341,16 @@ def from_delta(model: nnx.Module, delta: Any, *, strict: bool = True, dropout: f
         if is_stacked(entry):
             raise LoraStructureError(
                 f"leaf {_path(keys)!r}: an adapter stack cannot live in a LoraModel; serve stacks "
-                "with lj.implicit(...)(base, stack, x, adapter_ids=...) on lora_nnx.split's base")
+                "with lj.implicit(...)(base, stack, x, adapter_ids=...) on lora_nnx.split's base"
+            )
         record, arrays = Adapted.of(keys, entry)
         owner = _owner(inner, keys)
         for name, value in zip(record.names(), arrays):
             if _has(owner, name):
                 raise LoraStructureError(
                     f"leaf {_path(keys)!r}: its owner already has an attribute {name!r} (is the "
-                    "module adapted already, e.g. by qwix? convert it with lora_nnx.from_qwix)")
+                    "module adapted already, e.g. by qwix? convert it with lora_nnx.from_qwix)"
+                )
             _set(owner, name, nnx.LoRAParam(value))
         adapted.append(record)
     return LoraModel(inner, tuple(adapted), strict=strict, dropout=dropout, rngs=rngs)
@@ -320,7 +376,7 @@ def split(lora_model: LoraModel) -> tuple[Any, Any, Any]:
       >>> type(plain := nnx.merge(graphdef, base)).__name__, [x.shape for x in jax.tree.leaves(delta)]
       ('Linear', [(4, 2), (2, 3)])
     """
-    graphdef, lora_state, state = nnx.split(lora_model.model, nnx.LoRAParam, ...)
+    graphdef, lora_state, state = nnx.split(lora_model.model, nnx.LoRAParam, ...)  # type: ignore[misc]
     plain = nnx.merge(graphdef, lora_state, _fresh(state))
     for record in lora_model.adapted:
         owner = _owner(plain, record.keys)
@@ -385,13 +441,16 @@ def _treedef(tree: Any) -> Any:
 def _rows(tree: Any, delta: Any = None) -> list[tuple[Keys, str, Any]]:
     """``[(keys, path, leaf)]`` of ``tree`` (a quantized kernel is one leaf); with
     ``delta``, its entry at each leaf instead of the leaf."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
+    flat, treedef_ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
+    treedef: Any = treedef_
     values = [leaf for _, leaf in flat]
     if delta is not None:
         try:
             values = treedef.flatten_up_to(delta)
         except (ValueError, TypeError) as e:
-            raise LoraStructureError(f"the delta's structure differs from the state's: {e}") from None
+            raise LoraStructureError(
+                f"the delta's structure differs from the state's: {e}"
+            ) from None
     return [(_keys(kp), path_str(kp), v) for (kp, _), v in zip(flat, values)]
 
 
@@ -412,24 +471,31 @@ def _delta_of(state: Any, lora_state: Any, adapted: tuple[Adapted, ...]) -> Any:
         except KeyError as e:
             raise LoraStructureError(
                 f"leaf {record.path!r}: its LoRA Variable {e.args[0][-1]!r} is missing from the "
-                "module") from None
+                "module"
+            ) from None
         entries[record.keys] = record.entry(arrays)
     rows = _rows(state)
     missing = set(entries) - {keys for keys, _, _ in rows}
     if missing:
-        raise LoraStructureError(f"adapted leaves {sorted(map(_path, missing))} are not in the state")
+        raise LoraStructureError(
+            f"adapted leaves {sorted(map(_path, missing))} are not in the state"
+        )
     return jax.tree_util.tree_unflatten(_treedef(state), [entries.get(k) for k, _, _ in rows])
 
 
 def _owner(module: Any, keys: Keys) -> Any:
     node = module
     for k in keys[:-1]:
-        node = node[k] if isinstance(node, (Mapping, list, tuple)) or isinstance(k, int) else (
-            getattr(node, k))
+        node = (
+            node[k]
+            if isinstance(node, (Mapping, list, tuple)) or isinstance(k, int)
+            else (getattr(node, k))
+        )
     if isinstance(keys[-1], int) or isinstance(node, (list, tuple)):
         raise LoraArgumentError(
             f"leaf {_path(keys)!r} is an element of a sequence, which cannot hold its LoRA "
-            "Variables beside it; adapt kernels that are attributes of a module")
+            "Variables beside it; adapt kernels that are attributes of a module"
+        )
     return node
 
 

@@ -19,7 +19,8 @@ def _trained(delta, seed=7):
     leaves, treedef = jax.tree_util.tree_flatten(delta)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+        treedef, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    )
 
 
 def _rel(a, b):

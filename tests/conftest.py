@@ -60,7 +60,8 @@ def randomize():
 
 OLDEST_JAX = "0.6.2"  # the Makefile's OLDEST pin and pyproject's lower bound
 TEST_ENV = os.environ.get("LORA_JAX_TEST_ENV") or (
-    "oldest" if jax.__version__ == OLDEST_JAX else "newest")
+    "oldest" if jax.__version__ == OLDEST_JAX else "newest"
+)
 STRICT_ENVS = ("newest", "torch")  # where a skip is a failure
 TORCH_NEEDS = ("torch", "peft", "transformers")  # what a test marked `torch` imports
 SKIPPED: list[tuple[str, str]] = []
@@ -98,9 +99,10 @@ def pytest_runtest_makereport(item, call):
     reason = _skip_reason(report)
     if TEST_ENV in STRICT_ENVS:
         report.outcome = "failed"
-        report.longrepr = (f"skipped in the {TEST_ENV} test environment, which must run every "
-                           f"test it selects (LORA_JAX_TEST_ENV={TEST_ENV}, jax {jax.__version__}): "
-                           f"{reason}")
+        report.longrepr = (
+            f"skipped in the {TEST_ENV} test environment, which must run every test it "
+            f"selects (LORA_JAX_TEST_ENV={TEST_ENV}, jax {jax.__version__}): {reason}"
+        )
     else:
         SKIPPED.append((report.nodeid, reason))
 
@@ -108,7 +110,9 @@ def pytest_runtest_makereport(item, call):
 def pytest_terminal_summary(terminalreporter):
     """Says which environment ran, and every skip with its reason."""
     write = terminalreporter.write_line
-    write(f"lora_jax test environment: {TEST_ENV} (jax {jax.__version__}); "
-          f"{len(SKIPPED)} test(s) skipped")
+    write(
+        f"lora_jax test environment: {TEST_ENV} (jax {jax.__version__}); "
+        f"{len(SKIPPED)} test(s) skipped"
+    )
     for nodeid, reason in SKIPPED:
         write(f"  skipped {nodeid}: {reason}")

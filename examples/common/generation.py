@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,7 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def sample(logits, key, temperature: float, top_k: Optional[int]):
+def sample(logits, key, temperature: float, top_k: int | None):
     """Greedy (``temperature == 0``) or temperature / top-k sampling; ``logits`` (B, V)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -69,22 +70,36 @@ class Generator:
         def prefill(params, tokens, lengths, cache, key, temperature, top_k):
             b, t = tokens.shape
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            logits, cache = apply_fn(*params, tokens, positions=positions, cache=cache,
-                                     logits_index=(lengths - 1)[:, None])
+            logits, cache = apply_fn(
+                *params,
+                tokens,
+                positions=positions,
+                cache=cache,
+                logits_index=(lengths - 1)[:, None],
+            )
             return sample(logits[:, 0], key, temperature, top_k), cache
 
         def step(params, token, position, cache, key, temperature, top_k):
-            logits, cache = apply_fn(*params, token[:, None], positions=position[:, None],
-                                     cache=cache)
+            logits, cache = apply_fn(
+                *params, token[:, None], positions=position[:, None], cache=cache
+            )
             return sample(logits[:, 0], key, temperature, top_k), cache
 
         self._prefill = jax.jit(prefill, static_argnums=(5, 6), donate_argnums=(3,))
         self._step = jax.jit(step, static_argnums=(5, 6), donate_argnums=(3,))
 
-    def __call__(self, params: Sequence[Any], prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 *, eos_id: Optional[int] = None, temperature: float = 0.0,
-                 top_k: Optional[int] = None, key: Optional[jax.Array] = None,
-                 stop_at_eos: bool = True) -> Generation:
+    def __call__(
+        self,
+        params: Sequence[Any],
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        eos_id: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        key: jax.Array | None = None,
+        stop_at_eos: bool = True,
+    ) -> Generation:
         """Generates up to ``max_new_tokens`` per prompt (prompts: lists of ids, bos included)."""
         params = tuple(params)
         b = len(prompts)
@@ -92,15 +107,16 @@ class Generator:
         width = _round_up(int(lengths.max()), self.bucket)
         tokens = np.zeros((b, width), np.int32)
         for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
+            tokens[i, : len(p)] = p
         cache = self.model.init_cache(b, _round_up(width + max_new_tokens, self.bucket))
         key = jax.random.key(0) if key is None else key
         temperature = float(temperature)
 
         t0 = time.perf_counter()
         key, sub = jax.random.split(key)
-        tok, cache = self._prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), cache, sub,
-                                   temperature, top_k)
+        tok, cache = self._prefill(
+            params, jnp.asarray(tokens), jnp.asarray(lengths), cache, sub, temperature, top_k
+        )
         tok = jax.block_until_ready(tok)
         t1 = time.perf_counter()
         out = [np.asarray(tok)]
@@ -122,6 +138,6 @@ class Generator:
         result = []
         for row in ids.tolist():
             if eos_id is not None and eos_id in row:
-                row = row[:row.index(eos_id)]
+                row = row[: row.index(eos_id)]
             result.append(row)
         return Generation(result, t1 - t0, t2 - t1, steps, b)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,7 +61,7 @@ class ParamNames:
     pos: str = "pos_embed"
     block: str = "block_{}"
     attn_out: str = "out"
-    mlp: Optional[str] = "mlp"
+    mlp: str | None = "mlp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ class CausalSelfAttention(nn.Module):
     config: LMConfig
 
     @nn.compact
-    def __call__(self, x, positions, cache: Optional[dict]):
+    def __call__(self, x, positions, cache: dict | None):
         """``x`` (B, T, d_model), ``positions`` (B, T) or None -> (out (B, T, d_model), new cache)."""
         cfg = self.config
         b, t, d = x.shape
@@ -149,8 +149,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache):
         cfg = self.config
-        h, cache = CausalSelfAttention(cfg, name="attn")(nn.LayerNorm(name="ln1")(x), positions,
-                                                         cache)
+        h, cache = CausalSelfAttention(cfg, name="attn")(
+            nn.LayerNorm(name="ln1")(x), positions, cache
+        )
         x = x + h
         h = nn.LayerNorm(name="ln2")(x)
         if cfg.names.mlp is None:
@@ -189,7 +190,8 @@ class TransformerLM(nn.Module):
         new_cache = None if cache is None else []
         for i in range(cfg.num_layers):
             x, layer_cache = Block(cfg, name=cfg.names.block.format(i))(
-                x, positions, None if cache is None else cache[i])
+                x, positions, None if cache is None else cache[i]
+            )
             if cache is not None:
                 new_cache.append(layer_cache)
         if logits_index is not None:
@@ -214,8 +216,9 @@ class TransformerLM(nn.Module):
         module, _, param = cfg.names.pos.rpartition("/")
         if module:
             if param != "embedding":
-                raise ValueError(f"ParamNames.pos {cfg.names.pos!r}: an nn.Embed's table is "
-                                 "'<module>/embedding'")
+                raise ValueError(
+                    f"ParamNames.pos {cfg.names.pos!r}: an nn.Embed's table is '<module>/embedding'"
+                )
             pos = nn.Embed(cfg.seq_len, cfg.d_model, embedding_init=embed_init, name=module)
             return tok(tokens) + pos(jnp.arange(t) if positions is None else positions)
         table = self.param(param, embed_init, (cfg.seq_len, cfg.d_model))
@@ -227,8 +230,10 @@ class TransformerLM(nn.Module):
         """An empty KV cache: one ``{"k", "v"}`` dict per block, each (B, length, heads, head_dim)."""
         cfg = self.config
         shape = (batch, length, cfg.num_heads, cfg.d_model // cfg.num_heads)
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                for _ in range(cfg.num_layers)]
+        return [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_layers)
+        ]
 
 
 def cross_entropy(logits, targets):
@@ -241,4 +246,5 @@ def cross_entropy(logits, targets):
     1.3862943649291992
     """
     return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), targets).mean()
+        logits.astype(jnp.float32), targets
+    ).mean()

@@ -49,15 +49,20 @@ def pretrain(tokens, steps: int, seed: int, progress=None):
     """
     params = MODEL.init(jax.random.key(seed), jnp.zeros((1, CONFIG.seq_len), jnp.int32))
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, PRETRAIN_LR, warmup_steps=max(1, steps // 20), decay_steps=max(steps, 2),
-        end_value=PRETRAIN_LR / 10)
+        0.0,
+        PRETRAIN_LR,
+        warmup_steps=max(1, steps // 20),
+        decay_steps=max(steps, 2),
+        end_value=PRETRAIN_LR / 10,
+    )
     optimizer = optax.adamw(schedule, weight_decay=0.01)
     opt_state = optimizer.init(params)
 
     @jax.jit
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(
-            lambda p: cross_entropy(MODEL.apply(p, batch[:, :-1]), batch[:, 1:]))(params)
+            lambda p: cross_entropy(MODEL.apply(p, batch[:, :-1]), batch[:, 1:])
+        )(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -69,8 +74,9 @@ def pretrain(tokens, steps: int, seed: int, progress=None):
     return params, np.asarray(jax.device_get(losses), np.float32)
 
 
-def load_or_pretrain(tokens, steps: int, seed: int, out: Path, use_cache: bool = True,
-                     progress=None):
+def load_or_pretrain(
+    tokens, steps: int, seed: int, out: Path, use_cache: bool = True, progress=None
+):
     """Pretrained params from ``out``'s cache if present, else trains (and caches) them.
 
     The cache file name holds a hash of everything the result depends on: the
@@ -78,8 +84,17 @@ def load_or_pretrain(tokens, steps: int, seed: int, out: Path, use_cache: bool =
     Returns ``(params, per-step pretraining losses)``.
     """
     code = inspect.getsource(lm) + inspect.getsource(pretrain)
-    key = json.dumps([code, dataclasses.asdict(CONFIG), steps, seed, BATCH_SIZE, PRETRAIN_LR,
-                      fingerprint(tokens)])
+    key = json.dumps(
+        [
+            code,
+            dataclasses.asdict(CONFIG),
+            steps,
+            seed,
+            BATCH_SIZE,
+            PRETRAIN_LR,
+            fingerprint(tokens),
+        ]
+    )
     path = Path(out) / f"base_params-{hashlib.sha256(key.encode()).hexdigest()[:12]}.msgpack"
     if use_cache and path.exists():
         state = flax.serialization.msgpack_restore(path.read_bytes())
@@ -89,7 +104,8 @@ def load_or_pretrain(tokens, steps: int, seed: int, out: Path, use_cache: bool =
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = flax.serialization.msgpack_serialize(
-            {"params": jax.device_get(params), "losses": losses})
+            {"params": jax.device_get(params), "losses": losses}
+        )
         atomic_write(path, lambda tmp: tmp.write_bytes(data))  # never a half-written cache
         print(f"pretrained params: trained and cached to {path}")
     else:

@@ -22,8 +22,18 @@ VOCAB_SIZE = 256
 
 # Pure-Python standard library modules whose source makes the target domain.
 SOURCE_MODULES = (
-    "argparse", "calendar", "configparser", "difflib", "fractions", "heapq",
-    "json.decoder", "json.encoder", "shlex", "statistics", "string", "textwrap",
+    "argparse",
+    "calendar",
+    "configparser",
+    "difflib",
+    "fractions",
+    "heapq",
+    "json.decoder",
+    "json.encoder",
+    "shlex",
+    "statistics",
+    "string",
+    "textwrap",
 )
 
 

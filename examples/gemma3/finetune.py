@@ -51,9 +51,28 @@ from examples.gemma3 import model as gm
 from examples.gemma3.tokenizer import Tokenizer
 
 # Modules whose docstrings are test scaffolding, platform shims or jokes.
-SKIP_MODULES = {"this", "antigravity", "idlelib", "test", "lib2to3", "turtledemo", "pydoc_data",
-                "msilib", "nturl2path", "ntpath", "posixpath", "sre_compile", "sre_parse",
-                "sre_constants", "opcode", "nt", "winreg", "winsound", "msvcrt", "_winapi"}
+SKIP_MODULES = {
+    "this",
+    "antigravity",
+    "idlelib",
+    "test",
+    "lib2to3",
+    "turtledemo",
+    "pydoc_data",
+    "msilib",
+    "nturl2path",
+    "ntpath",
+    "posixpath",
+    "sre_compile",
+    "sre_parse",
+    "sre_constants",
+    "opcode",
+    "nt",
+    "winreg",
+    "winsound",
+    "msvcrt",
+    "_winapi",
+}
 
 
 # --------------------------------------------------------------------------- data
@@ -66,7 +85,14 @@ def first_sentence(doc: str | None, limit: int = 90) -> str | None:
     para = " ".join(doc.strip().split("\n\n")[0].split())
     m = re.match(r"(.+?[.!?])(\s|$)", para)
     s = m.group(1) if m else para + "."
-    if len(s) > limit or len(s) < 8 or not s[0].isupper() or "(" in s[:3] or "-->" in s or ">>>" in s:
+    if (
+        len(s) > limit
+        or len(s) < 8
+        or not s[0].isupper()
+        or "(" in s[:3]
+        or "-->" in s
+        or ">>>" in s
+    ):
         return None
     return s
 
@@ -98,7 +124,9 @@ def qa_pairs() -> list[tuple[str, str, str]]:
         obj = getattr(builtins, name)
         if name.startswith("_") or not callable(obj):
             continue
-        kind = "exception" if isinstance(obj, type) and issubclass(obj, BaseException) else "builtin"
+        kind = (
+            "exception" if isinstance(obj, type) and issubclass(obj, BaseException) else "builtin"
+        )
         answer = first_sentence(inspect.getdoc(obj))
         if answer:
             out.append((name, f"Q: What does the Python {kind} `{name}` do?\nA:", " " + answer))
@@ -123,7 +151,7 @@ def encode_examples(tok: Tokenizer, pairs, seq_len: int, answer_len: int):
     mask = np.zeros((n, answer_len), np.float32)
     for i, (prompt, answer) in enumerate(rows):
         full = prompt + answer
-        tokens[i, :len(full)] = full
+        tokens[i, : len(full)] = full
         k = len(answer)
         index[i, :k] = np.arange(len(prompt) - 1, len(full) - 1)
         targets[i, :k] = answer
@@ -153,17 +181,24 @@ def answer_loss(logits, targets, mask):
 
 def quantize_projections(base, delta, scheme: str):
     """``base`` with every LoRA-adapted kernel quantized, in the layouts of its factors."""
-    factors = [(p, f) for p, f in lj.advanced.leaves_with_paths(
-        delta, is_leaf=lj.advanced.is_factors)[0] if lj.advanced.is_factors(f)]
+    factors = [
+        (p, f)
+        for p, f in lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0]
+        if lj.advanced.is_factors(f)
+    ]
     layouts = {p: f.layout for p, f in factors}
     kwargs = {"double_quant": True} if scheme == "nf4" else {}
-    q = lj.quantize(base, lambda path, leaf: path in layouts, scheme=scheme, layouts=layouts,
-                    **kwargs)
-    dense = sum(np.asarray(x).nbytes for p, x in lj.advanced.leaves_with_paths(base)[0]
-                if p in layouts)
+    q = lj.quantize(
+        base, lambda path, leaf: path in layouts, scheme=scheme, layouts=layouts, **kwargs
+    )
+    dense = sum(
+        np.asarray(x).nbytes for p, x in lj.advanced.leaves_with_paths(base)[0] if p in layouts
+    )
     packed = sum(x.nbytes for p, x in lj.advanced.leaves_with_paths(q)[0] if p in layouts)
-    print(f"quantized base ({scheme}): {len(layouts)} adapted kernels, {dense:,} bytes -> "
-          f"{packed:,} bytes ({lj.advanced.kernel_bits(q):.3f} bits/param, scales included)")
+    print(
+        f"quantized base ({scheme}): {len(layouts)} adapted kernels, {dense:,} bytes -> "
+        f"{packed:,} bytes ({lj.advanced.kernel_bits(q):.3f} bits/param, scales included)"
+    )
     return q
 
 
@@ -178,12 +213,19 @@ def main(argv=None) -> None:
     ap.add_argument("--show", type=int, default=6, help="held-out questions answered side by side")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--out", default="examples/out/gemma3", help="adapter and loss-curve directory")
-    ap.add_argument("--cache-dir", default=None, help="converted-weights cache (default "
-                    "$LORA_JAX_GEMMA3_CACHE or ~/.cache/lora_jax/gemma3)")
+    ap.add_argument(
+        "--cache-dir",
+        default=None,
+        help="converted-weights cache (default $LORA_JAX_GEMMA3_CACHE or ~/.cache/lora_jax/gemma3)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none",
-                    help="QLoRA: train over the base with the adapted projections quantized "
-                    "(nf4: NF4 + double quantization; int8: per output channel)")
+    ap.add_argument(
+        "--quantize",
+        choices=("none", "nf4", "int8"),
+        default="none",
+        help="QLoRA: train over the base with the adapted projections quantized "
+        "(nf4: NF4 + double quantization; int8: per output channel)",
+    )
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     out_dir = Path(args.out)
@@ -197,8 +239,10 @@ def main(argv=None) -> None:
     train_pairs, held_pairs = split(qa_pairs())
     (train_data, train_kept) = encode_examples(tok, train_pairs, args.seq_len, args.answer_len)
     (held_data, held_kept) = encode_examples(tok, held_pairs, args.seq_len, args.answer_len)
-    print(f"task: {len(train_kept)} training / {len(held_kept)} held-out questions about the "
-          f"Python standard library, e.g.\n  {train_kept[0][1]}{train_kept[0][2]}")
+    print(
+        f"task: {len(train_kept)} training / {len(held_kept)} held-out questions about the "
+        f"Python standard library, e.g.\n  {train_kept[0][1]}{train_kept[0][2]}"
+    )
 
     # ---- LoRA
     config = lj.LoraConfig(targets=gm.ALL_PROJECTIONS, rank=args.rank, alpha=2 * args.rank)
@@ -207,7 +251,7 @@ def main(argv=None) -> None:
     dense_base = base
     if args.quantize != "none":  # QLoRA: the adapted projections stored quantized
         base = quantize_projections(base, delta, args.quantize)
-        dense_base = lj.dequantize(base)   # what the base model now is (for its answers)
+        dense_base = lj.dequantize(base)  # what the base model now is (for its answers)
 
     implicit_apply = lj.implicit(model.apply)
 
@@ -215,8 +259,12 @@ def main(argv=None) -> None:
         logits, _ = implicit_apply(base, delta, tokens, logits_index=index)
         return answer_loss(logits, targets, mask)
 
-    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
-                                                         max(args.steps, 2)), weight_decay=0.0)
+    opt = optax.adamw(
+        optax.warmup_cosine_decay_schedule(
+            0.0, args.lr, max(1, args.steps // 10), max(args.steps, 2)
+        ),
+        weight_decay=0.0,
+    )
     opt_state = opt.init(delta)
 
     @jax.jit
@@ -260,16 +308,16 @@ def main(argv=None) -> None:
     losses, step_times = [], []
     order = rng.permutation(n_train)
     pos = 0
-    bar = tqdm(range(args.steps), desc="LoRA training", unit="step", file=sys.stdout,
-               mininterval=1.0)
-    for step in bar:
+    bar = tqdm(
+        range(args.steps), desc="LoRA training", unit="step", file=sys.stdout, mininterval=1.0
+    )
+    for _ in bar:
         if pos + args.batch > n_train:
             order, pos = rng.permutation(n_train), 0
-        idx = order[pos: pos + args.batch]
+        idx = order[pos : pos + args.batch]
         pos += args.batch
         t0 = time.perf_counter()
-        delta, opt_state, loss = train_step(delta, opt_state, base,
-                                            *(a[idx] for a in train_data))
+        delta, opt_state, loss = train_step(delta, opt_state, base, *(a[idx] for a in train_data))
         loss = float(loss)
         step_times.append(time.perf_counter() - t0)
         losses.append(loss)
@@ -279,44 +327,58 @@ def main(argv=None) -> None:
     print(f"held-out loss: before {loss_before:.4f} after {loss_after:.4f}")
     timed = step_times[1:] or step_times
     tokens_per_step = args.batch * args.seq_len
-    print(f"training: first step (compile) {step_times[0]:.1f} s, then {np.median(timed):.2f} s/step"
-          f" = {tokens_per_step / np.median(timed):,.0f} tokens/s "
-          f"(batch {args.batch} x {args.seq_len} tokens, loss on answer tokens only)")
+    print(
+        f"training: first step (compile) {step_times[0]:.1f} s, then {np.median(timed):.2f} s/step"
+        f" = {tokens_per_step / np.median(timed):,.0f} tokens/s "
+        f"(batch {args.batch} x {args.seq_len} tokens, loss on answer tokens only)"
+    )
 
     # ---- merged answers, side by side; decode throughput merged vs implicit
     merged = lj.merge(base, delta)
     merged_answers = generator((merged,), prompts, args.max_new_tokens, eos_id=tok.eos_id)
     implicit_gen = gg.Generator(lj.implicit(model.apply), model)
-    implicit_gen((base, delta), prompts, args.max_new_tokens, eos_id=tok.eos_id,
-                 stop_at_eos=False)  # compile
-    impl_answers = implicit_gen((base, delta), prompts, args.max_new_tokens, eos_id=tok.eos_id,
-                                stop_at_eos=False)
-    merged_timed = generator((merged,), prompts, args.max_new_tokens, eos_id=tok.eos_id,
-                             stop_at_eos=False)
+    implicit_gen(
+        (base, delta), prompts, args.max_new_tokens, eos_id=tok.eos_id, stop_at_eos=False
+    )  # compile
+    impl_answers = implicit_gen(
+        (base, delta), prompts, args.max_new_tokens, eos_id=tok.eos_id, stop_at_eos=False
+    )
+    merged_timed = generator(
+        (merged,), prompts, args.max_new_tokens, eos_id=tok.eos_id, stop_at_eos=False
+    )
 
     def clean(ids):
         return tok.decode(ids).split("\n")[0].strip()
 
     print("\n=== held-out questions: base model vs LoRA fine-tuned (merged) ===")
-    for (name, q, a, _), b_ids, m_ids in zip(show, base_answers.tokens, merged_answers.tokens):
+    for (_, q, a, _), b_ids, m_ids in zip(show, base_answers.tokens, merged_answers.tokens):
         print(f"\n{q.splitlines()[0]}")
         print(f"  reference : {a.strip()}")
         print(f"  base      : {clean(b_ids)}")
         print(f"  fine-tuned: {clean(m_ids)}")
-    same = sum(a[: len(b)] == b[: len(a)] for a, b in zip(impl_answers.tokens, merged_answers.tokens))
+    same = sum(
+        a[: len(b)] == b[: len(a)] for a, b in zip(impl_answers.tokens, merged_answers.tokens)
+    )
     print(f"\nimplicit (unmerged) greedy answers equal the merged model's: {same}/{len(show)}")
-    print(f"decoding (batch {len(prompts)}, greedy, KV cache): merged "
-          f"{merged_timed.decode_tokens_per_s:,.1f} tokens/s, implicit unmerged "
-          f"{impl_answers.decode_tokens_per_s:,.1f} tokens/s")
+    print(
+        f"decoding (batch {len(prompts)}, greedy, KV cache): merged "
+        f"{merged_timed.decode_tokens_per_s:,.1f} tokens/s, implicit unmerged "
+        f"{impl_answers.decode_tokens_per_s:,.1f} tokens/s"
+    )
 
     # ---- artefacts
     adapter = out_dir / "adapter"
-    peft_cfg = lj.export_peft(adapter, delta, name_map=gm.HF_NAMES,
-                              base_model_name_or_path="google/gemma-3-270m")
-    n_adapted = sum(map(lj.advanced.is_factors, jax.tree.leaves(delta, is_leaf=lj.advanced.is_delta_leaf)))
-    print(f"PEFT adapter: {adapter} ({n_adapted} adapted kernels, target_modules "
-          f"{peft_cfg['target_modules']}, "
-          f"r={peft_cfg['r']}, lora_alpha={peft_cfg['lora_alpha']})")
+    peft_cfg = lj.export_peft(
+        adapter, delta, name_map=gm.HF_NAMES, base_model_name_or_path="google/gemma-3-270m"
+    )
+    n_adapted = sum(
+        map(lj.advanced.is_factors, jax.tree.leaves(delta, is_leaf=lj.advanced.is_delta_leaf))
+    )
+    print(
+        f"PEFT adapter: {adapter} ({n_adapted} adapted kernels, target_modules "
+        f"{peft_cfg['target_modules']}, "
+        f"r={peft_cfg['r']}, lora_alpha={peft_cfg['lora_alpha']})"
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,15 +386,15 @@ def main(argv=None) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(np.arange(1, len(losses) + 1), losses, lw=1, label="train (batch)")
-    ax.scatter([0, len(losses)], [loss_before, loss_after], color="C3", zorder=3,
-               label="held-out")
+    ax.scatter([0, len(losses)], [loss_before, loss_after], color="C3", zorder=3, label="held-out")
     ax.set_xlabel("step")
     ax.set_ylabel("answer-token cross-entropy")
-    ax.set_title("Gemma 3 270M, LoRA r=%d (lora_jax)" % args.rank)
+    ax.set_title(f"Gemma 3 270M, LoRA r={args.rank} (lora_jax)")
     ax.legend()
     fig.tight_layout()
-    lj.advanced.atomic_write(out_dir / "loss.png",
-                             lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    lj.advanced.atomic_write(
+        out_dir / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png")
+    )
     print(f"loss curve: {out_dir / 'loss.png'}")
     print(f"total time: {time.perf_counter() - t_start:.0f} s")
 

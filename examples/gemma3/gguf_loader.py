@@ -93,11 +93,15 @@ def expected_shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
         "self_attn/k_proj/kernel": (w, cfg.num_kv_heads * hd),
         "self_attn/v_proj/kernel": (w, cfg.num_kv_heads * hd),
         "self_attn/o_proj/kernel": (cfg.num_heads * hd, w),
-        "self_attn/q_norm/scale": (hd,), "self_attn/k_norm/scale": (hd,),
-        "mlp/gate_proj/kernel": (w, cfg.mlp_dim), "mlp/up_proj/kernel": (w, cfg.mlp_dim),
+        "self_attn/q_norm/scale": (hd,),
+        "self_attn/k_norm/scale": (hd,),
+        "mlp/gate_proj/kernel": (w, cfg.mlp_dim),
+        "mlp/up_proj/kernel": (w, cfg.mlp_dim),
         "mlp/down_proj/kernel": (cfg.mlp_dim, w),
-        "input_layernorm/scale": (w,), "post_attention_layernorm/scale": (w,),
-        "pre_feedforward_layernorm/scale": (w,), "post_feedforward_layernorm/scale": (w,),
+        "input_layernorm/scale": (w,),
+        "post_attention_layernorm/scale": (w,),
+        "pre_feedforward_layernorm/scale": (w,),
+        "post_feedforward_layernorm/scale": (w,),
     }
     for i in range(cfg.num_layers):
         shapes.update({f"layers_{i}/{k}": v for k, v in per_layer.items()})
@@ -144,8 +148,10 @@ def _reader_class():
                 block, type_size = gguf.GGML_QUANT_SIZES[qtype]
                 end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
                 if end > size:
-                    raise _Truncated(f"truncated: tensor {name!r} ends at byte {end} but the "
-                                     f"file has {size} bytes")
+                    raise _Truncated(
+                        f"truncated: tensor {name!r} ends at byte {end} but the "
+                        f"file has {size} bytes"
+                    )
             super()._build_tensors(start_offs, fields)
 
     return Reader
@@ -159,16 +165,19 @@ def _open(file: Path):
     except _Truncated as e:
         raise GGUFError(f"{file}: {e}") from None
     except Exception as e:  # a header cut short surfaces as a numpy / struct error
-        raise GGUFError(f"{file}: not a readable GGUF file (truncated or corrupt?): "
-                        f"{type(e).__name__}: {e}") from e
+        raise GGUFError(
+            f"{file}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
 
 
 def config_from_gguf(reader, file: Path) -> Gemma3Config:
     """The :class:`Gemma3Config` from the GGUF metadata (plus Gemma 3's fixed conventions)."""
     arch = _field(reader, "general.architecture", file)
     if arch != ARCH:
-        raise GGUFError(f"{file}: general.architecture is {arch!r}, expected {ARCH!r} "
-                        f"(this loader reads Gemma 3 text models only)")
+        raise GGUFError(
+            f"{file}: general.architecture is {arch!r}, expected {ARCH!r} "
+            f"(this loader reads Gemma 3 text models only)"
+        )
     k = lambda name, default=None: _field(reader, f"{ARCH}.{name}", file, default)  # noqa: E731
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
@@ -200,30 +209,38 @@ def read_params(reader, file: Path, cfg: Gemma3Config) -> dict[str, np.ndarray]:
     for t in reader.tensors:
         mapped = flax_name(t.name)
         if mapped is None:
-            raise GGUFError(f"{file}: unexpected tensor {t.name!r} (not part of a Gemma 3 text "
-                            f"model with tied embeddings)")
+            raise GGUFError(
+                f"{file}: unexpected tensor {t.name!r} (not part of a Gemma 3 text "
+                f"model with tied embeddings)"
+            )
         path, transpose, norm = mapped
         if path not in want:
-            raise GGUFError(f"{file}: tensor {t.name!r} does not fit the config "
-                            f"({cfg.num_layers} layers)")
+            raise GGUFError(
+                f"{file}: tensor {t.name!r} does not fit the config ({cfg.num_layers} layers)"
+            )
         try:
             w = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32)
             w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # PyTorch (out, in) order
         except Exception as e:
-            raise GGUFError(f"{file}: tensor {t.name!r} ({t.tensor_type.name}) could not be "
-                            f"dequantized: {type(e).__name__}: {e}") from e
+            raise GGUFError(
+                f"{file}: tensor {t.name!r} ({t.tensor_type.name}) could not be "
+                f"dequantized: {type(e).__name__}: {e}"
+            ) from e
         if transpose:
             w = np.ascontiguousarray(w.T)
         if norm:
             w = w - 1.0  # GGUF stores Gemma's (1 + w)
         if w.shape != want[path]:
-            raise GGUFError(f"{file}: tensor {t.name!r} has shape {w.shape} as {path}, "
-                            f"expected {want[path]}")
+            raise GGUFError(
+                f"{file}: tensor {t.name!r} has shape {w.shape} as {path}, expected {want[path]}"
+            )
         out[path] = w
     missing = [p for p in want if p not in out]
     if missing:
-        raise GGUFError(f"{file}: tensor {gguf_name_of(missing[0])!r} is missing"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise GGUFError(
+            f"{file}: tensor {gguf_name_of(missing[0])!r} is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return out
 
 
@@ -231,15 +248,18 @@ def read_tokenizer_fields(reader, file: Path) -> dict:
     """The GGUF's own vocabulary: pieces, scores, types and the special ids."""
     model = _field(reader, "tokenizer.ggml.model", file)
     if model != "llama":
-        raise GGUFError(f"{file}: tokenizer.ggml.model is {model!r}, expected 'llama' "
-                        f"(SentencePiece BPE)")
+        raise GGUFError(
+            f"{file}: tokenizer.ggml.model is {model!r}, expected 'llama' (SentencePiece BPE)"
+        )
     f = lambda name, default=None: _field(reader, f"tokenizer.ggml.{name}", file, default)  # noqa: E731
     return {
         "tokens": list(f("tokens")),
         "scores": [float(s) for s in f("scores")],
         "types": [int(x) for x in f("token_type")],
-        "bos_id": int(f("bos_token_id")), "eos_id": int(f("eos_token_id")),
-        "unk_id": int(f("unknown_token_id")), "pad_id": int(f("padding_token_id")),
+        "bos_id": int(f("bos_token_id")),
+        "eos_id": int(f("eos_token_id")),
+        "unk_id": int(f("unknown_token_id")),
+        "pad_id": int(f("padding_token_id")),
         "add_bos": bool(f("add_bos_token", True)),
         "add_space_prefix": bool(f("add_space_prefix", False)),
     }
@@ -280,8 +300,10 @@ def read_gguf(file: str | os.PathLike) -> tuple[Gemma3Config, dict, dict]:
     flat = read_params(reader, file, cfg)
     tok = read_tokenizer_fields(reader, file)
     if len(tok["tokens"]) != cfg.vocab_size:
-        raise GGUFError(f"{file}: {len(tok['tokens'])} tokenizer pieces but token_embd.weight "
-                        f"has {cfg.vocab_size} rows")
+        raise GGUFError(
+            f"{file}: {len(tok['tokens'])} tokenizer pieces but token_embd.weight "
+            f"has {cfg.vocab_size} rows"
+        )
     return cfg, nest(flat), tok
 
 
@@ -291,8 +313,11 @@ def _config_to_json(cfg: Gemma3Config) -> dict:
     return d
 
 
-def load(gguf_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-         verbose: bool = False) -> tuple[Gemma3Config, dict, dict]:
+def load(
+    gguf_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verbose: bool = False,
+) -> tuple[Gemma3Config, dict, dict]:
     """``(config, params, tokenizer_fields)`` of Gemma 3, from the cache or the GGUF.
 
     Args:
@@ -313,8 +338,12 @@ def load(gguf_path: str | os.PathLike | None = None, cache_dir: str | os.PathLik
     t0 = time.perf_counter()
     file = Path(gguf_path) if gguf_path is not None else packaged_gguf(cache)
     stat = file.stat()
-    key = {"version": CACHE_VERSION, "gguf": str(file.resolve()), "size": stat.st_size,
-           "mtime_ns": stat.st_mtime_ns}
+    key = {
+        "version": CACHE_VERSION,
+        "gguf": str(file.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
     sub = cache / f"converted-{file.stem}"
     meta_file = sub / CONFIG_FILE
     if meta_file.is_file():
@@ -325,8 +354,10 @@ def load(gguf_path: str | os.PathLike | None = None, cache_dir: str | os.PathLik
                 params = nest(load_file(sub / PARAMS_FILE))
                 tok = json.loads((sub / TOKENIZER_FILE).read_text())
                 if verbose:
-                    print(f"gemma3: loaded cached params from {sub} "
-                          f"({time.perf_counter() - t0:.1f} s)")
+                    print(
+                        f"gemma3: loaded cached params from {sub} "
+                        f"({time.perf_counter() - t0:.1f} s)"
+                    )
                 return cfg, params, tok
         except (OSError, ValueError, KeyError, TypeError) as e:
             if verbose:
@@ -345,8 +376,15 @@ def load(gguf_path: str | os.PathLike | None = None, cache_dir: str | os.PathLik
     return cfg, params, tok
 
 
-def write_gguf(path: str | os.PathLike, cfg: Gemma3Config, params: dict, tokenizer: dict | None = None,
-               *, arch: str = ARCH, skip: tuple[str, ...] = ()) -> Path:
+def write_gguf(
+    path: str | os.PathLike,
+    cfg: Gemma3Config,
+    params: dict,
+    tokenizer: dict | None = None,
+    *,
+    arch: str = ARCH,
+    skip: tuple[str, ...] = (),
+) -> Path:
     """Writes float32 params as a Gemma 3 GGUF (the inverse mapping; for tests of small models).
 
     ``skip`` leaves out the named GGUF tensors; ``arch`` sets ``general.architecture``.

@@ -30,7 +30,7 @@ decoding with the params as arguments.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -62,21 +62,34 @@ class Gemma3Config:
         return (layer + 1) % self.global_every == 0
 
     @classmethod
-    def tiny(cls, **overrides) -> "Gemma3Config":
+    def tiny(cls, **overrides) -> Gemma3Config:
         """A small random-init config for tests (same structure, tiny sizes)."""
-        base = dict(vocab_size=512, width=32, num_layers=3, num_heads=4, num_kv_heads=2,
-                    head_dim=8, mlp_dim=64, sliding_window=4, global_every=3,
-                    query_pre_attn_scalar=8.0)
+        base = dict(
+            vocab_size=512,
+            width=32,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            mlp_dim=64,
+            sliding_window=4,
+            global_every=3,
+            query_pre_attn_scalar=8.0,
+        )
         base.update(overrides)
         return cls(**base)
 
 
 # Flax leaf paths <-> HF module names (``model.layers.N.self_attn.q_proj`` ...).
 HF_NAMES = lj.NameMap(
-    to_peft=[(r"params/layers_(\d+)/(self_attn|mlp)/(\w+)/kernel", r"model.layers.\1.\2.\3"),
-             (r"params/embed_tokens/embedding", r"model.embed_tokens")],
-    to_flax=[(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)", r"params/layers_\1/\2/\3/kernel"),
-             (r"model\.embed_tokens", r"params/embed_tokens/embedding")],
+    to_peft=[
+        (r"params/layers_(\d+)/(self_attn|mlp)/(\w+)/kernel", r"model.layers.\1.\2.\3"),
+        (r"params/embed_tokens/embedding", r"model.embed_tokens"),
+    ],
+    to_flax=[
+        (r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)", r"params/layers_\1/\2/\3/kernel"),
+        (r"model\.embed_tokens", r"params/embed_tokens/embedding"),
+    ],
 )
 
 # Regex (for lora_jax.LoraConfig.targets) of the seven projections of every layer.
@@ -110,8 +123,9 @@ def rope(x, positions, base: float):
 
 
 def dense(features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, name=name, dtype=dtype,
-                    kernel_init=nn.initializers.normal(0.02))
+    return nn.Dense(
+        features, use_bias=False, name=name, dtype=dtype, kernel_init=nn.initializers.normal(0.02)
+    )
 
 
 class Attention(nn.Module):
@@ -119,7 +133,7 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache: Optional[dict]):
+    def __call__(self, x, positions, cache: dict | None):
         cfg = self.config
         b, t, _ = x.shape
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -130,7 +144,7 @@ class Attention(nn.Module):
         k = RMSNorm(cfg.norm_eps, name="k_norm")(k)
         is_global = cfg.is_global(self.layer)
         base = cfg.global_rope_base if is_global else cfg.local_rope_base
-        q = rope(q, positions, base) * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
+        q = rope(q, positions, base) * jnp.asarray(cfg.query_pre_attn_scalar**-0.5, q.dtype)
         k = rope(k, positions, base)
 
         if cache is None:
@@ -175,7 +189,8 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, positions, cache):
         cfg = self.config
         h, cache = Attention(cfg, self.layer, name="self_attn")(
-            RMSNorm(cfg.norm_eps, name="input_layernorm")(x), positions, cache)
+            RMSNorm(cfg.norm_eps, name="input_layernorm")(x), positions, cache
+        )
         x = x + RMSNorm(cfg.norm_eps, name="post_attention_layernorm")(h)
         h = MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, name="pre_feedforward_layernorm")(x))
         x = x + RMSNorm(cfg.norm_eps, name="post_feedforward_layernorm")(h)
@@ -202,20 +217,34 @@ class Gemma3(nn.Module):
     config: Gemma3Config
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache=None, last_k: Optional[int] = None,
-                 logits_index=None, input_embeds=None, return_hidden: bool = False):
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        cache=None,
+        last_k: int | None = None,
+        logits_index=None,
+        input_embeds=None,
+        return_hidden: bool = False,
+    ):
         cfg = self.config
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        embed = nn.Embed(cfg.vocab_size, cfg.width, dtype=cfg.dtype, name="embed_tokens",
-                         embedding_init=nn.initializers.normal(1.0))
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.width,
+            dtype=cfg.dtype,
+            name="embed_tokens",
+            embedding_init=nn.initializers.normal(1.0),
+        )
         x = embed(tokens) if input_embeds is None else input_embeds
-        x = x * jnp.asarray(cfg.width ** 0.5, x.dtype)
+        x = x * jnp.asarray(cfg.width**0.5, x.dtype)
         new_cache = [] if cache is not None else None
         for i in range(cfg.num_layers):
             x, layer_cache = DecoderLayer(cfg, i, name=f"layers_{i}")(
-                x, positions, None if cache is None else cache[i])
+                x, positions, None if cache is None else cache[i]
+            )
             if cache is not None:
                 new_cache.append(layer_cache)
         if last_k is not None:
@@ -235,8 +264,10 @@ class Gemma3(nn.Module):
         cfg = self.config
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.dtype
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                for _ in range(cfg.num_layers)]
+        return [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_layers)
+        ]
 
 
 def init_params(config: Gemma3Config, seed: int = 0) -> dict:

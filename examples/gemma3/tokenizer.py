@@ -12,7 +12,7 @@ rebuilds the SentencePiece model from exactly those fields and runs it with the
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -50,17 +50,26 @@ class Tokenizer:
             # SentencePiece model sees text with spaces escaped as U+2581, as HF's does.
             p.piece = piece.replace(" ", "\u2581") if kind == USER_DEFINED else piece
             p.score = score
-            p.type = kind if kind in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL
+            p.type = (
+                kind if kind in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL
+            )
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
-        control = [t for t, k in zip(fields["tokens"], fields["types"])
-                   if k == CONTROL and len(t) > 2 and t.startswith("<") and t.endswith(">")]
+        control = [
+            t
+            for t, k in zip(fields["tokens"], fields["types"])
+            if k == CONTROL and len(t) > 2 and t.startswith("<") and t.endswith(">")
+        ]
         wanted = set(control)
         self._control_ids = {t: i for i, t in enumerate(fields["tokens"]) if t in wanted}
-        self._control_re = (re.compile("(" + "|".join(map(re.escape, sorted(control, key=len,
-                                                                             reverse=True))) + ")")
-                            if control else None)
-        self._special = {i for i, k in enumerate(fields["types"]) if k in (CONTROL, UNKNOWN, UNUSED)}
+        self._control_re = (
+            re.compile("(" + "|".join(map(re.escape, sorted(control, key=len, reverse=True))) + ")")
+            if control
+            else None
+        )
+        self._special = {
+            i for i, k in enumerate(fields["types"]) if k in (CONTROL, UNKNOWN, UNUSED)
+        }
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text`` (``bos`` first when ``add_bos``, the GGUF's default)."""

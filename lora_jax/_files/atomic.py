@@ -16,8 +16,8 @@ import errno
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Writer = Callable[[Path], None]
 """Writes a file's contents to the path it is given (a temporary sibling of the target)."""
@@ -192,7 +192,7 @@ class StagedFiles:
             self._staged.pop(0)
         fsync_dir(self.directory)
 
-    def __enter__(self) -> "StagedFiles":
+    def __enter__(self) -> StagedFiles:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -202,5 +202,12 @@ class StagedFiles:
         self._staged = []
 
 
-__all__ = ["StagedFiles", "atomic_write", "commit_file", "fsync_dir", "replace_directory",
-           "sha256_file", "stage_file"]
+__all__ = [
+    "StagedFiles",
+    "atomic_write",
+    "commit_file",
+    "fsync_dir",
+    "replace_directory",
+    "sha256_file",
+    "stage_file",
+]

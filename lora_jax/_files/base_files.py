@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._files.atomic import atomic_write
 from lora_jax._errors import LoraBaseMismatchError, LoraFileError
+from lora_jax._files.atomic import atomic_write
 from lora_jax._files.safetensors_io import (
     dtype_name,
     nested_from_paths,
@@ -76,9 +76,13 @@ def save_base(path: str | os.PathLike, params: Any) -> Path:
             tensors[leaf_path] = np.asarray(leaf)
             continue
         quantized[leaf_path] = {
-            "shape": list(leaf.shape), "dtype": dtype_name(leaf.dtype), "scheme": leaf.scheme,
-            "block_size": leaf.block_size, "double_quant": leaf.dq_scales is not None,
-            "axes": leaf.axes}
+            "shape": list(leaf.shape),
+            "dtype": dtype_name(leaf.dtype),
+            "scheme": leaf.scheme,
+            "block_size": leaf.block_size,
+            "double_quant": leaf.dq_scales is not None,
+            "axes": leaf.axes,
+        }
         for name in FIELDS:
             if getattr(leaf, name) is not None:
                 tensors[f"{leaf_path}.{name}"] = np.asarray(getattr(leaf, name))
@@ -97,17 +101,24 @@ def _header(path: Path, f: Any) -> dict[str, dict]:
     except (json.JSONDecodeError, RecursionError) as e:
         raise LoraFileError(f"{path}: metadata {META_KEY!r} is not JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
-        raise LoraFileError(f"{path}: unknown {META_KEY} format_version "
-                            f"{doc.get('format_version') if isinstance(doc, dict) else doc!r}")
+        raise LoraFileError(
+            f"{path}: unknown {META_KEY} format_version "
+            f"{doc.get('format_version') if isinstance(doc, dict) else doc!r}"
+        )
     records = doc.get("quantized", {})
     if not isinstance(records, dict):
-        raise LoraFileError(f"{path}: {META_KEY} 'quantized' must be an object of per-leaf "
-                            f"records, got {type(records).__name__}")
+        raise LoraFileError(
+            f"{path}: {META_KEY} 'quantized' must be an object of per-leaf "
+            f"records, got {type(records).__name__}"
+        )
     for leaf, rec in records.items():
         problem = _record_problem(rec)
         if problem:
-            raise LoraFileError(f"{path}: quantization record of leaf {leaf!r} is invalid "
-                                f"({problem}): {rec!r}"[:2000])
+            raise LoraFileError(
+                f"{path}: quantization record of leaf {leaf!r} is invalid ({problem}): {rec!r}"[
+                    :2000
+                ]
+            )
     return records
 
 
@@ -126,8 +137,12 @@ def _record_problem(rec: Any) -> str | None:
         return f"scheme must be one of {list(SCHEMES)}"
     if not (isinstance(shape, list) and shape and all(_is_int(d) and d > 0 for d in shape)):
         return "shape must be a non-empty list of positive ints"
-    if not (isinstance(axes, str) and len(axes) == len(shape) and set(axes) <= set("sio")
-            and any(c != "s" for c in axes)):
+    if not (
+        isinstance(axes, str)
+        and len(axes) == len(shape)
+        and set(axes) <= set("sio")
+        and any(c != "s" for c in axes)
+    ):
         return "axes must hold one of 's', 'i', 'o' per dimension, not only 's'"
     try:
         name = rec.get("dtype")
@@ -153,8 +168,13 @@ def _record_problem(rec: Any) -> str | None:
 
 def _want(rec: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """The tensors a quantization record implies: ``{field: (shape, dtype)}``."""
-    return storage_shapes(tuple(int(d) for d in rec["shape"]), rec["scheme"],
-                          rec.get("block_size"), bool(rec.get("double_quant")), rec["axes"])
+    return storage_shapes(
+        tuple(int(d) for d in rec["shape"]),
+        rec["scheme"],
+        rec.get("block_size"),
+        bool(rec.get("double_quant")),
+        rec["axes"],
+    )
 
 
 def _read_quantized(path: Path, f: Any, info: dict, leaf: str, rec: dict) -> QuantizedArray:
@@ -169,12 +189,20 @@ def _read_quantized(path: Path, f: Any, info: dict, leaf: str, rec: dict) -> Qua
         if (got_shape, got_dtype) != (w_shape, w_dtype):
             raise LoraFileError(
                 f"{path}: tensor {key!r} has shape {got_shape} {got_dtype}; the leaf's record "
-                f"({rec['scheme']}, shape {shape}) implies {w_shape} {w_dtype}")
+                f"({rec['scheme']}, shape {shape}) implies {w_shape} {w_dtype}"
+            )
         arrays[name] = jnp.asarray(read_tensor(f, path, key))
-    return QuantizedArray(arrays["codes"], arrays["scales"], arrays.get("dq_scales"),
-                          arrays.get("dq_offset"), shape=shape, dtype=np.dtype(
-                              jnp.dtype(rec["dtype"])), scheme=rec["scheme"],
-                          block_size=rec.get("block_size"), axes=rec["axes"])
+    return QuantizedArray(
+        arrays["codes"],
+        arrays["scales"],
+        arrays.get("dq_scales"),
+        arrays.get("dq_offset"),
+        shape=shape,
+        dtype=np.dtype(jnp.dtype(rec["dtype"])),
+        scheme=rec["scheme"],
+        block_size=rec.get("block_size"),
+        axes=rec["axes"],
+    )
 
 
 def load_base(path: str | os.PathLike, *, like: Any = None) -> Any:
@@ -208,12 +236,15 @@ def load_base(path: str | os.PathLike, *, like: Any = None) -> Any:
     with open_safetensors(path) as f:
         records = _header(path, f)
         info = tensor_info(f)
-        leaves = {leaf: _read_quantized(path, f, info, leaf, rec) for leaf, rec in records.items()}
+        leaves: dict[str, Any] = {
+            leaf: _read_quantized(path, f, info, leaf, rec) for leaf, rec in records.items()
+        }
         owned = {f"{leaf}.{n}" for leaf, rec in records.items() for n in _want(rec)}
         stray = [k for k in info if k not in owned and k.rsplit(".", 1)[0] in records]
         if stray:
-            raise LoraFileError(f"{path}: tensors {stray[:4]} are not part of their quantized "
-                                "leaf's record")
+            raise LoraFileError(
+                f"{path}: tensors {stray[:4]} are not part of their quantized leaf's record"
+            )
         for key in info:
             if key not in owned:
                 leaves[key] = jnp.asarray(read_tensor(f, path, key))
@@ -229,10 +260,12 @@ def _shaped_like(path: Path, leaves: dict[str, Any], like: Any) -> Any:
     if missing or extra:
         raise LoraBaseMismatchError(
             f"{path}: the file's leaves do not match the model's: missing {missing[:5]}, "
-            f"extra {extra[:5]}")
+            f"extra {extra[:5]}"
+        )
     for p, leaf in model:
         want, got = tuple(np.shape(leaf)), tuple(leaves[p].shape)
         if want != got:
             raise LoraBaseMismatchError(
-                f"{path}: leaf {p!r} has shape {got} in the file but {want} in the model")
+                f"{path}: leaf {p!r} has shape {got} in the file but {want} in the model"
+            )
     return jax.tree_util.tree_unflatten(treedef, [leaves[p] for p, _ in model])

@@ -12,7 +12,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +82,9 @@ def config_from_json(obj: dict | None, where: str) -> LoraConfig | None:
             if name not in known:
                 continue
             if name == "layouts":
-                value = {k: KernelLayout(v["axes"], v.get("kind", "dense"))
-                         for k, v in value.items()}
+                value = {
+                    k: KernelLayout(v["axes"], v.get("kind", "dense")) for k, v in value.items()
+                }
             elif name == "dtype":
                 value = jnp.dtype(value)
             elif isinstance(value, list):

@@ -48,18 +48,19 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._files.atomic import StagedFiles, fsync_dir, sha256_file
 from lora_jax._config import LoraConfig
-from lora_jax._files.config_json import config_from_json, config_to_json
 from lora_jax._delta import LayerSelection, LeafDelta, LoraFactors, delta_entries, lora_scale
 from lora_jax._errors import LoraBaseMismatchError, LoraError, LoraFileError
+from lora_jax._files.atomic import StagedFiles, fsync_dir, sha256_file
+from lora_jax._files.config_json import config_from_json, config_to_json
 from lora_jax._files.safetensors_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -93,25 +94,36 @@ TensorEntry = tuple[str, tuple[int, ...], str]
 # --------------------------------------------------------------------------- save
 
 
-def _target_tensors(leaf_path: str,
-                    f: LoraFactors | LeafDelta) -> dict[str, tuple[str, np.ndarray]]:
+def _target_tensors(
+    leaf_path: str, f: LoraFactors | LeafDelta
+) -> dict[str, tuple[str, np.ndarray]]:
     """``{field: (safetensors key, host array)}`` of one target (``P.lora_A``, ``P.lora_B``...)."""
     if isinstance(f, LeafDelta):
         arrays = {"diff": f.diff}
     else:
         arrays = {"a": f.a, "b": f.b, "magnitude": f.magnitude}
-    return {field: (f"{leaf_path}.{SUFFIXES[field]}", to_numpy(arr))
-            for field, arr in arrays.items() if arr is not None}
+    return {
+        field: (f"{leaf_path}.{SUFFIXES[field]}", to_numpy(arr))
+        for field, arr in arrays.items()
+        if arr is not None
+    }
 
 
-def _target_entry(f: LoraFactors | LeafDelta,
-                  tensors: Mapping[str, tuple[str, np.ndarray]]) -> dict:
+def _target_entry(
+    f: LoraFactors | LeafDelta, tensors: Mapping[str, tuple[str, np.ndarray]]
+) -> dict:
     """The config's entry for one target, given its tensors from :func:`_target_tensors`."""
-    listed = {field: {"key": key, "shape": list(x.shape), "dtype": x.dtype.name}
-              for field, (key, x) in tensors.items()}
+    listed = {
+        field: {"key": key, "shape": list(x.shape), "dtype": x.dtype.name}
+        for field, (key, x) in tensors.items()
+    }
     if isinstance(f, LeafDelta):
-        return {"type": "full", "kernel_shape": list(f.kernel_shape),
-                "dtype": listed["diff"]["dtype"], "tensors": listed}
+        return {
+            "type": "full",
+            "kernel_shape": list(f.kernel_shape),
+            "dtype": listed["diff"]["dtype"],
+            "tensors": listed,
+        }
     return {
         "type": "lora",
         "rank": f.rank,
@@ -246,8 +258,11 @@ def read_config(directory: Path) -> dict:
     cfg_path = Path(directory) / CONFIG_NAME
     doc = read_json(cfg_path)
     if doc.get("format") != FORMAT:
-        hint = (" It is a HuggingFace PEFT adapter: use lora_jax.import_peft."
-                if "peft_type" in doc else "")
+        hint = (
+            " It is a HuggingFace PEFT adapter: use lora_jax.import_peft."
+            if "peft_type" in doc
+            else ""
+        )
         raise LoraFileError(
             f"{cfg_path}: key 'format' is {doc.get('format')!r}, expected {FORMAT!r}.{hint}"
         )
@@ -307,15 +322,26 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
     layout, shape = _checked_layout(where, meta)
     scaling = meta.get("scaling")
     want = lora_scale(alpha, rank, rslora)
-    if scaling is not None and (not isinstance(scaling, (int, float)) or isinstance(scaling, bool)
-                                or not math.isclose(scaling, want, rel_tol=1e-6)):
+    if scaling is not None and (
+        not isinstance(scaling, (int, float))
+        or isinstance(scaling, bool)
+        or not math.isclose(scaling, want, rel_tol=1e-6)
+    ):
         raise LoraFileError(
             f"{where}: key 'scaling' is {str(scaling)[:40]} but alpha={alpha}, rank={rank}, "
             f"rslora={rslora} give {want}"
         )
     fields = ("a", "b", "magnitude") if meta.get("dora") else ("a", "b")
-    return TargetEntry(leaf, shape, _listed_tensors(where, leaf, meta, fields), layout, rank,
-                       float(alpha), rslora, _checked_layers(where, meta, layout, shape))
+    return TargetEntry(
+        leaf,
+        shape,
+        _listed_tensors(where, leaf, meta, fields),
+        layout,
+        rank,
+        float(alpha),
+        rslora,
+        _checked_layers(where, meta, layout, shape),
+    )
 
 
 def _checked_layout(where: str, meta: dict) -> tuple[KernelLayout, tuple[int, ...]]:
@@ -334,22 +360,28 @@ def _checked_layout(where: str, meta: dict) -> tuple[KernelLayout, tuple[int, ..
     return layout, shape
 
 
-def _checked_layers(where: str, meta: dict, layout: KernelLayout,
-                    shape: tuple[int, ...]) -> LayerSelection | None:
+def _checked_layers(
+    where: str, meta: dict, layout: KernelLayout, shape: tuple[int, ...]
+) -> LayerSelection | None:
     """A target's ``layers`` / ``num_layers`` as a :class:`LayerSelection` (None: every layer)."""
     layers = meta.get("layers")
     if layers is None:
         return None
     if not layout.stack_axes:
         raise LoraFileError(
-            f"{where}: key 'layers' is set but layout {layout.axes!r} has no stacked axis")
+            f"{where}: key 'layers' is set but layout {layout.axes!r} has no stacked axis"
+        )
     n = shape[layout.stack_axes[0]]
-    if (not isinstance(layers, list) or not layers
-            or any(type(i) is not int or not 0 <= i < n for i in layers)
-            or layers != sorted(set(layers))):
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or any(type(i) is not int or not 0 <= i < n for i in layers)
+        or layers != sorted(set(layers))
+    ):
         raise LoraFileError(
             f"{where}: key 'layers' is {str(layers)[:60]}; expected distinct sorted indices "
-            f"below {n}")
+            f"below {n}"
+        )
     if meta.get("num_layers") not in (None, n):
         raise LoraFileError(
             f"{where}: key 'num_layers' is {meta['num_layers']}, but kernel_shape "
@@ -365,8 +397,9 @@ def _sizes(where: str, key: str, value: list) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _listed_tensors(where: str, leaf: str, meta: dict,
-                    fields: tuple[str, ...]) -> dict[str, TensorEntry]:
+def _listed_tensors(
+    where: str, leaf: str, meta: dict, fields: tuple[str, ...]
+) -> dict[str, TensorEntry]:
     """``{field: (key, shape, dtype)}`` of the tensors a target's entry lists; each dtype
     must be a floating one."""
     tensors = require(meta, "tensors", dict, where)
@@ -375,13 +408,19 @@ def _listed_tensors(where: str, leaf: str, meta: dict,
         t = require(tensors, field, dict, f"{where} tensors")
         key = t.get("key", f"{leaf}.{SUFFIXES[field]}")
         shape, dtype = t.get("shape", []), t.get("dtype")
-        if (not isinstance(key, str) or not isinstance(shape, list)
-                or not all(type(d) is int and d >= 0 for d in shape)):
+        if (
+            not isinstance(key, str)
+            or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
             raise LoraFileError(
-                f"{where}: tensors.{field}: key 'key' or 'shape' has the wrong type")
+                f"{where}: tensors.{field}: key 'key' or 'shape' has the wrong type"
+            )
         if dtype not in FLOAT_DTYPES:
-            raise LoraFileError(f"{where}: tensors.{field}: key 'dtype' is {str(dtype)[:40]!r}; "
-                                f"expected one of {list(FLOAT_DTYPES)}")
+            raise LoraFileError(
+                f"{where}: tensors.{field}: key 'dtype' is {str(dtype)[:40]!r}; "
+                f"expected one of {list(FLOAT_DTYPES)}"
+            )
         out[field] = (key, tuple(shape), dtype)
     return out
 
@@ -389,15 +428,19 @@ def _listed_tensors(where: str, leaf: str, meta: dict,
 # --------------------------------------------------------------------------- load: the tensors
 
 
-def read_tensors(weights: Path, doc: dict,
-                 entries: list[TargetEntry]) -> dict[str, dict[str, np.ndarray]]:
+def read_tensors(
+    weights: Path, doc: dict, entries: list[TargetEntry]
+) -> dict[str, dict[str, np.ndarray]]:
     """Reads the tensors the config lists: ``{leaf: {field: array}}``.
 
     Refuses a tensor file from another save (``save_id``), missing or extra
     tensors, and a shape or dtype other than the config lists.
     """
-    expected = {key: (e.leaf, field, shape, dtype)
-                for e in entries for field, (key, shape, dtype) in e.tensors.items()}
+    expected = {
+        key: (e.leaf, field, shape, dtype)
+        for e in entries
+        for field, (key, shape, dtype) in e.tensors.items()
+    }
     arrays: dict[str, dict[str, np.ndarray]] = {e.leaf: {} for e in entries}
     with open_safetensors(weights) as f:
         written_by = (f.metadata() or {}).get("save_id")
@@ -411,11 +454,15 @@ def read_tensors(weights: Path, doc: dict,
         for key, (leaf, field, shape, dtype) in expected.items():
             got_shape, code = info[key]
             if got_shape != shape:
-                raise LoraFileError(f"{weights}: tensor {key!r} has shape {got_shape} but "
-                                    f"{CONFIG_NAME} says {shape}")
+                raise LoraFileError(
+                    f"{weights}: tensor {key!r} has shape {got_shape} but "
+                    f"{CONFIG_NAME} says {shape}"
+                )
             if dtype_name(code) != dtype:
-                raise LoraFileError(f"{weights}: tensor {key!r} has dtype {dtype_name(code)} but "
-                                    f"{CONFIG_NAME} says {dtype}")
+                raise LoraFileError(
+                    f"{weights}: tensor {key!r} has dtype {dtype_name(code)} but "
+                    f"{CONFIG_NAME} says {dtype}"
+                )
             arrays[leaf][field] = read_tensor(f, weights, key)
     return arrays
 
@@ -425,12 +472,16 @@ def _check_keys(weights: Path, present: list[str], expected: list[str]) -> None:
     have, want = set(present), set(expected)
     missing = [k for k in expected if k not in have]
     if missing:
-        raise LoraFileError(f"{weights}: tensor {missing[0]!r} listed in {CONFIG_NAME} is missing "
-                            f"({len(missing)} missing in all)")
+        raise LoraFileError(
+            f"{weights}: tensor {missing[0]!r} listed in {CONFIG_NAME} is missing "
+            f"({len(missing)} missing in all)"
+        )
     extra = [k for k in present if k not in want]
     if extra:
-        raise LoraFileError(f"{weights}: tensor {extra[0]!r} is not listed in {CONFIG_NAME} "
-                            f"({len(extra)} extra in all)")
+        raise LoraFileError(
+            f"{weights}: tensor {extra[0]!r} is not listed in {CONFIG_NAME} "
+            f"({len(extra)} extra in all)"
+        )
 
 
 def verify_sha256(weights: Path, doc: dict) -> None:
@@ -445,8 +496,9 @@ def verify_sha256(weights: Path, doc: dict) -> None:
 # --------------------------------------------------------------------------- load: the delta
 
 
-def build_target(weights: Path, entry: TargetEntry,
-                 arrays: Mapping[str, np.ndarray]) -> LoraFactors | LeafDelta:
+def build_target(
+    weights: Path, entry: TargetEntry, arrays: Mapping[str, np.ndarray]
+) -> LoraFactors | LeafDelta:
     """One target's :class:`LoraFactors` (or :class:`LeafDelta`) from its arrays.
 
     The arrays must have the shapes the entry's rank, layout and kernel shape
@@ -458,8 +510,10 @@ def build_target(weights: Path, entry: TargetEntry,
     if entry.layout is None:
         diff = arrays["diff"]
         if diff.shape != shape:
-            raise LoraFileError(f"{weights}: tensor {leaf}.diff has shape {diff.shape}, but "
-                                f"kernel_shape in {CONFIG_NAME} is {list(shape)}")
+            raise LoraFileError(
+                f"{weights}: tensor {leaf}.diff has shape {diff.shape}, but "
+                f"kernel_shape in {CONFIG_NAME} is {list(shape)}"
+            )
         return LeafDelta(jnp.asarray(diff))
     layout, rank = entry.layout, entry.rank
     want_a, want_b = layout.factor_shapes(shape, rank)
@@ -475,12 +529,18 @@ def build_target(weights: Path, entry: TargetEntry,
             )
     magnitude = arrays.get("magnitude")
     ns = len(layout.stack_axes)
-    if magnitude is not None and magnitude.shape != want_b[:ns] + want_b[ns + 1:]:
-        raise LoraFileError(f"{weights}: tensor {leaf}.magnitude has shape {magnitude.shape}, "
-                            f"expected {want_b[:ns] + want_b[ns + 1:]} (*stack, *fan_out)")
+    if magnitude is not None and magnitude.shape != want_b[:ns] + want_b[ns + 1 :]:
+        raise LoraFileError(
+            f"{weights}: tensor {leaf}.magnitude has shape {magnitude.shape}, "
+            f"expected {want_b[:ns] + want_b[ns + 1 :]} (*stack, *fan_out)"
+        )
     return LoraFactors(
-        jnp.asarray(arrays["a"]), jnp.asarray(arrays["b"]), alpha=entry.alpha, layout=layout,
-        rslora=entry.rslora, magnitude=None if magnitude is None else jnp.asarray(magnitude),
+        jnp.asarray(arrays["a"]),
+        jnp.asarray(arrays["b"]),
+        alpha=entry.alpha,
+        layout=layout,
+        rslora=entry.rslora,
+        magnitude=None if magnitude is None else jnp.asarray(magnitude),
         layers=entry.layers,
     )
 
@@ -594,13 +654,26 @@ def describe(path: str | os.PathLike) -> list[dict]:
     rows = []
     for leaf, meta in doc["targets"].items():
         e = check_target(directory / CONFIG_NAME, leaf, meta)
-        row = {"target": leaf, "kind": "full", "shape": e.kernel_shape, "layout": "-",
-               "rank": 0, "alpha": 0.0, "scaling": 0.0, "dtype": next(iter(e.tensors.values()))[2],
-               "params": int(sum(math.prod(shape) for _, shape, _ in e.tensors.values())),
-               "dora": "magnitude" in e.tensors}
+        row = {
+            "target": leaf,
+            "kind": "full",
+            "shape": e.kernel_shape,
+            "layout": "-",
+            "rank": 0,
+            "alpha": 0.0,
+            "scaling": 0.0,
+            "dtype": next(iter(e.tensors.values()))[2],
+            "params": int(sum(math.prod(shape) for _, shape, _ in e.tensors.values())),
+            "dora": "magnitude" in e.tensors,
+        }
         if e.layout is not None:
-            row.update(kind=e.layout.kind, layout=e.layout.axes, rank=e.rank,
-                       alpha=meta["alpha"], scaling=lora_scale(e.alpha, e.rank, e.rslora))
+            row.update(
+                kind=e.layout.kind,
+                layout=e.layout.axes,
+                rank=e.rank,
+                alpha=meta["alpha"],
+                scaling=lora_scale(e.alpha, e.rank, e.rslora),
+            )
         rows.append(row)
     return rows
 

@@ -24,7 +24,8 @@ layer axis that ``nn.scan`` inserts in the middle of the factors (MaxText's
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,9 @@ from lora_jax.advanced import is_delta_leaf, is_quantized, leaves_with_paths, pa
 SUFFIX_A, SUFFIX_B = "_lora_a", "_lora_b"
 
 
-def from_qwix(lora_state: Any, base: Any, *, alpha: float,
-              layouts: Mapping[str, KernelLayout] | None = None) -> Any:
+def from_qwix(
+    lora_state: Any, base: Any, *, alpha: float, layouts: Mapping[str, KernelLayout] | None = None
+) -> Any:
     """A lora_jax delta aligned with ``base`` from a qwix LoRA state, exactly.
 
     Args:
@@ -77,7 +79,8 @@ def from_qwix(lora_state: Any, base: Any, *, alpha: float,
         if kernel not in shapes:
             raise LoraStructureError(
                 f"qwix factors {kernel}{SUFFIX_A} / {SUFFIX_B} adapt no leaf {kernel!r} of the "
-                f"base (its leaves include {sorted(shapes)[:6]})")
+                f"base (its leaves include {sorted(shapes)[:6]})"
+            )
         shape = shapes[kernel]
         layout = _layout(kernel, shape, layouts)
         a_shape, b_shape = layout.factor_shapes(shape, int(np.shape(a)[-1]))
@@ -85,9 +88,11 @@ def from_qwix(lora_state: Any, base: Any, *, alpha: float,
             raise LoraStructureError(
                 f"leaf {kernel!r}: qwix factors {np.shape(a)}, {np.shape(b)} do not fit kernel "
                 f"{shape} with layout {layout.axes!r} (lora_jax's A {a_shape}, B {b_shape}); an "
-                "einsum batch axis or a scan axis inside the factors has no lora_jax equivalent")
-        entries[kernel] = LoraFactors(jnp.reshape(a, a_shape), jnp.reshape(b, b_shape),
-                                      alpha=float(alpha), layout=layout)
+                "einsum batch axis or a scan axis inside the factors has no lora_jax equivalent"
+            )
+        entries[kernel] = LoraFactors(
+            jnp.reshape(a, a_shape), jnp.reshape(b, b_shape), alpha=float(alpha), layout=layout
+        )
     return jax.tree_util.tree_unflatten(treedef, [entries.get(path) for path, _ in leaves])
 
 
@@ -119,11 +124,16 @@ def to_qwix(delta: Any, like: Any = None) -> Any:
     for path, entry in leaves_with_paths(delta, is_leaf=is_delta_leaf)[0]:
         if entry is None:
             continue
-        if (not isinstance(entry, LoraFactors) or entry.rslora or entry.magnitude is not None
-                or entry.layers is not None):
+        if (
+            not isinstance(entry, LoraFactors)
+            or entry.rslora
+            or entry.magnitude is not None
+            or entry.layers is not None
+        ):
             raise LoraStructureError(
                 f"leaf {path!r}: qwix holds plain LoRA factors at scale alpha / rank only, not "
-                f"{type(entry).__name__} with rsLoRA, DoRA or a layer selection")
+                f"{type(entry).__name__} with rsLoRA, DoRA or a layer selection"
+            )
         flat[path + SUFFIX_A], flat[path + SUFFIX_B] = entry.a, entry.b
     if like is None:
         return flat
@@ -137,14 +147,16 @@ def to_qwix(delta: Any, like: Any = None) -> Any:
         if np.size(value) != np.size(leaf):
             raise LoraStructureError(
                 f"qwix leaf {path!r}: shape {np.shape(leaf)} does not fit the factor "
-                f"{np.shape(value)}")
+                f"{np.shape(value)}"
+            )
         used.add(path)
         return jnp.reshape(value, np.shape(leaf)).astype(leaf.dtype)
 
     out = jax.tree_util.tree_map_with_path(fill, like, is_leaf=is_quantized)
     if used != set(flat):
         raise LoraStructureError(
-            f"the delta adapts kernels the qwix state does not hold: {sorted(set(flat) - used)[:6]}")
+            f"the delta adapts kernels the qwix state does not hold: {sorted(set(flat) - used)[:6]}"
+        )
     return out
 
 
@@ -156,22 +168,27 @@ def _pairs(lora_state: Any) -> dict[str, tuple[Any, Any]]:
         if suffix is None:
             raise LoraStructureError(
                 f"leaf {path!r} of the qwix LoRA state is neither <name>{SUFFIX_A} nor "
-                f"<name>{SUFFIX_B}")
+                f"<name>{SUFFIX_B}"
+            )
         found.setdefault(path[: -len(suffix)], {})[suffix] = leaf
     for kernel, pair in found.items():
         if len(pair) != 2:
             have = next(iter(pair))
             lacks = SUFFIX_B if have == SUFFIX_A else SUFFIX_A
-            raise LoraStructureError(f"the qwix LoRA state has {kernel}{have} but no {kernel}{lacks}")
+            raise LoraStructureError(
+                f"the qwix LoRA state has {kernel}{have} but no {kernel}{lacks}"
+            )
     return {kernel: (pair[SUFFIX_A], pair[SUFFIX_B]) for kernel, pair in found.items()}
 
 
-def _layout(path: str, shape: tuple[int, ...],
-            layouts: Mapping[str, KernelLayout] | None) -> KernelLayout:
+def _layout(
+    path: str, shape: tuple[int, ...], layouts: Mapping[str, KernelLayout] | None
+) -> KernelLayout:
     if layouts is not None and path in layouts:
         return layouts[path]
     if len(shape) == 2:
         return KernelLayout("io")
     raise LoraStructureError(
         f"leaf {path!r}: kernel {shape} has more than two axes; give its layout "
-        "(layouts={path: KernelLayout(...)}, e.g. from lj.infer_layouts)")
+        "(layouts={path: KernelLayout(...)}, e.g. from lj.infer_layouts)"
+    )

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,8 +73,23 @@ def write_safetensors(
     save_file(arrays, str(path), metadata=dict(metadata or {}))
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 MAX_HEADER = 100_000_000  # the safetensors package's own limit on the JSON header
 
 
@@ -95,8 +111,12 @@ def _header_entry(path: Path, key: str, entry: Any, data_size: int) -> None:
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise LoraFileError(f"{where}: header shape {str(shape)[:60]} is not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise LoraFileError(f"{where}: header data_offsets {str(offsets)[:60]} are invalid")
     nbytes = _ITEMSIZE[entry["dtype"]]
     for d in shape:  # Python ints: no overflow, and stops growing once it is past the file
@@ -104,7 +124,8 @@ def _header_entry(path: Path, key: str, entry: Any, data_size: int) -> None:
     if offsets[1] > data_size or offsets[1] - offsets[0] != nbytes:
         raise LoraFileError(
             f"{where}: the header claims shape {shape} ({entry['dtype']}) at bytes {offsets}, "
-            f"which the file's {data_size} data bytes do not hold (truncated or lying header)")
+            f"which the file's {data_size} data bytes do not hold (truncated or lying header)"
+        )
 
 
 def check_safetensors_header(path: Path) -> dict:
@@ -127,8 +148,10 @@ def check_safetensors_header(path: Path) -> dict:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 2 <= n <= min(size - 8, MAX_HEADER):
-            raise LoraFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
-                                f"header length {n} does not fit the file's {size} bytes")
+            raise LoraFileError(
+                f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                f"header length {n} does not fit the file's {size} bytes"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -137,7 +160,9 @@ def check_safetensors_header(path: Path) -> dict:
             f"{path}: not a readable safetensors file: its header is not valid JSON: {e}"
         ) from None
     if not isinstance(header, dict):
-        raise LoraFileError(f"{path}: not a readable safetensors file: its header is not a JSON object")
+        raise LoraFileError(
+            f"{path}: not a readable safetensors file: its header is not a JSON object"
+        )
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise LoraFileError(f"{path}: safetensors __metadata__ is not an object of strings")
@@ -145,8 +170,10 @@ def check_safetensors_header(path: Path) -> dict:
         _header_entry(path, key, entry, size - 8 - n)
     end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if end != size - 8 - n:
-        raise LoraFileError(f"{path}: not a readable safetensors file: its tensors end at data byte "
-                            f"{end} but the file has {size - 8 - n} (truncated or appended to?)")
+        raise LoraFileError(
+            f"{path}: not a readable safetensors file: its tensors end at data byte "
+            f"{end} but the file has {size - 8 - n} (truncated or appended to?)"
+        )
     return header
 
 
@@ -217,9 +244,20 @@ def tensor_info(f: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     return info
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def dtype_name(code_or_dtype: Any) -> str:

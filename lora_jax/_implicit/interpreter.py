@@ -59,7 +59,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,23 +68,28 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lora_jax._implicit import primitives as P
 from lora_jax._delta import LeafDelta
 from lora_jax._errors import LoraArgumentError, LoraFallbackWarning, LoraImplicitError
+from lora_jax._implicit import primitives as P
 from lora_jax._implicit import rules
+from lora_jax._implicit.rebuild import Graph, input_chain
+from lora_jax._implicit.tracing import trace
+from lora_jax._implicit.view import LoraView
 from lora_jax._merge import align
 from lora_jax._quant.array import is_quantized
 from lora_jax._quant.lazy_kernel import LazyKernel
-from lora_jax._implicit.rebuild import Graph, input_chain
 from lora_jax._serving import example_rules
 from lora_jax._serving.example_view import ExampleView, batch_ids
 from lora_jax._serving.stack import is_stacked
-from lora_jax._implicit.tracing import trace
-from lora_jax._implicit.view import LoraView
 
 
-def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0.0,
-             rebuild_inputs: bool = True) -> Callable[..., Any]:
+def implicit(
+    fn: Callable[..., Any],
+    *,
+    strict: bool = False,
+    dropout: float = 0.0,
+    rebuild_inputs: bool = True,
+) -> Callable[..., Any]:
     """Wraps ``fn(params, *args, **kwargs)`` to take ``(base, delta, *args, **kwargs)``.
 
     The wrapped function returns ``fn(merge(base, delta), *args, **kwargs)``
@@ -146,14 +152,25 @@ def implicit(fn: Callable[..., Any], *, strict: bool = False, dropout: float = 0
         raise LoraArgumentError(f"dropout must be a rate in [0, 1), got {dropout!r}")
 
     @functools.wraps(fn)
-    def wrapped(base: Any, delta: Any, *args: Any, lora_dropout_key: Any = None,
-                adapter_ids: Any = None, **kwargs: Any) -> Any:
+    def wrapped(
+        base: Any,
+        delta: Any,
+        *args: Any,
+        lora_dropout_key: Any = None,
+        adapter_ids: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         rows, treedef = align(base, delta, stacked_ok=True)
-        closed, out_shape, dynamic = trace(fn, treedef, [_traced(leaf) for _, leaf, _ in rows],
-                                           args, kwargs)
+        closed, out_shape, dynamic = trace(
+            fn, treedef, [_traced(leaf) for _, leaf, _ in rows], args, kwargs
+        )
         invals = _inputs(rows, adapter_ids)
-        ctx = Context(strict, dropout if lora_dropout_key is not None else 0.0,
-                      lora_dropout_key, rebuild_inputs)
+        ctx = Context(
+            strict,
+            dropout if lora_dropout_key is not None else 0.0,
+            lora_dropout_key,
+            rebuild_inputs,
+        )
         outs = evaluate(ctx, closed.jaxpr, closed.consts, invals + list(dynamic))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
@@ -167,8 +184,12 @@ def _inputs(rows: list, adapter_ids: Any) -> list[Any]:
     if not stacks and adapter_ids is None:
         return [_input(path, leaf, f) for path, leaf, f in rows]
     index, valid = batch_ids(adapter_ids, stacks)
-    return [ExampleView.of(path, _kernel(leaf), f, index, valid, adapter_ids) if is_stacked(f)
-            else _input(path, leaf, f) for path, leaf, f in rows]
+    return [
+        ExampleView.of(path, _kernel(leaf), f, index, valid, adapter_ids)
+        if is_stacked(f)
+        else _input(path, leaf, f)
+        for path, leaf, f in rows
+    ]
 
 
 def _kernel(leaf: Any) -> Any:
@@ -209,6 +230,7 @@ def is_view(value: Any) -> bool:
 
 
 # ---- one evaluation's settings and state ---------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Frame:
@@ -286,7 +308,8 @@ class Context:
                 f"kernel {value.path!r} has per-example adapters (adapter_ids) and reaches "
                 f"{where!r}, which has no low-rank rule: there is no single dense kernel to "
                 "materialise for a batch of mixed adapters (serve this model merged per adapter, "
-                "or keep this kernel out of the stack)")
+                "or keep this kernel out of the stack)"
+            )
         if self.strict:
             raise LoraImplicitError(
                 f"kernel {value.path!r} reaches {where!r}, which has no low-rank rule; "
@@ -306,8 +329,10 @@ class Context:
 
 # ---- the interpreter -------------------------------------------------------------------------
 
-def evaluate(ctx: Context, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
-             keep_views: bool = False) -> list[Any]:
+
+def evaluate(
+    ctx: Context, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], keep_views: bool = False
+) -> list[Any]:
     """Evaluates ``jaxpr`` on ``args`` (views among them); outputs are dense unless ``keep_views``.
 
     Example:
@@ -356,6 +381,7 @@ def apply_rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
 
 # ---- rules: layout ops on a kernel -----------------------------------------------------------
 
+
 def _convert(ctx: Context, eqn: Any, invals: list) -> list | None:
     return [invals[0].replace(dtype=np.dtype(eqn.params["new_dtype"]))]
 
@@ -402,8 +428,7 @@ def _dynamic_slice(ctx: Context, eqn: Any, invals: list) -> list | None:
     """``w[i]`` of a stack (e.g. in a ``fori_loop`` over layers) cuts the factors too."""
     if any(is_view(v) for v in invals[1:]):
         return None
-    out = invals[0].slice_stack(list(invals[1:]), list(eqn.params["slice_sizes"]),
-                                _cut_dynamic)
+    out = invals[0].slice_stack(list(invals[1:]), list(eqn.params["slice_sizes"]), _cut_dynamic)
     return None if out is None else [out]
 
 
@@ -416,6 +441,7 @@ def _sharding_constraint(ctx: Context, eqn: Any, invals: list) -> list | None:
 
 
 # ---- rules: where a kernel meets its input ---------------------------------------------------
+
 
 def _dot_general(ctx: Context, eqn: Any, invals: list) -> list | None:
     lhs, rhs = invals
@@ -451,6 +477,7 @@ def _gather(ctx: Context, eqn: Any, invals: list) -> list | None:
 
 # ---- rules: calls and control flow -----------------------------------------------------------
 
+
 def _call(ctx: Context, eqn: Any, invals: list) -> list | None:
     """A plain call is inlined; views flow in and out of it."""
     body = P.sub_jaxpr(eqn.params)
@@ -484,8 +511,8 @@ def _cond(ctx: Context, eqn: Any, invals: list) -> list | None:
 def _while(ctx: Context, eqn: Any, invals: list) -> list | None:
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
-    carry = [ctx.dense(v, "while carry") for v in invals[nc + nb:]]
+    cond_consts, body_consts = invals[:nc], invals[nc : nc + nb]
+    carry = [ctx.dense(v, "while carry") for v in invals[nc + nb :]]
     cond = lambda c: _evaluate_closed(ctx, p["cond_jaxpr"], *cond_consts, *c)[0]  # noqa: E731
     body = lambda c: _evaluate_closed(ctx, p["body_jaxpr"], *body_consts, *c)  # noqa: E731
     return list(lax.while_loop(cond, body, carry))
@@ -500,8 +527,8 @@ def _scan(ctx: Context, eqn: Any, invals: list) -> list | None:
     p = eqn.params
     nc, ncarry = P.scan_operands(p)
     consts = invals[:nc]
-    carry = [ctx.dense(v, "scan carry") for v in invals[nc:nc + ncarry]]
-    xs = [scanned(ctx, v) for v in invals[nc + ncarry:]]
+    carry = [ctx.dense(v, "scan carry") for v in invals[nc : nc + ncarry]]
+    xs = [scanned(ctx, v) for v in invals[nc + ncarry :]]
     if ctx.rate:  # one dropout key per layer
         xs.append(jax.random.split(ctx.next_key(), p["length"]))
 
@@ -513,8 +540,9 @@ def _scan(ctx: Context, eqn: Any, invals: list) -> list | None:
         outs = _evaluate_closed(inner, p["jaxpr"], *consts, *c, *x)
         return outs[:ncarry], outs[ncarry:]
 
-    carry, ys = lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
-                         unroll=p["unroll"])
+    carry, ys = lax.scan(
+        body, carry, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
     return list(carry) + list(ys)
 
 
@@ -536,10 +564,23 @@ def scanned(ctx: Context, value: Any) -> Any:
 #: them views, and returns the eqn's outputs, or None when this use has no
 #: low-rank form (the kernel is then materialised: :func:`apply_rule`).
 #: Custom-derivative calls have no rule: a kernel passed into one is dense.
-RULES: dict[str, Rule] = P.by_name({
-    P.CONVERT: _convert, P.COPY: _copy, P.TRANSPOSE: _transpose, P.RESHAPE: _reshape,
-    P.SQUEEZE: _squeeze, P.SLICE: _slice, P.DYNAMIC_SLICE: _dynamic_slice,
-    P.SHARDING_CONSTRAINT: _sharding_constraint,
-    P.DOT_GENERAL: _dot_general, P.CONV: _conv, P.GATHER: _gather,
-    P.COND: _cond, P.WHILE: _while, P.SCAN: _scan, P.CALLS: _call, P.REMAT: _remat,
-})
+RULES: dict[str, Rule] = P.by_name(
+    {
+        P.CONVERT: _convert,
+        P.COPY: _copy,
+        P.TRANSPOSE: _transpose,
+        P.RESHAPE: _reshape,
+        P.SQUEEZE: _squeeze,
+        P.SLICE: _slice,
+        P.DYNAMIC_SLICE: _dynamic_slice,
+        P.SHARDING_CONSTRAINT: _sharding_constraint,
+        P.DOT_GENERAL: _dot_general,
+        P.CONV: _conv,
+        P.GATHER: _gather,
+        P.COND: _cond,
+        P.WHILE: _while,
+        P.SCAN: _scan,
+        P.CALLS: _call,
+        P.REMAT: _remat,
+    }
+)

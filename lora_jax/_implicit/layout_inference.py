@@ -44,19 +44,20 @@ the two directions of one contraction, as a tied embedding used for lookup and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
-from lora_jax._implicit import primitives as P
 from lora_jax._errors import LoraImplicitError, LoraLayoutError
+from lora_jax._implicit import primitives as P
 from lora_jax._implicit.interpreter import RULES, Context, scanned
-from lora_jax._layout import KernelLayout
-from lora_jax._paths import leaves_with_paths
 from lora_jax._implicit.tracing import trace
 from lora_jax._implicit.view import LoraView, reshape_blocks, roles_of
+from lora_jax._layout import KernelLayout
+from lora_jax._paths import leaves_with_paths
 
 #: A path step that is not an eqn: the kernel was scanned over its first axis.
 _SCANNED = "scanned"
@@ -84,12 +85,13 @@ class _Tracked:
     fixed: frozenset[int] = frozenset()
     steps: tuple[Any, ...] = ()
 
-    def then(self, step: Any, **changes: Any) -> "_Tracked":
+    def then(self, step: Any, **changes: Any) -> _Tracked:
         return dataclasses.replace(self, steps=self.steps + (step,), **changes)
 
 
-def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
-                  ) -> dict[str, KernelLayout]:
+def infer_layouts(
+    fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
+) -> dict[str, KernelLayout]:
     """Traces ``fn(params, *args, **kwargs)`` and returns the layout of each used kernel.
 
     Args:
@@ -122,7 +124,8 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
     closed, _, dynamic = trace(fn, treedef, abstract, args, kwargs)
     tracked = [
         _Tracked(path, tuple(leaf.shape), leaf.dtype, tuple((d,) for d in range(leaf.ndim)))
-        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 2 else None
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 2
+        else None
         for path, leaf in zip((p for p, _ in leaves), abstract)
     ]
     uses: Uses = {}
@@ -193,8 +196,11 @@ def _reshape(eqn: Any, ins: list, uses: Uses) -> list:
     (a size-1 piece of a split axis).
     """
     t = ins[0]
-    blocks = None if t is None else reshape_blocks(tuple(eqn.invars[0].aval.shape),
-                                                   tuple(eqn.outvars[0].aval.shape))
+    blocks = (
+        None
+        if t is None
+        else reshape_blocks(tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape))
+    )
     if blocks is None:
         return _none(eqn)
     groups: list[tuple[int, ...]] = [()] * len(eqn.outvars[0].aval.shape)
@@ -220,6 +226,7 @@ def _slice(eqn: Any, ins: list, uses: Uses) -> list:
 
 
 # ---- steps: calls and control flow -----------------------------------------------------------
+
 
 def _call(eqn: Any, ins: list, uses: Uses) -> list:
     """A plain call: the kernel flows in and out of its body."""
@@ -247,7 +254,7 @@ def _while(eqn: Any, ins: list, uses: Uses) -> list:
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     carry = [None] * (len(ins) - nc - nb)
     _walk(P.as_open(p["cond_jaxpr"])[0], ins[:nc] + carry, uses)
-    _walk(P.as_open(p["body_jaxpr"])[0], ins[nc:nc + nb] + carry, uses)
+    _walk(P.as_open(p["body_jaxpr"])[0], ins[nc : nc + nb] + carry, uses)
     return _none(eqn)
 
 
@@ -255,14 +262,18 @@ def _scan(eqn: Any, ins: list, uses: Uses) -> list:
     """Constants flow in as they are; a scanned kernel loses its first axis, which is ``s``."""
     p = eqn.params
     nc, ncarry = P.scan_operands(p)
-    xs = [None if t is None else t.then(_SCANNED, groups=t.groups[1:],
-                                        fixed=t.fixed | set(t.groups[0]))
-          for t in ins[nc + ncarry:]]
+    xs = [
+        None
+        if t is None
+        else t.then(_SCANNED, groups=t.groups[1:], fixed=t.fixed | set(t.groups[0]))
+        for t in ins[nc + ncarry :]
+    ]
     _walk(P.as_open(p["jaxpr"])[0], ins[:nc] + [None] * ncarry + xs, uses)
     return _none(eqn)
 
 
 # ---- steps: uses -----------------------------------------------------------------------------
+
 
 def _dot_general(eqn: Any, ins: list, uses: Uses) -> list:
     """Contracted axes ``i``, batch axes ``s``, the rest ``o``; a kernel on both sides is
@@ -270,8 +281,7 @@ def _dot_general(eqn: Any, ins: list, uses: Uses) -> list:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     side = 1 if ins[1] is not None else 0
     t, contracted, batch = ins[side], (lc, rc)[side], (lb, rb)[side]
-    letters = ["i" if d in contracted else "s" if d in batch else "o"
-               for d in range(len(t.groups))]
+    letters = ["i" if d in contracted else "s" if d in batch else "o" for d in range(len(t.groups))]
     _record(uses, t, letters, "dense", eqn, side)
     return _none(eqn)
 
@@ -281,8 +291,7 @@ def _conv(eqn: Any, ins: list, uses: Uses) -> list:
     t = ins[1]
     if t is not None and ins[0] is None:
         o_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-        _record(uses, t, ["o" if d == o_dim else "i" for d in range(len(t.groups))], "conv",
-                eqn, 1)
+        _record(uses, t, ["o" if d == o_dim else "i" for d in range(len(t.groups))], "conv", eqn, 1)
     return _none(eqn)
 
 
@@ -291,13 +300,15 @@ def _gather(eqn: Any, ins: list, uses: Uses) -> list:
     t = ins[0]
     if t is not None and ins[1] is None:
         collapsed = set(eqn.params["dimension_numbers"].collapsed_slice_dims)
-        _record(uses, t, ["i" if d in collapsed else "o" for d in range(len(t.groups))],
-                "embed", eqn, 0)
+        _record(
+            uses, t, ["i" if d in collapsed else "o" for d in range(len(t.groups))], "embed", eqn, 0
+        )
     return _none(eqn)
 
 
-def _record(uses: Uses, t: _Tracked, letters: list[str], kind: str, eqn: Any,
-            position: int) -> None:
+def _record(
+    uses: Uses, t: _Tracked, letters: list[str], kind: str, eqn: Any, position: int
+) -> None:
     """Records the layout the letters of a use give ``t``'s leaf, if ``implicit`` runs that
     use low-rank with it.
 
@@ -349,24 +360,42 @@ def _runs_low_rank(t: _Tracked, layout: str, eqn: Any, position: int) -> bool:
 
 def _operands(eqn: Any) -> list[Any]:
     """Placeholders of ``eqn``'s operands' shapes and dtypes (within ``jax.eval_shape``)."""
-    return [v.val if isinstance(v, jex.Literal) else jnp.zeros(v.aval.shape, v.aval.dtype)
-            for v in eqn.invars]
+    return [
+        v.val if isinstance(v, jex.Literal) else jnp.zeros(v.aval.shape, v.aval.dtype)
+        for v in eqn.invars
+    ]
 
 
 def _abstract_view(t: _Tracked, layout: str) -> LoraView:
     """A rank-1 view of ``t``'s leaf with ``layout``, as ``implicit`` would carry it."""
     a_shape, b_shape = KernelLayout(layout).factor_shapes(t.shape, rank=1)
-    return LoraView(jnp.zeros(t.shape, t.dtype), jnp.zeros(a_shape), jnp.zeros(b_shape),
-                    roles_of(layout), 1.0, jnp.dtype(t.dtype), t.path)
+    return LoraView(
+        jnp.zeros(t.shape, t.dtype),
+        jnp.zeros(a_shape),
+        jnp.zeros(b_shape),
+        roles_of(layout),
+        1.0,
+        jnp.dtype(t.dtype),
+        t.path,
+    )
 
 
 #: ``{primitive name: step}``: how a tracked kernel passes through each primitive
 #: ``implicit`` has a rule for (:data:`lora_jax._implicit.interpreter.RULES`); any other
 #: primitive ends the kernel's path.
-STEPS: dict[str, Step] = P.by_name({
-    (P.CONVERT, P.COPY, P.SHARDING_CONSTRAINT): _follow,
-    P.TRANSPOSE: _transpose, (P.RESHAPE, P.SQUEEZE): _reshape,
-    (P.SLICE, P.DYNAMIC_SLICE): _slice,
-    P.DOT_GENERAL: _dot_general, P.CONV: _conv, P.GATHER: _gather,
-    P.COND: _cond, P.WHILE: _while, P.SCAN: _scan, P.CALLS: _call, P.REMAT: _remat,
-})
+STEPS: dict[str, Step] = P.by_name(
+    {
+        (P.CONVERT, P.COPY, P.SHARDING_CONSTRAINT): _follow,
+        P.TRANSPOSE: _transpose,
+        (P.RESHAPE, P.SQUEEZE): _reshape,
+        (P.SLICE, P.DYNAMIC_SLICE): _slice,
+        P.DOT_GENERAL: _dot_general,
+        P.CONV: _conv,
+        P.GATHER: _gather,
+        P.COND: _cond,
+        P.WHILE: _while,
+        P.SCAN: _scan,
+        P.CALLS: _call,
+        P.REMAT: _remat,
+    }
+)

@@ -16,7 +16,8 @@ operands already flattened to ``x: (*batch, M, K)``, ``a: (*batch, K, r)``,
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +118,15 @@ low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def low_rank_rebuilt(x: Array, leaves: tuple, a: Array, b: Array, scale: float,
-                     precision: Any, rebuild: Callable[[tuple], Array]) -> Array:
+def low_rank_rebuilt(
+    x: Array,
+    leaves: tuple,
+    a: Array,
+    b: Array,
+    scale: float,
+    precision: Any,
+    rebuild: Callable[[tuple], Array],
+) -> Array:
     """:func:`low_rank` that saves ``leaves`` instead of ``x`` for the backward.
 
     ``rebuild(leaves)`` must equal ``x``; the backward recomputes ``x`` from
@@ -154,8 +162,9 @@ def _after(leaves: tuple, db: Array) -> tuple:
     if not db.size:
         return leaves
     zero = db.reshape(-1)[0] * 0
-    return tuple(v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v
-                 for v in leaves)
+    return tuple(
+        v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v for v in leaves
+    )
 
 
 def _rebuilt_bwd(scale, precision, rebuild, res, g):

@@ -37,7 +37,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jax.extend import core as jex
 
@@ -68,8 +69,9 @@ SHARDING_CONSTRAINT = "sharding_constraint"
 #: Operations that move, cut or recast a kernel without mixing its entries:
 #: a low-rank view follows them (``reduce_precision`` is not one: it rounds
 #: ``W + s * A @ B``, which no factor of it can do).
-KERNEL_LAYOUT = frozenset({CONVERT, COPY, TRANSPOSE, RESHAPE, SQUEEZE, SLICE, DYNAMIC_SLICE,
-                           SHARDING_CONSTRAINT})
+KERNEL_LAYOUT = frozenset(
+    {CONVERT, COPY, TRANSPOSE, RESHAPE, SQUEEZE, SLICE, DYNAMIC_SLICE, SHARDING_CONSTRAINT}
+)
 
 # ---- where a kernel meets its input ----------------------------------------------------
 DOT_GENERAL = "dot_general"
@@ -81,19 +83,49 @@ KERNEL_USES = frozenset({DOT_GENERAL, CONV, GATHER})
 #: Outputs of these are kept by their own derivative (``d tanh = 1 - tanh^2``).
 OUTPUT_KEPT = frozenset({"tanh", "exp"})
 #: Unary, non-linear.
-UNARY = frozenset({
-    "tanh", "exp", "exp2", "log", "log1p", "logistic", "erf", "erfc", "erf_inv", "sin", "cos",
-    "rsqrt", "sqrt", "cbrt", "integer_pow", "square", "abs", "sign", "expm1",
-})
+UNARY = frozenset(
+    {
+        "tanh",
+        "exp",
+        "exp2",
+        "log",
+        "log1p",
+        "logistic",
+        "erf",
+        "erfc",
+        "erf_inv",
+        "sin",
+        "cos",
+        "rsqrt",
+        "sqrt",
+        "cbrt",
+        "integer_pow",
+        "square",
+        "abs",
+        "sign",
+        "expm1",
+    }
+)
 #: Binary ops whose derivative needs both operands (so autodiff keeps them).
 BINARY = frozenset({"mul", "div", "max", "min", "pow", "atan2"})
 #: Elementwise ops that keep only a mask, or nothing, of their value operands.
 SELECT = frozenset({"select_n", "clamp"})
 #: Linear or layout only (their derivative keeps nothing).
-LINEAR = frozenset({
-    "add", "sub", "neg", "add_any", "broadcast_in_dim", RESHAPE, SQUEEZE, TRANSPOSE, CONVERT,
-    COPY, "reduce_precision",
-})
+LINEAR = frozenset(
+    {
+        "add",
+        "sub",
+        "neg",
+        "add_any",
+        "broadcast_in_dim",
+        RESHAPE,
+        SQUEEZE,
+        TRANSPOSE,
+        CONVERT,
+        COPY,
+        "reduce_precision",
+    }
+)
 
 _BODY_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 

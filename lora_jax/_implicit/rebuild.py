@@ -28,12 +28,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jax.extend import core as jex
 
-from lora_jax._implicit.primitives import (BINARY, CALLS, CUSTOM_JVP, LINEAR, OUTPUT_KEPT, SELECT, UNARY,
-                                  sub_jaxpr)
+from lora_jax._implicit.primitives import (
+    BINARY,
+    CALLS,
+    CUSTOM_JVP,
+    LINEAR,
+    OUTPUT_KEPT,
+    SELECT,
+    UNARY,
+    sub_jaxpr,
+)
 
 # A chain may contain elementwise or layout equations (one output each; the
 # groups in lora_jax._implicit.primitives say what each one's derivative keeps), and
@@ -63,8 +72,9 @@ class Chain:
     eqns: tuple[Any, ...]
     out: Any
 
-    def rebuild(self, bind: Callable[[Any, Sequence[Any]], list[Any]],
-                values: Sequence[Any]) -> Any:
+    def rebuild(
+        self, bind: Callable[[Any, Sequence[Any]], list[Any]], values: Sequence[Any]
+    ) -> Any:
         """Evaluates the chain on ``values`` (one per leaf) with ``bind(eqn, invals)``."""
         env = dict(zip(self.leaves, values))
         read = lambda v: v.val if isinstance(v, jex.Literal) else env[v]  # noqa: E731
@@ -115,9 +125,11 @@ def _kept(graph: Graph, v: Any) -> bool:
     _, eqn = graph.produced.get(v, (-1, None))
     if eqn is not None and eqn.primitive.name in OUTPUT_KEPT:
         return True
-    return any(e.primitive.name in BINARY
-               and any(not isinstance(u, jex.Literal) and u is not v for u in e.invars)
-               for e in graph.consumers.get(v, ()))
+    return any(
+        e.primitive.name in BINARY
+        and any(not isinstance(u, jex.Literal) and u is not v for u in e.invars)
+        for e in graph.consumers.get(v, ())
+    )
 
 
 def input_chain(graph: Graph, x: Any) -> Chain | None:
@@ -148,8 +160,11 @@ def input_chain(graph: Graph, x: Any) -> Chain | None:
         if v is x or not _kept(graph, v):
             return True
         _, eqn = graph.produced.get(v, (-1, None))  # a broadcast of small values: rebuild it
-        return eqn is not None and _allowed(eqn) and all(
-            isinstance(u, jex.Literal) or _size(u) <= limit for u in eqn.invars)
+        return (
+            eqn is not None
+            and _allowed(eqn)
+            and all(isinstance(u, jex.Literal) or _size(u) <= limit for u in eqn.invars)
+        )
 
     while len(region) < MAX_EQNS:
         todo = [v for v in frontier if must_expand(v)]

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ Source = tuple[tuple, Callable[[tuple], Array]]
 
 
 # ---- dot_general ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class DotAxes:
@@ -82,7 +84,7 @@ class DotAxes:
     k_free: list[int]
 
     @staticmethod
-    def of(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict) -> "DotAxes | None":
+    def of(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict) -> DotAxes | None:
         """The axes of one use, or None when it does not fit (see :func:`dot_general_rule`)."""
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
@@ -90,7 +92,8 @@ class DotAxes:
         if contracted is None:
             return None
         in_role_order = lambda ks, xs: [  # noqa: E731
-            x_d for _, x_d in sorted(zip((view.roles[d][1] for d in ks), xs))]
+            x_d for _, x_d in sorted(zip((view.roles[d][1] for d in ks), xs))
+        ]
         xb_sorted, xc_sorted = in_role_order(kb, xb), in_role_order(kc, xc)
         x_free = [d for d in range(x.ndim) if d not in xb and d not in xc]
         k_free = [d for d in range(len(view.roles)) if d not in kc and d not in kb]
@@ -98,13 +101,18 @@ class DotAxes:
         x_axes = [ns + i for i in range(nm)]
         k_axes = [ns + nm + view.roles[d][1] for d in k_free]
         return DotAxes(
-            kernel_is_rhs, contracted, xb_sorted + x_free + xc_sorted,
-            tuple(x.shape[d] for d in xb_sorted), tuple(x.shape[d] for d in x_free),
+            kernel_is_rhs,
+            contracted,
+            xb_sorted + x_free + xc_sorted,
+            tuple(x.shape[d] for d in xb_sorted),
+            tuple(x.shape[d] for d in x_free),
             math.prod(x.shape[d] for d in xc),
             tuple(view.shape[d] for d in sorted(k_free, key=lambda d: view.roles[d][1])),
-            [view.roles[d][1] for d in kb] + (x_axes + k_axes if kernel_is_rhs
-                                               else k_axes + x_axes),
-            tuple(kb), k_free)
+            [view.roles[d][1] for d in kb]
+            + (x_axes + k_axes if kernel_is_rhs else k_axes + x_axes),
+            tuple(kb),
+            k_free,
+        )
 
     def canonical(self, v: Array) -> Array:
         """An input ``v`` shaped like ``x`` as ``(*stack, M, K)``."""
@@ -117,9 +125,14 @@ class DotAxes:
         return jnp.transpose(y, self.out_order)
 
 
-def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict,
-                     dropout: Dropout | None = None, source: Source | None = None
-                     ) -> Array | None:
+def dot_general_rule(
+    x: Array,
+    view: LoraView,
+    kernel_is_rhs: bool,
+    params: dict,
+    dropout: Dropout | None = None,
+    source: Source | None = None,
+) -> Array | None:
     """``dot_general(x, W)`` (or ``dot_general(W, x)``) with ``W`` a LoRA view.
 
     Returns ``None`` when the contraction is not over exactly the fan-in (or
@@ -152,22 +165,39 @@ def dot_general_rule(x: Array, view: LoraView, kernel_is_rhs: bool, params: dict
     return out * _dora_dot_ratio(view, dot).astype(out.dtype)
 
 
-def _branch(x: Array, view: LoraView, dot: DotAxes, fa: Array, fb: Array, precision: Any,
-            dropout: Dropout | None, source: Source | None) -> Array:
+def _branch(
+    x: Array,
+    view: LoraView,
+    dot: DotAxes,
+    fa: Array,
+    fb: Array,
+    precision: Any,
+    dropout: Dropout | None,
+    source: Source | None,
+) -> Array:
     """``s (x @ A) @ B`` as ``(*stack, M, N)``: saving ``x``, or rebuilding it from ``source``."""
     r = fa.shape[-1]
-    factors = lambda: (fa.astype(view.dtype).reshape(dot.stack + (-1, r)),  # noqa: E731
-                       fb.astype(view.dtype).reshape(dot.stack + (r, math.prod(dot.out_shape))))
+    factors = lambda: (
+        fa.astype(view.dtype).reshape(dot.stack + (-1, r)),  # noqa: E731
+        fb.astype(view.dtype).reshape(dot.stack + (r, math.prod(dot.out_shape))),
+    )
     if source is None or dropout is not None:
         xd = x if dropout is None else dropout(x)
         return low_rank(dot.canonical(xd), *factors(), view.scale, precision)
     leaves, rebuild = source
-    return low_rank_rebuilt(dot.canonical(x), leaves, *factors(), view.scale, precision,
-                            lambda ls: dot.canonical(rebuild(ls)))
+    return low_rank_rebuilt(
+        dot.canonical(x),
+        leaves,
+        *factors(),
+        view.scale,
+        precision,
+        lambda ls: dot.canonical(rebuild(ls)),
+    )
 
 
 def dot_base(view: LoraView, x: Array, params: dict, kernel_is_rhs: bool) -> Array:
     """The base product ``dot_general(x, stop_gradient(W))`` as the model wrote it."""
+
     def product(x_: Array, w: Array) -> Array:
         return lax.dot_general_p.bind(*((x_, w) if kernel_is_rhs else (w, x_)), **params)
 
@@ -189,8 +219,10 @@ def _contracted_role(view: LoraView, kc: Sequence[int], kb: Sequence[int]) -> st
     (contracted,) = kinds
     if len(kc) != sum(k == contracted for k, _ in view.roles):
         return None
-    if sorted(view.roles[d][1] for d in kb if view.roles[d][0] == "s") != list(
-            range(view.n_stack)) or len(kb) != view.n_stack:
+    if (
+        sorted(view.roles[d][1] for d in kb if view.roles[d][0] == "s") != list(range(view.n_stack))
+        or len(kb) != view.n_stack
+    ):
         return None
     if view.magnitude is not None and contracted != "i":
         return None  # DoRA through x @ W.T: materialise (rare: a tied DoRA embedding)
@@ -201,8 +233,10 @@ def _dora_dot_ratio(view: LoraView, dot: DotAxes) -> Array:
     """DoRA's ``m / ||W + sAB||`` arranged to broadcast against ``dot_general``'s output
     (batch axes, then lhs free, then rhs free)."""
     ns = view.n_stack
-    ratio = jnp.transpose(view.dora_ratio(), [view.roles[d][1] for d in dot.kb]
-                          + [ns + view.roles[d][1] for d in dot.k_free])
+    ratio = jnp.transpose(
+        view.dora_ratio(),
+        [view.roles[d][1] for d in dot.kb] + [ns + view.roles[d][1] for d in dot.k_free],
+    )
     sizes = [view.shape[d] for d in dot.k_free]
     ones = [1] * len(dot.m_shape)
     batch = [view.shape[d] for d in dot.kb]
@@ -210,6 +244,7 @@ def _dora_dot_ratio(view: LoraView, dot: DotAxes) -> Array:
 
 
 # ---- conv_general_dilated ---------------------------------------------------------------------
+
 
 def conv_axes(view: LoraView, params: dict) -> tuple[list[int], int] | None:
     """``(perm, feature)``: ``perm`` transposes ``A`` ``(*fan_in, r)`` into the conv kernel's
@@ -233,8 +268,9 @@ def conv_base(view: LoraView, x: Array, params: dict) -> Array:
     return view.with_frozen(lambda x_, w: lax.conv_general_dilated_p.bind(x_, w, **params), x)
 
 
-def conv_rule(x: Array, view: LoraView, params: dict,
-              dropout: Dropout | None = None) -> Array | None:
+def conv_rule(
+    x: Array, view: LoraView, params: dict, dropout: Dropout | None = None
+) -> Array | None:
     """``conv_general_dilated(x, W)``: a full-window conv into ``r`` channels, then ``@ B``.
 
     Returns ``None`` where :func:`conv_axes` does.
@@ -253,6 +289,7 @@ def conv_rule(x: Array, view: LoraView, params: dict,
 
 
 # ---- gather (embedding lookup) ----------------------------------------------------------------
+
 
 def gather_axes(view: LoraView, params: dict) -> tuple[list[int], dict] | None:
     """``(perm, a_params)``: ``perm`` transposes ``A`` ``(*fan_in, r)`` into the table's axis
@@ -274,8 +311,9 @@ def gather_axes(view: LoraView, params: dict) -> tuple[list[int], dict] | None:
         return None
     perm = [len(ins) if d == o_dim else j for d, (_, j) in enumerate(view.roles)]
     r = view.rank
-    return perm, dict(params, slice_sizes=tuple(r if d == o_dim else s
-                                                for d, s in enumerate(sizes)))
+    return perm, dict(
+        params, slice_sizes=tuple(r if d == o_dim else s for d, s in enumerate(sizes))
+    )
 
 
 def gather_base(view: LoraView, indices: Array, params: dict) -> Array:
@@ -302,8 +340,7 @@ def gather_rule(view: LoraView, indices: Array, params: dict) -> Array | None:
     return _dora_scaled(base + y.astype(base.dtype), view, pos)
 
 
-def times_b(u: Array, b: Array, scale: Any, axis: int, dtype: Any, precision: Any = None
-            ) -> Array:
+def times_b(u: Array, b: Array, scale: Any, axis: int, dtype: Any, precision: Any = None) -> Array:
     """``scale * u @ B`` over ``u``'s rank axis ``axis``, whose place the fan-out takes: the
     second half of a conv or lookup branch (``u`` the conv or lookup through ``A``).
 
@@ -320,4 +357,6 @@ def _dora_scaled(out: Array, view: LoraView, feature_axis: int) -> Array:
     if view.magnitude is None:
         return out
     ratio = view.dora_ratio().astype(out.dtype)
-    return out * jnp.expand_dims(ratio, [d for d in range(out.ndim) if d != feature_axis % out.ndim])
+    return out * jnp.expand_dims(
+        ratio, [d for d in range(out.ndim) if d != feature_axis % out.ndim]
+    )

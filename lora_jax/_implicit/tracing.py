@@ -8,7 +8,8 @@ traces as it runs.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,8 +39,9 @@ def split_static(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any]]:
     return [leaves[i] for i in slots], rebuild
 
 
-def trace(fn: Callable[..., Any], treedef: Any, leaves: Sequence[Any], args: tuple,
-          kwargs: dict) -> tuple[Any, Any, list[Any]]:
+def trace(
+    fn: Callable[..., Any], treedef: Any, leaves: Sequence[Any], args: tuple, kwargs: dict
+) -> tuple[Any, Any, list[Any]]:
     """Traces ``fn(unflatten(treedef, leaves), *args, **kwargs)``.
 
     Returns:

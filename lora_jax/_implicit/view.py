@@ -67,27 +67,30 @@ class LoraView:
     magnitude: Any = None
 
     @staticmethod
-    def of(path: str, w: Array | LazyKernel, f: LoraFactors) -> "LoraView":
+    def of(path: str, w: Array | LazyKernel, f: LoraFactors) -> LoraView:
         """The view of kernel ``w`` (layout order as stored) with factors ``f``."""
         f = f.all_layers()
-        return LoraView(w, f.a, f.b, roles_of(f.layout.axes), f.scale, jnp.dtype(w.dtype), path,
-                        f.magnitude)
+        return LoraView(
+            w, f.a, f.b, roles_of(f.layout.axes), f.scale, jnp.dtype(w.dtype), path, f.magnitude
+        )
 
     @staticmethod
-    def of_quantized(path: str, q: Any, f: Any) -> "LoraView":
+    def of_quantized(path: str, q: Any, f: Any) -> LoraView:
         """The view of a quantized kernel ``q`` (a :class:`~lora_jax.QuantizedArray`), carried
         as a :class:`~lora_jax._quant.lazy_kernel.LazyKernel`; without factors (``f`` None) the view has
         rank 0, so the kernel is still dequantized only where it is used."""
         if f is not None and not isinstance(f, LoraFactors):
             raise LoraStructureError(
                 f"leaf {path!r} is quantized and cannot be trained in full (a LeafDelta); "
-                "keep it dense, or adapt it with LoRA factors")
+                "keep it dense, or adapt it with LoRA factors"
+            )
         if f is not None:
             stacked = lambda axes: [d for d, c in enumerate(axes) if c == "s"]  # noqa: E731
             if stacked(f.layout.axes) != stacked(q.axes):
                 raise LoraStructureError(
                     f"leaf {path!r}: quantized with axes {q.axes!r} but the delta's layout is "
-                    f"{f.layout.axes!r}; their stacked axes must agree")
+                    f"{f.layout.axes!r}; their stacked axes must agree"
+                )
             return LoraView.of(path, LazyKernel(q), f)
         pick = lambda c: tuple(n for n, k in zip(q.shape, q.axes) if k == c)  # noqa: E731
         a = jnp.zeros(pick("s") + pick("i") + (0,), q.dtype)
@@ -113,7 +116,7 @@ class LoraView:
     def shape(self) -> tuple[int, ...]:
         return tuple(np.shape(self.w))
 
-    def replace(self, **changes: Any) -> "LoraView":
+    def replace(self, **changes: Any) -> LoraView:
         return dataclasses.replace(self, **changes)
 
     def frozen(self) -> Array:
@@ -163,21 +166,24 @@ class LoraView:
         """Arranges a ``(*stack, *fan_out)`` array to broadcast against the current axes."""
         ns = self.n_stack
         present = [d for d, (k, _) in enumerate(self.roles) if k in keep]
-        src = [self.roles[d][1] if self.roles[d][0] == "s" else ns + self.roles[d][1]
-               for d in present]
+        src = [
+            self.roles[d][1] if self.roles[d][0] == "s" else ns + self.roles[d][1] for d in present
+        ]
         x = jnp.transpose(x, src)
         shape = [1] * len(self.roles)
         for d in present:
             shape[d] = self.w.shape[d]
         return x.reshape(shape)
 
-    def transpose(self, permutation: tuple[int, ...]) -> "LoraView":
-        w = (self.w.transpose(permutation) if isinstance(self.w, LazyKernel)
-             else jnp.transpose(self.w, permutation))
-        return self.replace(w=w,
-                            roles=tuple(self.roles[p] for p in permutation))
+    def transpose(self, permutation: tuple[int, ...]) -> LoraView:
+        w = (
+            self.w.transpose(permutation)
+            if isinstance(self.w, LazyKernel)
+            else jnp.transpose(self.w, permutation)
+        )
+        return self.replace(w=w, roles=tuple(self.roles[p] for p in permutation))
 
-    def reshape(self, new_sizes: tuple[int, ...]) -> "LoraView | None":
+    def reshape(self, new_sizes: tuple[int, ...]) -> LoraView | None:
         """The view of ``reshape(w, new_sizes)``, or None when the reshape mixes roles.
 
         A reshape that only splits or merges axes of one role, in their factor
@@ -201,18 +207,22 @@ class LoraView:
         roles, sizes, dropped = plan
         ns, ex = self.n_stack, self.n_lead
         pre = tuple(np.shape(self.a)[:ex])
-        stack = tuple(n for j, n in enumerate(np.shape(self.a)[ex:ex + ns]) if j not in dropped)
+        stack = tuple(n for j, n in enumerate(np.shape(self.a)[ex : ex + ns]) if j not in dropped)
         r = np.shape(self.a)[-1]
         mag = self.magnitude
         return self.replace(
-            w=(self.w.reshape(tuple(new_sizes)) if isinstance(self.w, LazyKernel)
-               else jnp.reshape(self.w, new_sizes)), roles=roles,
+            w=(
+                self.w.reshape(tuple(new_sizes))
+                if isinstance(self.w, LazyKernel)
+                else jnp.reshape(self.w, new_sizes)
+            ),
+            roles=roles,
             a=jnp.reshape(self.a, pre + stack + sizes["i"] + (r,)),
             b=jnp.reshape(self.b, pre + stack + (r,) + sizes["o"]),
-            magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]))
+            magnitude=None if mag is None else jnp.reshape(mag, stack + sizes["o"]),
+        )
 
-    def slice_stack(self, starts: list[Any], sizes: list[int],
-                    slicer: Any) -> "LoraView | None":
+    def slice_stack(self, starts: list[Any], sizes: list[int], slicer: Any) -> LoraView | None:
         """The view of a slice that cuts only stacked axes (fan-in and fan-out whole).
 
         ``slicer(x, starts, sizes)`` slices an array (``lax.slice`` or
@@ -222,7 +232,7 @@ class LoraView:
         """
         ns, ex = self.n_stack, self.n_lead
         f_starts: list[Any] = [0] * ns
-        f_sizes = list(np.shape(self.a)[ex:ex + ns])
+        f_sizes = list(np.shape(self.a)[ex : ex + ns])
         for d, (kind, j) in enumerate(self.roles):
             if kind != "s":
                 if sizes[d] != self.shape[d]:
@@ -233,7 +243,7 @@ class LoraView:
         def cut(x: Any) -> Any:
             if x is None:
                 return None
-            pre, rest = list(np.shape(x)[:ex]), list(np.shape(x)[ex + ns:])
+            pre, rest = list(np.shape(x)[:ex]), list(np.shape(x)[ex + ns :])
             return slicer(x, [0] * ex + f_starts + [0] * len(rest), pre + f_sizes + rest)
 
         w = self.w
@@ -241,8 +251,7 @@ class LoraView:
             w = w.slice_stack(list(starts), list(sizes), slicer) or w.dense()
         if not isinstance(w, LazyKernel):
             w = slicer(w, list(starts), list(sizes))
-        return self.replace(w=w, a=cut(self.a),
-                            b=cut(self.b), magnitude=cut(self.magnitude))
+        return self.replace(w=w, a=cut(self.a), b=cut(self.b), magnitude=cut(self.magnitude))
 
     def factor_pair(self, contracted: str) -> tuple[Array, Array]:
         """Factors ordered so that the first one meets the contracted side.
@@ -257,7 +266,7 @@ class LoraView:
         ns = self.n_stack + self.n_lead
         return jnp.moveaxis(self.b, ns, -1), jnp.moveaxis(self.a, -1, ns)
 
-    def sliced(self, axis_role: Role) -> "LoraView":
+    def sliced(self, axis_role: Role) -> LoraView:
         """The view with stacked axis ``axis_role`` moved to the front of ``a``, ``b``
         (and the magnitude), and the roles of one slice: scanned by ``lax.scan``,
         it yields the per-layer views."""
@@ -267,8 +276,13 @@ class LoraView:
         w = self.w
         if isinstance(w, LazyKernel):  # one layer's codes per scan step, else dense
             w = w.scanned() or w.dense()
-        return self.replace(w=w, a=move(self.a), b=move(self.b), magnitude=move(self.magnitude),
-                            roles=drop_stack_role(self.roles, axis_role))
+        return self.replace(
+            w=w,
+            a=move(self.a),
+            b=move(self.b),
+            magnitude=move(self.magnitude),
+            roles=drop_stack_role(self.roles, axis_role),
+        )
 
 
 def roles_of(axes: str) -> tuple[Role, ...]:
@@ -281,8 +295,9 @@ def roles_of(axes: str) -> tuple[Role, ...]:
     return tuple((letter, axes[:n].count(letter)) for n, letter in enumerate(axes))
 
 
-def reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
-                   ) -> list[tuple[list[int], list[int]]] | None:
+def reshape_blocks(
+    old: tuple[int, ...], new: tuple[int, ...]
+) -> list[tuple[list[int], list[int]]] | None:
     """Pairs of (old axes, new axes) groups with equal sizes, or None.
 
     Size-1 old axes may form a group with no new axes; a group with no old
@@ -329,8 +344,9 @@ def reshape_blocks(old: tuple[int, ...], new: tuple[int, ...]
 Span = tuple[int, tuple[int, ...], list[int]]
 
 
-def _reshaped_roles(roles: tuple[Role, ...], old: tuple[int, ...], new_sizes: tuple[int, ...]
-                    ) -> tuple[tuple[Role, ...], dict[str, tuple[int, ...]], list[int]] | None:
+def _reshaped_roles(
+    roles: tuple[Role, ...], old: tuple[int, ...], new_sizes: tuple[int, ...]
+) -> tuple[tuple[Role, ...], dict[str, tuple[int, ...]], list[int]] | None:
     """``(new roles, {"i": fan-in sizes, "o": fan-out sizes}, dropped stacked axes)`` of a
     kernel with ``roles`` reshaped from ``old`` to ``new_sizes``; None when it mixes roles.
 
@@ -362,8 +378,9 @@ def _reshaped_roles(roles: tuple[Role, ...], old: tuple[int, ...], new_sizes: tu
     return tuple(out), sizes, dropped
 
 
-def _role_spans(roles: tuple[Role, ...], blocks: list[tuple[list[int], list[int]]],
-                new_sizes: tuple[int, ...]) -> tuple[dict[str, list[Span]], list[int]] | None:
+def _role_spans(
+    roles: tuple[Role, ...], blocks: list[tuple[list[int], list[int]]], new_sizes: tuple[int, ...]
+) -> tuple[dict[str, list[Span]], list[int]] | None:
     """The fan-in and fan-out blocks of a reshape, and the size-1 stacked axes it drops;
     None when a block mixes roles, reorders a role's axes or reshapes a stacked axis."""
     spans: dict[str, list[Span]] = {"i": [], "o": []}
@@ -389,12 +406,11 @@ def _role_spans(roles: tuple[Role, ...], blocks: list[tuple[list[int], list[int]
 def drop_stack_role(roles: tuple[Role, ...], removed: Role) -> tuple[Role, ...]:
     """Roles after stacked axis ``removed`` has been sliced away."""
     _, j = removed
-    return tuple(
-        (k, i - 1 if k == "s" and i > j else i) for k, i in roles if (k, i) != removed
-    )
+    return tuple((k, i - 1 if k == "s" and i > j else i) for k, i in roles if (k, i) != removed)
 
 
 jax.tree_util.register_dataclass(
-    LoraView, data_fields=["w", "a", "b", "magnitude"],
-    meta_fields=["roles", "scale", "dtype", "path"]
+    LoraView,
+    data_fields=["w", "a", "b", "magnitude"],
+    meta_fields=["roles", "scale", "dtype", "path"],
 )

@@ -44,7 +44,15 @@ import numpy as np
 
 from lora_jax._errors import LoraArgumentError
 from lora_jax._paths import BaseLeaf
-from lora_jax._quant.codebooks import (DQ_BLOCK, DYNAMIC_TABLE, decode, double_quantize, encode, pack4, unpack4)
+from lora_jax._quant.codebooks import (
+    DQ_BLOCK,
+    DYNAMIC_TABLE,
+    decode,
+    double_quantize,
+    encode,
+    pack4,
+    unpack4,
+)
 
 Array = jax.Array
 
@@ -98,9 +106,11 @@ class QuantizedArray(BaseLeaf):
     @property
     def nbytes(self) -> int:
         """Bytes stored: codes, scales and double-quantization data."""
-        return sum(int(np.size(x)) * np.dtype(x.dtype).itemsize
-                   for x in (self.codes, self.scales, self.dq_scales, self.dq_offset)
-                   if x is not None)
+        return sum(
+            int(np.size(x)) * np.dtype(x.dtype).itemsize
+            for x in (self.codes, self.scales, self.dq_scales, self.dq_offset)
+            if x is not None
+        )
 
     @property
     def bits_per_param(self) -> float:
@@ -114,13 +124,17 @@ class QuantizedArray(BaseLeaf):
     def __repr__(self) -> str:
         bs = "per-channel" if self.block_size is None else f"block {self.block_size}"
         dq = " + double quant" if self.dq_scales is not None else ""
-        return (f"QuantizedArray({self.scheme}{dq}, {bs}, shape={self.shape}, "
-                f"dtype={np.dtype(self.dtype).name}, axes={self.axes!r})")
+        return (
+            f"QuantizedArray({self.scheme}{dq}, {bs}, shape={self.shape}, "
+            f"dtype={np.dtype(self.dtype).name}, axes={self.axes!r})"
+        )
 
 
 jax.tree_util.register_dataclass(
-    QuantizedArray, data_fields=["codes", "scales", "dq_scales", "dq_offset"],
-    meta_fields=["shape", "dtype", "scheme", "block_size", "axes"])
+    QuantizedArray,
+    data_fields=["codes", "scales", "dq_scales", "dq_offset"],
+    meta_fields=["shape", "dtype", "scheme", "block_size", "axes"],
+)
 
 
 def is_quantized(x: Any) -> bool:
@@ -162,8 +176,9 @@ def layer_shaped(shape: tuple[int, ...], axes: str, scheme: str, block_size: int
     return shape[rest[-1]] % row_unit(scheme, block_size) == 0
 
 
-def _stored_shapes(shape: tuple[int, ...], axes: str, scheme: str,
-                   block_size: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _stored_shapes(
+    shape: tuple[int, ...], axes: str, scheme: str, block_size: int | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of the codes and of blockwise scales (or their 8-bit double-quant codes)."""
     stack_axes, rest_axes, _ = split_axes(axes)
     stack = tuple(shape[k] for k in stack_axes)
@@ -172,15 +187,17 @@ def _stored_shapes(shape: tuple[int, ...], axes: str, scheme: str,
     n = math.prod(rest)
     if not layer_shaped(shape, axes, scheme, block_size):
         return stack + (n // pack,), stack + (n // (block_size or n),)
-    return (stack + rest[:-1] + (rest[-1] // pack,),
-            stack + rest[:-1] + (rest[-1] // (block_size or rest[-1]),))
+    return (
+        stack + rest[:-1] + (rest[-1] // pack,),
+        stack + rest[:-1] + (rest[-1] // (block_size or rest[-1]),),
+    )
 
 
-def _quantize_arrays(w: Array, scheme: str, block_size: int | None, double_quant: bool,
-                     axes: str) -> tuple[Array, Array, Array | None, Array | None]:
+def _quantize_arrays(
+    w: Array, scheme: str, block_size: int | None, double_quant: bool, axes: str
+) -> tuple[Array, Array, Array | None, Array | None]:
     """``(codes, scales, dq_scales, dq_offset)`` of one kernel (see the module docstring)."""
-    codes, scales, dq_scales, dq_offset = _quantize_flat(w, scheme, block_size, double_quant,
-                                                         axes)
+    codes, scales, dq_scales, dq_offset = _quantize_flat(w, scheme, block_size, double_quant, axes)
     code_shape, block_shape = _stored_shapes(tuple(w.shape), axes, scheme, block_size)
     codes = codes.reshape(code_shape)
     if block_size is not None:
@@ -188,8 +205,9 @@ def _quantize_arrays(w: Array, scheme: str, block_size: int | None, double_quant
     return codes, scales, dq_scales, dq_offset
 
 
-def _quantize_flat(w: Array, scheme: str, block_size: int | None, double_quant: bool,
-                   axes: str) -> tuple[Array, Array, Array | None, Array | None]:
+def _quantize_flat(
+    w: Array, scheme: str, block_size: int | None, double_quant: bool, axes: str
+) -> tuple[Array, Array, Array | None, Array | None]:
     """The arrays with each layer flattened (codes ``(*stack, n/pack)``)."""
     stack_axes, rest_axes, _ = split_axes(axes)
     x = jnp.transpose(w.astype(jnp.float32), stack_axes + rest_axes)
@@ -231,7 +249,7 @@ def dequantize_leaf(q: QuantizedArray, dtype: Any = None) -> Array:
         codes = q.codes.astype(jnp.int32)
     else:
         codes = unpack4(q.codes) - (8 if q.scheme == "int4" else 0)
-    vals = decode(codes, q.scheme)   # in the stored shape: every op below is local to a shard
+    vals = decode(codes, q.scheme)  # in the stored shape: every op below is local to a shard
     absmax = q.scales if q.dq_scales is None else _double_dequantize_shaped(q)
     absmax = jnp.asarray(absmax, jnp.float32)
     if q.block_size is not None:
@@ -239,7 +257,7 @@ def dequantize_leaf(q: QuantizedArray, dtype: Any = None) -> Array:
         x = (vals.reshape(blocks) * absmax[..., None]).reshape(stack + rest)
     else:
         x = vals.reshape(stack + rest) * jnp.expand_dims(absmax, _in_positions(q.axes))
-    x = jnp.transpose(x, np.argsort(stack_axes + rest_axes))
+    x = jnp.transpose(x, np.argsort(stack_axes + rest_axes).tolist())
     return x.astype(q.dtype if dtype is None else dtype)
 
 
@@ -257,8 +275,14 @@ def _double_dequantize_shaped(q: QuantizedArray) -> Array:
     return vals * per + offset
 
 
-def quantize_leaf(w: Array, scheme: str, block_size: int | None, double_quant: bool,
-                  axes: str, path: str = "<kernel>") -> QuantizedArray:
+def quantize_leaf(
+    w: Array,
+    scheme: str,
+    block_size: int | None,
+    double_quant: bool,
+    axes: str,
+    path: str = "<kernel>",
+) -> QuantizedArray:
     """Quantizes one kernel ``w`` whose axis roles are ``axes`` (checked, jit-compiled).
 
     Raises:
@@ -274,19 +298,30 @@ def quantize_leaf(w: Array, scheme: str, block_size: int | None, double_quant: b
     if block_size is not None and layer % block_size:
         raise LoraArgumentError(
             f"leaf {path!r}: block_size {block_size} does not divide the {layer} weights of "
-            f"one layer (shape {shape}, axes {axes!r}); blocks never straddle layers")
+            f"one layer (shape {shape}, axes {axes!r}); blocks never straddle layers"
+        )
     if scheme != "int8" and layer % 2:
         raise LoraArgumentError(
             f"leaf {path!r}: {scheme} packs two codes per byte, but one layer holds an odd "
-            f"number of weights ({layer}, shape {shape})")
+            f"number of weights ({layer}, shape {shape})"
+        )
     codes, scales, dq_scales, dq_offset = _quantize_jit(w, scheme, block_size, double_quant, axes)
-    return QuantizedArray(codes, scales, dq_scales, dq_offset, shape=shape,
-                          dtype=np.dtype(w.dtype), scheme=scheme, block_size=block_size,
-                          axes=axes)
+    return QuantizedArray(
+        codes,
+        scales,
+        dq_scales,
+        dq_offset,
+        shape=shape,
+        dtype=np.dtype(w.dtype),
+        scheme=scheme,
+        block_size=block_size,
+        axes=axes,
+    )
 
 
-def storage_shapes(shape: tuple[int, ...], scheme: str, block_size: int | None,
-                   double_quant: bool, axes: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def storage_shapes(
+    shape: tuple[int, ...], scheme: str, block_size: int | None, double_quant: bool, axes: str
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{field: (shape, dtype name)}`` of the arrays a :class:`QuantizedArray` stores.
 
     Example:

@@ -22,12 +22,27 @@ SCHEMES = ("nf4", "int4", "int8")
 DQ_BLOCK = 256
 
 # NormalFloat4 as bitsandbytes defines it (functional.get_4bit_type("nf4")).
-NF4_TABLE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=np.float32)
+NF4_TABLE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
 
 
 def dynamic_table(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
@@ -45,8 +60,7 @@ def dynamic_table(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray
     data: list[float] = []
     non_sign = total_bits - 1
     for i in range(max_exponent_bits):
-        bounds = np.linspace(0.1, 1, 2 ** (i + non_sign - max_exponent_bits) + 1,
-                             dtype=np.float32)
+        bounds = np.linspace(0.1, 1, 2 ** (i + non_sign - max_exponent_bits) + 1, dtype=np.float32)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         data += list((10 ** (-(max_exponent_bits - 1) + i)) * means)
         data += list(-(10 ** (-(max_exponent_bits - 1) + i)) * means)

@@ -21,7 +21,8 @@ with a warning).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +76,13 @@ class LazyKernel:
             x = jnp.transpose(x, arg) if op == "t" else jnp.reshape(x, arg)
         return x
 
-    def transpose(self, perm: tuple[int, ...]) -> "LazyKernel":
+    def transpose(self, perm: tuple[int, ...]) -> LazyKernel:
         perm = tuple(int(p) for p in perm)
         if perm == tuple(range(len(perm))):
             return self
         return LazyKernel(self.q, self.post + (("t", perm),))
 
-    def reshape(self, shape: tuple[int, ...]) -> "LazyKernel":
+    def reshape(self, shape: tuple[int, ...]) -> LazyKernel:
         shape = tuple(int(d) for d in shape)
         if shape == self.shape:
             return self
@@ -90,8 +91,9 @@ class LazyKernel:
             return LazyKernel(_drop_stack_axis(self.q, dropped))
         return LazyKernel(self.q, self.post + (("r", shape),))
 
-    def slice_stack(self, starts: list[Any], sizes: list[int],
-                    slicer: Callable[[Any, list, list], Any]) -> "LazyKernel | None":
+    def slice_stack(
+        self, starts: list[Any], sizes: list[int], slicer: Callable[[Any, list, list], Any]
+    ) -> LazyKernel | None:
         """The kernel cut along stacked axes only (``slicer`` is ``lax.slice``-like), or None."""
         if self.post:
             return None
@@ -105,20 +107,20 @@ class LazyKernel:
         def cut(x):
             if x is None:
                 return None
-            rest = list(np.shape(x)[len(stack_axes):])
+            rest = list(np.shape(x)[len(stack_axes) :])
             return slicer(x, s_starts + [0] * len(rest), s_sizes + rest)
 
         shape = tuple(int(n) for n in sizes)
-        return LazyKernel(dataclasses.replace(
-            q, **{f: cut(getattr(q, f)) for f in FIELDS}, shape=shape))
+        return LazyKernel(
+            dataclasses.replace(q, **{f: cut(getattr(q, f)) for f in FIELDS}, shape=shape)
+        )
 
-    def scanned(self) -> "LazyKernel | None":
+    def scanned(self) -> LazyKernel | None:
         """The per-layer kernel whose stored arrays still hold the leading stacked axis:
         what ``lax.scan`` over axis 0 slices into one layer's kernel (None if it cannot)."""
         if self.post or not self.q.axes.startswith("s"):
             return None
-        return LazyKernel(dataclasses.replace(self.q, shape=self.q.shape[1:],
-                                              axes=self.q.axes[1:]))
+        return LazyKernel(dataclasses.replace(self.q, shape=self.q.shape[1:], axes=self.q.axes[1:]))
 
 
 jax.tree_util.register_dataclass(LazyKernel, data_fields=["q"], meta_fields=["post"])
@@ -129,16 +131,19 @@ def _dropped_stack_axis(k: LazyKernel, shape: tuple[int, ...]) -> int | None:
     if k.post or len(shape) != k.ndim - 1:
         return None
     for d, c in enumerate(k.q.axes):
-        if c == "s" and k.q.shape[d] == 1 and k.q.shape[:d] + k.q.shape[d + 1:] == shape:
+        if c == "s" and k.q.shape[d] == 1 and k.q.shape[:d] + k.q.shape[d + 1 :] == shape:
             return d
     return None
 
 
 def _drop_stack_axis(q: QuantizedArray, d: int) -> QuantizedArray:
     k = q.axes[:d].count("s")  # its position among the stored stacked axes
-    drop = {f: None if getattr(q, f) is None else jnp.squeeze(getattr(q, f), k) for f in FIELDS}
-    return dataclasses.replace(q, **drop, shape=q.shape[:d] + q.shape[d + 1:],
-                               axes=q.axes[:d] + q.axes[d + 1:])
+    drop: dict[str, Any] = {
+        f: None if getattr(q, f) is None else jnp.squeeze(getattr(q, f), k) for f in FIELDS
+    }
+    return dataclasses.replace(
+        q, **drop, shape=q.shape[:d] + q.shape[d + 1 :], axes=q.axes[:d] + q.axes[d + 1 :]
+    )
 
 
 def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) -> Array:
@@ -171,8 +176,9 @@ def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) 
         q = k.q
         zero = jnp.zeros((), jnp.float32) * jnp.ravel(v)[0].astype(jnp.float32)
         field = "scales" if q.dq_scales is None else "dq_scales"
-        q = dataclasses.replace(q, codes=q.codes + zero.astype(q.codes.dtype),
-                                **{field: getattr(q, field) + zero})
+        q = dataclasses.replace(
+            q, codes=q.codes + zero.astype(q.codes.dtype), **{field: getattr(q, field) + zero}
+        )
         return dataclasses.replace(k, q=q).dense(dtype)
 
     @jax.custom_vjp
@@ -180,7 +186,7 @@ def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) 
         return fn(x_, tied(k, x_))
 
     def forward(x_, k):
-        return fn(x_, tied(k, x_)), k   # linear in x: the backward needs only W
+        return fn(x_, tied(k, x_)), k  # linear in x: the backward needs only W
 
     def backward(k, g):
         w = tied(k, g)

@@ -57,9 +57,11 @@ def _like(q: QuantizedArray, w: Array, path: str) -> QuantizedArray:
     if tuple(w.shape) != q.shape:
         raise LoraStructureError(
             f"leaf {path!r}: the merged kernel has shape {tuple(w.shape)}, the quantized base "
-            f"{q.shape}")
-    return quantize_leaf(jnp.asarray(w), q.scheme, q.block_size, q.dq_scales is not None,
-                         q.axes, path)
+            f"{q.shape}"
+        )
+    return quantize_leaf(
+        jnp.asarray(w), q.scheme, q.block_size, q.dq_scales is not None, q.axes, path
+    )
 
 
 def requantize(merged: Any, base: Any) -> tuple[Any, dict[str, RequantReport]]:
@@ -92,7 +94,8 @@ def requantize(merged: Any, base: Any) -> tuple[Any, dict[str, RequantReport]]:
     if [p for p, _ in m_leaves] != [p for p, _ in b_leaves]:
         raise LoraStructureError(
             "requantize: the merged params and the base have different leaves "
-            f"({[p for p, _ in m_leaves][:4]}... vs {[p for p, _ in b_leaves][:4]}...)")
+            f"({[p for p, _ in m_leaves][:4]}... vs {[p for p, _ in b_leaves][:4]}...)"
+        )
     out, report = [], {}
     for (path, w), (_, q) in zip(m_leaves, b_leaves):
         if not is_quantized(q):
@@ -131,8 +134,8 @@ def low_rank_factors(residual: Array, f: LoraFactors) -> tuple[Array, Array]:
     layout, r = f.layout, f.rank
     ns = len(layout.stack_axes)
     rf = jnp.transpose(jnp.asarray(residual, jnp.float32), layout.permutation)
-    stack, fan_in = rf.shape[:ns], rf.shape[ns:ns + len(layout.in_axes)]
-    fan_out = rf.shape[ns + len(layout.in_axes):]
+    stack, fan_in = rf.shape[:ns], rf.shape[ns : ns + len(layout.in_axes)]
+    fan_out = rf.shape[ns + len(layout.in_axes) :]
     mat = rf.reshape(stack + (math.prod(fan_in), math.prod(fan_out)))
     u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
     root = jnp.sqrt(s[..., :r] / f.scale)
@@ -141,21 +144,36 @@ def low_rank_factors(residual: Array, f: LoraFactors) -> tuple[Array, Array]:
     return a.astype(jnp.asarray(f.a).dtype), b.astype(jnp.asarray(f.b).dtype)
 
 
-def _loftq_one(path: str, w: Array, f: LoraFactors, scheme: str, block_size: int | None,
-               double_quant: bool, num_iter: int) -> tuple[QuantizedArray, LoraFactors]:
+def _loftq_one(
+    path: str,
+    w: Array,
+    f: LoraFactors,
+    scheme: str,
+    block_size: int | None,
+    double_quant: bool,
+    num_iter: int,
+) -> tuple[QuantizedArray, LoraFactors]:
     w32 = jnp.asarray(w, jnp.float32)
     low = jnp.zeros_like(w32)
     for _ in range(num_iter):
-        q = quantize_leaf((w32 - low).astype(w.dtype), scheme, block_size, double_quant,
-                          f.layout.axes, path)
+        q = quantize_leaf(
+            (w32 - low).astype(w.dtype), scheme, block_size, double_quant, f.layout.axes, path
+        )
         a, b = low_rank_factors(w32 - dequantize_leaf(q, jnp.float32), f)
         f = f.replace(a=a, b=b)
         low = dense_delta(f)
     return q, f
 
 
-def loftq(params: Any, delta: Any, *, scheme: str = "nf4", block_size: Any = "auto",
-          double_quant: bool = False, num_iter: int = 1) -> tuple[Any, Any]:
+def loftq(
+    params: Any,
+    delta: Any,
+    *,
+    scheme: str = "nf4",
+    block_size: Any = "auto",
+    double_quant: bool = False,
+    num_iter: int = 1,
+) -> tuple[Any, Any]:
     """LoftQ: a quantized base and factors with ``Q̂ + s A B ≈ W`` at every LoRA kernel.
 
     Each kernel with :class:`~lora_jax.LoraFactors` in ``delta`` is quantized
@@ -193,11 +211,15 @@ def loftq(params: Any, delta: Any, *, scheme: str = "nf4", block_size: Any = "au
             new_delta.append(f)
             continue
         if f.magnitude is not None or f.layers is not None:
-            raise LoraTargetError(f"leaf {path!r}: loftq initialises plain LoRA factors of "
-                                  "every layer (not DoRA, not a layer selection)")
+            raise LoraTargetError(
+                f"leaf {path!r}: loftq initialises plain LoRA factors of "
+                "every layer (not DoRA, not a layer selection)"
+            )
         check_leaf(path, w, f.layout)
         q, f = _loftq_one(path, jnp.asarray(w), f, scheme, block_size, double_quant, num_iter)
         new_base.append(q)
         new_delta.append(f)
-    return (jax.tree_util.tree_unflatten(treedef, new_base),
-            jax.tree_util.tree_unflatten(treedef, new_delta))
+    return (
+        jax.tree_util.tree_unflatten(treedef, new_base),
+        jax.tree_util.tree_unflatten(treedef, new_delta),
+    )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -13,8 +14,9 @@ from lora_jax._paths import leaves_with_paths
 from lora_jax._quant.array import QuantizedArray, is_quantized, layer_shaped, row_unit, split_axes
 
 
-def storage_specs(q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, int],
-                  path: str = "<kernel>") -> QuantizedArray:
+def storage_specs(
+    q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, int], path: str = "<kernel>"
+) -> QuantizedArray:
     """``PartitionSpec`` s of ``q``'s stored arrays from the dense kernel's spec.
 
     Stacked axes keep their specs (they lead every stored array). When each
@@ -50,7 +52,6 @@ def storage_specs(q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, 
     """
     from jax.sharding import PartitionSpec as P
 
-
     entries = list(tuple(kernel_spec)) + [None] * (q.ndim - len(tuple(kernel_spec)))
     stack_axes, rest_axes, roles = split_axes(q.axes)
     stack = [entries[d] for d in stack_axes]
@@ -67,7 +68,8 @@ def storage_specs(q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, 
             raise LoraShardingError(
                 f"leaf {path!r}: {shards(rest[-1])} shards of its last axis ({last}) would "
                 f"split a block of {q.block_size or 1} ({q.scheme}); use fewer shards or a "
-                "smaller block_size")
+                "smaller block_size"
+            )
         codes = P(*stack, *rest)
     else:
         if any(e is not None for e in rest[1:]):
@@ -75,13 +77,15 @@ def storage_specs(q: QuantizedArray, kernel_spec: Any, mesh_sizes: Mapping[str, 
                 f"leaf {path!r}: its last axis ({q.shape[rest_axes[-1]]}) holds no whole "
                 f"blocks of {unit}, so each layer is stored flattened and only its first "
                 f"non-stacked axis can be sharded; spec {tuple(entries)} shards another "
-                f"(axes {q.axes!r}). Shard the first axis, or keep this kernel dense")
+                f"(axes {q.axes!r}). Shard the first axis, or keep this kernel dense"
+            )
         n = math.prod(q.shape[d] for d in rest_axes)
         if shards(rest[0]) > 1 and (n // shards(rest[0])) % unit:
             raise LoraShardingError(
                 f"leaf {path!r}: {shards(rest[0])} shards of {n} weights per layer would split "
                 f"a block of {q.block_size or 1} ({q.scheme}); use fewer shards or a smaller "
-                "block_size")
+                "block_size"
+            )
         codes = P(*stack, rest[0])
     if q.block_size is None:
         scales = P(*stack, *[e for e, c in zip(rest, roles) if c == "o"])
@@ -130,6 +134,14 @@ def quantized_shardings(params: Any, kernel_shardings: Any) -> Any:
             out.append(sh)
             continue
         specs = storage_specs(leaf, sh.spec, dict(sh.mesh.shape), path)
-        out.append(jax.tree.map(lambda s: NamedSharding(sh.mesh, s), specs,
-                                is_leaf=lambda x: isinstance(x, type(sh.spec))))
+        out.append(_on_mesh(sh.mesh, specs))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _on_mesh(mesh: Any, specs: QuantizedArray) -> QuantizedArray:
+    """A ``NamedSharding`` on ``mesh`` for each ``PartitionSpec`` of ``specs`` (a tree of specs)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +25,25 @@ def check_scheme(scheme: str, block_size: Any, double_quant: bool) -> int | None
         block_size = 64 if scheme == "nf4" else None
     if block_size is None:
         if scheme == "nf4":
-            raise LoraArgumentError("nf4 is blockwise: give an integer block_size (64 as "
-                                    "bitsandbytes), not None")
+            raise LoraArgumentError(
+                "nf4 is blockwise: give an integer block_size (64 as bitsandbytes), not None"
+            )
         if double_quant:
-            raise LoraArgumentError("double_quant needs blockwise scales (an integer "
-                                    "block_size); per-channel scales are not re-quantized")
+            raise LoraArgumentError(
+                "double_quant needs blockwise scales (an integer "
+                "block_size); per-channel scales are not re-quantized"
+            )
         return None
-    if (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
-            or block_size < 2 or (scheme != "int8" and block_size % 2)):
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, (int, np.integer))
+        or block_size < 2
+        or (scheme != "int8" and block_size % 2)
+    ):
         raise LoraArgumentError(
             f"block_size must be an integer >= 2 (even for {scheme}), 'auto' or None, "
-            f"got {block_size!r}")
+            f"got {block_size!r}"
+        )
     return int(block_size)
 
 
@@ -50,7 +59,8 @@ def _layout_for(path: str, leaf: Any, layouts: Mapping[str, Any]) -> KernelLayou
             raise LoraLayoutError(
                 f"leaf {path!r} has shape {tuple(leaf.shape)}: quantize needs its axis roles "
                 "to keep blocks inside one stacked layer and scales per output channel; pass "
-                "layouts={pattern: 'sio'} (or lora_jax.infer_layouts(...))") from None
+                "layouts={pattern: 'sio'} (or lora_jax.infer_layouts(...))"
+            ) from None
     layout = found if isinstance(found, KernelLayout) else KernelLayout(found)
     layout.check_shape(tuple(leaf.shape), path)
     return layout
@@ -63,15 +73,18 @@ def check_leaf(path: str, leaf: Any, layout: KernelLayout | None) -> None:
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise LoraTargetError(
             f"leaf {path!r} matches the quantize targets but is not a floating array "
-            f"(dtype {dtype if dtype is not None else type(leaf).__name__})")
+            f"(dtype {dtype if dtype is not None else type(leaf).__name__})"
+        )
     if len(getattr(leaf, "shape", ())) < 2:
         raise LoraTargetError(
             f"leaf {path!r} matches the quantize targets but has shape "
-            f"{tuple(getattr(leaf, 'shape', ()))}; only kernels with >= 2 axes are quantized")
+            f"{tuple(getattr(leaf, 'shape', ()))}; only kernels with >= 2 axes are quantized"
+        )
     if layout is not None and layout.kind == "embed":
         raise LoraTargetError(
             f"leaf {path!r} is an embedding table; quantized embeddings are not supported "
-            "(exclude it from the quantize targets)")
+            "(exclude it from the quantize targets)"
+        )
 
 
 def _matcher(targets: Any, exclude: Any) -> Callable[[str, Any], bool]:
@@ -88,9 +101,16 @@ def _matcher(targets: Any, exclude: Any) -> Callable[[str, Any], bool]:
     return match
 
 
-def quantize(params: Any, targets: Any, *, scheme: str = "nf4", block_size: Any = "auto",
-             double_quant: bool = False, layouts: Mapping[str, Any] | None = None,
-             exclude: Any = ()) -> Any:
+def quantize(
+    params: Any,
+    targets: Any,
+    *,
+    scheme: str = "nf4",
+    block_size: Any = "auto",
+    double_quant: bool = False,
+    layouts: Mapping[str, Any] | None = None,
+    exclude: Any = (),
+) -> Any:
     """Replaces the targeted frozen kernels of ``params`` by :class:`QuantizedArray` leaves.
 
     Args:
@@ -143,8 +163,9 @@ def quantize(params: Any, targets: Any, *, scheme: str = "nf4", block_size: Any 
         check_leaf(path, leaf, None)
         layout = _layout_for(path, leaf, layouts)
         check_leaf(path, leaf, layout)
-        out.append(quantize_leaf(jnp.asarray(leaf), scheme, block_size, double_quant,
-                                 layout.axes, path))
+        out.append(
+            quantize_leaf(jnp.asarray(leaf), scheme, block_size, double_quant, layout.axes, path)
+        )
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -157,7 +178,8 @@ def _check_patterns(targets: Any, paths: list[str], hits: list[str]) -> None:
         if not any(re.fullmatch(pattern, p) for p in hits):
             raise LoraTargetError(
                 f"quantize target pattern {pattern!r} matches no (non-excluded) leaf; "
-                f"patterns are matched in full against paths such as {paths[:6]}")
+                f"patterns are matched in full against paths such as {paths[:6]}"
+            )
 
 
 def dequantize(tree: Any, dtype: Any = None) -> Any:
@@ -178,8 +200,9 @@ def dequantize(tree: Any, dtype: Any = None) -> Any:
     """
     if is_quantized(tree):
         return dequantize_leaf(tree, dtype)
-    return jax.tree.map(lambda x: dequantize_leaf(x, dtype) if is_quantized(x) else x, tree,
-                        is_leaf=is_quantized)
+    return jax.tree.map(
+        lambda x: dequantize_leaf(x, dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized
+    )
 
 
 def kernel_bits(params: Any, paths: Any = None) -> float:
@@ -194,11 +217,11 @@ def kernel_bits(params: Any, paths: Any = None) -> float:
       8.125
     """
     leaves, _ = leaves_with_paths(params)
-    chosen = [(p, x) for p, x in leaves
-              if (is_quantized(x) if paths is None else p in set(paths))]
+    chosen = [(p, x) for p, x in leaves if (is_quantized(x) if paths is None else p in set(paths))]
     if not chosen:
         raise LoraTargetError("kernel_bits: no quantized kernel (or given path) in the params")
-    bits = sum(x.nbytes * 8 if is_quantized(x) else np.size(x) * np.dtype(x.dtype).itemsize * 8
-               for _, x in chosen)
-    return float(bits / sum(int(np.size(x)) if not is_quantized(x) else x.size
-                            for _, x in chosen))
+    bits = sum(
+        x.nbytes * 8 if is_quantized(x) else np.size(x) * np.dtype(x.dtype).itemsize * 8
+        for _, x in chosen
+    )
+    return float(bits / sum(int(np.size(x)) if not is_quantized(x) else x.size for _, x in chosen))

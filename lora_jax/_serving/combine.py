@@ -20,7 +20,8 @@ the dense update), and reports the fraction of ``||Delta W||_F^2`` it drops.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,15 +94,18 @@ def _concat(path: str, present: list[tuple[float, Any]]) -> LoraFactors:
         if isinstance(f, LeafDelta):
             raise LoraStructureError(
                 f"leaf {path!r}: LoRA factors in one delta and a trained-in-full leaf in another "
-                "cannot be combined")
+                "cannot be combined"
+            )
         if not isinstance(f, LoraFactors):
             raise LoraStructureError(
                 f"leaf {path!r}: combine takes plain deltas, got {type(f).__name__} (take a "
-                "stack's slot with lora_jax.advanced.unstack)")
+                "stack's slot with lora_jax.advanced.unstack)"
+            )
         if f.magnitude is not None:
             raise LoraStructureError(
                 f"leaf {path!r} has DoRA factors: DoRA's column norm makes the update "
-                "non-additive, so no exact sum exists as a LoRA adapter")
+                "non-additive, so no exact sum exists as a LoRA adapter"
+            )
         fs.append(f.all_layers())
     f0 = fs[0]
     for f in fs[1:]:  # dtypes may differ: the sum takes their result type
@@ -109,8 +113,13 @@ def _concat(path: str, present: list[tuple[float, Any]]) -> LoraFactors:
     ns = len(f0.layout.stack_axes)
     dtype = jnp.result_type(*[jnp.asarray(f.a) for f in fs])
     a = jnp.concatenate([jnp.asarray(f.a, dtype) for f in fs], axis=-1)
-    b = jnp.concatenate([(jnp.asarray(f.b, jnp.float32) * (w * f.scale)).astype(dtype)
-                         for (w, _), f in zip(present, fs)], axis=ns)
+    b = jnp.concatenate(
+        [
+            (jnp.asarray(f.b, jnp.float32) * (w * f.scale)).astype(dtype)
+            for (w, _), f in zip(present, fs)
+        ],
+        axis=ns,
+    )
     return LoraFactors(a, b, alpha=float(a.shape[-1]), layout=f0.layout)
 
 
@@ -144,7 +153,8 @@ def truncate_rank(delta: Any, rank: int) -> tuple[Any, dict[str, Array]]:
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise LoraArgumentError(f"rank must be a positive int, got {rank!r}")
     leaves, treedef = jax.tree_util.tree_flatten(
-        delta, is_leaf=lambda x: x is None or isinstance(x, (LoraFactors, LeafDelta)))
+        delta, is_leaf=lambda x: x is None or isinstance(x, (LoraFactors, LeafDelta))
+    )
     dropped: dict[str, Array] = {}
     out: list[Any] = []
     for (path, f), leaf in zip(delta_entries(delta), leaves):
@@ -154,7 +164,8 @@ def truncate_rank(delta: Any, rank: int) -> tuple[Any, dict[str, Array]]:
         if f.magnitude is not None:
             raise LoraStructureError(
                 f"leaf {path!r} has DoRA factors; truncating their rank would change the "
-                "norm the magnitude divides by")
+                "norm the magnitude divides by"
+            )
         new, dropped[path] = _truncate(f.all_layers(), rank)
         out.append(new)
     return jax.tree_util.tree_unflatten(treedef, out), dropped
@@ -164,7 +175,7 @@ def _truncate(f: LoraFactors, k: int) -> tuple[LoraFactors, Array]:
     ns = len(f.layout.stack_axes)
     a = jnp.asarray(f.a, jnp.float32)
     b = jnp.asarray(f.b, jnp.float32)
-    stack, fan_in, fan_out, r = a.shape[:ns], a.shape[ns:-1], b.shape[ns + 1:], a.shape[-1]
+    stack, fan_in, fan_out, r = a.shape[:ns], a.shape[ns:-1], b.shape[ns + 1 :], a.shape[-1]
     a2 = a.reshape(stack + (-1, r))
     bt = jnp.swapaxes(b.reshape(stack + (r, -1)), -1, -2)
     qa, ra = jnp.linalg.qr(a2)
@@ -173,12 +184,18 @@ def _truncate(f: LoraFactors, k: int) -> tuple[LoraFactors, Array]:
     u, sv, vt = jnp.linalg.svd(core)
     root = jnp.sqrt(sv[..., :k])
     new_a = jnp.matmul(qa, u[..., :k], precision=HI) * root[..., None, :]
-    new_b = root[..., :, None] * jnp.matmul(vt[..., :k, :], jnp.swapaxes(qb, -1, -2),
-                                            precision=HI)
+    new_b = root[..., :, None] * jnp.matmul(vt[..., :k, :], jnp.swapaxes(qb, -1, -2), precision=HI)
     energy = jnp.sum(sv * sv, axis=-1)
-    dropped = jnp.where(energy > 0, jnp.sum(sv[..., k:] ** 2, axis=-1)
-                        / jnp.where(energy > 0, energy, 1.0), 0.0)
+    dropped = jnp.where(
+        energy > 0, jnp.sum(sv[..., k:] ** 2, axis=-1) / jnp.where(energy > 0, energy, 1.0), 0.0
+    )
     dtype = jnp.asarray(f.a).dtype
-    return (LoraFactors(new_a.reshape(stack + fan_in + (k,)).astype(dtype),
-                        new_b.reshape(stack + (k,) + fan_out).astype(dtype),
-                        alpha=float(k), layout=f.layout), dropped)
+    return (
+        LoraFactors(
+            new_a.reshape(stack + fan_in + (k,)).astype(dtype),
+            new_b.reshape(stack + (k,) + fan_out).astype(dtype),
+            alpha=float(k),
+            layout=f.layout,
+        ),
+        dropped,
+    )

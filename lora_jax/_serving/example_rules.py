@@ -26,14 +26,23 @@ from jax import lax
 
 from lora_jax._errors import LoraArgumentError
 from lora_jax._implicit.rules import (
-    DotAxes, Dropout, conv_axes, conv_base, gather_axes, gather_base, plus_base, times_b)
+    DotAxes,
+    Dropout,
+    conv_axes,
+    conv_base,
+    gather_axes,
+    gather_base,
+    plus_base,
+    times_b,
+)
 from lora_jax._serving.example_view import ExampleView
 
 Array = jax.Array
 
 
-def dot_general_rule(x: Array, ev: ExampleView, kernel_is_rhs: bool, params: dict,
-                     dropout: Dropout | None = None) -> Array | None:
+def dot_general_rule(
+    x: Array, ev: ExampleView, kernel_is_rhs: bool, params: dict, dropout: Dropout | None = None
+) -> Array | None:
     """``dot_general(x, W)`` (or ``(W, x)``) with each example's factors; None where the
     one-adapter rule declines (:func:`lora_jax._implicit.rules.dot_general_rule`)."""
     view = ev.kernel
@@ -43,13 +52,21 @@ def dot_general_rule(x: Array, ev: ExampleView, kernel_is_rhs: bool, params: dic
     fa, fb = view.factor_pair(dot.contracted)
     _check_examples(ev, dot.m_shape[0] if dot.m_shape else 0)
     xd = x if dropout is None else dropout(x)
-    y = per_example_low_rank(dot.canonical(xd), fa.astype(view.dtype), fb.astype(view.dtype),
-                             ev.scales, view.n_stack, params.get("precision"), view.path)
+    y = per_example_low_rank(
+        dot.canonical(xd),
+        fa.astype(view.dtype),
+        fb.astype(view.dtype),
+        ev.scales,
+        view.n_stack,
+        params.get("precision"),
+        view.path,
+    )
     return plus_base(dot.restore(y), view, x, params, kernel_is_rhs)
 
 
-def per_example_low_rank(x: Array, fa: Array, fb: Array, scale: Array, n_stack: int,
-                         precision: Any, path: str) -> Array:
+def per_example_low_rank(
+    x: Array, fa: Array, fb: Array, scale: Array, n_stack: int, precision: Any, path: str
+) -> Array:
     """``s_e * (x_e @ A_e) @ B_e`` for every example ``e``: the mixed-adapter branch.
 
     Args:
@@ -77,15 +94,16 @@ def per_example_low_rank(x: Array, fa: Array, fb: Array, scale: Array, n_stack: 
     if m % n_ex:
         raise _ids_error(path, n_ex, m)
     xe = x.reshape(stack + (n_ex, m // n_ex, k))
-    a = jnp.moveaxis(fa.reshape((n_ex,) + stack + (k, r)), 0, n_stack)          # (*stack, B, K, r)
-    b = jnp.moveaxis(fb.reshape((n_ex,) + stack + (r, -1)), 0, n_stack)         # (*stack, B, r, N)
+    a = jnp.moveaxis(fa.reshape((n_ex,) + stack + (k, r)), 0, n_stack)  # (*stack, B, K, r)
+    b = jnp.moveaxis(fb.reshape((n_ex,) + stack + (r, -1)), 0, n_stack)  # (*stack, B, r, N)
     u = jnp.matmul(xe, a, precision=precision) * scale.astype(x.dtype)[:, None, None]
     y = jnp.matmul(u, b, precision=precision)
     return y.reshape(stack + (m, b.shape[-1]))
 
 
-def conv_rule(x: Array, ev: ExampleView, params: dict,
-              dropout: Dropout | None = None) -> Array | None:
+def conv_rule(
+    x: Array, ev: ExampleView, params: dict, dropout: Dropout | None = None
+) -> Array | None:
     """``conv_general_dilated(x, W)``: each example's conv with its own factors (``vmap``);
     None where :func:`lora_jax._implicit.rules.conv_axes` declines."""
     view = ev.kernel
@@ -98,8 +116,9 @@ def conv_rule(x: Array, ev: ExampleView, params: dict,
     xb, ob = dn.lhs_spec[0], dn.out_spec[0]
 
     def one(x_i: Array, a_i: Array, b_i: Array, s_i: Array) -> Array:
-        u = lax.conv_general_dilated_p.bind(jnp.expand_dims(x_i, xb),
-                                            jnp.transpose(a_i.astype(view.dtype), perm), **params)
+        u = lax.conv_general_dilated_p.bind(
+            jnp.expand_dims(x_i, xb), jnp.transpose(a_i.astype(view.dtype), perm), **params
+        )
         return jnp.squeeze(times_b(u, b_i, s_i, feat, view.dtype), ob)
 
     xd = x if dropout is None else dropout(x)
@@ -122,13 +141,13 @@ def gather_rule(ev: ExampleView, indices: Array, params: dict) -> Array | None:
     if indices.ndim < 2:
         raise _ids_error(view.path, ev.scales.shape[-1], "none (a single lookup)")
     _check_examples(ev, indices.shape[ib])
-    ob = next(d for d in range(len(dn.offset_dims) + indices.ndim - 1)
-              if d not in dn.offset_dims)
+    ob = next(d for d in range(len(dn.offset_dims) + indices.ndim - 1) if d not in dn.offset_dims)
     pos = dn.offset_dims[0] - (ob < dn.offset_dims[0])
 
     def one(a_i: Array, b_i: Array, s_i: Array, idx_i: Array) -> Array:
-        u = lax.gather_p.bind(jnp.transpose(a_i.astype(view.dtype), perm),
-                              jnp.expand_dims(idx_i, ib), **a_params)
+        u = lax.gather_p.bind(
+            jnp.transpose(a_i.astype(view.dtype), perm), jnp.expand_dims(idx_i, ib), **a_params
+        )
         return times_b(jnp.squeeze(u, ob), b_i, s_i, pos, view.dtype)
 
     y = jax.vmap(one, in_axes=(0, 0, 0, ib), out_axes=ob)(view.a, view.b, ev.scales, indices)
@@ -139,7 +158,8 @@ def gather_rule(ev: ExampleView, indices: Array, params: dict) -> Array | None:
 def _ids_error(path: str, n_ex: int, size: Any) -> Exception:
     return LoraArgumentError(
         f"kernel {path!r}: adapter_ids has {n_ex} entries but the input's example axis (its "
-        f"leading free axis) has size {size}; give one id per example of the batch")
+        f"leading free axis) has size {size}; give one id per example of the batch"
+    )
 
 
 def _check_examples(ev: ExampleView, size: int) -> None:

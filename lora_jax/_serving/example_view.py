@@ -63,8 +63,9 @@ class ExampleView:
     scales: Any
 
     @staticmethod
-    def of(path: str, w: Any, stack: StackedFactors, index: Array, valid: Array,
-           ids: Any) -> "ExampleView":
+    def of(
+        path: str, w: Any, stack: StackedFactors, index: Array, valid: Array, ids: Any
+    ) -> ExampleView:
         """Kernel ``w`` with each example's slot of ``stack`` (``index``, ``valid``: see
         :func:`batch_ids`; ``ids`` the caller's ``adapter_ids``, for their sharding)."""
         scales = jnp.asarray(stack.scale, jnp.float32)[index] * valid
@@ -88,25 +89,24 @@ class ExampleView:
     def w(self) -> Any:
         return self.kernel.w
 
-    def replace(self, **changes: Any) -> "ExampleView":
+    def replace(self, **changes: Any) -> ExampleView:
         """``changes`` (``w``, ``dtype``, ...) applied to the kernel's view."""
         return ExampleView(self.kernel.replace(**changes), self.scales)
 
-    def transpose(self, permutation: tuple[int, ...]) -> "ExampleView":
+    def transpose(self, permutation: tuple[int, ...]) -> ExampleView:
         return ExampleView(self.kernel.transpose(permutation), self.scales)
 
-    def reshape(self, new_sizes: tuple[int, ...]) -> "ExampleView | None":
+    def reshape(self, new_sizes: tuple[int, ...]) -> ExampleView | None:
         """See :meth:`LoraView.reshape`; None when the reshape mixes roles."""
         kernel = self.kernel.reshape(new_sizes)
         return None if kernel is None else ExampleView(kernel, self.scales)
 
-    def slice_stack(self, starts: list[Any], sizes: list[int], slicer: Any
-                    ) -> "ExampleView | None":
+    def slice_stack(self, starts: list[Any], sizes: list[int], slicer: Any) -> ExampleView | None:
         """See :meth:`LoraView.slice_stack`; None when a fan-in or fan-out axis is cut."""
         kernel = self.kernel.slice_stack(starts, sizes, slicer)
         return None if kernel is None else ExampleView(kernel, self.scales)
 
-    def sliced(self, axis_role: Role) -> "ExampleView":
+    def sliced(self, axis_role: Role) -> ExampleView:
         """See :meth:`LoraView.sliced`; the same scales in every layer of the scan."""
         scales = jnp.broadcast_to(self.scales, (self.shape[0],) + self.scales.shape)
         return ExampleView(self.kernel.sliced(axis_role), scales)
@@ -131,11 +131,13 @@ def batch_ids(adapter_ids: Any, stacks: dict[str, StackedFactors]) -> tuple[Arra
     if adapter_ids is None:
         raise LoraArgumentError(
             f"the delta holds adapter stacks (at {list(stacks)[:3]}); pass adapter_ids=(batch,) "
-            "ids choosing each example's slot (-1: the base alone)")
+            "ids choosing each example's slot (-1: the base alone)"
+        )
     if not stacks:
         raise LoraArgumentError(
             "adapter_ids was given but the delta holds no adapter stack (build one with "
-            "lora_jax.stack_adapters)")
+            "lora_jax.stack_adapters)"
+        )
     return example_ids(adapter_ids, stack_slots(stacks))
 
 
@@ -152,14 +154,16 @@ def example_ids(adapter_ids: Any, slots: int) -> tuple[Array, Array]:
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise LoraArgumentError(
             f"adapter_ids must be a 1-D integer array (one id per example), got shape "
-            f"{tuple(ids.shape)} dtype {ids.dtype}")
+            f"{tuple(ids.shape)} dtype {ids.dtype}"
+        )
     if not isinstance(adapter_ids, jax.core.Tracer):
         host = np.asarray(ids)
         bad = host[(host < -1) | (host >= slots)]
         if bad.size:
             raise LoraArgumentError(
                 f"adapter_ids {sorted(set(bad.tolist()))[:5]} are outside [-1, {slots}) "
-                f"(the stack has {slots} slots; -1 means the base alone)")
+                f"(the stack has {slots} slots; -1 means the base alone)"
+            )
     ok = (ids >= -1) & (ids < slots)
     valid = jnp.where(ok, (ids >= 0).astype(jnp.float32), jnp.float32(jnp.nan))
     return jnp.clip(ids, 0, max(slots - 1, 0)).astype(jnp.int32), valid

@@ -24,7 +24,8 @@ rejected with :class:`~lora_jax.LoraStructureError` naming the leaf.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ class StackedFactors(DeltaEntry):
         """The shape of the kernel every slot adapts."""
         return kernel_shape_of(np.shape(self.a)[1:], np.shape(self.b)[1:], self.layout)
 
-    def replace(self, **changes: Any) -> "StackedFactors":
+    def replace(self, **changes: Any) -> StackedFactors:
         """A copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
@@ -93,7 +94,8 @@ class StackedFactors(DeltaEntry):
         if self.kernel_shape != shape:
             raise LoraStructureError(
                 f"leaf {path!r}: the adapter stack adapts a kernel of shape "
-                f"{self.kernel_shape}, the base kernel has shape {shape}")
+                f"{self.kernel_shape}, the base kernel has shape {shape}"
+            )
 
     def factors(self, slot: int) -> LoraFactors:
         """Slot ``slot`` as plain :class:`~lora_jax.LoraFactors` (scale folded into ``b``,
@@ -103,8 +105,9 @@ class StackedFactors(DeltaEntry):
         return LoraFactors(self.a[slot], b, alpha=float(self.rank), layout=self.layout)
 
 
-jax.tree_util.register_dataclass(StackedFactors, data_fields=["a", "b", "scale"],
-                                 meta_fields=["layout"])
+jax.tree_util.register_dataclass(
+    StackedFactors, data_fields=["a", "b", "scale"], meta_fields=["layout"]
+)
 
 
 def is_stacked(x: Any) -> bool:
@@ -125,7 +128,8 @@ def _entries(tree: Any, what: str) -> tuple[list[tuple[str, Any]], Any]:
         if e is not None and not (is_delta_leaf(e) or is_stacked(e)):
             raise LoraStructureError(
                 f"leaf {path!r} of {what}: expected LoraFactors or None, got {type(e).__name__} "
-                "(pass deltas, not params)")
+                "(pass deltas, not params)"
+            )
     return entries, treedef
 
 
@@ -145,14 +149,15 @@ def delta_columns(deltas: Sequence[Any], verb: str) -> tuple[list[tuple[str, lis
     for i, (_, td) in enumerate(flat[1:], 1):
         if td != treedef:
             raise LoraStructureError(
-                f"delta {i} has a different tree structure from delta 0 ({verb} deltas of "
-                "one base)")
+                f"delta {i} has a different tree structure from delta 0 ({verb} deltas of one base)"
+            )
     paths = [p for p, _ in flat[0][0]]
     return [(p, [entries[k][1] for entries, _ in flat]) for k, p in enumerate(paths)], treedef
 
 
-def check_same_kernel(path: str, f: Any, which: str, ref: Any, ref_which: str,
-                      dtypes: bool = True) -> None:
+def check_same_kernel(
+    path: str, f: Any, which: str, ref: Any, ref_which: str, dtypes: bool = True
+) -> None:
     """Raises :class:`LoraStructureError` unless factors ``f`` adapt the kernel ``ref``
     adapts (same shape and layout axes) and, with ``dtypes``, have its factor dtypes.
 
@@ -163,26 +168,30 @@ def check_same_kernel(path: str, f: Any, which: str, ref: Any, ref_which: str,
         raise LoraStructureError(
             f"leaf {path!r}: {which} adapts a kernel of shape {f.kernel_shape} (layout "
             f"{f.layout.axes!r}), {ref_which} one of shape {ref.kernel_shape} (layout "
-            f"{ref.layout.axes!r}); one leaf needs one kernel shape")
+            f"{ref.layout.axes!r}); one leaf needs one kernel shape"
+        )
     for name in ("a", "b") if dtypes else ():
         got, want = jnp.result_type(getattr(f, name)), jnp.result_type(getattr(ref, name))
         if got != want:
             raise LoraStructureError(
                 f"leaf {path!r}: factor {name} of {which} is {got}, of {ref_which} {want}; "
-                "cast the factors to one dtype first")
+                "cast the factors to one dtype first"
+            )
 
 
 def _check_plain(path: str, f: Any, which: str) -> None:
     if isinstance(f, LeafDelta):
         raise LoraStructureError(
             f"leaf {path!r} of {which} is trained in full (a LeafDelta); an adapter stack holds "
-            "LoRA factors only: merge that leaf into the base, or serve this adapter alone")
+            "LoRA factors only: merge that leaf into the base, or serve this adapter alone"
+        )
     if is_stacked(f):
         raise LoraStructureError(f"leaf {path!r} of {which} is already a stack")
     if f.magnitude is not None:
         raise LoraStructureError(
             f"leaf {path!r} of {which} has DoRA factors; DoRA's column norm makes its update "
-            "non-additive, so it cannot share a stack with per-example scales: serve it merged")
+            "non-additive, so it cannot share a stack with per-example scales: serve it merged"
+        )
 
 
 def _padded(path: str, f: LoraFactors, rank: int, which: str) -> tuple[Array, Array]:
@@ -190,7 +199,8 @@ def _padded(path: str, f: LoraFactors, rank: int, which: str) -> tuple[Array, Ar
     f = f.all_layers()
     if f.rank > rank:
         raise LoraStructureError(
-            f"leaf {path!r} of {which} has rank {f.rank}, more than the stack's rank {rank}")
+            f"leaf {path!r} of {which} has rank {f.rank}, more than the stack's rank {rank}"
+        )
     ns = len(f.layout.stack_axes)
     a = jnp.asarray(f.a)
     b = jnp.asarray(f.b)
@@ -200,8 +210,7 @@ def _padded(path: str, f: LoraFactors, rank: int, which: str) -> tuple[Array, Ar
     return jnp.pad(a, pad_a), jnp.pad(b, pad_b)
 
 
-def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
-                   rank: int | None = None) -> Any:
+def stack_adapters(deltas: Sequence[Any], slots: int | None = None, rank: int | None = None) -> Any:
     """Stacks ``N`` deltas of one base into one tree of :class:`StackedFactors`.
 
     Slot ``n`` holds ``deltas[n]``; slots past ``len(deltas)`` are empty (zero
@@ -246,7 +255,8 @@ def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
     n = len(deltas) if slots is None else slots
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < len(deltas):
         raise LoraArgumentError(
-            f"slots must be an int >= the number of deltas ({len(deltas)}), got {slots!r}")
+            f"slots must be an int >= the number of deltas ({len(deltas)}), got {slots!r}"
+        )
     columns, treedef = delta_columns(deltas, "stack")
     out: list[Any] = []
     for path, column in columns:
@@ -266,8 +276,13 @@ def stack_adapters(deltas: Sequence[Any], slots: int | None = None,
         a0, b0 = pairs[i0]
         a = jnp.stack([pairs[i][0] if i in pairs else jnp.zeros_like(a0) for i in range(n)])
         b = jnp.stack([pairs[i][1] if i in pairs else jnp.zeros_like(b0) for i in range(n)])
-        scale = jnp.asarray([column[i].scale if i < len(column) and column[i] is not None
-                             else 0.0 for i in range(n)], jnp.float32)
+        scale = jnp.asarray(
+            [
+                column[i].scale if i < len(column) and column[i] is not None else 0.0
+                for i in range(n)
+            ],
+            jnp.float32,
+        )
         out.append(StackedFactors(a, b, scale, layout=f0.layout))
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -308,8 +323,9 @@ def set_adapter(stack: Any, slot: Any, delta: Any) -> Any:
     try:
         d_entries = treedef.flatten_up_to(delta)
     except (ValueError, TypeError):
-        raise LoraStructureError("the delta's tree structure differs from the stack's "
-                                 "(use a delta of the stack's base)") from None
+        raise LoraStructureError(
+            "the delta's tree structure differs from the stack's (use a delta of the stack's base)"
+        ) from None
     n = next((s.slots for _, s in s_entries if s is not None), 0)
     if isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and not 0 <= slot < n:
         raise LoraArgumentError(f"slot {slot} is outside the stack's {n} slots")
@@ -319,21 +335,31 @@ def set_adapter(stack: Any, slot: Any, delta: Any) -> Any:
             if f is not None:
                 raise LoraStructureError(
                     f"leaf {path!r}: the delta adapts it but the stack has no slots there "
-                    "(a stack's kernels are fixed: stack_adapters with this adapter among them)")
+                    "(a stack's kernels are fixed: stack_adapters with this adapter among them)"
+                )
             out.append(None)
             continue
         if not is_stacked(s):
-            raise LoraStructureError(f"leaf {path!r} of the stack holds {type(s).__name__}, "
-                                     "expected StackedFactors")
+            raise LoraStructureError(
+                f"leaf {path!r} of the stack holds {type(s).__name__}, expected StackedFactors"
+            )
         if f is None:
-            out.append(s.replace(a=s.a.at[slot].set(0), b=s.b.at[slot].set(0),
-                                 scale=s.scale.at[slot].set(0.0)))
+            out.append(
+                s.replace(
+                    a=s.a.at[slot].set(0), b=s.b.at[slot].set(0), scale=s.scale.at[slot].set(0.0)
+                )
+            )
             continue
         _check_plain(path, f, "the delta")
         check_same_kernel(path, f, "the delta", s, "the stack")
         a, b = _padded(path, f, s.rank, "the delta")
-        out.append(s.replace(a=s.a.at[slot].set(a), b=s.b.at[slot].set(b),
-                             scale=s.scale.at[slot].set(jnp.float32(f.scale))))
+        out.append(
+            s.replace(
+                a=s.a.at[slot].set(a),
+                b=s.b.at[slot].set(b),
+                scale=s.scale.at[slot].set(jnp.float32(f.scale)),
+            )
+        )
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -353,7 +379,8 @@ def unstack(stack: Any, slot: int) -> Any:
     """
     entries, treedef = _entries(stack, "the stack")
     return jax.tree_util.tree_unflatten(
-        treedef, [None if s is None else s.factors(slot) for _, s in entries])
+        treedef, [None if s is None else s.factors(slot) for _, s in entries]
+    )
 
 
 def stack_slots(stack: Any) -> int:

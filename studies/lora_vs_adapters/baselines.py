@@ -46,13 +46,19 @@ def init_adapters(key, dim: int, cfg=CONFIG) -> dict:
         tree[f"block_{i}"] = {}
         for j, name in enumerate(ADAPTED):
             k = jax.random.fold_in(key, 2 * i + j)
-            tree[f"block_{i}"][name] = {"down": _dense(k, d, dim, d**-0.5),
-                                        "up": _dense(k, dim, d, 0.0)}
+            tree[f"block_{i}"][name] = {
+                "down": _dense(k, d, dim, d**-0.5),
+                "up": _dense(k, dim, d, 0.0),
+            }
     return tree
 
 
 def adapter(p, h):
-    return h + nn.gelu(h @ p["down"]["kernel"] + p["down"]["bias"]) @ p["up"]["kernel"] + p["up"]["bias"]
+    return (
+        h
+        + nn.gelu(h @ p["down"]["kernel"] + p["down"]["bias"]) @ p["up"]["kernel"]
+        + p["up"]["bias"]
+    )
 
 
 def adapter_apply(base, adapters, tokens, **kwargs):
@@ -79,9 +85,11 @@ def init_prefix(key, length: int, cfg=CONFIG) -> dict:
     """The reparametrised prefix: an embedding ``E`` (P x d) and the MLP that maps it to K/V."""
     k0, k1, k2 = jax.random.split(key, 3)
     out = 2 * cfg.num_layers * cfg.d_model
-    return {"embed": jax.random.normal(k0, (length, cfg.d_model)),
-            "mlp1": _dense(k1, cfg.d_model, PREFIX_HIDDEN, cfg.d_model**-0.5),
-            "mlp2": _dense(k2, PREFIX_HIDDEN, out, PREFIX_HIDDEN**-0.5)}
+    return {
+        "embed": jax.random.normal(k0, (length, cfg.d_model)),
+        "mlp1": _dense(k1, cfg.d_model, PREFIX_HIDDEN, cfg.d_model**-0.5),
+        "mlp2": _dense(k2, PREFIX_HIDDEN, out, PREFIX_HIDDEN**-0.5),
+    }
 
 
 def prefix_kv(prefix, cfg=CONFIG) -> list:
@@ -94,6 +102,7 @@ def prefix_kv(prefix, cfg=CONFIG) -> list:
 
 def prefix_cache(kv, batch: int, length: int) -> list:
     """A KV cache of ``length`` slots whose first ``P`` hold the prefix (the rest zeros)."""
+
     def fill(x):
         slots = jnp.zeros((batch, length, *x.shape[1:]), x.dtype)
         return slots.at[:, : x.shape[0]].set(x)
@@ -113,6 +122,7 @@ def prefix_apply(kv, base, tokens, positions=None, cache=None, logits_index=None
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     full = prefix_cache(kv, b, p + t) if cache is None else cache
-    logits, new_cache = MODEL.apply(base, tokens, positions=positions + p, cache=full,
-                                    logits_index=logits_index)
+    logits, new_cache = MODEL.apply(
+        base, tokens, positions=positions + p, cache=full, logits_index=logits_index
+    )
     return logits if cache is None else (logits, new_cache)

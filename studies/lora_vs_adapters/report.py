@@ -33,30 +33,65 @@ def row(r, ref, evals, step_ms, decode, tp, full_gflop) -> dict:
     m = r["method"]
     n = m.text_len
     return dict(
-        method=m.name, kind=m.kind, info=m.info, trainable=r["trainable"], adam_bytes=r["opt_bytes"],
-        step_x_full=step_ms[m.name] / step_ms[FULL], step_ms=step_ms[m.name],
+        method=m.name,
+        kind=m.kind,
+        info=m.info,
+        trainable=r["trainable"],
+        adam_bytes=r["opt_bytes"],
+        step_x_full=step_ms[m.name] / step_ms[FULL],
+        step_ms=step_ms[m.name],
         step_flops_x_full=r["step_gflop"] / full_gflop,
-        step_mib=r["step_mib"], lr=r["lr"], by_lr=r["by_lr"],
+        step_mib=r["step_mib"],
+        lr=r["lr"],
+        by_lr=r["by_lr"],
         lr_spread=max(r["by_lr"].values()) - min(r["by_lr"].values()),
-        loss0=r["loss0"], base_loss0=ref(evals["target"], n), target=r["target"],
-        target_delta=r["target"] - ref(evals["target"], n), base_domain=r["base_loss"],
+        loss0=r["loss0"],
+        base_loss0=ref(evals["target"], n),
+        target=r["target"],
+        target_delta=r["target"] - ref(evals["target"], n),
+        base_domain=r["base_loss"],
         base_domain_delta=r["base_loss"] - ref(evals["base"], n),
-        decode=_decode(m, decode[0]), decode_flops=_decode(m, decode[1]), tp=_tp(m, tp), context=n)
+        decode=_decode(m, decode[0]),
+        decode_flops=_decode(m, decode[1]),
+        tp=_tp(m, tp),
+        context=n,
+    )
 
 
 def build(results, ref, evals, step_ms, decode, tp, same_program, meta) -> dict:
     """``decode``: (ms, GFLOP) per decode program."""
     full_gflop = next(r["step_gflop"] for r in results if r["method"].name == FULL)
-    rows = [row(r, ref, evals, step_ms, decode, tp, full_gflop)
-            for r in results if r["method"].in_table]
-    sweep = [dict(r=r["method"].info["r"], by_lr=r["by_lr"], target=r["target"],
-                  init=r["method"].info["init"], rslora=r["method"].info["rslora"])
-             for r in results if r["method"].kind == "lora"]
-    base = dict(method=BASE, target=ref(evals["target"], meta["seq"]),
-                base_domain=ref(evals["base"], meta["seq"]), tp=str(tp["base"]["total"]))
-    return dict(meta=meta, base=base, rows=rows, r_sweep=sweep, tp_counts=tp,
-                decode_ms=decode[0], decode_gflop=decode[1], step_ms=step_ms,
-                merged_decode_program_is_base=same_program)
+    rows = [
+        row(r, ref, evals, step_ms, decode, tp, full_gflop) for r in results if r["method"].in_table
+    ]
+    sweep = [
+        dict(
+            r=r["method"].info["r"],
+            by_lr=r["by_lr"],
+            target=r["target"],
+            init=r["method"].info["init"],
+            rslora=r["method"].info["rslora"],
+        )
+        for r in results
+        if r["method"].kind == "lora"
+    ]
+    base = dict(
+        method=BASE,
+        target=ref(evals["target"], meta["seq"]),
+        base_domain=ref(evals["base"], meta["seq"]),
+        tp=str(tp["base"]["total"]),
+    )
+    return dict(
+        meta=meta,
+        base=base,
+        rows=rows,
+        r_sweep=sweep,
+        tp_counts=tp,
+        decode_ms=decode[0],
+        decode_gflop=decode[1],
+        step_ms=step_ms,
+        merged_decode_program_is_base=same_program,
+    )
 
 
 def _mb(b) -> str:
@@ -81,14 +116,17 @@ def markdown(report) -> str:
             f"| {r['target']:.3f} ({r['target_delta']:+.3f}) "
             f"| {r['base_domain']:.3f} ({r['base_domain_delta']:+.3f}) | {r['decode']} | {r['decode_flops']} "
             f"| {r['tp']} "
-            f"| {r['context']} |")
+            f"| {r['context']} |"
+        )
     return "\n".join(lines)
 
 
 def write(report, results, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("table.md", markdown(report) + "\n"),
-                       ("results.json", json.dumps(report, indent=1, default=str))):
+    for name, text in (
+        ("table.md", markdown(report) + "\n"),
+        ("results.json", json.dumps(report, indent=1, default=str)),
+    ):
         atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     plot_curves(results, out / "curves.png")
     plot_rank(report["r_sweep"], out / "rank.png")
@@ -118,8 +156,11 @@ def plot_curves(results, path: Path) -> None:
     for r in (r for r in results if r["method"].in_table):
         m = r["method"]
         ax.plot(_smooth(r["losses"]), styles[m.kind], lw=1.2, label=f"{m.name} (lr {r['lr']:g})")
-    ax.set(xlabel="step", ylabel="training loss, smoothed (nats / byte)",
-           title="Target-domain training loss, same steps x batch, tuned LR")
+    ax.set(
+        xlabel="step",
+        ylabel="training loss, smoothed (nats / byte)",
+        title="Target-domain training loss, same steps x batch, tuned LR",
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
@@ -129,19 +170,28 @@ def plot_curves(results, path: Path) -> None:
 def plot_rank(sweep, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    plain = sorted((s for s in sweep if s["init"] == "gaussian" and not s["rslora"]),
-                   key=lambda s: s["r"])
+    plain = sorted(
+        (s for s in sweep if s["init"] == "gaussian" and not s["rslora"]), key=lambda s: s["r"]
+    )
     rs = [s["r"] for s in plain]
     for lr in sorted(plain[0]["by_lr"]):
         ax.plot(rs, [s["by_lr"][lr] for s in plain], "o--", lw=0.8, ms=3, label=f"lr {lr:g}")
     ax.plot(rs, [s["target"] for s in plain], "ko-", lw=1.6, label="best lr per r")
     for s in sweep:
         if s["init"] == "swapped" or s["rslora"]:
-            ax.plot([s["r"]], [s["target"]], "s" if s["rslora"] else "^", ms=7,
-                    label="rsLoRA (alpha/sqrt r)" if s["rslora"] else "swapped init (A=0)")
+            ax.plot(
+                [s["r"]],
+                [s["target"]],
+                "s" if s["rslora"] else "^",
+                ms=7,
+                label="rsLoRA (alpha/sqrt r)" if s["rslora"] else "swapped init (A=0)",
+            )
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="rank r (alpha = 64, scale alpha/r)", ylabel="held-out target loss",
-           title="LoRA: held-out loss against r at alpha 64")
+    ax.set(
+        xlabel="rank r (alpha = 64, scale alpha/r)",
+        ylabel="held-out target loss",
+        title="LoRA: held-out loss against r at alpha 64",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

@@ -26,8 +26,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,14 @@ from benchmarks.harness import gflop, time_interleaved
 from examples.common.generation import Generator
 from examples.common.lm import cross_entropy
 from examples.common.pretrained import BATCH_SIZE, CONFIG, MODEL, load_or_pretrain
-from examples.common.text import (encode, eval_windows, pydoc_text, random_batches,
-                                  stdlib_source_text, train_eval_split)
+from examples.common.text import (
+    encode,
+    eval_windows,
+    pydoc_text,
+    random_batches,
+    stdlib_source_text,
+    train_eval_split,
+)
 from studies.lora_vs_adapters import report as study_report
 from studies.lora_vs_adapters.baselines import (
     adapter_apply,
@@ -62,39 +69,73 @@ SEQ = CONFIG.seq_len
 @dataclasses.dataclass
 class Method:
     name: str
-    kind: str                       # full | adapter | prefix | lora
+    kind: str  # full | adapter | prefix | lora
     init: Callable[[Any, Any], tuple]  # (key, params) -> (base, trainable)
-    apply: Callable[..., Any]       # (base, trainable, tokens) -> logits
+    apply: Callable[..., Any]  # (base, trainable, tokens) -> logits
     lrs: tuple
     info: dict = dataclasses.field(default_factory=dict)
-    in_table: bool = True           # False: an extra point of the r sweep (figure only)
+    in_table: bool = True  # False: an extra point of the r sweep (figure only)
 
     @property
-    def text_len(self) -> int:     # tokens of text per window: the prefix takes P of SEQ positions
+    def text_len(self) -> int:  # tokens of text per window: the prefix takes P of SEQ positions
         return SEQ - self.info.get("prefix", 0)
 
 
 def lora_method(r, init="gaussian", rslora=False, lrs=(5e-4, 1.5e-3, 5e-3, 1.5e-2), in_table=True):
     config = lora_jax.LoraConfig(targets=TARGETS, rank=r, alpha=ALPHA, init=init, use_rslora=rslora)
-    name = f"LoRA r={r} alpha={ALPHA}" + (", swapped init" if init == "swapped" else "") + (
-        ", rsLoRA" if rslora else "")
-    return Method(name, "lora", lambda key, p: lora_jax.init_lora(key, p, config),
-                  lambda base, d, x: IMPLICIT(base, d, x), lrs,
-                  dict(r=r, init=init, rslora=rslora, scale=config.scale_for(r, ALPHA)), in_table)
+    name = (
+        f"LoRA r={r} alpha={ALPHA}"
+        + (", swapped init" if init == "swapped" else "")
+        + (", rsLoRA" if rslora else "")
+    )
+    return Method(
+        name,
+        "lora",
+        lambda key, p: lora_jax.init_lora(key, p, config),
+        lambda base, d, x: IMPLICIT(base, d, x),
+        lrs,
+        dict(r=r, init=init, rslora=rslora, scale=config.scale_for(r, ALPHA)),
+        in_table,
+    )
 
 
 def methods(extra_ranks=()) -> list[Method]:
     adapter = lambda m: Method(  # noqa: E731
-        f"Houlsby adapters m={m}", "adapter", lambda key, p: (p, init_adapters(key, m)),
-        adapter_apply, (3e-3, 1e-2, 3e-2), dict(m=m))
+        f"Houlsby adapters m={m}",
+        "adapter",
+        lambda key, p: (p, init_adapters(key, m)),
+        adapter_apply,
+        (3e-3, 1e-2, 3e-2),
+        dict(m=m),
+    )
     prefix = lambda n: Method(  # noqa: E731
-        f"prefix tuning P={n}", "prefix", lambda key, p: (p, init_prefix(key, n)),
-        lambda base, tr, x: prefix_apply(prefix_kv(tr), base, x), (1e-3, 3e-3, 1e-2), dict(prefix=n))
-    full = Method("full fine-tuning", "full", lambda key, p: (None, p),
-                  lambda base, tr, x: MODEL.apply(tr, x), (3e-4, 1e-3, 3e-3))
-    out = [full, adapter(36), adapter(144), prefix(4), prefix(16), prefix(64),
-           lora_method(64), lora_method(8), lora_method(4), lora_method(8, init="swapped"),
-           lora_method(64, rslora=True)]
+        f"prefix tuning P={n}",
+        "prefix",
+        lambda key, p: (p, init_prefix(key, n)),
+        lambda base, tr, x: prefix_apply(prefix_kv(tr), base, x),
+        (1e-3, 3e-3, 1e-2),
+        dict(prefix=n),
+    )
+    full = Method(
+        "full fine-tuning",
+        "full",
+        lambda key, p: (None, p),
+        lambda base, tr, x: MODEL.apply(tr, x),
+        (3e-4, 1e-3, 3e-3),
+    )
+    out = [
+        full,
+        adapter(36),
+        adapter(144),
+        prefix(4),
+        prefix(16),
+        prefix(64),
+        lora_method(64),
+        lora_method(8),
+        lora_method(4),
+        lora_method(8, init="swapped"),
+        lora_method(64, rslora=True),
+    ]
     return out + [lora_method(r, in_table=False) for r in extra_ranks]
 
 
@@ -120,7 +161,9 @@ def compile_step(m: Method, base, tr, batch):
 
 def train(m, step, adam, base, tr, data, lr, steps, seed):
     """Warmup + cosine decay to lr/10, as the demo; returns (trained tree, per-step losses)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2), lr / 10)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(1, steps // 20), max(steps, 2), lr / 10
+    )
     opt_state, losses = adam.init(tr), []
     batches = random_batches(data, BATCH_SIZE, m.text_len, seed)
     for i in range(steps):
@@ -138,7 +181,9 @@ def evaluator(m: Method):
 def run_method(m, params, data, evals, steps, seed):
     """Every LR of ``m``; keeps the best by held-out target loss."""
     base, tr0 = m.init(jax.random.key(seed), params)
-    step, adam = compile_step(m, base, tr0, next(random_batches(data, BATCH_SIZE, m.text_len, seed)))
+    step, adam = compile_step(
+        m, base, tr0, next(random_batches(data, BATCH_SIZE, m.text_len, seed))
+    )
     evaluate = evaluator(m)
     runs = []
     for lr in m.lrs:
@@ -147,15 +192,22 @@ def run_method(m, params, data, evals, steps, seed):
     best = min(runs, key=lambda r: r["target"])
     mem = step.memory_analysis()
     return dict(
-        method=m, base=base, tr=best["tr"], step=step, lr=best["lr"], losses=best["losses"],
-        target=best["target"], base_loss=evaluate(best["tr"], base, evals["base"]),
+        method=m,
+        base=base,
+        tr=best["tr"],
+        step=step,
+        lr=best["lr"],
+        losses=best["losses"],
+        target=best["target"],
+        base_loss=evaluate(best["tr"], base, evals["base"]),
         loss0=evaluate(tr0, base, evals["target"]),
         by_lr={r["lr"]: r["target"] for r in runs},
         trainable=lora_jax.count_params(tr0),
         opt_bytes=lora_jax.advanced.tree_bytes(adam.init(tr0)),
         step_mib=(mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**20,
         step_gflop=gflop(step),
-        batch=next(random_batches(data, BATCH_SIZE, m.text_len, seed)))
+        batch=next(random_batches(data, BATCH_SIZE, m.text_len, seed)),
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -167,9 +219,12 @@ def time_steps(results, rounds, steps):
     def runner(r):
         opt_state = optax.scale_by_adam().init(r["tr"])
         return lambda: jax.block_until_ready(
-            r["step"](r["tr"], opt_state, r["base"], r["batch"], jnp.float32(0)))
+            r["step"](r["tr"], opt_state, r["base"], r["batch"], jnp.float32(0))
+        )
 
-    ms = time_interleaved({r["method"].name: runner(r) for r in results}, rounds, steps, 1, log=None)
+    ms = time_interleaved(
+        {r["method"].name: runner(r) for r in results}, rounds, steps, 1, log=None
+    )
     return {k: float(np.median(v)) for k, v in ms.items()}
 
 
@@ -217,26 +272,41 @@ def time_decode(programs, rounds, steps):
 def data_and_evals(num_eval):
     base_train, base_heldout = train_eval_split(encode(pydoc_text()))
     target_train, target_heldout = train_eval_split(encode(stdlib_source_text()))
-    evals = {"target": eval_windows(target_heldout, SEQ, num_eval),
-             "base": eval_windows(base_heldout, SEQ, num_eval)}
+    evals = {
+        "target": eval_windows(target_heldout, SEQ, num_eval),
+        "base": eval_windows(base_heldout, SEQ, num_eval),
+    }
     return base_train, target_train, evals
 
 
 def start_tp_count():
-    return subprocess.Popen([sys.executable, "-m", "studies.lora_vs_adapters.tensor_parallel"],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "studies.lora_vs_adapters.tensor_parallel"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a reduced run (CI): tiny steps, one LR")
+    parser.add_argument(
+        "--quick", action="store_true", help="a reduced run (CI): tiny steps, one LR"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per method and LR")
     parser.add_argument("--pretrain-steps", type=int, default=None)
-    parser.add_argument("--ranks", default="16,32",
-                        help="extra LoRA ranks for the r sweep figure (comma separated; '' for none)")
+    parser.add_argument(
+        "--ranks",
+        default="16,32",
+        help="extra LoRA ranks for the r sweep figure (comma separated; '' for none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=ROOT / "examples" / "out",
-                        help="where the pretrained params are cached (shared with the demo)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "examples" / "out",
+        help="where the pretrained params are cached (shared with the demo)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "examples" / "out" / "lora_vs_adapters")
     args = parser.parse_args(argv)
     q = args.quick
@@ -244,15 +314,19 @@ def main(argv=None):
     t0 = time.perf_counter()
     tp = start_tp_count()  # runs alongside (its own process, 8 simulated devices)
     base_train, target_train, evals = data_and_evals(16 if q else 128)
-    params, _ = load_or_pretrain(base_train, args.pretrain_steps or (20 if q else 600), args.seed,
-                                 args.cache)
+    params, _ = load_or_pretrain(
+        base_train, args.pretrain_steps or (20 if q else 600), args.seed, args.cache
+    )
     results = []
     for m in methods([] if q else [int(r) for r in args.ranks.split(",") if r]):
         if q:
             m.lrs = m.lrs[1:2]
         results.append(run_method(m, params, target_train, evals, steps, args.seed))
-        print(f"{m.name}: lr {results[-1]['lr']:g} target {results[-1]['target']:.4f} "
-              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"{m.name}: lr {results[-1]['lr']:g} target {results[-1]['target']:.4f} "
+            f"({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
     table = [r for r in results if r["method"].in_table]
     step_ms = time_steps(table, 1 if q else 8, 1 if q else 3)
     programs = {k: compile_decode(*v) for k, v in decoders(params, table).items()}
@@ -265,14 +339,26 @@ def main(argv=None):
     tp_counts = json.loads(tp.communicate()[0].strip().splitlines()[-1])
     lora = next(r for r in table if r["method"].kind == "lora")  # merged vs base vs unmerged
     window = evals["target"][:4, :-1]
-    logits = [np.asarray(MODEL.apply(p, window))
-              for p in (lora["base"], lora_jax.merge(lora["base"], lora["tr"]))]
+    logits = [
+        np.asarray(MODEL.apply(p, window))
+        for p in (lora["base"], lora_jax.merge(lora["base"], lora["tr"]))
+    ]
     logits.append(np.asarray(IMPLICIT(lora["base"], lora["tr"], window)))
-    merged_logits = dict(method=lora["method"].name,
-                         vs_base=float(np.abs(logits[1] - logits[0]).max()),
-                         vs_unmerged=float(np.abs(logits[1] - logits[2]).max()))
-    report = study_report.build(results, reference, evals, step_ms, (decode_ms, decode_flops), tp_counts,
-                               same_program, dict(steps=steps, batch=BATCH_SIZE, seq=SEQ, quick=q))
+    merged_logits = dict(
+        method=lora["method"].name,
+        vs_base=float(np.abs(logits[1] - logits[0]).max()),
+        vs_unmerged=float(np.abs(logits[1] - logits[2]).max()),
+    )
+    report = study_report.build(
+        results,
+        reference,
+        evals,
+        step_ms,
+        (decode_ms, decode_flops),
+        tp_counts,
+        same_program,
+        dict(steps=steps, batch=BATCH_SIZE, seq=SEQ, quick=q),
+    )
     report["merged_logits"] = merged_logits
     study_report.write(report, results, args.out)
     print(study_report.markdown(report))

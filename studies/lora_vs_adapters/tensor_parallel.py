@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 import json  # noqa: E402
 import re  # noqa: E402
@@ -36,8 +37,12 @@ KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "al
 COLLECTIVE = re.compile(r"\s(" + "|".join(KINDS) + r")(?:-start)?\(")
 COLUMN = re.compile(r"(attn/(q|k|v)|mlp/fc1)/")
 ROW = re.compile(r"(attn/out|mlp/fc2)/kernel")
-TP_LORA = lora_jax.LoraConfig(targets=[r".*/attn/(q|k|v|out)/kernel", r".*/mlp/(fc1|fc2)/kernel"],
-                              rank=8, alpha=64, init="gaussian")
+TP_LORA = lora_jax.LoraConfig(
+    targets=[r".*/attn/(q|k|v|out)/kernel", r".*/mlp/(fc1|fc2)/kernel"],
+    rank=8,
+    alpha=64,
+    init="gaussian",
+)
 
 
 def spec(path: str, ndim: int) -> P:
@@ -80,10 +85,16 @@ def main():
         "base": count(MODEL.apply, (base, tokens), (sb, sx)),
         "lora_merged": count(MODEL.apply, (merged, tokens), (sb, sx)),
         "lora_unmerged": count(lora_jax.implicit(MODEL.apply), (base, delta, tokens), (sb, sd, sx)),
-        "adapters_replicated": count(adapter_apply, (base, adapters, tokens),
-                                     (sb, shardings(adapters, mesh, lambda p, n: P()), sx)),
-        "adapters_sharded": count(adapter_apply, (base, adapters, tokens),
-                                  (sb, shardings(adapters, mesh, adapter_spec), sx)),
+        "adapters_replicated": count(
+            adapter_apply,
+            (base, adapters, tokens),
+            (sb, shardings(adapters, mesh, lambda p, n: P()), sx),
+        ),
+        "adapters_sharded": count(
+            adapter_apply,
+            (base, adapters, tokens),
+            (sb, shardings(adapters, mesh, adapter_spec), sx),
+        ),
     }
     print(json.dumps(result))
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
@@ -51,8 +52,9 @@ BATCH = 8
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("sharded_finetune",
-                                                  ROOT / "examples" / "sharded_finetune.py")
+    spec = importlib.util.spec_from_file_location(
+        "sharded_finetune", ROOT / "examples" / "sharded_finetune.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -68,10 +70,22 @@ ex = load_example()
 
 INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\(")
 SHAPE = re.compile(r"(?:f64|f32|bf16|f16)\[([\d,]*)\]")
-GATHERS = ("all-gather", "all-gather-start", "all-to-all", "collective-permute",
-           "collective-permute-start")
-KERNEL_MAKERS = ("dot", "convolution", "reduce", "all-reduce", "all-reduce-start",
-                 "reduce-scatter", "custom-call")
+GATHERS = (
+    "all-gather",
+    "all-gather-start",
+    "all-to-all",
+    "collective-permute",
+    "collective-permute-start",
+)
+KERNEL_MAKERS = (
+    "dot",
+    "convolution",
+    "reduce",
+    "all-reduce",
+    "all-reduce-start",
+    "reduce-scatter",
+    "custom-call",
+)
 COLLECTIVES = GATHERS + ("all-reduce", "all-reduce-start", "reduce-scatter")
 
 
@@ -94,8 +108,9 @@ def kernel_shapes(base, delta):
             ways = int(np.prod([mesh_sizes[a] for a in axes]))
             sizes = {n // k for k in range(1, ways + 1) if ways % k == 0}
             options.append(sizes | {None} if d in stacked else sizes)
-        like.update(tuple(sorted(n for n in c if n is not None))
-                    for c in itertools.product(*options))
+        like.update(
+            tuple(sorted(n for n in c if n is not None)) for c in itertools.product(*options)
+        )
     return full, like
 
 
@@ -130,8 +145,10 @@ def host(tree):
 def max_abs(a, b) -> float:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb), (len(la), len(lb))
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(la, lb))
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(la, lb)
+    )
 
 
 def max_rel(a, b) -> float:
@@ -171,8 +188,11 @@ def host_params(cfg, seed: int = 0):
         std = 1.0 if name == "embedding" else leaf.shape[-2] ** -0.5
         return (std * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
 
-    abstract = jax.tree.map(lambda x: x.value if hasattr(x, "names") else x,
-                            ex.abstract_variables(cfg), is_leaf=lambda x: hasattr(x, "names"))
+    abstract = jax.tree.map(
+        lambda x: x.value if hasattr(x, "names") else x,
+        ex.abstract_variables(cfg),
+        is_leaf=lambda x: hasattr(x, "names"),
+    )
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
@@ -229,9 +249,11 @@ def check_mesh(shape, cfg, key, base_host, ref) -> dict:
     _, delta = init(*args)
     delta_sh = lj.delta_shardings(base_sh, delta)
     full, like = kernel_shapes(base, delta)
-    out = {"init": hlo_findings(init.as_text(), full, like),
-           "init_max_abs": max_abs(host(delta), ref_init),
-           "spec_mismatches": spec_mismatches(base, delta, shape)}
+    out = {
+        "init": hlo_findings(init.as_text(), full, like),
+        "init_max_abs": max_abs(host(delta), ref_init),
+        "spec_mismatches": spec_mismatches(base, delta, shape),
+    }
 
     opt = optimizer()
     opt_sh = lj.opt_state_shardings(jax.eval_shape(opt.init, delta), delta_sh)
@@ -248,21 +270,28 @@ def check_mesh(shape, cfg, key, base_host, ref) -> dict:
         state, loss = step(state, base, batch)
         losses.append(float(loss))
     delta = state[0]
-    out.update(losses=losses, ref_losses=ref_losses, loss_max_rel=max_rel(losses, ref_losses),
-               delta_max_abs=max_abs(host(delta), ref_delta),
-               delta_moved=max_abs(ref_delta, ref_init),
-               spec_mismatches_after=spec_mismatches(base, delta, shape),
-               trace_mismatches=[m for m in spec_mismatches(base, state[1][0].trace, shape)
-                                 if " base:" not in m])
+    out.update(
+        losses=losses,
+        ref_losses=ref_losses,
+        loss_max_rel=max_rel(losses, ref_losses),
+        delta_max_abs=max_abs(host(delta), ref_delta),
+        delta_moved=max_abs(ref_delta, ref_init),
+        spec_mismatches_after=spec_mismatches(base, delta, shape),
+        trace_mismatches=[
+            m for m in spec_mismatches(base, state[1][0].trace, shape) if " base:" not in m
+        ],
+    )
 
     merge = jax.jit(lj.merge, out_shardings=base_sh).lower(base, delta).compile()
     out["merge"] = hlo_findings(merge.as_text(), full, like)
     merged = merge(base, delta)
     out["merged_max_abs"] = max_abs(host(merged), ref_merged)
-    out["merged_sharded_like_base"] = all(jax.tree.leaves(jax.tree.map(
-        lambda m, b: m.sharding == b, merged, base_sh)))
-    out["base_sharded_as_given"] = all(jax.tree.leaves(jax.tree.map(
-        lambda w, b: w.sharding == b, base, base_sh)))
+    out["merged_sharded_like_base"] = all(
+        jax.tree.leaves(jax.tree.map(lambda m, b: m.sharding == b, merged, base_sh))
+    )
+    out["base_sharded_as_given"] = all(
+        jax.tree.leaves(jax.tree.map(lambda w, b: w.sharding == b, base, base_sh))
+    )
 
     if shape == (2, 2, 2):  # negative control: a merge-on-the-fly step has dense gradients
         control = merge_on_the_fly_step(model, opt, (delta_sh, opt_sh), base_sh, batch_sh)
@@ -276,18 +305,40 @@ def check_example_scan() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
-            result = ex.main(["--mesh", "2,2,2", "--steps", str(STEPS), "--scan", "--remat",
-                              "--batch-size", str(BATCH), "--out", str(Path(tmp) / "adapter"),
-                              "--hlo", str(Path(tmp) / "step.txt")])
+            result = ex.main(
+                [
+                    "--mesh",
+                    "2,2,2",
+                    "--steps",
+                    str(STEPS),
+                    "--scan",
+                    "--remat",
+                    "--batch-size",
+                    str(BATCH),
+                    "--out",
+                    str(Path(tmp) / "adapter"),
+                    "--hlo",
+                    str(Path(tmp) / "step.txt"),
+                ]
+            )
         saved = sorted(p.name for p in (Path(tmp) / "adapter").iterdir())
         hlo = (Path(tmp) / "step.txt").read_text()
     full, like = kernel_shapes(result["base"], result["delta"])
-    return {"losses": result["losses"], "merged_diff": result["merged_diff"],
-            "shardings_kept": result["shardings_kept"], "merged_sharded": result["merged_sharded"],
-            "saved": saved, "restored": result["restored"], "step": hlo_findings(hlo, full, like),
-            "stacked_specs": {p: [str(f.a.sharding.spec), str(f.b.sharding.spec)]
-                              for p, _, f in lj.advanced.align(result["base"], result["delta"])[0] if f},
-            "stdout": text.getvalue()}
+    return {
+        "losses": result["losses"],
+        "merged_diff": result["merged_diff"],
+        "shardings_kept": result["shardings_kept"],
+        "merged_sharded": result["merged_sharded"],
+        "saved": saved,
+        "restored": result["restored"],
+        "step": hlo_findings(hlo, full, like),
+        "stacked_specs": {
+            p: [str(f.a.sharding.spec), str(f.b.sharding.spec)]
+            for p, _, f in lj.advanced.align(result["base"], result["delta"])[0]
+            if f
+        },
+        "stdout": text.getvalue(),
+    }
 
 
 def main() -> None:

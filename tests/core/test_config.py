@@ -9,7 +9,6 @@ import pytest
 
 from lora_jax import KernelLayout, LoraConfig, LoraConfigError, LoraError, LoraLayoutError
 
-
 # --------------------------------------------------------------------------- rank / alpha
 
 
@@ -152,7 +151,9 @@ def test_config_is_frozen():
 
 
 def test_layout_strings_become_kernel_layouts():
-    cfg = LoraConfig(targets=".*", layouts={".*q/kernel": "ioo", ".*conv/kernel": KernelLayout("iiio", "conv")})
+    cfg = LoraConfig(
+        targets=".*", layouts={".*q/kernel": "ioo", ".*conv/kernel": KernelLayout("iiio", "conv")}
+    )
     assert cfg.layout_for("blk/q/kernel") == KernelLayout("ioo", "dense")
     assert cfg.layout_for("blk/conv/kernel") == KernelLayout("iiio", "conv")
     assert cfg.layout_for("blk/other/kernel") is None

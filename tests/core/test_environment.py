@@ -24,7 +24,9 @@ def makefile_pins(variable: str) -> dict[str, str]:
 
 
 def fixture_peft_versions() -> set[str]:
-    return {json.loads(p.read_text())["peft_version"] for p in FIXTURES.glob("*/adapter_config.json")}
+    return {
+        json.loads(p.read_text())["peft_version"] for p in FIXTURES.glob("*/adapter_config.json")
+    }
 
 
 def test_fixtures_were_written_by_the_pinned_peft():
@@ -73,13 +75,18 @@ def test_a_skip_fails_in_the_newest_environment_and_is_listed_in_the_oldest(tmp_
 
     shutil.copy(Path(__file__).resolve().parents[1] / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_it.py").write_text(
-        "import pytest\n\ndef test_needs_torch():\n    pytest.importorskip('no_such_torch')\n")
+        "import pytest\n\ndef test_needs_torch():\n    pytest.importorskip('no_such_torch')\n"
+    )
     runs = {}
     for env in ("newest", "torch", "oldest"):
         runs[env] = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-            env={**os.environ, "LORA_JAX_TEST_ENV": env})
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "LORA_JAX_TEST_ENV": env},
+        )
     assert runs["newest"].returncode == 1, runs["newest"].stdout
     assert "skipped in the newest test environment" in runs["newest"].stdout
     assert runs["torch"].returncode == 1, runs["torch"].stdout

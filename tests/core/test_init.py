@@ -32,7 +32,11 @@ def factors_of(delta, path):
 
 
 def all_factors(delta):
-    return {p: f for p, f in lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0] if lj.advanced.is_factors(f)}
+    return {
+        p: f
+        for p, f in lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0]
+        if lj.advanced.is_factors(f)
+    }
 
 
 # --------------------------------------------------------------------------- distributions
@@ -62,8 +66,12 @@ def leaf_name(kind):
 
 @pytest.fixture(scope="module")
 def deltas():
-    params = {"big": {"w": jax.ShapeDtypeStruct(BIG, jnp.float32),  # a dense kernel
-                      "embedding": jax.ShapeDtypeStruct(BIG, jnp.bfloat16)}}
+    params = {
+        "big": {
+            "w": jax.ShapeDtypeStruct(BIG, jnp.float32),  # a dense kernel
+            "embedding": jax.ShapeDtypeStruct(BIG, jnp.bfloat16),
+        }
+    }
     layouts = {}
     for kind, (shape, dtype, layout) in KIND_CASES.items():
         params[kind] = {leaf_name(kind): jax.ShapeDtypeStruct(shape, dtype)}
@@ -71,13 +79,25 @@ def deltas():
             layouts[f"{kind}/{leaf_name(kind)}"] = layout
     out = {}
     for scheme in SCHEMES:
-        cfg = LoraConfig(targets=r".*/(kernel|embedding|w)", rank=2, init=scheme, layouts=layouts,
-                         rank_pattern={r"big/.*": R})
+        cfg = LoraConfig(
+            targets=r".*/(kernel|embedding|w)",
+            rank=2,
+            init=scheme,
+            layouts=layouts,
+            rank_pattern={r"big/.*": R},
+        )
         out[scheme] = lj.init_lora(KEY, params, cfg)[1]
-    conv = {name: {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)} for name, (shape, _, _) in CONV_CASES.items()}
+    conv = {
+        name: {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)}
+        for name, (shape, _, _) in CONV_CASES.items()
+    }
     conv["stacked16"] = {"kernel": jax.ShapeDtypeStruct((3, 16, 8), jnp.float32)}
-    conv_layouts = {f"{name}/kernel": KernelLayout(axes, "conv") for name, (_, axes, _) in CONV_CASES.items()}
-    cfg = LoraConfig(targets=r".*/kernel", rank=4, layouts={**conv_layouts, "stacked16/kernel": "sio"})
+    conv_layouts = {
+        f"{name}/kernel": KernelLayout(axes, "conv") for name, (_, axes, _) in CONV_CASES.items()
+    }
+    cfg = LoraConfig(
+        targets=r".*/kernel", rank=4, layouts={**conv_layouts, "stacked16/kernel": "sio"}
+    )
     out["kaiming_conv"] = lj.init_lora(KEY, conv, cfg)[1]
     return out
 
@@ -154,14 +174,18 @@ def test_embedding_swapped(deltas):
 
 def test_scheme_does_not_change_embedding_draws(deltas):
     # kaiming and gaussian differ only for non-embedding kernels
-    np.testing.assert_array_equal(ab(deltas["kaiming"], "big/embedding")[1], ab(deltas["gaussian"], "big/embedding")[1])
+    np.testing.assert_array_equal(
+        ab(deltas["kaiming"], "big/embedding")[1], ab(deltas["gaussian"], "big/embedding")[1]
+    )
 
 
 ZERO_CASES = {  # path in the fixture tree: (shape, kind)
     "big/w": (BIG, "dense"),
     "big/embedding": (BIG, "embed"),
-    **{f"{k}/{leaf_name(k)}": (shape, "embed" if k == "embed" else layout.kind)
-       for k, (shape, _, layout) in KIND_CASES.items()},
+    **{
+        f"{k}/{leaf_name(k)}": (shape, "embed" if k == "embed" else layout.kind)
+        for k, (shape, _, layout) in KIND_CASES.items()
+    },
 }
 
 
@@ -243,7 +267,9 @@ PLAIN_LAYOUTS = {"stack": "sio", "proj": "ioo"}
 
 
 def _check_same(base, merged):
-    for (p, x), (q, y) in zip(lj.advanced.leaves_with_paths(base)[0], lj.advanced.leaves_with_paths(merged)[0]):
+    for (p, x), (q, y) in zip(
+        lj.advanced.leaves_with_paths(base)[0], lj.advanced.leaves_with_paths(merged)[0]
+    ):
         assert p == q
         assert x.dtype == y.dtype and x.shape == y.shape
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=p)
@@ -253,15 +279,24 @@ def _check_same(base, merged):
 def test_step0_linen(scheme, randomize):
     model = LinenNet()
     params = randomize(jax.eval_shape(model.init, KEY, TOKENS))
-    cfg = LoraConfig(targets=r"params/.*/(kernel|embedding)", rank=2, init=scheme, layouts=LINEN_LAYOUTS)
+    cfg = LoraConfig(
+        targets=r"params/.*/(kernel|embedding)", rank=2, init=scheme, layouts=LINEN_LAYOUTS
+    )
     base, delta = lj.init_lora(KEY, params, cfg)
     assert_same_arrays(base, params)
     kinds = {p: f.layout.kind for p, f in all_factors(delta).items()}
-    assert kinds == {"params/embed/embedding": "embed", "params/conv/kernel": "conv",
-                     "params/q/kernel": "dense", "params/o/kernel": "dense", "params/fc/kernel": "dense"}
+    assert kinds == {
+        "params/embed/embedding": "embed",
+        "params/conv/kernel": "conv",
+        "params/q/kernel": "dense",
+        "params/o/kernel": "dense",
+        "params/fc/kernel": "dense",
+    }
     merged = lj.merge(base, delta)
     _check_same(base, merged)
-    assert np.array_equal(np.asarray(LINEN_APPLY(merged, TOKENS)), np.asarray(LINEN_APPLY(base, TOKENS)))
+    assert np.array_equal(
+        np.asarray(LINEN_APPLY(merged, TOKENS)), np.asarray(LINEN_APPLY(base, TOKENS))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +316,13 @@ def test_step0_nnx(scheme, randomize, nnx_model):
     state = randomize(abstract)
     cfg = LoraConfig(targets=r".*/(kernel|embedding)", rank=2, init=scheme, layouts=NNX_LAYOUTS)
     base, delta = lj.init_lora(KEY, state, cfg)
-    assert sorted(all_factors(delta)) == ["conv/kernel", "embed/embedding", "fc/kernel", "o/kernel", "q/kernel"]
+    assert sorted(all_factors(delta)) == [
+        "conv/kernel",
+        "embed/embedding",
+        "fc/kernel",
+        "o/kernel",
+        "q/kernel",
+    ]
     merged = lj.merge(base, delta)
     _check_same(base, merged)
     assert np.array_equal(np.asarray(forward(merged)), np.asarray(forward(base)))
@@ -305,9 +346,13 @@ def test_step0_bf16_base(deltas, scheme):
     params = {"embed": {"embedding": jnp.asarray(rng.standard_normal((4, 5)), jnp.bfloat16)}}
     delta = {k: {n: factors_of(deltas[scheme], f"{k}/{n}")} for k, v in params.items() for n in v}
     merged = lj.merge(params, delta)
-    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(params)[0], lj.advanced.leaves_with_paths(merged)[0]):
+    for (p, x), (_, y) in zip(
+        lj.advanced.leaves_with_paths(params)[0], lj.advanced.leaves_with_paths(merged)[0]
+    ):
         assert y.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(x).view(np.uint16), err_msg=p)
+        np.testing.assert_array_equal(
+            np.asarray(y).view(np.uint16), np.asarray(x).view(np.uint16), err_msg=p
+        )
 
 
 # --------------------------------------------------------------------------- determinism
@@ -316,8 +361,11 @@ def test_step0_bf16_base(deltas, scheme):
 DET_PARAMS = {"a": jnp.zeros((4, 5)), "b": jnp.zeros((4, 5)), "c": jnp.zeros(3)}
 
 
-@pytest.mark.parametrize("key_fn", [lambda s: jax.random.key(s), lambda s: jax.random.PRNGKey(s)],
-                         ids=["typed_threefry", "raw_uint32"])
+@pytest.mark.parametrize(
+    "key_fn",
+    [lambda s: jax.random.key(s), lambda s: jax.random.PRNGKey(s)],
+    ids=["typed_threefry", "raw_uint32"],
+)
 def test_same_key_same_delta_and_path_keyed(key_fn):
     cfg = LoraConfig(targets=["a", "b"], rank=2)
     _, d1 = lj.init_lora(key_fn(7), DET_PARAMS, cfg)
@@ -333,8 +381,13 @@ def test_same_key_same_delta_and_path_keyed(key_fn):
     np.testing.assert_array_equal(np.asarray(only_a["a"].a), np.asarray(d1["a"].a))
     assert only_a["b"] is None
     # The documented derivation: fold_in(key, crc32(path)), then U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    want = jax.random.uniform(jax.random.fold_in(key_fn(7), zlib.crc32(b"a")), (4, 2), jnp.float32,
-                              -1 / math.sqrt(4), 1 / math.sqrt(4))
+    want = jax.random.uniform(
+        jax.random.fold_in(key_fn(7), zlib.crc32(b"a")),
+        (4, 2),
+        jnp.float32,
+        -1 / math.sqrt(4),
+        1 / math.sqrt(4),
+    )
     np.testing.assert_array_equal(np.asarray(d1["a"].a), np.asarray(want))
 
 
@@ -345,11 +398,16 @@ def test_unrelated_target_in_other_tree_kind_does_not_change_factors():
     big = dict(small, extra={"w": jnp.zeros((4, 5))})
     _, d_small = lj.init_lora(KEY, small, cfg_small)
     _, d_big = lj.init_lora(KEY, big, cfg_big)
-    np.testing.assert_array_equal(np.asarray(d_small["enc"]["w"].a), np.asarray(d_big["enc"]["w"].a))
+    np.testing.assert_array_equal(
+        np.asarray(d_small["enc"]["w"].a), np.asarray(d_big["enc"]["w"].a)
+    )
 
 
 def test_shape_dtype_struct_params():
-    params = {"w": jax.ShapeDtypeStruct((4, 5), jnp.bfloat16), "b": jax.ShapeDtypeStruct((5,), jnp.bfloat16)}
+    params = {
+        "w": jax.ShapeDtypeStruct((4, 5), jnp.bfloat16),
+        "b": jax.ShapeDtypeStruct((5,), jnp.bfloat16),
+    }
     base, delta = lj.init_lora(KEY, params, LoraConfig(targets="w", rank=2))
     assert_same_arrays(base, params)
     assert delta["b"] is None
@@ -381,8 +439,15 @@ def test_bf16_factors_keep_distribution():
 
 def test_metadata_alpha_rslora_layout():
     params = {"q": jnp.zeros((4, 2, 3)), "v": jnp.zeros((8, 5))}
-    cfg = LoraConfig(targets=["q", "v"], rank=2, alpha=6.0, rank_pattern={"v": 4}, alpha_pattern={"q": 3.0},
-                     use_rslora=True, layouts={"q": "ioo"})
+    cfg = LoraConfig(
+        targets=["q", "v"],
+        rank=2,
+        alpha=6.0,
+        rank_pattern={"v": 4},
+        alpha_pattern={"q": 3.0},
+        use_rslora=True,
+        layouts={"q": "ioo"},
+    )
     _, delta = lj.init_lora(KEY, params, cfg)
     q, v = delta["q"], delta["v"]
     assert (q.alpha, q.rank, q.rslora, q.layout) == (3.0, 2, True, KernelLayout("ioo"))
@@ -395,7 +460,9 @@ def test_metadata_alpha_rslora_layout():
 
 
 def test_init_factors_direct():
-    target = lj.advanced.select_targets({"w": jnp.zeros((4, 5))}, LoraConfig(targets="w", rank=2, alpha=5.0))["w"]
+    target = lj.advanced.select_targets(
+        {"w": jnp.zeros((4, 5))}, LoraConfig(targets="w", rank=2, alpha=5.0)
+    )["w"]
     f = lj.advanced.init_factors(KEY, target, "kaiming", jnp.float32, False)
     assert f.a.shape == (4, 2) and f.b.shape == (2, 5)
     assert np.abs(np.asarray(f.a)).max() <= 1 / 2 and not np.asarray(f.b).any()

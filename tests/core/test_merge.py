@@ -19,11 +19,24 @@ KEY = jax.random.key(0, impl="rbg")
 FAST = settings(max_examples=25, deadline=None)
 JIT = settings(max_examples=12, deadline=None)  # one XLA compile per example
 KERNELS = [  # (layout, kernel shape)
-    ("io", (3, 2)), ("io", (2, 3)), ("io", (3, 3)), ("oi", (3, 2)),
-    ("ioo", (3, 2, 2)), ("ioo", (2, 3, 2)), ("iio", (2, 3, 2)), ("iio", (2, 2, 3)),
-    ("oio", (2, 3, 3)), ("oii", (3, 2, 2)), ("sio", (2, 3, 2)), ("sio", (3, 2, 3)),
-    ("iso", (2, 3, 3)), ("ois", (3, 2, 2)), ("iiio", (2, 2, 2, 3)), ("ssio", (2, 2, 3, 3)),
-    ("siio", (2, 2, 3, 2)), ("sioo", (2, 3, 2, 2)),
+    ("io", (3, 2)),
+    ("io", (2, 3)),
+    ("io", (3, 3)),
+    ("oi", (3, 2)),
+    ("ioo", (3, 2, 2)),
+    ("ioo", (2, 3, 2)),
+    ("iio", (2, 3, 2)),
+    ("iio", (2, 2, 3)),
+    ("oio", (2, 3, 3)),
+    ("oii", (3, 2, 2)),
+    ("sio", (2, 3, 2)),
+    ("sio", (3, 2, 3)),
+    ("iso", (2, 3, 3)),
+    ("ois", (3, 2, 2)),
+    ("iiio", (2, 2, 2, 3)),
+    ("ssio", (2, 2, 3, 3)),
+    ("siio", (2, 2, 3, 2)),
+    ("sioo", (2, 3, 2, 2)),
 ]
 
 
@@ -97,7 +110,13 @@ def cases(draw, dyadic=False):
         rslora = draw(st.booleans())
         alpha = draw(st.floats(0.25, 8.0, allow_nan=False))
     w = rng.standard_normal(shape)
-    f = LoraFactors(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), alpha=alpha, rslora=rslora, layout=layout)
+    f = LoraFactors(
+        jnp.asarray(a, jnp.float32),
+        jnp.asarray(b, jnp.float32),
+        alpha=alpha,
+        rslora=rslora,
+        layout=layout,
+    )
     scale = alpha / (math.sqrt(rank) if rslora else rank)
     return w, f, scale
 
@@ -140,7 +159,9 @@ def test_merged_forward_equals_base_plus_low_rank_path(case, batch):
     merged = lj.merge({"w": jnp.asarray(w32)}, {"w": f})["w"]
     got = ref_forward(x, np.asarray(merged), axes)
     want = ref_forward(x, w32, axes) + ref_lora_forward(x, f.a, f.b, axes, scale)
-    mag = ref_forward(np.abs(x), np.abs(w32) + ref_update(np.abs(f.a), np.abs(f.b), axes, scale), axes)
+    mag = ref_forward(
+        np.abs(x), np.abs(w32) + ref_update(np.abs(f.a), np.abs(f.b), axes, scale), axes
+    )
     assert_within(got, want, EPS * mag)
     assert np.abs(got - ref_forward(x, w32, axes)).max() > 0  # the low-rank path is really there
 
@@ -183,12 +204,16 @@ def test_merge_io_by_hand():
     w = np.arange(12, dtype=np.float32).reshape(4, 3)
     a = np.array([[1, 0], [0, 1], [1, 1], [2, 0]], np.float32)
     b = np.array([[1, 2, 3], [0, -1, 1]], np.float32)
-    f = LoraFactors(jnp.asarray(a), jnp.asarray(b), alpha=4.0, rslora=False, layout=KernelLayout("io"))  # scale 2
+    f = LoraFactors(
+        jnp.asarray(a), jnp.asarray(b), alpha=4.0, rslora=False, layout=KernelLayout("io")
+    )  # scale 2
     merged = lj.merge({"w": jnp.asarray(w)}, {"w": f})["w"]
     np.testing.assert_array_equal(np.asarray(merged), w + 2 * a @ b)
     back = jax.jit(lj.unmerge)({"w": merged}, {"w": f})["w"]
     np.testing.assert_array_equal(np.asarray(back), w)  # every value is a small integer: exact
-    f_rs = LoraFactors(jnp.asarray(a), jnp.asarray(b), alpha=4.0, rslora=True, layout=KernelLayout("io"))  # scale 4/sqrt(2)
+    f_rs = LoraFactors(
+        jnp.asarray(a), jnp.asarray(b), alpha=4.0, rslora=True, layout=KernelLayout("io")
+    )  # scale 4/sqrt(2)
     merged = lj.merge({"w": jnp.asarray(w)}, {"w": f_rs})["w"]
     np.testing.assert_allclose(np.asarray(merged), w + (4 / math.sqrt(2)) * a @ b, rtol=1e-6)
 
@@ -222,7 +247,13 @@ def test_all_none_delta_is_identity():
 def test_bf16_factors_on_f32_base():
     a = np.array([[0.5, -1.0], [0.25, 2.0], [1.0, 1.0]], np.float32)
     b = np.array([[1.0, -0.5], [0.75, 0.25]], np.float32)
-    f = LoraFactors(jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16), alpha=2.0, rslora=False, layout=KernelLayout("io"))
+    f = LoraFactors(
+        jnp.asarray(a, jnp.bfloat16),
+        jnp.asarray(b, jnp.bfloat16),
+        alpha=2.0,
+        rslora=False,
+        layout=KernelLayout("io"),
+    )
     upd = lj.advanced.dense_delta(f)
     assert upd.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(upd), a @ b)
@@ -252,11 +283,15 @@ def base_delta():
     return lj.init_lora(KEY, params, LoraConfig(targets=r".*/kernel", rank=2))
 
 
-@pytest.mark.parametrize("fn", [lj.merge, lj.unmerge, lj.advanced.align, lj.summarize], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn", [lj.merge, lj.unmerge, lj.advanced.align, lj.summarize], ids=lambda f: f.__name__
+)
 def test_missing_entry_names_leaf(base_delta, fn):
     base, delta = base_delta
     bad = {"enc": delta["enc"]}  # no "dec" subtree at all
-    with pytest.raises(LoraStructureError, match=r"does not match the base.*'dec/bias', 'dec/kernel'"):
+    with pytest.raises(
+        LoraStructureError, match=r"does not match the base.*'dec/bias', 'dec/kernel'"
+    ):
         fn(base, bad)
     bad = {"enc": delta["enc"], "dec": {"kernel": delta["dec"]["kernel"]}}  # no dec/bias entry
     with pytest.raises(LoraStructureError, match=r"no entry .* for the base leaves \['dec/bias'\]"):
@@ -266,7 +301,9 @@ def test_missing_entry_names_leaf(base_delta, fn):
 def test_factors_for_leaf_not_in_base(base_delta):
     base, delta = base_delta
     bad = {**delta, "head": {"kernel": delta["enc"]["kernel"]}}
-    with pytest.raises(LoraStructureError, match=r"factors at \['head/kernel'\], which are not leaves of the base"):
+    with pytest.raises(
+        LoraStructureError, match=r"factors at \['head/kernel'\], which are not leaves of the base"
+    ):
         lj.merge(base, bad)
     # factors where the base has a subtree, not a leaf
     bad = {"enc": delta["enc"]["kernel"], "dec": delta["dec"]}
@@ -277,27 +314,58 @@ def test_factors_for_leaf_not_in_base(base_delta):
 def test_wrong_factor_shapes(base_delta):
     base, delta = base_delta
     f = delta["dec"]["kernel"]
-    for a, b in [(f.a[:4], f.b), (f.a, f.b[:, :2]), (jnp.zeros((5, 3)), jnp.zeros((2, 3))),
-                 (f.a.T, f.b.T), (f.a[None], f.b)]:
-        bad = {**delta, "dec": {"kernel": LoraFactors(a, b, alpha=f.alpha, rslora=f.rslora, layout=f.layout), "bias": None}}
-        with pytest.raises(LoraStructureError, match=r"leaf 'dec/kernel': factors A\(.*\) B\(.*\) do not fit the base kernel of shape \(5, 3\).*expected A\(5, (\d)\) B\(\1, 3\)"):
+    for a, b in [
+        (f.a[:4], f.b),
+        (f.a, f.b[:, :2]),
+        (jnp.zeros((5, 3)), jnp.zeros((2, 3))),
+        (f.a.T, f.b.T),
+        (f.a[None], f.b),
+    ]:
+        bad = {
+            **delta,
+            "dec": {
+                "kernel": LoraFactors(a, b, alpha=f.alpha, rslora=f.rslora, layout=f.layout),
+                "bias": None,
+            },
+        }
+        with pytest.raises(
+            LoraStructureError,
+            match=r"leaf 'dec/kernel': factors A\(.*\) B\(.*\) do not fit the base kernel of shape \(5, 3\).*expected A\(5, (\d)\) B\(\1, 3\)",
+        ):
             lj.merge(base, bad)
 
 
 def test_layout_ndim_mismatch(base_delta):
     base, delta = base_delta
     f = delta["enc"]["kernel"]
-    bad = {**delta, "enc": {"kernel": LoraFactors(f.a, f.b, alpha=f.alpha, rslora=f.rslora, layout=KernelLayout("iio")), "bias": None}}
-    with pytest.raises(LoraStructureError, match=r"leaf 'enc/kernel': the base kernel has shape \(4, 5\) but the delta's layout 'iio' is for a 3-D kernel"):
+    bad = {
+        **delta,
+        "enc": {
+            "kernel": LoraFactors(
+                f.a, f.b, alpha=f.alpha, rslora=f.rslora, layout=KernelLayout("iio")
+            ),
+            "bias": None,
+        },
+    }
+    with pytest.raises(
+        LoraStructureError,
+        match=r"leaf 'enc/kernel': the base kernel has shape \(4, 5\) but the delta's layout 'iio' is for a 3-D kernel",
+    ):
         lj.unmerge(base, bad)
 
 
-@pytest.mark.parametrize("obj", [jnp.zeros((4, 2)), (jnp.zeros((4, 2)), jnp.zeros((2, 5))), {"a": 1}, 3.0],
-                         ids=["array", "tuple", "dict", "float"])
+@pytest.mark.parametrize(
+    "obj",
+    [jnp.zeros((4, 2)), (jnp.zeros((4, 2)), jnp.zeros((2, 5))), {"a": 1}, 3.0],
+    ids=["array", "tuple", "dict", "float"],
+)
 def test_non_factors_object(base_delta, obj):
     base, delta = base_delta
     bad = {**delta, "enc": {"kernel": obj, "bias": None}}
-    with pytest.raises(LoraStructureError, match=rf"leaf 'enc/kernel': the delta holds {type(obj).__name__}, expected LoraFactors"):
+    with pytest.raises(
+        LoraStructureError,
+        match=rf"leaf 'enc/kernel': the delta holds {type(obj).__name__}, expected LoraFactors",
+    ):
         lj.merge(base, bad)
 
 
@@ -312,7 +380,13 @@ def test_factors_on_bias_leaf(base_delta):
 def test_structure_errors_under_jit(base_delta):
     base, delta = base_delta
     f = delta["dec"]["kernel"]
-    bad = {**delta, "dec": {"kernel": LoraFactors(f.a[:4], f.b, alpha=f.alpha, rslora=f.rslora, layout=f.layout), "bias": None}}
+    bad = {
+        **delta,
+        "dec": {
+            "kernel": LoraFactors(f.a[:4], f.b, alpha=f.alpha, rslora=f.rslora, layout=f.layout),
+            "bias": None,
+        },
+    }
     with pytest.raises(LoraStructureError, match=r"leaf 'dec/kernel'"):
         jax.jit(lj.merge)(base, bad)
 

@@ -57,7 +57,9 @@ def frozen_copy(tree):
 
 
 def assert_same(tree, copy):
-    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(tree)[0], lj.advanced.leaves_with_paths(copy)[0]):
+    for (p, x), (_, y) in zip(
+        lj.advanced.leaves_with_paths(tree)[0], lj.advanced.leaves_with_paths(copy)[0]
+    ):
         assert np.asarray(x).tobytes() == y.tobytes(), p
 
 
@@ -86,19 +88,32 @@ def test_linen_attention_model(randomize):
     model = Attention()
     params = randomize(jax.eval_shape(model.init, KEY, TOKENS))
     cfg = LoraConfig(
-        targets=[r"params/(q|k|v|o)/kernel", r"params/conv/kernel", r"params/fc/kernel", r"params/embed/embedding"],
+        targets=[
+            r"params/(q|k|v|o)/kernel",
+            r"params/conv/kernel",
+            r"params/fc/kernel",
+            r"params/embed/embedding",
+        ],
         rank=2,
         exclude=[r"params/k/.*"],
-        layouts={r"params/(q|v)/kernel": "ioo", r"params/o/kernel": "iio",
-                 r"params/conv/kernel": KernelLayout("iio", "conv")},
+        layouts={
+            r"params/(q|v)/kernel": "ioo",
+            r"params/o/kernel": "iio",
+            r"params/conv/kernel": KernelLayout("iio", "conv"),
+        },
         rank_pattern={r"params/fc/kernel": 4},
     )
     base, delta = lj.init_lora(KEY, params, cfg)
     before = frozen_copy(base)
     summary = lj.summarize(base, delta)
     assert {leaf.path: leaf.kind for leaf in summary.leaves} == {
-        "params/conv/kernel": "conv", "params/embed/embedding": "embed", "params/fc/kernel": "dense",
-        "params/o/kernel": "dense", "params/q/kernel": "dense", "params/v/kernel": "dense"}
+        "params/conv/kernel": "conv",
+        "params/embed/embedding": "embed",
+        "params/fc/kernel": "dense",
+        "params/o/kernel": "dense",
+        "params/q/kernel": "dense",
+        "params/v/kernel": "dense",
+    }
     assert delta["params"]["k"]["kernel"] is None
 
     def loss_fn(d):
@@ -113,16 +128,27 @@ def test_linen_attention_model(randomize):
 
     merged = jax.jit(lj.merge)(base, delta)
     ref = ref_merged(base, delta)
-    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(merged)[0], lj.advanced.leaves_with_paths(ref)[0]):
+    for (p, x), (_, y) in zip(
+        lj.advanced.leaves_with_paths(merged)[0], lj.advanced.leaves_with_paths(ref)[0]
+    ):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6, err_msg=p)
-    changed = [p for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(merged)[0], lj.advanced.leaves_with_paths(base)[0])
-               if not np.array_equal(np.asarray(x), np.asarray(y))]
+    changed = [
+        p
+        for (p, x), (_, y) in zip(
+            lj.advanced.leaves_with_paths(merged)[0], lj.advanced.leaves_with_paths(base)[0]
+        )
+        if not np.array_equal(np.asarray(x), np.asarray(y))
+    ]
     assert sorted(changed) == sorted(leaf.path for leaf in summary.leaves)
     out = apply(merged, TOKENS)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(apply(ref, TOKENS)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(apply(ref, TOKENS)), rtol=1e-4, atol=1e-5
+    )
     # unmerge gives the base back
     back = jax.jit(lj.unmerge)(merged, delta)
-    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(back)[0], lj.advanced.leaves_with_paths(base)[0]):
+    for (p, x), (_, y) in zip(
+        lj.advanced.leaves_with_paths(back)[0], lj.advanced.leaves_with_paths(base)[0]
+    ):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5, err_msg=p)
 
 
@@ -172,10 +198,21 @@ def test_nnx_model(randomize):
         f = factors[f"{name}/kernel"]
         return np.float64(values[f"{name}/kernel"]) + (8.0 / 2) * np.float64(f.a) @ np.float64(f.b)
 
-    want = numpy_mlp(dense("fc1"), np.float64(values["fc1/bias"]), dense("fc2"), np.float64(values["fc2/bias"]), X)
+    want = numpy_mlp(
+        dense("fc1"),
+        np.float64(values["fc1/bias"]),
+        dense("fc2"),
+        np.float64(values["fc2/bias"]),
+        X,
+    )
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
-    base_out = numpy_mlp(np.float64(values["fc1/kernel"]), values["fc1/bias"], np.float64(values["fc2/kernel"]),
-                         values["fc2/bias"], X)
+    base_out = numpy_mlp(
+        np.float64(values["fc1/kernel"]),
+        values["fc1/bias"],
+        np.float64(values["fc2/kernel"]),
+        values["fc2/bias"],
+        X,
+    )
     assert np.abs(out - base_out).max() > 1e-3  # the trained delta changed the model
 
     # nnx.update writes the merged weights into a live module in place.
@@ -196,8 +233,14 @@ def plain_fn(params, x):
 def test_plain_function(randomize):
     shapes = {"w1": (4, 8), "b1": (8,), "proj": (8, 2, 3), "w2": (6, 3)}
     params = randomize({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}, seed=2)
-    cfg = LoraConfig(targets=["w1", "proj", "w2"], rank=2, alpha=2.0, init="swapped", use_rslora=True,
-                     layouts={"proj": "ioo"})
+    cfg = LoraConfig(
+        targets=["w1", "proj", "w2"],
+        rank=2,
+        alpha=2.0,
+        init="swapped",
+        use_rslora=True,
+        layouts={"proj": "ioo"},
+    )
     base, delta = lj.init_lora(KEY, params, cfg)
     before = frozen_copy(base)
 
@@ -211,11 +254,15 @@ def test_plain_function(randomize):
     s = 2.0 / np.sqrt(2)
     f1, fp, f2 = delta["w1"], delta["proj"], delta["w2"]
     w1 = np.float64(params["w1"]) + s * np.float64(f1.a) @ np.float64(f1.b)
-    proj = np.float64(params["proj"]) + s * np.einsum("dr,rhk->dhk", np.float64(fp.a), np.float64(fp.b))
+    proj = np.float64(params["proj"]) + s * np.einsum(
+        "dr,rhk->dhk", np.float64(fp.a), np.float64(fp.b)
+    )
     w2 = np.float64(params["w2"]) + s * np.float64(f2.a) @ np.float64(f2.b)
     h = np.tanh(np.float64(X) @ w1 + np.float64(params["b1"]))
     want = np.einsum("nd,dhk->nhk", h, proj).reshape(len(h), -1) @ w2
     got = plain_fn(jax.jit(lj.merge)(base, delta), X)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
     # merging on the fly and merging once agree
-    np.testing.assert_allclose(float(jax.jit(loss_fn)(delta)), float(np.mean((want - np.float64(Y)) ** 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(jax.jit(loss_fn)(delta)), float(np.mean((want - np.float64(Y)) ** 2)), rtol=1e-5
+    )

@@ -34,7 +34,10 @@ def mlp(randomize):
 
 
 def snapshot(tree):
-    return [(p, np.array(x, copy=True), np.asarray(x).tobytes()) for p, x in lj.advanced.leaves_with_paths(tree)[0]]
+    return [
+        (p, np.array(x, copy=True), np.asarray(x).tobytes())
+        for p, x in lj.advanced.leaves_with_paths(tree)[0]
+    ]
 
 
 def assert_unchanged(tree, snap):
@@ -95,8 +98,16 @@ def test_merge_on_the_fly_gradient_dense_formula():
     x, g = rng.standard_normal((n, fin)), rng.standard_normal((n, fout))
     alpha = 3.0
     s = alpha / r
-    params = {"dense": {"kernel": jnp.asarray(w, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}}
-    f = LoraFactors(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), alpha=alpha, rslora=False, layout=KernelLayout("io"))
+    params = {
+        "dense": {"kernel": jnp.asarray(w, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+    }
+    f = LoraFactors(
+        jnp.asarray(a, jnp.float32),
+        jnp.asarray(b, jnp.float32),
+        alpha=alpha,
+        rslora=False,
+        layout=KernelLayout("io"),
+    )
     delta = {"dense": {"kernel": f, "bias": None}}
 
     def loss(d):  # L = sum(G * y) so that dL/dy = G
@@ -123,10 +134,20 @@ def test_merge_on_the_fly_gradient_nd_layouts():
     """Gradients through a stacked "sio" and a DenseGeneral "ioo" kernel vs a hand-written einsum."""
     rng = np.random.default_rng(4)
     ws, wq = rng.standard_normal((2, 3, 4)), rng.standard_normal((4, 2, 3))
-    fs = LoraFactors(jnp.asarray(rng.standard_normal((2, 3, 2)), jnp.float32),
-                     jnp.asarray(rng.standard_normal((2, 2, 4)), jnp.float32), alpha=2.0, rslora=True, layout=KernelLayout("sio"))
-    fq = LoraFactors(jnp.asarray(rng.standard_normal((4, 2)), jnp.float32),
-                     jnp.asarray(rng.standard_normal((2, 2, 3)), jnp.float32), alpha=5.0, rslora=False, layout=KernelLayout("ioo"))
+    fs = LoraFactors(
+        jnp.asarray(rng.standard_normal((2, 3, 2)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 2, 4)), jnp.float32),
+        alpha=2.0,
+        rslora=True,
+        layout=KernelLayout("sio"),
+    )
+    fq = LoraFactors(
+        jnp.asarray(rng.standard_normal((4, 2)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 2, 3)), jnp.float32),
+        alpha=5.0,
+        rslora=False,
+        layout=KernelLayout("ioo"),
+    )
     x = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
     params = {"s": jnp.asarray(ws, jnp.float32), "q": jnp.asarray(wq, jnp.float32)}
 
@@ -154,8 +175,11 @@ def test_merge_on_the_fly_gradient_nd_layouts():
 
 
 def factor_bytes(delta):
-    return sum(x.size * x.dtype.itemsize for f in jax.tree.leaves(delta, is_leaf=lj.advanced.is_factors)
-               for x in (f.a, f.b))
+    return sum(
+        x.size * x.dtype.itemsize
+        for f in jax.tree.leaves(delta, is_leaf=lj.advanced.is_factors)
+        for x in (f.a, f.b)
+    )
 
 
 def split_state(state):
@@ -174,7 +198,9 @@ def run_combined(opt, combined, steps=STEPS):
 
     @jax.jit
     def step(t, s):
-        loss, grads = jax.value_and_grad(loss_fn)(t)  # grads for the base too: freeze must zero them
+        loss, grads = jax.value_and_grad(loss_fn)(
+            t
+        )  # grads for the base too: freeze must zero them
         updates, s = opt.update(grads, s, t)
         return optax.apply_updates(t, updates), s, loss, updates
 
@@ -226,15 +252,18 @@ def test_freeze_extra_trainable_bias(mlp):
     before_fc1 = snapshot(base["params"]["fc1"])
     before_k2 = np.array(base["params"]["fc2"]["kernel"], copy=True)
     out, _, _, _ = run_combined(opt, combined)
-    assert not np.array_equal(np.asarray(out["base"]["params"]["fc2"]["bias"]),
-                              np.asarray(base["params"]["fc2"]["bias"]))
+    assert not np.array_equal(
+        np.asarray(out["base"]["params"]["fc2"]["bias"]), np.asarray(base["params"]["fc2"]["bias"])
+    )
     assert_unchanged(out["base"]["params"]["fc1"], before_fc1)
     assert np.asarray(out["base"]["params"]["fc2"]["kernel"]).tobytes() == before_k2.tobytes()
 
 
 def test_trainable_mask_values(mlp):
     base, delta = mlp
-    mask = lj.advanced.trainable_mask({"base": base, "delta": delta}, extra_trainable=[r"base/params/fc1/bias"])
+    mask = lj.advanced.trainable_mask(
+        {"base": base, "delta": delta}, extra_trainable=[r"base/params/fc1/bias"]
+    )
     flat = {p: v for p, v in lj.advanced.leaves_with_paths(mask)[0]}
     assert flat == {
         "base/params/fc1/bias": True,
@@ -256,10 +285,20 @@ def test_trainable_mask_values(mlp):
 
 
 def test_count_params_and_tree_bytes_independent():
-    tree = {"a": jnp.ones((2, 3), jnp.float32), "b": jnp.ones(5, jnp.bfloat16), "c": None,
-            "d": [jnp.zeros((), jnp.int32), jnp.zeros((4, 4), jnp.int8)]}
+    tree = {
+        "a": jnp.ones((2, 3), jnp.float32),
+        "b": jnp.ones(5, jnp.bfloat16),
+        "c": None,
+        "d": [jnp.zeros((), jnp.int32), jnp.zeros((4, 4), jnp.int8)],
+    }
     assert lj.count_params(tree) == 6 + 5 + 1 + 16
     assert lj.advanced.tree_bytes(tree) == 6 * 4 + 5 * 2 + 4 + 16
-    f = LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 7), jnp.bfloat16), alpha=1.0, rslora=False, layout=KernelLayout("io"))
+    f = LoraFactors(
+        jnp.ones((3, 2)),
+        jnp.ones((2, 7), jnp.bfloat16),
+        alpha=1.0,
+        rslora=False,
+        layout=KernelLayout("io"),
+    )
     assert lj.count_params({"w": f}) == 6 + 14 == f.num_params
     assert lj.advanced.tree_bytes({"w": f}) == 6 * 4 + 14 * 2

@@ -42,8 +42,9 @@ MESH8 = AbstractMesh((2, 2, 2), AXES)  # specs and errors need no devices
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("sharded_finetune",
-                                                  ROOT / "examples" / "sharded_finetune.py")
+    spec = importlib.util.spec_from_file_location(
+        "sharded_finetune", ROOT / "examples" / "sharded_finetune.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)
     spec.loader.exec_module(module)
@@ -54,8 +55,9 @@ ex = _load_example()
 
 
 def _abstract_delta(params, config, layouts=None):
-    return jax.eval_shape(lambda k: lj.init_lora(k, params, config, layouts=layouts)[1],
-                          jax.random.key(0))
+    return jax.eval_shape(
+        lambda k: lj.init_lora(k, params, config, layouts=layouts)[1], jax.random.key(0)
+    )
 
 
 def _sds(*shape):
@@ -72,18 +74,37 @@ def _specs(sh):
 # -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout, spec, want_a, want_b, want_m", [
-    ("io", P("fsdp", "tensor"), ("fsdp", None), (None, "tensor"), ("tensor",)),
-    ("io", P(("data", "fsdp")), (("data", "fsdp"), None), (None, None), (None,)),
-    ("io", P(), (None, None), (None, None), (None,)),
-    ("ioo", P("fsdp", "tensor", None), ("fsdp", None), (None, "tensor", None), ("tensor", None)),
-    ("iio", P("tensor", None, "fsdp"), ("tensor", None, None), (None, "fsdp"), ("fsdp",)),
-    ("oi", P("tensor", "fsdp"), ("fsdp", None), (None, "tensor"), ("tensor",)),   # (out, in)
-    ("sio", P(None, "fsdp", "tensor"), (None, "fsdp", None), (None, None, "tensor"),
-     (None, "tensor")),
-    ("iiio", P(None, None, "fsdp", "tensor"), (None, None, "fsdp", None), (None, "tensor"),
-     ("tensor",)),                                                                 # conv
-])
+@pytest.mark.parametrize(
+    "layout, spec, want_a, want_b, want_m",
+    [
+        ("io", P("fsdp", "tensor"), ("fsdp", None), (None, "tensor"), ("tensor",)),
+        ("io", P(("data", "fsdp")), (("data", "fsdp"), None), (None, None), (None,)),
+        ("io", P(), (None, None), (None, None), (None,)),
+        (
+            "ioo",
+            P("fsdp", "tensor", None),
+            ("fsdp", None),
+            (None, "tensor", None),
+            ("tensor", None),
+        ),
+        ("iio", P("tensor", None, "fsdp"), ("tensor", None, None), (None, "fsdp"), ("fsdp",)),
+        ("oi", P("tensor", "fsdp"), ("fsdp", None), (None, "tensor"), ("tensor",)),  # (out, in)
+        (
+            "sio",
+            P(None, "fsdp", "tensor"),
+            (None, "fsdp", None),
+            (None, None, "tensor"),
+            (None, "tensor"),
+        ),
+        (
+            "iiio",
+            P(None, None, "fsdp", "tensor"),
+            (None, None, "fsdp", None),
+            (None, "tensor"),
+            ("tensor",),
+        ),  # conv
+    ],
+)
 def test_factor_specs(layout, spec, want_a, want_b, want_m):
     a, b, m = lj.advanced.factor_specs(spec, lj.KernelLayout(layout))
     assert (tuple(a), tuple(b), tuple(m)) == (want_a, want_b, want_m)
@@ -93,17 +114,24 @@ def test_factor_specs(layout, spec, want_a, want_b, want_m):
 # delta_shardings from every form of base shardings
 # -----------------------------------------------------------------------------
 
-PARAMS = {"up": {"kernel": _sds(64, 192), "bias": _sds(192)},
-          "qkv": {"kernel": _sds(64, 8, 16)},
-          "stack": {"kernel": _sds(4, 64, 32)}}
-CONFIG = lj.LoraConfig(targets=r".*kernel", rank=4,
-                       layouts={"qkv/kernel": "ioo", "stack/kernel": "sio"})
-SPECS = {"up": {"kernel": P("fsdp", "tensor"), "bias": P("tensor")},
-         "qkv": {"kernel": P("fsdp", "tensor", None)},
-         "stack": {"kernel": P(None, "fsdp", "tensor")}}
-WANT = {"up/kernel": (("fsdp", None), (None, "tensor")),
-        "qkv/kernel": (("fsdp", None), (None, "tensor", None)),
-        "stack/kernel": ((None, "fsdp", None), (None, None, "tensor"))}
+PARAMS = {
+    "up": {"kernel": _sds(64, 192), "bias": _sds(192)},
+    "qkv": {"kernel": _sds(64, 8, 16)},
+    "stack": {"kernel": _sds(4, 64, 32)},
+}
+CONFIG = lj.LoraConfig(
+    targets=r".*kernel", rank=4, layouts={"qkv/kernel": "ioo", "stack/kernel": "sio"}
+)
+SPECS = {
+    "up": {"kernel": P("fsdp", "tensor"), "bias": P("tensor")},
+    "qkv": {"kernel": P("fsdp", "tensor", None)},
+    "stack": {"kernel": P(None, "fsdp", "tensor")},
+}
+WANT = {
+    "up/kernel": (("fsdp", None), (None, "tensor")),
+    "qkv/kernel": (("fsdp", None), (None, "tensor", None)),
+    "stack/kernel": ((None, "fsdp", None), (None, None, "tensor")),
+}
 
 
 def _check_want(sh, want=WANT):
@@ -125,8 +153,9 @@ def test_delta_shardings_from_partition_specs_and_mesh():
 
 def test_delta_shardings_from_named_shardings_and_single_spec():
     delta = _abstract_delta(PARAMS, CONFIG)
-    named = jax.tree.map(lambda s: NamedSharding(MESH8, s), SPECS,
-                         is_leaf=lambda x: isinstance(x, P))
+    named = jax.tree.map(
+        lambda s: NamedSharding(MESH8, s), SPECS, is_leaf=lambda x: isinstance(x, P)
+    )
     _check_want(lj.delta_shardings(named, delta))
     # One spec for every kernel (here: replicate everything).
     sh = lj.delta_shardings(NamedSharding(MESH8, P()), delta)
@@ -167,8 +196,10 @@ def test_linen_logical_and_mesh_partitioning():
     assert base_sh["params"]["down"]["kernel"].spec == P("tensor", "fsdp")
     assert base_sh["params"]["up"]["bias"].spec == P()  # not annotated: replicated
     delta = _abstract_delta(nn.unbox(variables), lj.LoraConfig(targets=".*kernel", rank=4))
-    want = {"params/up/kernel": (("fsdp", None), (None, "tensor")),
-            "params/down/kernel": (("tensor", None), (None, "fsdp"))}
+    want = {
+        "params/up/kernel": (("fsdp", None), (None, "tensor")),
+        "params/down/kernel": (("tensor", None), (None, "fsdp")),
+    }
     # From the boxes directly, from the derived NamedShardings, and with flax's rules context.
     _check_want(lj.delta_shardings(variables, delta, MESH8, rules=RULES), want)
     _check_want(lj.delta_shardings(base_sh, delta), want)
@@ -202,17 +233,25 @@ def test_nnx_sharding_annotations():
 
 def test_init_lora_sharded_equals_init_lora_and_reads_placed_params():
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), AXES)
-    params = {"up": {"kernel": jnp.ones((64, 192)), "bias": jnp.zeros(192)},
-              "qkv": {"kernel": jnp.ones((64, 8, 16))}, "stack": {"kernel": jnp.ones((4, 64, 32))}}
-    placed = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), SPECS,
-                                                 is_leaf=lambda x: isinstance(x, P)))
+    params = {
+        "up": {"kernel": jnp.ones((64, 192)), "bias": jnp.zeros(192)},
+        "qkv": {"kernel": jnp.ones((64, 8, 16))},
+        "stack": {"kernel": jnp.ones((4, 64, 32))},
+    }
+    placed = jax.device_put(
+        params,
+        jax.tree.map(lambda s: NamedSharding(mesh, s), SPECS, is_leaf=lambda x: isinstance(x, P)),
+    )
     _, ref = lj.init_lora(jax.random.key(3), params, CONFIG)
     base, delta = lj.init_lora_sharded(jax.random.key(3), placed, CONFIG, SPECS, mesh=mesh)
     assert_same_arrays(base, placed)
     for r, d in zip(jax.tree.leaves(ref), jax.tree.leaves(delta)):
         np.testing.assert_array_equal(np.asarray(r), np.asarray(d))
-    got = {p: (tuple(f.a.sharding.spec), tuple(f.b.sharding.spec))
-           for p, f in lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0] if f is not None}
+    got = {
+        p: (tuple(f.a.sharding.spec), tuple(f.b.sharding.spec))
+        for p, f in lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0]
+        if f is not None
+    }
     assert got == WANT
     # Without base_shardings they are read off the placed arrays.
     _check_want(lj.delta_shardings(placed, delta))
@@ -222,10 +261,18 @@ def test_value_reading_inits_sharded():
     """PiSSA (rewrites the base) and DoRA (magnitudes) read the kernels where they lie."""
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), AXES)
     rng = np.random.default_rng(0)
-    params = {"up": {"kernel": jnp.asarray(rng.standard_normal((16, 24)), jnp.float32),
-                     "bias": jnp.zeros(24)}}
-    sh = {"up": {"kernel": NamedSharding(mesh, P("fsdp", "tensor")),
-                 "bias": NamedSharding(mesh, P("tensor"))}}
+    params = {
+        "up": {
+            "kernel": jnp.asarray(rng.standard_normal((16, 24)), jnp.float32),
+            "bias": jnp.zeros(24),
+        }
+    }
+    sh = {
+        "up": {
+            "kernel": NamedSharding(mesh, P("fsdp", "tensor")),
+            "bias": NamedSharding(mesh, P("tensor")),
+        }
+    }
     cfg = lj.LoraConfig(targets=".*kernel", rank=2, init="pissa", use_dora=True)
     ref_base, ref_delta = lj.init_lora(jax.random.key(0), params, cfg)
     base, delta = lj.init_lora_sharded(jax.random.key(0), jax.device_put(params, sh), cfg, sh)
@@ -234,7 +281,10 @@ def test_value_reading_inits_sharded():
     assert base["up"]["kernel"].sharding.spec == P("fsdp", "tensor")  # the residual
     f = delta["up"]["kernel"]
     assert (f.a.sharding.spec, f.b.sharding.spec, f.magnitude.sharding.spec) == (
-        P("fsdp", None), P(None, "tensor"), P("tensor"))
+        P("fsdp", None),
+        P(None, "tensor"),
+        P("tensor"),
+    )
     # DoRA alone traces: one jit reads the sharded kernel, the magnitude follows fan-out.
     dora = lj.LoraConfig(targets=".*kernel", rank=2, use_dora=True)
     placed = jax.device_put(params, sh)
@@ -243,13 +293,15 @@ def test_value_reading_inits_sharded():
     _close(delta, lj.init_lora(jax.random.key(0), params, dora)[1], tol=1e-6)
     assert delta["up"]["kernel"].magnitude.sharding.spec == P("tensor")
     with pytest.raises(lj.LoraShardingError, match="reads the kernels' values"):
-        lj.init_lora_sharded(jax.random.key(0), jax.tree.map(lambda x: _sds(*x.shape), params),
-                             dora, sh)
+        lj.init_lora_sharded(
+            jax.random.key(0), jax.tree.map(lambda x: _sds(*x.shape), params), dora, sh
+        )
 
 
 def test_leaves_trained_in_full_are_sharded_like_their_leaf():
-    cfg = lj.LoraConfig(targets=".*kernel", rank=4, bias="all",
-                        layouts={"qkv/kernel": "ioo", "stack/kernel": "sio"})
+    cfg = lj.LoraConfig(
+        targets=".*kernel", rank=4, bias="all", layouts={"qkv/kernel": "ioo", "stack/kernel": "sio"}
+    )
     sh = lj.delta_shardings(SPECS, _abstract_delta(PARAMS, cfg), MESH8)
     assert isinstance(sh["up"]["bias"], lj.LeafDelta)
     assert sh["up"]["bias"].diff.spec == P("tensor")
@@ -260,9 +312,11 @@ def test_opt_state_shardings_follow_the_delta():
     delta = _abstract_delta(PARAMS, CONFIG)
     dsh = lj.delta_shardings(SPECS, delta, MESH8)
     copies = {"adam": 2, "sgd+momentum": 1, "clip+adamw": 2}  # mu & nu; trace; mu & nu
-    for name, opt in [("adam", optax.adam(1e-3)), ("sgd+momentum", optax.sgd(0.1, momentum=0.9)),
-                      ("clip+adamw", optax.chain(optax.clip_by_global_norm(1.0),
-                                                 optax.adamw(1e-3)))]:
+    for name, opt in [
+        ("adam", optax.adam(1e-3)),
+        ("sgd+momentum", optax.sgd(0.1, momentum=0.9)),
+        ("clip+adamw", optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))),
+    ]:
         state = jax.eval_shape(opt.init, delta)
         sh = lj.opt_state_shardings(state, dsh)
         # A valid sharding tree for the state: its structure down to the array leaves.
@@ -285,13 +339,20 @@ def test_error_when_the_mesh_axes_do_not_divide_the_kernel():
         lj.delta_shardings({"w": {"kernel": P(("data", "fsdp"), "tensor")}}, delta, MESH8)
     # init_lora_sharded checks before any program is built or run.
     with pytest.raises(lj.LoraShardingError, match="'w/kernel'.*do not divide"):
-        lj.init_lora_sharded(jax.random.key(0), params, lj.LoraConfig(targets=".*kernel", rank=2),
-                             {"w": {"kernel": P(("data", "fsdp"))}}, mesh=MESH8)
+        lj.init_lora_sharded(
+            jax.random.key(0),
+            params,
+            lj.LoraConfig(targets=".*kernel", rank=2),
+            {"w": {"kernel": P(("data", "fsdp"))}},
+            mesh=MESH8,
+        )
     # param_shardings checks shapes where it knows them (linen boxes).
     with pytest.raises(lj.LoraShardingError, match="'params/up/kernel'.*do not divide"):
-        lj.param_shardings(_logical_variables(),
-                           AbstractMesh((3, 1, 1), AXES), rules=(("embed", "data"),
-                                                                 ("mlp", None)))
+        lj.param_shardings(
+            _logical_variables(),
+            AbstractMesh((3, 1, 1), AXES),
+            rules=(("embed", "data"), ("mlp", None)),
+        )
 
 
 def test_error_for_a_mesh_axis_that_does_not_exist():
@@ -317,13 +378,13 @@ def test_some_layers_of_a_stack():
     cfg = dataclasses.replace(CONFIG, layers=(1, 3))
     delta = _abstract_delta(PARAMS, cfg)
     assert delta["stack"]["kernel"].a.shape == (2, 64, 4)
-    sh = lj.delta_shardings(dict(SPECS, stack={"kernel": P("data", "fsdp", "tensor")}), delta,
-                            MESH8)
+    sh = lj.delta_shardings(
+        dict(SPECS, stack={"kernel": P("data", "fsdp", "tensor")}), delta, MESH8
+    )
     assert _specs(sh["stack"]["kernel"]) == (("data", "fsdp", None), ("data", None, "tensor"))
     delta = _abstract_delta(PARAMS, dataclasses.replace(CONFIG, layers=(1,)))
     with pytest.raises(lj.LoraShardingError, match="'stack/kernel'.*factor 'a'.*size 1"):
-        lj.delta_shardings(dict(SPECS, stack={"kernel": P("data", "fsdp", "tensor")}), delta,
-                           MESH8)
+        lj.delta_shardings(dict(SPECS, stack={"kernel": P("data", "fsdp", "tensor")}), delta, MESH8)
 
 
 def test_other_errors_name_the_leaf():
@@ -363,10 +424,12 @@ def _fill(abstract, seed=0):
 
 def _unstack(tree, i, is_leaf=None):
     """Layer ``i`` of a scanned tree's ``layers`` subtree, as ``layers_i`` of an unrolled one."""
+
     def one(x):
         if lj.advanced.is_factors(x):
-            return dataclasses.replace(x, a=x.a[i], b=x.b[i],
-                                       layout=lj.KernelLayout("io", x.layout.kind))
+            return dataclasses.replace(
+                x, a=x.a[i], b=x.b[i], layout=lj.KernelLayout("io", x.layout.kind)
+            )
         return None if x is None else x[i]
 
     return jax.tree.map(one, tree, is_leaf=lambda x: x is None or lj.advanced.is_factors(x))
@@ -378,7 +441,7 @@ def _unrolled_twin(scanned):
     return {"params": {**p, **{f"layers_{i}": _unstack(layers, i) for i in range(LAYERS)}}}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(remat=True):
     cfg = ex.Config(num_layers=LAYERS, scan=True, remat=remat)
     base = _fill(ex.abstract_variables(cfg))
@@ -386,8 +449,9 @@ def _setup(remat=True):
     # drawn from NumPy: compiling init programs would dominate this test's time).
     leaves, treedef = jax.tree.flatten(_abstract_delta(base, ex.lora_config(cfg)))
     rng = np.random.default_rng(2)
-    delta = jax.tree.unflatten(treedef, [jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
-                                         for x in leaves])
+    delta = jax.tree.unflatten(
+        treedef, [jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) for x in leaves]
+    )
     return cfg, base, delta
 
 
@@ -433,8 +497,10 @@ def test_scan_stacked_remat_trains_like_its_unrolled_twin():
     flat_losses, flat_trained = _train(flat_cfg, flat_base, flat_delta)
     np.testing.assert_allclose(losses, flat_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
-    _close(_unrolled_twin({"params": {"layers": trained["params"]["layers"]}}),
-           {"params": {k: v for k, v in flat_trained["params"].items() if k.startswith("layers_")}})
+    _close(
+        _unrolled_twin({"params": {"layers": trained["params"]["layers"]}}),
+        {"params": {k: v for k, v in flat_trained["params"].items() if k.startswith("layers_")}},
+    )
 
 
 def test_remat_on_and_off_give_the_same_gradients():
@@ -449,11 +515,14 @@ def test_remat_on_and_off_give_the_same_gradients():
             assert "remat" in str(jax.make_jaxpr(jax.grad(loss))(d))
         g = jax.jit(jax.grad(loss))(d)["params"]
         # Unrolled per-layer gradients, restacked along the layer axis.
-        grads[scan, remat] = jax.tree.leaves(g["layers"] if scan else jax.tree.map(
-            lambda *xs: jnp.stack(xs), *[g[f"layers_{i}"] for i in range(LAYERS)]))
+        grads[scan, remat] = jax.tree.leaves(
+            g["layers"]
+            if scan
+            else jax.tree.map(lambda *xs: jnp.stack(xs), *[g[f"layers_{i}"] for i in range(LAYERS)])
+        )
     ref = grads[True, False]
     assert all(float(jnp.max(jnp.abs(x))) > 0 for x in ref)
-    _close(grads[True, True], ref)   # scanned: remat on vs off
+    _close(grads[True, True], ref)  # scanned: remat on vs off
     _close(grads[False, True], ref)  # unrolled with remat vs scanned without
 
 
@@ -467,13 +536,21 @@ MESHES = ["8,1,1", "2,2,2", "1,1,8"]
 @pytest.fixture(scope="module")
 def worker():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                        ).strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]]
-                                                       if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "core" / "sharding_worker.py")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "core" / "sharding_worker.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         pytest.fail(f"sharding_worker.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -498,9 +575,9 @@ def test_sharded_training_matches_one_device(worker, mesh):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_delta_and_base_shardings(worker, mesh):
     r = worker["meshes"][mesh]
-    assert r["spec_mismatches"] == []          # after init_lora_sharded
-    assert r["spec_mismatches_after"] == []    # after the train steps
-    assert r["trace_mismatches"] == []         # momentum sharded like the delta
+    assert r["spec_mismatches"] == []  # after init_lora_sharded
+    assert r["spec_mismatches_after"] == []  # after the train steps
+    assert r["trace_mismatches"] == []  # momentum sharded like the delta
     assert r["base_sharded_as_given"]
     assert r["merged_sharded_like_base"]
 
@@ -532,8 +609,10 @@ def test_sharded_example_runs_scanned_and_rematerialised(worker):
     assert r["merged_diff"] < 1e-4
     assert r["step"]["full_gathers"] == [] and r["step"]["kernel_sized"] == []
     # Stacked kernels: the layer axis keeps its (unsharded) spec on both factors.
-    assert r["stacked_specs"]["params/layers/q/kernel"] == [str(P(None, "fsdp", None)),
-                                                            str(P(None, None, "tensor"))]
+    assert r["stacked_specs"]["params/layers/q/kernel"] == [
+        str(P(None, "fsdp", None)),
+        str(P(None, None, "tensor")),
+    ]
     assert r["saved"] == ["adapter_config.json", "adapter_model.safetensors"]
     assert r["restored"]  # loaded back onto the mesh: equal values, the delta's shardings
     assert "merged params keep the base's shardings: True" in r["stdout"]

@@ -90,7 +90,10 @@ def test_nnx_state_paths_drop_value(randomize):
     assert t["linear/kernel"].factor_shapes() == ((4, 3), (3, 5))
     _, delta = lj.init_lora(KEY, state, LoraConfig(targets=r".*/kernel", rank=2))
     flat = lj.advanced.leaves_with_paths(delta, is_leaf=lj.advanced.is_factors)[0]
-    assert sorted(p for p, f in flat if lj.advanced.is_factors(f)) == ["linear/kernel", "out/kernel"]
+    assert sorted(p for p, f in flat if lj.advanced.is_factors(f)) == [
+        "linear/kernel",
+        "out/kernel",
+    ]
 
 
 def test_nnx_param_filter_state():
@@ -228,7 +231,10 @@ def test_python_scalar_leaf():
 
 @pytest.mark.parametrize("shape, rank", [((4, 3), 4), ((3, 4), 4), ((16, 2), 3)])
 def test_rank_larger_than_kernel(shape, rank):
-    with pytest.raises(LoraConfigError, match=rf"leaf 'w': rank {rank} is larger than min\(fan_in, fan_out\) = {min(shape)}"):
+    with pytest.raises(
+        LoraConfigError,
+        match=rf"leaf 'w': rank {rank} is larger than min\(fan_in, fan_out\) = {min(shape)}",
+    ):
         select_targets({"w": jnp.ones(shape)}, LoraConfig(targets="w", rank=rank))
 
 
@@ -260,7 +266,9 @@ def test_rank_pattern_override_checked_against_kernel():
         select_targets(tree, LoraConfig(targets=["a", "b"], rank=2, rank_pattern={"b": 4}))
 
 
-@pytest.mark.parametrize("field, value", [("rank_pattern", 2), ("alpha_pattern", 2.0), ("layouts", "io")])
+@pytest.mark.parametrize(
+    "field, value", [("rank_pattern", 2), ("alpha_pattern", 2.0), ("layouts", "io")]
+)
 def test_override_pattern_matching_no_target(field, value):
     tree = plain_tree()
     cfg = LoraConfig(targets=r"enc/w", rank=2, **{field: {r"dec/w": value}})
@@ -270,7 +278,9 @@ def test_override_pattern_matching_no_target(field, value):
 
 def test_override_pattern_matching_only_excluded_leaf():
     cfg = LoraConfig(targets=r".*/w", exclude="dec/w", rank=2, rank_pattern={"dec/.*": 1})
-    with pytest.raises(LoraConfigError, match=r"rank_pattern pattern 'dec/\.\*' matches no targeted"):
+    with pytest.raises(
+        LoraConfigError, match=r"rank_pattern pattern 'dec/\.\*' matches no targeted"
+    ):
         select_targets(plain_tree(), cfg)
 
 
@@ -279,14 +289,23 @@ def test_override_pattern_matching_only_excluded_leaf():
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (3, 3, 4, 5), (2, 3, 4, 5, 6)])
 def test_nd_kernel_without_layout(shape):
-    with pytest.raises(LoraLayoutError, match=rf"leaf .blk/kernel. has shape {re.escape(str(shape))}.*ambiguous"):
-        select_targets({"blk": {"kernel": jnp.ones(shape)}}, LoraConfig(targets=r"blk/kernel", rank=1))
+    with pytest.raises(
+        LoraLayoutError, match=rf"leaf .blk/kernel. has shape {re.escape(str(shape))}.*ambiguous"
+    ):
+        select_targets(
+            {"blk": {"kernel": jnp.ones(shape)}}, LoraConfig(targets=r"blk/kernel", rank=1)
+        )
 
 
-@pytest.mark.parametrize("layout", ["io", "iiio", KernelLayout("io"), KernelLayout("sioo", "dense")])
+@pytest.mark.parametrize(
+    "layout", ["io", "iiio", KernelLayout("io"), KernelLayout("sioo", "dense")]
+)
 def test_explicit_layout_ndim_mismatch(layout):
     cfg = LoraConfig(targets=r"blk/kernel", rank=1, layouts={r"blk/.*": layout})
-    with pytest.raises(LoraLayoutError, match=r"leaf 'blk/kernel': layout '\w+' describes a \d-D kernel, but the kernel has shape \(3, 4, 5\)"):
+    with pytest.raises(
+        LoraLayoutError,
+        match=r"leaf 'blk/kernel': layout '\w+' describes a \d-D kernel, but the kernel has shape \(3, 4, 5\)",
+    ):
         select_targets({"blk": {"kernel": jnp.ones((3, 4, 5))}}, cfg)
 
 
@@ -304,14 +323,17 @@ def test_traced_layouts_argument_and_config_priority():
     p = {"k": jnp.ones((2, 3, 4))}
     t = select_targets(p, LoraConfig(targets="k", rank=1), layouts={"k": KernelLayout("ioo")})
     assert t["k"].layout.axes == "ioo"
-    t = select_targets(p, LoraConfig(targets="k", rank=1, layouts={"k": "iio"}),
-                       layouts={"k": KernelLayout("ioo")})
+    t = select_targets(
+        p, LoraConfig(targets="k", rank=1, layouts={"k": "iio"}), layouts={"k": KernelLayout("ioo")}
+    )
     assert t["k"].layout.axes == "iio"
 
 
 @pytest.mark.parametrize("axes", ["iqo", "IO", "i o", "iox"])
 def test_kernel_layout_bad_letters(axes):
-    with pytest.raises(LoraLayoutError, match=rf"string of 's', 'i', 'o' letters, got {re.escape(repr(axes))}"):
+    with pytest.raises(
+        LoraLayoutError, match=rf"string of 's', 'i', 'o' letters, got {re.escape(repr(axes))}"
+    ):
         KernelLayout(axes)
 
 
@@ -322,7 +344,10 @@ def test_kernel_layout_empty():
 
 @pytest.mark.parametrize("axes", ["ii", "oo", "sii", "soo", "s"])
 def test_kernel_layout_needs_i_and_o(axes):
-    with pytest.raises(LoraLayoutError, match=rf"KernelLayout '{axes}' needs at least one fan-in axis 'i' and one fan-out axis 'o'"):
+    with pytest.raises(
+        LoraLayoutError,
+        match=rf"KernelLayout '{axes}' needs at least one fan-in axis 'i' and one fan-out axis 'o'",
+    ):
         KernelLayout(axes)
 
 
@@ -366,7 +391,14 @@ SHAPE_CASES = [
     ("q_proj", (6, 2, 3), KernelLayout("ioo"), 2, (6, 2), (2, 2, 3)),
     ("out_proj", (2, 3, 6), KernelLayout("iio"), 2, (2, 3, 2), (2, 6)),
     ("oio", (2, 5, 3), KernelLayout("oio"), 2, (5, 2), (2, 2, 3)),
-    ("oii", (3, 2, 4), KernelLayout("oii"), 2, (2, 4, 2), (2, 3)),  # permutation is not its own inverse
+    (
+        "oii",
+        (3, 2, 4),
+        KernelLayout("oii"),
+        2,
+        (2, 4, 2),
+        (2, 3),
+    ),  # permutation is not its own inverse
     ("conv_pointwise", (4, 6), KernelLayout("io", "conv"), 2, (4, 2), (2, 6)),
     ("conv1d", (3, 4, 6), KernelLayout("iio", "conv"), 2, (3, 4, 2), (2, 6)),
     ("conv2d", (3, 3, 2, 5), KernelLayout("iiio", "conv"), 2, (3, 3, 2, 2), (2, 5)),
@@ -378,7 +410,9 @@ SHAPE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, shape, layout, rank, a_shape, b_shape", SHAPE_CASES, ids=[c[0] for c in SHAPE_CASES])
+@pytest.mark.parametrize(
+    "name, shape, layout, rank, a_shape, b_shape", SHAPE_CASES, ids=[c[0] for c in SHAPE_CASES]
+)
 def test_factor_shapes_update_and_merge(name, shape, layout, rank, a_shape, b_shape):
     leaf = "embedding" if name == "embedding" else name
     path = f"m/{leaf}"
@@ -393,15 +427,22 @@ def test_factor_shapes_update_and_merge(name, shape, layout, rank, a_shape, b_sh
     assert target.factor_shapes() == (a_shape, b_shape)
     assert (target.rank, target.alpha, target.shape) == (rank, 3.0, shape)
     # Non-zero factors of those shapes: lora_update and merge against an independent einsum.
-    f = LoraFactors(jnp.asarray(rng.standard_normal(a_shape), jnp.float32),
-                    jnp.asarray(rng.standard_normal(b_shape), jnp.float32), alpha=3.0, rslora=False, layout=target.layout)
+    f = LoraFactors(
+        jnp.asarray(rng.standard_normal(a_shape), jnp.float32),
+        jnp.asarray(rng.standard_normal(b_shape), jnp.float32),
+        alpha=3.0,
+        rslora=False,
+        layout=target.layout,
+    )
     assert f.rank == rank and f.scale == 3.0 / rank
     ref = _ref_update(f.a, f.b, f.layout.axes, 3.0 / rank)
     upd = lj.advanced.dense_delta(f)
     assert upd.shape == shape and upd.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(upd), ref, rtol=1e-5, atol=1e-5)
     merged = lj.merge(params, {"m": {leaf: f, "bias": None}})
-    np.testing.assert_allclose(np.asarray(merged["m"][leaf]), np.float64(w) + ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(merged["m"][leaf]), np.float64(w) + ref, rtol=1e-5, atol=1e-5
+    )
     assert merged["m"]["bias"] is params["m"]["bias"]
 
 
@@ -411,8 +452,16 @@ def test_explicit_per_kind_formulas():
     s = 0.5
 
     def check(axes, a, b, want):
-        f = LoraFactors(jnp.asarray(a), jnp.asarray(b), alpha=s * a.shape[-1], rslora=False, layout=KernelLayout(axes))
-        np.testing.assert_allclose(np.asarray(lj.advanced.dense_delta(f)), want, rtol=1e-5, atol=1e-6)
+        f = LoraFactors(
+            jnp.asarray(a),
+            jnp.asarray(b),
+            alpha=s * a.shape[-1],
+            rslora=False,
+            layout=KernelLayout(axes),
+        )
+        np.testing.assert_allclose(
+            np.asarray(lj.advanced.dense_delta(f)), want, rtol=1e-5, atol=1e-6
+        )
 
     a, b = rng.normal(size=(5, 2)), rng.normal(size=(2, 7))
     check("io", a, b, s * a @ b)

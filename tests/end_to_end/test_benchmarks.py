@@ -24,8 +24,8 @@ import pytest
 import lora_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-F32 = 4       # bytes per float32
-COUNTER = 4   # adamw's one int32 step count (scale_by_adam); its other parts hold no arrays
+F32 = 4  # bytes per float32
+COUNTER = 4  # adamw's one int32 step count (scale_by_adam); its other parts hold no arrays
 
 
 def _run(script: str, tmp_path: pathlib.Path, *args: str) -> dict:
@@ -35,8 +35,19 @@ def _run(script: str, tmp_path: pathlib.Path, *args: str) -> dict:
     # Compile faster: these runs check plumbing and numbers, not speed.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     module = "benchmarks." + script.removesuffix(".py")  # run from the root: `python -m` finds it
-    cmd = [sys.executable, "-m", module, "--small", "--rounds", "1", "--warmup", "1",
-           "--json", str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        "--small",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+        *args,
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return json.loads(out.read_text())
@@ -49,9 +60,9 @@ def _positive_finite(x) -> bool:
 def _params(d: dict) -> int:
     """Parameters of the benchmark LM, from its dims."""
     dm, f, v = d["d_model"], d["d_mlp"], d["vocab"]
-    attn = 4 * (dm * dm + dm)                     # q, k, v, o Dense with bias
-    mlp = dm * f + f + f * dm + dm                # fc1, fc2 with bias
-    block = attn + mlp + 2 * 2 * dm               # + two LayerNorms (scale, bias)
+    attn = 4 * (dm * dm + dm)  # q, k, v, o Dense with bias
+    mlp = dm * f + f + f * dm + dm  # fc1, fc2 with bias
+    block = attn + mlp + 2 * 2 * dm  # + two LayerNorms (scale, bias)
     return v * dm + d["seq"] * dm + d["n_blocks"] * block + 2 * dm + dm * v + v
 
 
@@ -107,7 +118,7 @@ def test_every_config_starts_from_the_base_model(train_json):
     configs = train_json["configs"]
     loss0 = configs["full"]["loss0"]
     for name, res in configs.items():
-        if name in QUANTIZED or name in BF16:   # rounded base: close, not equal
+        if name in QUANTIZED or name in BF16:  # rounded base: close, not equal
             assert res["loss0"] == pytest.approx(loss0, rel=0.05), name
             assert res["loss0"] != pytest.approx(loss0, rel=1e-7), name
             continue
@@ -127,14 +138,16 @@ def test_base_kernel_bits(train_json):
     dm, f, n = d["d_model"], d["d_mlp"], d["n_blocks"]
     weights = n * (4 * dm * dm + 2 * dm * f)
     scales = n * (4 * dm + f + dm)
-    for suffix in ("", "_bf16"):   # the same storage whatever the base dtype
+    for suffix in ("", "_bf16"):  # the same storage whatever the base dtype
         assert 4.0 < configs["lora_jax_nf4" + suffix]["base_kernel_bits"] <= 4.2
         assert configs["lora_jax_int8" + suffix]["base_kernel_bits"] == pytest.approx(
-            8 + 32 * scales / weights)
-    for name in QUANTIZED:   # the ratio to the LoRA step over the same base dtype is reported
+            8 + 32 * scales / weights
+        )
+    for name in QUANTIZED:  # the ratio to the LoRA step over the same base dtype is reported
         lora = configs["lora_jax_bf16" if name.endswith("_bf16") else "lora_jax"]
         assert configs[name]["x_lora_same_dtype"] == pytest.approx(
-            configs[name]["ms"] / lora["ms"]), name
+            configs[name]["ms"] / lora["ms"]
+        ), name
         assert "x_lora_same_dtype" not in lora
 
 
@@ -171,15 +184,24 @@ def test_lora_does_less_work_than_merge_on_the_fly(train_json):
 
 
 def test_memory_mode_reports_the_stepping_peak_apart_from_compiling(tmp_path):
-    out = _run("train_step.py", tmp_path, "--steps", "1", "--configs",
-               "floor,lora_jax,lora_jax_nf4", "--memory", "--memory-steps", "3")
+    out = _run(
+        "train_step.py",
+        tmp_path,
+        "--steps",
+        "1",
+        "--configs",
+        "floor,lora_jax,lora_jax_nf4",
+        "--memory",
+        "--memory-steps",
+        "3",
+    )
     assert out["meta"]["baseline_rss_mb"] > 0
     for name, res in out["configs"].items():
         assert _positive_finite(res["peak_rss_mb"]), name
         assert _positive_finite(res["compile_peak_rss_mb"]), name
         assert _positive_finite(res["x_floor_rss"]), name
         assert _positive_finite(res["live_arrays_mb"]), name
-        if sys.platform.startswith("linux"):   # the peak was reset after compiling
+        if sys.platform.startswith("linux"):  # the peak was reset after compiling
             assert res["rss_peak_reset"] is True, name
     # the README's "live arrays smaller over NF4": the process stepping over an NF4 base holds
     # fewer bytes of live arrays than over float32 (deterministic, unlike RSS)
@@ -199,7 +221,7 @@ def test_inference_reports_base_merged_implicit(inference_json):
     merged = configs["merged"]
     assert merged["same_program"] is True
     assert merged["gflop"] == configs["base"]["gflop"]
-    assert merged["max_abs_diff_vs_base"] > 0     # the delta is not zero
+    assert merged["max_abs_diff_vs_base"] > 0  # the delta is not zero
     if "implicit" in configs:
         diff = configs["implicit"]["max_abs_diff_vs_merged"]
         assert diff < 1e-3 and diff < 0.01 * merged["max_abs_diff_vs_base"]

@@ -26,10 +26,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_example(name: str, *args: str, cwd: Path) -> str:
     """``python -m examples.<name> *args`` in ``cwd``, with the repository root on the path."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     proc = subprocess.run(
         [sys.executable, "-m", f"examples.{name}", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -63,8 +69,16 @@ needs_extras = pytest.mark.skipif(
 @needs_extras
 def test_finetune_lm(tmp_path):
     out_dir = tmp_path / "out"
-    out = run_example("finetune_lm", "--pretrain-steps", "20", "--lora-steps", "20",
-                      "--out", str(out_dir), cwd=tmp_path)
+    out = run_example(
+        "finetune_lm",
+        "--pretrain-steps",
+        "20",
+        "--lora-steps",
+        "20",
+        "--out",
+        str(out_dir),
+        cwd=tmp_path,
+    )
 
     assert "pretrained params: trained and cached" in out
     assert len(list(out_dir.glob("base_params-*.msgpack"))) == 1
@@ -73,16 +87,23 @@ def test_finetune_lm(tmp_path):
 
     # The LoRA summary table and the labelled results are all printed.
     trainable, total, percent = numbers(
-        r"trainable params: ([\d,]+) of ([\d,]+) \(([\d.]+)%\)", out.replace(",", ""))
+        r"trainable params: ([\d,]+) of ([\d,]+) \(([\d.]+)%\)", out.replace(",", "")
+    )
     assert 0 < trainable < total and 0 < percent < 10
     (tokens_per_s,) = numbers(r"LoRA training throughput: ([\d,]+) tokens/s", out.replace(",", ""))
     assert tokens_per_s > 0
     lora_bytes, full_bytes = numbers(
         r"optimizer state: LoRA ([\d]+) bytes vs full fine-tuning ([\d]+) bytes",
-        out.replace(",", ""))
+        out.replace(",", ""),
+    )
     assert 0 < lora_bytes < full_bytes / 5
-    for label in ("params/block_0/attn/q/kernel", "--- base model ---",
-                  "--- LoRA fine-tuned model ---", "loss curve:", "adapter:"):
+    for label in (
+        "params/block_0/attn/q/kernel",
+        "--- base model ---",
+        "--- LoRA fine-tuned model ---",
+        "loss curve:",
+        "adapter:",
+    ):
         assert label in out
 
     # Files: the loss curve and the adapter (two factors per adapted kernel).
@@ -104,12 +125,24 @@ def test_finetune_lm(tmp_path):
 @needs_extras
 def test_finetune_lm_over_a_quantized_base(tmp_path):
     out_dir = tmp_path / "out"
-    out = run_example("finetune_lm", "--pretrain-steps", "20", "--lora-steps", "20",
-                      "--quantize", "nf4", "--out", str(out_dir), cwd=tmp_path)
+    out = run_example(
+        "finetune_lm",
+        "--pretrain-steps",
+        "20",
+        "--lora-steps",
+        "20",
+        "--quantize",
+        "nf4",
+        "--out",
+        str(out_dir),
+        cwd=tmp_path,
+    )
     check_lora_outcomes(out, merge_tol=1e-3)
     n, dense, packed, bits = numbers(
         r"quantized base \(nf4\): (\d+) adapted kernels (\d+) bytes float32 -> (\d+) bytes "
-        rf"\({FLOAT} bits/param", out.replace(",", ""))
+        rf"\({FLOAT} bits/param",
+        out.replace(",", ""),
+    )
     assert n == 12 and packed < dense / 7 and 4.0 < bits <= 4.2
     f32, nf4 = numbers(rf"target loss of the base alone: float32 {FLOAT}, nf4 {FLOAT}", out)
     assert nf4 != f32 and abs(nf4 - f32) < 0.1 * f32
@@ -136,8 +169,11 @@ def test_demo_lm_kv_cache_generation_equals_full_recompute():
     for the base and for an unmerged adapter under ``implicit``."""
     model = pretrained.MODEL
     params = model.init(jax.random.key(3), np.zeros((1, 8), np.int32))
-    base, delta = lora_jax.init_lora(jax.random.key(4), params, lora_jax.LoraConfig(
-        targets=r".*/(q|v|fc1)/kernel", rank=4, alpha=8))
+    base, delta = lora_jax.init_lora(
+        jax.random.key(4),
+        params,
+        lora_jax.LoraConfig(targets=r".*/(q|v|fc1)/kernel", rank=4, alpha=8),
+    )
     delta = jax.tree.map(lambda x: x + 0.05, delta)  # B != 0: the adapter changes the model
     merged = lora_jax.merge(base, delta)
     prompts = [[5, 77, 3, 9, 120, 64, 2], [200, 11], list(range(40, 57))]
@@ -147,22 +183,24 @@ def test_demo_lm_kv_cache_generation_equals_full_recompute():
 
     def recompute(p, prompt):
         buf = np.zeros((1, 64), np.int32)
-        buf[0, :len(prompt)] = prompt
+        buf[0, : len(prompt)] = prompt
         for t in range(len(prompt), len(prompt) + n):
             buf[0, t] = int(np.argmax(forward(p, buf)[0, t - 1]))
-        return buf[0, len(prompt):len(prompt) + n].tolist()
+        return buf[0, len(prompt) : len(prompt) + n].tolist()
 
     want = [recompute(merged, p) for p in prompts]
     assert want != [recompute(params, p) for p in prompts]  # the adapter matters
     got_merged = generation.Generator(model.apply, model)((merged,), prompts, n).tokens
     got_implicit = generation.Generator(lora_jax.implicit(model.apply), model)(
-        (base, delta), prompts, n).tokens
+        (base, delta), prompts, n
+    ).tokens
     assert got_merged == want
     assert got_implicit == want
 
 
 def test_nnx_finetune(tmp_path):
-    out = run_example("nnx_finetune", "--pretrain-steps", "100", "--lora-steps", "100",
-                      cwd=tmp_path)
+    out = run_example(
+        "nnx_finetune", "--pretrain-steps", "100", "--lora-steps", "100", cwd=tmp_path
+    )
     assert "fc1/kernel" in out and "trainable params:" in out
     check_lora_outcomes(out, merge_tol=1e-4)

@@ -20,14 +20,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-needs_extras = pytest.mark.skipif(not importlib.util.find_spec("matplotlib"),
-                                  reason="the study's figures need matplotlib ([examples] extra)")
+needs_extras = pytest.mark.skipif(
+    not importlib.util.find_spec("matplotlib"),
+    reason="the study's figures need matplotlib ([examples] extra)",
+)
 
 V, SEQ, D, LAYERS, FF = 256, 128, 128, 2, 512  # examples.common.pretrained.CONFIG
 PREFIX_HIDDEN = 256
 
 
-def lora_count(r):  # q, k, v, out (d x d) and fc1 (d x ff), fc2 (ff x d): r * (fan_in + fan_out) each
+def lora_count(
+    r,
+):  # q, k, v, out (d x d) and fc1 (d x ff), fc2 (ff x d): r * (fan_in + fan_out) each
     return LAYERS * r * (4 * 2 * D + 2 * (D + FF))
 
 
@@ -36,7 +40,9 @@ def adapter_count(m):  # two adapters per block: down d x m + m, up m x d + d
 
 
 def prefix_count(p):  # E (p x d), MLP d -> hidden -> 2 * layers * d
-    return p * D + D * PREFIX_HIDDEN + PREFIX_HIDDEN + PREFIX_HIDDEN * 2 * LAYERS * D + 2 * LAYERS * D
+    return (
+        p * D + D * PREFIX_HIDDEN + PREFIX_HIDDEN + PREFIX_HIDDEN * 2 * LAYERS * D + 2 * LAYERS * D
+    )
 
 
 def full_count():
@@ -62,12 +68,29 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_vs_adapters")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     proc = subprocess.run(
-        [sys.executable, "-m", "studies.lora_vs_adapters.study", "--quick", "--out", str(out),
-         "--cache", str(out)], cwd=out, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "studies.lora_vs_adapters.study",
+            "--quick",
+            "--out",
+            str(out),
+            "--cache",
+            str(out),
+        ],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"the study's --quick run failed:\n{proc.stdout}\n{proc.stderr}"
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
@@ -112,5 +135,5 @@ def test_merged_decoding_is_the_base_program_and_collectives(quick_run):
 @needs_extras
 def test_merged_lora_moves_the_logits_and_equals_the_unmerged_model(quick_run):
     check = quick_run[1]["merged_logits"]
-    assert check["vs_unmerged"] < 1e-3, check                # the same model, float32
-    assert check["vs_base"] > 100 * 1e-3, check              # the trained adapter moved it
+    assert check["vs_unmerged"] < 1e-3, check  # the same model, float32
+    assert check["vs_base"] > 100 * 1e-3, check  # the trained adapter moved it

@@ -67,7 +67,9 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch):
 
     params, merged, restored = namespace["params"], namespace["merged"], namespace["restored"]
     fc1 = np.asarray(params["params"]["fc1"]["kernel"])
-    assert not np.allclose(merged["params"]["fc1"]["kernel"], fc1)  # training moved the adapted weights
+    assert not np.allclose(
+        merged["params"]["fc1"]["kernel"], fc1
+    )  # training moved the adapted weights
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert np.isfinite(float(namespace["loss"]))
@@ -78,7 +80,9 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch):
 def test_readme_leads_with_the_two_commands():
     text = README.read_text()
     quick = text.index("## Quick start")
-    assert text.index("make demo", quick) < text.index("make test", quick) < text.index("## The idea")
+    assert (
+        text.index("make demo", quick) < text.index("make test", quick) < text.index("## The idea")
+    )
 
 
 def test_readme_is_a_front_door():

@@ -17,11 +17,16 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import lora_jax as lj
+from lora_jax import (
+    KernelLayout,
+    LeafDelta,
+    LoraBaseMismatchError,
+    LoraConfig,
+    LoraFactors,
+    LoraFileError,
+    LoraStructureError,
+)
 from lora_jax.advanced import LayerSelection
-from lora_jax import KernelLayout, LoraConfig, LoraFactors, LoraFileError
-from lora_jax import LoraBaseMismatchError
-from lora_jax import LoraStructureError
-from lora_jax import LeafDelta
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = "adapter_config.json"
@@ -32,33 +37,55 @@ def make_factors(rng, shape, layout, rank, alpha=4.0, rslora=False, dora=False, 
     layout = KernelLayout(layout) if isinstance(layout, str) else layout
     a_shape, b_shape = layout.factor_shapes(shape, rank)
     n = len(layout.stack_axes)
-    m = 1.0 + rng.random(b_shape[:n] + b_shape[n + 1:]) if dora else None
+    m = 1.0 + rng.random(b_shape[:n] + b_shape[n + 1 :]) if dora else None
     cast = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
-    return LoraFactors(cast(rng.standard_normal(a_shape)), cast(rng.standard_normal(b_shape)),
-                       alpha=alpha, rslora=rslora, layout=layout, magnitude=cast(m))
+    return LoraFactors(
+        cast(rng.standard_normal(a_shape)),
+        cast(rng.standard_normal(b_shape)),
+        alpha=alpha,
+        rslora=rslora,
+        layout=layout,
+        magnitude=cast(m),
+    )
 
 
 def example(dtype=jnp.float32):
     """A base with one kernel of each kind, and a delta touching all of them."""
     rng = np.random.default_rng(0)
-    base = {"params": {
-        "embed": {"embedding": jnp.asarray(rng.standard_normal((10, 4)), dtype)},
-        "attn": {"q": {"kernel": jnp.asarray(rng.standard_normal((4, 2, 3)), dtype)},
-                 "o": {"kernel": jnp.asarray(rng.standard_normal((2, 3, 4)), dtype)}},
-        "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 5)), dtype),
-                 "bias": jnp.asarray(rng.standard_normal(5), dtype)},
-        "layers": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 4)), dtype)},
-        "head": {"kernel": jnp.asarray(rng.standard_normal((4, 6)), dtype),
-                 "bias": jnp.zeros(6, dtype)},
-        "norm": {"scale": jnp.ones(4, dtype)},
-    }}
+    base = {
+        "params": {
+            "embed": {"embedding": jnp.asarray(rng.standard_normal((10, 4)), dtype)},
+            "attn": {
+                "q": {"kernel": jnp.asarray(rng.standard_normal((4, 2, 3)), dtype)},
+                "o": {"kernel": jnp.asarray(rng.standard_normal((2, 3, 4)), dtype)},
+            },
+            "conv": {
+                "kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 5)), dtype),
+                "bias": jnp.asarray(rng.standard_normal(5), dtype),
+            },
+            "layers": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 4)), dtype)},
+            "head": {
+                "kernel": jnp.asarray(rng.standard_normal((4, 6)), dtype),
+                "bias": jnp.zeros(6, dtype),
+            },
+            "norm": {"scale": jnp.ones(4, dtype)},
+        }
+    }
     delta = jax.tree.map(lambda _: None, base)
     d = delta["params"]
-    d["embed"]["embedding"] = make_factors(rng, (10, 4), KernelLayout("io", "embed"), 2, dtype=dtype)
-    d["attn"]["q"]["kernel"] = make_factors(rng, (4, 2, 3), "ioo", 2, alpha=8.0, rslora=True, dtype=dtype)
+    d["embed"]["embedding"] = make_factors(
+        rng, (10, 4), KernelLayout("io", "embed"), 2, dtype=dtype
+    )
+    d["attn"]["q"]["kernel"] = make_factors(
+        rng, (4, 2, 3), "ioo", 2, alpha=8.0, rslora=True, dtype=dtype
+    )
     d["attn"]["o"]["kernel"] = make_factors(rng, (2, 3, 4), "iio", 3, dora=True, dtype=dtype)
-    d["conv"]["kernel"] = make_factors(rng, (3, 3, 4, 5), KernelLayout("iiio", "conv"), 2, dtype=dtype)
-    d["layers"]["kernel"] = make_factors(rng, (3, 4, 4), "sio", 2, alpha=1.5, dora=True, dtype=dtype)
+    d["conv"]["kernel"] = make_factors(
+        rng, (3, 3, 4, 5), KernelLayout("iiio", "conv"), 2, dtype=dtype
+    )
+    d["layers"]["kernel"] = make_factors(
+        rng, (3, 4, 4), "sio", 2, alpha=1.5, dora=True, dtype=dtype
+    )
     d["head"]["kernel"] = make_factors(rng, (4, 6), "io", 4, dtype=dtype)
     d["head"]["bias"] = LeafDelta(jnp.asarray(rng.standard_normal(6), dtype))
     return base, delta
@@ -82,9 +109,15 @@ def assert_same_delta(x, y):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_round_trip_exact(tmp_path, dtype):
     base, delta = example(dtype)
-    cfg = LoraConfig(targets=[".*kernel", ".*embedding"], rank=2, rank_pattern={".*head.*": 4},
-                     alpha_pattern={".*layers.*": 1.5}, layouts={".*/q/kernel": "ioo"},
-                     dtype=dtype, exclude=("x",))
+    cfg = LoraConfig(
+        targets=[".*kernel", ".*embedding"],
+        rank=2,
+        rank_pattern={".*head.*": 4},
+        alpha_pattern={".*layers.*": 1.5},
+        layouts={".*/q/kernel": "ioo"},
+        dtype=dtype,
+        exclude=("x",),
+    )
     lj.save(tmp_path / "a", delta, cfg)
     loaded, cfg2 = lj.load(tmp_path / "a")
     assert_same_delta(loaded, delta)  # rebuilt from the recorded tree, None leaves included
@@ -93,14 +126,17 @@ def test_round_trip_exact(tmp_path, dtype):
     assert_same_delta(with_base, delta)
     if dtype == jnp.float32:  # a DoRA leaf merges the same (one leaf: merges compile per shape)
         w, o = base["params"]["attn"]["o"], with_base["params"]["attn"]["o"]
-        np.testing.assert_array_equal(lj.merge(w, o)["kernel"],
-                                      lj.merge(w, delta["params"]["attn"]["o"])["kernel"])
+        np.testing.assert_array_equal(
+            lj.merge(w, o)["kernel"], lj.merge(w, delta["params"]["attn"]["o"])["kernel"]
+        )
 
 
 def test_layer_selection_round_trips(tmp_path):
     rng = np.random.default_rng(4)
     f = make_factors(rng, (2, 4, 4), "sio", 2)  # layers 1 and 3 of a 4-layer stack
-    f = LoraFactors(f.a, f.b, alpha=f.alpha, rslora=f.rslora, layout=f.layout, layers=LayerSelection((1, 3), 4))
+    f = LoraFactors(
+        f.a, f.b, alpha=f.alpha, rslora=f.rslora, layout=f.layout, layers=LayerSelection((1, 3), 4)
+    )
     base = {"k": jnp.zeros((4, 4, 4))}
     lj.save(tmp_path, {"k": f})
     assert json.loads((tmp_path / CFG).read_text())["targets"]["k"]["kernel_shape"] == [4, 4, 4]
@@ -147,11 +183,13 @@ def test_nnx_state_base(tmp_path):
     leaves, treedef = lj.advanced.leaves_with_paths(state)
     rng = np.random.default_rng(1)
     delta = jax.tree_util.tree_unflatten(  # what init_lora builds: the state's own structure
-        treedef, [make_factors(rng, (4, 3), "io", 2) if p == "kernel" else None for p, _ in leaves])
+        treedef, [make_factors(rng, (4, 3), "io", 2) if p == "kernel" else None for p, _ in leaves]
+    )
     lj.save(tmp_path, delta)
     loaded, _ = lj.load(tmp_path, base=state)
-    assert jax.tree_util.tree_structure(loaded, is_leaf=lj.advanced.is_factors) == \
-        jax.tree_util.tree_structure(delta, is_leaf=lj.advanced.is_factors)
+    assert jax.tree_util.tree_structure(
+        loaded, is_leaf=lj.advanced.is_factors
+    ) == jax.tree_util.tree_structure(delta, is_leaf=lj.advanced.is_factors)
     merged = lj.merge(base, loaded)
     nnx.update(model, merged)
     assert model(jnp.ones((1, 4))).shape == (1, 3)
@@ -213,11 +251,21 @@ def test_unknown_format_version(saved):
 def test_missing_and_extra_tensors(saved, tmp_path):
     _, d = saved
     edit_tensors(d, lambda t: t.pop("params/head/kernel.lora_B"))
-    with pytest.raises(LoraFileError, match=r"adapter_model.safetensors: tensor 'params/head/kernel.lora_B' "
-                                            r"listed in adapter_config.json is missing"):
+    with pytest.raises(
+        LoraFileError,
+        match=r"adapter_model.safetensors: tensor 'params/head/kernel.lora_B' "
+        r"listed in adapter_config.json is missing",
+    ):
         lj.load(d)
-    edit_tensors(d, lambda t: t.update({"params/head/kernel.lora_B": np.zeros((4, 6), np.float32),
-                                        "params/extra.lora_A": np.zeros(2, np.float32)}))
+    edit_tensors(
+        d,
+        lambda t: t.update(
+            {
+                "params/head/kernel.lora_B": np.zeros((4, 6), np.float32),
+                "params/extra.lora_A": np.zeros(2, np.float32),
+            }
+        ),
+    )
     with pytest.raises(LoraFileError, match=r"tensor 'params/extra.lora_A' is not listed"):
         lj.load(d)
 
@@ -225,30 +273,57 @@ def test_missing_and_extra_tensors(saved, tmp_path):
 def test_shapes_that_contradict_the_config(saved):
     _, d = saved
     edit_tensors(d, lambda t: t.update({"params/head/kernel.lora_A": np.zeros((4, 3), np.float32)}))
-    with pytest.raises(LoraFileError, match=r"tensor 'params/head/kernel.lora_A' has shape \(4, 3\) but "
-                                            r"adapter_config.json says \(4, 4\)"):
+    with pytest.raises(
+        LoraFileError,
+        match=r"tensor 'params/head/kernel.lora_A' has shape \(4, 3\) but "
+        r"adapter_config.json says \(4, 4\)",
+    ):
         lj.load(d)
 
 
 def test_config_that_contradicts_itself(tmp_path):
     base, delta = example()
     for name, edit, msg in [
-        ("rank", lambda c: c["targets"]["params/head/kernel"].update(rank=3, scaling=4 / 3),
-         r"params/head/kernel.lora_A has shape \(4, 4\), but rank 3"),
-        ("kernel_shape", lambda c: c["targets"]["params/head/kernel"].update(kernel_shape=[5, 6]),
-         r"rank 4 and kernel_shape \[5, 6\]"),
-        ("ndim", lambda c: c["targets"]["params/head/kernel"].update(kernel_shape=[4, 6, 1]),
-         r"target 'params/head/kernel': key 'kernel_shape' \[4, 6, 1\] has 3 axes"),
-        ("scaling", lambda c: c["targets"]["params/head/kernel"].update(scaling=2.0),
-         r"target 'params/head/kernel': key 'scaling' is 2.0"),
-        ("dtype", lambda c: c["targets"]["params/head/kernel"]["tensors"]["a"].update(dtype="bfloat16"),
-         r"tensor 'params/head/kernel.lora_A' has dtype float32 but adapter_config.json says bfloat16"),
-        ("magnitude", lambda c: c["targets"]["params/head/kernel"].update(dora=True),
-         r"target 'params/head/kernel' tensors: missing key 'magnitude'"),
-        ("layout", lambda c: c["targets"]["params/head/kernel"]["layout"].update(axes="xx"),
-         r"target 'params/head/kernel': key 'layout' is invalid"),
-        ("type", lambda c: c["targets"]["params/head/kernel"].update(type="ia3"),
-         r"key 'type' is 'ia3'"),
+        (
+            "rank",
+            lambda c: c["targets"]["params/head/kernel"].update(rank=3, scaling=4 / 3),
+            r"params/head/kernel.lora_A has shape \(4, 4\), but rank 3",
+        ),
+        (
+            "kernel_shape",
+            lambda c: c["targets"]["params/head/kernel"].update(kernel_shape=[5, 6]),
+            r"rank 4 and kernel_shape \[5, 6\]",
+        ),
+        (
+            "ndim",
+            lambda c: c["targets"]["params/head/kernel"].update(kernel_shape=[4, 6, 1]),
+            r"target 'params/head/kernel': key 'kernel_shape' \[4, 6, 1\] has 3 axes",
+        ),
+        (
+            "scaling",
+            lambda c: c["targets"]["params/head/kernel"].update(scaling=2.0),
+            r"target 'params/head/kernel': key 'scaling' is 2.0",
+        ),
+        (
+            "dtype",
+            lambda c: c["targets"]["params/head/kernel"]["tensors"]["a"].update(dtype="bfloat16"),
+            r"tensor 'params/head/kernel.lora_A' has dtype float32 but adapter_config.json says bfloat16",
+        ),
+        (
+            "magnitude",
+            lambda c: c["targets"]["params/head/kernel"].update(dora=True),
+            r"target 'params/head/kernel' tensors: missing key 'magnitude'",
+        ),
+        (
+            "layout",
+            lambda c: c["targets"]["params/head/kernel"]["layout"].update(axes="xx"),
+            r"target 'params/head/kernel': key 'layout' is invalid",
+        ),
+        (
+            "type",
+            lambda c: c["targets"]["params/head/kernel"].update(type="ia3"),
+            r"key 'type' is 'ia3'",
+        ),
         ("tree", lambda c: c.update(tree=[]), r"target '.*' is not listed in key 'tree'"),
     ]:
         d = tmp_path / name
@@ -262,7 +337,9 @@ def test_truncated_and_corrupt_files(saved):
     _, d = saved
     good = (d / WTS).read_bytes()
     (d / WTS).write_bytes(good[: len(good) // 2])
-    with pytest.raises(LoraFileError, match="adapter_model.safetensors: not a readable safetensors file"):
+    with pytest.raises(
+        LoraFileError, match="adapter_model.safetensors: not a readable safetensors file"
+    ):
         lj.load(d)
     (d / WTS).write_bytes(b"")
     with pytest.raises(LoraFileError, match="not a readable safetensors file"):
@@ -289,12 +366,17 @@ def test_base_mismatch(saved):
     base, d = saved
     wrong = jax.tree.map(lambda x: x, base)
     wrong["params"]["head"]["kernel"] = jnp.zeros((4, 7))
-    with pytest.raises(LoraBaseMismatchError, match=r"adapter_config.json: target 'params/head/kernel' is "
-                                                    r"for a kernel of shape \(4, 6\), but the base leaf "
-                                                    r"has shape \(4, 7\)"):
+    with pytest.raises(
+        LoraBaseMismatchError,
+        match=r"adapter_config.json: target 'params/head/kernel' is "
+        r"for a kernel of shape \(4, 6\), but the base leaf "
+        r"has shape \(4, 7\)",
+    ):
         lj.load(d, base=wrong)
     del wrong["params"]["conv"]
-    with pytest.raises(LoraBaseMismatchError, match=r"target 'params/conv/kernel' is not a leaf of the base"):
+    with pytest.raises(
+        LoraBaseMismatchError, match=r"target 'params/conv/kernel' is not a leaf of the base"
+    ):
         lj.load(d, base=wrong)
     with pytest.raises(LoraStructureError):  # also a LoraStructureError
         lj.load(d, base=wrong)
@@ -370,8 +452,12 @@ def test_killed_save_leaves_previous_adapter(saved):
         f = lj.LoraFactors(jnp.ones((3, 1)), jnp.ones((1, 3)), alpha=1.0, layout=lj.KernelLayout("io"))
         lj.save({str(d)!r}, {{"w": f}})
     """)
-    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 9, r.stderr.decode()
     assert {CFG: (d / CFG).read_bytes(), WTS: (d / WTS).read_bytes()} == before
     assert [p.name for p in d.iterdir() if p.name.startswith(".")]  # the orphaned temp file

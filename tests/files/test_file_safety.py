@@ -47,14 +47,32 @@ def edit_tensor(path: Path, key: str, value: float) -> None:
     save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("key,value", [
-    ("lora_alpha", math.nan), ("lora_alpha", math.inf), ("lora_alpha", -math.inf),
-    ("lora_alpha", 0), ("lora_alpha", -2.0), ("lora_alpha", "8"), ("lora_alpha", True),
-    ("r", 0), ("r", 2.5), ("r", math.nan), ("r", -1), ("r", None),
-    ("target_modules", 7), ("target_modules", {"fc1": 1}), ("target_modules", ["fc1", 3]),
-    ("rank_pattern", ["fc2"]), ("rank_pattern", {"fc2": 0}), ("alpha_pattern", {"fc2": math.nan}),
-    ("alpha_pattern", {"(": 2}), ("alpha_pattern", {"(a+)+$": 2}), ("use_dora", "yes"),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("lora_alpha", math.nan),
+        ("lora_alpha", math.inf),
+        ("lora_alpha", -math.inf),
+        ("lora_alpha", 0),
+        ("lora_alpha", -2.0),
+        ("lora_alpha", "8"),
+        ("lora_alpha", True),
+        ("r", 0),
+        ("r", 2.5),
+        ("r", math.nan),
+        ("r", -1),
+        ("r", None),
+        ("target_modules", 7),
+        ("target_modules", {"fc1": 1}),
+        ("target_modules", ["fc1", 3]),
+        ("rank_pattern", ["fc2"]),
+        ("rank_pattern", {"fc2": 0}),
+        ("alpha_pattern", {"fc2": math.nan}),
+        ("alpha_pattern", {"(": 2}),
+        ("alpha_pattern", {"(a+)+$": 2}),
+        ("use_dora", "yes"),
+    ],
+)
 def test_import_peft_refuses_bad_config_values(tmp_path, key, value):
     d = peft_copy(tmp_path)
     edit_json(d / CFG, **{key: value})
@@ -110,8 +128,12 @@ def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
     # `lora-jax inspect DIR | head -0`: the reader is gone before anything is written.
     params, delta, cfg = small_delta()
     lj.save(tmp_path / "a", delta, cfg)
-    proc = subprocess.Popen([sys.executable, "-m", "lora_jax._cli", "inspect", str(tmp_path / "a")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_jax._cli", "inspect", str(tmp_path / "a")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     proc.stdout.close()
     err = proc.stderr.read().decode()
     proc.stderr.close()

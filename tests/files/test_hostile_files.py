@@ -22,8 +22,9 @@ import pickle
 import re
 import shutil
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +52,14 @@ def bytes_read() -> int:
     """This process's bytes read by system calls so far (Linux ``/proc/self/io`` ``rchar``)."""
     with open("/proc/self/io") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
-FAST = settings(max_examples=100, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+
+
+FAST = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 # --------------------------------------------------------------------------- the two sources
@@ -62,15 +68,28 @@ FAST = settings(max_examples=100, deadline=None, derandomize=True,
 def lora_jax_source(root: Path) -> tuple[Path, Any]:
     """A lora_jax adapter with a plain, a DoRA and a stacked-with-layers target; its base."""
     rng = np.random.default_rng(0)
-    base = {"params": {"fc": {"kernel": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
-                              "bias": jnp.zeros(4)},
-                       "emb": {"embedding": jnp.asarray(rng.standard_normal((10, 4)), jnp.bfloat16)},
-                       "stack": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 4)), jnp.float32)}}}
-    cfg = lj.LoraConfig(targets=[".*fc/kernel", ".*embedding"], rank=2, alpha=4, use_dora=True,
-                        init="swapped", dtype=jnp.float32)
+    base = {
+        "params": {
+            "fc": {
+                "kernel": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+                "bias": jnp.zeros(4),
+            },
+            "emb": {"embedding": jnp.asarray(rng.standard_normal((10, 4)), jnp.bfloat16)},
+            "stack": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 4)), jnp.float32)},
+        }
+    }
+    cfg = lj.LoraConfig(
+        targets=[".*fc/kernel", ".*embedding"],
+        rank=2,
+        alpha=4,
+        use_dora=True,
+        init="swapped",
+        dtype=jnp.float32,
+    )
     _, delta = lj.init_lora(jax.random.key(0), base, cfg)
-    cfg2 = lj.LoraConfig(targets=".*stack/kernel", rank=2, layouts={".*": "sio"}, layers=[0, 2],
-                         init="swapped")
+    cfg2 = lj.LoraConfig(
+        targets=".*stack/kernel", rank=2, layouts={".*": "sio"}, layers=[0, 2], init="swapped"
+    )
     _, d2 = lj.init_lora(jax.random.key(1), base, cfg2)
     delta["params"]["stack"]["kernel"] = d2["params"]["stack"]["kernel"]
     lj.save(root, delta, cfg)
@@ -82,28 +101,41 @@ def peft_source(root: Path, name: str) -> tuple[Path, Any]:
     root.mkdir(parents=True)
     for f in (CFG, WTS):
         shutil.copy(FIXTURES / name / f, root / f)
-    shapes = {"mlp_lora": {"fc1": {"kernel": (6, 8)}, "fc2": {"kernel": (8, 5)}},
-              "conv2d_dora": {"conv": {"kernel": (3, 2, 3, 4)}}}[name]
-    params = {"params": jax.tree.map(lambda s: jnp.ones(s, jnp.float32), shapes,
-                                     is_leaf=lambda x: isinstance(x, tuple))}
+    shapes = {
+        "mlp_lora": {"fc1": {"kernel": (6, 8)}, "fc2": {"kernel": (8, 5)}},
+        "conv2d_dora": {"conv": {"kernel": (3, 2, 3, 4)}},
+    }[name]
+    params = {
+        "params": jax.tree.map(
+            lambda s: jnp.ones(s, jnp.float32), shapes, is_leaf=lambda x: isinstance(x, tuple)
+        )
+    }
     return root, params
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
-    return {"lora_jax": lora_jax_source(root / "lj"),
-            "peft": peft_source(root / "peft", "mlp_lora"),
-            "peft_dora": peft_source(root / "peft_dora", "conv2d_dora")}
+    return {
+        "lora_jax": lora_jax_source(root / "lj"),
+        "peft": peft_source(root / "peft", "mlp_lora"),
+        "peft_dora": peft_source(root / "peft_dora", "conv2d_dora"),
+    }
 
 
 def readers(fmt: str, params: Any) -> list[Callable[[Path], Any]]:
     """Every way a user reads a directory of this format."""
     if fmt == "lora_jax":
-        return [lambda d: lj.load(d), lambda d: lj.load(d, base=params),
-                lambda d: lj.load(d, verify=False, check_finite=False)]
-    return [lambda d: lj.import_peft(d), lambda d: lj.import_peft(d, params),
-            lambda d: lj.import_peft(d, params, check_finite=False)]
+        return [
+            lambda d: lj.load(d),
+            lambda d: lj.load(d, base=params),
+            lambda d: lj.load(d, verify=False, check_finite=False),
+        ]
+    return [
+        lambda d: lj.import_peft(d),
+        lambda d: lj.import_peft(d, params),
+        lambda d: lj.import_peft(d, params, check_finite=False),
+    ]
 
 
 # --------------------------------------------------------------------------- the oracle
@@ -124,8 +156,9 @@ def model_bytes(params: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
-def check_case(kind: str, fmt: str, directory: Path, params: Any, keys: tuple = (),
-               expect: str | None = None) -> None:
+def check_case(
+    kind: str, fmt: str, directory: Path, params: Any, keys: tuple = (), expect: str | None = None
+) -> None:
     """Reads ``directory`` every way; each read succeeds or raises a LoraFileError naming a file
     (and, given ``keys``, one of them: the keys on the path to a mutated JSON field). Given
     ``expect`` (``"read"`` or ``"LoraFileError"``), every read must have that outcome."""
@@ -172,8 +205,9 @@ def mutated(sources, fmt: str, tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 def run(sources, fmt, tmp_path, kind, name, data, keys=(), expect=None):
-    check_case(kind, fmt, mutated(sources, fmt, tmp_path, name, data), sources[fmt][1], keys,
-               expect)
+    check_case(
+        kind, fmt, mutated(sources, fmt, tmp_path, name, data), sources[fmt][1], keys, expect
+    )
 
 
 FORMATS = ["lora_jax", "peft", "peft_dora"]
@@ -202,10 +236,11 @@ def regions(raw: bytes, name: str) -> list[int]:
         starts = [0] + ends
     else:
         n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
+        header = json.loads(raw[8 : 8 + n])
         header.pop("__metadata__", None)
-        spans = [(0, 8), (8, 8 + n)] + [(8 + n + a, 8 + n + b)
-                                        for a, b in (v["data_offsets"] for v in header.values())]
+        spans = [(0, 8), (8, 8 + n)] + [
+            (8 + n + a, 8 + n + b) for a, b in (v["data_offsets"] for v in header.values())
+        ]
         starts = [a for a, _ in spans] + [b for _, b in spans]
         starts += [(a + b) // 2 for a, b in spans]
     return sorted({c for s in starts for c in (s - 1, s, s + 1) if 0 <= c < len(raw)})
@@ -232,8 +267,27 @@ def test_random_truncations_and_garbage(sources, fmt, tmp_path, data):
 
 # --------------------------------------------------------------------------- JSON field by field
 
-HOSTILE_VALUES = [None, True, 0, -1, 2, 10**12, 2**64, -(2**63), 1.5, math.nan, math.inf,
-                  -math.inf, "", "x" * 300, "../../etc/passwd", [], [1, "a"], {}, {"k": [None]}]
+HOSTILE_VALUES = [
+    None,
+    True,
+    0,
+    -1,
+    2,
+    10**12,
+    2**64,
+    -(2**63),
+    1.5,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "x" * 300,
+    "../../etc/passwd",
+    [],
+    [1, "a"],
+    {},
+    {"k": [None]},
+]
 
 
 def json_paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
@@ -298,7 +352,7 @@ def test_json_structural_attacks(sources, fmt, tmp_path):
 
 def st_split(raw: bytes) -> tuple[dict, bytes]:
     n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def st_join(header: dict | str, data: bytes, length: int | None = None) -> bytes:
@@ -336,7 +390,9 @@ def header_lies(raw: bytes) -> dict[str, bytes]:
         "float dim": edit(k0, shape=[1.5] + e0["shape"][1:]),
         "dtype BF16 (half the bytes)": edit(k0, dtype="BF16"),
         "dtype I32 (same bytes)": edit(k0, dtype="I32"),
-        "dtype U8 (4x the elements)": edit(k0, dtype="U8", shape=[e0["shape"][0] * 4] + e0["shape"][1:]),
+        "dtype U8 (4x the elements)": edit(
+            k0, dtype="U8", shape=[e0["shape"][0] * 4] + e0["shape"][1:]
+        ),
         "unknown dtype": edit(k0, dtype="F128"),
         "name with ..": rename(k0, "../" + k0),
         "name with / and ..": rename(k0, "/etc/../" + k0.replace(".", "/")),
@@ -358,10 +414,16 @@ def extra_tensors(raw: bytes) -> dict[str, bytes]:
     e0 = header[k0]
     n0 = e0["data_offsets"][1] - e0["data_offsets"][0]
     out = {}
-    for name in ("model.embed_tokens.weight", "base_model.model.fc1.base_layer.weight",
-                 "base_model.model.fc1.lora_A.weight.extra", "../outside.lora_A.weight"):
-        h = dict(header, **{name: {"dtype": "F32", "shape": [2], "data_offsets":
-                                   [len(data), len(data) + 8]}})
+    for name in (
+        "model.embed_tokens.weight",
+        "base_model.model.fc1.base_layer.weight",
+        "base_model.model.fc1.lora_A.weight.extra",
+        "../outside.lora_A.weight",
+    ):
+        h = dict(
+            header,
+            **{name: {"dtype": "F32", "shape": [2], "data_offsets": [len(data), len(data) + 8]}},
+        )
         out[f"extra tensor {name}"] = st_join(h, data + b"\0" * 8)
     # the first tensor's bytes re-read as float16 with twice the elements: a consistent file
     # whose dtype contradicts the config (lora_jax) or the other factor (PEFT)
@@ -371,8 +433,14 @@ def extra_tensors(raw: bytes) -> dict[str, bytes]:
     return out
 
 
-FILE_LEVEL = {"header length past the end", "header length 2**64-1", "header length 0",
-              "header not an object", "data appended", "metadata not strings"}
+FILE_LEVEL = {
+    "header length past the end",
+    "header length 2**64-1",
+    "header length 0",
+    "header not an object",
+    "data appended",
+    "metadata not strings",
+}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -392,8 +460,11 @@ def test_terabyte_claim_is_refused_before_reading(sources, tmp_path):
     d = mutated(sources, "peft", tmp_path, WTS, header_lies(raw)["terabyte shape and offsets"])
     tracemalloc.start()
     bytes0 = bytes_read()
-    with pytest.raises(LoraFileError, match=rf"{WTS}: not a readable safetensors file: tensor "
-                                            r"'base_model\.model\.fc1\.lora_A\.weight'"):
+    with pytest.raises(
+        LoraFileError,
+        match=rf"{WTS}: not a readable safetensors file: tensor "
+        r"'base_model\.model\.fc1\.lora_A\.weight'",
+    ):
         lj.import_peft(d)
     read_bytes = bytes_read() - bytes0
     peak = tracemalloc.get_traced_memory()[1]
@@ -407,8 +478,9 @@ def test_terabyte_claim_is_refused_before_reading(sources, tmp_path):
 # --------------------------------------------------------------------------- non-finite values
 
 
-@pytest.mark.parametrize("fmt,fixture", [("peft", "mlp_dora"), ("peft", "conv2d_dora"),
-                                         ("lora_jax", None)])
+@pytest.mark.parametrize(
+    "fmt,fixture", [("peft", "mlp_dora"), ("peft", "conv2d_dora"), ("lora_jax", None)]
+)
 def test_a_nan_or_inf_in_any_tensor_is_refused(sources, tmp_path, fmt, fixture):
     """One NaN or Inf in any tensor (factors and DoRA magnitudes alike) is a LoraFileError
     naming the file and the tensor; ``check_finite=False`` reads it."""
@@ -438,9 +510,36 @@ def test_a_nan_or_inf_in_any_tensor_is_refused(sources, tmp_path, fmt, fixture):
 
 BASE_META = "lora_jax_base"
 RECORD_VALUES = HOSTILE_VALUES + [
-    "nf4", "int4", "int8", "nf8", "float32", "bfloat16", "int8", "uint8", "complex64", "object",
-    "io", "oi", "sio", "s", "iox", "ii", 32, 64, 128, 3, [64, 8], [8, 64], [2, 64, 8], [64],
-    [0, 8], [64, -8], [True, 8], [64.0, 8], [2**40, 2**40]]
+    "nf4",
+    "int4",
+    "int8",
+    "nf8",
+    "float32",
+    "bfloat16",
+    "int8",
+    "uint8",
+    "complex64",
+    "object",
+    "io",
+    "oi",
+    "sio",
+    "s",
+    "iox",
+    "ii",
+    32,
+    64,
+    128,
+    3,
+    [64, 8],
+    [8, 64],
+    [2, 64, 8],
+    [64],
+    [0, 8],
+    [64, -8],
+    [True, 8],
+    [64.0, 8],
+    [2**40, 2**40],
+]
 
 
 @pytest.fixture(scope="module")
@@ -458,6 +557,7 @@ def base_source(tmp_path_factory):
     q = lj.quantize(q, "s", layouts={"s": "sio"})
     path = lj.save_base(tmp_path_factory.mktemp("base") / "base.safetensors", q)
     from safetensors import safe_open
+
     with safe_open(str(path), framework="np") as f:
         doc = json.loads(f.metadata()[BASE_META])
     return doc, load_file(str(path))
@@ -488,18 +588,34 @@ def write_base(path: Path, tensors: dict, doc: Any) -> Path:
     return path
 
 
-@pytest.mark.parametrize("field,value", [
-    ("block_size", 0), ("block_size", -64), ("block_size", 48), ("block_size", True),
-    ("block_size", None), ("dtype", "int8"), ("dtype", "no such dtype"), ("shape", []),
-    ("shape", [64, 0]), ("axes", "ix"), ("axes", "ss"), ("scheme", "nf8"),
-    ("double_quant", "yes")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("block_size", 0),
+        ("block_size", -64),
+        ("block_size", 48),
+        ("block_size", True),
+        ("block_size", None),
+        ("dtype", "int8"),
+        ("dtype", "no such dtype"),
+        ("shape", []),
+        ("shape", [64, 0]),
+        ("axes", "ix"),
+        ("axes", "ss"),
+        ("scheme", "nf8"),
+        ("double_quant", "yes"),
+    ],
+)
 def test_load_base_refuses_each_malformed_record(base_source, tmp_path, field, value):
     doc, tensors = base_source
     bad = json.loads(json.dumps(doc))
     bad["quantized"]["a"][field] = value
     path = write_base(tmp_path / "bad.safetensors", tensors, bad)
-    with pytest.raises(LoraFileError, match=rf"{re.escape(str(path))}: quantization record of "
-                                             r"leaf 'a' is invalid"):
+    with pytest.raises(
+        LoraFileError,
+        match=rf"{re.escape(str(path))}: quantization record of "
+        r"leaf 'a' is invalid",
+    ):
         lj.load_base(path)
     for missing in ("dtype", "shape", "axes", "scheme", "block_size"):
         gone = json.loads(json.dumps(doc))
@@ -531,7 +647,8 @@ def test_load_base_metadata_fuzz(base_source, tmp_path, data):
             records[leaf] = data.draw(st.sampled_from(RECORD_VALUES))
         elif action == "extra" and isinstance(rec, dict):
             rec[data.draw(st.sampled_from(["extra", "", "shape "]))] = data.draw(
-                st.sampled_from(RECORD_VALUES))
+                st.sampled_from(RECORD_VALUES)
+            )
         elif action == "top":
             key = data.draw(st.sampled_from(["format_version", "quantized", "other"]))
             bad[key] = data.draw(st.sampled_from(RECORD_VALUES))
@@ -551,9 +668,11 @@ def cli_cases(sources, fmt: str, tmp_path: Path) -> list[tuple[str, Path]]:
     bodies = [(f"truncated weights at {c}", WTS, raw_w[:c]) for c in regions(raw_w, WTS)[::3]]
     bodies += [(f"truncated config at {c}", CFG, raw_c[:c]) for c in regions(raw_c, CFG)[::6]]
     bodies += [(k, WTS, b) for k, b in {**header_lies(raw_w), **extra_tensors(raw_w)}.items()]
-    bodies += [(f"json {'/'.join(map(str, p))}={v!r}"[:80], CFG, json.dumps(replaced(doc, p, v)).encode())
-               for i, p in enumerate(json_paths(doc))
-               for v in (HOSTILE_VALUES[i % len(HOSTILE_VALUES)],)]
+    bodies += [
+        (f"json {'/'.join(map(str, p))}={v!r}"[:80], CFG, json.dumps(replaced(doc, p, v)).encode())
+        for i, p in enumerate(json_paths(doc))
+        for v in (HOSTILE_VALUES[i % len(HOSTILE_VALUES)],)
+    ]
     return [(kind, mutated(sources, fmt, tmp_path, name, body)) for kind, name, body in bodies]
 
 
@@ -587,10 +706,11 @@ def test_cli_on_hostile_directories(sources, fmt, tmp_path, capsys):
     other = "peft" if fmt == "lora_jax" else "lora_jax"
     codes = collections.Counter()
     for kind, d in cli_cases(sources, fmt, tmp_path):
-        for argv in (["inspect", *(["--json"] if len(kind) % 2 else []), str(d)],
-                     ["merge", "--base", str(base), "--adapter", str(d), "--out", str(out),
-                      "--no-progress"],
-                     ["convert", "--to", other, str(d), str(out), "--base", str(base)]):
+        for argv in (
+            ["inspect", *(["--json"] if len(kind) % 2 else []), str(d)],
+            ["merge", "--base", str(base), "--adapter", str(d), "--out", str(out), "--no-progress"],
+            ["convert", "--to", other, str(d), str(out), "--base", str(base)],
+        ):
             codes[check_cli(argv, out, capsys)] += 1
     STATS[f"cli {fmt}"].update({f"exit {k}": v for k, v in codes.items()})
     STATS[f"cli {fmt}"]["cases"] += sum(codes.values())
@@ -605,10 +725,24 @@ def test_cli_process_prints_one_line_and_no_traceback(sources, tmp_path):
     d = mutated(sources, "peft", tmp_path, WTS, raw[: len(raw) // 2])
     base = base_file(sources["peft"][1], tmp_path / "base.safetensors")
     out = tmp_path / "merged.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "lora_jax._cli", "merge", "--base", str(base),
-                           "--adapter", str(d), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_jax._cli",
+            "merge",
+            "--base",
+            str(base),
+            "--adapter",
+            str(d),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.returncode == 1 and proc.stdout == "", proc
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert str(d / WTS) in proc.stderr and not out.exists()
@@ -623,8 +757,10 @@ def test_lying_headers_do_not_grow_the_process(sources, tmp_path):
     dirs = []
     for fmt in ("lora_jax", "peft"):
         raw = (sources[fmt][0] / WTS).read_bytes()
-        dirs += [(fmt, str(mutated(sources, fmt, tmp_path, WTS, body)))
-                 for body in header_lies(raw).values()]
+        dirs += [
+            (fmt, str(mutated(sources, fmt, tmp_path, WTS, body)))
+            for body in header_lies(raw).values()
+        ]
     script = f"""
 import resource, lora_jax as lj
 lj.load  # imported: JAX and safetensors are in the baseline
@@ -636,8 +772,13 @@ for fmt, d in {dirs!r}:
         pass
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[2])
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert r.returncode == 0, r.stderr
     grown_kib = int(r.stdout.split()[-1])
     STATS["process"]["lying-header cases"] = len(dirs)
@@ -655,12 +796,20 @@ def test_no_pickle_anywhere_in_lora_jax():
     for path in sorted(PKG.rglob("*.py")):
         text = path.read_text()
         for node in ast.walk(ast.parse(text)):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n.split(".")[0] in banned_modules for n in names):
                 hits.append(f"{path.name}:{node.lineno}: imports {names}")
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                    and node.func.id in ("eval", "exec", "__import__")):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("eval", "exec", "__import__")
+            ):
                 hits.append(f"{path.name}:{node.lineno}: calls {node.func.id}")
         if re.search(r"torch\.load|allow_pickle\s*=\s*True|weights_only\s*=\s*False", text):
             hits.append(f"{path.name}: torch.load / allow_pickle")
@@ -683,8 +832,10 @@ def test_zz_report(capsys):
     """Prints the figures (run with -s to see them) and checks every format met many cases."""
     lines = [f"{fmt}: {dict(c)}" for fmt, c in sorted(STATS.items())]
     lines.append(f"worst-case tracemalloc peak: {PEAK}")
-    lines.append(f"most work in one read: {WORK} (bounds {READ_FACTOR} x file bytes + "
-                 f"{READ_SLACK} B, {MAX_COMPILES} compilations)")
+    lines.append(
+        f"most work in one read: {WORK} (bounds {READ_FACTOR} x file bytes + "
+        f"{READ_SLACK} B, {MAX_COMPILES} compilations)"
+    )
     with capsys.disabled():
         print("\nhostile files:\n  " + "\n  ".join(lines))
     if STATS:  # empty when this test runs alone

@@ -29,12 +29,29 @@ from hypothesis import strategies as st
 import lora_jax as lj
 from lora_jax import LeafDelta, LoraFileError, LoraStructureError, export_peft, import_peft
 from lora_jax._files.peft.config_keys import (
-    CONFIG_KEYS, IMPLEMENTED, IRRELEVANT, REFUSED, check_config_keys, markdown_table)
+    CONFIG_KEYS,
+    IMPLEMENTED,
+    IRRELEVANT,
+    REFUSED,
+    check_config_keys,
+    markdown_table,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # pytest's importlib mode does not add it
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # pytest's importlib mode does not add it
 from tests.files.test_peft_format import (  # noqa: E402
-    FIXTURES, STACK_MAP, factors, flax_module, flax_to_torch, random_params, tensors_of,
-    to_flax_input, to_torch_output, torch_to_flax)
+    FIXTURES,
+    STACK_MAP,
+    factors,
+    flax_module,
+    flax_to_torch,
+    random_params,
+    tensors_of,
+    to_flax_input,
+    to_torch_output,
+    torch_to_flax,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +61,9 @@ def peft_env():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "make_peft_fixtures", Path(__file__).resolve().parents[1] / "fixtures" / "make_peft_fixtures.py")
+        "make_peft_fixtures",
+        Path(__file__).resolve().parents[1] / "fixtures" / "make_peft_fixtures.py",
+    )
     twins = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(twins)
     return torch, peft, twins
@@ -58,7 +77,9 @@ def test_every_lora_config_field_is_classified(peft_env):
     _, peft, _ = peft_env
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     missing = sorted(fields - set(CONFIG_KEYS))
-    assert not missing, f"PEFT {peft.__version__} LoraConfig fields lora_jax does not classify: {missing}"
+    assert not missing, (
+        f"PEFT {peft.__version__} LoraConfig fields lora_jax does not classify: {missing}"
+    )
     assert {r.handling for r in CONFIG_KEYS.values()} == {IMPLEMENTED, IRRELEVANT, REFUSED}
 
 
@@ -72,7 +93,9 @@ def test_every_key_peft_writes_is_classified(peft_env):
 
 def test_docs_table_is_the_code_table():
     page = (Path(__file__).resolve().parents[2] / "docs" / "files.md").read_text()
-    assert markdown_table() in page, "docs/files.md's PEFT key table is stale: paste markdown_table()"
+    assert markdown_table() in page, (
+        "docs/files.md's PEFT key table is stale: paste markdown_table()"
+    )
 
 
 # a live (non-inert) value for each refused key
@@ -107,8 +130,10 @@ def with_config(tmp_path: Path, case: str = "mlp_lora", **changes) -> Path:
 
 
 def mlp_params() -> dict:
-    ref_base = {"fc1": {"kernel": jnp.zeros((6, 8)), "bias": jnp.zeros(8)},
-                "fc2": {"kernel": jnp.zeros((8, 5)), "bias": jnp.zeros(5)}}
+    ref_base = {
+        "fc1": {"kernel": jnp.zeros((6, 8)), "bias": jnp.zeros(8)},
+        "fc2": {"kernel": jnp.zeros((8, 5)), "bias": jnp.zeros(5)},
+    }
     return {"params": ref_base}
 
 
@@ -174,8 +199,19 @@ def test_rank_pattern_semantics_match_peft(peft_env):
     from lora_jax._files.peft.names import pattern_key, pattern_value
 
     patterns = {r"^fc1": 2, r"block\.lin": 3, "lin": 4, r"layers\.[02]\.q": 5, "q": 6}
-    names = ["fc1", "enc.fc1", "block.lin", "lin", "x.block.lin", "layers.0.q", "layers.1.q",
-             "layers.2.q", "q", "xq", "fc10"]
+    names = [
+        "fc1",
+        "enc.fc1",
+        "block.lin",
+        "lin",
+        "x.block.lin",
+        "layers.0.q",
+        "layers.1.q",
+        "layers.2.q",
+        "q",
+        "xq",
+        "fc10",
+    ]
     for name in names:
         key = get_pattern_key(list(patterns), name)
         assert pattern_value(patterns, name, 1) == patterns.get(key, 1), name
@@ -191,7 +227,10 @@ TRAINED_IN_FULL = {  # PEFT options that save full tensors, and the leaves they 
     "modules_to_save": (dict(modules_to_save=["fc2"]), {"fc2": ("kernel", "bias")}),
     "bias_all": (dict(bias="all"), {"fc1": ("bias",), "fc2": ("bias",)}),
     "bias_lora_only": (dict(bias="lora_only"), {"fc1": ("bias",)}),
-    "both": (dict(bias="all", modules_to_save=["fc2"]), {"fc1": ("bias",), "fc2": ("kernel", "bias")}),
+    "both": (
+        dict(bias="all", modules_to_save=["fc2"]),
+        {"fc1": ("bias",), "fc2": ("kernel", "bias")},
+    ),
 }
 
 
@@ -203,10 +242,12 @@ def test_peft_trained_in_full_imports_and_reproduces(case, peft_env, tmp_path):
     torch.manual_seed(0)
     model = twins.MLP()
     base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"], **extra))
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"], **extra)
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in pm.named_parameters():
+        for p in pm.parameters():
             if p.requires_grad:  # the LoRA factors and whatever PEFT trains in full
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     pm.eval()
@@ -216,8 +257,12 @@ def test_peft_trained_in_full_imports_and_reproduces(case, peft_env, tmp_path):
     pm.save_pretrained(str(tmp_path))
     params = torch_to_flax("mlp", {k: v.numpy() for k, v in base_sd.items()})
     delta = import_peft(tmp_path, params)
-    full = {(m, n) for m in ("fc1", "fc2") for n in ("kernel", "bias")
-            if isinstance(delta["params"][m][n], LeafDelta)}
+    full = {
+        (m, n)
+        for m in ("fc1", "fc2")
+        for n in ("kernel", "bias")
+        if isinstance(delta["params"][m][n], LeafDelta)
+    }
     assert full == {(m, n) for m, names in leaves.items() for n in names}
     got = flax_module("mlp").apply(lj.merge(params, delta), jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
@@ -237,18 +282,28 @@ def test_our_modules_to_save_loads_in_peft(peft_env, tmp_path):
     params = random_params("mlp", rng)
     delta = jax.tree.map(lambda _: None, params)
     delta["params"]["fc1"]["kernel"] = factors(rng, (6, 8), "io", 2, alpha=3.0)
-    delta["params"]["fc2"]["kernel"] = LeafDelta(jnp.asarray(rng.standard_normal((8, 5)) * 0.3, jnp.float32))
-    delta["params"]["fc2"]["bias"] = LeafDelta(jnp.asarray(rng.standard_normal(5) * 0.3, jnp.float32))
-    delta["params"]["fc1"]["bias"] = LeafDelta(jnp.asarray(rng.standard_normal(8) * 0.3, jnp.float32))
+    delta["params"]["fc2"]["kernel"] = LeafDelta(
+        jnp.asarray(rng.standard_normal((8, 5)) * 0.3, jnp.float32)
+    )
+    delta["params"]["fc2"]["bias"] = LeafDelta(
+        jnp.asarray(rng.standard_normal(5) * 0.3, jnp.float32)
+    )
+    delta["params"]["fc1"]["bias"] = LeafDelta(
+        jnp.asarray(rng.standard_normal(8) * 0.3, jnp.float32)
+    )
     with pytest.raises(LoraStructureError, match="pass params="):
         export_peft(tmp_path / "x", delta)
     cfg = export_peft(tmp_path, delta, params=params)
     assert cfg["modules_to_save"] == ["fc2"] and cfg["target_modules"] == ["fc1"]
     assert cfg["bias"] == "lora_only"  # fc1's bias, trained beside its LoRA factors
     written = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert written["bias"] == "lora_only" and "base_model.model.fc1.base_layer.bias" in tensors_of(tmp_path)
+    assert written["bias"] == "lora_only" and "base_model.model.fc1.base_layer.bias" in tensors_of(
+        tmp_path
+    )
     twin = twins.MLP()
-    twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in flax_to_torch("mlp", params).items()})
+    twin.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in flax_to_torch("mlp", params).items()}
+    )
     pm = peft.PeftModel.from_pretrained(twin, str(tmp_path)).eval()
     x = rng.standard_normal((4, 6)).astype(np.float32)
     with torch.no_grad():
@@ -257,8 +312,12 @@ def test_our_modules_to_save_loads_in_peft(peft_env, tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
     back = import_peft(tmp_path, params)  # and back: the same LeafDeltas
     for module, name in (("fc2", "kernel"), ("fc2", "bias"), ("fc1", "bias")):
-        np.testing.assert_allclose(back["params"][module][name].diff, delta["params"][module][name].diff,
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            back["params"][module][name].diff,
+            delta["params"][module][name].diff,
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_modules_to_save_export_errors(tmp_path):
@@ -293,8 +352,13 @@ def test_target_modules_are_short_when_unambiguous(peft_env, tmp_path):
     assert cfg["target_modules"] == ["lin"]  # what a PEFT user writes for every layer's lin
     f = delta["params"]["layers"]["lin"]["kernel"]
     delta["params"]["layers"]["lin"]["kernel"] = lj.LoraFactors(
-        f.a[::2], f.b[::2], alpha=f.alpha, rslora=f.rslora, layout=f.layout,
-        layers=lj.advanced.LayerSelection((0, 2), 3))
+        f.a[::2],
+        f.b[::2],
+        alpha=f.alpha,
+        rslora=f.rslora,
+        layout=f.layout,
+        layers=lj.advanced.LayerSelection((0, 2), 3),
+    )
     cfg = export_peft(tmp_path / "some", delta, name_map=STACK_MAP)
     assert cfg["target_modules"] == ["layers.0.lin", "layers.2.lin"]  # 'lin' would take layer 1 too
     # PEFT adapts exactly these modules when it loads the adapter
@@ -310,25 +374,40 @@ def test_target_modules_are_short_when_unambiguous(peft_env, tmp_path):
 # --------------------------------------------------------------------------- random configs
 
 
-HYP = settings(max_examples=30, deadline=None, derandomize=True, database=None,
-               suppress_health_check=list(HealthCheck))
+HYP = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
-MODEL_TARGETS = {"mlp": ["fc1", "fc2"], "embed": ["emb"], "conv1d": ["conv"], "conv2d": ["conv"],
-                 "stack": ["lin"]}
+MODEL_TARGETS = {
+    "mlp": ["fc1", "fc2"],
+    "embed": ["emb"],
+    "conv1d": ["conv"],
+    "conv2d": ["conv"],
+    "stack": ["lin"],
+}
 
 
 @st.composite
 def peft_configs(draw):
     model = draw(st.sampled_from(sorted(MODEL_TARGETS)))
     targets = MODEL_TARGETS[model]
-    kw = dict(r=draw(st.integers(1, 4)), lora_alpha=draw(st.sampled_from([1, 4, 7.5])),
-              target_modules=draw(st.lists(st.sampled_from(targets), min_size=1, unique=True)))
+    kw = dict(
+        r=draw(st.integers(1, 4)),
+        lora_alpha=draw(st.sampled_from([1, 4, 7.5])),
+        target_modules=draw(st.lists(st.sampled_from(targets), min_size=1, unique=True)),
+    )
     optional = {
         "use_rslora": st.booleans(),
         "use_dora": st.booleans(),
         "lora_dropout": st.sampled_from([0.0, 0.1]),
         "rank_pattern": st.dictionaries(st.sampled_from(targets), st.integers(1, 3), max_size=1),
-        "alpha_pattern": st.dictionaries(st.sampled_from(targets), st.sampled_from([2, 5]), max_size=1),
+        "alpha_pattern": st.dictionaries(
+            st.sampled_from(targets), st.sampled_from([2, 5]), max_size=1
+        ),
         "init_lora_weights": st.sampled_from([True, False, "gaussian", "pissa", "olora"]),
         "bias": st.sampled_from(["none", "all", "lora_only"]),
         "lora_bias": st.booleans(),
@@ -370,9 +449,11 @@ def peft_adapter(torch, peft, twins, model_name, kw, directory, seed):
     with torch.no_grad():
         out = pm(x).numpy()
     pm.save_pretrained(str(directory))
-    residual = {k.replace(".base_layer", "").replace(".original_module", ""): v.detach().clone().numpy()
-                for k, v in pm.base_model.model.state_dict().items()
-                if "lora_" not in k and "modules_to_save" not in k}
+    residual = {
+        k.replace(".base_layer", "").replace(".original_module", ""): v.detach().clone().numpy()
+        for k, v in pm.base_model.model.state_dict().items()
+        if "lora_" not in k and "modules_to_save" not in k
+    }
     return x.numpy(), out, base, residual
 
 
@@ -402,6 +483,8 @@ def test_import_reproduces_peft_or_refuses(peft_env, tmp_path_factory, drawn, se
         event("lora_jax refuses")
         return
     module = flax_module(model_name)
-    got = to_torch_output(model_name, module.apply(lj.merge(params, delta), to_flax_input(model_name, x)))
+    got = to_torch_output(
+        model_name, module.apply(lj.merge(params, delta), to_flax_input(model_name, x))
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{model_name} {kw}")
     event("reproduced")

@@ -26,11 +26,20 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import lora_jax as lj
+from lora_jax import (
+    KernelLayout,
+    LeafDelta,
+    LoraArgumentError,
+    LoraBaseMismatchError,
+    LoraError,
+    LoraFactors,
+    LoraFileError,
+    LoraStructureError,
+    NameMap,
+    export_peft,
+    import_peft,
+)
 from lora_jax.advanced import LayerSelection
-from lora_jax import KernelLayout, LoraFactors, LoraFileError, NameMap, export_peft, import_peft
-from lora_jax import LoraBaseMismatchError
-from lora_jax import LoraArgumentError, LoraError, LoraStructureError
-from lora_jax import LeafDelta
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peft"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "adapter_config.json").is_file())
@@ -82,8 +91,13 @@ def model_of(case: str) -> str:
 
 
 def flax_module(model: str) -> nn.Module:
-    return {"mlp": FMLP(), "embed": FEmbed(), "conv1d": FConv(5, (3,)),
-            "conv2d": FConv(4, (3, 2)), "stack": FStack()}[model]
+    return {
+        "mlp": FMLP(),
+        "embed": FEmbed(),
+        "conv1d": FConv(5, (3,)),
+        "conv2d": FConv(4, (3, 2)),
+        "stack": FStack(),
+    }[model]
 
 
 def torch_to_flax(model: str, sd: dict) -> dict:
@@ -94,11 +108,21 @@ def torch_to_flax(model: str, sd: dict) -> dict:
         p = {"emb": {"embedding": sd["emb.weight"]}}
     elif model in ("conv1d", "conv2d"):
         w = sd["conv.weight"]
-        p = {"conv": {"kernel": w.transpose(tuple(range(2, w.ndim)) + (1, 0)), "bias": sd["conv.bias"]}}
+        p = {
+            "conv": {
+                "kernel": w.transpose(tuple(range(2, w.ndim)) + (1, 0)),
+                "bias": sd["conv.bias"],
+            }
+        }
     else:
-        p = {"layers": {"lin": {
-            "kernel": np.stack([sd[f"layers.{i}.lin.weight"].T for i in range(3)]),
-            "bias": np.stack([sd[f"layers.{i}.lin.bias"] for i in range(3)])}}}
+        p = {
+            "layers": {
+                "lin": {
+                    "kernel": np.stack([sd[f"layers.{i}.lin.weight"].T for i in range(3)]),
+                    "bias": np.stack([sd[f"layers.{i}.lin.bias"] for i in range(3)]),
+                }
+            }
+        }
     return {"params": jax.tree.map(jnp.asarray, p)}
 
 
@@ -106,14 +130,20 @@ def flax_to_torch(model: str, params: dict) -> dict:
     """Inverse of :func:`torch_to_flax` (numpy arrays, torch names)."""
     p = jax.tree.map(np.asarray, params["params"])
     if model == "mlp":
-        return {f"{n}.{k}": (p[n]["kernel"].T if k == "weight" else p[n]["bias"])
-                for n in ("fc1", "fc2") for k in ("weight", "bias")}
+        return {
+            f"{n}.{k}": (p[n]["kernel"].T if k == "weight" else p[n]["bias"])
+            for n in ("fc1", "fc2")
+            for k in ("weight", "bias")
+        }
     if model == "embed":
         return {"emb.weight": p["emb"]["embedding"]}
     if model in ("conv1d", "conv2d"):
         k = p["conv"]["kernel"]
         nw = k.ndim - 2
-        return {"conv.weight": k.transpose((nw + 1, nw) + tuple(range(nw))), "conv.bias": p["conv"]["bias"]}
+        return {
+            "conv.weight": k.transpose((nw + 1, nw) + tuple(range(nw))),
+            "conv.bias": p["conv"]["bias"],
+        }
     out = {}
     for i in range(3):
         out[f"layers.{i}.lin.weight"] = p["layers"]["lin"]["kernel"][i].T
@@ -148,7 +178,7 @@ def fixture(case: str):
     model = model_of(case)
     # PiSSA / OLoRA adapters belong to the residual base PEFT's initialiser left
     prefix = "residual." if any(k.startswith("residual.") for k in ref) else "base."
-    sd = {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
+    sd = {k[len(prefix) :]: v for k, v in ref.items() if k.startswith(prefix)}
     return model, torch_to_flax(model, sd), ref
 
 
@@ -207,7 +237,12 @@ def test_export_of_import_is_peft_bit_for_bit(case, tmp_path):
         assert cfg[key] == peft_cfg[key]
     # and reading our export gives the same delta again
     again = import_peft(tmp_path, params, name_map=nm, **residual(case))
-    for (p, f), (_, g) in zip(*(lj.advanced.leaves_with_paths(d, is_leaf=lj.advanced.is_factors)[0] for d in (delta, again))):
+    for (p, f), (_, g) in zip(
+        *(
+            lj.advanced.leaves_with_paths(d, is_leaf=lj.advanced.is_factors)[0]
+            for d in (delta, again)
+        )
+    ):
         if lj.advanced.is_factors(f):
             assert (f.alpha, f.rslora, f.layout) == (g.alpha, g.rslora, g.layout), p
             np.testing.assert_array_equal(f.a, g.a)
@@ -242,8 +277,9 @@ def test_bf16_merge_rounds_once_to_nearest_even():
     _, params, _ = fixture("mlp_bf16")
     f = import_peft(FIXTURES / "mlp_bf16", params)["params"]["fc1"]["kernel"]
     w = params["params"]["fc1"]["kernel"]
-    merged = np.asarray(lj.merge(params, import_peft(FIXTURES / "mlp_bf16", params))
-                        ["params"]["fc1"]["kernel"])
+    merged = np.asarray(
+        lj.merge(params, import_peft(FIXTURES / "mlp_bf16", params))["params"]["fc1"]["kernel"]
+    )
     w64, a64, b64 = (np.asarray(v, np.float64) for v in (w, f.a, f.b))
     exact = w64 + f.scale * (a64 @ b64)
     bits = lambda v: np.asarray(v).view(np.uint16)  # noqa: E731
@@ -252,8 +288,11 @@ def test_bf16_merge_rounds_once_to_nearest_even():
     np.testing.assert_array_equal(bits(merged), bits(want))
     wrong = {
         "truncated": (exact.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16),
-        "update rounded first": bits((w64 + (f.scale * (a64 @ b64)).astype(ml_dtypes.bfloat16)
-                                      .astype(np.float64)).astype(ml_dtypes.bfloat16)),
+        "update rounded first": bits(
+            (w64 + (f.scale * (a64 @ b64)).astype(ml_dtypes.bfloat16).astype(np.float64)).astype(
+                ml_dtypes.bfloat16
+            )
+        ),
     }
     for name, other in wrong.items():  # the check has teeth: each wrong rounding differs
         assert (other != bits(want)).any(), name
@@ -272,15 +311,17 @@ def test_pissa_and_olora_match_peft_initialisers(init):
     peft = import_peft(FIXTURES / case, residual, residual_base=True)
     for name in ("fc1", "fc2"):
         ours, theirs = delta["params"][name]["kernel"], peft["params"][name]["kernel"]
-        np.testing.assert_allclose(base["params"][name]["kernel"],
-                                   residual["params"][name]["kernel"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            base["params"][name]["kernel"], residual["params"][name]["kernel"], rtol=1e-5, atol=1e-5
+        )
         assert ours.scale == theirs.scale
         a, b, ta, tb = (np.asarray(v) for v in (ours.a, ours.b, theirs.a, theirs.b))
         signs = np.sign(np.sum(a * ta, axis=0))  # per component
         assert (signs != 0).all()
         np.testing.assert_allclose(a * signs, ta, rtol=1e-4, atol=1e-5, err_msg=f"{case} {name} A")
-        np.testing.assert_allclose(b * signs[:, None], tb, rtol=1e-4, atol=1e-5,
-                                   err_msg=f"{case} {name} B")
+        np.testing.assert_allclose(
+            b * signs[:, None], tb, rtol=1e-4, atol=1e-5, err_msg=f"{case} {name} B"
+        )
 
 
 def test_import_keeps_bf16_and_casts_on_request():
@@ -303,7 +344,10 @@ def test_import_without_params_uses_reverse_map():
     _, params, _ = fixture("stack_lora")
     with_params = import_peft(FIXTURES / "stack_lora", params, name_map=STACK_MAP)
     without = import_peft(FIXTURES / "stack_lora", name_map=STACK_MAP)
-    f, g = with_params["params"]["layers"]["lin"]["kernel"], without["params"]["layers"]["lin"]["kernel"]
+    f, g = (
+        with_params["params"]["layers"]["lin"]["kernel"],
+        without["params"]["layers"]["lin"]["kernel"],
+    )
     assert g.layout == f.layout == KernelLayout("sio")
     np.testing.assert_array_equal(f.a, g.a)
     np.testing.assert_array_equal(f.b, g.b)
@@ -316,7 +360,9 @@ def test_import_without_params_uses_reverse_map():
 
 def test_partial_stack_keeps_only_adapted_layers(tmp_path):
     _, params, _ = fixture("stack_partial")  # PEFT adapted layers.0.lin and layers.2.lin only
-    f = import_peft(FIXTURES / "stack_partial", params, name_map=STACK_MAP)["params"]["layers"]["lin"]["kernel"]
+    f = import_peft(FIXTURES / "stack_partial", params, name_map=STACK_MAP)["params"]["layers"][
+        "lin"
+    ]["kernel"]
     assert (f.layers.indices, f.layers.total, f.a.shape) == ((0, 2), 3, (2, 5, 2))
     lj.save(tmp_path, {"k": f})  # and our format keeps the selection
     g = lj.load(tmp_path, base={"k": params["params"]["layers"]["lin"]["kernel"]})[0]["k"]
@@ -328,16 +374,35 @@ def test_partial_dora_stack_fills_norms(tmp_path):
     rng = np.random.default_rng(5)
     kernel = jnp.asarray(rng.standard_normal((3, 4, 4)), jnp.float32)
     f = factors(rng, (3, 4, 4), "sio", 2, dora=True)
-    delta = {"params": {"layers": {"lin": {"kernel": LoraFactors(  # layers 0, 1 of 3 adapted
-        f.a[:2], f.b[:2], alpha=f.alpha, rslora=f.rslora, layout=f.layout, magnitude=f.magnitude[:2], layers=LayerSelection((0, 1), 3))}}}}
+    delta = {
+        "params": {
+            "layers": {
+                "lin": {
+                    "kernel": LoraFactors(  # layers 0, 1 of 3 adapted
+                        f.a[:2],
+                        f.b[:2],
+                        alpha=f.alpha,
+                        rslora=f.rslora,
+                        layout=f.layout,
+                        magnitude=f.magnitude[:2],
+                        layers=LayerSelection((0, 1), 3),
+                    )
+                }
+            }
+        }
+    }
     d = tmp_path
     export_peft(d, delta, name_map=STACK_MAP)
     assert "base_model.model.layers.2.lin.lora_A.weight" not in tensors_of(d)
     params = {"params": {"layers": {"lin": {"kernel": kernel}}}}
     g = import_peft(d, params, name_map=STACK_MAP)["params"]["layers"]["lin"]["kernel"]
     assert g.layers is None and g.a.shape == (3, 4, 2) and not np.any(g.a[2])
-    np.testing.assert_allclose(g.magnitude[2], np.linalg.norm(np.asarray(kernel[2]), axis=0), rtol=1e-6)
-    merged = lj.merge(params, {"params": {"layers": {"lin": {"kernel": g}}}})["params"]["layers"]["lin"]["kernel"]
+    np.testing.assert_allclose(
+        g.magnitude[2], np.linalg.norm(np.asarray(kernel[2]), axis=0), rtol=1e-6
+    )
+    merged = lj.merge(params, {"params": {"layers": {"lin": {"kernel": g}}}})["params"]["layers"][
+        "lin"
+    ]["kernel"]
     np.testing.assert_allclose(merged[2], kernel[2], rtol=1e-5, atol=1e-6)  # untouched layer
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     with pytest.raises(LoraFileError, match="needs concrete base params"):
@@ -346,19 +411,28 @@ def test_partial_dora_stack_fills_norms(tmp_path):
 
 def test_callable_name_maps():
     _, params, _ = fixture("stack_lora")
-    nm = NameMap(to_peft=lambda p: "layers.{}.lin" if p == "params/layers/lin/kernel" else None,
-                 to_flax=lambda m, kind: ("params/layers/lin/kernel", int(m.split(".")[1])))
+    nm = NameMap(
+        to_peft=lambda p: "layers.{}.lin" if p == "params/layers/lin/kernel" else None,
+        to_flax=lambda m, kind: ("params/layers/lin/kernel", int(m.split(".")[1])),
+    )
     a = import_peft(FIXTURES / "stack_lora", params, name_map=nm)
     b = import_peft(FIXTURES / "stack_lora", name_map=nm)
-    np.testing.assert_array_equal(a["params"]["layers"]["lin"]["kernel"].b,
-                                  b["params"]["layers"]["lin"]["kernel"].b)
+    np.testing.assert_array_equal(
+        a["params"]["layers"]["lin"]["kernel"].b, b["params"]["layers"]["lin"]["kernel"].b
+    )
     assert a["params"]["layers"]["lin"]["bias"] is None
 
 
 def test_name_map_from_json(tmp_path):
     f = tmp_path / "map.json"
-    f.write_text(json.dumps({"to_peft": [[r"params/layers/(\w+)/kernel", r"layers.{}.\1"]],
-                             "to_flax": {r"layers\.(?P<layer>\d+)\.(\w+)": r"params/layers/\2/kernel"}}))
+    f.write_text(
+        json.dumps(
+            {
+                "to_peft": [[r"params/layers/(\w+)/kernel", r"layers.{}.\1"]],
+                "to_flax": {r"layers\.(?P<layer>\d+)\.(\w+)": r"params/layers/\2/kernel"},
+            }
+        )
+    )
     nm = NameMap.from_json(f)
     assert nm.module_for("params/layers/lin/kernel") == "layers.{}.lin"
     assert nm.path_for("layers.2.lin", "dense") == ("params/layers/lin/kernel", (2,))
@@ -372,7 +446,9 @@ def test_name_map_from_json(tmp_path):
 
 
 def test_malformed_name_map_rules_are_argument_errors():
-    with pytest.raises(LoraArgumentError, match=r"NameMap.to_peft: each rule is a \[regex, template\] pair"):
+    with pytest.raises(
+        LoraArgumentError, match=r"NameMap.to_peft: each rule is a \[regex, template\] pair"
+    ):
         NameMap(to_peft=[("only a regex",)])
     with pytest.raises(LoraArgumentError, match=r"NameMap.to_flax: '\(' is not a valid regex"):
         NameMap(to_flax={"(": "x"})
@@ -386,8 +462,9 @@ def test_name_maps_that_do_not_fit_are_argument_errors(tmp_path):
         export_peft(tmp_path, {"a": factors(rng, (4, 4), "io", 2)}, name_map=lambda p: None)
     _, params, _ = fixture("stack_lora")
     with pytest.raises(LoraArgumentError, match=r"has 1 '\{\}' but its layout 'io' has 0 stacked"):
-        import_peft(FIXTURES / "stack_lora", params, name_map=STACK_MAP,
-                    layouts={r".*/lin/kernel": "io"})
+        import_peft(
+            FIXTURES / "stack_lora", params, name_map=STACK_MAP, layouts={r".*/lin/kernel": "io"}
+        )
 
 
 # --------------------------------------------------------------------------- errors
@@ -410,7 +487,9 @@ def test_import_errors_name_file_and_key(tmp_path):
     _, params, _ = fixture("mlp_lora")
     d = copy_case("mlp_lora", tmp_path)
     rewrite(d, lambda t: t.update({"base_model.model.fc1.lora_B.bias": np.zeros(8, np.float32)}))
-    with pytest.raises(LoraFileError, match=r"adapter_model.safetensors.*fc1.lora_B.bias.*lora_bias"):
+    with pytest.raises(
+        LoraFileError, match=r"adapter_model.safetensors.*fc1.lora_B.bias.*lora_bias"
+    ):
         import_peft(d, params)
 
     d = copy_case("mlp_lora", tmp_path / "b")
@@ -440,8 +519,12 @@ def test_import_errors_name_file_and_key(tmp_path):
         import_peft(d, params)
 
     d = copy_case("mlp_lora", tmp_path / "d")
-    (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:-7])
-    with pytest.raises(LoraFileError, match="adapter_model.safetensors: not a readable safetensors"):
+    (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:-7]
+    )
+    with pytest.raises(
+        LoraFileError, match="adapter_model.safetensors: not a readable safetensors"
+    ):
         import_peft(d, params)
     (d / "adapter_model.safetensors").unlink()
     (d / "adapter_model.bin").write_bytes(b"pickle")
@@ -453,7 +536,9 @@ def test_import_base_mismatch(tmp_path):
     _, params, _ = fixture("mlp_lora")
     wrong = jax.tree.map(lambda x: x, params)
     wrong["params"]["fc1"]["kernel"] = jnp.zeros((7, 8))
-    with pytest.raises(LoraBaseMismatchError, match=r"module 'fc1' -> Flax leaf 'params/fc1/kernel'"):
+    with pytest.raises(
+        LoraBaseMismatchError, match=r"module 'fc1' -> Flax leaf 'params/fc1/kernel'"
+    ):
         import_peft(FIXTURES / "mlp_lora", wrong)
     renamed = {"params": {"dense1": params["params"]["fc1"], "fc2": params["params"]["fc2"]}}
     with pytest.raises(LoraFileError, match=r"module 'fc1' .* matches no leaf .*name_map"):
@@ -469,7 +554,11 @@ def test_import_base_mismatch(tmp_path):
 
 
 def test_our_format_is_refused_with_a_hint(tmp_path):
-    delta = {"w": LoraFactors(jnp.ones((3, 1)), jnp.ones((1, 2)), alpha=1.0, rslora=False, layout=KernelLayout("io"))}
+    delta = {
+        "w": LoraFactors(
+            jnp.ones((3, 1)), jnp.ones((1, 2)), alpha=1.0, rslora=False, layout=KernelLayout("io")
+        )
+    }
     lj.save(tmp_path, delta)
     with pytest.raises(LoraFileError, match="use lora_jax.load"):
         import_peft(tmp_path)
@@ -482,27 +571,40 @@ def factors(rng, shape, layout, rank, alpha=4.0, rslora=False, dora=False, dtype
     layout = KernelLayout(layout) if isinstance(layout, str) else layout
     a_shape, b_shape = layout.factor_shapes(shape, rank)
     n = len(layout.stack_axes)
-    m = 1.0 + rng.random(b_shape[:n] + b_shape[n + 1:]) if dora else None
+    m = 1.0 + rng.random(b_shape[:n] + b_shape[n + 1 :]) if dora else None
     cast = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
-    return LoraFactors(cast(rng.standard_normal(a_shape) * 0.5), cast(rng.standard_normal(b_shape) * 0.5),
-                       alpha=alpha, rslora=rslora, layout=layout, magnitude=cast(m))
+    return LoraFactors(
+        cast(rng.standard_normal(a_shape) * 0.5),
+        cast(rng.standard_normal(b_shape) * 0.5),
+        alpha=alpha,
+        rslora=rslora,
+        layout=layout,
+        magnitude=cast(m),
+    )
 
 
 def test_export_rank_and_alpha_patterns(tmp_path):
     rng = np.random.default_rng(0)
-    delta = {"params": {
-        "lin": {"kernel": factors(rng, (6, 5), "io", 2, alpha=4.0)},
-        "block": {"lin": {"kernel": factors(rng, (6, 5), "io", 3, alpha=4.0)},
-                  "fc": {"kernel": factors(rng, (6, 5), "io", 2, alpha=1.5)}},
-        "head": {"kernel": factors(rng, (6, 5), "io", 2, alpha=4.0)}}}
+    delta = {
+        "params": {
+            "lin": {"kernel": factors(rng, (6, 5), "io", 2, alpha=4.0)},
+            "block": {
+                "lin": {"kernel": factors(rng, (6, 5), "io", 3, alpha=4.0)},
+                "fc": {"kernel": factors(rng, (6, 5), "io", 2, alpha=1.5)},
+            },
+            "head": {"kernel": factors(rng, (6, 5), "io", 2, alpha=4.0)},
+        }
+    }
     cfg = export_peft(tmp_path, delta)
     assert (cfg["r"], cfg["lora_alpha"]) == (2, 4)
     # 'lin' also names the end of 'block.lin', so its pattern is anchored
     assert cfg["rank_pattern"] == {r"block\.lin": 3}
     assert cfg["alpha_pattern"] == {r"block\.fc": 1.5}
     assert cfg["target_modules"] == ["fc", "head", "lin"]  # short names, as a PEFT user writes
-    back = import_peft(tmp_path, jax.tree.map(lambda f: jnp.zeros(f.kernel_shape), delta,
-                                              is_leaf=lj.advanced.is_factors))
+    back = import_peft(
+        tmp_path,
+        jax.tree.map(lambda f: jnp.zeros(f.kernel_shape), delta, is_leaf=lj.advanced.is_factors),
+    )
     assert back["params"]["block"]["lin"]["kernel"].rank == 3
     assert back["params"]["lin"]["kernel"].rank == 2
     assert back["params"]["block"]["fc"]["kernel"].alpha == 1.5
@@ -513,14 +615,20 @@ def test_export_rank_and_alpha_patterns(tmp_path):
 
 def test_export_dense_general_flattens_and_imports_back(tmp_path):
     rng = np.random.default_rng(1)
-    delta = {"params": {"q": {"kernel": factors(rng, (4, 2, 3), "ioo", 2)},
-                        "o": {"kernel": factors(rng, (2, 3, 4), "iio", 2)}}}
+    delta = {
+        "params": {
+            "q": {"kernel": factors(rng, (4, 2, 3), "ioo", 2)},
+            "o": {"kernel": factors(rng, (2, 3, 4), "iio", 2)},
+        }
+    }
     export_peft(tmp_path, delta)
     t = tensors_of(tmp_path)
     assert t["base_model.model.q.lora_A.weight"].shape == (2, 4)
     assert t["base_model.model.q.lora_B.weight"].shape == (6, 2)
     assert t["base_model.model.o.lora_A.weight"].shape == (2, 6)
-    params = {"params": {"q": {"kernel": jnp.zeros((4, 2, 3))}, "o": {"kernel": jnp.zeros((2, 3, 4))}}}
+    params = {
+        "params": {"q": {"kernel": jnp.zeros((4, 2, 3))}, "o": {"kernel": jnp.zeros((2, 3, 4))}}
+    }
     back = import_peft(tmp_path, params)
     for name in ("q", "o"):
         f, g = delta["params"][name]["kernel"], back["params"][name]["kernel"]
@@ -589,21 +697,30 @@ def test_export_is_atomic(tmp_path, monkeypatch):
 def peft_env():
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    spec = importlib.util.spec_from_file_location("make_peft_fixtures",
-                                                  Path(__file__).resolve().parents[1] / "fixtures" / "make_peft_fixtures.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_peft_fixtures",
+        Path(__file__).resolve().parents[1] / "fixtures" / "make_peft_fixtures.py",
+    )
     twins = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(twins)
     return torch, peft, twins
 
 
 def random_params(model: str, rng) -> dict:
-    shapes = {"mlp": {"fc1": {"kernel": (6, 8), "bias": (8,)}, "fc2": {"kernel": (8, 5), "bias": (5,)}},
-              "embed": {"emb": {"embedding": (12, 6)}},
-              "conv1d": {"conv": {"kernel": (3, 4, 5), "bias": (5,)}},
-              "conv2d": {"conv": {"kernel": (3, 2, 3, 4), "bias": (4,)}},
-              "stack": {"layers": {"lin": {"kernel": (3, 5, 5), "bias": (3, 5)}}}}[model]
-    return {"params": jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32),
-                                   shapes, is_leaf=lambda x: isinstance(x, tuple))}
+    shapes = {
+        "mlp": {"fc1": {"kernel": (6, 8), "bias": (8,)}, "fc2": {"kernel": (8, 5), "bias": (5,)}},
+        "embed": {"emb": {"embedding": (12, 6)}},
+        "conv1d": {"conv": {"kernel": (3, 4, 5), "bias": (5,)}},
+        "conv2d": {"conv": {"kernel": (3, 2, 3, 4), "bias": (4,)}},
+        "stack": {"layers": {"lin": {"kernel": (3, 5, 5), "bias": (3, 5)}}},
+    }[model]
+    return {
+        "params": jax.tree.map(
+            lambda s: jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32),
+            shapes,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+    }
 
 
 def random_input(model: str, rng) -> np.ndarray:
@@ -632,7 +749,9 @@ def random_delta(model, leaves, rslora, dora, params, rng):
         leaf = "embedding" if model == "embed" else "kernel"
         if model == "stack":
             scope = scope["lin"]
-        kernel = (params["params"]["layers"]["lin"] if model == "stack" else params["params"][name])[leaf]
+        kernel = (
+            params["params"]["layers"]["lin"] if model == "stack" else params["params"][name]
+        )[leaf]
         scope[leaf] = factors(rng, kernel.shape, layout, rank, alpha, rslora, dora)
     return delta
 
@@ -648,14 +767,21 @@ def test_peft_loads_our_export(case, tmp_path, peft_env):
     if case == "stack_layers":
         f = delta["params"]["layers"]["lin"]["kernel"]
         delta["params"]["layers"]["lin"]["kernel"] = LoraFactors(
-            f.a[::2], f.b[::2], alpha=f.alpha, rslora=f.rslora, layout=f.layout, layers=LayerSelection((0, 2), 3))
+            f.a[::2],
+            f.b[::2],
+            alpha=f.alpha,
+            rslora=f.rslora,
+            layout=f.layout,
+            layers=LayerSelection((0, 2), 3),
+        )
     cfg = export_peft(tmp_path, delta, name_map=name_map_for(model))
     known = {f.name for f in __import__("dataclasses").fields(peft.LoraConfig)}
     assert set(cfg) <= known, set(cfg) - known
 
     twin = twins.MODELS[model]()
-    twin.load_state_dict({k: torch.from_numpy(np.array(v))
-                          for k, v in flax_to_torch(model, params).items()})
+    twin.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in flax_to_torch(model, params).items()}
+    )
     peft_model = peft.PeftModel.from_pretrained(twin, str(tmp_path)).eval()
     x = random_input(model, rng)
     with torch.no_grad():
@@ -675,7 +801,9 @@ def test_peft_loads_our_export(case, tmp_path, peft_env):
 def test_peft_loads_flattened_dense_general(tmp_path, peft_env):
     torch, peft, _ = peft_env
     rng = np.random.default_rng(7)
-    kernel = jnp.asarray(rng.standard_normal((4, 2, 3)), jnp.float32)  # DenseGeneral (d, heads, head_dim)
+    kernel = jnp.asarray(
+        rng.standard_normal((4, 2, 3)), jnp.float32
+    )  # DenseGeneral (d, heads, head_dim)
     params = {"params": {"proj": {"kernel": kernel}}}
     delta = {"params": {"proj": {"kernel": factors(rng, (4, 2, 3), "ioo", 2, dora=True)}}}
     export_peft(tmp_path, delta)
@@ -711,8 +839,12 @@ def test_peft_respects_anchored_patterns(tmp_path, peft_env):
             self.block = torch.nn.Module()
             self.block.lin = torch.nn.Linear(6, 5)
 
-    delta = {"params": {"lin": {"kernel": factors(rng, (6, 5), "io", 4, alpha=2.0)},
-                        "block": {"lin": {"kernel": factors(rng, (6, 5), "io", 2, alpha=4.0)}}}}
+    delta = {
+        "params": {
+            "lin": {"kernel": factors(rng, (6, 5), "io", 4, alpha=2.0)},
+            "block": {"lin": {"kernel": factors(rng, (6, 5), "io", 2, alpha=4.0)}},
+        }
+    }
     export_peft(tmp_path, delta)
     peft_model = peft.PeftModel.from_pretrained(Twin(), str(tmp_path))
     m = peft_model.base_model.model

@@ -39,8 +39,12 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "resumable_training.py"
 WTS = "adapter_model.safetensors"
 STEPS = 8
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # + a cache dir per module below
+ENV = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(REPO),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+}  # + a cache dir per module below
 REPORT: dict[str, list] = {"kills": [], "lj.save": [], "merge": []}
 
 KILLER = """
@@ -115,8 +119,10 @@ def load_example():
 
 def bits(tree) -> list[tuple[str, tuple[int, ...], bytes]]:
     """Every leaf as (dtype, shape, raw bytes): equal means bit-identical, not just the bytes."""
-    return [(np.asarray(x).dtype.str, np.shape(x), np.asarray(x).tobytes())
-            for x in jax.tree.leaves(tree)]
+    return [
+        (np.asarray(x).dtype.str, np.shape(x), np.asarray(x).tobytes())
+        for x in jax.tree.leaves(tree)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +139,32 @@ def reference(tmp_path_factory):
         states.append(ex.train_step(base, states[-1])[0])
     losses = read_log(tmp / "ref.log")
     assert sorted(losses) == list(range(1, STEPS + 1))
-    return {"ex": ex, "base": base, "states": [bits(s) for s in states], "losses": losses,
-            "delta": lj.load(tmp / "ref.out")[0], "seconds": train_seconds}
+    return {
+        "ex": ex,
+        "base": base,
+        "states": [bits(s) for s in states],
+        "losses": losses,
+        "delta": lj.load(tmp / "ref.out")[0],
+        "seconds": train_seconds,
+    }
 
 
 def args(tmp: Path, name: str) -> list[str]:
-    return ["--ckpt", str(tmp / f"{name}.ckpt"), "--steps", str(STEPS), "--log",
-            str(tmp / f"{name}.log"), "--out", str(tmp / f"{name}.out")]
+    return [
+        "--ckpt",
+        str(tmp / f"{name}.ckpt"),
+        "--steps",
+        str(STEPS),
+        "--log",
+        str(tmp / f"{name}.log"),
+        "--out",
+        str(tmp / f"{name}.out"),
+    ]
 
 
-def run_example(tmp: Path, name: str, kill_at: str | None = None,
-                after: tuple[int, float] | None = None):
+def run_example(
+    tmp: Path, name: str, kill_at: str | None = None, after: tuple[int, float] | None = None
+):
     """Runs the example; with ``kill_at`` through the killer wrapper; with ``after=(k, t)``
     killed from outside ``t`` seconds after it logged its ``k``-th new step (``k = 0``: after
     it printed ``starting at step N``, i.e. restored its state). Returns the exit status and
@@ -217,14 +238,26 @@ def check_final(reference, tmp: Path, name: str) -> None:
 
 @pytest.mark.slow  # ~40 s of kills and resumes (make test-slow; CI runs it); the random-moment test stays
 def test_resume_after_kills_at_chosen_moments(reference, tmp_path):
-    moments = ["in_step", "save_started", "arrays_written", "before_rename", "after_rename",
-               "final_save"]
+    moments = [
+        "in_step",
+        "save_started",
+        "arrays_written",
+        "before_rename",
+        "after_rename",
+        "final_save",
+    ]
     # the checkpoint each kill leaves (saves every step, each waiting for the one before):
     # killed while step `at` computes, save at-1 may still be in flight; right after save(at)
     # returned, at-1 is committed and `at` may be; before the final rename the previous step,
     # after it the new one; at the final save every step is committed
-    leaves = {"in_step": (-2, -1), "save_started": (-1, 0), "arrays_written": (-1,),
-              "before_rename": (-1,), "after_rename": (0,), "final_save": (0,)}
+    leaves = {
+        "in_step": (-2, -1),
+        "save_started": (-1, 0),
+        "arrays_written": (-1,),
+        "before_rename": (-1,),
+        "after_rename": (0,),
+        "final_save": (0,),
+    }
     for moment in moments:
         start = check_latest_checkpoint(reference, tmp_path, "chosen")
         at = STEPS if moment == "final_save" else min(start + 2, STEPS)
@@ -270,8 +303,10 @@ def test_resume_after_kills_at_random_moments(reference, tmp_path):
             assert code == -signal.SIGKILL
             assert step >= start, (start, step)  # a kill never loses a committed step
             landed += 1
-            moment = (f"steps logged {logged}->{now}, "
-                      f"{'a partial checkpoint left' if partial else 'no partial checkpoint'}")
+            moment = (
+                f"steps logged {logged}->{now}, "
+                f"{'a partial checkpoint left' if partial else 'no partial checkpoint'}"
+            )
         REPORT["kills"].append((f"random (+{k} steps, {t:.2f}s): {moment}", None, step))
     assert landed == kills, f"{landed} of {kills} random kills landed in {tries} runs"
     if f"random{chain}" not in done and (tmp_path / f"random{chain}.log").exists():
@@ -323,26 +358,44 @@ else:
     sys.exit(cli.main(["merge", "--force", "--no-progress"] + sys.argv[4:]))
 """
 
-SAVE_MOMENTS = ["tensors_half_written", "before_rename_0", "previous_kept", "after_rename_1",
-                "after_rename_2", "none"]
+SAVE_MOMENTS = [
+    "tensors_half_written",
+    "before_rename_0",
+    "previous_kept",
+    "after_rename_1",
+    "after_rename_2",
+    "none",
+]
 
 
 def test_killed_lj_save_leaves_a_loadable_adapter(tmp_path):
-    old = {"w": lj.LoraFactors(np.ones((4, 2), np.float32), np.ones((2, 3), np.float32),
-                               alpha=4.0, layout=lj.KernelLayout("io"))}
+    old = {
+        "w": lj.LoraFactors(
+            np.ones((4, 2), np.float32),
+            np.ones((2, 3), np.float32),
+            alpha=4.0,
+            layout=lj.KernelLayout("io"),
+        )
+    }
     (tmp_path / "k.py").write_text(SAVE_KILLER)
     for moment in SAVE_MOMENTS:
         d = tmp_path / moment
         lj.save(d, old)
-        r = subprocess.run([sys.executable, str(tmp_path / "k.py"), moment, "save", str(d)],
-                           env=ENV, capture_output=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, str(tmp_path / "k.py"), moment, "save", str(d)],
+            env=ENV,
+            capture_output=True,
+            timeout=300,
+        )
         assert r.returncode == (0 if moment == "none" else -signal.SIGKILL), r.stderr.decode()
         a = np.asarray(lj.load(d)[0]["w"].a)  # loadable, and either the old or the new save
         new = moment in ("after_rename_2", "none")
         assert (a == (2.0 if new else 1.0)).all(), moment
         REPORT["lj.save"].append((moment, "new" if new else "previous"))
         lj.save(d, old)  # the next save after a kill works and tidies up its kept tensors
-        kept = [p.name for p in d.iterdir() if p.name.startswith(f".{WTS}.") and "tmp-" not in p.name]
+        kept = [
+            p.name for p in d.iterdir() if p.name.startswith(f".{WTS}.") and "tmp-" not in p.name
+        ]
         assert kept == [], (moment, kept)  # orphaned .tmp- files of the killed write may stay
 
 
@@ -350,17 +403,35 @@ def test_killed_merge_leaves_the_previous_output(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     save_file({"w": np.zeros((4, 3), np.float32)}, str(tmp_path / "base.safetensors"))
-    f = lj.LoraFactors(np.ones((4, 1), np.float32), np.ones((1, 3), np.float32), alpha=1.0,
-                       layout=lj.KernelLayout("io"))
+    f = lj.LoraFactors(
+        np.ones((4, 1), np.float32),
+        np.ones((1, 3), np.float32),
+        alpha=1.0,
+        layout=lj.KernelLayout("io"),
+    )
     lj.save(tmp_path / "adapter", {"w": f})
     (tmp_path / "k.py").write_text(SAVE_KILLER)
     out = tmp_path / "merged.safetensors"
     for moment in ("tensors_half_written", "before_rename_0", "after_rename_1", "none"):
         save_file({"w": np.full((4, 3), 7.0, np.float32)}, str(out))  # the previous output
-        r = subprocess.run([sys.executable, str(tmp_path / "k.py"), moment, "merge", "-",
-                            "--base", str(tmp_path / "base.safetensors"), "--adapter",
-                            str(tmp_path / "adapter"), "--out", str(out)],
-                           env=ENV, capture_output=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(tmp_path / "k.py"),
+                moment,
+                "merge",
+                "-",
+                "--base",
+                str(tmp_path / "base.safetensors"),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(out),
+            ],
+            env=ENV,
+            capture_output=True,
+            timeout=300,
+        )
         assert r.returncode == (0 if moment == "none" else -signal.SIGKILL), r.stderr.decode()
         w = load_file(str(out))["w"]
         new = moment in ("after_rename_1", "none")
@@ -401,21 +472,42 @@ def test_killed_orbax_merge_leaves_the_previous_output(tmp_path):
     ckpt = ocp.StandardCheckpointer()
     ckpt.save((tmp_path / "base").resolve(), base)
     ckpt.wait_until_finished()
-    f = lj.LoraFactors(np.ones((4, 1), np.float32), np.ones((1, 3), np.float32), alpha=1.0,
-                       layout=lj.KernelLayout("io"))
+    f = lj.LoraFactors(
+        np.ones((4, 1), np.float32),
+        np.ones((1, 3), np.float32),
+        alpha=1.0,
+        layout=lj.KernelLayout("io"),
+    )
     lj.save(tmp_path / "adapter", {"params": {"w": f}})
     (tmp_path / "k.py").write_text(ORBAX_KILLER)
     out = (tmp_path / "merged").resolve()
-    for moment in ("orbax_save_in_flight", "written_not_swapped", "swapped_old_not_removed",
-                   "none"):
+    for moment in (
+        "orbax_save_in_flight",
+        "written_not_swapped",
+        "swapped_old_not_removed",
+        "none",
+    ):
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
         ckpt.save(out, {"params": {"w": np.full((4, 3), 7.0, np.float32)}})  # the previous output
         ckpt.wait_until_finished()
-        r = subprocess.run([sys.executable, str(tmp_path / "k.py"), moment, "--base",
-                            str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                            "--out", str(out)], env=ENV, capture_output=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(tmp_path / "k.py"),
+                moment,
+                "--base",
+                str(tmp_path / "base"),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(out),
+            ],
+            env=ENV,
+            capture_output=True,
+            timeout=300,
+        )
         assert r.returncode == (0 if moment == "none" else -signal.SIGKILL), r.stderr.decode()
         w = np.asarray(ocp.StandardCheckpointer().restore(out)["params"]["w"])
         new = moment in ("swapped_old_not_removed", "none")

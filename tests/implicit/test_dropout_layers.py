@@ -28,21 +28,34 @@ class Probe(nn.Module):
 class Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
-        _, ys = nn.scan(Probe, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=LAYERS)(name="layers")(x, None)
-        return ys                                                   # (LAYERS, *x.shape)
+        _, ys = nn.scan(
+            Probe, variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS
+        )(name="layers")(x, None)
+        return ys  # (LAYERS, *x.shape)
 
 
 def layer_masks(key):
     x = jnp.ones((64, D))
     params = jax.jit(Scanned().init)(jax.random.key(0), x)
-    zero = jax.tree.map(jnp.zeros_like, params)                     # W = 0 in every layer
+    zero = jax.tree.map(jnp.zeros_like, params)  # W = 0 in every layer
     eye = jnp.broadcast_to(jnp.eye(D), (LAYERS, D, D))
-    delta = {"params": {"layers": {"dense": {"kernel": lj.LoraFactors(
-        eye, eye, alpha=float(D), layout=lj.KernelLayout("sio"))}}}}
-    fn = jax.jit(lambda b, d, x, k: lj.implicit(Scanned().apply, dropout=P, strict=True)(
-        b, d, x, lora_dropout_key=k))
-    out = np.asarray(fn(zero, delta, x, key))                       # mask / keep
+    delta = {
+        "params": {
+            "layers": {
+                "dense": {
+                    "kernel": lj.LoraFactors(
+                        eye, eye, alpha=float(D), layout=lj.KernelLayout("sio")
+                    )
+                }
+            }
+        }
+    }
+    fn = jax.jit(
+        lambda b, d, x, k: lj.implicit(Scanned().apply, dropout=P, strict=True)(
+            b, d, x, lora_dropout_key=k
+        )
+    )
+    out = np.asarray(fn(zero, delta, x, key))  # mask / keep
     assert set(np.unique(np.round(out * (1 - P), 6)).tolist()) <= {0.0, 1.0}
     return out != 0
 

@@ -52,8 +52,13 @@ def dora_factors(rng, w, layout, rank, embed=False):
     n_in = layout.axes.count("i")
     fan_in, fan_out = w.shape[:n_in], w.shape[n_in:]
     norm = jnp.sqrt(jnp.sum(w * w, axis=tuple(range(n_in))))
-    return LoraFactors(rand(rng, fan_in + (rank,)), rand(rng, (rank,) + fan_out), alpha=3.0,
-                       layout=layout, magnitude=norm * (1 + 0.2 * rand(rng, fan_out)))
+    return LoraFactors(
+        rand(rng, fan_in + (rank,)),
+        rand(rng, (rank,) + fan_out),
+        alpha=3.0,
+        layout=layout,
+        magnitude=norm * (1 + 0.2 * rand(rng, fan_out)),
+    )
 
 
 @pytest.mark.parametrize("kind", ["conv", "embed"])
@@ -63,10 +68,16 @@ def test_dora_gradients_match_the_dense_reference(kind):
         model, x, name, leaf = ConvNet(), rand(rng, (2, 6, 6, 3), 1.0), "conv", "kernel"
         layout = KernelLayout("iiio", "conv")
     else:
-        model, x, name, leaf = EmbedNet(), jnp.asarray(rng.integers(0, 11, (3, 4))), "emb", "embedding"
+        model, x, name, leaf = (
+            EmbedNet(),
+            jnp.asarray(rng.integers(0, 11, (3, 4))),
+            "emb",
+            "embedding",
+        )
         layout = KernelLayout("io", "embed")
-    params = jax.tree.map(lambda s: rand(rng, s.shape),
-                          jax.eval_shape(model.init, jax.random.key(0), x))
+    params = jax.tree.map(
+        lambda s: rand(rng, s.shape), jax.eval_shape(model.init, jax.random.key(0), x)
+    )
     w = params["params"][name][leaf]
     f = dora_factors(rng, w, layout, rank=2)
     delta = jax.tree.map(lambda _: None, params)
@@ -113,7 +124,9 @@ def test_dropout_gradients_match_the_dense_reference():
 
     probe = LoraFactors(jnp.eye(d_in), jnp.eye(d_in), alpha=float(d_in), layout=KernelLayout("io"))
     wide = {"params": {"fc": {"kernel": jnp.zeros((d_in, d_in))}}}
-    out = lj.implicit(OneDense(d_in).apply, dropout=p)(wide, {"params": {"fc": {"kernel": probe}}}, x, lora_dropout_key=key)
+    out = lj.implicit(OneDense(d_in).apply, dropout=p)(
+        wide, {"params": {"fc": {"kernel": probe}}}, x, lora_dropout_key=key
+    )
     scaled_mask = out / x  # mask / keep, exactly 0 or 1/keep
     keep = 1.0 - p
     assert set(np.unique(np.round(np.asarray(scaled_mask) * keep, 5))) == {0.0, 1.0}
@@ -132,7 +145,9 @@ def test_dropout_gradients_match_the_dense_reference():
     close(low_rank(f), reference(f), "dropout forward")
     got, want = jax.grad(low_rank)(f), jax.grad(reference)(f)
     close((got.a, got.b), (want.a, want.b), "dropout gradients")
-    no_key = jax.grad(lambda f: jnp.mean((apply(params, {"params": {"fc": {"kernel": f}}}, x) - y) ** 2))(f)
+    no_key = jax.grad(
+        lambda f: jnp.mean((apply(params, {"params": {"fc": {"kernel": f}}}, x) - y) ** 2)
+    )(f)
     assert not np.allclose(np.asarray(no_key.a), np.asarray(got.a))  # the mask mattered
 
 
@@ -151,9 +166,16 @@ def test_leaf_delta_gradients_match_the_dense_reference():
     rng = np.random.default_rng(2)
     x, y = rand(rng, (6, 5), 1.0), rand(rng, (6, 4), 1.0)
     model = MLP()
-    params = jax.tree.map(lambda s: rand(rng, s.shape), jax.eval_shape(model.init, jax.random.key(0), x))
-    cfg = lj.LoraConfig(targets=r".*fc1/kernel", rank=2, alpha=4, init="swapped",
-                        trainable=[r".*fc1/bias", r".*head/kernel"])
+    params = jax.tree.map(
+        lambda s: rand(rng, s.shape), jax.eval_shape(model.init, jax.random.key(0), x)
+    )
+    cfg = lj.LoraConfig(
+        targets=r".*fc1/kernel",
+        rank=2,
+        alpha=4,
+        init="swapped",
+        trainable=[r".*fc1/bias", r".*head/kernel"],
+    )
     base, delta = lj.init_lora(jax.random.key(1), params, cfg)
     delta = jax.tree.map(lambda v: v, delta, is_leaf=lambda v: isinstance(v, LeafDelta))
     for name in ("fc1/bias", "head/kernel"):
@@ -166,11 +188,14 @@ def test_leaf_delta_gradients_match_the_dense_reference():
     def reference(delta):
         p = jax.tree.map(lambda v: v, base)
         fc1, head = delta["params"]["fc1"], delta["params"]["head"]
-        p["params"]["fc1"] = {"kernel": base["params"]["fc1"]["kernel"]
-                              + fc1["kernel"].scale * fc1["kernel"].a @ fc1["kernel"].b,
-                              "bias": base["params"]["fc1"]["bias"] + fc1["bias"].diff}
-        p["params"]["head"] = dict(p["params"]["head"],
-                                   kernel=base["params"]["head"]["kernel"] + head["kernel"].diff)
+        p["params"]["fc1"] = {
+            "kernel": base["params"]["fc1"]["kernel"]
+            + fc1["kernel"].scale * fc1["kernel"].a @ fc1["kernel"].b,
+            "bias": base["params"]["fc1"]["bias"] + fc1["bias"].diff,
+        }
+        p["params"]["head"] = dict(
+            p["params"]["head"], kernel=base["params"]["head"]["kernel"] + head["kernel"].diff
+        )
         return jnp.mean((model.apply(p, x) - y) ** 2)
 
     def low_rank(delta):

@@ -18,10 +18,12 @@ from flax import nnx
 
 import lora_jax as lj
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # pytest's importlib mode does not add it
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # pytest's importlib mode does not add it
 from tests._lowrank_checks import _highest_precision, _rel, _scanned_dense, _trained  # noqa: E402,F401
 
-FWD_TOL = 2e-5   # relative to the output's scale
+FWD_TOL = 2e-5  # relative to the output's scale
 GRAD_TOL = 2e-5  # relative to each gradient leaf's scale
 
 
@@ -64,14 +66,15 @@ def test_dense():
 class DenseGeneralAttn(nn.Module):
     @nn.compact
     def __call__(self, x):
-        q = nn.DenseGeneral((2, 4), name="q")(x)            # kernel (d, heads, head_dim)
+        q = nn.DenseGeneral((2, 4), name="q")(x)  # kernel (d, heads, head_dim)
         return nn.DenseGeneral(6, axis=(-2, -1), name="o")(q)  # kernel (heads, head_dim, d)
 
 
 def test_dense_general_both_directions():
     params = jax.jit(DenseGeneralAttn().init)(jax.random.key(0), X)
-    cfg = lj.LoraConfig(targets=".*kernel", rank=2,
-                        layouts={".*/q/kernel": "ioo", ".*/o/kernel": "iio"})
+    cfg = lj.LoraConfig(
+        targets=".*kernel", rank=2, layouts={".*/q/kernel": "ioo", ".*/o/kernel": "iio"}
+    )
     check_against_merge(DenseGeneralAttn().apply, params, cfg, X)
 
 
@@ -79,7 +82,7 @@ def test_einsum_with_contraction_in_the_middle_and_kernel_on_the_left():
     params = {"w": jax.random.normal(jax.random.key(0), (3, 8, 5))}  # (h, d_in, k)
 
     def fn(p, x):
-        y = jnp.einsum("btd,hdk->bthk", x, p["w"])      # kernel on the right
+        y = jnp.einsum("btd,hdk->bthk", x, p["w"])  # kernel on the right
         return y + jnp.einsum("hdk,btd->hkbt", p["w"], x).transpose(2, 3, 0, 1)
 
     cfg = lj.LoraConfig(targets="w", rank=2, layouts={"w": "oio"})
@@ -91,8 +94,11 @@ def test_conv(nd):
     x = jax.random.normal(jax.random.key(3), (2,) + (5,) * nd + (4,))
     conv = nn.Conv(6, (3,) * nd, padding="SAME", strides=2)
     params = jax.jit(conv.init)(jax.random.key(0), x)
-    cfg = lj.LoraConfig(targets=".*kernel", rank=2,
-                        layouts={".*kernel": lj.KernelLayout("i" * (nd + 1) + "o", "conv")})
+    cfg = lj.LoraConfig(
+        targets=".*kernel",
+        rank=2,
+        layouts={".*kernel": lj.KernelLayout("i" * (nd + 1) + "o", "conv")},
+    )
     check_against_merge(conv.apply, params, cfg, x)
 
 
@@ -100,7 +106,9 @@ def test_grouped_conv_falls_back_with_a_warning():
     x = jax.random.normal(jax.random.key(3), (2, 5, 5, 4))
     conv = nn.Conv(6, (3, 3), feature_group_count=2)
     params = jax.jit(conv.init)(jax.random.key(0), x)
-    cfg = lj.LoraConfig(targets=".*kernel", rank=2, layouts={".*kernel": lj.KernelLayout("iiio", "conv")})
+    cfg = lj.LoraConfig(
+        targets=".*kernel", rank=2, layouts={".*kernel": lj.KernelLayout("iiio", "conv")}
+    )
     base, delta = lj.init_lora(jax.random.key(1), params, cfg)
     delta = _trained(delta)
     with pytest.warns(lj.LoraFallbackWarning, match="conv_general_dilated"):
@@ -112,13 +120,15 @@ class EmbedTied(nn.Module):
     @nn.compact
     def __call__(self, ids):
         embed = nn.Embed(11, 6)
-        return embed.attend(jnp.tanh(embed(ids)))   # lookup (gather) and tied output head
+        return embed.attend(jnp.tanh(embed(ids)))  # lookup (gather) and tied output head
 
 
 def test_embedding_lookup_and_attend():
     ids = jnp.array([[1, 2, 3], [4, 10, 0]])
     params = jax.jit(EmbedTied().init)(jax.random.key(0), ids)
-    check_against_merge(EmbedTied().apply, params, lj.LoraConfig(targets=".*embedding", rank=2), ids)
+    check_against_merge(
+        EmbedTied().apply, params, lj.LoraConfig(targets=".*embedding", rank=2), ids
+    )
 
 
 class BF16Dense(nn.Module):
@@ -199,11 +209,13 @@ def test_custom_jvp_and_custom_vjp_activations_in_the_model():
     def swish(x):
         return x * jax.nn.sigmoid(x)
 
-    swish.defvjp(lambda x: (swish(x), x),
-                 lambda x, g: (g * (jax.nn.sigmoid(x) * (1 + x * (1 - jax.nn.sigmoid(x)))),))
+    swish.defvjp(
+        lambda x: (swish(x), x),
+        lambda x, g: (g * (jax.nn.sigmoid(x) * (1 + x * (1 - jax.nn.sigmoid(x)))),),
+    )
 
     def fn(p, x):
-        return swish(jax.nn.relu(x @ p["w"]) @ p["w"])   # relu is a custom_jvp
+        return swish(jax.nn.relu(x @ p["w"]) @ p["w"])  # relu is a custom_jvp
 
     check_against_merge(fn, W44, lj.LoraConfig(targets="w", rank=2), X)
 
@@ -257,7 +269,7 @@ def test_frozen_kernel_gets_no_gradient_and_no_kernel_sized_dot():
     g_base = jax.grad(lambda b: jnp.sum(apply(b, delta, X) ** 2))(base)
     for layer in ("fc1", "fc2"):
         assert not np.any(np.asarray(g_base["params"][layer]["kernel"]))
-        assert np.any(np.asarray(g_base["params"][layer]["bias"]))   # untargeted leaves train
+        assert np.any(np.asarray(g_base["params"][layer]["bias"]))  # untargeted leaves train
     # No dot in the delta-gradient program produces a kernel-shaped value.
     jaxpr = jax.make_jaxpr(jax.grad(lambda d: jnp.sum(apply(base, d, X) ** 2)))(delta)
     kernel_shapes = {(8, 7), (7, 5)}
@@ -268,7 +280,7 @@ def test_frozen_kernel_gets_no_gradient_and_no_kernel_sized_dot():
             if eqn.primitive.name == "dot_general":
                 shapes.append(tuple(eqn.outvars[0].aval.shape))
             for v in eqn.params.values():
-                for sub in (v if isinstance(v, (tuple, list)) else [v]):
+                for sub in v if isinstance(v, (tuple, list)) else [v]:
                     inner = getattr(sub, "jaxpr", sub)
                     if hasattr(inner, "eqns"):
                         walk(inner)
@@ -307,8 +319,13 @@ def test_static_arguments_pass_through():
     got = lj.implicit(Drop().apply)(base, delta, X, train=True, rngs={"dropout": jax.random.key(3)})
     want = Drop().apply(lj.merge(base, delta), X, train=True, rngs={"dropout": jax.random.key(3)})
     assert _rel(got, want) < FWD_TOL
-    assert _rel(lj.implicit(Drop().apply)(base, delta, X, train=False),
-                Drop().apply(lj.merge(base, delta), X, train=False)) < FWD_TOL
+    assert (
+        _rel(
+            lj.implicit(Drop().apply)(base, delta, X, train=False),
+            Drop().apply(lj.merge(base, delta), X, train=False),
+        )
+        < FWD_TOL
+    )
 
 
 def test_mismatched_delta_is_a_clear_error():
@@ -326,13 +343,17 @@ def test_sharding_constraint_on_a_kernel_keeps_the_low_rank_path():
     check_against_merge(fn, W44, lj.LoraConfig(targets="w", rank=2), X)
 
 
-@pytest.mark.parametrize("shape,layout,fn", [
-    ((8, 3, 5), "ioo", lambda w, x: x @ w.reshape(8, 15)),                    # merge fan-out
-    ((8, 15), "io", lambda w, x: jnp.einsum("btd,dhk->bthk", x, w.reshape(8, 3, 5))),  # split
-    ((2, 4, 15), "iio", lambda w, x: x @ w.reshape(8, 15)),                   # merge fan-in
-    ((8, 1, 5), "ioo", lambda w, x: x @ jnp.squeeze(w, 1)),                   # drop a size-1 axis
-    ((15, 8), "oi", lambda w, x: x @ w.T.reshape(8, 3, 5).reshape(8, 15)),    # after a transpose
-], ids=["merge_out", "split_out", "merge_in", "squeeze", "transposed"])
+@pytest.mark.parametrize(
+    "shape,layout,fn",
+    [
+        ((8, 3, 5), "ioo", lambda w, x: x @ w.reshape(8, 15)),  # merge fan-out
+        ((8, 15), "io", lambda w, x: jnp.einsum("btd,dhk->bthk", x, w.reshape(8, 3, 5))),  # split
+        ((2, 4, 15), "iio", lambda w, x: x @ w.reshape(8, 15)),  # merge fan-in
+        ((8, 1, 5), "ioo", lambda w, x: x @ jnp.squeeze(w, 1)),  # drop a size-1 axis
+        ((15, 8), "oi", lambda w, x: x @ w.T.reshape(8, 3, 5).reshape(8, 15)),  # after a transpose
+    ],
+    ids=["merge_out", "split_out", "merge_in", "squeeze", "transposed"],
+)
 @pytest.mark.parametrize("dora", [False, True])
 def test_reshapes_of_the_kernel_within_one_role_stay_low_rank(shape, layout, fn, dora):
     params = {"w": jax.random.normal(jax.random.key(0), shape) / 3}
@@ -342,7 +363,7 @@ def test_reshapes_of_the_kernel_within_one_role_stay_low_rank(shape, layout, fn,
 
 def test_reshape_mixing_fan_in_and_fan_out_falls_back_exactly():
     params = {"w": jax.random.normal(jax.random.key(0), (8, 6))}
-    fn = lambda p, x: x @ p["w"].reshape(6, 8).T   # noqa: E731  (rows of W re-cut: no low-rank form)
+    fn = lambda p, x: x @ p["w"].reshape(6, 8).T  # noqa: E731  (rows of W re-cut: no low-rank form)
     base, delta = lj.init_lora(jax.random.key(1), params, lj.LoraConfig(targets="w", rank=2))
     delta = _trained(delta)
     with pytest.warns(lj.LoraFallbackWarning, match="reshape"):
@@ -352,15 +373,19 @@ def test_reshape_mixing_fan_in_and_fan_out_falls_back_exactly():
         lj.implicit(fn, strict=True)(base, delta, X)
 
 
-STACK = {"w": jax.random.normal(jax.random.key(3), (3, 8, 8)) / 3}   # (layers, in, out)
+STACK = {"w": jax.random.normal(jax.random.key(3), (3, 8, 8)) / 3}  # (layers, in, out)
 
 
-@pytest.mark.parametrize("fn", [
-    lambda p, x: jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ p["w"][i]), x),   # dynamic
-    lambda p, x: jnp.tanh(x @ p["w"][1]) @ p["w"][2],                               # static
-    lambda p, x: jnp.einsum("lbtd,lde->lbte", jnp.stack([x, -x]), p["w"][1:3]),     # a range
-    lambda p, x: x @ jax.lax.dynamic_index_in_dim(p["w"], 2, keepdims=False),       # jitted helper
-], ids=["fori_loop", "static_index", "static_range", "dynamic_index_in_dim"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda p, x: jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ p["w"][i]), x),  # dynamic
+        lambda p, x: jnp.tanh(x @ p["w"][1]) @ p["w"][2],  # static
+        lambda p, x: jnp.einsum("lbtd,lde->lbte", jnp.stack([x, -x]), p["w"][1:3]),  # a range
+        lambda p, x: x @ jax.lax.dynamic_index_in_dim(p["w"], 2, keepdims=False),  # jitted helper
+    ],
+    ids=["fori_loop", "static_index", "static_range", "dynamic_index_in_dim"],
+)
 @pytest.mark.parametrize("dora", [False, True])
 def test_slices_of_a_stacked_kernel_stay_low_rank(fn, dora):
     cfg = lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}, use_dora=dora)
@@ -368,9 +393,10 @@ def test_slices_of_a_stacked_kernel_stay_low_rank(fn, dora):
 
 
 def test_slicing_a_fan_in_axis_falls_back_exactly():
-    fn = lambda p, x: x[..., :4] @ p["w"][1, :4]   # noqa: E731  (cuts the fan-in axis)
-    base, delta = lj.init_lora(jax.random.key(1), STACK,
-                               lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}))
+    fn = lambda p, x: x[..., :4] @ p["w"][1, :4]  # noqa: E731  (cuts the fan-in axis)
+    base, delta = lj.init_lora(
+        jax.random.key(1), STACK, lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"})
+    )
     delta = _trained(delta)
     with pytest.warns(lj.LoraFallbackWarning, match="slice"):
         got = lj.implicit(fn)(base, delta, X)
@@ -382,7 +408,7 @@ def test_rules_are_looked_up_in_one_dict(monkeypatch):
     is materialised (and named in the warning); with it, it stays low-rank."""
     from lora_jax._implicit import interpreter as _implicit
 
-    fn = lambda p, x: x @ p["w"].T   # noqa: E731
+    fn = lambda p, x: x @ p["w"].T  # noqa: E731
     base, delta = lj.init_lora(jax.random.key(1), W44, lj.LoraConfig(targets="w", rank=2))
     delta = _trained(delta)
     want = fn(lj.merge(base, delta), X)

@@ -38,8 +38,8 @@ def test_gelu_output_is_rebuilt_from_its_two_product_operands_without_tanh():
     jaxpr, chain = _chain(lambda h: jax.nn.gelu(h, approximate=True), h)
     assert chain is not None
     names = [e.primitive.name for e in chain.eqns]
-    assert "tanh" not in names and len(names) <= 2, names   # cheap: the product only
-    assert jaxpr.invars[0] in chain.leaves                   # h, which GELU's backward keeps
+    assert "tanh" not in names and len(names) <= 2, names  # cheap: the product only
+    assert jaxpr.invars[0] in chain.leaves  # h, which GELU's backward keeps
     np.testing.assert_allclose(_rebuild(jaxpr, chain, [h]), jax.nn.gelu(h), rtol=1e-6)
 
 
@@ -48,25 +48,31 @@ def test_layernorm_output_is_rebuilt_from_the_centred_input_and_small_statistics
     ln = nn.LayerNorm()
     params = ln.init(jax.random.key(2), x)
     flat = jax.tree.leaves(params)
-    jaxpr, chain = _chain(lambda *a: ln.apply(jax.tree.unflatten(jax.tree.structure(params), a[:-1]),
-                                              a[-1]), *flat, x)
+    jaxpr, chain = _chain(
+        lambda *a: ln.apply(jax.tree.unflatten(jax.tree.structure(params), a[:-1]), a[-1]), *flat, x
+    )
     assert chain is not None
     names = {e.primitive.name for e in chain.eqns}
-    assert not names & {"reduce_sum", "rsqrt", "sub"}, names   # statistics are not recomputed
+    assert not names & {"reduce_sum", "rsqrt", "sub"}, names  # statistics are not recomputed
     big = [v for v in chain.leaves if v.aval.shape == x.shape]
-    assert len(big) == 1                                        # the centred input x - mean
-    np.testing.assert_allclose(_rebuild(jaxpr, chain, [*flat, x]), ln.apply(params, x),
-                               rtol=1e-5, atol=1e-6)
+    assert len(big) == 1  # the centred input x - mean
+    np.testing.assert_allclose(
+        _rebuild(jaxpr, chain, [*flat, x]), ln.apply(params, x), rtol=1e-5, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x, w: x @ w,                          # a dot's output: nothing cheaper to keep
-    lambda x, w: jnp.tanh(x @ w),                # tanh's output is kept by its own backward
-    lambda x, w: x @ w + jnp.sin(x) @ w,         # a sum of two large values nobody keeps
-    lambda x, w: (x @ w) * 0.5 + 1.0,            # linear in a dot: no kept value to start from
-    lambda x, w: jnp.where(x @ w > 0, x @ w, 0.0),   # a select keeps only its mask
-    lambda x, w: jax.nn.relu(x @ w),             # custom_jvp around max(h, 0)
-], ids=["dot", "tanh", "sum", "affine", "where", "relu"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x, w: x @ w,  # a dot's output: nothing cheaper to keep
+        lambda x, w: jnp.tanh(x @ w),  # tanh's output is kept by its own backward
+        lambda x, w: x @ w + jnp.sin(x) @ w,  # a sum of two large values nobody keeps
+        lambda x, w: (x @ w) * 0.5 + 1.0,  # linear in a dot: no kept value to start from
+        lambda x, w: jnp.where(x @ w > 0, x @ w, 0.0),  # a select keeps only its mask
+        lambda x, w: jax.nn.relu(x @ w),  # custom_jvp around max(h, 0)
+    ],
+    ids=["dot", "tanh", "sum", "affine", "where", "relu"],
+)
 def test_no_chain_where_nothing_is_gained(fn):
     _, chain = _chain(fn, jnp.ones((8, 8)), jnp.ones((8, 8)))
     assert chain is None
@@ -87,8 +93,9 @@ class _Stack(nn.Module):
     @nn.compact
     def __call__(self, x):
         block = nn.remat(_ScanBlock) if self.remat else _ScanBlock
-        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=2)(name="layers")(x, None)
+        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(
+            name="layers"
+        )(x, None)
         return x
 
 
@@ -101,20 +108,31 @@ class _ScanBlock(nn.Module):
 def _setup(model, d=16, tokens=12, layouts=None):
     x = jax.random.normal(jax.random.key(0), (tokens, d))
     params = model.init(jax.random.key(1), x)
-    cfg = lora_jax.LoraConfig(targets=r".*/(fc1|fc2)/kernel", rank=4, alpha=8.0,
-                              layouts=layouts or {})
+    cfg = lora_jax.LoraConfig(
+        targets=r".*/(fc1|fc2)/kernel", rank=4, alpha=8.0, layouts=layouts or {}
+    )
     base, delta = lora_jax.init_lora(jax.random.key(2), params, cfg)
-    delta = jax.tree.map(lambda f: dataclasses.replace(
-        f, b=jax.random.normal(jax.random.key(3), f.b.shape) * 0.1)
-                         if lora_jax.advanced.is_factors(f) else f, delta, is_leaf=lora_jax.advanced.is_factors)
+    delta = jax.tree.map(
+        lambda f: (
+            dataclasses.replace(f, b=jax.random.normal(jax.random.key(3), f.b.shape) * 0.1)
+            if lora_jax.advanced.is_factors(f)
+            else f
+        ),
+        delta,
+        is_leaf=lora_jax.advanced.is_factors,
+    )
     return x, base, delta
 
 
-@pytest.mark.parametrize("model,layouts", [
-    (_Block(), None),
-    (_Stack(remat=False), {r".*/(fc1|fc2)/kernel": "sio"}),
-    (_Stack(remat=True), {r".*/(fc1|fc2)/kernel": "sio"}),
-], ids=["block", "scan", "scan_remat"])
+@pytest.mark.parametrize(
+    "model,layouts",
+    [
+        (_Block(), None),
+        (_Stack(remat=False), {r".*/(fc1|fc2)/kernel": "sio"}),
+        (_Stack(remat=True), {r".*/(fc1|fc2)/kernel": "sio"}),
+    ],
+    ids=["block", "scan", "scan_remat"],
+)
 def test_rebuilt_inputs_give_merge_on_the_fly_gradients(model, layouts):
     x, base, delta = _setup(model, layouts=layouts)
     loss = lambda y: jnp.sum(jnp.sin(y))  # noqa: E731

@@ -9,7 +9,8 @@ the test, so a missing tunix is a skip, which the newest environment counts as a
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "tunix: needs google-tunix (and qwix); run where it is installed")
+        "markers", "tunix: needs google-tunix (and qwix); run where it is installed"
+    )
 
 
 import jax  # noqa: E402
@@ -28,15 +29,29 @@ def tiny_qwen3():
     qwen3 = pytest.importorskip("tunix.models.qwen3.model")
 
     def make():
-        config = qwen3.ModelConfig(num_layers=2, vocab_size=QWEN3_VOCAB, embed_dim=32,
-                                   hidden_dim=48, num_heads=4, head_dim=8, num_kv_heads=2,
-                                   rope_theta=10_000, norm_eps=1e-6, use_tied_embedding=False)
+        config = qwen3.ModelConfig(
+            num_layers=2,
+            vocab_size=QWEN3_VOCAB,
+            embed_dim=32,
+            hidden_dim=48,
+            num_heads=4,
+            head_dim=8,
+            num_kv_heads=2,
+            rope_theta=10_000,
+            norm_eps=1e-6,
+            use_tied_embedding=False,
+        )
         model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
         rng = np.random.default_rng(1)
         state = jax.tree_util.tree_map(
-            lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype)
-            if x.ndim >= 2 and not np.any(np.asarray(x)) else x, state)
+            lambda x: (
+                jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype)
+                if x.ndim >= 2 and not np.any(np.asarray(x))
+                else x
+            ),
+            state,
+        )
         return nnx.merge(graphdef, state)
 
     return make

@@ -27,15 +27,15 @@ class Block(nnx.Module):
 
     def __init__(self, rngs: nnx.Rngs):
         self.embed = nnx.Embed(11, 8, rngs=rngs)
-        self.heads = nnx.LinearGeneral(8, (2, 4), rngs=rngs)       # kernel (8, 2, 4): "ioo"
+        self.heads = nnx.LinearGeneral(8, (2, 4), rngs=rngs)  # kernel (8, 2, 4): "ioo"
         self.out = nnx.LinearGeneral((2, 4), 8, axis=(-2, -1), rngs=rngs)  # (2, 4, 8): "iio"
         self.norm = nnx.BatchNorm(8, rngs=rngs)
         self.fc = nnx.Linear(8, 5, rngs=rngs)
 
     def __call__(self, tokens):
-        h = self.embed(tokens)                       # (batch, len, 8)
+        h = self.embed(tokens)  # (batch, len, 8)
         h = h + self.out(jnp.tanh(self.heads(h)))
-        return self.fc(self.norm(h).mean(axis=1))    # (batch, 5)
+        return self.fc(self.norm(h).mean(axis=1))  # (batch, 5)
 
 
 TARGETS = r"(embed/embedding|heads/kernel|out/kernel|fc/kernel)"
@@ -57,7 +57,9 @@ def _random_factors(delta, seed=2):
     fill = lambda x: jnp.asarray(0.3 * rng.standard_normal(np.shape(x)), jnp.float32)  # noqa: E731
     return jax.tree_util.tree_map(
         lambda f: f.replace(a=fill(f.a), b=fill(f.b)) if isinstance(f, lj.LoraFactors) else f,
-        delta, is_leaf=lambda x: isinstance(x, lj.LoraFactors))
+        delta,
+        is_leaf=lambda x: isinstance(x, lj.LoraFactors),
+    )
 
 
 def _lora_model(randomize, **config) -> lora_nnx.LoraModel:
@@ -73,10 +75,12 @@ def _dense_by_hand(lm: lora_nnx.LoraModel) -> dict[str, np.ndarray]:
     s = ALPHA / RANK
     val = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
     emb = val(m.embed.embedding) + s * val(m.embed.embedding_lora_a) @ val(m.embed.embedding_lora_b)
-    heads = val(m.heads.kernel) + s * np.einsum("ir,rho->iho", val(m.heads.kernel_lora_a),
-                                                val(m.heads.kernel_lora_b))
-    out = val(m.out.kernel) + s * np.einsum("hkr,ro->hko", val(m.out.kernel_lora_a),
-                                            val(m.out.kernel_lora_b))
+    heads = val(m.heads.kernel) + s * np.einsum(
+        "ir,rho->iho", val(m.heads.kernel_lora_a), val(m.heads.kernel_lora_b)
+    )
+    out = val(m.out.kernel) + s * np.einsum(
+        "hkr,ro->hko", val(m.out.kernel_lora_a), val(m.out.kernel_lora_b)
+    )
     fc = val(m.fc.kernel) + s * val(m.fc.kernel_lora_a) @ val(m.fc.kernel_lora_b)
     return {"embed": emb, "heads": heads, "out": out, "fc": fc}
 
@@ -113,9 +117,15 @@ def test_factors_are_lora_params_named_like_qwix(randomize):
     lm = _lora_model(randomize)
     paths = [p for p, _ in lj.advanced.leaves_with_paths(nnx.state(lm, nnx.LoRAParam))[0]]
     assert paths == sorted(
-        f"model/{m}/{k}_lora_{x}" for m, k in
-        [("embed", "embedding"), ("heads", "kernel"), ("out", "kernel"), ("fc", "kernel")]
-        for x in "ab")
+        f"model/{m}/{k}_lora_{x}"
+        for m, k in [
+            ("embed", "embedding"),
+            ("heads", "kernel"),
+            ("out", "kernel"),
+            ("fc", "kernel"),
+        ]
+        for x in "ab"
+    )
     assert lm.model.heads.kernel_lora_a[...].shape == (8, RANK)
     assert lm.model.heads.kernel_lora_b[...].shape == (RANK, 2, 4)
     assert lm.model.out.kernel_lora_a[...].shape == (2, 4, RANK)
@@ -149,7 +159,8 @@ def test_lora_param_gradients_equal_implicit_delta_gradients(randomize):
     lm = _lora_model(randomize)
     lm.eval()
     _, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(
-        lm, TOKENS, LABELS)
+        lm, TOKENS, LABELS
+    )
     graphdef, base, delta = lora_nnx.split(lm)
     forward = lj.implicit(lambda s, x: nnx.merge(graphdef, s)(x))
 
@@ -159,8 +170,11 @@ def test_lora_param_gradients_equal_implicit_delta_gradients(randomize):
 
     expected = jax.grad(delta_loss)(delta)
     got = dict(lj.advanced.leaves_with_paths(grads)[0])
-    want = {p: f for p, f in lj.advanced.leaves_with_paths(
-        expected, is_leaf=lj.advanced.is_factors)[0] if isinstance(f, lj.LoraFactors)}
+    want = {
+        p: f
+        for p, f in lj.advanced.leaves_with_paths(expected, is_leaf=lj.advanced.is_factors)[0]
+        if isinstance(f, lj.LoraFactors)
+    }
     assert len(want) == 4 and len(got) == 8
     for path, f in want.items():
         for x, ref in (("a", f.a), ("b", f.b)):
@@ -180,7 +194,8 @@ def test_optimizer_step_changes_only_lora_params_and_equals_optax_on_the_delta(r
     @nnx.jit
     def step(model, optimizer):
         loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(
-            model, TOKENS, LABELS)
+            model, TOKENS, LABELS
+        )
         _opt_update(optimizer, model, grads)
         return loss
 
@@ -191,20 +206,28 @@ def test_optimizer_step_changes_only_lora_params_and_equals_optax_on_the_delta(r
         np.testing.assert_array_equal(after[path], model_before[path], err_msg=path)
 
     forward = lj.implicit(lambda s, x: nnx.merge(graphdef, s)(x))
-    grads = jax.grad(lambda d: optax.softmax_cross_entropy_with_integer_labels(
-        forward(base, d, TOKENS), LABELS).mean())(delta)
+    grads = jax.grad(
+        lambda d: optax.softmax_cross_entropy_with_integer_labels(
+            forward(base, d, TOKENS), LABELS
+        ).mean()
+    )(delta)
     updates, _ = tx.update(grads, tx.init(delta), delta)
     expected = optax.apply_updates(delta, updates)
     _, _, got = lora_nnx.split(lm)
     for (path, e), (_, g) in zip(
-            lj.advanced.leaves_with_paths(expected, is_leaf=lj.advanced.is_factors)[0],
-            lj.advanced.leaves_with_paths(got, is_leaf=lj.advanced.is_factors)[0]):
+        lj.advanced.leaves_with_paths(expected, is_leaf=lj.advanced.is_factors)[0],
+        lj.advanced.leaves_with_paths(got, is_leaf=lj.advanced.is_factors)[0],
+    ):
         if isinstance(e, lj.LoraFactors):
             np.testing.assert_allclose(g.a, e.a, rtol=1e-5, atol=1e-6, err_msg=path)
             np.testing.assert_allclose(g.b, e.b, rtol=1e-5, atol=1e-6, err_msg=path)
-    moved = [p for (p, g), (_, d) in zip(
-        lj.advanced.leaves_with_paths(got)[0], lj.advanced.leaves_with_paths(delta)[0])
-        if not np.allclose(g, d)]
+    moved = [
+        p
+        for (p, g), (_, d) in zip(
+            lj.advanced.leaves_with_paths(got)[0], lj.advanced.leaves_with_paths(delta)[0]
+        )
+        if not np.allclose(g, d)
+    ]
     assert len(moved) == 8, moved  # every factor took the step
 
 
@@ -222,8 +245,11 @@ def _assert_same_delta(d1, d2):
             np.testing.assert_array_equal(x, y, err_msg=path)
 
 
-@pytest.mark.parametrize("config", [{}, {"use_dora": True}, {"bias": "all", "use_rslora": True}],
-                         ids=["lora", "dora", "bias+rslora"])
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"use_dora": True}, {"bias": "all", "use_rslora": True}],
+    ids=["lora", "dora", "bias+rslora"],
+)
 def test_conversions_round_trip_exactly(randomize, config):
     model = _model(randomize)
     graphdef, state = nnx.split(model)
@@ -235,8 +261,9 @@ def test_conversions_round_trip_exactly(randomize, config):
     graphdef2, base2, delta2 = lora_nnx.split(lm)
     _assert_same_delta(delta, delta2)
     assert graphdef2 == graphdef
-    for (p, x), (_, y) in zip(lj.advanced.leaves_with_paths(state)[0],
-                              lj.advanced.leaves_with_paths(base2)[0]):
+    for (p, x), (_, y) in zip(
+        lj.advanced.leaves_with_paths(state)[0], lj.advanced.leaves_with_paths(base2)[0]
+    ):
         np.testing.assert_array_equal(x, y, err_msg=p)
     _, _, delta3 = lora_nnx.split(lora_nnx.from_delta(nnx.merge(graphdef2, base2), delta2))
     _assert_same_delta(delta, delta3)
@@ -269,10 +296,11 @@ def test_base_kernels_are_never_modified(randomize):
     model = _model(randomize)
     before = _param_arrays(model)
     kernel_var = model.fc.kernel
-    lm = lora_nnx.lora(model, lj.LoraConfig(targets=TARGETS, rank=RANK, alpha=ALPHA),
-                       jax.random.key(0), TOKENS)
-    assert lm.model.fc.kernel is not kernel_var           # its own Variables
-    assert not hasattr(model.fc, "kernel_lora_a")          # the given module is not adapted
+    lm = lora_nnx.lora(
+        model, lj.LoraConfig(targets=TARGETS, rank=RANK, alpha=ALPHA), jax.random.key(0), TOKENS
+    )
+    assert lm.model.fc.kernel is not kernel_var  # its own Variables
+    assert not hasattr(model.fc, "kernel_lora_a")  # the given module is not adapted
     optimizer = nnx.Optimizer(lm, optax.sgd(0.5), wrt=nnx.LoRAParam)
     for _ in range(2):
         grads = nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(lm, TOKENS, LABELS)
@@ -282,7 +310,11 @@ def test_base_kernels_are_never_modified(randomize):
     nnx.update(plain, nnx.state(plain))  # writing into the merged module...
     plain.fc.kernel[...] = plain.fc.kernel[...] * 0
     graphdef, base, _ = lora_nnx.split(lm)
-    for arrays in (_param_arrays(model), _param_arrays(lm), _param_arrays(nnx.merge(graphdef, base))):
+    for arrays in (
+        _param_arrays(model),
+        _param_arrays(lm),
+        _param_arrays(nnx.merge(graphdef, base)),
+    ):
         for path, x in before.items():
             got = arrays.get(path, arrays.get(f"model/{path}"))
             np.testing.assert_array_equal(got, x, err_msg=path)  # ...leaves every base alone
@@ -292,8 +324,11 @@ def test_bad_deltas_are_refused_with_the_leaf_named(randomize):
     model = _model(randomize)
     _, state = nnx.split(model)
     _, delta = lj.init_lora(jax.random.key(0), state, lj.LoraConfig(targets="fc/kernel", rank=2))
-    _, wide = lj.init_lora(jax.random.key(0), nnx.split(nnx.Linear(8, 5, rngs=nnx.Rngs(0)))[1],
-                           lj.LoraConfig(targets="kernel", rank=2))
+    _, wide = lj.init_lora(
+        jax.random.key(0),
+        nnx.split(nnx.Linear(8, 5, rngs=nnx.Rngs(0)))[1],
+        lj.LoraConfig(targets="kernel", rank=2),
+    )
     with pytest.raises(lj.LoraStructureError, match="leaf 'kernel'.*shape"):
         lora_nnx.from_delta(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), wide)
     stack = lj.stack_adapters([delta, delta])
@@ -316,15 +351,20 @@ def test_split_feeds_stacks_and_qlora(randomize):
     lm2 = lora_nnx.from_delta(nnx.merge(graphdef, base), d2)
     lm2.eval()
     f = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
-    mixed = lj.implicit(f)(base, lj.stack_adapters([d1, d2]), TOKENS,
-                           adapter_ids=jnp.asarray([1, 0, -1, 1]))
+    mixed = lj.implicit(f)(
+        base, lj.stack_adapters([d1, d2]), TOKENS, adapter_ids=jnp.asarray([1, 0, -1, 1])
+    )
     plain = nnx.merge(graphdef, base)
     plain.eval()
     for row, want in enumerate([lm2(TOKENS), lm1(TOKENS), plain(TOKENS), lm2(TOKENS)]):
         np.testing.assert_allclose(mixed[row], want[row], rtol=1e-5, atol=1e-5)
 
-    qbase = lj.quantize(base, r"(heads|out|fc)/kernel", scheme="int8",
-                        layouts={"heads/kernel": "ioo", "out/kernel": "iio"})
+    qbase = lj.quantize(
+        base,
+        r"(heads|out|fc)/kernel",
+        scheme="int8",
+        layouts={"heads/kernel": "ioo", "out/kernel": "iio"},
+    )
     want = lj.implicit(f)(lj.dequantize(qbase), d1, TOKENS)
     assert float(jnp.abs(want - lm1(TOKENS)).max()) > 1e-4  # quantization moved the output
     qlm = lora_nnx.from_delta(nnx.merge(graphdef, qbase), d1)
@@ -335,8 +375,9 @@ def test_split_feeds_stacks_and_qlora(randomize):
 def test_lora_dropout_draws_from_the_rngs_in_training_only(randomize):
     lm = _lora_model(randomize)
     graphdef, base, delta = lora_nnx.split(lm)
-    dm = lora_nnx.from_delta(nnx.merge(graphdef, base), delta, dropout=0.5,
-                             rngs=nnx.Rngs(dropout=3))
+    dm = lora_nnx.from_delta(
+        nnx.merge(graphdef, base), delta, dropout=0.5, rngs=nnx.Rngs(dropout=3)
+    )
     dm.eval()
     lm.eval()
     np.testing.assert_array_equal(dm(TOKENS), lm(TOKENS))  # eval: no dropout
@@ -345,7 +386,8 @@ def test_lora_dropout_draws_from_the_rngs_in_training_only(randomize):
     graphdef, base, _ = lora_nnx.split(dm)
     key = nnx.Rngs(dropout=3).dropout()  # the first key dm's stream draws
     want = lj.implicit(lambda s, x: nnx.merge(graphdef, s)(x), dropout=0.5)(
-        base, delta, TOKENS, lora_dropout_key=key)
+        base, delta, TOKENS, lora_dropout_key=key
+    )
     got = dm(TOKENS)
     assert float(jnp.abs(got - lm(TOKENS)).max()) > 1e-3  # the mask changed the output
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

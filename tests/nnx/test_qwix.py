@@ -36,9 +36,9 @@ class Net(nnx.Module):
     (qwix flattens them in A), and a Linear."""
 
     def __init__(self, rngs):
-        self.conv = nnx.Conv(2, 4, (3,), rngs=rngs)                      # kernel (3, 2, 4)
-        self.q = Einsum("btd,dnh->btnh", (4, 2, 3), rngs)                 # kernel (4, 2, 3)
-        self.o = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=rngs)   # kernel (2, 3, 4)
+        self.conv = nnx.Conv(2, 4, (3,), rngs=rngs)  # kernel (3, 2, 4)
+        self.q = Einsum("btd,dnh->btnh", (4, 2, 3), rngs)  # kernel (4, 2, 3)
+        self.o = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=rngs)  # kernel (2, 3, 4)
         self.fc = nnx.Linear(4, 5, rngs=rngs)
 
     def __call__(self, x):
@@ -54,7 +54,8 @@ def _randomized_lora(model, seed=3):
     rng = np.random.default_rng(seed)
     state = nnx.state(model, nnx.LoRAParam)
     state = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(0.4 * rng.standard_normal(x.shape), x.dtype), state)
+        lambda x: jnp.asarray(0.4 * rng.standard_normal(x.shape), x.dtype), state
+    )
     nnx.update(model, state)
     return state
 
@@ -75,20 +76,25 @@ def test_qwix_model_output_equals_implicit_with_the_converted_delta():
     qwix_state = _randomized_lora(qm)
     shapes = {p: tuple(x.shape) for p, x in _flat(qwix_state)}
     assert shapes == {  # qwix's own layouts, as this test relies on them
-        "conv/kernel_lora_a": (3, 2, RANK), "conv/kernel_lora_b": (RANK, 4),
-        "q/w_lora_a": (4, RANK), "q/w_lora_b": (RANK, 2, 3),
-        "o/kernel_lora_a": (6, RANK), "o/kernel_lora_b": (RANK, 4),
-        "fc/kernel_lora_a": (4, RANK), "fc/kernel_lora_b": (RANK, 5)}
+        "conv/kernel_lora_a": (3, 2, RANK),
+        "conv/kernel_lora_b": (RANK, 4),
+        "q/w_lora_a": (4, RANK),
+        "q/w_lora_b": (RANK, 2, 3),
+        "o/kernel_lora_a": (6, RANK),
+        "o/kernel_lora_b": (RANK, 4),
+        "fc/kernel_lora_a": (4, RANK),
+        "fc/kernel_lora_b": (RANK, 5),
+    }
 
     graphdef, base = nnx.split(plain)
     f = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
-    delta = lora_nnx.from_qwix(qwix_state, base, alpha=ALPHA,
-                               layouts=lj.infer_layouts(f, base, X))
+    delta = lora_nnx.from_qwix(qwix_state, base, alpha=ALPHA, layouts=lj.infer_layouts(f, base, X))
     assert delta["o"]["kernel"].a.shape == (2, 3, RANK)
     want = np.asarray(qm(X))
     assert float(np.abs(want - np.asarray(plain(X))).max()) > 0.1  # the adapter matters
-    np.testing.assert_allclose(lj.implicit(f, strict=True)(base, delta, X), want,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        lj.implicit(f, strict=True)(base, delta, X), want, rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(lora_nnx.from_delta(plain, delta)(X), want, rtol=1e-5, atol=1e-5)
 
 
@@ -119,16 +125,23 @@ def test_bad_qwix_states_name_the_leaf():
     with pytest.raises(lj.LoraStructureError, match="fc/kernel_lora_a but no fc/kernel_lora_b"):
         lora_nnx.from_qwix({"fc/kernel_lora_a": jnp.ones((4, 2))}, base, alpha=1.0)
     with pytest.raises(lj.LoraStructureError, match="'head'"):
-        lora_nnx.from_qwix({"head_lora_a": jnp.ones((4, 2)), "head_lora_b": jnp.ones((2, 3))},
-                           base, alpha=1.0)
+        lora_nnx.from_qwix(
+            {"head_lora_a": jnp.ones((4, 2)), "head_lora_b": jnp.ones((2, 3))}, base, alpha=1.0
+        )
     with pytest.raises(lj.LoraStructureError, match="q/w.*more than two axes"):
-        lora_nnx.from_qwix({"q/w_lora_a": jnp.ones((8, 2)), "q/w_lora_b": jnp.ones((2, 8))},
-                           base, alpha=1.0)
+        lora_nnx.from_qwix(
+            {"q/w_lora_a": jnp.ones((8, 2)), "q/w_lora_b": jnp.ones((2, 8))}, base, alpha=1.0
+        )
     with pytest.raises(lj.LoraStructureError, match="q/w.*do not fit"):  # an einsum batch axis
-        lora_nnx.from_qwix({"q/w_lora_a": jnp.ones((2, 8, 2)), "q/w_lora_b": jnp.ones((2, 4))},
-                           base, alpha=1.0, layouts={"q/w": lj.KernelLayout("sio")})
-    _, rs = lj.init_lora(jax.random.key(0), base,
-                         lj.LoraConfig(targets="fc/kernel", rank=2, use_rslora=True))
+        lora_nnx.from_qwix(
+            {"q/w_lora_a": jnp.ones((2, 8, 2)), "q/w_lora_b": jnp.ones((2, 4))},
+            base,
+            alpha=1.0,
+            layouts={"q/w": lj.KernelLayout("sio")},
+        )
+    _, rs = lj.init_lora(
+        jax.random.key(0), base, lj.LoraConfig(targets="fc/kernel", rank=2, use_rslora=True)
+    )
     with pytest.raises(lj.LoraStructureError, match="fc/kernel.*rsLoRA"):
         lora_nnx.to_qwix(rs)
 
@@ -139,9 +152,14 @@ def test_tunix_qwen3_with_qwix_lora_equals_lora_jax(tiny_qwen3):
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 6)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(6), tokens.shape)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (2, 6, 6))
-    qm = _qwix_model(plain, tokens, positions, None, mask,
-                     module_path=".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|"
-                                 ".*down_proj")
+    qm = _qwix_model(
+        plain,
+        tokens,
+        positions,
+        None,
+        mask,
+        module_path=".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj",
+    )
     qwix_state = _randomized_lora(qm)
     assert len(_flat(qwix_state)) == 2 * 7 * 2
     graphdef, base = nnx.split(plain)

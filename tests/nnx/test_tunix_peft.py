@@ -45,8 +45,12 @@ def _model_inputs(batch):
     positions = jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)
     causal = jnp.tril(jnp.ones((LENGTH, LENGTH), bool))
     attention_mask = causal[None] & mask[:, None, :].astype(bool)
-    return {"input_tokens": tokens, "input_mask": mask, "positions": positions,
-            "attention_mask": attention_mask}
+    return {
+        "input_tokens": tokens,
+        "input_mask": mask,
+        "positions": positions,
+        "attention_mask": attention_mask,
+    }
 
 
 def _nll(logits, tokens, mask):
@@ -67,8 +71,15 @@ def test_peft_trainer_trains_a_lora_nnx_model_as_the_functional_api_does(tiny_qw
     batches = _batches()
     example = _model_inputs(batches[0])
     config = lj.LoraConfig(targets=TARGETS, rank=4, alpha=8.0, init="gaussian")
-    lm = lora_nnx.lora(model, config, jax.random.key(0), example["input_tokens"],
-                       example["positions"], None, example["attention_mask"])
+    lm = lora_nnx.lora(
+        model,
+        config,
+        jax.random.key(0),
+        example["input_tokens"],
+        example["positions"],
+        None,
+        example["attention_mask"],
+    )
     assert len(lm.adapted) == 2 * 7
     # The functional view of the same starting point, for the by-hand run.
     graphdef, base, delta = lora_nnx.split(lm)
@@ -85,10 +96,15 @@ def test_peft_trainer_trains_a_lora_nnx_model_as_the_functional_api_does(tiny_qw
 
     # --- tunix's trainer, as a tunix user runs it -------------------------------------
     trainer = peft_trainer.PeftTrainer(
-        lm, optax.adamw(LR),
-        peft_trainer.TrainingConfig(eval_every_n_steps=1000, max_steps=STEPS,
-                                    pbar_description=None,
-                                    checkpoint_root_directory=str(tmp_path / "ckpt")))
+        lm,
+        optax.adamw(LR),
+        peft_trainer.TrainingConfig(
+            eval_every_n_steps=1000,
+            max_steps=STEPS,
+            pbar_description=None,
+            checkpoint_root_directory=str(tmp_path / "ckpt"),
+        ),
+    )
     trainer = trainer.with_gen_model_input_fn(_model_inputs)
     trainer.train([batches[i % 2] for i in range(STEPS)])
     assert trainer.train_steps == STEPS
@@ -139,18 +155,32 @@ def test_peft_trainer_trains_a_lora_nnx_model_as_the_functional_api_does(tiny_qw
     # nnx.jit step, the functional jax.jit step) differ by float32 rounding only: measured
     # 1.3e-05 on jax 0.10.2 and 2.4e-05 on jax 0.12.0.1 (AdamW's m / sqrt(v) magnifies
     # rounding in tiny gradients).
-    print(f"PeftTrainer vs functional: max |diff| {worst:.2e}, max movement {moved:.2e}, "
-          f"loss {loss_before:.4f} -> {loss_after:.4f}")
+    print(
+        f"PeftTrainer vs functional: max |diff| {worst:.2e}, max movement {moved:.2e}, "
+        f"loss {loss_before:.4f} -> {loss_after:.4f}"
+    )
     assert moved > 1e-2 and worst < 1e-3 * moved, (worst, moved)
 
     # tunix's checkpoints (save_only_lora_params) restore into a fresh LoraModel.
-    fresh = lora_nnx.lora(model, config, jax.random.key(1), example["input_tokens"],
-                          example["positions"], None, example["attention_mask"])
+    fresh = lora_nnx.lora(
+        model,
+        config,
+        jax.random.key(1),
+        example["input_tokens"],
+        example["positions"],
+        None,
+        example["attention_mask"],
+    )
     resumed = peft_trainer.PeftTrainer(
-        fresh, optax.adamw(LR),
-        peft_trainer.TrainingConfig(eval_every_n_steps=1000, max_steps=STEPS,
-                                    pbar_description=None,
-                                    checkpoint_root_directory=str(tmp_path / "ckpt")))
+        fresh,
+        optax.adamw(LR),
+        peft_trainer.TrainingConfig(
+            eval_every_n_steps=1000,
+            max_steps=STEPS,
+            pbar_description=None,
+            checkpoint_root_directory=str(tmp_path / "ckpt"),
+        ),
+    )
     assert resumed.train_steps == STEPS
     restored = _state_arrays(fresh, nnx.LoRAParam)
     for path, x in lora_after.items():

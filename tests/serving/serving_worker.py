@@ -18,15 +18,17 @@ from __future__ import annotations
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import json  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj  # noqa: E402
 from lora_jax._serving import example_view as _example_view  # noqa: E402
@@ -40,14 +42,19 @@ def fn(p, x):
 
 def main():
     rng = np.random.default_rng(0)
-    params = {"w1": jnp.asarray(rng.standard_normal((16, 32)), jnp.float32),
-              "w2": jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)}
+    params = {
+        "w1": jnp.asarray(rng.standard_normal((16, 32)), jnp.float32),
+        "w2": jnp.asarray(rng.standard_normal((32, 16)), jnp.float32),
+    }
     deltas = []
     for i, r in enumerate([2, 4, 3]):
         _, d = lj.init_lora(jax.random.key(i), params, lj.LoraConfig(targets="w.", rank=r))
         leaves, tdef = jax.tree_util.tree_flatten(d)
-        deltas.append(jax.tree_util.tree_unflatten(
-            tdef, [jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype) for x in leaves]))
+        deltas.append(
+            jax.tree_util.tree_unflatten(
+                tdef, [jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype) for x in leaves]
+            )
+        )
     stack = lj.stack_adapters(deltas, slots=4)
     x = jnp.asarray(rng.standard_normal((8, 5, 16)), jnp.float32)
     ids = jnp.asarray([0, 1, 2, -1, 3, 1, 0, 2], jnp.int32)
@@ -56,13 +63,16 @@ def main():
     errors, seen = {}, {}
 
     def place(mesh):
-        base = {"w1": jax.device_put(params["w1"], NamedSharding(mesh, P(None, "model"))),
-                "w2": jax.device_put(params["w2"], NamedSharding(mesh, P("model", None)))}
+        base = {
+            "w1": jax.device_put(params["w1"], NamedSharding(mesh, P(None, "model"))),
+            "w2": jax.device_put(params["w2"], NamedSharding(mesh, P("model", None))),
+        }
         specs = lj.delta_shardings(base, deltas[0])
         placed = jax.tree.map(
             lambda s, sh: jax.device_put(s, NamedSharding(mesh, P(None, *sh.spec))),
             {k: (v.a, v.b) for k, v in stack.items()},
-            {k: (specs[k].a, specs[k].b) for k in stack})
+            {k: (specs[k].a, specs[k].b) for k in stack},
+        )
         st = {k: v.replace(a=placed[k][0], b=placed[k][1]) for k, v in stack.items()}
         xs = jax.device_put(x, NamedSharding(mesh, P("data")))
         ids_s = jax.device_put(ids, NamedSharding(mesh, P("data")))
@@ -75,8 +85,7 @@ def main():
     axis_type = getattr(jax.sharding, "AxisType", None)
     want = gathered = None
     if axis_type is not None and hasattr(jax, "typeof"):
-        explicit = jax.make_mesh((2, 4), ("data", "model"),
-                                 axis_types=(axis_type.Explicit,) * 2)
+        explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type.Explicit,) * 2)
         _, st, _, ids_s = place(explicit)
         index, _ = _example_view.example_ids(ids, 4)
         index = jax.device_put(index, NamedSharding(explicit, P("data")))
@@ -89,12 +98,21 @@ def main():
             return g
 
         g = gathered_spec(st["w1"].b, index, ids_s)
-        errors["explicit_gather"] = float(np.abs(np.asarray(g)
-                                                 - np.asarray(stack["w1"].b)[index]).max())
+        errors["explicit_gather"] = float(
+            np.abs(np.asarray(g) - np.asarray(stack["w1"].b)[index]).max()
+        )
         gathered = seen["spec"]
         want = ["data"] + seen["stack"][1:]
-    print(json.dumps({"devices": jax.device_count(), "max_abs_err": errors,
-                      "gathered_spec": gathered, "want_spec": want}))
+    print(
+        json.dumps(
+            {
+                "devices": jax.device_count(),
+                "max_abs_err": errors,
+                "gathered_spec": gathered,
+                "want_spec": want,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,17 +39,21 @@ class Net(nn.Module):
     """Dense, DenseGeneral (both directions), an embedding and a conv: every rule."""
 
     @nn.compact
-    def __call__(self, tokens):                                    # (B, T)
-        h = nn.Embed(11, 8, name="emb")(tokens)                    # (B, T, 8)
-        q = nn.DenseGeneral((2, 3), name="q")(h)                   # kernel (8, 2, 3)
-        h = h + nn.DenseGeneral(8, axis=(-2, -1), name="o")(jnp.tanh(q))   # (2, 3, 8)
-        h = h + nn.Conv(8, (3,), name="conv")(h)                   # kernel (3, 8, 8)
+    def __call__(self, tokens):  # (B, T)
+        h = nn.Embed(11, 8, name="emb")(tokens)  # (B, T, 8)
+        q = nn.DenseGeneral((2, 3), name="q")(h)  # kernel (8, 2, 3)
+        h = h + nn.DenseGeneral(8, axis=(-2, -1), name="o")(jnp.tanh(q))  # (2, 3, 8)
+        h = h + nn.Conv(8, (3,), name="conv")(h)  # kernel (3, 8, 8)
         return nn.Dense(5, name="out")(jax.nn.gelu(nn.Dense(16, name="fc")(h)))
 
 
 TARGETS = r"params/(emb/embedding|q/kernel|o/kernel|conv/kernel|fc/kernel|out/kernel)"
-LAYOUTS = {"params/q/kernel": "ioo", "params/o/kernel": "iio", "params/conv/kernel": lj.KernelLayout("iio", "conv"),
-           "params/emb/embedding": lj.KernelLayout("io", "embed")}
+LAYOUTS = {
+    "params/q/kernel": "ioo",
+    "params/o/kernel": "iio",
+    "params/conv/kernel": lj.KernelLayout("iio", "conv"),
+    "params/emb/embedding": lj.KernelLayout("io", "embed"),
+}
 
 
 def _config(targets: str, **kw) -> lj.LoraConfig:
@@ -61,8 +65,7 @@ def _trained(delta, seed):
     """Random factors everywhere (init leaves B or an embedding's A at zero); drawn with
     NumPy, since jax.random compiles one program per shape."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
-                        delta)
+    return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), delta)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +75,9 @@ def net():
     params = jax.jit(model.init)(jax.random.key(0), tokens)
     deltas = []
     # Different ranks, alphas, rsLoRA and target subsets: slot 2 adapts only fc and out.
-    for i, (rank, alpha, targets) in enumerate([(2, 4.0, TARGETS), (4, 3.0, TARGETS),
-                                                (1, 2.0, r"params/(fc|out)/kernel")]):
+    for i, (rank, alpha, targets) in enumerate(
+        [(2, 4.0, TARGETS), (4, 3.0, TARGETS), (1, 2.0, r"params/(fc|out)/kernel")]
+    ):
         cfg = _config(targets, rank=rank, alpha=alpha, use_rslora=i == 1)
         base, d = lj.init_lora(jax.random.key(i), params, cfg)
         deltas.append(_trained(d, 10 + i))
@@ -91,7 +95,7 @@ def _reference(model, base, deltas, tokens, ids):
     rows = []
     for e, i in enumerate(ids):
         params = base if i < 0 else _MERGE(base, deltas[i])
-        rows.append(apply(params, tokens[e:e + 1])[0])
+        rows.append(apply(params, tokens[e : e + 1])[0])
     return jnp.stack(rows)
 
 
@@ -130,7 +134,7 @@ def test_padded_rank_stack_is_exact(net):
 def test_hot_swap_does_not_recompile_and_serves_the_new_adapter(net):
     model, base, deltas, stack, tokens, serve = net
     ids = jnp.asarray([0, 1, 2, 3, -1])
-    jax.block_until_ready(serve(base, stack, tokens, adapter_ids=ids))   # warm
+    jax.block_until_ready(serve(base, stack, tokens, adapter_ids=ids))  # warm
     # a rank-1 adapter with another alpha into a rank-4 slot, then another adapter into slot 0
     cfg = _config(r"params/(fc|q)/kernel", rank=1, alpha=7.0)
     new = _trained(lj.init_lora(jax.random.key(9), base, cfg)[1], 99)
@@ -143,8 +147,7 @@ def test_hot_swap_does_not_recompile_and_serves_the_new_adapter(net):
             out = jax.block_until_ready(serve(base, s, tokens, adapter_ids=ids))
         counts.append(counter.count)
     assert counts == [0, 0], f"serve compiled {counts} times on the two swaps"
-    want = _reference(model, base, [deltas[2], deltas[1], deltas[2], new], tokens,
-                      [0, 1, 2, 3, -1])
+    want = _reference(model, base, [deltas[2], deltas[1], deltas[2], new], tokens, [0, 1, 2, 3, -1])
     np.testing.assert_allclose(out, want, **TOL)
     # negative control: the same `serve` does recompile for a stack of another rank
     wider = lj.stack_adapters(deltas, slots=4, rank=5)
@@ -164,8 +167,9 @@ class Scanned(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h, _ = nn.scan(Body, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=3)(name="layers")(x, None)
+        h, _ = nn.scan(Body, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
+            name="layers"
+        )(x, None)
         return h
 
 
@@ -173,13 +177,20 @@ def test_scan_stacked_layers():
     model = Scanned()
     x = jax.random.normal(jax.random.key(0), (4, 2, 6))
     params = jax.jit(model.init)(jax.random.key(1), x)
-    cfg = lambda r: lj.LoraConfig(targets=r".*kernel", rank=r, alpha=2.0,  # noqa: E731
-                                  layouts={".*": "sio"})
-    deltas = [_trained(lj.init_lora(jax.random.key(i), params, cfg(r))[1], i)
-              for i, r in enumerate([2, 3])]
+    cfg = lambda r: lj.LoraConfig(
+        targets=r".*kernel",
+        rank=r,
+        alpha=2.0,  # noqa: E731
+        layouts={".*": "sio"},
+    )
+    deltas = [
+        _trained(lj.init_lora(jax.random.key(i), params, cfg(r))[1], i)
+        for i, r in enumerate([2, 3])
+    ]
     ids = [1, 0, -1, 1]
     out = jax.jit(lj.implicit(model.apply, strict=True))(
-        params, lj.stack_adapters(deltas), x, adapter_ids=jnp.asarray(ids))
+        params, lj.stack_adapters(deltas), x, adapter_ids=jnp.asarray(ids)
+    )
     np.testing.assert_allclose(out, _reference(model, params, deltas, x, ids), **TOL)
 
 
@@ -188,33 +199,43 @@ def test_gradients_through_a_mixed_batch_are_right(net):
     ids = [0, 1, -1, 2, 0]
 
     def loss_mixed(s):
-        return jnp.sum(lj.implicit(model.apply)(base, s, tokens, adapter_ids=jnp.asarray(ids))**2)
+        return jnp.sum(lj.implicit(model.apply)(base, s, tokens, adapter_ids=jnp.asarray(ids)) ** 2)
 
     g = jax.jit(jax.grad(loss_mixed))(stack)["params"]["fc"]["kernel"]
+
     # the same gradient from the per-example merged forwards (autodiff through merge)
     def loss_ref(ds):
-        return sum(jnp.sum(model.apply(lj.merge(base, ds[i]), tokens[e:e + 1]) ** 2)
-                   for e, i in enumerate(ids) if i >= 0)
+        return sum(
+            jnp.sum(model.apply(lj.merge(base, ds[i]), tokens[e : e + 1]) ** 2)
+            for e, i in enumerate(ids)
+            if i >= 0
+        )
+
     ref = jax.jit(jax.grad(loss_ref))(deltas)
     # slot 1's B gradient: the stack's is padded to rank 4, slot 1 has rank 4 (rsLoRA)
     np.testing.assert_allclose(g.b[1], ref[1]["params"]["fc"]["kernel"].b, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(g.a[0, :, :2], ref[0]["params"]["fc"]["kernel"].a,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        g.a[0, :, :2], ref[0]["params"]["fc"]["kernel"].a, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_mixed_batch_over_a_quantized_base():
     params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
     q = lj.quantize(params, "w", scheme="int8")
-    deltas = [_trained(lj.init_lora(jax.random.key(i), params,
-                                    lj.LoraConfig(targets="w", rank=2 + i))[1], i)
-              for i in range(2)]
+    deltas = [
+        _trained(
+            lj.init_lora(jax.random.key(i), params, lj.LoraConfig(targets="w", rank=2 + i))[1], i
+        )
+        for i in range(2)
+    ]
     fn = lambda p, x: x @ p["w"]  # noqa: E731
     x = jax.random.normal(jax.random.key(3), (3, 64))
     ids = [1, -1, 0]
     out = lj.implicit(fn)(q, lj.stack_adapters(deltas), x, adapter_ids=jnp.asarray(ids))
     dense = lj.dequantize(q)
-    want = jnp.stack([fn(dense if i < 0 else lj.merge(dense, deltas[i]), x[e])
-                      for e, i in enumerate(ids)])
+    want = jnp.stack(
+        [fn(dense if i < 0 else lj.merge(dense, deltas[i]), x[e]) for e, i in enumerate(ids)]
+    )
     np.testing.assert_allclose(out, want, **TOL)
 
 
@@ -259,8 +280,11 @@ def test_peft_linear_mode_is_not_the_sum(net):
     f0, f1 = (d["params"]["fc"]["kernel"] for d in deltas[:2])
     f1 = f1.replace(a=f1.a[:, :2], b=f1.b[:2], rslora=False, alpha=f0.alpha)  # same rank
     w = [0.5, 0.5]
-    linear = (np.sqrt(w[0]) * f0.a + np.sqrt(w[1]) * f1.a) @ (
-        np.sqrt(w[0]) * f0.b + np.sqrt(w[1]) * f1.b) * f0.scale
+    linear = (
+        (np.sqrt(w[0]) * f0.a + np.sqrt(w[1]) * f1.a)
+        @ (np.sqrt(w[0]) * f0.b + np.sqrt(w[1]) * f1.b)
+        * f0.scale
+    )
     exact = sum(wi * f.scale * f.a @ f.b for wi, f in zip(w, (f0, f1)))
     ours = lj.advanced.dense_delta(lj.combine([{"k": f0}, {"k": f1}], w)["k"])
     np.testing.assert_allclose(ours, exact, rtol=1e-5, atol=1e-6)
@@ -276,8 +300,9 @@ def test_truncate_rank_is_the_best_approximation_and_reports_dropped_energy(net)
         full = np.asarray(lj.advanced.dense_delta(combined["params"][key[0]][key[1]]), np.float64)
         mat = full.reshape(-1, full.shape[-1])
         s = np.linalg.svd(mat, compute_uv=False)
-        np.testing.assert_allclose(float(dropped[path]), (s[3:] ** 2).sum() / (s ** 2).sum(),
-                                   rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            float(dropped[path]), (s[3:] ** 2).sum() / (s**2).sum(), rtol=1e-4, atol=1e-7
+        )
         u, sv, vt = np.linalg.svd(mat)
         best = (u[:, :3] * sv[:3]) @ vt[:3]
         got = np.asarray(lj.advanced.dense_delta(cut["params"][key[0]][key[1]]))
@@ -313,10 +338,16 @@ def test_bad_ids_are_clear_errors(net):
 
 def test_bad_stacks_are_clear_errors(net):
     _, base, deltas, stack, _, _ = net
-    other = {"w": lj.LoraFactors(jnp.ones((3, 2)), jnp.ones((2, 4)), alpha=1.0,
-                                 layout=lj.KernelLayout("io"))}
-    wide = {"w": lj.LoraFactors(jnp.ones((5, 2)), jnp.ones((2, 4)), alpha=1.0,
-                                layout=lj.KernelLayout("io"))}
+    other = {
+        "w": lj.LoraFactors(
+            jnp.ones((3, 2)), jnp.ones((2, 4)), alpha=1.0, layout=lj.KernelLayout("io")
+        )
+    }
+    wide = {
+        "w": lj.LoraFactors(
+            jnp.ones((5, 2)), jnp.ones((2, 4)), alpha=1.0, layout=lj.KernelLayout("io")
+        )
+    }
     with pytest.raises(lj.LoraStructureError, match=r"leaf 'w'.*shape \(5, 4\)"):
         lj.stack_adapters([other, wide])
     dora = {"w": other["w"].replace(magnitude=jnp.ones(4))}
@@ -363,12 +394,22 @@ def test_bad_combinations_are_clear_errors():
 
 
 def test_sharded_mixed_batch_matches_one_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                          + " --xla_force_host_platform_device_count=8").strip(),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "serving" / "serving_worker.py")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=(
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        ).strip(),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "serving" / "serving_worker.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["devices"] == 8
@@ -381,11 +422,14 @@ def test_sharded_mixed_batch_matches_one_device():
 
 
 def _run(args: list[str], timeout: int = 600) -> str:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                          + " --xla_backend_optimization_level=0").strip())
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
+    )
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -393,9 +437,23 @@ def _run(args: list[str], timeout: int = 600) -> str:
 @pytest.mark.slow  # about 50 s on 2 busy cores (pretrains and trains tiny adapters)
 def test_serve_many_adapters_example_generates_each_adapters_tokens(tmp_path):
     """Mixed-adapter generation (KV cache, one batch) equals each adapter merged alone."""
-    out = _run(["-m", "examples.serve_many_adapters", "--adapters", "3",
-                "--steps", "2", "--pretrain-steps", "2", "--no-cache", "--max-new-tokens", "5",
-                "--out", str(tmp_path)])
+    out = _run(
+        [
+            "-m",
+            "examples.serve_many_adapters",
+            "--adapters",
+            "3",
+            "--steps",
+            "2",
+            "--pretrain-steps",
+            "2",
+            "--no-cache",
+            "--max-new-tokens",
+            "5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     agree, total = map(int, re.search(r"(\d+)/(\d+) identical generations", out).groups())
     assert total == 4 and agree == total, out
     diff = float(re.search(r"prefill logits max rel\. diff ([0-9.eE+-]+)", out).group(1))
@@ -407,8 +465,21 @@ def test_serve_many_adapters_example_generates_each_adapters_tokens(tmp_path):
 @pytest.mark.slow  # about 45 s on 2 busy cores
 def test_serving_benchmark_smoke(tmp_path):
     path = tmp_path / "serving.json"
-    _run(["-m", "benchmarks.serving", "--small", "--rounds", "1", "--steps", "1",
-          "--warmup", "1", "--json", str(path)])
+    _run(
+        [
+            "-m",
+            "benchmarks.serving",
+            "--small",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            str(path),
+        ]
+    )
     res = json.loads(path.read_text())
     assert set(res["configs"]) == {"merged", "unmerged", "mixed16", "loop16"}
     for v in res["configs"].values():

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lora_jax._errors import LoraFileError
 
@@ -67,86 +68,139 @@ def _rule(handling: str, what: str, inert: Callable[[Any], bool] = _unset) -> Ke
     return KeyRule(handling, what, inert)
 
 
-_NOT_YET = ("its implementation needs changes to lora_jax's core delta types that are in "
-            "progress")
+_NOT_YET = "its implementation needs changes to lora_jax's core delta types that are in progress"
 
 CONFIG_KEYS: dict[str, KeyRule] = {
     # ---- PeftConfig's own keys: what the adapter is, not what it computes
-    "peft_type": _rule(IMPLEMENTED, "must be `\"LORA\"`; anything else is refused"),
-    "task_type": _rule(IRRELEVANT, "which `PeftModel` subclass wraps the model; the layers "
-                       "are the same"),
+    "peft_type": _rule(IMPLEMENTED, 'must be `"LORA"`; anything else is refused'),
+    "task_type": _rule(
+        IRRELEVANT, "which `PeftModel` subclass wraps the model; the layers are the same"
+    ),
     "auto_mapping": _rule(IRRELEVANT, "the base model's class, for PEFT's auto classes"),
     "peft_version": _rule(IRRELEVANT, "the PEFT that wrote the file"),
-    "base_model_name_or_path": _rule(IMPLEMENTED, "written from `export_peft("
-                                     "base_model_name_or_path=)`; ignored on import (you pass "
-                                     "the params)"),
+    "base_model_name_or_path": _rule(
+        IMPLEMENTED,
+        "written from `export_peft("
+        "base_model_name_or_path=)`; ignored on import (you pass "
+        "the params)",
+    ),
     "revision": _rule(IRRELEVANT, "the base model's hub revision"),
     "inference_mode": _rule(IRRELEVANT, "whether PEFT freezes the adapter"),
     # ---- the low-rank update
     "r": _rule(IMPLEMENTED, "the rank (checked against each module's tensors)"),
     "lora_alpha": _rule(IMPLEMENTED, "the scale `lora_alpha / r`"),
     "use_rslora": _rule(IMPLEMENTED, "the scale `lora_alpha / sqrt(r)`"),
-    "rank_pattern": _rule(IMPLEMENTED, "per-module ranks, matched as PEFT does: the first key "
-                          "`k` with `re.match(rf\"(.*\\.)?({k})$\", module)`"),
+    "rank_pattern": _rule(
+        IMPLEMENTED,
+        "per-module ranks, matched as PEFT does: the first key "
+        '`k` with `re.match(rf"(.*\\.)?({k})$", module)`',
+    ),
     "alpha_pattern": _rule(IMPLEMENTED, "per-module alphas, matched like `rank_pattern`"),
-    "use_dora": _rule(IMPLEMENTED, "DoRA magnitudes (`lora_magnitude_vector`) on Linear, "
-                      "Embedding and Conv modules"),
-    "target_modules": _rule(IMPLEMENTED, "the adapted modules are the ones with tensors in the "
-                            "file; `export_peft` writes short names when they are unambiguous"),
-    "exclude_modules": _rule(IRRELEVANT, "module selection at creation; the file's tensors "
-                             "say which modules are adapted"),
-    "layers_to_transform": _rule(IMPLEMENTED, "layers left out have no tensors; a stacked "
-                                 "kernel imports as a layer selection (`layers=`)"),
-    "layers_pattern": _rule(IRRELEVANT, "where `layers_to_transform` looks for the layer "
-                            "index at creation; the file's tensors say which layers"),
-    "fan_in_fan_out": _rule(IRRELEVANT, "how the *base* weight is stored (GPT-2's Conv1D); "
-                            "PEFT's factors are `nn.Linear`s either way"),
+    "use_dora": _rule(
+        IMPLEMENTED,
+        "DoRA magnitudes (`lora_magnitude_vector`) on Linear, Embedding and Conv modules",
+    ),
+    "target_modules": _rule(
+        IMPLEMENTED,
+        "the adapted modules are the ones with tensors in the "
+        "file; `export_peft` writes short names when they are unambiguous",
+    ),
+    "exclude_modules": _rule(
+        IRRELEVANT, "module selection at creation; the file's tensors say which modules are adapted"
+    ),
+    "layers_to_transform": _rule(
+        IMPLEMENTED,
+        "layers left out have no tensors; a stacked "
+        "kernel imports as a layer selection (`layers=`)",
+    ),
+    "layers_pattern": _rule(
+        IRRELEVANT,
+        "where `layers_to_transform` looks for the layer "
+        "index at creation; the file's tensors say which layers",
+    ),
+    "fan_in_fan_out": _rule(
+        IRRELEVANT,
+        "how the *base* weight is stored (GPT-2's Conv1D); "
+        "PEFT's factors are `nn.Linear`s either way",
+    ),
     "lora_dropout": _rule(IRRELEVANT, "training only (dropout is off at inference)"),
-    "modules_to_save": _rule(IMPLEMENTED, "modules trained in full: imported as `LeafDelta` "
-                             "(needs concrete params), exported from `LeafDelta` leaves"),
-    "bias": _rule(IMPLEMENTED, "`\"all\"` / `\"lora_only\"`: the biases PEFT trained import as "
-                  "`LeafDelta` (needs concrete params); `export_peft` writes a LoRA-targeted "
-                  "module's `LeafDelta` bias as `\"lora_only\"`"),
+    "modules_to_save": _rule(
+        IMPLEMENTED,
+        "modules trained in full: imported as `LeafDelta` "
+        "(needs concrete params), exported from `LeafDelta` leaves",
+    ),
+    "bias": _rule(
+        IMPLEMENTED,
+        '`"all"` / `"lora_only"`: the biases PEFT trained import as '
+        "`LeafDelta` (needs concrete params); `export_peft` writes a LoRA-targeted "
+        'module\'s `LeafDelta` bias as `"lora_only"`',
+    ),
     "init_lora_weights": _rule(
-        IRRELEVANT, "how PEFT drew the first factors, moot once the weights exist; except "
+        IRRELEVANT,
+        "how PEFT drew the first factors, moot once the weights exist; except "
         "`pissa*`, `olora`, `corda`, `loftq`, `lora_ga`, whose initialiser rewrites the base "
         "weights: those import only with `residual_base=True` and params that are that residual "
-        "(e.g. from `lj.init_lora(init=\"pissa\")`)"),
+        '(e.g. from `lj.init_lora(init="pissa")`)',
+    ),
     "loftq_config": _rule(IRRELEVANT, "LoftQ initialiser settings (see `init_lora_weights`)"),
     "eva_config": _rule(IRRELEVANT, "EVA initialiser settings"),
     "corda_config": _rule(IRRELEVANT, "CorDA initialiser settings (see `init_lora_weights`)"),
-    "lora_ga_config": _rule(IRRELEVANT, "LoRA-GA initialiser settings (see "
-                            "`init_lora_weights`)"),
+    "lora_ga_config": _rule(IRRELEVANT, "LoRA-GA initialiser settings (see `init_lora_weights`)"),
     "runtime_config": _rule(IRRELEVANT, "runtime options PEFT does not save"),
-    "megatron_core": _rule(IRRELEVANT, "the Megatron module path, read only with "
-                           "`megatron_config`"),
+    "megatron_core": _rule(
+        IRRELEVANT, "the Megatron module path, read only with `megatron_config`"
+    ),
     "qalora_group_size": _rule(IRRELEVANT, "read only with `use_qalora` (refused)"),
     # ---- refused: each changes what the adapter computes
-    "megatron_config": _rule(REFUSED, "LoRA on Megatron's tensor-parallel "
-                             "Column/RowParallelLinear layers, whose factors are sharded per "
-                             "rank; lora_jax reads nn.Linear / Embedding / Conv modules"),
-    "target_parameters": _rule(REFUSED, "LoRA on bare `nn.Parameter`s (MoE expert weights), "
-                               "with PEFT's own per-expert layout; not implemented yet"),
-    "trainable_token_indices": _rule(REFUSED, "trains some embedding rows in full (a sparse "
-                                     "row update of the embedding and a tied head); not imported "
-                                     f"yet: {_NOT_YET}"),
-    "lora_bias": _rule(REFUSED, "adds a trained bias to `lora_B` (merged as `s * b` into the "
-                       f"base bias); not imported yet: {_NOT_YET}"),
-    "alora_invocation_tokens": _rule(REFUSED, "activated LoRA: the adapter applies only from "
-                                     "the invocation tokens on; a plain or merged LoRA applies "
-                                     "it to every token"),
-    "layer_replication": _rule(REFUSED, "builds a deeper model by repeating base layers, each "
-                               "copy with its own adapter"),
+    "megatron_config": _rule(
+        REFUSED,
+        "LoRA on Megatron's tensor-parallel "
+        "Column/RowParallelLinear layers, whose factors are sharded per "
+        "rank; lora_jax reads nn.Linear / Embedding / Conv modules",
+    ),
+    "target_parameters": _rule(
+        REFUSED,
+        "LoRA on bare `nn.Parameter`s (MoE expert weights), "
+        "with PEFT's own per-expert layout; not implemented yet",
+    ),
+    "trainable_token_indices": _rule(
+        REFUSED,
+        "trains some embedding rows in full (a sparse "
+        "row update of the embedding and a tied head); not imported "
+        f"yet: {_NOT_YET}",
+    ),
+    "lora_bias": _rule(
+        REFUSED,
+        "adds a trained bias to `lora_B` (merged as `s * b` into the "
+        f"base bias); not imported yet: {_NOT_YET}",
+    ),
+    "alora_invocation_tokens": _rule(
+        REFUSED,
+        "activated LoRA: the adapter applies only from "
+        "the invocation tokens on; a plain or merged LoRA applies "
+        "it to every token",
+    ),
+    "layer_replication": _rule(
+        REFUSED, "builds a deeper model by repeating base layers, each copy with its own adapter"
+    ),
     "use_qalora": _rule(REFUSED, "QA-LoRA pools the input in groups before `lora_A`"),
     "velora_config": _rule(REFUSED, "VeLoRA, a LoRA variant lora_jax does not compute"),
-    "kasa_config": _rule(REFUSED, "KaSA truncates the base weight's SVD and puts a trained "
-                         "diagonal between `lora_A` and `lora_B`"),
-    "monteclora_config": _rule(REFUSED, "MonteCLoRA samples the factors (variational Monte "
-                               "Carlo); lora_jax does not compute it"),
+    "kasa_config": _rule(
+        REFUSED,
+        "KaSA truncates the base weight's SVD and puts a trained "
+        "diagonal between `lora_A` and `lora_B`",
+    ),
+    "monteclora_config": _rule(
+        REFUSED,
+        "MonteCLoRA samples the factors (variational Monte Carlo); lora_jax does not compute it",
+    ),
     "use_bdlora": _rule(REFUSED, "BD-LoRA's block-diagonal factors, stored in its own layout"),
     "arrow_config": _rule(REFUSED, "Arrow routes each token among several adapters"),
-    "ensure_weight_tying": _rule(REFUSED, "ties the adapters of tied layers (embedding and "
-                                 "output head) so one trained module changes both"),
+    "ensure_weight_tying": _rule(
+        REFUSED,
+        "ties the adapters of tied layers (embedding and "
+        "output head) so one trained module changes both",
+    ),
 }
 
 
@@ -224,5 +278,13 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["CONFIG_KEYS", "IMPLEMENTED", "IRRELEVANT", "REFUSED", "KeyRule",
-           "base_rewriting_init", "check_config_keys", "markdown_table"]
+__all__ = [
+    "CONFIG_KEYS",
+    "IMPLEMENTED",
+    "IRRELEVANT",
+    "REFUSED",
+    "KeyRule",
+    "base_rewriting_init",
+    "check_config_keys",
+    "markdown_table",
+]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,11 @@ import numpy as np
 
 from lora_jax._delta import LayerSelection, LoraFactors, column_norm
 from lora_jax._errors import LoraArgumentError, LoraBaseMismatchError, LoraFileError
+from lora_jax._files.peft.names import NameMap, fill_layers
+from lora_jax._files.peft.tensors import PeftModule
 from lora_jax._files.safetensors_io import nested_from_paths
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
-from lora_jax._files.peft.names import NameMap, fill_layers
-from lora_jax._files.peft.tensors import PeftModule
 
 Layers = list[tuple[tuple[int, ...], PeftModule | None]]
 """A stacked kernel's layers: ``(layer index, its module or None if PEFT left it out)``."""
@@ -64,9 +65,11 @@ def _guess_axes(where: str, shape: tuple[int, ...], n_stack: int, mod: PeftModul
         return s + "i" * (len(rest) - 1) + "o"
     if mod.kind == "embed":
         return s + "io"
-    splits = [k for k in range(1, len(rest))
-              if math.prod(rest[:k]) == math.prod(mod.fan_in)
-              and math.prod(rest[k:]) == mod.fan_out]
+    splits = [
+        k
+        for k in range(1, len(rest))
+        if math.prod(rest[:k]) == math.prod(mod.fan_in) and math.prod(rest[k:]) == mod.fan_out
+    ]
     if len(splits) != 1:
         why = "no" if not splits else "more than one"
         raise LoraBaseMismatchError(
@@ -89,8 +92,14 @@ def _fits(layout: KernelLayout, shape: tuple[int, ...], mod: PeftModule) -> bool
     return ok
 
 
-def infer_layout(source: Path, path: str, shape: tuple[int, ...], n_stack: int,
-                 mod: PeftModule, layouts: Mapping[str, Any] | None) -> KernelLayout:
+def infer_layout(
+    source: Path,
+    path: str,
+    shape: tuple[int, ...],
+    n_stack: int,
+    mod: PeftModule,
+    layouts: Mapping[str, Any] | None,
+) -> KernelLayout:
     """The layout of the Flax kernel at ``path`` that ``mod`` adapts, checked to fit it.
 
     ``layouts`` (see :func:`explicit_layout`) wins; else conv and embedding
@@ -137,8 +146,9 @@ def _check_alike(source: Path, path: str, present: Sequence[PeftModule]) -> None
             )
 
 
-def _missing_layer(source: Path, path: str, leaf: Any, layout: KernelLayout, idx: tuple[int, ...],
-                   like: PeftModule) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _missing_layer(
+    source: Path, path: str, leaf: Any, layout: KernelLayout, idx: tuple[int, ...], like: PeftModule
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Factors of a layer PEFT did not adapt: an exactly zero update (DoRA: the base's norm)."""
     shape = tuple(leaf.shape)
     fan_in = tuple(shape[a] for a in layout.in_axes)
@@ -153,12 +163,19 @@ def _missing_layer(source: Path, path: str, leaf: Any, layout: KernelLayout, idx
             "missing, and its magnitude (the base weight's norm) needs concrete "
             "base params, not shapes"
         )
-    norm = column_norm(np.asarray(leaf), layout)[idx]
+    norm = column_norm(jnp.asarray(leaf), layout)[idx]
     return a, b, np.asarray(norm).astype(like.magnitude.dtype)
 
 
-def stack_layers(source: Path, path: str, leaf: Any, layout: KernelLayout, layers: Layers,
-                 rslora: bool, dtype: Any) -> LoraFactors:
+def stack_layers(
+    source: Path,
+    path: str,
+    leaf: Any,
+    layout: KernelLayout,
+    layers: Layers,
+    rslora: bool,
+    dtype: Any,
+) -> LoraFactors:
     """One :class:`LoraFactors` for the Flax ``leaf`` from its layers' PEFT modules.
 
     ``a: (*stack, *fan_in, r)``, ``b: (*stack, r, *fan_out)`` with the fan-in
@@ -196,16 +213,27 @@ def stack_layers(source: Path, path: str, leaf: Any, layout: KernelLayout, layer
         return np.stack(parts).reshape(stack + parts[0].shape) if stack else parts[0]
 
     cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
-    return LoraFactors(cast(join(a_parts)), cast(join(b_parts)), alpha=first.alpha,
-                       layout=layout, rslora=rslora,
-                       magnitude=cast(join(m_parts)) if m_parts else None, layers=selection)
+    return LoraFactors(
+        cast(join(a_parts)),
+        cast(join(b_parts)),
+        alpha=first.alpha,
+        layout=layout,
+        rslora=rslora,
+        magnitude=cast(join(m_parts)) if m_parts else None,
+        layers=selection,
+    )
 
 
 # --------------------------------------------------------------------------- with params
 
 
-def _leaf_layers(path: str, shape: tuple[int, ...], template: str,
-                 modules: Mapping[str, PeftModule], layouts: Mapping[str, Any] | None) -> Layers:
+def _leaf_layers(
+    path: str,
+    shape: tuple[int, ...],
+    template: str,
+    modules: Mapping[str, PeftModule],
+    layouts: Mapping[str, Any] | None,
+) -> Layers:
     """The modules of every layer of one Flax leaf, by filling its module-name template."""
     holes = template.count("{}")
     explicit = explicit_layout(layouts, path)
@@ -213,15 +241,22 @@ def _leaf_layers(path: str, shape: tuple[int, ...], template: str,
     if len(stack_axes) != holes:
         raise LoraArgumentError(
             f"leaf {path!r}: its module name {template!r} has {holes} '{{}}' but its "
-            f"layout {explicit.axes!r} has {len(stack_axes)} stacked axes"
+            f"layout {explicit.axes if explicit else None!r} has {len(stack_axes)} stacked axes"
         )
     index = list(np.ndindex(*(shape[a] for a in stack_axes))) if holes else [()]
     return [(idx, modules.get(fill_layers(template, idx))) for idx in index]
 
 
-def fit_to_params(weights: Path, modules: Mapping[str, PeftModule], params: Any, nm: NameMap,
-                  layouts: Mapping[str, Any] | None, rslora: bool, dtype: Any,
-                  saved: Mapping[str, Any] | None = None) -> Any:
+def fit_to_params(
+    weights: Path,
+    modules: Mapping[str, PeftModule],
+    params: Any,
+    nm: NameMap,
+    layouts: Mapping[str, Any] | None,
+    rslora: bool,
+    dtype: Any,
+    saved: Mapping[str, Any] | None = None,
+) -> Any:
     """A delta with ``params``' structure: factors at each leaf some module maps to, the
     ``saved`` entry (a ``LeafDelta`` of a modules_to_save tensor) at its leaf, else None.
 
@@ -259,13 +294,19 @@ def fit_to_params(weights: Path, modules: Mapping[str, PeftModule], params: Any,
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _check_all_used(weights: Path, modules: Mapping[str, PeftModule], used: Mapping[str, str],
-                    leaves: list[tuple[str, Any]], nm: NameMap) -> None:
+def _check_all_used(
+    weights: Path,
+    modules: Mapping[str, PeftModule],
+    used: Mapping[str, str],
+    leaves: list[tuple[str, Any]],
+    nm: NameMap,
+) -> None:
     """Every module of the file found a Flax leaf."""
     unused = [m for m in modules if m not in used]
     if unused:
-        sample = [(p, nm.module_for(p)) for p, leaf in leaves
-                  if len(getattr(leaf, "shape", ())) >= 2]
+        sample = [
+            (p, nm.module_for(p)) for p, leaf in leaves if len(getattr(leaf, "shape", ())) >= 2
+        ]
         raise LoraFileError(
             f"{weights}: module {unused[0]!r} ({len(unused)} in all) matches no leaf of the "
             f"params under the name map; Flax leaves map to e.g. {sample[:4]} -- give "
@@ -276,8 +317,9 @@ def _check_all_used(weights: Path, modules: Mapping[str, PeftModule], used: Mapp
 # --------------------------------------------------------------------------- without params
 
 
-def _group_by_path(weights: Path, modules: Mapping[str, PeftModule],
-                   nm: NameMap) -> dict[str, list[tuple[tuple[int, ...], PeftModule]]]:
+def _group_by_path(
+    weights: Path, modules: Mapping[str, PeftModule], nm: NameMap
+) -> dict[str, list[tuple[tuple[int, ...], PeftModule]]]:
     """``{Flax path: [(layer index, module), ...]}`` through ``nm.path_for``."""
     groups: dict[str, list[tuple[tuple[int, ...], PeftModule]]] = {}
     for name, mod in modules.items():
@@ -288,18 +330,22 @@ def _group_by_path(weights: Path, modules: Mapping[str, PeftModule],
     return groups
 
 
-def _stack_shape(weights: Path, path: str,
-                 items: list[tuple[tuple[int, ...], PeftModule]]) -> tuple[int, ...]:
+def _stack_shape(
+    weights: Path, path: str, items: list[tuple[tuple[int, ...], PeftModule]]
+) -> tuple[int, ...]:
     """The stacked axes of one Flax path's modules, checked to leave no layer out."""
     names = [m.name for _, m in items]
     n = {len(idx) for idx, _ in items}
     if len(n) != 1:
-        raise LoraFileError(f"{weights}: modules {names} map to Flax leaf {path!r} with and "
-                            "without layer indices")
+        raise LoraFileError(
+            f"{weights}: modules {names} map to Flax leaf {path!r} with and without layer indices"
+        )
     n_stack = n.pop()
     if n_stack == 0 and len(items) > 1:
-        raise LoraFileError(f"{weights}: modules {names} all map to Flax leaf {path!r}; name a "
-                            "(?P<layer>\\d+) group to stack them")
+        raise LoraFileError(
+            f"{weights}: modules {names} all map to Flax leaf {path!r}; name a "
+            "(?P<layer>\\d+) group to stack them"
+        )
     stack = tuple(max(idx[k] for idx, _ in items) + 1 for k in range(n_stack))
     have = {idx for idx, _ in items}
     missing = [idx for idx in np.ndindex(*stack) if idx not in have] if n_stack else []
@@ -311,8 +357,9 @@ def _stack_shape(weights: Path, path: str,
     return stack
 
 
-def fit_without_params(weights: Path, modules: Mapping[str, PeftModule], nm: NameMap,
-                       rslora: bool, dtype: Any) -> dict:
+def fit_without_params(
+    weights: Path, modules: Mapping[str, PeftModule], nm: NameMap, rslora: bool, dtype: Any
+) -> dict:
     """A nested dict of the targets only, each path from ``nm.path_for``.
 
     A Linear becomes a 2-D ``(in, out)`` kernel, a conv ``(*window, in, out)``,
@@ -323,6 +370,7 @@ def fit_without_params(weights: Path, modules: Mapping[str, PeftModule], nm: Nam
     for path, items in _group_by_path(weights, modules, nm).items():
         stack = _stack_shape(weights, path, items)
         mod = items[0][1]
+        rest: tuple[int, ...]
         if mod.kind == "dense":
             rest, axes = (mod.fan_in[0], mod.fan_out), "io"
         else:
@@ -330,10 +378,11 @@ def fit_without_params(weights: Path, modules: Mapping[str, PeftModule], nm: Nam
         layout = KernelLayout("s" * len(stack) + axes, mod.kind)
         leaf = jax.ShapeDtypeStruct(stack + rest, mod.a.dtype)
         by_index = dict(items)
-        layers = [(idx, by_index[idx]) for idx in (np.ndindex(*stack) if stack else [()])]
+        layers: list[tuple[tuple[int, ...], Any]] = [
+            (idx, by_index[idx]) for idx in (np.ndindex(*stack) if stack else [()])
+        ]
         factors[path] = stack_layers(weights, path, leaf, layout, layers, rslora, dtype)
     return nested_from_paths(factors, where=str(weights))
 
 
-__all__ = ["explicit_layout", "fit_to_params", "fit_without_params", "infer_layout",
-           "stack_layers"]
+__all__ = ["explicit_layout", "fit_to_params", "fit_without_params", "infer_layout", "stack_layers"]

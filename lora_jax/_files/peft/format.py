@@ -55,14 +55,26 @@ import collections
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from lora_jax._files.atomic import StagedFiles
 from lora_jax._delta import LeafDelta, LoraFactors, delta_entries, lora_scale
 from lora_jax._errors import LoraArgumentError, LoraFileError, LoraStructureError
+from lora_jax._files.atomic import StagedFiles
+from lora_jax._files.peft.config_keys import check_config_keys
+from lora_jax._files.peft.fit import fit_to_params, fit_without_params
+from lora_jax._files.peft.names import NameMap, fill_layers, pattern_key, pattern_value
+from lora_jax._files.peft.saved_modules import export_saved, import_saved, split_saved_key
+from lora_jax._files.peft.tensors import (
+    PEFT_PREFIX,
+    PeftModule,
+    peft_module,
+    split_key,
+    torch_tensors,
+)
 from lora_jax._files.safetensors_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -76,11 +88,6 @@ from lora_jax._files.safetensors_io import (
     tensor_info,
     write_safetensors,
 )
-from lora_jax._files.peft.fit import fit_to_params, fit_without_params
-from lora_jax._files.peft.config_keys import check_config_keys
-from lora_jax._files.peft.names import NameMap, fill_layers, pattern_key, pattern_value
-from lora_jax._files.peft.saved_modules import export_saved, import_saved, split_saved_key
-from lora_jax._files.peft.tensors import PEFT_PREFIX, PeftModule, peft_module, split_key, torch_tensors
 
 ModuleInfo = tuple[int, float, str]
 """What the PEFT config records of one exported module: ``(rank, alpha, Flax leaf path)``."""
@@ -101,8 +108,10 @@ def _exportable(delta: Any) -> tuple[list[tuple[str, LoraFactors]], list[tuple[s
     leaf_deltas = [(p, f) for p, f in entries if isinstance(f, LeafDelta)]
     if not targets:
         raise LoraStructureError("export_peft: the delta has no LoraFactors (nothing to export)")
-    for flag, has in (("use_rslora", lambda f: f.rslora),
-                      ("use_dora", lambda f: f.magnitude is not None)):
+    for flag, has in (
+        ("use_rslora", lambda f: f.rslora),
+        ("use_dora", lambda f: f.magnitude is not None),
+    ):
         if len({has(f) for _, f in targets}) > 1:
             mixed = [p for p, f in targets if has(f)]
             raise LoraStructureError(
@@ -117,7 +126,8 @@ def _module_template(nm: NameMap, leaf: str, f: LoraFactors) -> str:
     template = nm.module_for(leaf)
     if not template:
         raise LoraArgumentError(
-            f"export_peft: the name map gives no PyTorch module for target {leaf!r}")
+            f"export_peft: the name map gives no PyTorch module for target {leaf!r}"
+        )
     n_stack = len(f.layout.stack_axes)
     if template.count("{}") != n_stack:
         raise LoraArgumentError(
@@ -129,8 +139,9 @@ def _module_template(nm: NameMap, leaf: str, f: LoraFactors) -> str:
     return template
 
 
-def _to_modules(targets: Sequence[tuple[str, LoraFactors]], nm: NameMap
-                ) -> tuple[dict[str, np.ndarray], dict[str, ModuleInfo]]:
+def _to_modules(
+    targets: Sequence[tuple[str, LoraFactors]], nm: NameMap
+) -> tuple[dict[str, np.ndarray], dict[str, ModuleInfo]]:
     """``({PEFT tensor key: array}, {module: (rank, alpha, leaf)})`` of the targets."""
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, ModuleInfo] = {}
@@ -207,9 +218,15 @@ def _other_modules(delta: Any, nm: NameMap, modules: Mapping[str, ModuleInfo]) -
     return [n for n in names if n not in modules]
 
 
-def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
-                 base_model_name_or_path: str | None, target_modules: list[str],
-                 modules_to_save: list[str] | None, bias: str) -> dict:
+def _peft_config(
+    modules: Mapping[str, ModuleInfo],
+    rslora: bool,
+    dora: bool,
+    base_model_name_or_path: str | None,
+    target_modules: list[str],
+    modules_to_save: list[str] | None,
+    bias: str,
+) -> dict:
     """PEFT's ``adapter_config.json``: the most common rank / alpha, the others as patterns."""
     names = sorted(modules)
     r0 = _most_common([r for r, _, _ in modules.values()])
@@ -223,10 +240,12 @@ def _peft_config(modules: Mapping[str, ModuleInfo], rslora: bool, dora: bool,
         "lora_alpha": _json_number(a0),
         "lora_dropout": 0.0,
         "target_modules": target_modules,
-        "rank_pattern": {pattern_key(m, names): int(modules[m][0])
-                         for m in names if modules[m][0] != r0},
-        "alpha_pattern": {pattern_key(m, names): _json_number(modules[m][1])
-                          for m in names if modules[m][1] != a0},
+        "rank_pattern": {
+            pattern_key(m, names): int(modules[m][0]) for m in names if modules[m][0] != r0
+        },
+        "alpha_pattern": {
+            pattern_key(m, names): _json_number(modules[m][1]) for m in names if modules[m][1] != a0
+        },
         "use_rslora": rslora,
         "use_dora": dora,
         "fan_in_fan_out": False,
@@ -306,8 +325,15 @@ def export_peft(
         bias = "lora_only" if lora_biases else "none"
     first = targets[0][1]
     target_modules = _target_modules(sorted(modules), _other_modules(delta, nm, modules))
-    config = _peft_config(modules, bool(first.rslora), first.magnitude is not None,
-                          base_model_name_or_path, target_modules, saved or None, bias)
+    config = _peft_config(
+        modules,
+        bool(first.rslora),
+        first.magnitude is not None,
+        base_model_name_or_path,
+        target_modules,
+        saved or None,
+        bias,
+    )
     directory = output_directory(path)
     with StagedFiles(directory) as files:
         files.stage(WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
@@ -342,14 +368,20 @@ def read_peft_config(directory: Path) -> dict:
         for pattern, value in _checked_patterns(cfg_path, key, cfg.get(key)).items():
             check(cfg_path, f"key '{key}' entry {_short(pattern)}", value)
     targets = cfg.get("target_modules")
-    if not (targets is None or isinstance(targets, str)
-            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise LoraFileError(f"{cfg_path}: key 'target_modules' is {_short(targets)}; expected a "
-                            "list of module names or one regex string")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise LoraFileError(
+            f"{cfg_path}: key 'target_modules' is {_short(targets)}; expected a "
+            "list of module names or one regex string"
+        )
     for key in ("use_rslora", "use_dora"):
         if not isinstance(cfg.get(key, False), bool):
             raise LoraFileError(
-                f"{cfg_path}: key {key!r} is {_short(cfg[key])}; expected a boolean")
+                f"{cfg_path}: key {key!r} is {_short(cfg[key])}; expected a boolean"
+            )
     return cfg
 
 
@@ -372,8 +404,7 @@ def _check_rank(cfg_path: Path, label: str, value: Any) -> None:
 def _check_alpha(cfg_path: Path, label: str, value: Any) -> None:
     """An alpha: a finite number > 0 (NaN or Inf would make every output NaN or Inf)."""
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise LoraFileError(
-            f"{cfg_path}: {label} is {_short(value)}; expected a finite number > 0")
+        raise LoraFileError(f"{cfg_path}: {label} is {_short(value)}; expected a finite number > 0")
 
 
 # A group followed by a quantifier ("(a+)+", "(x|y)*"): the shape of catastrophic backtracking.
@@ -390,8 +421,10 @@ def _checked_patterns(cfg_path: Path, key: str, value: Any) -> dict:
         raise LoraFileError(f"{cfg_path}: key {key!r} is {_short(value)}; expected an object")
     for pattern in value:
         if len(pattern) > 1000 or _QUANTIFIED_GROUP.search(pattern):
-            raise LoraFileError(f"{cfg_path}: key {key!r} has pattern {_short(pattern)}: longer "
-                                "than 1000 characters or a quantified group, refused")
+            raise LoraFileError(
+                f"{cfg_path}: key {key!r} has pattern {_short(pattern)}: longer "
+                "than 1000 characters or a quantified group, refused"
+            )
         try:
             re.compile(pattern)
         except re.error as e:
@@ -411,8 +444,9 @@ def _saved_entries(cfg_path: Path, cfg: dict) -> list[str]:
     if saved is None:
         return []
     if not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
-        raise LoraFileError(f"{cfg_path}: key 'modules_to_save' is {_short(saved)}; expected a "
-                            "list of module names")
+        raise LoraFileError(
+            f"{cfg_path}: key 'modules_to_save' is {_short(saved)}; expected a list of module names"
+        )
     return saved
 
 
@@ -421,8 +455,9 @@ def _trained_biases(cfg_path: Path, cfg: dict) -> bool:
     trained biases)."""
     bias = cfg.get("bias", "none")
     if bias not in (None, "none", "all", "lora_only"):
-        raise LoraFileError(f"{cfg_path}: key 'bias' is {_short(bias)}; expected 'none', 'all' "
-                            "or 'lora_only'")
+        raise LoraFileError(
+            f"{cfg_path}: key 'bias' is {_short(bias)}; expected 'none', 'all' or 'lora_only'"
+        )
     return bias in ("all", "lora_only")
 
 
@@ -445,10 +480,12 @@ def _read_parts(weights: Path, saved: Sequence[str], biases: bool) -> tuple[Part
     with open_safetensors(weights) as f:
         for key, (_, code) in tensor_info(f).items():
             if code not in ("F32", "BF16", "F16", "F64"):
-                raise LoraFileError(f"{weights}: tensor {key!r} has dtype {dtype_name(code)}; "
-                                    "LoRA factors are floating point")
+                raise LoraFileError(
+                    f"{weights}: tensor {key!r} has dtype {dtype_name(code)}; "
+                    "LoRA factors are floating point"
+                )
             split = split_key(key)
-            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
             if split is None and ".original_module." in name:
                 continue  # PEFT's untouched copy of a modules_to_save module: the base itself
             kept = split_saved_key(name, saved) if split is None else None
@@ -470,8 +507,9 @@ def _read_parts(weights: Path, saved: Sequence[str], biases: bool) -> tuple[Part
     return raw, full
 
 
-def _check_against_config(weights: Path, cfg: dict, mod: PeftModule,
-                          a_shape: tuple[int, ...]) -> None:
+def _check_against_config(
+    weights: Path, cfg: dict, mod: PeftModule, a_shape: tuple[int, ...]
+) -> None:
     """A module (its ``lora_A`` of shape ``a_shape``) agrees with the config's ``use_dora``
     and its ``r`` / ``rank_pattern``."""
     dora = bool(cfg.get("use_dora", False))
@@ -496,8 +534,11 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Pef
     cfg = read_peft_config(directory)
     weights = directory / WEIGHTS_NAME
     modules = {}
-    parts_by_module, full = _read_parts(weights, _saved_entries(directory / CONFIG_NAME, cfg),
-                                        _trained_biases(directory / CONFIG_NAME, cfg))
+    parts_by_module, full = _read_parts(
+        weights,
+        _saved_entries(directory / CONFIG_NAME, cfg),
+        _trained_biases(directory / CONFIG_NAME, cfg),
+    )
     for name, parts in parts_by_module.items():
         alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
         modules[name] = peft_module(weights, name, parts, float(alpha))
@@ -591,8 +632,9 @@ def import_peft(
     """
     directory = Path(path)
     # the keys first: a refused option's error names the key, not the tensors it brings
-    check_config_keys(directory / CONFIG_NAME, read_peft_config(directory),
-                      residual_base=residual_base)
+    check_config_keys(
+        directory / CONFIG_NAME, read_peft_config(directory), residual_base=residual_base
+    )
     cfg, modules, full = read_peft_adapter(directory)
     weights = directory / WEIGHTS_NAME
     if check_finite:
@@ -626,20 +668,28 @@ def describe_peft(path: str | os.PathLike) -> list[dict]:
     rows = []
     for name, m in modules.items():
         n = m.a.size + m.b.size + (0 if m.magnitude is None else m.magnitude.size)
-        rows.append({
-            "target": name,
-            "kind": m.kind,
-            "shape": m.torch_shape,
-            "layout": "torch",
-            "rank": m.rank,
-            "alpha": m.alpha,
-            "scaling": lora_scale(m.alpha, m.rank, rslora),
-            "dtype": dtype_name(m.a.dtype),
-            "params": int(n),
-            "dora": m.magnitude is not None,
-        })
+        rows.append(
+            {
+                "target": name,
+                "kind": m.kind,
+                "shape": m.torch_shape,
+                "layout": "torch",
+                "rank": m.rank,
+                "alpha": m.alpha,
+                "scaling": lora_scale(m.alpha, m.rank, rslora),
+                "dtype": dtype_name(m.a.dtype),
+                "params": int(n),
+                "dora": m.magnitude is not None,
+            }
+        )
     return rows
 
 
-__all__ = ["NameMap", "describe_peft", "export_peft", "import_peft", "read_peft_adapter",
-           "read_peft_modules"]
+__all__ = [
+    "NameMap",
+    "describe_peft",
+    "export_peft",
+    "import_peft",
+    "read_peft_adapter",
+    "read_peft_modules",
+]

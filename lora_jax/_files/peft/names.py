@@ -16,14 +16,15 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 
 from lora_jax._errors import LoraArgumentError, LoraError, LoraFileError
 
-Rules = Union[Sequence[Sequence[str]], Mapping[str, str]]
+Rules = Sequence[Sequence[str]] | Mapping[str, str]
 """Name rules: ``[(regex, template), ...]`` or ``{regex: template}``."""
 
 
@@ -64,15 +65,20 @@ def compile_rules(rules: Rules, field: str) -> tuple[tuple[re.Pattern, str], ...
     pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     out = []
     for pair in pairs:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(isinstance(x, str) for x in pair)):
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(x, str) for x in pair)
+        ):
             raise LoraArgumentError(
-                f"NameMap.{field}: each rule is a [regex, template] pair, got {pair!r}")
+                f"NameMap.{field}: each rule is a [regex, template] pair, got {pair!r}"
+            )
         try:
             out.append((re.compile(pair[0]), pair[1]))
         except re.error as e:
             raise LoraArgumentError(
-                f"NameMap.{field}: {pair[0]!r} is not a valid regex: {e}") from None
+                f"NameMap.{field}: {pair[0]!r} is not a valid regex: {e}"
+            ) from None
     return tuple(out)
 
 
@@ -134,7 +140,7 @@ class NameMap:
             object.__setattr__(self, field, compile_rules(value, field))
 
     @classmethod
-    def coerce(cls, name_map: Any) -> "NameMap":
+    def coerce(cls, name_map: Any) -> NameMap:
         """A :class:`NameMap` from None, a NameMap, or a function or rules (``to_peft``)."""
         if name_map is None:
             return cls()
@@ -145,7 +151,7 @@ class NameMap:
         return cls(to_peft=name_map)
 
     @classmethod
-    def from_json(cls, file: str | os.PathLike) -> "NameMap":
+    def from_json(cls, file: str | os.PathLike) -> NameMap:
         """Reads a name map file: ``[[regex, template], ...]`` (``to_peft`` rules) or
         ``{"to_peft": [...], "to_flax": [...]}``; errors are :class:`~lora_jax.LoraFileError`."""
         file = Path(file)
@@ -182,8 +188,9 @@ class NameMap:
             m = pattern.fullmatch(module)
             if m:
                 groups = m.groupdict()
-                names = sorted((k for k in groups if re.fullmatch(r"layer\d*", k)),
-                               key=lambda k: (len(k), k))
+                names = sorted(
+                    (k for k in groups if re.fullmatch(r"layer\d*", k)), key=lambda k: (len(k), k)
+                )
                 return m.expand(template), tuple(int(groups[k]) for k in names)
         return default_to_flax(module, kind), ()
 
@@ -219,5 +226,11 @@ def pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) 
     return default
 
 
-__all__ = ["NameMap", "default_to_flax", "default_to_peft", "fill_layers", "pattern_key",
-           "pattern_value"]
+__all__ = [
+    "NameMap",
+    "default_to_flax",
+    "default_to_peft",
+    "fill_layers",
+    "pattern_key",
+    "pattern_value",
+]

@@ -29,8 +29,9 @@ where ``<module>`` is the name map's module for ``.../kernel`` (so a custom
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,13 @@ def leaf_module(nm: NameMap, path: str) -> tuple[str | None, str]:
     return module, _PARAM_NAMES.get(last, last)
 
 
-def _check_plain(where: str, path: str, module: str | None, shape: Sequence[int],
-                 error: type = LoraStructureError) -> str:
+def _check_plain(
+    where: str,
+    path: str,
+    module: str | None,
+    shape: Sequence[int],
+    error: type = LoraStructureError,
+) -> str:
     """A leaf PEFT can hold as one module parameter: a module name without ``{}``, and no
     N-D kernel (a conv and a DenseGeneral cannot be told apart from the leaf alone)."""
     if not module:
@@ -68,11 +74,13 @@ def _check_plain(where: str, path: str, module: str | None, shape: Sequence[int]
     if "{}" in module:
         raise error(
             f"{where}: leaf {path!r} is scan-stacked (module {module!r}); a LeafDelta on a "
-            "stacked leaf has no PEFT modules_to_save form")
+            "stacked leaf has no PEFT modules_to_save form"
+        )
     if path.endswith("/kernel") and len(shape) > 2:
         raise error(
             f"{where}: leaf {path!r} is a {len(shape)}-D kernel; modules_to_save is written and "
-            "read only for 2-D kernels, embeddings, scales and biases")
+            "read only for 2-D kernels, embeddings, scales and biases"
+        )
     return module
 
 
@@ -81,9 +89,12 @@ def to_torch(path: str, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value.T) if path.endswith("/kernel") else value
 
 
-def export_saved(leaf_deltas: Sequence[tuple[str, LeafDelta]], params: Any, nm: NameMap,
-                 lora_modules: Mapping[str, Any]
-                 ) -> tuple[dict[str, np.ndarray], list[str], bool]:
+def export_saved(
+    leaf_deltas: Sequence[tuple[str, LeafDelta]],
+    params: Any,
+    nm: NameMap,
+    lora_modules: Mapping[str, Any],
+) -> tuple[dict[str, np.ndarray], list[str], bool]:
     """``({tensor name: W + diff in PyTorch's layout}, sorted modules_to_save, any LoRA
     biases?)`` of the LeafDeltas.
 
@@ -98,19 +109,21 @@ def export_saved(leaf_deltas: Sequence[tuple[str, LeafDelta]], params: Any, nm: 
         raise LoraStructureError(
             f"{where}: leaf {leaf_deltas[0][0]!r} is a LeafDelta (trained in full); PEFT stores "
             "it in modules_to_save as the full value W + diff, so pass params= (the base "
-            "params) to export it")
+            "params) to export it"
+        )
     base = dict(leaves_with_paths(params)[0])
     tensors: dict[str, np.ndarray] = {}
     modules: set[str] = set()
     lora_biases = False
     for path, d in leaf_deltas:
         w = base.get(path)
-        missing = w is None or isinstance(w, jax.ShapeDtypeStruct)
-        if missing or tuple(np.shape(w)) != d.kernel_shape:
-            have = "no concrete array" if missing else f"shape {np.shape(w)}"
+        shape = None if w is None or isinstance(w, jax.ShapeDtypeStruct) else np.shape(w)
+        if shape is None or tuple(shape) != d.kernel_shape:
+            have = "no concrete array" if shape is None else f"shape {shape}"
             raise LoraStructureError(
                 f"{where}: leaf {path!r} is a LeafDelta of shape {d.kernel_shape}, but params= "
-                f"has {have} there")
+                f"has {have} there"
+            )
         module, param = leaf_module(nm, path)
         module = _check_plain(where, path, module, d.kernel_shape)
         value = to_numpy(jnp.asarray(w) + jnp.asarray(d.diff, jnp.asarray(w).dtype))
@@ -119,7 +132,8 @@ def export_saved(leaf_deltas: Sequence[tuple[str, LeafDelta]], params: Any, nm: 
                 raise LoraStructureError(
                     f"{where}: leaf {path!r} is a LeafDelta but its module {module!r} is also a "
                     "LoRA target; PEFT's modules_to_save replaces a whole module, so a module's "
-                    "weight is one or the other (only its bias can be both)")
+                    "weight is one or the other (only its bias can be both)"
+                )
             tensors[f"{module}.base_layer.bias"] = value
             lora_biases = True
             continue
@@ -140,15 +154,19 @@ def split_saved_key(name: str, saved: Sequence[str]) -> tuple[str, str] | None:
       ('head', 'bias')
     """
     module, _, param = name.rpartition(".")
-    module = re.sub(r"\.modules_to_save(\.[^.]+)?$", "", module) if ".modules_to_save" in module \
+    module = (
+        re.sub(r"\.modules_to_save(\.[^.]+)?$", "", module)
+        if ".modules_to_save" in module
         else module
+    )
     if any(module == m or module.endswith("." + m) for m in saved):
         return module, param
     return None
 
 
-def import_saved(weights: Path, full: Mapping[str, tuple[str, np.ndarray]], params: Any,
-                 nm: NameMap, dtype: Any) -> dict[str, LeafDelta]:
+def import_saved(
+    weights: Path, full: Mapping[str, tuple[str, np.ndarray]], params: Any, nm: NameMap, dtype: Any
+) -> dict[str, LeafDelta]:
     """``{Flax leaf path: LeafDelta(value - base)}`` of a file's ``modules_to_save`` tensors.
 
     ``full``: ``{"module.param": (safetensors key, array)}``. Each must find a
@@ -161,7 +179,8 @@ def import_saved(weights: Path, full: Mapping[str, tuple[str, np.ndarray]], para
     if params is None:
         raise LoraFileError(
             f"{weights}: tensor {first!r} is trained in full (modules_to_save or bias); "
-            "importing it as a LeafDelta needs the base params (params=)")
+            "importing it as a LeafDelta needs the base params (params=)"
+        )
     by_name: dict[str, tuple[str, str, Any]] = {}
     for path, leaf in leaves_with_paths(params)[0]:
         module, param = leaf_module(nm, path)
@@ -172,18 +191,21 @@ def import_saved(weights: Path, full: Mapping[str, tuple[str, np.ndarray]], para
         if name not in by_name:
             raise LoraFileError(
                 f"{weights}: tensor {key!r} (trained in full) matches no leaf of the params under "
-                "the name map; give name_map= rules for the module's kernel")
+                "the name map; give name_map= rules for the module's kernel"
+            )
         path, module, leaf = by_name[name]
         if isinstance(leaf, jax.ShapeDtypeStruct):
             raise LoraFileError(
                 f"{weights}: tensor {key!r} (trained in full) holds the full value of leaf "
-                f"{path!r}; its LeafDelta (value - base) needs concrete base params, not shapes")
+                f"{path!r}; its LeafDelta (value - base) needs concrete base params, not shapes"
+            )
         _check_plain(str(weights), path, module, np.shape(leaf), LoraFileError)
         value = to_torch(path, array)  # the transpose is its own inverse
         if value.shape != tuple(np.shape(leaf)):
             raise LoraBaseMismatchError(
                 f"{weights}: tensor {key!r} has shape {array.shape}; Flax leaf {path!r} has "
-                f"shape {tuple(np.shape(leaf))}")
+                f"shape {tuple(np.shape(leaf))}"
+            )
         base = jnp.asarray(leaf)
         diff = jnp.asarray(value, base.dtype) - base
         out[path] = LeafDelta(diff if dtype is None else diff.astype(dtype))

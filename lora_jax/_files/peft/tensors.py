@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -68,8 +68,9 @@ def check_exportable(path: str, layout: KernelLayout) -> None:
         )
 
 
-def torch_layer(kind: str, a: np.ndarray, b: np.ndarray,
-                m: np.ndarray | None) -> dict[str, np.ndarray]:
+def torch_layer(
+    kind: str, a: np.ndarray, b: np.ndarray, m: np.ndarray | None
+) -> dict[str, np.ndarray]:
     """One layer's factors as PEFT tensors ``{suffix: array}`` (see the module's table).
 
     Example:
@@ -155,7 +156,7 @@ def split_key(key: str) -> tuple[str, str, bool] | None:
       >>> split_key("base_model.model.enc.fc1.lora_A.weight")
       ('enc.fc1', 'A', False)
     """
-    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
     for suffix, role, embed in KEY_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)], role, embed
@@ -185,8 +186,9 @@ def _pair(weights: Path, name: str, parts: Mapping[str, Part]) -> tuple[Part, Pa
     return parts["A"], parts["B"]
 
 
-def from_torch(weights: Path, A_part: Part, B_part: Part
-               ) -> tuple[str, np.ndarray, np.ndarray, tuple[int, ...]]:
+def from_torch(
+    weights: Path, A_part: Part, B_part: Part
+) -> tuple[str, np.ndarray, np.ndarray, tuple[int, ...]]:
     """``(kind, a (*fan_in, r), b (r, out), torch weight shape)`` of a checked PEFT pair."""
     (ka, A, embed), (kb, B, _) = A_part, B_part
     r = A.shape[0]
@@ -231,9 +233,26 @@ def peft_module(weights: Path, name: str, parts: Mapping[str, Part], alpha: floa
     kind, a, b, torch_shape = from_torch(weights, A_part, B_part)
     magnitude = None if "M" not in parts else _magnitude(weights, parts["M"], kind, b.shape[1])
     keys = tuple(parts[k][0] for k in ("A", "B", "M") if k in parts)
-    return PeftModule(name, kind, np.ascontiguousarray(a), np.ascontiguousarray(b), magnitude,
-                      int(a.shape[-1]), float(alpha), keys, tuple(int(d) for d in torch_shape))
+    return PeftModule(
+        name,
+        kind,
+        np.ascontiguousarray(a),
+        np.ascontiguousarray(b),
+        magnitude,
+        int(a.shape[-1]),
+        float(alpha),
+        keys,
+        tuple(int(d) for d in torch_shape),
+    )
 
 
-__all__ = ["PEFT_PREFIX", "PeftModule", "check_exportable", "from_torch", "peft_module",
-           "split_key", "torch_layer", "torch_tensors"]
+__all__ = [
+    "PEFT_PREFIX",
+    "PeftModule",
+    "check_exportable",
+    "from_torch",
+    "peft_module",
+    "split_key",
+    "torch_layer",
+    "torch_tensors",
+]
