@@ -29,12 +29,12 @@ OLDEST := jax==0.6.2 jaxlib==0.6.2 flax==0.10.7 optax==0.2.4 chex==0.1.89
 
 DOCS_VENV := .venv-docs
 
-.PHONY: demo gemma test test-slow test-oldest docs clean
+.PHONY: demo gemma test test-slow test-oldest lint docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON_NEWEST) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q $(NEWEST) $(TUNIX) -e '.[dev,examples,gemma]'
+	$(VENV)/bin/python -m pip install -q $(NEWEST) $(TUNIX) -e '.[dev,examples,gemma,lint]'
 	touch $@
 
 $(TORCH_VENV)/.installed: pyproject.toml Makefile
@@ -78,6 +78,13 @@ test-slow: $(VENV)/.installed $(TORCH_VENV)/.installed
 
 test-oldest: $(OLD_VENV)/.installed
 	LORA_JAX_TEST_ENV=oldest $(OLD_VENV)/bin/python -m pytest -q
+
+# ruff's formatter and linter over the repository, mypy over lora_jax/ (configuration in
+# pyproject.toml); mypy reads the types JAX 0.12 and Flax 0.12 ship.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # docs/ and the API reference generated from the docstrings, into site/. --strict: a broken
 # link, anchor, cross-reference or snippet, or a docstring griffe cannot read, fails the build.

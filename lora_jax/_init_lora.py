@@ -147,7 +147,7 @@ def init_lora(
         for path, leaf in leaves
     ]
     if config.layers is not None:
-        new_leaves = _select_layers(new_leaves, [p for p, _ in leaves], config.layers)
+        new_leaves = _select_layers(new_leaves, [p for p, _ in leaves], tuple(config.layers))
     # The base's containers are new: an nnx.State shares its Variables with the module.
     base, delta = unshared(params), jax.tree_util.tree_unflatten(treedef, new_leaves)
     if config.init == "pissa":

@@ -80,8 +80,9 @@ def pytest_runtest_setup(item):
         return
     missing = [m for m in TORCH_NEEDS if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"marked torch and {missing} missing: `make test` runs the torch tests "
-                    "in .venv-torch")
+        pytest.skip(
+            f"marked torch and {missing} missing: `make test` runs the torch tests in .venv-torch"
+        )
 
 
 def _skip_reason(report) -> str:

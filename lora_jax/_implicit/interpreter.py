@@ -452,7 +452,8 @@ def _dot_general(ctx: Context, eqn: Any, invals: list) -> list | None:
     if isinstance(view, ExampleView):
         out = example_rules.dot_general_rule(x, view, kernel_is_rhs, eqn.params, ctx.dropout())
     else:
-        source = ctx.frame.source(eqn.invars[0 if kernel_is_rhs else 1]) if ctx.rebuild else None
+        operand = eqn.invars[0 if kernel_is_rhs else 1]
+        source = ctx.frame.source(operand) if ctx.rebuild and ctx.frame is not None else None
         out = rules.dot_general_rule(x, view, kernel_is_rhs, eqn.params, ctx.dropout(), source)
     return None if out is None else [out]
 
@@ -490,13 +491,16 @@ def _remat(ctx: Context, eqn: Any, invals: list) -> list | None:
     """``jax.checkpoint`` with the same policy; outputs that are the body's own inputs
     (a block returning its module's state) are the caller's operands, views kept."""
     p = eqn.params
-    jaxpr, consts = P.sub_jaxpr(p)
+    jaxpr, consts = P.body_of(p)
     forwarded = P.forwarded_inputs(jaxpr)
 
     def body(*xs):
         outs = evaluate(ctx, jaxpr, consts, xs, keep_views=True)
-        return [ctx.dense(out, "the output of a checkpointed function")
-                for out, source in zip(outs, forwarded) if source is None]
+        return [
+            ctx.dense(out, "the output of a checkpointed function")
+            for out, source in zip(outs, forwarded)
+            if source is None
+        ]
 
     computed = iter(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
     return [next(computed) if source is None else invals[source] for source in forwarded]

@@ -238,8 +238,10 @@ def _remat(eqn: Any, ins: list, uses: Uses) -> list:
     """``jax.checkpoint``: uses inside count; an output that is one of the body's inputs
     is that input (``implicit`` returns the caller's operand); the others are dense."""
     _call(eqn, ins, uses)
-    return [None if source is None else ins[source]
-            for source in P.forwarded_inputs(P.sub_jaxpr(eqn.params)[0])]
+    return [
+        None if source is None else ins[source]
+        for source in P.forwarded_inputs(P.body_of(eqn.params)[0])
+    ]
 
 
 def _cond(eqn: Any, ins: list, uses: Uses) -> list:

@@ -182,6 +182,21 @@ def sub_jaxpr(params: dict[str, Any]) -> tuple[Any, Sequence[Any]] | None:
     return None
 
 
+def body_of(params: dict[str, Any]) -> tuple[Any, Sequence[Any]]:
+    """:func:`sub_jaxpr` of an eqn that always has a body (``remat``); raises if it has none.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> closed = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0)
+      >>> len(body_of(closed.jaxpr.eqns[0].params)[0].eqns)
+      1
+    """
+    body = sub_jaxpr(params)
+    if body is None:
+        raise ValueError(f"a call-like eqn without a body (params {sorted(params)})")
+    return body
+
+
 def scan_operands(params: dict[str, Any]) -> tuple[int, int]:
     """``(constants, carries)``: how many of a ``scan`` eqn's operands are each.
 

@@ -26,7 +26,8 @@ def trained(delta, seed=3, scale=0.3):
     leaves, treedef = jax.tree_util.tree_flatten(delta)
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_unflatten(
-        treedef, [x + scale * jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in leaves])
+        treedef, [x + scale * jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in leaves]
+    )
 
 
 def variables(tree) -> list:
@@ -51,7 +52,8 @@ def test_merging_into_the_module_leaves_the_base_alone():
     forward = lj.implicit(lambda s, x: nnx.merge(graphdef, s)(x), strict=True)
     (f,) = jax.tree.leaves(delta, is_leaf=lj.advanced.is_factors)  # the kernel's LoraFactors
     want = np.asarray(x) @ (kernel + f.scale * np.asarray(f.a) @ np.asarray(f.b)) + np.asarray(
-        model.bias[...])
+        model.bias[...]
+    )
     before = forward(base, delta, x)
     np.testing.assert_allclose(before, want, rtol=1e-5, atol=1e-5)
 
@@ -79,8 +81,9 @@ def test_the_nnx_example_sequence():
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 11, (4, 3)))
     graphdef, state = nnx.split(model)
     original = model(ids)
-    base, delta = lj.init_lora(jax.random.key(0), state,
-                               lj.LoraConfig(targets=r"(fc1|fc2)/kernel", rank=4, alpha=8))
+    base, delta = lj.init_lora(
+        jax.random.key(0), state, lj.LoraConfig(targets=r"(fc1|fc2)/kernel", rank=4, alpha=8)
+    )
     forward = lj.implicit(lambda s, x: nnx.merge(graphdef, s)(x), strict=True)
     delta = trained(delta)
     adapted = forward(base, delta, ids)
@@ -101,8 +104,9 @@ CFG = lj.LoraConfig(targets=r"fc./kernel", rank=2)
 
 def _sharded(state, init):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    return lj.init_lora_sharded(jax.random.key(0), state,
-                                lj.LoraConfig(targets=r"fc./kernel", rank=2, init=init), mesh=mesh)
+    return lj.init_lora_sharded(
+        jax.random.key(0), state, lj.LoraConfig(targets=r"fc./kernel", rank=2, init=init), mesh=mesh
+    )
 
 
 def _requantized(state):
@@ -119,9 +123,11 @@ def _loaded(state, tmp_path):
 BASES = {
     "init_lora": lambda s, d, tmp: lj.init_lora(jax.random.key(0), s, CFG)[0],
     "init_lora dora": lambda s, d, tmp: lj.init_lora(
-        jax.random.key(0), s, lj.LoraConfig(targets=r"fc./kernel", rank=2, use_dora=True))[0],
+        jax.random.key(0), s, lj.LoraConfig(targets=r"fc./kernel", rank=2, use_dora=True)
+    )[0],
     "init_lora pissa": lambda s, d, tmp: lj.init_lora(
-        jax.random.key(0), s, lj.LoraConfig(targets=r"fc./kernel", rank=2, init="pissa"))[0],
+        jax.random.key(0), s, lj.LoraConfig(targets=r"fc./kernel", rank=2, init="pissa")
+    )[0],
     "init_lora_sharded": lambda s, d, tmp: _sharded(s, "kaiming")[0],
     "init_lora_sharded pissa": lambda s, d, tmp: _sharded(s, "pissa")[0],
     "pissa": lambda s, d, tmp: lj.pissa(s, d)[0],

@@ -100,8 +100,11 @@ def _page_param(page: str):
     """A page whose code imports torch, peft or transformers is marked ``torch`` (make test
     runs it in its torch environment)."""
     codes = [code for _, code, why in _blocks(ROOT / page) if why is None]
-    return pytest.param(page, marks=pytest.mark.torch) if any(
-        _TORCH_IMPORT.search(code) for code in codes) else page
+    return (
+        pytest.param(page, marks=pytest.mark.torch)
+        if any(_TORCH_IMPORT.search(code) for code in codes)
+        else page
+    )
 
 
 @pytest.mark.parametrize("page", [_page_param(p) for p in PAGES])

@@ -23,15 +23,18 @@ from flax import nnx
 
 import lora_jax as lj
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # pytest's importlib mode does not add it
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # pytest's importlib mode does not add it
 from tests._lowrank_checks import _highest_precision, _rel, _trained  # noqa: E402,F401
 
-FWD_TOL = 1e-6   # relative to the output's scale
+FWD_TOL = 1e-6  # relative to the output's scale
 GRAD_TOL = 1e-5  # relative to each gradient leaf's scale
 X = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
 
 
 # --------------------------------------------------------------------------- the three forms
+
 
 class NnxBlock(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
@@ -62,8 +65,10 @@ def nnx_remat():
 def jax_checkpoint():
     """``(y, params)`` from a checkpointed block; the returned kernel is used again after it."""
     rng = np.random.default_rng(1)
-    params = {"w": jnp.asarray(rng.standard_normal((4, 4)), jnp.float32),
-              "v": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)}
+    params = {
+        "w": jnp.asarray(rng.standard_normal((4, 4)), jnp.float32),
+        "v": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32),
+    }
 
     def block(p, x):
         return jnp.tanh(x @ p["w"]), p
@@ -106,8 +111,9 @@ def loss_of(fn):
 @pytest.mark.parametrize("form", list(FORMS))
 def test_strict_implicit_runs_a_checkpointed_block_that_returns_its_state(form):
     fn, params = FORMS[form]()
-    base, delta = lj.init_lora(jax.random.key(1), params,
-                               lj.LoraConfig(targets=".*kernel|w|v", rank=2))
+    base, delta = lj.init_lora(
+        jax.random.key(1), params, lj.LoraConfig(targets=".*kernel|w|v", rank=2)
+    )
     delta = _trained(delta)
     # strict: any kernel passed through and materialised would raise LoraImplicitError
     got = lj.implicit(fn, strict=True)(base, delta, X)

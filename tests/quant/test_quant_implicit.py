@@ -276,7 +276,10 @@ def test_the_compiled_step_keeps_no_dense_kernel_from_forward_to_backward():
     # would keep a dense f32 copy of each kernel from the forward to the backward (on the
     # reference workload +46 MiB of temporaries, the 24 kernels' size). With both tied to
     # the use's input / cotangent, the quantized step holds what the float32 one holds,
-    # give or take one kernel being dequantized (an fc kernel is 4 MiB).
+    # give or take the kernels being dequantized at one moment (an fc kernel is 4 MiB):
+    # measured +0 MiB (int8) and +1.5 (nf4) on JAX 0.10.2, +9.0 (int8, two kernels in flight
+    # in the newer XLA's schedule) and +1.5 (nf4) on JAX 0.12.0.1. The bound, three fc
+    # kernels, stays far below the +46 MiB of every kernel kept dense.
     from benchmarks import train_step, workload
 
     wl = workload.build()
@@ -285,4 +288,4 @@ def test_the_compiled_step_keeps_no_dense_kernel_from_forward_to_backward():
         for name in ("lora_jax", "lora_jax_nf4", "lora_jax_int8")
     }
     for name in ("lora_jax_nf4", "lora_jax_int8"):
-        assert temps[name] < temps["lora_jax"] + 6, temps
+        assert temps[name] < temps["lora_jax"] + 12, temps
