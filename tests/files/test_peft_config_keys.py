@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -36,11 +35,7 @@ from lora_jax._files.peft.config_keys import (
     check_config_keys,
     markdown_table,
 )
-
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[2])
-)  # pytest's importlib mode does not add it
-from tests.files.test_peft_format import (  # noqa: E402
+from tests.files.test_peft_format import (
     FIXTURES,
     STACK_MAP,
     factors,

@@ -5,9 +5,7 @@ implicit and merged forwards must agree, and the implicit gradients of ``A`` and
 ``B`` must equal merge-on-the-fly's, to float32 tolerance.
 """
 
-import sys
 import warnings
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -17,11 +15,7 @@ import pytest
 from flax import nnx
 
 import lora_jax as lj
-
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[2])
-)  # pytest's importlib mode does not add it
-from tests._lowrank_checks import _highest_precision, _rel, _scanned_dense, _trained  # noqa: E402,F401
+from tests._lowrank_checks import _highest_precision, _rel, _scanned_dense, _trained  # noqa: F401
 
 FWD_TOL = 2e-5  # relative to the output's scale
 GRAD_TOL = 2e-5  # relative to each gradient leaf's scale

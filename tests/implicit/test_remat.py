@@ -11,9 +11,6 @@ runs each form, and forward and LoRA gradients equal merge-on-the-fly's.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,11 +19,7 @@ import pytest
 from flax import nnx
 
 import lora_jax as lj
-
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[2])
-)  # pytest's importlib mode does not add it
-from tests._lowrank_checks import _highest_precision, _rel, _trained  # noqa: E402,F401
+from tests._lowrank_checks import _highest_precision, _rel, _trained  # noqa: F401
 
 FWD_TOL = 1e-6  # relative to the output's scale
 GRAD_TOL = 1e-5  # relative to each gradient leaf's scale

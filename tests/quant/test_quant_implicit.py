@@ -17,11 +17,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[2])
-)  # pytest's importlib mode does not add it
-from tests._lowrank_checks import _highest_precision, _rel, _scanned_dense, _trained  # noqa: E402,F401
+from tests._lowrank_checks import _highest_precision, _rel, _scanned_dense, _trained  # noqa: F401
 
 TOL = 2e-5
 
