@@ -20,6 +20,8 @@ __all__ = ["CompileCounter"]
 _EVENT = "/jax/core/compile/backend_compile_duration"
 _ACTIVE: list[CompileCounter] = []
 _LOCK = threading.Lock()
+# Older JAX cannot unregister a listener: there one is registered once, for good.
+_UNREGISTER = getattr(jax.monitoring, "unregister_event_duration_listener", None)
 _REGISTERED = False
 
 
@@ -35,10 +37,12 @@ class CompileCounter:
     """Counts XLA compilations while its ``with`` block runs.
 
     For example, to check that loading a new adapter into a stack does not
-    recompile the serving function. One ``jax.monitoring`` listener is
-    registered the first time any counter opens and serves every counter after
-    it (older JAX cannot unregister a listener, so none is added per counter);
-    a closed counter stops counting. Counters may nest.
+    recompile the serving function. One ``jax.monitoring`` listener serves all
+    open counters: it is registered when the first counter opens and removed
+    when the last one closes, so a library that clears JAX's listeners between
+    two blocks (tunix's ``MetricsLogger.close`` does) cannot silence the next
+    one. On older JAX, which cannot remove a listener, it is registered once.
+    A closed counter stops counting; counters may nest.
 
     Attributes:
       count: compilations seen so far (backend compiles, not cache hits).
@@ -59,7 +63,7 @@ class CompileCounter:
     def __enter__(self) -> CompileCounter:
         global _REGISTERED
         with _LOCK:
-            if not _REGISTERED:
+            if not _ACTIVE and (_UNREGISTER is not None or not _REGISTERED):
                 jax.monitoring.register_event_duration_secs_listener(_dispatch)
                 _REGISTERED = True
             _ACTIVE.append(self)
@@ -69,3 +73,8 @@ class CompileCounter:
         with _LOCK:
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
+            if not _ACTIVE and _UNREGISTER is not None:
+                try:
+                    _UNREGISTER(_dispatch)
+                except (AssertionError, ValueError):
+                    pass  # already cleared by someone else
