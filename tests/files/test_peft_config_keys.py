@@ -48,22 +48,6 @@ from tests.files.test_peft_format import (
     torch_to_flax,
 )
 
-
-@pytest.fixture(scope="module")
-def peft_env():
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "make_peft_fixtures",
-        Path(__file__).resolve().parents[1] / "fixtures" / "make_peft_fixtures.py",
-    )
-    twins = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(twins)
-    return torch, peft, twins
-
-
 # --------------------------------------------------------------------------- the table
 
 

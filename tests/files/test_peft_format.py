@@ -12,7 +12,6 @@ must match the Flax model on the merged params.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -691,19 +690,6 @@ def test_export_is_atomic(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- group 2: PEFT loads our exports
-
-
-@pytest.fixture(scope="module")
-def peft_env():
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    spec = importlib.util.spec_from_file_location(
-        "make_peft_fixtures",
-        Path(__file__).resolve().parents[1] / "fixtures" / "make_peft_fixtures.py",
-    )
-    twins = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(twins)
-    return torch, peft, twins
 
 
 def random_params(model: str, rng) -> dict:
