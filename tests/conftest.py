@@ -64,7 +64,6 @@ TEST_ENV = os.environ.get("LORA_JAX_TEST_ENV") or (
 )
 STRICT_ENVS = ("newest", "torch")  # where a skip is a failure
 TORCH_NEEDS = ("torch", "peft", "transformers")  # what a test marked `torch` imports
-SKIPPED: list[tuple[str, str]] = []
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +91,8 @@ def _skip_reason(report) -> str:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """In the newest and torch environments a skip is turned into a failure; elsewhere it is recorded."""
+    """In the newest and torch environments a skip is turned into a failure; elsewhere it stays a
+    skip, which the terminal summary lists."""
     outcome = yield
     report = outcome.get_result()
     if not report.skipped or hasattr(report, "wasxfail"):
@@ -104,16 +104,18 @@ def pytest_runtest_makereport(item, call):
             f"skipped in the {TEST_ENV} test environment, which must run every test it "
             f"selects (LORA_JAX_TEST_ENV={TEST_ENV}, jax {jax.__version__}): {reason}"
         )
-    else:
-        SKIPPED.append((report.nodeid, reason))
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Says which environment ran, and every skip with its reason."""
+    """Says which environment ran, and every skip with its reason.
+
+    The skips are read from the reporter's statistics (not collected in a hook), so the list is
+    complete when pytest-xdist runs the tests in worker processes."""
     write = terminalreporter.write_line
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if hasattr(r, "nodeid")]
     write(
         f"lora_jax test environment: {TEST_ENV} (jax {jax.__version__}); "
-        f"{len(SKIPPED)} test(s) skipped"
+        f"{len(skipped)} test(s) skipped"
     )
-    for nodeid, reason in SKIPPED:
-        write(f"  skipped {nodeid}: {reason}")
+    for report in skipped:
+        write(f"  skipped {report.nodeid}: {_skip_reason(report)}")
