@@ -15,7 +15,8 @@ the stack and the bookkeeping (which name is in which tier and slot, the
 recency order, the pins) and nothing else.
 
 A slot write is a jitted call with the stack donated: ``jax.device_put`` of
-the host arrays and the write are dispatched asynchronously, so
+the adapter's packed host buffers (one per dtype) and the write are dispatched
+asynchronously, so
 :meth:`AdapterCache.resolve` returns the batch's slot ids while the copy
 runs, overlapping whatever the device is computing; the serving function,
 which takes the stack as an argument, waits for it on its own. The slot is a
@@ -39,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lora_jax._config import LoraConfig
 from lora_jax._delta import LeafDelta, is_delta_leaf
@@ -236,7 +238,10 @@ def leaf_paths(treedef: Any) -> list[str]:
 def write_slot(stack: Any, slot: Any, arrays: Sequence[SlotKernel]) -> Any:
     """The stack with slot ``slot`` holding ``arrays`` (from :func:`slot_arrays`); pure.
 
-    ``slot`` may be traced: under ``jit`` one program writes every slot.
+    ``slot`` may be traced: under ``jit`` one program writes every slot. Each
+    array is written with ``lax.dynamic_update_index_in_dim`` (an in-place
+    update when the stack is donated; a traced ``.at[slot].set`` lowers to a
+    scatter, several times slower on CPU). ``slot`` must be in ``[0, N)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -251,24 +256,79 @@ def write_slot(stack: Any, slot: Any, arrays: Sequence[SlotKernel]) -> Any:
         stack, is_leaf=lambda x: x is None or is_stacked(x)
     )
     todo = iter(arrays)
+    put = lambda into, x: lax.dynamic_update_index_in_dim(  # noqa: E731
+        jnp.asarray(into), jnp.asarray(x, jnp.result_type(into)), slot, 0
+    )
     out: list[StackedFactors | None] = []
     for s in entries:
         if s is None:
             out.append(None)
             continue
         a, b, scale = next(todo)
-        out.append(
-            s.replace(
-                a=jnp.asarray(s.a).at[slot].set(a),
-                b=jnp.asarray(s.b).at[slot].set(b),
-                scale=jnp.asarray(s.scale).at[slot].set(scale),
-            )
-        )
+        out.append(s.replace(a=put(s.a, a), b=put(s.b, b), scale=put(s.scale, scale)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-# One program per stack shape, shared by every cache; the old stack's buffers are reused.
-_write_slot = jax.jit(lambda stack, slot, arrays: write_slot(stack, slot, arrays), donate_argnums=0)
+def _pieces(specs: Sequence[SlotSpec]) -> list[tuple[str, tuple[int, ...]]]:
+    """``(dtype name, shape)`` of each array of a slot, in :func:`slot_arrays`'s order."""
+    return [
+        p
+        for s in specs
+        for p in ((s.dtype.name, s.a_shape), (s.dtype.name, s.b_shape), ("float32", ()))
+    ]
+
+
+def pack_slot(arrays: Sequence[SlotKernel], specs: Sequence[SlotSpec]) -> tuple[np.ndarray, ...]:
+    """One slot's arrays as one flat buffer per dtype (dtype names sorted): what the host
+    tier keeps, and one transfer per dtype instead of three per kernel.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> _, d = lj.init_lora(jax.random.key(0), {"w": jnp.ones((6, 5))},
+      ...                     lj.LoraConfig(targets="w", rank=2))
+      >>> specs, td = slot_specs(d, 4)
+      >>> [b.shape for b in pack_slot(slot_arrays(d, specs, td), [s for s in specs if s])]
+      [(45,)]
+    """
+    flat = [np.asarray(x).ravel() for k in arrays for x in k]
+    groups: dict[str, list[np.ndarray]] = {}
+    for (dtype, _), x in zip(_pieces(specs), flat):
+        groups.setdefault(dtype, []).append(x.astype(dtype, copy=False))
+    return tuple(np.concatenate(groups[k]) for k in sorted(groups))
+
+
+def unpack_slot(buffers: Sequence[Any], specs: Sequence[SlotSpec]) -> list[SlotKernel]:
+    """The inverse of :func:`pack_slot` (NumPy or JAX buffers; static offsets, jit-able).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> _, d = lj.init_lora(jax.random.key(0), {"w": jnp.ones((6, 5))},
+      ...                     lj.LoraConfig(targets="w", rank=2))
+      >>> specs, td = slot_specs(d, 4)
+      >>> slotted = [s for s in specs if s]
+      >>> packed = pack_slot(slot_arrays(d, specs, td), slotted)
+      >>> a, b, s = unpack_slot(packed, slotted)[0]
+      >>> a.shape, b.shape, float(s)
+      ((6, 4), (4, 5), 8.0)
+    """
+    pieces = _pieces(specs)
+    names = sorted({d for d, _ in pieces})
+    offsets = dict.fromkeys(names, 0)
+    out = []
+    for dtype, shape in pieces:
+        size = int(np.prod(shape))
+        buf = buffers[names.index(dtype)]
+        out.append(buf[offsets[dtype] : offsets[dtype] + size].reshape(shape))
+        offsets[dtype] += size
+    return [(out[i], out[i + 1], out[i + 2]) for i in range(0, len(out), 3)]
+
+
+# One program per stack shape, shared by every cache; the stack is updated in place (donated).
+_write_packed = jax.jit(
+    lambda stack, slot, buffers, specs: write_slot(stack, slot, unpack_slot(buffers, specs)),
+    static_argnums=3,
+    donate_argnums=0,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +428,8 @@ class AdapterCache:
         self.max_slots, self.host_capacity, self.rank = int(max_slots), int(host_capacity), int(r)
         self._stack = jax.device_put(empty_stack(self._specs, self._treedef, self.max_slots))
         self._sources: dict[str, Source | None] = {}  # every known name: how to (re)read it
-        self._host: dict[str, tuple[SlotKernel, ...]] = {}  # insertion order = LRU first
+        self._slotted = tuple(s for s in self._specs if s is not None)
+        self._host: dict[str, tuple[np.ndarray, ...]] = {}  # packed; insertion order = LRU first
         self._slots: list[str | None] = [None] * self.max_slots
         self._pinned: set[str] = set()
         #: counters: ``hits``, ``misses`` (slot writes for a batch), ``host_loads``, ``evictions``
@@ -397,8 +458,8 @@ class AdapterCache:
         """``{kernel path: (a, b, scale)}``: ``name``'s host copy, padded to the slot rank
         (read from its file if the host tier evicted it; the cache is not changed)."""
         self._check_known([name])
-        arrays = self._host[name] if name in self._host else self._read(name)
-        return dict(zip((s.path for s in self._specs if s is not None), arrays))
+        packed = self._host[name] if name in self._host else self._read(name)
+        return {s.path: k for s, k in zip(self._slotted, unpack_slot(packed, self._slotted))}
 
     # -- adding adapters ------------------------------------------------------------------
 
@@ -437,7 +498,7 @@ class AdapterCache:
     def _add(self, name: str, source: Source | None, read: Source) -> None:
         if not isinstance(name, str) or not name:
             raise LoraArgumentError(f"an adapter name must be a non-empty str, got {name!r}")
-        arrays = slot_arrays(read(), self._specs, self._treedef, f"adapter {name!r}")
+        arrays = self._pack(read(), name)
         victims = [] if name in self._host else self._host_victims(1, keep={name})
         # -- commit (nothing above changed the cache)
         self._evict_host(victims)
@@ -547,10 +608,14 @@ class AdapterCache:
                 "add_file or add_peft); the cache is unchanged"
             )
 
-    def _read(self, name: str) -> tuple[SlotKernel, ...]:
+    def _read(self, name: str) -> tuple[np.ndarray, ...]:
         source = self._sources[name]
         assert source is not None, "an adapter without a file is always in the host tier"
-        return slot_arrays(source(), self._specs, self._treedef, f"adapter {name!r}")
+        return self._pack(source(), name)
+
+    def _pack(self, delta: Any, name: str) -> tuple[np.ndarray, ...]:
+        arrays = slot_arrays(delta, self._specs, self._treedef, f"adapter {name!r}")
+        return pack_slot(arrays, self._slotted)
 
     def _device_victims(self, count: int, keep: set[str]) -> list[str]:
         empty = self._slots.count(None)
@@ -575,6 +640,6 @@ class AdapterCache:
             if self._sources[n] is None:  # given as a delta: nothing to reread
                 del self._sources[n]
 
-    def _write(self, slot: int, arrays: tuple[SlotKernel, ...]) -> None:
-        on_device = jax.device_put(arrays)
-        self._stack = _write_slot(self._stack, np.int32(slot), on_device)
+    def _write(self, slot: int, packed: tuple[np.ndarray, ...]) -> None:
+        on_device = jax.device_put(packed)  # asynchronous, like the write after it
+        self._stack = _write_packed(self._stack, np.int32(slot), on_device, self._slotted)
