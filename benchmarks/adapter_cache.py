@@ -164,14 +164,16 @@ def main(argv=None):
     def serve_resident(batch):
         t0 = time.perf_counter()
         ids = np.asarray([index[n] for n in batch], np.int32)
+        t1 = time.perf_counter()
         g = gen((base, resident, ids), prompts, new_tokens, stop_at_eos=False)
-        return g, time.perf_counter() - t0
+        return g, time.perf_counter() - t0, t1 - t0
 
     def serve_cache(cache, batch):
         t0 = time.perf_counter()
         ids = cache.resolve(batch)
+        t1 = time.perf_counter()
         g = gen((base, cache.stack, ids), prompts, new_tokens, stop_at_eos=False)
-        return g, time.perf_counter() - t0
+        return g, time.perf_counter() - t0, t1 - t0
 
     print(
         f"demo LM, {N_ADAPTERS} adapters (ranks {RANKS}), {SLOTS} slots, {n_batches} batches of "
@@ -185,19 +187,25 @@ def main(argv=None):
 
     cache = new_cache()
     rows: dict[str, dict[str, list[float]]] = {
-        k: {"decode": [], "total": [], "step": []} for k in ("resident", "cache16")
+        k: {"decode": [], "total": [], "step": [], "resolve": [], "prefill": []}
+        for k in ("resident", "cache16")
     }
     same = True
     with CompileCounter() as compiles:
         for i, batch in enumerate(trace):  # alternating which goes first
             if i % 2:
-                g_cache, t_cache = serve_cache(cache, batch)
-                g_res, t_res = serve_resident(batch)
+                g_cache, t_cache, r_cache = serve_cache(cache, batch)
+                g_res, t_res, r_res = serve_resident(batch)
             else:
-                g_res, t_res = serve_resident(batch)
-                g_cache, t_cache = serve_cache(cache, batch)
+                g_res, t_res, r_res = serve_resident(batch)
+                g_cache, t_cache, r_cache = serve_cache(cache, batch)
             same &= g_res.tokens == g_cache.tokens
-            for k, g, t in (("resident", g_res, t_res), ("cache16", g_cache, t_cache)):
+            for k, g, t, r in (
+                ("resident", g_res, t_res, r_res),
+                ("cache16", g_cache, t_cache, r_cache),
+            ):
+                rows[k]["resolve"].append(r)
+                rows[k]["prefill"].append(g.prefill_s)
                 rows[k]["decode"].append(g.decode_tokens_per_s)
                 rows[k]["total"].append(g.batch * (g.decode_steps + 1) / t)
                 rows[k]["step"].append(g.decode_s / max(g.decode_steps, 1))
@@ -211,6 +219,8 @@ def main(argv=None):
             "decode_tokens_per_s": float(np.median(v["decode"])),
             "total_tokens_per_s": float(np.median(v["total"])),
             "decode_step_s": float(np.median(v["step"])),
+            "resolve_s_per_batch": float(np.median(v["resolve"])),
+            "prefill_s": float(np.median(v["prefill"])),
         }
         for k, v in rows.items()
     }
@@ -229,13 +239,22 @@ def main(argv=None):
     print()
     print(
         report.fmt_table(
-            ["config", "decode tokens/s", "end-to-end tokens/s", "ms/decode step"],
+            [
+                "config",
+                "decode tokens/s",
+                "end-to-end tokens/s",
+                "ms/decode step",
+                "ms/resolve",
+                "ms/prefill",
+            ],
             [
                 [
                     k,
                     f"{v['decode_tokens_per_s']:.0f}",
                     f"{v['total_tokens_per_s']:.0f}",
                     f"{1e3 * v['decode_step_s']:.2f}",
+                    f"{1e3 * v['resolve_s_per_batch']:.2f}",
+                    f"{1e3 * v['prefill_s']:.2f}",
                 ]
                 for k, v in configs.items()
             ],

@@ -15,8 +15,8 @@ the stack and the bookkeeping (which name is in which tier and slot, the
 recency order, the pins) and nothing else.
 
 A slot write is a jitted call with the stack donated: ``jax.device_put`` of
-the adapter's packed host buffers (one per dtype) and the write are dispatched
-asynchronously, so
+the adapters' packed host buffers (one per dtype, up to ``WRITE_GROUP``
+adapters per call) and the write are dispatched asynchronously, so
 :meth:`AdapterCache.resolve` returns the batch's slot ids while the copy
 runs, overlapping whatever the device is computing; the serving function,
 which takes the stack as an argument, waits for it on its own. The slot is a
@@ -323,12 +323,20 @@ def unpack_slot(buffers: Sequence[Any], specs: Sequence[SlotSpec]) -> list[SlotK
     return [(out[i], out[i + 1], out[i + 2]) for i in range(0, len(out), 3)]
 
 
+#: slots one write call fills (a batch's misses go in groups of this many, the last group
+#: padded by repeating its last entry): one program for any number of misses
+WRITE_GROUP = 4
+
+
+def _write_group(stack: Any, slots: Any, buffers: Sequence[Any], specs: Any) -> Any:
+    """``stack`` with ``slots[j]`` holding the packed adapter ``buffers[d][j]`` for each ``j``."""
+    for j in range(slots.shape[0]):
+        stack = write_slot(stack, slots[j], unpack_slot([b[j] for b in buffers], specs))
+    return stack
+
+
 # One program per stack shape, shared by every cache; the stack is updated in place (donated).
-_write_packed = jax.jit(
-    lambda stack, slot, buffers, specs: write_slot(stack, slot, unpack_slot(buffers, specs)),
-    static_argnums=3,
-    donate_argnums=0,
-)
+_write_packed = jax.jit(_write_group, static_argnums=3, donate_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,7 +514,7 @@ class AdapterCache:
         self._host.pop(name, None)
         self._host[name] = arrays
         if name in self._slots:
-            self._write(self._slots.index(name), arrays)
+            self._write([(self._slots.index(name), arrays)])
 
     def remove(self, name: str) -> None:
         """Forgets ``name`` (its host copy, its slot and its pin)."""
@@ -562,10 +570,12 @@ class AdapterCache:
         for victim in device_victims:
             self._slots[self._slots.index(victim)] = None
         self.stats["evictions"] += len(device_victims)
+        writes = []
         for n in missing:
             slot = self._slots.index(None)
             self._slots[slot] = n
-            self._write(slot, self._host[n])
+            writes.append((slot, self._host[n]))
+        self._write(writes)
         self.stats["misses"] += len(missing)
         self.stats["hits"] += len(want) - len(missing)
         for n in want:  # most recently used last
@@ -640,6 +650,12 @@ class AdapterCache:
             if self._sources[n] is None:  # given as a delta: nothing to reread
                 del self._sources[n]
 
-    def _write(self, slot: int, packed: tuple[np.ndarray, ...]) -> None:
-        on_device = jax.device_put(packed)  # asynchronous, like the write after it
-        self._stack = _write_packed(self._stack, np.int32(slot), on_device, self._slotted)
+    def _write(self, writes: Sequence[tuple[int, tuple[np.ndarray, ...]]]) -> None:
+        """Dispatches the writes ``[(slot, packed host buffers), ...]``, WRITE_GROUP per call."""
+        for i in range(0, len(writes), WRITE_GROUP):
+            group = list(writes[i : i + WRITE_GROUP])
+            group += group[-1:] * (WRITE_GROUP - len(group))  # rewriting a slot: idempotent
+            slots = np.asarray([slot for slot, _ in group], np.int32)
+            buffers = tuple(np.stack(b) for b in zip(*(packed for _, packed in group)))
+            on_device = jax.device_put((slots, buffers))  # asynchronous, like the write after it
+            self._stack = _write_packed(self._stack, *on_device, self._slotted)

@@ -372,3 +372,20 @@ def test_every_id_points_at_its_adapter(saved, trace):
                 np.testing.assert_array_equal(np.asarray(got[i]), want)
             f = adapters[n]["params"]["up"]["kernel"]
             np.testing.assert_array_equal(host[3][:, : f.rank], np.asarray(f.a))
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    """``python -m benchmarks.adapter_cache --small`` runs, swaps without compiling and
+    decodes the same tokens as the all-resident stack (no timing is asserted)."""
+    import json  # noqa: PLC0415
+
+    from benchmarks import adapter_cache  # noqa: PLC0415
+
+    adapter_cache.main(["--small", "--json", str(tmp_path / "out.json")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["compilations"] == 0 and out["tokens_equal"] is True
+    assert out["cache"]["misses"] > 0 and out["cache"]["evictions"] > 0
+    assert out["cache"]["slot_bytes"] == 147504  # 12 kernels, rank 8, float32, plus 12 scales
+    for config in out["configs"].values():
+        assert all(v > 0 for v in config.values())
