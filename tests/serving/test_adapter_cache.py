@@ -1,7 +1,8 @@
 """The adapter cache: LRU order in both tiers, pinning, exact padding, files, bad input.
 
-Outputs are checked against ``implicit(fn)(base, adapter, x)`` with each adapter
-alone (float32, highest matmul precision); the bookkeeping against the LRU
+Outputs are checked against the model on each adapter merged alone in float64
+NumPy (``W + s A @ B``; float32 model, highest matmul precision), and the padded
+slot against ``implicit(fn)(base, adapter, x)`` with the adapter at its own rank; the bookkeeping against the LRU
 rules written out by hand; every refused call against a snapshot of the cache
 (its state and its stack's arrays) taken before it.
 """
@@ -50,7 +51,18 @@ def net():
     base = jax.jit(model.init)(jax.random.key(0), x)
     adapters = {f"t{i}": _adapter(base, i, rank=1 + i % 4) for i in range(8)}
     serve = jax.jit(lj.implicit(model.apply, strict=True))
-    alone = jax.jit(lj.implicit(model.apply, strict=True))
+    apply = jax.jit(model.apply)
+
+    def alone(base, delta, x):
+        """The model on ``W + s A @ B`` merged in float64 NumPy (``delta=None``: the base)."""
+        params = jax.tree.map(np.asarray, base)
+        for k in ("up", "down") if delta is not None else ():
+            f = delta["params"][k]["kernel"]
+            w = params["params"][k]["kernel"].astype(np.float64)
+            w = w + f.scale * (np.asarray(f.a, np.float64) @ np.asarray(f.b, np.float64))
+            params["params"][k]["kernel"] = w.astype(np.float32)
+        return apply(params, x)
+
     return model, base, x, adapters, serve, alone
 
 
@@ -84,9 +96,7 @@ def _check_rows(net, cache, names, out=None, deltas=None):
         out = serve(base, cache.stack, x, adapter_ids=ids)
     got = out
     for e, n in enumerate(names):
-        want = (
-            model.apply(base, x[e : e + 1]) if n is None else alone(base, adapters[n], x[e : e + 1])
-        )
+        want = alone(base, None if n is None else adapters[n], x[e : e + 1])
         np.testing.assert_allclose(got[e], want[0], **TOL)
     return got
 
@@ -119,6 +129,8 @@ def test_padding_a_small_rank_into_a_wide_slot_is_exact(net):
     np.testing.assert_array_equal(a[:, :2], np.asarray(two["params"]["up"]["kernel"].a))
     ids = cache.resolve(["r2"] * 4)
     got = serve(base, cache.stack, x, adapter_ids=ids)
+    # == implicit with that adapter alone (its own rank), and == the merged reference
+    np.testing.assert_allclose(got, jax.jit(lj.implicit(model.apply))(base, two, x), **TOL)
     np.testing.assert_allclose(got, alone(base, two, x), **TOL)
     # and it moved the output: the check could fail
     assert float(jnp.abs(got - model.apply(base, x)).max()) > 1e-2
