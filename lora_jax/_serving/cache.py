@@ -440,6 +440,7 @@ class AdapterCache:
         self._host: dict[str, tuple[np.ndarray, ...]] = {}  # packed; insertion order = LRU first
         self._slots: list[str | None] = [None] * self.max_slots
         self._pinned: set[str] = set()
+        self._retired: list[Any] = []  # donated stacks kept until the current one is ready
         #: counters: ``hits``, ``misses`` (slot writes for a batch), ``host_loads``, ``evictions``
         self.stats = {"hits": 0, "misses": 0, "host_loads": 0, "evictions": 0}
 
@@ -652,10 +653,20 @@ class AdapterCache:
 
     def _write(self, writes: Sequence[tuple[int, tuple[np.ndarray, ...]]]) -> None:
         """Dispatches the writes ``[(slot, packed host buffers), ...]``, WRITE_GROUP per call."""
+        self._release_retired()
         for i in range(0, len(writes), WRITE_GROUP):
             group = list(writes[i : i + WRITE_GROUP])
             group += group[-1:] * (WRITE_GROUP - len(group))  # rewriting a slot: idempotent
             slots = np.asarray([slot for slot, _ in group], np.int32)
             buffers = tuple(np.stack(b) for b in zip(*(packed for _, packed in group)))
             on_device = jax.device_put((slots, buffers))  # asynchronous, like the write after it
-            self._stack = _write_packed(self._stack, *on_device, self._slotted)
+            old, self._stack = self._stack, _write_packed(self._stack, *on_device, self._slotted)
+            self._retired.append(old)
+
+    def _release_retired(self) -> None:
+        """Drops the donated stacks of earlier writes once the current stack is ready (then
+        no computation still reads their buffers). JAX 0.6 blocks while deleting a donated
+        array that a dispatched computation still reads, so dropping them at once would
+        make a write wait for the device."""
+        if all(x.is_ready() for x in jax.tree.leaves(self._stack)):
+            self._retired.clear()
