@@ -21,8 +21,10 @@ batches of each batch's cache16 / resident ratio: the two runs of a batch are
 back to back, so a change in the machine's load cancels); the cache's
 hits, misses and evictions; XLA compilations during the timed pass of
 ``cache16`` (the serving programs are compiled in an untimed warm-up pass over
-the same trace); the time of one slot swap, as dispatched (``resolve``
-returns) and as landed (the new stack ready), against one decode step; the
+the same trace); the time of one slot swap alone, as dispatched (``resolve``
+returns) and as landed (the new stack ready), and per slot write within the
+trace's ``resolve`` calls (misses written four per call), against one decode
+step; the
 overlap: a swap issued while a forward reading the stack is in flight returns
 before that forward ends (the write queues behind it; on CPU a small write
 runs inline, so with an idle device "dispatched" and "landed" are close); and
@@ -229,12 +231,15 @@ def main(argv=None):
         k: float(np.median(np.divide(rows["cache16"][k], rows["resident"][k])))
         for k in ("decode", "total")
     }
+    per_miss = sum(rows["cache16"]["resolve"]) / max(stats["misses"], 1)
     ratios = {
         "cache16_over_resident_decode": paired["decode"],
         "cache16_over_resident_total": paired["total"],
         "swap_landed_over_decode_step": swap["landed_s"] / step,
         "swap_dispatched_over_decode_step": swap["dispatched_s"] / step,
+        "resolve_per_miss_over_decode_step": per_miss / step,
     }
+    swap["resolve_s_per_miss"] = per_miss
     requests = n_batches * BATCH
     print()
     print(
@@ -268,6 +273,7 @@ def main(argv=None):
     print(
         f"one slot swap ({slot_bytes / 1024:.0f} KiB): dispatched in "
         f"{1e6 * swap['dispatched_s']:.0f} us, landed in {1e6 * swap['landed_s']:.0f} us; "
+        f"within a batch's resolve {1e6 * per_miss:.0f} us per slot write; "
         f"one decode step {1e3 * step:.2f} ms"
     )
     print(

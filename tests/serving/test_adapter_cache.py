@@ -9,6 +9,8 @@ rules written out by hand; every refused call against a snapshot of the cache
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -284,6 +286,40 @@ def test_lora_jax_and_peft_directories(net, tmp_path):
     with pytest.raises(lj.LoraFileError):
         cache.add_file("bad", tmp_path / "bad")
     _assert_unchanged(cache, snap)
+
+
+def test_an_adapter_peft_saved_serves_peft_outputs():
+    """``tests/fixtures/peft/mlp_lora``: PEFT's own ``save_pretrained`` output (ranks 4 and
+    2, alphas 8 and 3) and the PEFT model's outputs, recorded by torch. Padded into rank-8
+    slots next to another adapter, its rows give PEFT's outputs and the base rows PEFT's
+    outputs with the adapter disabled."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    case = Path(__file__).resolve().parents[1] / "fixtures" / "peft" / "mlp_lora"
+    with safe_open(str(case / "reference.safetensors"), framework="np") as f:
+        ref = {k: f.get_tensor(k) for k in f.keys()}
+    params = {
+        "params": {
+            n: {"kernel": jnp.asarray(ref[f"base.{n}.weight"].T), "bias": ref[f"base.{n}.bias"]}
+            for n in ("fc1", "fc2")
+        }
+    }
+
+    def mlp(p, x):
+        p = p["params"]
+        h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+        return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+    cfg = lj.LoraConfig(targets=r"params/fc\d/kernel", rank=2)
+    cache = lj.AdapterCache(params, cfg, max_slots=2, host_capacity=2, rank=8)
+    other = jax.eval_shape(lambda: lj.init_lora(jax.random.key(0), params, cfg)[1])
+    cache.add("other", jax.tree.map(lambda x: np.ones(x.shape, x.dtype), other))
+    cache.add_peft("peft", case)
+    ids = cache.resolve(["peft", None, "other", "peft"])
+    got = jax.jit(lj.implicit(mlp))(params, cache.stack, jnp.asarray(ref["input"]), adapter_ids=ids)
+    for e, want in ((0, ref["output"]), (1, ref["base_output"]), (3, ref["output"])):
+        np.testing.assert_allclose(got[e], want[e], rtol=1e-5, atol=2e-5)
+    assert np.abs(got[2] - ref["base_output"][2]).max() > 1e-2  # "other" moved its row
 
 
 def test_loads_and_evictions_never_compile(net):
