@@ -42,6 +42,9 @@ import numpy as np
 from lora_jax._config import LoraConfig
 from lora_jax._delta import is_delta_leaf
 from lora_jax._errors import LoraArgumentError
+from lora_jax._files.lora_format import load
+from lora_jax._files.peft.format import import_peft
+from lora_jax._init_lora import init_lora
 from lora_jax._paths import leaves_with_paths
 from lora_jax._serving.slots import (
     SlotKernel,
@@ -150,8 +153,6 @@ class AdapterCache:
                 "adapter in a device slot keeps its host copy"
             )
         if isinstance(like, LoraConfig):
-            from lora_jax._init_lora import init_lora  # noqa: PLC0415
-
             config = like
             like = jax.eval_shape(lambda: init_lora(jax.random.key(0), base, config)[1])
         ranks = [
@@ -223,8 +224,6 @@ class AdapterCache:
     def add_file(self, name: str, path: str | os.PathLike) -> None:
         """Loads a lora_jax adapter directory (:func:`lora_jax.load` against the base) as
         ``name``; after a host eviction it is read again from ``path`` on demand."""
-        from lora_jax._files.lora_format import load  # noqa: PLC0415
-
         base, p = self._base, os.fspath(path)
         source = lambda: load(p, base=base)[0]  # noqa: E731
         self._add(name, source, source)
@@ -232,8 +231,6 @@ class AdapterCache:
     def add_peft(self, name: str, path: str | os.PathLike, **import_options: Any) -> None:
         """Loads a PEFT adapter directory (:func:`lora_jax.import_peft` against the base,
         with ``import_options`` such as ``name_map=``) as ``name``; reread on demand."""
-        from lora_jax._files.peft.format import import_peft  # noqa: PLC0415
-
         base, p = self._base, os.fspath(path)
         source = lambda: import_peft(p, base, **import_options)  # noqa: E731
         self._add(name, source, source)
@@ -283,6 +280,8 @@ class AdapterCache:
             the cache is left as it was.
           LoraFileError: an adapter's file cannot be read again (cache unchanged).
         """
+        if isinstance(names, str):
+            raise LoraArgumentError(f"names must be a sequence of names (one a row), got {names!r}")
         names = list(names)
         want = list(dict.fromkeys(n for n in names if n is not None))
         self._check_known(want, names)
