@@ -7,7 +7,9 @@ without merging, :func:`merge` returns dense params for serving, and
 :func:`train_delta_only` masks an optax optimizer so only the delta trains.
 :func:`quantize` stores a frozen base in 4 or 8 bits (QLoRA), and
 :func:`stack_adapters` puts many adapters in one stack that ``implicit``
-serves per example (``adapter_ids=``) in one batch.
+serves per example (``adapter_ids=``) in one batch; :class:`AdapterCache`
+keeps many named adapters in a host tier and moves them into a stack's device
+slots on demand.
 
 Everything here is the public API. :mod:`lora_jax.advanced` holds lower-level
 building blocks with no stability promise; every other module is private.
@@ -42,6 +44,7 @@ from lora_jax._optim import lora_plus, train_delta_only
 from lora_jax._quant.array import QuantizedArray
 from lora_jax._quant.qlora import loftq, requantize
 from lora_jax._quant.trees import dequantize, quantize
+from lora_jax._serving.cache import AdapterCache
 from lora_jax._serving.combine import combine, truncate_rank
 from lora_jax._serving.stack import StackedFactors, set_adapter, stack_adapters
 from lora_jax._sharding import (
@@ -56,6 +59,7 @@ from lora_jax._variants import olora, pissa, with_dora
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCache",
     "KernelLayout",
     "LeafDelta",
     "LoraArgumentError",
