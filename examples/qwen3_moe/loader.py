@@ -33,11 +33,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from examples.qwen3_moe.model import Qwen3MoeConfig, init_params
+from examples.qwen3_moe.model import Qwen3Moe, Qwen3MoeConfig
 
 
 def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -113,7 +114,8 @@ def load(directory: str | os.PathLike, dtype: Any = None) -> tuple[Qwen3MoeConfi
     cfg = Qwen3MoeConfig.from_json(directory, **({} if dtype is None else {"dtype": dtype}))
     tensors = read_tensors(directory)
     tensors.update(_stack_experts(tensors, cfg))
-    template = init_params(cfg)
+    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    template = jax.eval_shape(Qwen3Moe(cfg).init, jax.random.key(0), tokens)  # shapes only
     flat: dict[str, Any] = {}
 
     def visit(prefix: str, node: Any) -> None:

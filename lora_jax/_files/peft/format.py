@@ -65,6 +65,16 @@ from lora_jax._delta import LeafDelta, LoraFactors, delta_entries, lora_scale
 from lora_jax._errors import LoraArgumentError, LoraFileError, LoraStructureError
 from lora_jax._files.atomic import StagedFiles
 from lora_jax._files.peft.config_keys import check_config_keys
+from lora_jax._files.peft.experts import (
+    EXPERTS,
+    expert_tensors,
+    experts_without_params,
+    fit_experts,
+    is_expert_layout,
+    merge_nested,
+    split_wrapper_parts,
+    target_parameters,
+)
 from lora_jax._files.peft.fit import fit_to_params, fit_without_params
 from lora_jax._files.peft.names import NameMap, fill_layers, pattern_key, pattern_value
 from lora_jax._files.peft.saved_modules import export_saved, import_saved, split_saved_key
@@ -317,16 +327,21 @@ def export_peft(
     """
     nm = NameMap.coerce(name_map)
     targets, leaf_deltas = _exportable(delta)
+    experts = [(p, f, _module_template(nm, p, f)) for p, f in targets if is_expert_layout(f.layout)]
+    targets = [(p, f) for p, f in targets if not is_expert_layout(f.layout)]
     tensors, modules = _to_modules(targets, nm)
+    expert_arrays, wrapped = expert_tensors(experts)
+    tensors.update(expert_arrays)
     saved, bias = None, "none"
     if leaf_deltas:
         full, saved, lora_biases = export_saved(leaf_deltas, params, nm, modules)
         tensors.update({f"{PEFT_PREFIX}{k}": v for k, v in full.items()})
         bias = "lora_only" if lora_biases else "none"
-    first = targets[0][1]
-    target_modules = _target_modules(sorted(modules), _other_modules(delta, nm, modules))
+    first = (targets or experts)[0][1]
+    others = _other_modules(delta, nm, {**modules, **wrapped})
+    target_modules = _target_modules(sorted(modules), others) if modules else []
     config = _peft_config(
-        modules,
+        {**modules, **wrapped},
         bool(first.rslora),
         first.magnitude is not None,
         base_model_name_or_path,
@@ -334,6 +349,8 @@ def export_peft(
         saved or None,
         bias,
     )
+    if wrapped:
+        config["target_parameters"] = target_parameters(list(wrapped), others)
     directory = output_directory(path)
     with StagedFiles(directory) as files:
         files.stage(WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
@@ -539,10 +556,12 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Pef
         _saved_entries(directory / CONFIG_NAME, cfg),
         _trained_biases(directory / CONFIG_NAME, cfg),
     )
+    parts_by_module, wrappers = split_wrapper_parts(weights, cfg, parts_by_module)
     for name, parts in parts_by_module.items():
         alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
         modules[name] = peft_module(weights, name, parts, float(alpha))
         _check_against_config(weights, cfg, modules[name], parts["A"][1].shape)
+    modules.update(wrappers)  # PEFT's target_parameters: kind "experts", by parameter name
     return cfg, modules, full
 
 
@@ -646,10 +665,14 @@ def import_peft(
             check_finite_array(weights, key, array)
     rslora = bool(cfg.get("use_rslora", False))
     nm = NameMap.coerce(name_map)
+    wrappers = {n: m for n, m in modules.items() if m.kind == EXPERTS}
+    modules = {n: m for n, m in modules.items() if m.kind != EXPERTS}
     if params is None:
         import_saved(weights, full, None, nm, dtype)  # refuses modules_to_save without params
-        return fit_without_params(weights, modules, nm, rslora, dtype)
+        plain = fit_without_params(weights, modules, nm, rslora, dtype)
+        return merge_nested(plain, experts_without_params(weights, wrappers, nm, rslora, dtype))
     saved = import_saved(weights, full, params, nm, dtype)
+    saved = {**saved, **fit_experts(weights, wrappers, params, nm, rslora, dtype)}
     return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype, saved)
 
 
