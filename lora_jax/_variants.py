@@ -136,7 +136,7 @@ def _reinit(
             continue
         _need_values(path, w, name)
         _refuse_layers(path, f, name)
-        layout, ns = f.layout, len(f.layout.stack_axes)
+        layout, ns = f.layout, len(f.layout.batch_axes)
         wf = jnp.transpose(jnp.asarray(w, jnp.float32), layout.permutation)
         stack, fan_in, fan_out = wf.shape[:ns], f.a.shape[ns:-1], f.b.shape[ns + 1 :]
         w2 = wf.reshape(stack + (math.prod(fan_in), math.prod(fan_out)))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._layout import BATCH_LETTERS
 from lora_jax._quant.array import QuantizedArray, dequantize_leaf
 
 Array = jax.Array
@@ -98,7 +99,7 @@ class LazyKernel:
         if self.post:
             return None
         q = self.q
-        stack_axes = [d for d, c in enumerate(q.axes) if c == "s"]
+        stack_axes = [d for d, c in enumerate(q.axes) if c in BATCH_LETTERS]
         if any(sizes[d] != q.shape[d] for d in range(q.ndim) if d not in stack_axes):
             return None
         s_starts = [starts[d] for d in stack_axes]
@@ -118,7 +119,7 @@ class LazyKernel:
     def scanned(self) -> LazyKernel | None:
         """The per-layer kernel whose stored arrays still hold the leading stacked axis:
         what ``lax.scan`` over axis 0 slices into one layer's kernel (None if it cannot)."""
-        if self.post or not self.q.axes.startswith("s"):
+        if self.post or self.q.axes[0] not in BATCH_LETTERS:
             return None
         return LazyKernel(dataclasses.replace(self.q, shape=self.q.shape[1:], axes=self.q.axes[1:]))
 
@@ -131,13 +132,13 @@ def _dropped_stack_axis(k: LazyKernel, shape: tuple[int, ...]) -> int | None:
     if k.post or len(shape) != k.ndim - 1:
         return None
     for d, c in enumerate(k.q.axes):
-        if c == "s" and k.q.shape[d] == 1 and k.q.shape[:d] + k.q.shape[d + 1 :] == shape:
+        if c in BATCH_LETTERS and k.q.shape[d] == 1 and k.q.shape[:d] + k.q.shape[d + 1 :] == shape:
             return d
     return None
 
 
 def _drop_stack_axis(q: QuantizedArray, d: int) -> QuantizedArray:
-    k = q.axes[:d].count("s")  # its position among the stored stacked axes
+    k = sum(c in BATCH_LETTERS for c in q.axes[:d])  # its position among the stored batch axes
     drop: dict[str, Any] = {
         f: None if getattr(q, f) is None else jnp.squeeze(getattr(q, f), k) for f in FIELDS
     }
