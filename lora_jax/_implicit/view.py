@@ -129,10 +129,11 @@ class LoraView:
             return self.w.dense(dtype)
         return jax.lax.stop_gradient(self.w).astype(dtype)
 
-    def with_frozen(self, fn: Any, x: Array) -> Array:
-        """``fn(x, frozen())``: the base product where the kernel meets its input. A quantized
-        kernel is dequantized here, and again from its codes in the backward (see ``use``)."""
-        return use(fn, x, self.w, self.dtype)
+    def with_frozen(self, fn: Any, x: Array, *aux: Array) -> Array:
+        """``fn(x, frozen(), *aux)``: the base product where the kernel meets its input. A
+        quantized kernel is dequantized here, and again from its codes in the backward (see
+        ``use``); ``aux`` (``ragged_dot``'s group sizes) gets no gradient."""
+        return use(fn, x, self.w, self.dtype, *aux)
 
     def update(self) -> Array:
         """``scale * A @ B`` in float32, in the view's current axis order."""

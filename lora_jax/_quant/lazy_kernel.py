@@ -147,8 +147,10 @@ def _drop_stack_axis(q: QuantizedArray, d: int) -> QuantizedArray:
     )
 
 
-def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) -> Array:
-    """``fn(x, W)`` with ``W`` the kernel in ``dtype``, ``fn`` linear in ``x``.
+def use(fn: Callable[..., Array], x: Array, kernel: Any, dtype: Any, *aux: Array) -> Array:
+    """``fn(x, W, *aux)`` with ``W`` the kernel in ``dtype``, ``fn`` linear in ``x``.
+
+    ``aux`` are further operands that get no gradient (``ragged_dot``'s group sizes).
 
     A lazy kernel is dequantized here and, in the backward, dequantized again
     from its codes (never saved dense), tied to the incoming cotangent so that
@@ -164,7 +166,7 @@ def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) 
              [64., 64., 64., 64.]], dtype=float32)
     """
     if not isinstance(kernel, LazyKernel):
-        return fn(x, jax.lax.stop_gradient(kernel).astype(dtype))
+        return fn(x, jax.lax.stop_gradient(kernel).astype(dtype), *aux)
 
     x_aval = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
@@ -183,22 +185,23 @@ def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) 
         return dataclasses.replace(k, q=q).dense(dtype)
 
     @jax.custom_vjp
-    def product(x_, k):
-        return fn(x_, tied(k, x_))
+    def product(x_, k, *aux_):
+        return fn(x_, tied(k, x_), *aux_)
 
-    def forward(x_, k):
-        return fn(x_, tied(k, x_)), k  # linear in x: the backward needs only W
+    def forward(x_, k, *aux_):
+        return fn(x_, tied(k, x_), *aux_), (k, aux_)  # linear in x: the backward needs only W
 
-    def backward(k, g):
+    def backward(res, g):
+        k, aux_ = res
         w = tied(k, g)
         if jnp.issubdtype(x_aval.dtype, jnp.inexact):
-            dx = jax.linear_transpose(lambda v: fn(v, w), x_aval)(g)[0]
+            dx = jax.linear_transpose(lambda v: fn(v, w, *aux_), x_aval)(g)[0]
         else:  # integer operands (gather indices) get no cotangent
             dx = np.zeros(x_aval.shape, jax.dtypes.float0)
-        return dx, jax.tree.map(_zero_cotangent, k)
+        return (dx, jax.tree.map(_zero_cotangent, k), *map(_zero_cotangent, aux_))
 
     product.defvjp(forward, backward)
-    return product(x, kernel)
+    return product(x, kernel, *aux)
 
 
 def _zero_cotangent(a: Array) -> Any:
