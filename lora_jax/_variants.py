@@ -52,6 +52,13 @@ def with_dora(base: Any, delta: Any) -> Any:
     def add(path, w, f):
         _need_values(path, w, "DoRA")
         _refuse_layers(path, f, "DoRA")
+        if f.layout.expert_axes:
+            raise LoraConfigError(
+                f"leaf {path!r}: DoRA is not supported on an experts kernel (layout "
+                f"{f.layout.axes!r}): its per-output norm cannot be applied after a ragged_dot "
+                "or an einsum that sums over experts without forming each expert's output "
+                "(PEFT's target_parameters refuse DoRA too); adapt it with plain LoRA"
+            )
         return f.replace(magnitude=column_norm(w, f.layout, f).astype(f.a.dtype))
 
     return _map_factors(base, delta, add)
