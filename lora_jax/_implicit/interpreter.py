@@ -458,6 +458,15 @@ def _dot_general(ctx: Context, eqn: Any, invals: list) -> list | None:
     return None if out is None else [out]
 
 
+def _ragged_dot(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """``ragged_dot(x, W, group_sizes)``: the kernel on the right (experts)."""
+    x, view, group_sizes = invals
+    if is_view(x) or is_view(group_sizes) or not isinstance(view, LoraView):
+        return None  # a per-example (ExampleView) kernel raises in ctx.dense
+    out = rules.ragged_dot_rule(x, view, group_sizes, eqn.primitive, eqn.params, ctx.dropout())
+    return None if out is None else [out]
+
+
 def _conv(ctx: Context, eqn: Any, invals: list) -> list | None:
     x, view = invals
     if is_view(x) or not is_view(view):
@@ -579,6 +588,7 @@ RULES: dict[str, Rule] = P.by_name(
         P.DYNAMIC_SLICE: _dynamic_slice,
         P.SHARDING_CONSTRAINT: _sharding_constraint,
         P.DOT_GENERAL: _dot_general,
+        P.RAGGED_DOT: _ragged_dot,
         P.CONV: _conv,
         P.GATHER: _gather,
         P.COND: _cond,

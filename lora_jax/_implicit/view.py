@@ -33,6 +33,7 @@ import numpy as np
 
 from lora_jax._delta import LoraFactors, factor_order_norm, factor_product
 from lora_jax._errors import LoraStructureError
+from lora_jax._layout import BATCH_LETTERS, KernelLayout
 from lora_jax._quant.lazy_kernel import LazyKernel, use
 
 Array = jax.Array
@@ -85,16 +86,15 @@ class LoraView:
                 "keep it dense, or adapt it with LoRA factors"
             )
         if f is not None:
-            stacked = lambda axes: [d for d, c in enumerate(axes) if c == "s"]  # noqa: E731
+            stacked = lambda axes: [d for d, c in enumerate(axes) if c in BATCH_LETTERS]  # noqa: E731
             if stacked(f.layout.axes) != stacked(q.axes):
                 raise LoraStructureError(
                     f"leaf {path!r}: quantized with axes {q.axes!r} but the delta's layout is "
-                    f"{f.layout.axes!r}; their stacked axes must agree"
+                    f"{f.layout.axes!r}; their stacked and experts axes must agree"
                 )
             return LoraView.of(path, LazyKernel(q), f)
-        pick = lambda c: tuple(n for n, k in zip(q.shape, q.axes) if k == c)  # noqa: E731
-        a = jnp.zeros(pick("s") + pick("i") + (0,), q.dtype)
-        b = jnp.zeros(pick("s") + (0,) + pick("o"), q.dtype)
+        a_shape, b_shape = KernelLayout(q.axes).factor_shapes(q.shape, 0)
+        a, b = jnp.zeros(a_shape, q.dtype), jnp.zeros(b_shape, q.dtype)
         return LoraView(LazyKernel(q), a, b, roles_of(q.axes), 0.0, jnp.dtype(q.dtype), path)
 
     @property
@@ -129,10 +129,11 @@ class LoraView:
             return self.w.dense(dtype)
         return jax.lax.stop_gradient(self.w).astype(dtype)
 
-    def with_frozen(self, fn: Any, x: Array) -> Array:
-        """``fn(x, frozen())``: the base product where the kernel meets its input. A quantized
-        kernel is dequantized here, and again from its codes in the backward (see ``use``)."""
-        return use(fn, x, self.w, self.dtype)
+    def with_frozen(self, fn: Any, x: Array, *aux: Array) -> Array:
+        """``fn(x, frozen(), *aux)``: the base product where the kernel meets its input. A
+        quantized kernel is dequantized here, and again from its codes in the backward (see
+        ``use``); ``aux`` (``ragged_dot``'s group sizes) gets no gradient."""
+        return use(fn, x, self.w, self.dtype, *aux)
 
     def update(self) -> Array:
         """``scale * A @ B`` in float32, in the view's current axis order."""
@@ -288,11 +289,23 @@ class LoraView:
 def roles_of(axes: str) -> tuple[Role, ...]:
     """The roles of a kernel stored in layout order: each letter numbered among its kind.
 
+    The view carries every batch axis of the layout (stacked ``s`` and experts
+    ``e``, :attr:`~lora_jax.KernelLayout.batch_axes`) as a stacked role,
+    numbered in factor order (``s`` axes first): each index is an independent
+    kernel with its own factors either way, so every layout operation and rule
+    treats them alike.
+
     Example:
       >>> roles_of("sioo")
       (('s', 0), ('i', 0), ('o', 0), ('o', 1))
+      >>> roles_of("seio")
+      (('s', 0), ('s', 1), ('i', 0), ('o', 0))
     """
-    return tuple((letter, axes[:n].count(letter)) for n, letter in enumerate(axes))
+    batch = KernelLayout(axes).batch_axes if "i" in axes and "o" in axes else ()
+    return tuple(
+        ("s", batch.index(n)) if letter in BATCH_LETTERS else (letter, axes[:n].count(letter))
+        for n, letter in enumerate(axes)
+    )
 
 
 def reshape_blocks(
