@@ -48,6 +48,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import lora_jax as lj
 
@@ -104,7 +105,8 @@ class Qwen3MoeConfig:
         if "num_experts" not in kwargs and hf.get("num_local_experts") is not None:
             kwargs["num_experts"] = hf["num_local_experts"]  # transformers v5's name
         if "head_dim" not in kwargs:
-            kwargs["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
+            width = kwargs.get("hidden_size", cls.hidden_size)
+            kwargs["head_dim"] = width // kwargs.get("num_attention_heads", cls.num_attention_heads)
         kwargs["mlp_only_layers"] = tuple(kwargs.get("mlp_only_layers", ()))
         kwargs["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
         kwargs.update(overrides)
@@ -351,8 +353,22 @@ class Qwen3Moe(nn.Module):
 
 
 def init_params(config: Qwen3MoeConfig, seed: int = 0) -> dict:
-    """Random params (the real ones come from :func:`examples.qwen3_moe.loader.load`)."""
-    return Qwen3Moe(config).init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
+    """Random params (the real ones come from :func:`examples.qwen3_moe.loader.load`):
+    norms 1, biases 0, every other weight N(0, 0.02^2), drawn with NumPy from ``seed``
+    (``model.init`` would compile the whole model's initialisers first)."""
+    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    shapes = jax.eval_shape(Qwen3Moe(config).init, jax.random.key(0), tokens)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name == "weight":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def lora_layouts() -> dict[str, str]:

@@ -40,7 +40,6 @@ decide when that order does not fit them. ``rank_pattern`` /
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -410,13 +409,13 @@ def fit_expert_leaf(
             )
     e, i, o = shape[n:]
     a_parts, b_parts = [], []
-    for _, m in layers:
-        if m is None:
+    for _, layer in layers:
+        if layer is None:
             a_parts.append(np.zeros((e, i, first.rank), first.a.dtype))
             b_parts.append(np.zeros((e, first.rank, o), first.b.dtype))
         else:
-            a_parts.append(m.a)
-            b_parts.append(m.b)
+            a_parts.append(layer.a)
+            b_parts.append(layer.b)
     stack = shape[:n]
     a = np.stack(a_parts).reshape(stack + a_parts[0].shape)
     b = np.stack(b_parts).reshape(stack + b_parts[0].shape)
@@ -457,7 +456,9 @@ def experts_without_params(
         else:
             mapped = nm.path_for(name, EXPERTS)
         if mapped is None:
-            raise LoraFileError(f"{weights}: the name map gives no Flax path for parameter {name!r}")
+            raise LoraFileError(
+                f"{weights}: the name map gives no Flax path for parameter {name!r}"
+            )
         groups.setdefault(mapped[0], []).append((mapped[1], mod))
     factors = {}
     for path, items in groups.items():

@@ -671,9 +671,9 @@ def import_peft(
         import_saved(weights, full, None, nm, dtype)  # refuses modules_to_save without params
         plain = fit_without_params(weights, modules, nm, rslora, dtype)
         return merge_nested(plain, experts_without_params(weights, wrappers, nm, rslora, dtype))
-    saved = import_saved(weights, full, params, nm, dtype)
-    saved = {**saved, **fit_experts(weights, wrappers, params, nm, rslora, dtype)}
-    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype, saved)
+    placed: dict[str, Any] = dict(import_saved(weights, full, params, nm, dtype))
+    placed.update(fit_experts(weights, wrappers, params, nm, rslora, dtype))
+    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype, placed)
 
 
 # --------------------------------------------------------------------------- describe
