@@ -9,8 +9,8 @@ The demo's story (``examples/finetune_lm.py``) on a mixture of experts:
    ``lora_jax.init_lora`` puts factors on every attention projection and on
    both expert kernels of every layer (layout ``"eio"``: per-expert factors
    ``A (E, in, r)``, ``B (E, r, out)``); the train step runs under
-   ``lora_jax.implicit``, which computes the experts low-rank through
-   ``ragged_dot`` where its rules cover it.
+   ``lora_jax.implicit(strict=True)``, which computes the experts low-rank
+   (two ragged dots through the rank axis; no ``E x in x out`` update is formed).
 3. **Report**: the demo's before / after table (target and base loss, the base
    untouched, merge / unmerge, throughput, optimizer state), the adapter
    written as a HuggingFace PEFT adapter (``target_parameters`` for the
@@ -80,7 +80,7 @@ LORA_CONFIG = lj.LoraConfig(
     alpha=16,
     layouts={EXPERTS: EXPERT_LAYOUT},
 )
-IMPLICIT_APPLY = lj.implicit(MODEL.apply)
+IMPLICIT_APPLY = lj.implicit(MODEL.apply, strict=True)  # no dense fallback for any target
 
 
 @jax.jit

@@ -201,3 +201,38 @@ def test_wrapper_errors_name_the_parameter(tmp_path):
     d = write_adapter(tmp_path / "shape", tensors, target_parameters=["blk.w_in"])
     with pytest.raises(LoraBaseMismatchError, match=r"'blk\.w_in'"):
         lj.import_peft(d, two_param_params((2, 5, 7), (3, 7, 5)), name_map=to_param)
+
+
+def test_scanned_expert_stack_is_one_wrapper_per_layer(tmp_path, randomize):
+    """(layers, E, in, out), layout seio: layer l's experts are PEFT parameter
+    model.layers.l.mlp.experts.w; layers PEFT left out import as zero factors."""
+    params = {"params": {"layers": {"experts": {"w": jnp.zeros((3, 2, 5, 7))}}}}
+    cfg = lj.LoraConfig(targets=r".*/w", rank=2, layouts={".*": "seio"})
+    shapes = jax.eval_shape(lambda p: lj.init_lora(jax.random.key(0), p, cfg)[1], params)
+    delta = randomize(shapes, seed=2)
+
+    def name_map(path):
+        return "model.layers.{}.mlp.experts.w" if path.endswith("/w") else None
+
+    written = lj.export_peft(tmp_path / "all", delta, name_map=name_map)
+    assert written["target_parameters"] == ["mlp.experts.w"]
+    keys = sorted(load_file(str(tmp_path / "all" / "adapter_model.safetensors")))
+    assert keys[0] == PREFIX + "model.layers.0.mlp.experts.lora_A.weight" and len(keys) == 6
+    f = delta["params"]["layers"]["experts"]["w"]
+    back = lj.import_peft(tmp_path / "all", params, name_map=name_map)["params"]["layers"]
+    g = back["experts"]["w"]
+    assert g.layout == lj.KernelLayout("seio")
+    np.testing.assert_array_equal(np.asarray(g.a), np.asarray(f.a))
+    np.testing.assert_array_equal(np.asarray(g.b), np.asarray(f.b))
+
+    directory = tmp_path / "some"
+    directory.mkdir()
+    tensors = load_file(str(tmp_path / "all" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".layers.1." not in k},
+              str(directory / "adapter_model.safetensors"))  # fmt: skip
+    (directory / "adapter_config.json").write_text(
+        (tmp_path / "all" / "adapter_config.json").read_text()
+    )
+    g = lj.import_peft(directory, params, name_map=name_map)["params"]["layers"]["experts"]["w"]
+    assert not np.asarray(g.a[1]).any() and not np.asarray(g.b[1]).any()
+    np.testing.assert_array_equal(np.asarray(g.a[2]), np.asarray(f.a[2]))
