@@ -43,8 +43,15 @@ names the index with a ``(?P<layer>\\d+)`` group and the layers are stacked on
 the leading axis. :func:`import_peft` with ``params`` only needs ``to_peft``:
 it maps every leaf of the params and inverts the result.
 
+**Experts.** A kernel of layout ``s..eio`` (a mixture of experts' ``(E, in,
+out)`` stack) is PEFT's ``target_parameters`` parameter, one ``ParamWrapper``
+per layer: ``lora_A.weight (r*E, in)``, ``lora_B.weight (out, r*E)``
+(:mod:`lora_jax._files.peft.experts`); the name map gives the parameter's full
+name (``model.layers.{}.mlp.experts.gate_up_proj``).
+
 **Modules.** This module reads and writes PEFT directories; the PyTorch
-tensor layouts are :mod:`lora_jax._files.peft.tensors`, the names
+tensor layouts are :mod:`lora_jax._files.peft.tensors` (experts:
+:mod:`lora_jax._files.peft.experts`), the names
 :mod:`lora_jax._files.peft.names`, and fitting imported modules to Flax kernels
 :mod:`lora_jax._files.peft.fit`.
 """
@@ -280,7 +287,10 @@ def export_peft(
     ``lora_B.weight (out, r)`` for Dense (N-D kernels flattened, see the module
     doc), ``lora_embedding_A (r, vocab)`` / ``lora_embedding_B (dim, r)`` for
     embeddings, ``(r, in, *window)`` / ``(out, r, 1, ..)`` for convs, and
-    ``lora_magnitude_vector`` for DoRA. ``r`` / ``lora_alpha`` are the most
+    ``lora_magnitude_vector`` for DoRA; an expert kernel (layout ``s..eio``)
+    as PEFT's ``target_parameters`` (``lora_A.weight (r*E, in)``,
+    ``lora_B.weight (out, r*E)``, the name map giving the parameter's full
+    name, a module's parameters nested as transformers registers them). ``r`` / ``lora_alpha`` are the most
     common rank and alpha; modules that differ get ``rank_pattern`` /
     ``alpha_pattern`` entries. ``target_modules`` lists each module's last
     name (``q_proj``) where that selects exactly the adapted modules among the
@@ -619,10 +629,15 @@ def import_peft(
     of PEFT's ``LoraConfig`` keys (``lora_jax._files.peft.config_keys``): a
     key that changes what the adapter computes in a way lora_jax does not
     (``alora_invocation_tokens``, ``layer_replication``, ``lora_bias``,
-    ``trainable_token_indices``, ``target_parameters``, other variants) or
+    ``trainable_token_indices``, other variants) or
     that lora_jax does not know is refused by name rather than imported as a
     plain LoRA. Modules PEFT trained in full (``modules_to_save``) import as
     :class:`~lora_jax.LeafDelta` (``value - base``; needs concrete params).
+    Expert parameters PEFT adapted with ``target_parameters`` import as
+    ``(*layers, E, in, r)`` / ``(*layers, E, r, out)`` factors of layout
+    ``s..eio`` at the leaf the name map sends to the parameter's full name
+    (:mod:`lora_jax._files.peft.experts`); a target whose leaf is not such an
+    expert stack is a :class:`LoraFileError` naming it.
 
     Returns:
       The delta (``LoraFactors`` with ``alpha``, ``rslora`` and, for DoRA,
