@@ -38,8 +38,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from lora_jax._errors import LoraArgumentError
 from lora_jax._implicit import primitives as P
 from lora_jax._implicit.low_rank import low_rank, low_rank_rebuilt
 from lora_jax._implicit.view import LoraView
@@ -352,8 +354,10 @@ def ragged_dot_rule(
     it through the same expert's ``B``. JAX's own transpose rules give ``dA``
     and ``dB`` as ragged dots that contract the tokens per group
     (``(E, in, r)``, ``(E, r, out)``): no ``(E, in, out)`` tensor is formed.
-    ``group_sizes`` must sum to the tokens (JAX does not check it: rows past the
-    sum get zeros from the base product and from the branch alike).
+    ``group_sizes`` must sum to the tokens: concrete ones (outside ``jit``) are
+    checked (:class:`~lora_jax.LoraArgumentError` naming the kernel); traced
+    ones cannot be, and JAX checks nothing either (rows past the sum get zeros
+    from the base product and from the branch alike, as in the merged model).
 
     Returns None (the kernel is then materialised, or strict mode raises)
     unless the kernel is ``ragged_dot``'s right operand with its group axis a
@@ -393,6 +397,8 @@ def ragged_dot_rule(
     if len(rc) != sum(k == contracted for k, _ in view.roles):
         return None
 
+    _check_group_sizes(view, group_sizes, x.shape[lr[0]])
+
     def base_product(x_: Array, w: Array, g: Array) -> Array:
         return primitive.bind(x_, w, g, **params)
 
@@ -419,6 +425,19 @@ def ragged_dot_rule(
     y = y.reshape((x.shape[lr[0]],) + out_shape)  # free axes in factor order
     y = jnp.transpose(y, [0] + [1 + view.roles[d][1] for d in k_free])  # ... in kernel order
     return base + y.astype(base.dtype)
+
+
+def _check_group_sizes(view: LoraView, group_sizes: Array, rows: int) -> None:
+    """Concrete group sizes (outside ``jit``) must sum to the rows; traced ones cannot be
+    checked (JAX checks nothing either: rows past the sum come out as zeros)."""
+    if isinstance(group_sizes, jax.core.Tracer):
+        return
+    total = int(np.sum(np.asarray(group_sizes)))
+    if total != rows:
+        raise LoraArgumentError(
+            f"kernel {view.path!r}: ragged_dot's group_sizes sum to {total}, but its input has "
+            f"{rows} rows (one per token, sorted by expert); they must be equal"
+        )
 
 
 # ---- conv_general_dilated ---------------------------------------------------------------------
