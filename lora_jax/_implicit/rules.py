@@ -414,17 +414,52 @@ def ragged_dot_rule(
     xd = x if dropout is None else dropout(x)
     xc = jnp.transpose(xd, x_perm).reshape(x.shape[lr[0]], -1)
     e, r = fa.shape[0], fa.shape[-1]
-    precision = params.get("precision")
-    u = jax.lax.ragged_dot(
-        xc, fa.astype(view.dtype).reshape(e, -1, r), group_sizes, precision=precision
-    )
-    u = u * jnp.asarray(view.scale, u.dtype)
-    y = jax.lax.ragged_dot(
-        u, fb.astype(view.dtype).reshape(e, r, -1), group_sizes, precision=precision
-    )
+    a = fa.astype(view.dtype).reshape(e, -1, r)
+    b = fb.astype(view.dtype).reshape(e, r, -1)
+    y = ragged_low_rank(xc, a, b, group_sizes, view.scale, params.get("precision"))
     y = y.reshape((x.shape[lr[0]],) + out_shape)  # free axes in factor order
     y = jnp.transpose(y, [0] + [1 + view.roles[d][1] for d in k_free])  # ... in kernel order
     return base + y.astype(base.dtype)
+
+
+def ragged_low_rank(
+    x: Array,
+    a: Array,
+    b: Array,
+    group_sizes: Array,
+    scale: float,
+    precision: Any = None,
+    dense: bool | None = None,
+) -> Array:
+    """``s * ragged_dot(ragged_dot(x, a, g), b, g)``: ``x (M, K)``, ``a (E, K, r)``,
+    ``b (E, r, N)`` -> ``(M, N)``.
+
+    On CPU, JAX lowers ``ragged_dot`` to ``E`` dense matmuls over an ``(E, M, K)``
+    masked copy of ``x``: ``E`` times the FLOPs and a mask as large as ``E``
+    inputs. There the branch is computed densely instead, with the same FLOPs and
+    no mask of ``x``: ``u = x @ [A_1 .. A_E]`` ``(M, E*r)``, each row's other
+    experts' columns zeroed (a one-hot of its group, rows past the sum in none),
+    then ``u @ [B_1; ..; B_E]``; autodiff's backward is three more such matmuls.
+    Elsewhere (a native grouped matmul), two ragged dots. ``dense`` forces
+    either form (None: by backend).
+
+    Example:
+      >>> x, a, b = jnp.ones((3, 4)), jnp.ones((2, 4, 1)), jnp.arange(6.0).reshape(2, 1, 3)
+      >>> ragged_low_rank(x, a, b, jnp.array([1, 2]), 0.5).tolist()
+      [[0.0, 2.0, 4.0], [6.0, 8.0, 10.0], [6.0, 8.0, 10.0]]
+    """
+    e, k, r = a.shape
+    s = jnp.asarray(scale, x.dtype)
+    if not (jax.default_backend() == "cpu" if dense is None else dense):
+        u = jax.lax.ragged_dot(x, a, group_sizes, precision=precision) * s
+        return jax.lax.ragged_dot(u, b, group_sizes, precision=precision)
+    ends = jnp.cumsum(group_sizes)
+    rows = jnp.arange(x.shape[0], dtype=ends.dtype)
+    group = jnp.sum(rows[:, None] >= ends[None, :], axis=1)  # E: past the last group
+    mask = (group[:, None] == jnp.arange(e, dtype=group.dtype)).astype(x.dtype) * s
+    a_all = jnp.transpose(a, (1, 0, 2)).reshape(k, e * r)
+    u = jnp.matmul(x, a_all, precision=precision).reshape(-1, e, r) * mask[:, :, None]
+    return jnp.matmul(u.reshape(-1, e * r), b.reshape(e * r, -1), precision=precision)
 
 
 def _check_group_sizes(view: LoraView, group_sizes: Array, rows: int) -> None:

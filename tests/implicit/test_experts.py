@@ -16,6 +16,7 @@ from jax import lax
 
 import lora_jax as lj
 from lora_jax import KernelLayout, LoraFactors
+from lora_jax._implicit.rules import ragged_low_rank
 
 E, D, F, T, R = 4, 6, 5, 10, 2
 RTOL, ATOL = 2e-5, 2e-5
@@ -86,6 +87,27 @@ def test_forward_and_factor_gradients_match_the_merged_kernel(moe, form):
     close(grads.a, ga, f"{form}: dA")
     close(grads.b, gb, f"{form}: dB")
     assert float(jnp.abs(grads.a).max()) > 1e-3  # the gradient is not trivially zero
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_both_forms_of_the_ragged_branch_agree(moe, one_hot):
+    """The branch through two ragged dots (accelerators) and through one-hot masked dense
+    matmuls (CPU): the same values and factor gradients, against the merged kernel."""
+    base, delta, x = moe
+    f, groups = delta["w"], jnp.asarray(GROUPS)
+
+    def branch(a, b):
+        return ragged_low_rank(x, a, b, groups, f.scale, dense=one_hot)
+
+    def ref(a, b):
+        return lax.ragged_dot(x, dense(jnp.zeros_like(base["w"]), a, b, f.scale), groups)
+
+    with jax.default_matmul_precision("highest"):
+        close(jax.jit(branch)(f.a, f.b), jax.jit(ref)(f.a, f.b), "values")
+        g = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(branch(a, b))), (0, 1)))(f.a, f.b)
+        g_ref = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(ref(a, b))), (0, 1)))(f.a, f.b)
+    close(g[0], g_ref[0], "dA")
+    close(g[1], g_ref[1], "dB")
 
 
 INFERRED = {  # form: (without lora_experts, with it)
