@@ -477,11 +477,15 @@ def _conv(ctx: Context, eqn: Any, invals: list) -> list | None:
 
 
 def _gather(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """An embedding lookup (a rule), or ``w[idx]`` of whole kernels along a batch axis
+    (each token's expert: a layout op, the factors gathered alike)."""
     view, indices = invals
     if not is_view(view) or is_view(indices):
         return None
     rule = example_rules.gather_rule if isinstance(view, ExampleView) else rules.gather_rule
     out = rule(view, indices, eqn.params)
+    if out is None and isinstance(view, LoraView):
+        out = view.gather_stack(indices, eqn.params, eqn.primitive.bind)
     return None if out is None else [out]
 
 

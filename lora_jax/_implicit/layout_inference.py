@@ -99,6 +99,8 @@ class _Tracked:
       fixed: original axes that must be stacked ``s``: scanned over, cut by a
         slice, or dropped by a squeeze.
       scanned: the original axes scanned over (layers; never the experts axis).
+      picked: original axes a gather picks whole kernels along (``w[idx]``, each
+        token's expert): experts ``e``.
       steps: the eqns (kernel as operand 0) and :data:`_SCANNED` marks from
         the leaf to here, replayed through ``implicit``'s rules at a use.
     """
@@ -110,6 +112,7 @@ class _Tracked:
     fixed: frozenset[int] = frozenset()
     steps: tuple[Any, ...] = ()
     scanned: frozenset[int] = frozenset()
+    picked: frozenset[int] = frozenset()
 
     def then(self, step: Any, **changes: Any) -> _Tracked:
         return dataclasses.replace(self, steps=self.steps + (step,), **changes)
@@ -358,14 +361,41 @@ def _conv(eqn: Any, ins: list, uses: Uses) -> list:
 
 
 def _gather(eqn: Any, ins: list, uses: Uses) -> list:
-    """Indexed (collapsed) axes ``i``, sliced axes ``o``."""
+    """Indexed (collapsed) axes ``i``, sliced axes ``o``; or, for ``w[idx]`` of whole
+    kernels of a >= 3-D stack (each token's expert), the picked axis is experts ``e`` and
+    the kernel flows on with the indices' batch axes in front."""
     t = ins[0]
+    picked = None if t is None or ins[1] is not None else _picked_axis(eqn, t)
+    if picked is not None:
+        offset = eqn.params["dimension_numbers"].offset_dims
+        kept = iter(g for d, g in enumerate(t.groups) if d != picked)
+        groups = tuple(
+            next(kept) if d in offset else () for d in range(len(eqn.outvars[0].aval.shape))
+        )
+        return [t.then(eqn, groups=groups, picked=t.picked | set(t.groups[picked]))]
     if t is not None and ins[1] is None:
         collapsed = set(eqn.params["dimension_numbers"].collapsed_slice_dims)
         _record(
             uses, t, ["i" if d in collapsed else "o" for d in range(len(t.groups))], "embed", eqn, 0
         )
     return _none(eqn)
+
+
+def _picked_axis(eqn: Any, t: _Tracked) -> int | None:
+    """The kernel axis ``w[idx]`` picks whole kernels along, or None for any other gather."""
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    shape = eqn.invars[0].aval.shape
+    if (
+        len(shape) < 3
+        or tuple(getattr(dn, "operand_batching_dims", None) or ())
+        or len(dn.collapsed_slice_dims) != 1
+        or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims)
+    ):
+        return None
+    (d,) = dn.collapsed_slice_dims
+    if any(sizes[n] != (1 if n == d else shape[n]) for n in range(len(shape))):
+        return None
+    return d
 
 
 def _record(
@@ -379,7 +409,7 @@ def _record(
     layout ``"io"``. Contracted over ``h`` alone, axis 1 would be both ``i``
     and ``o``: nothing is recorded.
     """
-    axes = dict.fromkeys(t.fixed, "s")
+    axes = dict.fromkeys(t.fixed, "s") | dict.fromkeys(t.picked, "e")
     for letter, group in zip(letters, t.groups):
         for a in group:
             if axes.setdefault(a, letter) != letter:

@@ -38,8 +38,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from lora_jax._errors import LoraArgumentError
 from lora_jax._implicit import primitives as P
 from lora_jax._implicit.low_rank import low_rank, low_rank_rebuilt
 from lora_jax._implicit.view import LoraView
@@ -352,8 +354,10 @@ def ragged_dot_rule(
     it through the same expert's ``B``. JAX's own transpose rules give ``dA``
     and ``dB`` as ragged dots that contract the tokens per group
     (``(E, in, r)``, ``(E, r, out)``): no ``(E, in, out)`` tensor is formed.
-    ``group_sizes`` must sum to the tokens (JAX does not check it: rows past the
-    sum get zeros from the base product and from the branch alike).
+    ``group_sizes`` must sum to the tokens: concrete ones (outside ``jit``) are
+    checked (:class:`~lora_jax.LoraArgumentError` naming the kernel); traced
+    ones cannot be, and JAX checks nothing either (rows past the sum get zeros
+    from the base product and from the branch alike, as in the merged model).
 
     Returns None (the kernel is then materialised, or strict mode raises)
     unless the kernel is ``ragged_dot``'s right operand with its group axis a
@@ -393,6 +397,8 @@ def ragged_dot_rule(
     if len(rc) != sum(k == contracted for k, _ in view.roles):
         return None
 
+    _check_group_sizes(view, group_sizes, x.shape[lr[0]])
+
     def base_product(x_: Array, w: Array, g: Array) -> Array:
         return primitive.bind(x_, w, g, **params)
 
@@ -408,17 +414,65 @@ def ragged_dot_rule(
     xd = x if dropout is None else dropout(x)
     xc = jnp.transpose(xd, x_perm).reshape(x.shape[lr[0]], -1)
     e, r = fa.shape[0], fa.shape[-1]
-    precision = params.get("precision")
-    u = jax.lax.ragged_dot(
-        xc, fa.astype(view.dtype).reshape(e, -1, r), group_sizes, precision=precision
-    )
-    u = u * jnp.asarray(view.scale, u.dtype)
-    y = jax.lax.ragged_dot(
-        u, fb.astype(view.dtype).reshape(e, r, -1), group_sizes, precision=precision
-    )
+    a = fa.astype(view.dtype).reshape(e, -1, r)
+    b = fb.astype(view.dtype).reshape(e, r, -1)
+    y = ragged_low_rank(xc, a, b, group_sizes, view.scale, params.get("precision"))
     y = y.reshape((x.shape[lr[0]],) + out_shape)  # free axes in factor order
     y = jnp.transpose(y, [0] + [1 + view.roles[d][1] for d in k_free])  # ... in kernel order
     return base + y.astype(base.dtype)
+
+
+def ragged_low_rank(
+    x: Array,
+    a: Array,
+    b: Array,
+    group_sizes: Array,
+    scale: float,
+    precision: Any = None,
+    dense: bool | None = None,
+) -> Array:
+    """``s * ragged_dot(ragged_dot(x, a, g), b, g)``: ``x (M, K)``, ``a (E, K, r)``,
+    ``b (E, r, N)`` -> ``(M, N)``.
+
+    On CPU, JAX lowers ``ragged_dot`` to ``E`` dense matmuls over an ``(E, M, K)``
+    masked copy of ``x``: ``E`` times the FLOPs and a mask as large as ``E``
+    inputs. There the branch is computed densely instead, with the same FLOPs and
+    no mask of ``x``: ``u = x @ [A_1 .. A_E]`` ``(M, E*r)``, each row's other
+    experts' columns zeroed (a one-hot of its group, rows past the sum in none),
+    then ``u @ [B_1; ..; B_E]``; autodiff's backward is three more such matmuls.
+    Elsewhere (a native grouped matmul), two ragged dots. ``dense`` forces
+    either form (None: by backend).
+
+    Example:
+      >>> x, a, b = jnp.ones((3, 4)), jnp.ones((2, 4, 1)), jnp.arange(6.0).reshape(2, 1, 3)
+      >>> ragged_low_rank(x, a, b, jnp.array([1, 2]), 0.5).tolist()
+      [[0.0, 2.0, 4.0], [6.0, 8.0, 10.0], [6.0, 8.0, 10.0]]
+    """
+    e, k, r = a.shape
+    s = jnp.asarray(scale, x.dtype)
+    if not (jax.default_backend() == "cpu" if dense is None else dense):
+        u = jax.lax.ragged_dot(x, a, group_sizes, precision=precision) * s
+        return jax.lax.ragged_dot(u, b, group_sizes, precision=precision)
+    ends = jnp.cumsum(group_sizes)
+    rows = jnp.arange(x.shape[0], dtype=ends.dtype)
+    group = jnp.sum(rows[:, None] >= ends[None, :], axis=1)  # E: past the last group
+    mask = (group[:, None] == jnp.arange(e, dtype=group.dtype)).astype(x.dtype) * s
+    a_all = jnp.transpose(a, (1, 0, 2)).reshape(k, e * r)
+    u = jnp.matmul(x, a_all, precision=precision).reshape(-1, e, r) * mask[:, :, None]
+    return jnp.matmul(u.reshape(-1, e * r), b.reshape(e * r, -1), precision=precision)
+
+
+def _check_group_sizes(view: LoraView, group_sizes: Array, rows: int) -> None:
+    """Concrete group sizes (outside ``jit``) must sum to the rows; traced ones cannot be
+    checked (JAX checks nothing either: rows past the sum come out as zeros)."""
+    if isinstance(group_sizes, jax.core.Tracer):
+        return
+    total = int(np.sum(np.asarray(group_sizes)))
+    if total != rows:
+        raise LoraArgumentError(
+            f"kernel {view.path!r}: ragged_dot's group_sizes sum to {total}, but its input has "
+            f"{rows} rows (one per token, sorted by expert); they must be equal"
+        )
 
 
 # ---- conv_general_dilated ---------------------------------------------------------------------

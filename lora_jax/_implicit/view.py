@@ -254,6 +254,67 @@ class LoraView:
             w = slicer(w, list(starts), list(sizes))
         return self.replace(w=w, a=cut(self.a), b=cut(self.b), magnitude=cut(self.magnitude))
 
+    def gather_stack(self, indices: Array, params: dict, gather: Any) -> LoraView | None:
+        """The view of ``w[idx]``: a gather that picks whole kernels along one batch axis
+        (each token's expert), or None for any other gather.
+
+        ``gather(operand, indices, **params)`` binds the gather primitive. The
+        factors (and their batch axes) are gathered with the same indices, so
+        the result carries the indices' batch axes as new leading batch axes
+        (``A[idx]``: ``(tokens, in, r)``), then the kernel's other batch axes.
+
+        Example:
+          >>> from lora_jax import KernelLayout, LoraFactors
+          >>> f = LoraFactors(jnp.ones((4, 6, 2)), jnp.ones((4, 2, 5)), alpha=1.0,
+          ...                 layout=KernelLayout("eio"))
+          >>> view = LoraView.of("w", jnp.ones((4, 6, 5)), f)
+          >>> idx = jnp.array([[0], [3], [3]])                    # (tokens, 1)
+          >>> eqn = jax.make_jaxpr(lambda w: w[idx[:, 0]])(view.w).eqns[-1]   # the gather
+          >>> g = view.gather_stack(idx, eqn.params, eqn.primitive.bind)
+          >>> g.a.shape, g.roles
+          ((3, 6, 2), (('s', 0), ('i', 0), ('o', 0)))
+        """
+        dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+        if (
+            self.n_lead
+            or self.magnitude is not None
+            or isinstance(self.w, LazyKernel)
+            or tuple(getattr(dn, "operand_batching_dims", None) or ())
+            or len(dn.collapsed_slice_dims) != 1
+            or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims)
+            or np.shape(indices)[-1:] != (1,)
+        ):
+            return None
+        (d,) = dn.collapsed_slice_dims
+        kind, k = self.roles[d]
+        if kind != "s" or any(
+            sizes[n] != (1 if n == d else self.shape[n]) for n in range(len(self.roles))
+        ):
+            return None
+        batch = np.ndim(indices) - 1
+        w = gather(self.w, indices, **params)
+
+        def cut(x: Array) -> Array:
+            x_sizes = tuple(1 if n == k else m for n, m in enumerate(np.shape(x)))
+            x_dn = jax.lax.GatherDimensionNumbers(
+                offset_dims=tuple(range(batch, batch + np.ndim(x) - 1)),
+                collapsed_slice_dims=(k,),
+                start_index_map=(k,),
+            )
+            return gather(x, indices, **dict(params, dimension_numbers=x_dn, slice_sizes=x_sizes))
+
+        kept = [role for n, role in enumerate(self.roles) if n != d]
+        kept_iter = iter(kept)
+        renumber = lambda r: ("s", batch + r[1] - (r[1] > k)) if r[0] == "s" else r  # noqa: E731
+        roles, new = [], 0
+        for n in range(np.ndim(w)):
+            if n in dn.offset_dims:
+                roles.append(renumber(next(kept_iter)))
+            else:
+                roles.append(("s", new))
+                new += 1
+        return self.replace(w=w, a=cut(self.a), b=cut(self.b), roles=tuple(roles))
+
     def factor_pair(self, contracted: str) -> tuple[Array, Array]:
         """Factors ordered so that the first one meets the contracted side.
 
