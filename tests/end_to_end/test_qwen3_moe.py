@@ -8,7 +8,7 @@ the Flax model; then, in float32:
   token to the same experts (``output_router_logits``' top-k);
 * an adapter PEFT writes on the model (``target_modules`` on attention,
   ``target_parameters`` on both expert parameters, so two nested
-  ``ParamWrapper``s per layer) imports with ``import_peft`` and the merged Flax
+  ``ParamWrapper``s per layer; per-parameter rank, rsLoRA) imports with ``import_peft`` and the merged Flax
   model reproduces PEFT's logits; each expert's delta equals PEFT's
   ``get_delta_weight``;
 * an adapter of ours (random factors on attention and experts, rank and alpha
@@ -121,6 +121,7 @@ def peft_adapter(hf, tmp_path_factory):
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
         rank_pattern={"down_proj": 2},
         alpha_pattern={"q_proj": 3},
+        use_rslora=True,  # scale alpha / sqrt(r), for the ParamWrappers too
         init_lora_weights=False,
     )
     import copy
@@ -144,6 +145,7 @@ def test_peft_written_adapter_reproduces_peft(hf, flax_model, peft_adapter):
     assert gate_up.layout == lj.KernelLayout(EXPERT_LAYOUT)
     assert (gate_up.a.shape, gate_up.b.shape) == ((E, HIDDEN, 4), (E, 4, 2 * MOE_INTER))
     assert (down.a.shape, down.b.shape, down.rank) == ((E, MOE_INTER, 2), (E, 2, HIDDEN), 2)
+    assert down.rslora and down.scale == pytest.approx(8 / 2**0.5)
     assert delta["params"]["layers_1"]["mlp"]["gate_proj"]["kernel"] is None
     ours = np.asarray(apply(lj.merge(params, delta), jnp.asarray(tokens))[0])
     assert np.abs(ours - ref).max() <= 1e-4 * scale_of(ref)
