@@ -4,7 +4,7 @@ The demo's story (``examples/finetune_lm.py``) on a mixture of experts:
 
 1. **Pretrain** a small byte-level Qwen3-MoE (``model.py``: 8 experts, top-2
    routing, experts through ``jax.lax.ragged_dot``) on Python's documentation,
-   by ordinary full training.
+   by ordinary full training plus the load-balancing loss (no expert starves).
 2. **LoRA fine-tune** it on the source code of a few standard library modules:
    ``lora_jax.init_lora`` puts factors on every attention projection and on
    both expert kernels of every layer (layout ``"eio"``: per-expert factors
@@ -52,6 +52,7 @@ from examples.qwen3_moe.model import (
     Qwen3Moe,
     Qwen3MoeConfig,
     init_params,
+    load_balancing_loss,
 )
 
 CONFIG = Qwen3MoeConfig(
@@ -71,6 +72,7 @@ MODEL = Qwen3Moe(CONFIG)
 SEQ_LEN = 64
 BATCH_SIZE = 16
 PRETRAIN_LR = 3e-3
+ROUTER_AUX_LOSS_COEF = 0.01
 LORA_LR = 1e-2
 NUM_EVAL_WINDOWS = 64
 
@@ -98,7 +100,9 @@ def tokens_per_expert(params, windows):
 
 
 def pretrain(tokens, steps: int, seed: int):
-    """Full training of every parameter with AdamW; returns (params, losses)."""
+    """Full training of every parameter with AdamW, plus the load-balancing loss that keeps
+    experts from starving (as transformers' ``router_aux_loss_coef``); returns (params,
+    losses)."""
     params = init_params(CONFIG, seed)
     optimizer = optax.adamw(
         optax.warmup_cosine_decay_schedule(
@@ -110,9 +114,12 @@ def pretrain(tokens, steps: int, seed: int):
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(
-            lambda p: cross_entropy(MODEL.apply(p, batch[:, :-1]), batch[:, 1:])
-        )(params)
+        def loss_fn(p):
+            logits, state = MODEL.apply(p, batch[:, :-1], mutable=["intermediates"])
+            aux = load_balancing_loss(state["intermediates"], CONFIG.num_experts)
+            return cross_entropy(logits, batch[:, 1:]) + ROUTER_AUX_LOSS_COEF * aux
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -33,7 +33,8 @@ kernels have layout ``"eio"`` (:data:`EXPERT_LAYOUT`).
 
 The router's choices are recorded with ``sow`` in the ``intermediates``
 collection (``apply(..., mutable=["intermediates"])``): per MoE layer
-``top_k_index (T, k)`` and ``tokens_per_expert (E,)``.
+``router_logits (T, E)``, ``top_k_index (T, k)`` and ``tokens_per_expert (E,)``
+(:func:`load_balancing_loss` reads them).
 """
 
 from __future__ import annotations
@@ -293,6 +294,7 @@ class SparseMoeBlock(nn.Module):
         logits = dense(cfg.num_experts, "gate", cfg.dtype)(x)
         weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         order, sizes = sort_by_expert(experts, cfg.num_experts)
+        self.sow("intermediates", "router_logits", logits)
         self.sow("intermediates", "top_k_index", experts)
         self.sow("intermediates", "tokens_per_expert", sizes)
         token = order // cfg.num_experts_per_tok
@@ -300,6 +302,31 @@ class SparseMoeBlock(nn.Module):
         y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
         out = jnp.zeros_like(x).at[token].add(y)
         return out.reshape(shape)
+
+
+def load_balancing_loss(intermediates, num_experts: int) -> jax.Array:
+    """The Switch-Transformer load-balancing loss (what transformers weights with
+    ``router_aux_loss_coef``): ``E * sum_e f_e * P_e`` per MoE layer, averaged over layers,
+    with ``f_e`` the fraction of token copies routed to expert ``e`` and ``P_e`` its mean
+    router probability. Normalised so that uniform routing gives 1 (transformers' version
+    pools the layers and is ``k`` times this); it grows as experts are starved.
+
+    Example:
+      >>> inter = {"layers_0": {"mlp": {"router_logits": (jnp.zeros((4, 2)),),
+      ...                                "top_k_index": (jnp.array([[0], [1], [0], [1]]),)}}}
+      >>> float(load_balancing_loss(inter, 2))
+      1.0
+    """
+    losses = []
+    for layer in sorted(intermediates):
+        mlp = intermediates[layer].get("mlp", {})
+        if "router_logits" not in mlp:
+            continue
+        probs = jax.nn.softmax(mlp["router_logits"][0].astype(jnp.float32), axis=-1)
+        chosen = jax.nn.one_hot(mlp["top_k_index"][0], num_experts).sum(axis=1)  # (T, E)
+        f = chosen.mean(axis=0) / chosen.sum(axis=1).mean()
+        losses.append(num_experts * jnp.sum(f * probs.mean(axis=0)))
+    return jnp.mean(jnp.stack(losses))
 
 
 class DecoderLayer(nn.Module):
