@@ -483,7 +483,7 @@ def _gather(ctx: Context, eqn: Any, invals: list) -> list | None:
     if not is_view(view) or is_view(indices):
         return None
     rule = example_rules.gather_rule if isinstance(view, ExampleView) else rules.gather_rule
-    out = rule(view, indices, eqn.params)
+    out: Any = rule(view, indices, eqn.params)
     if out is None and isinstance(view, LoraView):
         out = view.gather_stack(indices, eqn.params, eqn.primitive.bind)
     return None if out is None else [out]
