@@ -116,7 +116,7 @@ def kernel_shape_of(
       >>> kernel_shape_of((4, 2), (2, 3), KernelLayout("oi"))
       (3, 4)
     """
-    ns = len(layout.stack_axes)
+    ns = len(layout.batch_axes)
     stack = tuple(a_shape[:ns])
     if layers is not None:
         stack = (layers.total,) + stack[1:]
@@ -342,7 +342,7 @@ def factor_product(a: Array, b: Array, scale: float, n_stack: int) -> Array:
       a: ``(*stack, *fan_in, r)``.
       b: ``(*stack, r, *fan_out)``.
       scale: ``s``.
-      n_stack: number of leading stacked axes.
+      n_stack: number of leading batch axes (stacked and experts, :attr:`KernelLayout.batch_axes`).
 
     Example:
       >>> factor_product(jnp.ones((3, 1)), jnp.ones((1, 2)), 2.0, 0).shape
@@ -381,7 +381,7 @@ def dense_delta(factors: LoraFactors) -> Array:
     """
     factors = factors.all_layers()
     layout = factors.layout
-    dense = factor_product(factors.a, factors.b, factors.scale, len(layout.stack_axes))
+    dense = factor_product(factors.a, factors.b, factors.scale, len(layout.batch_axes))
     return jnp.transpose(dense, np.argsort(layout.permutation).tolist())
 
 
@@ -431,7 +431,7 @@ def column_norm(kernel: Array, layout: KernelLayout, factors: LoraFactors | None
       Array([5., 1.], dtype=float32)
     """
     w = jnp.transpose(jnp.asarray(kernel, jnp.float32), layout.permutation)
-    ns = len(layout.stack_axes)
+    ns = len(layout.batch_axes)
     if factors is None:
         n_in = len(layout.in_axes)
         return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(ns, ns + n_in))))
@@ -446,7 +446,7 @@ def to_kernel_axes(per_output: Array, layout: KernelLayout) -> Array:
       >>> to_kernel_axes(jnp.ones(3), KernelLayout("io")).shape
       (1, 3)
     """
-    ns, ni = len(layout.stack_axes), len(layout.in_axes)
+    ns, ni = len(layout.batch_axes), len(layout.in_axes)
     x = jnp.expand_dims(per_output, tuple(range(ns, ns + ni)))
     return jnp.transpose(x, np.argsort(layout.permutation).tolist())
 

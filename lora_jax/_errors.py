@@ -77,7 +77,7 @@ class LoraLayoutError(LoraError):
       >>> lj.KernelLayout("ix")
       Traceback (most recent call last):
       ...
-      lora_jax._errors.LoraLayoutError: KernelLayout axes must be a string of 's', 'i', 'o' letters, got 'ix'
+      lora_jax._errors.LoraLayoutError: KernelLayout axes must be a string of 's', 'e', 'i', 'o' letters, got 'ix'
     """
 
 

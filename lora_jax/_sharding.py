@@ -90,7 +90,7 @@ def factor_specs(kernel_spec: P | Sequence[Any], layout: KernelLayout | str) -> 
     """
     layout = KernelLayout(layout) if isinstance(layout, str) else layout
     entries = _entries(kernel_spec, layout.ndim)
-    stack = [entries[d] for d in layout.stack_axes]
+    stack = [entries[d] for d in layout.batch_axes]
     fan_in = [entries[d] for d in layout.in_axes]
     fan_out = [entries[d] for d in layout.out_axes]
     return P(*stack, *fan_in, None), P(*stack, None, *fan_out), P(*stack, *fan_out)

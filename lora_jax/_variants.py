@@ -52,6 +52,13 @@ def with_dora(base: Any, delta: Any) -> Any:
     def add(path, w, f):
         _need_values(path, w, "DoRA")
         _refuse_layers(path, f, "DoRA")
+        if f.layout.expert_axes:
+            raise LoraConfigError(
+                f"leaf {path!r}: DoRA is not supported on an experts kernel (layout "
+                f"{f.layout.axes!r}): its per-output norm cannot be applied after a ragged_dot "
+                "or an einsum that sums over experts without forming each expert's output "
+                "(PEFT's target_parameters refuse DoRA too); adapt it with plain LoRA"
+            )
         return f.replace(magnitude=column_norm(w, f.layout, f).astype(f.a.dtype))
 
     return _map_factors(base, delta, add)
@@ -136,7 +143,7 @@ def _reinit(
             continue
         _need_values(path, w, name)
         _refuse_layers(path, f, name)
-        layout, ns = f.layout, len(f.layout.stack_axes)
+        layout, ns = f.layout, len(f.layout.batch_axes)
         wf = jnp.transpose(jnp.asarray(w, jnp.float32), layout.permutation)
         stack, fan_in, fan_out = wf.shape[:ns], f.a.shape[ns:-1], f.b.shape[ns + 1 :]
         w2 = wf.reshape(stack + (math.prod(fan_in), math.prod(fan_out)))

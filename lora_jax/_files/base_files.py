@@ -140,10 +140,10 @@ def _record_problem(rec: Any) -> str | None:
     if not (
         isinstance(axes, str)
         and len(axes) == len(shape)
-        and set(axes) <= set("sio")
-        and any(c != "s" for c in axes)
+        and set(axes) <= set("seio")
+        and any(c not in "se" for c in axes)
     ):
-        return "axes must hold one of 's', 'i', 'o' per dimension, not only 's'"
+        return "axes must hold one of 's', 'e', 'i', 'o' per dimension, not only 's' / 'e'"
     try:
         name = rec.get("dtype")
         dtype = np.dtype(jnp.dtype(name)) if isinstance(name, str) else None
@@ -153,7 +153,7 @@ def _record_problem(rec: Any) -> str | None:
         return "dtype must name a floating dtype"
     if not isinstance(dq, bool):
         return "double_quant must be true or false"
-    layer = math.prod(d for d, c in zip(shape, axes) if c != "s")
+    layer = math.prod(d for d, c in zip(shape, axes) if c not in "se")
     if block is None:
         if scheme == "nf4" or dq:
             return "block_size null (per output channel) is for int4 / int8 without double_quant"

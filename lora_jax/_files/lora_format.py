@@ -528,7 +528,7 @@ def build_target(
                 f"in {CONFIG_NAME} need {want}"
             )
     magnitude = arrays.get("magnitude")
-    ns = len(layout.stack_axes)
+    ns = len(layout.batch_axes)
     if magnitude is not None and magnitude.shape != want_b[:ns] + want_b[ns + 1 :]:
         raise LoraFileError(
             f"{weights}: tensor {leaf}.magnitude has shape {magnitude.shape}, "

@@ -458,6 +458,15 @@ def _dot_general(ctx: Context, eqn: Any, invals: list) -> list | None:
     return None if out is None else [out]
 
 
+def _ragged_dot(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """``ragged_dot(x, W, group_sizes)``: the kernel on the right (experts)."""
+    x, view, group_sizes = invals
+    if is_view(x) or is_view(group_sizes) or not isinstance(view, LoraView):
+        return None  # a per-example (ExampleView) kernel raises in ctx.dense
+    out = rules.ragged_dot_rule(x, view, group_sizes, eqn.primitive, eqn.params, ctx.dropout())
+    return None if out is None else [out]
+
+
 def _conv(ctx: Context, eqn: Any, invals: list) -> list | None:
     x, view = invals
     if is_view(x) or not is_view(view):
@@ -468,11 +477,15 @@ def _conv(ctx: Context, eqn: Any, invals: list) -> list | None:
 
 
 def _gather(ctx: Context, eqn: Any, invals: list) -> list | None:
+    """An embedding lookup (a rule), or ``w[idx]`` of whole kernels along a batch axis
+    (each token's expert: a layout op, the factors gathered alike)."""
     view, indices = invals
     if not is_view(view) or is_view(indices):
         return None
     rule = example_rules.gather_rule if isinstance(view, ExampleView) else rules.gather_rule
-    out = rule(view, indices, eqn.params)
+    out: Any = rule(view, indices, eqn.params)
+    if out is None and isinstance(view, LoraView):
+        out = view.gather_stack(indices, eqn.params, eqn.primitive.bind)
     return None if out is None else [out]
 
 
@@ -579,6 +592,7 @@ RULES: dict[str, Rule] = P.by_name(
         P.DYNAMIC_SLICE: _dynamic_slice,
         P.SHARDING_CONSTRAINT: _sharding_constraint,
         P.DOT_GENERAL: _dot_general,
+        P.RAGGED_DOT: _ragged_dot,
         P.CONV: _conv,
         P.GATHER: _gather,
         P.COND: _cond,

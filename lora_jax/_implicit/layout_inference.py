@@ -29,7 +29,19 @@ At a use, the letters are:
 * ``conv_general_dilated``: the output-feature axis is ``o``, the window and
   input-feature axes ``i`` (kind ``conv``);
 * ``gather`` (embedding lookup): the indexed axes are ``i``, the sliced axes
-  ``o`` (kind ``embed``).
+  ``o`` (kind ``embed``);
+* ``ragged_dot`` (a mixture of experts with tokens sorted by expert): the
+  kernel's group axis is experts ``e``, its contracted axes ``i``, the rest
+  ``o`` (kind ``dense``).
+
+An einsum over all experts (``td,edf->tef``, or ``ted,edf->tf`` after a one-hot
+combine) is, in the jaxpr, exactly a multi-head projection (Gemma's
+``(heads, d, head_dim)`` query kernel, its ``(heads, head_dim, d)`` output
+kernel): nothing in the contraction says that the leading axis holds experts.
+``infer_layouts(..., lora_experts=pattern)`` says it: for the leaves whose path
+matches, the first axis that is not scanned over is the experts axis ``e``
+whatever its use makes it (free, contracted, batch or sliced), so the einsum
+form gives ``"eio"`` (``"seio"`` under a scan over layers).
 
 A use is recorded only where ``implicit`` runs it low-rank with that layout:
 the path from the leaf and the use are replayed, abstractly
@@ -44,7 +56,8 @@ the two directions of one contraction, as a tied embedding used for lookup and
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -61,7 +74,18 @@ from lora_jax._paths import leaves_with_paths
 
 #: A path step that is not an eqn: the kernel was scanned over its first axis.
 _SCANNED = "scanned"
-Uses = dict[str, list[tuple[str, str]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Uses:
+    """What one walk has found: ``{path: [(layout, kind), ...]}``, and which leaves the
+    caller said hold experts (``lora_experts``)."""
+
+    found: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=dict)
+    experts: tuple[re.Pattern, ...] = ()
+
+    def has_experts(self, path: str) -> bool:
+        return any(p.fullmatch(path) for p in self.experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +98,9 @@ class _Tracked:
         gives one axis several; a split gives several axes the same group).
       fixed: original axes that must be stacked ``s``: scanned over, cut by a
         slice, or dropped by a squeeze.
+      scanned: the original axes scanned over (layers; never the experts axis).
+      picked: original axes a gather picks whole kernels along (``w[idx]``, each
+        token's expert): experts ``e``.
       steps: the eqns (kernel as operand 0) and :data:`_SCANNED` marks from
         the leaf to here, replayed through ``implicit``'s rules at a use.
     """
@@ -84,13 +111,19 @@ class _Tracked:
     groups: tuple[tuple[int, ...], ...]
     fixed: frozenset[int] = frozenset()
     steps: tuple[Any, ...] = ()
+    scanned: frozenset[int] = frozenset()
+    picked: frozenset[int] = frozenset()
 
     def then(self, step: Any, **changes: Any) -> _Tracked:
         return dataclasses.replace(self, steps=self.steps + (step,), **changes)
 
 
 def infer_layouts(
-    fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
+    fn: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    lora_experts: str | Sequence[str] = (),
+    **kwargs: Any,
 ) -> dict[str, KernelLayout]:
     """Traces ``fn(params, *args, **kwargs)`` and returns the layout of each used kernel.
 
@@ -98,10 +131,15 @@ def infer_layouts(
       fn: a function of the params, e.g. a Flax linen ``model.apply``.
       params: the params pytree (arrays or ``jax.ShapeDtypeStruct``).
       *args, **kwargs: example inputs; only shapes and dtypes matter.
+      lora_experts: regex(es) matched in full against leaf paths: kernels whose
+        first axis that is not scanned over holds experts (``(E, in, out)``,
+        ``(layers, E, in, out)``). Needed only for an einsum over experts, which
+        looks like a multi-head projection; ``ragged_dot``'s group axis is
+        read as experts without it.
 
     Returns:
       ``{path: KernelLayout}`` for every floating leaf with >= 2 axes that
-      reaches a ``dot_general``, ``conv_general_dilated`` or ``gather`` that
+      reaches a ``dot_general``, ``ragged_dot``, ``conv_general_dilated`` or ``gather`` that
       :func:`~lora_jax.implicit` runs low-rank; pass it as
       ``init_lora(..., layouts=...)``.
 
@@ -118,6 +156,14 @@ def infer_layouts(
       >>> loop = lambda p, x: jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x)
       >>> lj.infer_layouts(loop, stack, x)["w"]
       KernelLayout(axes='sio', kind='dense')
+      >>> experts = {"w": jnp.ones((4, 16, 8))}               # (E, in, out), tokens sorted
+      >>> moe = lambda p, x: jax.lax.ragged_dot(x, p["w"], jnp.array([1, 0, 1, 0]))
+      >>> lj.infer_layouts(moe, experts, x)["w"]
+      KernelLayout(axes='eio', kind='dense')
+      >>> dense = lambda p, x: jnp.einsum("td,edf->tef", x, p["w"])  # every token, every expert
+      >>> lj.infer_layouts(dense, experts, x)["w"], lj.infer_layouts(dense, experts, x,
+      ...     lora_experts="w")["w"]
+      (KernelLayout(axes='oio', kind='dense'), KernelLayout(axes='eio', kind='dense'))
     """
     leaves, treedef = leaves_with_paths(params)
     abstract = [jax.ShapeDtypeStruct(jnp.shape(x), x.dtype) for _, x in leaves]
@@ -128,9 +174,10 @@ def infer_layouts(
         else None
         for path, leaf in zip((p for p, _ in leaves), abstract)
     ]
-    uses: Uses = {}
+    patterns = (lora_experts,) if isinstance(lora_experts, str) else tuple(lora_experts)
+    uses = Uses(experts=tuple(re.compile(p) for p in patterns))
     _walk(closed.jaxpr, tracked + [None] * len(dynamic), uses)
-    return {path: _resolve(path, found) for path, found in uses.items()}
+    return {path: _resolve(path, found) for path, found in uses.found.items()}
 
 
 def _resolve(path: str, found: list[tuple[str, str]]) -> KernelLayout:
@@ -142,7 +189,8 @@ def _resolve(path: str, found: list[tuple[str, str]]) -> KernelLayout:
             raise LoraLayoutError(
                 f"leaf {path!r} is used as a {kind} kernel with layout {axes!r} and as a "
                 f"{other_kind} kernel with layout {other!r}; give its layout explicitly "
-                "(LoraConfig(layouts={...}))"
+                "(LoraConfig(layouts={...})), or name an experts kernel with "
+                "infer_layouts(..., lora_experts=pattern)"
             )
     return KernelLayout(axes, kind)
 
@@ -267,7 +315,12 @@ def _scan(eqn: Any, ins: list, uses: Uses) -> list:
     xs = [
         None
         if t is None
-        else t.then(_SCANNED, groups=t.groups[1:], fixed=t.fixed | set(t.groups[0]))
+        else t.then(
+            _SCANNED,
+            groups=t.groups[1:],
+            fixed=t.fixed | set(t.groups[0]),
+            scanned=t.scanned | set(t.groups[0]),
+        )
         for t in ins[nc + ncarry :]
     ]
     _walk(P.as_open(p["jaxpr"])[0], ins[:nc] + [None] * ncarry + xs, uses)
@@ -288,6 +341,16 @@ def _dot_general(eqn: Any, ins: list, uses: Uses) -> list:
     return _none(eqn)
 
 
+def _ragged_dot(eqn: Any, ins: list, uses: Uses) -> list:
+    """The kernel on the right: its group axis ``e``, contracted axes ``i``, the rest ``o``."""
+    t = ins[1]
+    if t is not None and ins[0] is None and ins[2] is None:
+        (_, rc), _, _, rg = P.ragged_dims(eqn.params)
+        letters = ["e" if d in rg else "i" if d in rc else "o" for d in range(len(t.groups))]
+        _record(uses, t, letters, "dense", eqn, 1)
+    return _none(eqn)
+
+
 def _conv(eqn: Any, ins: list, uses: Uses) -> list:
     """The output-feature axis ``o``, window and input-feature axes ``i``."""
     t = ins[1]
@@ -298,14 +361,41 @@ def _conv(eqn: Any, ins: list, uses: Uses) -> list:
 
 
 def _gather(eqn: Any, ins: list, uses: Uses) -> list:
-    """Indexed (collapsed) axes ``i``, sliced axes ``o``."""
+    """Indexed (collapsed) axes ``i``, sliced axes ``o``; or, for ``w[idx]`` of whole
+    kernels of a >= 3-D stack (each token's expert), the picked axis is experts ``e`` and
+    the kernel flows on with the indices' batch axes in front."""
     t = ins[0]
+    picked = None if t is None or ins[1] is not None else _picked_axis(eqn, t)
+    if picked is not None:
+        offset = eqn.params["dimension_numbers"].offset_dims
+        kept = iter(g for d, g in enumerate(t.groups) if d != picked)
+        groups = tuple(
+            next(kept) if d in offset else () for d in range(len(eqn.outvars[0].aval.shape))
+        )
+        return [t.then(eqn, groups=groups, picked=t.picked | set(t.groups[picked]))]
     if t is not None and ins[1] is None:
         collapsed = set(eqn.params["dimension_numbers"].collapsed_slice_dims)
         _record(
             uses, t, ["i" if d in collapsed else "o" for d in range(len(t.groups))], "embed", eqn, 0
         )
     return _none(eqn)
+
+
+def _picked_axis(eqn: Any, t: _Tracked) -> int | None:
+    """The kernel axis ``w[idx]`` picks whole kernels along, or None for any other gather."""
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    shape = eqn.invars[0].aval.shape
+    if (
+        len(shape) < 3
+        or tuple(getattr(dn, "operand_batching_dims", None) or ())
+        or len(dn.collapsed_slice_dims) != 1
+        or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims)
+    ):
+        return None
+    (d,) = dn.collapsed_slice_dims
+    if any(sizes[n] != (1 if n == d else shape[n]) for n in range(len(shape))):
+        return None
+    return d
 
 
 def _record(
@@ -319,16 +409,20 @@ def _record(
     layout ``"io"``. Contracted over ``h`` alone, axis 1 would be both ``i``
     and ``o``: nothing is recorded.
     """
-    axes = dict.fromkeys(t.fixed, "s")
+    axes = dict.fromkeys(t.fixed, "s") | dict.fromkeys(t.picked, "e")
     for letter, group in zip(letters, t.groups):
         for a in group:
             if axes.setdefault(a, letter) != letter:
                 return
     if sorted(axes) != list(range(len(t.shape))):
         return
+    if uses.has_experts(t.path):
+        experts = min(a for a in range(len(t.shape) + 1) if a not in t.scanned)
+        if experts < len(t.shape):
+            axes[experts] = "e"
     layout = "".join(axes[a] for a in range(len(t.shape)))
     if "i" in layout and "o" in layout and _runs_low_rank(t, layout, eqn, position):
-        uses.setdefault(t.path, []).append((layout, kind))
+        uses.found.setdefault(t.path, []).append((layout, kind))
 
 
 def _runs_low_rank(t: _Tracked, layout: str, eqn: Any, position: int) -> bool:
@@ -392,6 +486,7 @@ STEPS: dict[str, Step] = P.by_name(
         (P.RESHAPE, P.SQUEEZE): _reshape,
         (P.SLICE, P.DYNAMIC_SLICE): _slice,
         P.DOT_GENERAL: _dot_general,
+        P.RAGGED_DOT: _ragged_dot,
         P.CONV: _conv,
         P.GATHER: _gather,
         P.COND: _cond,

@@ -77,7 +77,11 @@ KERNEL_LAYOUT = frozenset(
 DOT_GENERAL = "dot_general"
 CONV = "conv_general_dilated"
 GATHER = "gather"
-KERNEL_USES = frozenset({DOT_GENERAL, CONV, GATHER})
+#: ``lax.ragged_dot`` / ``ragged_dot_general`` (one primitive, ``ragged_dot_general``, from
+#: JAX 0.6.2 through 0.12; its params gained ``out_sharding`` on the way, which a rule that
+#: re-binds the eqn's own params never needs to name).
+RAGGED_DOT = frozenset({"ragged_dot_general"})
+KERNEL_USES = frozenset({DOT_GENERAL, CONV, GATHER}) | RAGGED_DOT
 
 # ---- elementwise groups for the input rebuild (lora_jax._implicit.rebuild) -----------------------
 #: Outputs of these are kept by their own derivative (``d tanh = 1 - tanh^2``).
@@ -219,6 +223,31 @@ def scan_operands(params: dict[str, Any]) -> tuple[int, int]:
         return params["num_consts"], params["num_carry"]
     consts, carries, _ = params["ft_in"].unpack()
     return len(consts), len(carries)
+
+
+def ragged_dims(
+    params: dict[str, Any],
+) -> tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]], Any, Any]:
+    """``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch), lhs_ragged, rhs_group)`` of a
+    ``ragged_dot_general`` eqn, and ``group_offset`` is read with ``params.get``: the same
+    fields in every supported JAX.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> closed = jax.make_jaxpr(jax.lax.ragged_dot)(
+      ...     jnp.ones((6, 4)), jnp.ones((3, 4, 5)), jnp.array([1, 2, 3]))
+      >>> ragged_dims(closed.jaxpr.eqns[0].params)
+      (((1,), (1,)), ((), ()), (0,), (0,))
+    """
+    d = params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = d.dot_dimension_numbers
+    as_tuple = lambda s: tuple(int(i) for i in s)  # noqa: E731
+    return (
+        (as_tuple(lc), as_tuple(rc)),
+        (as_tuple(lb), as_tuple(rb)),
+        as_tuple(d.lhs_ragged_dimensions),
+        as_tuple(d.rhs_group_dimensions),
+    )
 
 
 def forwarded_inputs(jaxpr: Any) -> list[int | None]:

@@ -15,6 +15,14 @@ does not fit the low-rank form (the interpreter then materialises the kernel).
 * ``conv_general_dilated``: ``A`` is a conv with the full window into ``r``
   channels, ``B`` a 1x1 conv (a matmul over the channel axis), as in PEFT.
 * ``gather`` (embedding lookup): gather the rows of ``A``, then ``@ B``.
+* kernels with an experts axis (any batch axis of the kernel, ``e`` or ``s``,
+  that the product does not batch over): ``ragged_dot`` (tokens sorted by
+  expert) is two ragged dots with the same group sizes,
+  ``ragged_dot(ragged_dot(x, A, g), B, g)``; a ``dot_general`` that keeps the
+  experts axis (``td,edf->tef``) or contracts it (``ted,edf->tf``, the dense
+  one-hot combine) is two einsums that carry the experts axis through the rank
+  axis (:func:`experts_dot_rule`). No tensor of the kernel's size is formed,
+  forward or backward.
 
 The axis bookkeeping of each (:class:`DotAxes`, :func:`conv_axes`,
 :func:`gather_axes`) and the base products are shared with the rules for a
@@ -30,8 +38,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from lora_jax._errors import LoraArgumentError
+from lora_jax._implicit import primitives as P
 from lora_jax._implicit.low_rank import low_rank, low_rank_rebuilt
 from lora_jax._implicit.view import LoraView
 
@@ -154,7 +165,7 @@ def dot_general_rule(
     """
     dot = DotAxes.of(x, view, kernel_is_rhs, params)
     if dot is None:
-        return None
+        return experts_dot_rule(x, view, kernel_is_rhs, params, dropout)
     fa, fb = view.factor_pair(dot.contracted)
     if view.rank == 0:  # a quantized kernel without factors: the base product alone
         return dot_base(view, x, params, kernel_is_rhs)
@@ -241,6 +252,227 @@ def _dora_dot_ratio(view: LoraView, dot: DotAxes) -> Array:
     ones = [1] * len(dot.m_shape)
     batch = [view.shape[d] for d in dot.kb]
     return ratio.reshape(batch + (ones + sizes if dot.kernel_is_rhs else sizes + ones))
+
+
+# ---- experts: batch axes of the kernel that the product keeps or contracts ---------------------
+
+
+def _experts_contracted(view: LoraView, kc: Sequence[int], kb: Sequence[int]) -> str | None:
+    """``"i"`` or ``"o"``: the kernel role contracted besides batch axes, when ``kc`` holds
+    all of that role's axes (and maybe batch axes), ``kb`` only batch axes, and some batch
+    axis of the kernel is not batched over; else None."""
+    roles = view.roles
+    if any(roles[d][0] != "s" for d in kb) or len(kb) == view.n_stack:
+        return None
+    kinds = {roles[d][0] for d in kc} - {"s"}
+    if len(kinds) != 1:
+        return None
+    (contracted,) = kinds
+    if sum(roles[d][0] == contracted for d in kc) != sum(k == contracted for k, _ in roles):
+        return None
+    return contracted
+
+
+def experts_dot_rule(
+    x: Array,
+    view: LoraView,
+    kernel_is_rhs: bool,
+    params: dict,
+    dropout: Dropout | None = None,
+) -> Array | None:
+    """``dot_general(x, W)`` whose kernel has batch axes (experts) the product keeps or sums.
+
+    ``td,edf->tef`` (each token through every expert) keeps the experts axis
+    ``e`` in the output; ``ted,edf->tf`` (the Mixtral-style dense combine, after
+    ``td,te->tde`` with the routing weights) contracts it with the fan-in. The
+    branch carries ``e`` through the rank axis: ``u[..., e, r] = x . A[e]``,
+    then ``y = s * u . B`` summed over ``r`` (and over ``e`` when the product
+    contracts it), two einsums whose largest operand is ``(tokens, E, r)``:
+    no ``(E, in, out)`` tensor exists in the forward, so none in the backward.
+
+    Returns None unless every kernel batch axis of the product is a kernel
+    batch axis, the contracted non-batch axes are exactly the fan-in (or fan-out)
+    axes, and some kernel batch axis is not batched over (that case is
+    :func:`dot_general_rule`'s); DoRA and per-example views are left to it too.
+
+    Example:
+      >>> from lora_jax import KernelLayout, LoraFactors
+      >>> f = LoraFactors(jnp.ones((3, 4, 2)), jnp.ones((3, 2, 5)), alpha=2.0,
+      ...                 layout=KernelLayout("eio"))
+      >>> view = LoraView.of("w", jnp.zeros((3, 4, 5)), f)
+      >>> x = jnp.ones((6, 3, 4))                              # (tokens, experts, in)
+      >>> params = jax.make_jaxpr(lambda x, w: jnp.einsum("ted,edf->tf", x, w))(
+      ...     x, view.w).eqns[0].params
+      >>> experts_dot_rule(x, view, True, params)[0, 0].tolist()  # 3 experts * 4 * 2 * s=1
+      24.0
+    """
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
+    if view.n_lead or view.magnitude is not None:
+        return None
+    contracted = _experts_contracted(view, kc, kb)
+    if contracted is None:
+        return None
+    if view.rank == 0:  # a quantized kernel without factors
+        return dot_base(view, x, params, kernel_is_rhs)
+    nk = len(view.roles)
+    label = {role: d for d, role in enumerate(view.roles)}  # each kernel axis its own label
+    x_sub = [nk + d for d in range(x.ndim)]
+    for xd, kd in zip(list(xb) + list(xc), list(kb) + list(kc)):
+        x_sub[xd] = kd
+    x_free = [nk + d for d in range(x.ndim) if d not in xb and d not in xc]
+    k_free = [d for d in range(nk) if d not in kc and d not in kb]
+    other = "o" if contracted == "i" else "i"
+    count = lambda kind: sum(k == kind for k, _ in view.roles)  # noqa: E731
+    stack = [label[("s", j)] for j in range(view.n_stack)]
+    r = nk + x.ndim
+    fa, fb = view.factor_pair(contracted)
+    fa_sub = stack + [label[(contracted, j)] for j in range(count(contracted))] + [r]
+    fb_sub = stack + [r] + [label[(other, j)] for j in range(count(other))]
+    u_sub = list(kb) + x_free + [d for d in stack if d not in kb] + [r]
+    out_sub = list(kb) + (x_free + k_free if kernel_is_rhs else k_free + x_free)
+    precision = params.get("precision")
+    xd = x if dropout is None else dropout(x)
+    u = jnp.einsum(xd, x_sub, fa.astype(view.dtype), fa_sub, u_sub, precision=precision)
+    u = u * jnp.asarray(view.scale, u.dtype)
+    y = jnp.einsum(u, u_sub, fb.astype(view.dtype), fb_sub, out_sub, precision=precision)
+    return plus_base(y, view, x, params, kernel_is_rhs)
+
+
+def ragged_dot_rule(
+    x: Array,
+    view: LoraView,
+    group_sizes: Array,
+    primitive: Any,
+    params: dict,
+    dropout: Dropout | None = None,
+) -> Array | None:
+    """``ragged_dot(x, W, group_sizes)`` with ``W`` an experts kernel (tokens sorted by expert).
+
+    ``x @ W_g + s * ragged_dot(ragged_dot(x, A, g), B, g)``: the first ragged
+    dot gives each token its expert's ``(M, r)`` projection, the second expands
+    it through the same expert's ``B``. JAX's own transpose rules give ``dA``
+    and ``dB`` as ragged dots that contract the tokens per group
+    (``(E, in, r)``, ``(E, r, out)``): no ``(E, in, out)`` tensor is formed.
+    ``group_sizes`` must sum to the tokens: concrete ones (outside ``jit``) are
+    checked (:class:`~lora_jax.LoraArgumentError` naming the kernel); traced
+    ones cannot be, and JAX checks nothing either (rows past the sum get zeros
+    from the base product and from the branch alike, as in the merged model).
+
+    Returns None (the kernel is then materialised, or strict mode raises)
+    unless the kernel is ``ragged_dot``'s right operand with its group axis a
+    batch axis (``e``), the only one, no batch dimensions, the ragged axis the
+    input's only free axis, and the contracted axes exactly the fan-in (or
+    fan-out) axes; and for DoRA, per-example views and ``group_offset``.
+
+    Example:
+      >>> from lora_jax import KernelLayout, LoraFactors
+      >>> f = LoraFactors(jnp.ones((2, 4, 1)), jnp.ones((2, 1, 3)), alpha=1.0,
+      ...                 layout=KernelLayout("eio"))
+      >>> view = LoraView.of("w", jnp.zeros((2, 4, 3)), f)
+      >>> x, g = jnp.ones((5, 4)), jnp.array([2, 3])
+      >>> eqn = jax.make_jaxpr(jax.lax.ragged_dot)(x, view.w, g).eqns[0]
+      >>> ragged_dot_rule(x, view, g, eqn.primitive, eqn.params)[:, 0].tolist()
+      [4.0, 4.0, 4.0, 4.0, 4.0]
+    """
+    (lc, rc), (lb, rb), lr, rg = P.ragged_dims(params)
+    if (
+        lb
+        or rb
+        or len(lr) != 1
+        or lr[0] in lc
+        or len(rg) != 1
+        or view.n_lead
+        or view.n_stack != 1
+        or view.magnitude is not None
+        or params.get("group_offset") is not None
+        or view.roles[rg[0]][0] != "s"
+        or [d for d in range(x.ndim) if d not in lc] != list(lr)
+    ):
+        return None
+    kinds = {view.roles[d][0] for d in rc}
+    if len(kinds) != 1 or kinds == {"s"}:
+        return None
+    (contracted,) = kinds
+    if len(rc) != sum(k == contracted for k, _ in view.roles):
+        return None
+
+    _check_group_sizes(view, group_sizes, x.shape[lr[0]])
+
+    def base_product(x_: Array, w: Array, g: Array) -> Array:
+        return primitive.bind(x_, w, g, **params)
+
+    base = view.with_frozen(base_product, x, group_sizes)
+    if view.rank == 0:  # a quantized kernel without factors
+        return base
+    fa, fb = view.factor_pair(contracted)
+    k_free = [d for d in range(len(view.roles)) if d not in rc and d not in rg]
+    out_shape = tuple(
+        view.shape[d] for d in sorted(k_free, key=lambda d: view.roles[d][1])
+    )  # in factor order
+    x_perm = list(lr) + [x_d for _, x_d in sorted(zip((view.roles[d][1] for d in rc), lc))]
+    xd = x if dropout is None else dropout(x)
+    xc = jnp.transpose(xd, x_perm).reshape(x.shape[lr[0]], -1)
+    e, r = fa.shape[0], fa.shape[-1]
+    a = fa.astype(view.dtype).reshape(e, -1, r)
+    b = fb.astype(view.dtype).reshape(e, r, -1)
+    y = ragged_low_rank(xc, a, b, group_sizes, view.scale, params.get("precision"))
+    y = y.reshape((x.shape[lr[0]],) + out_shape)  # free axes in factor order
+    y = jnp.transpose(y, [0] + [1 + view.roles[d][1] for d in k_free])  # ... in kernel order
+    return base + y.astype(base.dtype)
+
+
+def ragged_low_rank(
+    x: Array,
+    a: Array,
+    b: Array,
+    group_sizes: Array,
+    scale: float,
+    precision: Any = None,
+    dense: bool | None = None,
+) -> Array:
+    """``s * ragged_dot(ragged_dot(x, a, g), b, g)``: ``x (M, K)``, ``a (E, K, r)``,
+    ``b (E, r, N)`` -> ``(M, N)``.
+
+    On CPU, JAX lowers ``ragged_dot`` to ``E`` dense matmuls over an ``(E, M, K)``
+    masked copy of ``x``: ``E`` times the FLOPs and a mask as large as ``E``
+    inputs. There the branch is computed densely instead, with the same FLOPs and
+    no mask of ``x``: ``u = x @ [A_1 .. A_E]`` ``(M, E*r)``, each row's other
+    experts' columns zeroed (a one-hot of its group, rows past the sum in none),
+    then ``u @ [B_1; ..; B_E]``; autodiff's backward is three more such matmuls.
+    Elsewhere (a native grouped matmul), two ragged dots. ``dense`` forces
+    either form (None: by backend).
+
+    Example:
+      >>> x, a, b = jnp.ones((3, 4)), jnp.ones((2, 4, 1)), jnp.arange(6.0).reshape(2, 1, 3)
+      >>> ragged_low_rank(x, a, b, jnp.array([1, 2]), 0.5).tolist()
+      [[0.0, 2.0, 4.0], [6.0, 8.0, 10.0], [6.0, 8.0, 10.0]]
+    """
+    e, k, r = a.shape
+    s = jnp.asarray(scale, x.dtype)
+    if not (jax.default_backend() == "cpu" if dense is None else dense):
+        u = jax.lax.ragged_dot(x, a, group_sizes, precision=precision) * s
+        return jax.lax.ragged_dot(u, b, group_sizes, precision=precision)
+    ends = jnp.cumsum(group_sizes)
+    rows = jnp.arange(x.shape[0], dtype=ends.dtype)
+    group = jnp.sum(rows[:, None] >= ends[None, :], axis=1)  # E: past the last group
+    mask = (group[:, None] == jnp.arange(e, dtype=group.dtype)).astype(x.dtype) * s
+    a_all = jnp.transpose(a, (1, 0, 2)).reshape(k, e * r)
+    u = jnp.matmul(x, a_all, precision=precision).reshape(-1, e, r) * mask[:, :, None]
+    return jnp.matmul(u.reshape(-1, e * r), b.reshape(e * r, -1), precision=precision)
+
+
+def _check_group_sizes(view: LoraView, group_sizes: Array, rows: int) -> None:
+    """Concrete group sizes (outside ``jit``) must sum to the rows; traced ones cannot be
+    checked (JAX checks nothing either: rows past the sum come out as zeros)."""
+    if isinstance(group_sizes, jax.core.Tracer):
+        return
+    total = int(np.sum(np.asarray(group_sizes)))
+    if total != rows:
+        raise LoraArgumentError(
+            f"kernel {view.path!r}: ragged_dot's group_sizes sum to {total}, but its input has "
+            f"{rows} rows (one per token, sorted by expert); they must be equal"
+        )
 
 
 # ---- conv_general_dilated ---------------------------------------------------------------------

@@ -33,6 +33,7 @@ import numpy as np
 
 from lora_jax._delta import LoraFactors, factor_order_norm, factor_product
 from lora_jax._errors import LoraStructureError
+from lora_jax._layout import BATCH_LETTERS, KernelLayout
 from lora_jax._quant.lazy_kernel import LazyKernel, use
 
 Array = jax.Array
@@ -85,16 +86,15 @@ class LoraView:
                 "keep it dense, or adapt it with LoRA factors"
             )
         if f is not None:
-            stacked = lambda axes: [d for d, c in enumerate(axes) if c == "s"]  # noqa: E731
+            stacked = lambda axes: [d for d, c in enumerate(axes) if c in BATCH_LETTERS]  # noqa: E731
             if stacked(f.layout.axes) != stacked(q.axes):
                 raise LoraStructureError(
                     f"leaf {path!r}: quantized with axes {q.axes!r} but the delta's layout is "
-                    f"{f.layout.axes!r}; their stacked axes must agree"
+                    f"{f.layout.axes!r}; their stacked and experts axes must agree"
                 )
             return LoraView.of(path, LazyKernel(q), f)
-        pick = lambda c: tuple(n for n, k in zip(q.shape, q.axes) if k == c)  # noqa: E731
-        a = jnp.zeros(pick("s") + pick("i") + (0,), q.dtype)
-        b = jnp.zeros(pick("s") + (0,) + pick("o"), q.dtype)
+        a_shape, b_shape = KernelLayout(q.axes).factor_shapes(q.shape, 0)
+        a, b = jnp.zeros(a_shape, q.dtype), jnp.zeros(b_shape, q.dtype)
         return LoraView(LazyKernel(q), a, b, roles_of(q.axes), 0.0, jnp.dtype(q.dtype), path)
 
     @property
@@ -129,10 +129,11 @@ class LoraView:
             return self.w.dense(dtype)
         return jax.lax.stop_gradient(self.w).astype(dtype)
 
-    def with_frozen(self, fn: Any, x: Array) -> Array:
-        """``fn(x, frozen())``: the base product where the kernel meets its input. A quantized
-        kernel is dequantized here, and again from its codes in the backward (see ``use``)."""
-        return use(fn, x, self.w, self.dtype)
+    def with_frozen(self, fn: Any, x: Array, *aux: Array) -> Array:
+        """``fn(x, frozen(), *aux)``: the base product where the kernel meets its input. A
+        quantized kernel is dequantized here, and again from its codes in the backward (see
+        ``use``); ``aux`` (``ragged_dot``'s group sizes) gets no gradient."""
+        return use(fn, x, self.w, self.dtype, *aux)
 
     def update(self) -> Array:
         """``scale * A @ B`` in float32, in the view's current axis order."""
@@ -253,6 +254,67 @@ class LoraView:
             w = slicer(w, list(starts), list(sizes))
         return self.replace(w=w, a=cut(self.a), b=cut(self.b), magnitude=cut(self.magnitude))
 
+    def gather_stack(self, indices: Array, params: dict, gather: Any) -> LoraView | None:
+        """The view of ``w[idx]``: a gather that picks whole kernels along one batch axis
+        (each token's expert), or None for any other gather.
+
+        ``gather(operand, indices, **params)`` binds the gather primitive. The
+        factors (and their batch axes) are gathered with the same indices, so
+        the result carries the indices' batch axes as new leading batch axes
+        (``A[idx]``: ``(tokens, in, r)``), then the kernel's other batch axes.
+
+        Example:
+          >>> from lora_jax import KernelLayout, LoraFactors
+          >>> f = LoraFactors(jnp.ones((4, 6, 2)), jnp.ones((4, 2, 5)), alpha=1.0,
+          ...                 layout=KernelLayout("eio"))
+          >>> view = LoraView.of("w", jnp.ones((4, 6, 5)), f)
+          >>> idx = jnp.array([[0], [3], [3]])                    # (tokens, 1)
+          >>> eqn = jax.make_jaxpr(lambda w: w[idx[:, 0]])(view.w).eqns[-1]   # the gather
+          >>> g = view.gather_stack(idx, eqn.params, eqn.primitive.bind)
+          >>> g.a.shape, g.roles
+          ((3, 6, 2), (('s', 0), ('i', 0), ('o', 0)))
+        """
+        dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+        if (
+            self.n_lead
+            or self.magnitude is not None
+            or isinstance(self.w, LazyKernel)
+            or tuple(getattr(dn, "operand_batching_dims", None) or ())
+            or len(dn.collapsed_slice_dims) != 1
+            or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims)
+            or np.shape(indices)[-1:] != (1,)
+        ):
+            return None
+        (d,) = dn.collapsed_slice_dims
+        kind, k = self.roles[d]
+        if kind != "s" or any(
+            sizes[n] != (1 if n == d else self.shape[n]) for n in range(len(self.roles))
+        ):
+            return None
+        batch = np.ndim(indices) - 1
+        w = gather(self.w, indices, **params)
+
+        def cut(x: Array) -> Array:
+            x_sizes = tuple(1 if n == k else m for n, m in enumerate(np.shape(x)))
+            x_dn = jax.lax.GatherDimensionNumbers(
+                offset_dims=tuple(range(batch, batch + np.ndim(x) - 1)),
+                collapsed_slice_dims=(k,),
+                start_index_map=(k,),
+            )
+            return gather(x, indices, **dict(params, dimension_numbers=x_dn, slice_sizes=x_sizes))
+
+        kept = [role for n, role in enumerate(self.roles) if n != d]
+        kept_iter = iter(kept)
+        renumber = lambda r: ("s", batch + r[1] - (r[1] > k)) if r[0] == "s" else r  # noqa: E731
+        roles, new = [], 0
+        for n in range(np.ndim(w)):
+            if n in dn.offset_dims:
+                roles.append(renumber(next(kept_iter)))
+            else:
+                roles.append(("s", new))
+                new += 1
+        return self.replace(w=w, a=cut(self.a), b=cut(self.b), roles=tuple(roles))
+
     def factor_pair(self, contracted: str) -> tuple[Array, Array]:
         """Factors ordered so that the first one meets the contracted side.
 
@@ -288,11 +350,23 @@ class LoraView:
 def roles_of(axes: str) -> tuple[Role, ...]:
     """The roles of a kernel stored in layout order: each letter numbered among its kind.
 
+    The view carries every batch axis of the layout (stacked ``s`` and experts
+    ``e``, :attr:`~lora_jax.KernelLayout.batch_axes`) as a stacked role,
+    numbered in factor order (``s`` axes first): each index is an independent
+    kernel with its own factors either way, so every layout operation and rule
+    treats them alike.
+
     Example:
       >>> roles_of("sioo")
       (('s', 0), ('i', 0), ('o', 0), ('o', 1))
+      >>> roles_of("seio")
+      (('s', 0), ('s', 1), ('i', 0), ('o', 0))
     """
-    return tuple((letter, axes[:n].count(letter)) for n, letter in enumerate(axes))
+    batch = KernelLayout(axes).batch_axes if "i" in axes and "o" in axes else ()
+    return tuple(
+        ("s", batch.index(n)) if letter in BATCH_LETTERS else (letter, axes[:n].count(letter))
+        for n, letter in enumerate(axes)
+    )
 
 
 def reshape_blocks(

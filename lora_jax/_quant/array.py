@@ -8,8 +8,9 @@ kernel's axis roles. ``jax.jit``, ``device_put`` and orbax see only the arrays;
 lora_jax's own tree walks (:func:`lora_jax.advanced.leaves_with_paths`) see one
 leaf with the kernel's ``shape`` and ``dtype``.
 
-Storage, per stacked layer (blocks never straddle layers; stacked axes, the
-``'s'`` letters of the layout, are moved to the front):
+Storage, per stacked layer (blocks never straddle layers; batch axes, the
+``'s'`` and ``'e'`` letters of the layout, are moved to the front: blocks never
+straddle experts either):
 
 * ``x``: the layer's ``n`` weights flattened in the kernel's own axis order
   (row-major): for a Flax ``(in, out)`` kernel a block runs along the output
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._errors import LoraArgumentError
+from lora_jax._layout import BATCH_LETTERS
 from lora_jax._paths import BaseLeaf
 from lora_jax._quant.codebooks import (
     DQ_BLOCK,
@@ -73,7 +75,7 @@ class QuantizedArray(BaseLeaf):
       shape, dtype: the kernel's logical shape and dtype (static).
       scheme: ``'nf4'``, ``'int4'`` or ``'int8'`` (static).
       block_size: the block length, or ``None`` for per-output-channel scales (static).
-      axes: the kernel's axis roles, ``'s'``/``'i'``/``'o'`` per axis (static).
+      axes: the kernel's axis roles, ``'s'``/``'e'``/``'i'``/``'o'`` per axis (static).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -148,9 +150,10 @@ def is_quantized(x: Any) -> bool:
 
 
 def split_axes(axes: str) -> tuple[tuple[int, ...], tuple[int, ...], str]:
-    """Stacked axes, the others in kernel order, and the others' roles."""
-    stack = tuple(k for k, c in enumerate(axes) if c == "s")
-    rest = tuple(k for k, c in enumerate(axes) if c != "s")
+    """Batch axes (stacked ``s`` and experts ``e``), the others in kernel order, and the
+    others' roles."""
+    stack = tuple(k for k, c in enumerate(axes) if c in BATCH_LETTERS)
+    rest = tuple(k for k, c in enumerate(axes) if c not in BATCH_LETTERS)
     return stack, rest, "".join(axes[k] for k in rest)
 
 
@@ -266,7 +269,7 @@ def _double_dequantize_shaped(q: QuantizedArray) -> Array:
 
     The per-group scales are expanded in the flat order, then reshaped: they are tiny
     and replicated (not sharded along layer axes), so no shard needs another's data."""
-    ns = q.axes.count("s")
+    ns = sum(c in BATCH_LETTERS for c in q.axes)
     shape = q.scales.shape
     nb = math.prod(shape[ns:])
     per = jnp.repeat(q.dq_scales, DQ_BLOCK, axis=-1)[..., :nb].reshape(shape)
@@ -294,7 +297,7 @@ def quantize_leaf(
       (64,)
     """
     shape = tuple(w.shape)
-    layer = math.prod(shape[k] for k, c in enumerate(axes) if c != "s")
+    layer = math.prod(shape[k] for k, c in enumerate(axes) if c not in BATCH_LETTERS)
     if block_size is not None and layer % block_size:
         raise LoraArgumentError(
             f"leaf {path!r}: block_size {block_size} does not divide the {layer} weights of "

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._layout import BATCH_LETTERS
 from lora_jax._quant.array import QuantizedArray, dequantize_leaf
 
 Array = jax.Array
@@ -98,7 +99,7 @@ class LazyKernel:
         if self.post:
             return None
         q = self.q
-        stack_axes = [d for d, c in enumerate(q.axes) if c == "s"]
+        stack_axes = [d for d, c in enumerate(q.axes) if c in BATCH_LETTERS]
         if any(sizes[d] != q.shape[d] for d in range(q.ndim) if d not in stack_axes):
             return None
         s_starts = [starts[d] for d in stack_axes]
@@ -118,7 +119,7 @@ class LazyKernel:
     def scanned(self) -> LazyKernel | None:
         """The per-layer kernel whose stored arrays still hold the leading stacked axis:
         what ``lax.scan`` over axis 0 slices into one layer's kernel (None if it cannot)."""
-        if self.post or not self.q.axes.startswith("s"):
+        if self.post or self.q.axes[0] not in BATCH_LETTERS:
             return None
         return LazyKernel(dataclasses.replace(self.q, shape=self.q.shape[1:], axes=self.q.axes[1:]))
 
@@ -131,13 +132,13 @@ def _dropped_stack_axis(k: LazyKernel, shape: tuple[int, ...]) -> int | None:
     if k.post or len(shape) != k.ndim - 1:
         return None
     for d, c in enumerate(k.q.axes):
-        if c == "s" and k.q.shape[d] == 1 and k.q.shape[:d] + k.q.shape[d + 1 :] == shape:
+        if c in BATCH_LETTERS and k.q.shape[d] == 1 and k.q.shape[:d] + k.q.shape[d + 1 :] == shape:
             return d
     return None
 
 
 def _drop_stack_axis(q: QuantizedArray, d: int) -> QuantizedArray:
-    k = q.axes[:d].count("s")  # its position among the stored stacked axes
+    k = sum(c in BATCH_LETTERS for c in q.axes[:d])  # its position among the stored batch axes
     drop: dict[str, Any] = {
         f: None if getattr(q, f) is None else jnp.squeeze(getattr(q, f), k) for f in FIELDS
     }
@@ -146,8 +147,10 @@ def _drop_stack_axis(q: QuantizedArray, d: int) -> QuantizedArray:
     )
 
 
-def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) -> Array:
-    """``fn(x, W)`` with ``W`` the kernel in ``dtype``, ``fn`` linear in ``x``.
+def use(fn: Callable[..., Array], x: Array, kernel: Any, dtype: Any, *aux: Array) -> Array:
+    """``fn(x, W, *aux)`` with ``W`` the kernel in ``dtype``, ``fn`` linear in ``x``.
+
+    ``aux`` are further operands that get no gradient (``ragged_dot``'s group sizes).
 
     A lazy kernel is dequantized here and, in the backward, dequantized again
     from its codes (never saved dense), tied to the incoming cotangent so that
@@ -163,7 +166,7 @@ def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) 
              [64., 64., 64., 64.]], dtype=float32)
     """
     if not isinstance(kernel, LazyKernel):
-        return fn(x, jax.lax.stop_gradient(kernel).astype(dtype))
+        return fn(x, jax.lax.stop_gradient(kernel).astype(dtype), *aux)
 
     x_aval = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
@@ -182,22 +185,23 @@ def use(fn: Callable[[Array, Array], Array], x: Array, kernel: Any, dtype: Any) 
         return dataclasses.replace(k, q=q).dense(dtype)
 
     @jax.custom_vjp
-    def product(x_, k):
-        return fn(x_, tied(k, x_))
+    def product(x_, k, *aux_):
+        return fn(x_, tied(k, x_), *aux_)
 
-    def forward(x_, k):
-        return fn(x_, tied(k, x_)), k  # linear in x: the backward needs only W
+    def forward(x_, k, *aux_):
+        return fn(x_, tied(k, x_), *aux_), (k, aux_)  # linear in x: the backward needs only W
 
-    def backward(k, g):
+    def backward(res, g):
+        k, aux_ = res
         w = tied(k, g)
         if jnp.issubdtype(x_aval.dtype, jnp.inexact):
-            dx = jax.linear_transpose(lambda v: fn(v, w), x_aval)(g)[0]
+            dx = jax.linear_transpose(lambda v: fn(v, w, *aux_), x_aval)(g)[0]
         else:  # integer operands (gather indices) get no cotangent
             dx = np.zeros(x_aval.shape, jax.dtypes.float0)
-        return dx, jax.tree.map(_zero_cotangent, k)
+        return (dx, jax.tree.map(_zero_cotangent, k), *map(_zero_cotangent, aux_))
 
     product.defvjp(forward, backward)
-    return product(x, kernel)
+    return product(x, kernel, *aux)
 
 
 def _zero_cotangent(a: Array) -> Any:

@@ -132,7 +132,7 @@ def low_rank_factors(residual: Array, f: LoraFactors) -> tuple[Array, Array]:
       True
     """
     layout, r = f.layout, f.rank
-    ns = len(layout.stack_axes)
+    ns = len(layout.batch_axes)
     rf = jnp.transpose(jnp.asarray(residual, jnp.float32), layout.permutation)
     stack, fan_in = rf.shape[:ns], rf.shape[ns : ns + len(layout.in_axes)]
     fan_out = rf.shape[ns + len(layout.in_axes) :]

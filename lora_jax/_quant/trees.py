@@ -126,7 +126,8 @@ def quantize(
         quantization: 8 bits per scale, blocks of 256); about 4.127 bits per
         weight for nf4 with blocks of 64.
       layouts: ``{path or pattern: KernelLayout | 'sio'-string}`` for N-D kernels
-        (stacked axes ``'s'`` keep blocks inside one layer; per-channel scales are
+        (stacked ``'s'`` and experts ``'e'`` axes keep blocks inside one layer / expert;
+        per-channel scales are
         per ``'o'`` index); 2-D kernels default to ``'io'``.
       exclude: regex(es) of paths never quantized.
 

@@ -332,7 +332,7 @@ def test_traced_layouts_argument_and_config_priority():
 @pytest.mark.parametrize("axes", ["iqo", "IO", "i o", "iox"])
 def test_kernel_layout_bad_letters(axes):
     with pytest.raises(
-        LoraLayoutError, match=rf"string of 's', 'i', 'o' letters, got {re.escape(repr(axes))}"
+        LoraLayoutError, match=rf"string of 's', 'e', 'i', 'o' letters, got {re.escape(repr(axes))}"
     ):
         KernelLayout(axes)
 

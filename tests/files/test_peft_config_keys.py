@@ -80,7 +80,6 @@ def test_docs_table_is_the_code_table():
 # a live (non-inert) value for each refused key
 REFUSED_VALUES = {
     "megatron_config": {"tensor_model_parallel_size": 2},
-    "target_parameters": ["experts.gate_up_proj"],
     "trainable_token_indices": [1, 2],
     "lora_bias": True,
     "alora_invocation_tokens": [5, 7],

@@ -105,6 +105,12 @@ CONFIG_KEYS: dict[str, KeyRule] = {
         "the adapted modules are the ones with tensors in the "
         "file; `export_peft` writes short names when they are unambiguous",
     ),
+    "target_parameters": _rule(
+        IMPLEMENTED,
+        "LoRA on 3-D expert parameters (`ParamWrapper`): `lora_A (r*E, in)` expert-major and "
+        "`lora_B (out, r*E)` rank-major, to and from `(E, in, out)` kernels of layout `eio` "
+        "(see the table of PEFT's expert tensors); entries name `module.parameter`",
+    ),
     "exclude_modules": _rule(
         IRRELEVANT, "module selection at creation; the file's tensors say which modules are adapted"
     ),
@@ -157,11 +163,6 @@ CONFIG_KEYS: dict[str, KeyRule] = {
         "LoRA on Megatron's tensor-parallel "
         "Column/RowParallelLinear layers, whose factors are sharded per "
         "rank; lora_jax reads nn.Linear / Embedding / Conv modules",
-    ),
-    "target_parameters": _rule(
-        REFUSED,
-        "LoRA on bare `nn.Parameter`s (MoE expert weights), "
-        "with PEFT's own per-expert layout; not implemented yet",
     ),
     "trainable_token_indices": _rule(
         REFUSED,

@@ -43,8 +43,15 @@ names the index with a ``(?P<layer>\\d+)`` group and the layers are stacked on
 the leading axis. :func:`import_peft` with ``params`` only needs ``to_peft``:
 it maps every leaf of the params and inverts the result.
 
+**Experts.** A kernel of layout ``s..eio`` (a mixture of experts' ``(E, in,
+out)`` stack) is PEFT's ``target_parameters`` parameter, one ``ParamWrapper``
+per layer: ``lora_A.weight (r*E, in)``, ``lora_B.weight (out, r*E)``
+(:mod:`lora_jax._files.peft.experts`); the name map gives the parameter's full
+name (``model.layers.{}.mlp.experts.gate_up_proj``).
+
 **Modules.** This module reads and writes PEFT directories; the PyTorch
-tensor layouts are :mod:`lora_jax._files.peft.tensors`, the names
+tensor layouts are :mod:`lora_jax._files.peft.tensors` (experts:
+:mod:`lora_jax._files.peft.experts`), the names
 :mod:`lora_jax._files.peft.names`, and fitting imported modules to Flax kernels
 :mod:`lora_jax._files.peft.fit`.
 """
@@ -65,6 +72,16 @@ from lora_jax._delta import LeafDelta, LoraFactors, delta_entries, lora_scale
 from lora_jax._errors import LoraArgumentError, LoraFileError, LoraStructureError
 from lora_jax._files.atomic import StagedFiles
 from lora_jax._files.peft.config_keys import check_config_keys
+from lora_jax._files.peft.experts import (
+    EXPERTS,
+    expert_tensors,
+    experts_without_params,
+    fit_experts,
+    is_expert_layout,
+    merge_nested,
+    split_wrapper_parts,
+    target_parameters,
+)
 from lora_jax._files.peft.fit import fit_to_params, fit_without_params
 from lora_jax._files.peft.names import NameMap, fill_layers, pattern_key, pattern_value
 from lora_jax._files.peft.saved_modules import export_saved, import_saved, split_saved_key
@@ -270,7 +287,10 @@ def export_peft(
     ``lora_B.weight (out, r)`` for Dense (N-D kernels flattened, see the module
     doc), ``lora_embedding_A (r, vocab)`` / ``lora_embedding_B (dim, r)`` for
     embeddings, ``(r, in, *window)`` / ``(out, r, 1, ..)`` for convs, and
-    ``lora_magnitude_vector`` for DoRA. ``r`` / ``lora_alpha`` are the most
+    ``lora_magnitude_vector`` for DoRA; an expert kernel (layout ``s..eio``)
+    as PEFT's ``target_parameters`` (``lora_A.weight (r*E, in)``,
+    ``lora_B.weight (out, r*E)``, the name map giving the parameter's full
+    name, a module's parameters nested as transformers registers them). ``r`` / ``lora_alpha`` are the most
     common rank and alpha; modules that differ get ``rank_pattern`` /
     ``alpha_pattern`` entries. ``target_modules`` lists each module's last
     name (``q_proj``) where that selects exactly the adapted modules among the
@@ -317,16 +337,21 @@ def export_peft(
     """
     nm = NameMap.coerce(name_map)
     targets, leaf_deltas = _exportable(delta)
+    experts = [(p, f, _module_template(nm, p, f)) for p, f in targets if is_expert_layout(f.layout)]
+    targets = [(p, f) for p, f in targets if not is_expert_layout(f.layout)]
     tensors, modules = _to_modules(targets, nm)
+    expert_arrays, wrapped = expert_tensors(experts)
+    tensors.update(expert_arrays)
     saved, bias = None, "none"
     if leaf_deltas:
         full, saved, lora_biases = export_saved(leaf_deltas, params, nm, modules)
         tensors.update({f"{PEFT_PREFIX}{k}": v for k, v in full.items()})
         bias = "lora_only" if lora_biases else "none"
-    first = targets[0][1]
-    target_modules = _target_modules(sorted(modules), _other_modules(delta, nm, modules))
+    first = (targets or experts)[0][1]
+    others = _other_modules(delta, nm, {**modules, **wrapped})
+    target_modules = _target_modules(sorted(modules), others) if modules else []
     config = _peft_config(
-        modules,
+        {**modules, **wrapped},
         bool(first.rslora),
         first.magnitude is not None,
         base_model_name_or_path,
@@ -334,6 +359,8 @@ def export_peft(
         saved or None,
         bias,
     )
+    if wrapped:
+        config["target_parameters"] = target_parameters(list(wrapped), others)
     directory = output_directory(path)
     with StagedFiles(directory) as files:
         files.stage(WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
@@ -539,10 +566,12 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Pef
         _saved_entries(directory / CONFIG_NAME, cfg),
         _trained_biases(directory / CONFIG_NAME, cfg),
     )
+    parts_by_module, wrappers = split_wrapper_parts(weights, cfg, parts_by_module)
     for name, parts in parts_by_module.items():
         alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
         modules[name] = peft_module(weights, name, parts, float(alpha))
         _check_against_config(weights, cfg, modules[name], parts["A"][1].shape)
+    modules.update(wrappers)  # PEFT's target_parameters: kind "experts", by parameter name
     return cfg, modules, full
 
 
@@ -600,10 +629,15 @@ def import_peft(
     of PEFT's ``LoraConfig`` keys (``lora_jax._files.peft.config_keys``): a
     key that changes what the adapter computes in a way lora_jax does not
     (``alora_invocation_tokens``, ``layer_replication``, ``lora_bias``,
-    ``trainable_token_indices``, ``target_parameters``, other variants) or
+    ``trainable_token_indices``, other variants) or
     that lora_jax does not know is refused by name rather than imported as a
     plain LoRA. Modules PEFT trained in full (``modules_to_save``) import as
     :class:`~lora_jax.LeafDelta` (``value - base``; needs concrete params).
+    Expert parameters PEFT adapted with ``target_parameters`` import as
+    ``(*layers, E, in, r)`` / ``(*layers, E, r, out)`` factors of layout
+    ``s..eio`` at the leaf the name map sends to the parameter's full name
+    (:mod:`lora_jax._files.peft.experts`); a target whose leaf is not such an
+    expert stack is a :class:`LoraFileError` naming it.
 
     Returns:
       The delta (``LoraFactors`` with ``alpha``, ``rslora`` and, for DoRA,
@@ -646,11 +680,15 @@ def import_peft(
             check_finite_array(weights, key, array)
     rslora = bool(cfg.get("use_rslora", False))
     nm = NameMap.coerce(name_map)
+    wrappers = {n: m for n, m in modules.items() if m.kind == EXPERTS}
+    modules = {n: m for n, m in modules.items() if m.kind != EXPERTS}
     if params is None:
         import_saved(weights, full, None, nm, dtype)  # refuses modules_to_save without params
-        return fit_without_params(weights, modules, nm, rslora, dtype)
-    saved = import_saved(weights, full, params, nm, dtype)
-    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype, saved)
+        plain = fit_without_params(weights, modules, nm, rslora, dtype)
+        return merge_nested(plain, experts_without_params(weights, wrappers, nm, rslora, dtype))
+    placed: dict[str, Any] = dict(import_saved(weights, full, params, nm, dtype))
+    placed.update(fit_experts(weights, wrappers, params, nm, rslora, dtype))
+    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype, placed)
 
 
 # --------------------------------------------------------------------------- describe
