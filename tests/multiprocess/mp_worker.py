@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -87,7 +86,9 @@ def abstract_state(cfg, mesh, optimizer, quantized=False):
     )
     if quantized:
         base = jax.eval_shape(quantize, base)
-    delta = jax.eval_shape(lambda k: lj.init_lora(k, base, ex.lora_config(cfg))[1], jax.random.key(0))
+    delta = jax.eval_shape(
+        lambda k: lj.init_lora(k, base, ex.lora_config(cfg))[1], jax.random.key(0)
+    )
     delta_sh = lj.delta_shardings(base_sh, delta)
     opt = jax.eval_shape(optimizer.init, delta)
     opt_sh = lj.opt_state_shardings(opt, delta_sh)
@@ -112,7 +113,11 @@ def restore(directory: Path, abstract):
 
 
 def latest(directory: Path) -> Path:
-    return directory / str(max(int(p.name) for p in directory.iterdir() if p.name.isdigit())) / "default"
+    return (
+        directory
+        / str(max(int(p.name) for p in directory.iterdir() if p.name.isdigit()))
+        / "default"
+    )
 
 
 def quantize(base):
