@@ -36,9 +36,24 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
+import jax  # noqa: E402
+
 from examples.common import distributed  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# orbax-checkpoint (0.12.8 in every environment) saves arrays that span processes with
+# ``with jax.sharding.set_mesh(...)``, which is no context manager yet in JAX 0.6.2
+# (the oldest supported), where its save fails. Cross-process collectives work there too
+# (test_collectives.py), but these tests checkpoint with orbax throughout.
+ORBAX_ACROSS_PROCESSES = hasattr(jax.sharding.set_mesh, "__enter__")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not ORBAX_ACROSS_PROCESSES,
+        reason=f"orbax-checkpoint cannot save arrays spanning processes on JAX {jax.__version__} "
+        "(jax.sharding.set_mesh is no context manager there)",
+    ),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "multiprocess" / "mp_worker.py"
@@ -372,9 +387,9 @@ def test_killed_process_fails_the_job_fast_and_the_restart_is_bit_identical(kill
 
 def test_zz_report(capsys):
     """Prints the time of each multi-process job (seconds on this machine)."""
+    assert TIMES, "run with the other tests of this module"
     with capsys.disabled():
         print(
             "\nmulti-process job times (s): "
             + json.dumps({k: round(v, 1) for k, v in TIMES.items()})
         )
-    assert TIMES
