@@ -3,7 +3,8 @@
 Two processes x 2 CPU devices on loopback, joined by ``examples/common/distributed.py``:
 a global array built from each process's rows, a jitted sum across all 4 devices, and
 ``process_allgather``. This is what the multi-process training tests
-(``test_multiprocess.py``) stand on; it runs where their orbax checkpoints cannot (JAX 0.6.2).
+(``test_multiprocess.py``, slow) stand on; it runs where their orbax checkpoints cannot (JAX
+0.6.2), and is fast enough (two small programs) for ``make test`` and ``make test-oldest``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 from examples.common import distributed
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
