@@ -12,7 +12,8 @@ tensor-parallel on the other, the batch is split over ``data x fsdp``. Then:
    kernel's fan-in spec, ``B`` its fan-out spec, the rank axis is replicated;
 3. training runs through ``lora_jax.implicit`` (``x @ W + s * (x @ A) @ B``,
    ``W`` frozen; ``strict=True``, so no kernel is ever materialised), with
-   Adam's state sharded like the delta and the train state donated;
+   Adam's state sharded like the delta and the train state donated (not while
+   an async checkpoint may still read it);
 4. the adapter is merged into the sharded params with ``jit`` whose
    ``out_shardings`` are the base's, so nothing is gathered;
 5. with ``--out``, the adapter (a few KB) is gathered to the hosts, saved from
