@@ -12,40 +12,47 @@ tensor-parallel on the other, the batch is split over ``data x fsdp``. Then:
    kernel's fan-in spec, ``B`` its fan-out spec, the rank axis is replicated;
 3. training runs through ``lora_jax.implicit`` (``x @ W + s * (x @ A) @ B``,
    ``W`` frozen; ``strict=True``, so no kernel is ever materialised), with
-   Adam's state sharded like the delta and the train state donated;
+   Adam's state sharded like the delta and the train state donated (not while
+   an async checkpoint may still read it);
 4. the adapter is merged into the sharded params with ``jit`` whose
    ``out_shardings`` are the base's, so nothing is gathered;
 5. with ``--out``, the adapter (a few KB) is gathered to the hosts, saved from
    process 0 (``lora_jax.save``), and loaded back onto the mesh.
 
-The same code runs multi-host: call ``jax.distributed.initialize()`` first;
-each process feeds its own slice of the batch
-(``jax.make_array_from_process_local_data``). On CPU it simulates 8 devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here if unset)::
+Multi-process: the same program runs as several JAX processes, each feeding
+its own slice of the batch (``jax.make_array_from_process_local_data``)::
+
+    # 2 processes on this machine, 2 CPU devices each, one mesh over all 4:
+    python -m examples.sharded_finetune --processes 2 --devices-per-process 2 --mesh 1,2,2
+    # one process per host (TPU pod, SLURM: detected; else --coordinator/--num-processes/--process-id):
+    python -m examples.sharded_finetune --distributed --mesh 2,4,4
+
+On one CPU machine it simulates 8 devices by default::
 
     python -m examples.sharded_finetune                     # mesh 2x2x2
     python -m examples.sharded_finetune --mesh 1,1,8 --scan --remat --steps 20
 
 ``--scan`` stacks the blocks with ``nn.scan`` (kernels get a leading layer
 axis, layout ``"sio"``), ``--remat`` rematerialises each block.
+``--ckpt DIR`` checkpoints ``{delta, opt_state, step, rng}`` with orbax every
+``--save-every`` steps (each process writes its own shards) and resumes from
+the latest checkpoint: a killed job restarted with the same command ends
+bit-identical to one never interrupted. ``--dropout`` turns on LoRA dropout
+(its key is the state's ``rng``).
 """
 
 from __future__ import annotations
 
-import os
+from examples.common import distributed
 
-if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""
-):
-    # Must happen before jax initialises its backends.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+if __name__ == "__main__":
+    distributed.configure_devices()  # before JAX starts: --devices-per-process, else 8
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -164,15 +171,20 @@ def make_mesh(shape: tuple[int, int, int]) -> Mesh:
     return Mesh(np.array(jax.devices()[:n]).reshape(shape), MESH_AXES)
 
 
-def local_batch(cfg: Config, step: int, batch_size: int, seed: int = 0):
-    """This process's slice of the global batch: (inputs, targets), each (local_batch, seq).
+def local_batch(cfg: Config, step: int, batch_size: int, seed: int = 0, rows=None):
+    """Rows ``rows`` (default: all) of the global batch of ``step``: (inputs, targets), each
+    (len(rows), seq).
 
     A synthetic language: each sequence follows ``x[i+1] = (5 x[i] + 3) mod V``
     from a random start, so the next token is a fixed function of the current.
+    Each row is a function of ``(seed, step, row)`` alone, so a process reads
+    only its own rows, and any process count and any resumed run see the same
+    global batch.
     """
-    n_local = batch_size // jax.process_count()
-    rng = np.random.default_rng([seed, step, jax.process_index()])
-    start = rng.integers(0, cfg.vocab_size, (n_local, 1))
+    rows = range(batch_size) if rows is None else rows
+    start = np.array(
+        [np.random.default_rng([seed, step, r]).integers(0, cfg.vocab_size) for r in rows]
+    ).reshape(-1, 1)
     seq = [start]
     for _ in range(cfg.seq_len):
         seq.append((5 * seq[-1] + 3) % cfg.vocab_size)
@@ -180,11 +192,24 @@ def local_batch(cfg: Config, step: int, batch_size: int, seed: int = 0):
     return seq[:, :-1], seq[:, 1:]
 
 
+def process_rows(sharding: NamedSharding, batch_size: int) -> range:
+    """The rows of a ``(batch_size, ...)`` array sharded by ``sharding`` that this
+    process's devices hold (contiguous for a batch split over mesh axes whose
+    devices are ordered by process, as ``jax.devices()`` is)."""
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    spans = sorted({s[0].indices(batch_size)[:2] for s in index_map.values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(h - lo_ for lo_, h in spans) != hi - lo:
+        raise ValueError(f"this process's rows {spans} are not contiguous")
+    return range(lo, hi)
+
+
 def global_batch(cfg: Config, step: int, batch_size: int, sharding: NamedSharding, seed: int = 0):
-    """The global batch as sharded arrays, assembled from every process's local slice."""
+    """The global batch as sharded arrays; this process reads only the rows it holds."""
+    rows = process_rows(sharding, batch_size)
     return tuple(
-        jax.make_array_from_process_local_data(sharding, x)
-        for x in local_batch(cfg, step, batch_size, seed)
+        jax.make_array_from_process_local_data(sharding, x, (batch_size, *x.shape[1:]))
+        for x in local_batch(cfg, step, batch_size, seed, rows)
     )
 
 
@@ -203,8 +228,9 @@ def init_base(cfg: Config, key, shardings=None):
     return jax.jit(init, out_shardings=shardings)(key)
 
 
-def loss_fn(delta, base, model: Transformer, inputs, targets):
-    logits = lora_jax.implicit(model.apply, strict=True)(base, delta, inputs)
+def loss_fn(delta, base, model: Transformer, inputs, targets, dropout=0.0, dropout_key=None):
+    apply = lora_jax.implicit(model.apply, strict=True, dropout=dropout)
+    logits = apply(base, delta, inputs, lora_dropout_key=dropout_key)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
@@ -230,6 +256,75 @@ def make_train_step(model: Transformer, optimizer, state_sh=None, base_sh=None, 
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
     )
+
+
+def initial_state(delta, opt_state, mesh: Mesh, seed: int = 0) -> dict:
+    """The train state at step 0, ``{"delta", "opt_state", "step", "rng"}``: everything a
+    resumed run needs (the rng as raw key data; the step and rng replicated on the mesh)."""
+    replicated = NamedSharding(mesh, P())
+    return {
+        "delta": delta,
+        "opt_state": opt_state,
+        "step": jax.device_put(np.int32(0), replicated),
+        "rng": jax.device_put(
+            np.asarray(jax.random.key_data(jax.random.key(seed + 2))), replicated
+        ),
+    }
+
+
+def state_shardings(delta_sh, opt_sh, mesh: Mesh) -> dict:
+    replicated = NamedSharding(mesh, P())
+    return {"delta": delta_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+
+
+def make_state_step(
+    model: Transformer, optimizer, state_sh, base_sh, batch_sh, *, dropout=0.0, donate=True
+):
+    """``step(state, base, (inputs, targets)) -> (state, loss)`` over :func:`initial_state`'s
+    dict: LoRA dropout (if any) keyed by the state's ``rng``, the step counted. Donating the
+    state is unsafe while an async checkpoint may still read it: ``donate=False`` then."""
+
+    def step(state, base, batch):
+        key, dropout_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        delta = state["delta"]
+        loss, grads = jax.value_and_grad(loss_fn)(
+            delta, base, model, *batch, dropout, dropout_key if dropout else None
+        )
+        updates, opt_state = optimizer.update(grads, state["opt_state"], delta)
+        new = {
+            "delta": optax.apply_updates(delta, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": jax.random.key_data(key),
+        }
+        return new, loss
+
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, base_sh, (batch_sh, batch_sh)),
+        out_shardings=(state_sh, NamedSharding(batch_sh.mesh, P())),
+        donate_argnums=0 if donate else (),
+    )
+
+
+def checkpoint_manager(directory: Path):
+    """orbax: async saves, the last two kept; every process writes its own shards."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(Path(directory).resolve(), options=options)
+
+
+def restore_latest(manager, state: dict) -> dict:
+    """The latest complete checkpoint restored into ``state``'s shapes and shardings (each
+    process reads only its shards), else ``state``."""
+    import orbax.checkpoint as ocp
+
+    latest = manager.latest_step()
+    if latest is None:
+        return state
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
 
 
 def setup(cfg: Config, mesh: Mesh, key, optimizer=None, base=None):
@@ -306,55 +401,100 @@ def main(argv=None) -> dict:
     parser.add_argument("--scan", action="store_true", help="stack the blocks with nn.scan")
     parser.add_argument("--remat", action="store_true", help="rematerialise each block")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout rate")
     parser.add_argument("--out", type=Path, default=None, help="save the adapter to this directory")
+    parser.add_argument("--ckpt", type=Path, default=None, help="orbax checkpoints (resumed)")
+    parser.add_argument("--save-every", type=int, default=1, help="checkpoint every N steps")
+    parser.add_argument("--log", type=Path, default=None, help="append 'step loss.hex()' lines")
     parser.add_argument(
         "--hlo", type=Path, default=None, help="write the compiled train step's HLO text here"
     )
+    distributed.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.processes > 1:  # the parent: start the processes, each runs this same main
+        argv = sys.argv[1:] if argv is None else list(argv)
+        status = distributed.launch_local(
+            "examples.sharded_finetune", argv, args.processes, args.devices_per_process or 2
+        )
+        return {"exit_status": status}
+    distributed.initialize(args)
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
 
     shape = tuple(int(s) for s in args.mesh.split(","))
     mesh = make_mesh(shape)
     cfg = Config(num_layers=args.layers, scan=args.scan, remat=args.remat)
-    print(
+    say(
         f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
-        f"devices, {jax.process_count()} process(es)"
+        f"devices, {jax.process_count()} process(es) with {jax.local_device_count()} each"
     )
     t0 = time.perf_counter()
     s = setup(cfg, mesh, jax.random.key(args.seed))
     base, delta, opt_state = s["base"], s["delta"], s["opt_state"]
-    print(f"model: {cfg}\nshardings (fan-in spec -> A, fan-out spec -> B, rank replicated):")
-    show_shardings(base, delta, opt_state, cfg)
-    print(
+    if lead:
+        print(f"model: {cfg}\nshardings (fan-in spec -> A, fan-out spec -> B, rank replicated):")
+        show_shardings(base, delta, opt_state, cfg)
+    say(
         f"trainable params: {lora_jax.count_params(delta)} of "
         f"{lora_jax.count_params(base)} base params"
     )
 
     model = s["model"]
-    step = make_train_step(
-        model, s["optimizer"], (s["delta_sh"], s["opt_sh"]), s["base_sh"], s["batch_sh"]
+    state = initial_state(delta, opt_state, mesh, args.seed)
+    manager = None if args.ckpt is None else checkpoint_manager(args.ckpt)
+    if manager is not None:
+        state = restore_latest(manager, state)
+    start = int(state["step"])
+    if start:
+        say(f"resumed from the checkpoint of step {start}")
+    step = make_state_step(
+        model,
+        s["optimizer"],
+        state_shardings(s["delta_sh"], s["opt_sh"], mesh),
+        s["base_sh"],
+        s["batch_sh"],
+        dropout=args.dropout,
+        donate=manager is None,
     )
-    state = (delta, opt_state)
     batches = (
-        global_batch(cfg, i, args.batch_size, s["batch_sh"], args.seed) for i in range(args.steps)
+        global_batch(cfg, i, args.batch_size, s["batch_sh"], args.seed)
+        for i in range(start, args.steps)
     )
-    first = next(batches)
+    first = next(batches, None)
+    if first is None:
+        first = global_batch(cfg, start, args.batch_size, s["batch_sh"], args.seed)
+        batches = iter(())
+    else:
+        batches = itertools.chain([first], batches)
     # Compile ahead of time: the same program jit would build, and its HLO can be inspected
     # (all-gathers, all-reduces: look for any of a whole kernel's shape).
     step = step.lower(state, base, first).compile()
-    if args.hlo is not None:
+    if args.hlo is not None and lead:
         hlo = step.as_text()
         lora_jax.advanced.atomic_write(args.hlo, lambda tmp: tmp.write_text(hlo))
     losses = []
-    for i, batch in enumerate(itertools.chain([first], batches)):
-        state, loss = step(state, base, batch)  # `state` is donated: never reuse the old one
+    log = open(args.log, "a") if args.log is not None and lead else None  # noqa: SIM115
+    for i, batch in enumerate(batches, start):
+        state, loss = step(state, base, batch)  # a donated `state` is never reused
         losses.append(float(loss))
+        if log is not None:
+            log.write(f"{i + 1} {losses[-1].hex()}\n")
+            log.flush()
+        if manager is not None and ((i + 1) % args.save_every == 0 or i + 1 == args.steps):
+            manager.save(i + 1, args=_save_args(state))
         if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
-            print(f"step {i:3d}  loss {losses[-1]:.4f}")
-    delta = state[0]
-    print(
-        f"loss: first {losses[0]:.4f} last {losses[-1]:.4f} "
-        f"({time.perf_counter() - t0:.1f}s with compiles)"
-    )
+            say(f"step {i:3d}  loss {losses[-1]:.4f}")
+    if log is not None:
+        log.close()
+    if manager is not None:
+        manager.wait_until_finished()  # the last async save is committed before going on
+        manager.close()
+    delta = state["delta"]
+    if losses:
+        say(
+            f"loss: first {losses[0]:.4f} last {losses[-1]:.4f} "
+            f"({time.perf_counter() - t0:.1f}s with compiles)"
+        )
     kept = all(
         leaf.a.sharding.is_equivalent_to(sh.a, leaf.a.ndim)
         for leaf, sh in zip(
@@ -368,56 +508,70 @@ def main(argv=None) -> dict:
             )
         )
     )
-    print(f"delta keeps its derived shardings after training: {kept}")
+    say(f"delta keeps its derived shardings after training: {kept}")
 
     # Merge without gathering: each device adds its shard of s*A@B to its shard of W.
     merged = jax.jit(lora_jax.merge, out_shardings=s["base_sh"])(base, delta)
     same = jax.tree.all(
         jax.tree.map(lambda m, b: m.sharding.is_equivalent_to(b.sharding, m.ndim), merged, base)
     )
-    inputs, targets = global_batch(cfg, 0, args.batch_size, s["batch_sh"], args.seed)
+    inputs, _ = global_batch(cfg, 0, args.batch_size, s["batch_sh"], args.seed)
+    replicated = NamedSharding(mesh, P())
     fwd = jax.jit(model.apply)(merged, inputs)
     imp = jax.jit(lora_jax.implicit(model.apply))(base, delta, inputs)
-    diff = float(jnp.max(jnp.abs(fwd - imp)))
-    print(
+    diff = float(jax.jit(lambda a, b: jnp.max(jnp.abs(a - b)), out_shardings=replicated)(fwd, imp))
+    say(
         f"merged params keep the base's shardings: {same}; "
         f"max |merged forward - implicit forward|: {diff:.2e}"
     )
 
-    # The adapter is small: gather it to every host, write it from process 0. (Or save the
-    # sharded delta with orbax.checkpoint, which writes each shard from the host holding it.)
+    # The adapter is small: gather it to every host, write it from process 0. (The orbax
+    # checkpoint above holds it sharded, each shard written by the host holding it.)
     restored_ok = None
     if args.out is not None:
         host_delta = multihost_utils.process_allgather(delta, tiled=True)
-        if jax.process_index() == 0:
+        if lead:
             lora_jax.save(args.out, host_delta, lora_config(cfg))
             print(
                 f"saved the adapter ({lora_jax.advanced.tree_bytes(host_delta)} bytes) to {args.out}"
             )
         multihost_utils.sync_global_devices("adapter saved")
-        # Loading onto the mesh: read on the host, then place with the delta's shardings.
+        # Loading onto the mesh: read on every host, then place with the delta's shardings.
         restored, _ = lora_jax.load(args.out, base=base)
         restored = jax.device_put(restored, s["delta_sh"])
-        restored_ok = bool(
-            jax.tree.all(
-                jax.tree.map(
-                    lambda x, y: bool(jnp.array_equal(x, y)) and x.sharding == y.sharding,
-                    restored,
-                    delta,
+        equal = jax.jit(
+            lambda x, y: jnp.all(
+                jnp.stack(
+                    [jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))]
                 )
-            )
-        )
-        print(f"adapter reloaded onto the mesh, equal and sharded alike: {restored_ok}")
+            ),
+            out_shardings=replicated,
+        )(restored, delta)
+        alike = jax.tree.all(jax.tree.map(lambda x, y: x.sharding == y.sharding, restored, delta))
+        restored_ok = bool(equal) and bool(alike)
+        say(f"adapter reloaded onto the mesh, equal and sharded alike: {restored_ok}")
     return dict(
         losses=losses,
+        start_step=start,
         merged_diff=diff,
         shardings_kept=kept,
         merged_sharded=same,
         restored=restored_ok,
         base=base,
         delta=delta,
+        merged=merged,
+        state=state,
+        setup=s,
+        mesh=mesh,
+        config=cfg,
     )
 
 
+def _save_args(state):
+    import orbax.checkpoint as ocp
+
+    return ocp.args.StandardSave(state)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main().get("exit_status", 0))
