@@ -16,7 +16,7 @@ building blocks with no stability promise; every other module is private.
 from lora_jax import advanced as advanced
 from lora_jax import debug as debug
 from lora_jax._config import LoraConfig
-from lora_jax._delta import LeafDelta, LoraFactors
+from lora_jax._delta import LeafDelta, LoraBias, LoraFactors, TokenRows
 from lora_jax._errors import (
     LoraArgumentError,
     LoraBaseMismatchError,
@@ -58,12 +58,14 @@ __version__ = "0.1.0"
 __all__ = [
     "KernelLayout",
     "LeafDelta",
+    "LoraBias",
     "LoraArgumentError",
     "LoraBaseMismatchError",
     "LoraConfig",
     "LoraConfigError",
     "LoraError",
     "LoraFactors",
+    "TokenRows",
     "LoraFallbackWarning",
     "LoraFileError",
     "LoraImplicitError",
