@@ -68,7 +68,6 @@ def _rule(handling: str, what: str, inert: Callable[[Any], bool] = _unset) -> Ke
     return KeyRule(handling, what, inert)
 
 
-_NOT_YET = "its implementation needs changes to lora_jax's core delta types that are in progress"
 
 CONFIG_KEYS: dict[str, KeyRule] = {
     # ---- PeftConfig's own keys: what the adapter is, not what it computes
@@ -135,6 +134,18 @@ CONFIG_KEYS: dict[str, KeyRule] = {
         "`LeafDelta` (needs concrete params); `export_peft` writes a LoRA-targeted "
         'module\'s `LeafDelta` bias as `"lora_only"`',
     ),
+    "lora_bias": _rule(
+        IMPLEMENTED,
+        "`lora_B`'s bias `b` (`<module>.lora_B.bias`): a `LoraBias` at the Flax `bias` leaf "
+        "beside the kernel, merged as `c + s * b`",
+    ),
+    "trainable_token_indices": _rule(
+        IMPLEMENTED,
+        "embedding rows trained in full (`<module>.token_adapter.trainable_tokens_delta`, "
+        "the rows' values; a list or `{module: [indices]}`): a `TokenRows` at the table, "
+        "`W.at[indices]` set to them (a head tied to the table sees them too); needs "
+        "concrete params",
+    ),
     "init_lora_weights": _rule(
         IRRELEVANT,
         "how PEFT drew the first factors, moot once the weights exist; except "
@@ -162,17 +173,6 @@ CONFIG_KEYS: dict[str, KeyRule] = {
         REFUSED,
         "LoRA on bare `nn.Parameter`s (MoE expert weights), "
         "with PEFT's own per-expert layout; not implemented yet",
-    ),
-    "trainable_token_indices": _rule(
-        REFUSED,
-        "trains some embedding rows in full (a sparse "
-        "row update of the embedding and a tied head); not imported "
-        f"yet: {_NOT_YET}",
-    ),
-    "lora_bias": _rule(
-        REFUSED,
-        "adds a trained bias to `lora_B` (merged as `s * b` into the "
-        f"base bias); not imported yet: {_NOT_YET}",
     ),
     "alora_invocation_tokens": _rule(
         REFUSED,
