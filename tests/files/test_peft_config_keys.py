@@ -444,9 +444,11 @@ def peft_adapter(torch, peft, twins, model_name, kw, directory, seed):
         out = pm(x).numpy()
     pm.save_pretrained(str(directory))
     residual = {
-        k.replace(".base_layer", "").replace(".original_module", ""): v.detach().clone().numpy()
+        k.replace(".base_layer", "")
+        .replace(".original_module", "")
+        .replace(".token_adapter", ""): v.detach().clone().numpy()
         for k, v in pm.base_model.model.state_dict().items()
-        if "lora_" not in k and "modules_to_save" not in k
+        if "lora_" not in k and "modules_to_save" not in k and "trainable_tokens" not in k
     }
     return x.numpy(), out, base, residual
 

@@ -721,6 +721,7 @@ def random_params(model: str, rng) -> dict:
         "conv1d": {"conv": {"kernel": (3, 4, 5), "bias": (5,)}},
         "conv2d": {"conv": {"kernel": (3, 2, 3, 4), "bias": (4,)}},
         "stack": {"layers": {"lin": {"kernel": (3, 5, 5), "bias": (3, 5)}}},
+        "lm": {"emb": {"embedding": (12, 6)}, "fc": {"kernel": (6, 6), "bias": (6,)}},
     }[model]
     return {
         "params": jax.tree.map(
