@@ -226,16 +226,16 @@ def _first_match(table: Mapping[str, Any], path: str, default: Any) -> Any:
 def _token_table(table: Any) -> dict[str, tuple[int, ...]]:
     """``trainable_tokens`` checked: ``{regex: distinct indices >= 0}``, indices as a tuple."""
     if not isinstance(table, Mapping):
-        raise LoraConfigError(
-            f"trainable_tokens must be {{regex: [row indices]}}, got {table!r}"
-        )
+        raise LoraConfigError(f"trainable_tokens must be {{regex: [row indices]}}, got {table!r}")
     out = {}
     for pattern, indices in table.items():
         idx = list(indices) if isinstance(indices, (list, tuple)) else None
         if (
             not isinstance(pattern, str)
             or not idx
-            or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in idx)
+            or any(
+                isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in idx
+            )
             or len(set(idx)) != len(idx)
         ):
             raise LoraConfigError(

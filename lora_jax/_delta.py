@@ -352,8 +352,8 @@ class LoraBias(ValueDelta):
       scale: ``s`` of the adapted kernel (static).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> LoraBias(jnp.ones(3), scale=2.0).apply(jnp.zeros(3))
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> lj.LoraBias(jnp.ones(3), scale=2.0).apply(jnp.zeros(3))
       Array([2., 2., 2.], dtype=float32)
     """
 
@@ -401,8 +401,8 @@ class TokenRows(ValueDelta):
       indices: ``k`` distinct row indices (static).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> TokenRows(jnp.ones((1, 2)), indices=(2,)).apply(jnp.zeros((3, 2)))[:, 0]
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> lj.TokenRows(jnp.ones((1, 2)), indices=(2,)).apply(jnp.zeros((3, 2)))[:, 0]
       Array([0., 0., 1.], dtype=float32)
     """
 

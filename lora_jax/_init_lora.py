@@ -211,7 +211,7 @@ def _with_value_deltas(
                     f"leaf {leaves[i][0]!r}: trainable_tokens needs a floating (vocab, dim) "
                     f"embedding table, got shape {shape} dtype {leaves[i][1].dtype}"
                 )
-            rows = TokenRows(jnp.zeros((len(indices), shape[1]), dtype), indices=indices)
+            rows = TokenRows(jnp.zeros((len(indices), shape[1]), dtype), indices=tuple(indices))
             place(i, rows, "a trainable-tokens table")
     return entries
 

@@ -129,7 +129,10 @@ def test_import_errors_name_the_file(tmp_path):
     )
     with pytest.raises(LoraFileError, match="NaN or Inf"):
         import_peft(nan, mlp)
-    with pytest.raises(LoraFileError, match="has lora_B.bias tensors but"):
+    with pytest.raises(
+        LoraFileError,
+        match=r"fc1.lora_B.bias is a lora_B bias but adapter_config.json has lora_bias=False",
+    ):
         import_peft(copy_with(tmp_path / "e", "mlp_lorabias", {"lora_bias": False}), mlp)
 
 

@@ -127,10 +127,13 @@ def test_refused_key_is_named(key, tmp_path):
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"lora_bias": True}, r"lacks lora_B.bias tensors but adapter_config.json has lora_bias"),
+        (
+            {"lora_bias": True},
+            r"has no lora_B.bias tensors but adapter_config.json has lora_bias=true",
+        ),
         (
             {"trainable_token_indices": [1, 2]},
-            r"lacks trainable_tokens_delta tensors but adapter_config.json",
+            r"has no trainable_tokens_delta tensors but adapter_config.json",
         ),
     ],
 )

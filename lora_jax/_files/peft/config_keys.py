@@ -68,7 +68,6 @@ def _rule(handling: str, what: str, inert: Callable[[Any], bool] = _unset) -> Ke
     return KeyRule(handling, what, inert)
 
 
-
 CONFIG_KEYS: dict[str, KeyRule] = {
     # ---- PeftConfig's own keys: what the adapter is, not what it computes
     "peft_type": _rule(IMPLEMENTED, 'must be `"LORA"`; anything else is refused'),

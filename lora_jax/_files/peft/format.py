@@ -68,17 +68,17 @@ from lora_jax._files.peft.config_keys import check_config_keys
 from lora_jax._files.peft.fit import fit_to_params, fit_without_params
 from lora_jax._files.peft.names import NameMap, fill_layers, pattern_key, pattern_value
 from lora_jax._files.peft.saved_modules import export_saved, import_saved, split_saved_key
-from lora_jax._files.peft.value_entries import (
-    export_value_entries,
-    import_value_entries,
-    is_value_key,
-)
 from lora_jax._files.peft.tensors import (
     PEFT_PREFIX,
     PeftModule,
     peft_module,
     split_key,
     torch_tensors,
+)
+from lora_jax._files.peft.value_entries import (
+    export_value_entries,
+    import_value_entries,
+    is_value_key,
 )
 from lora_jax._files.safetensors_io import (
     CONFIG_NAME,

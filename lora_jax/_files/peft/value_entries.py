@@ -141,14 +141,18 @@ def import_value_entries(
 
     cfg_path = weights.parent / "adapter_config.json"
     biases, tokens = read_value_tensors(weights, PEFT_PREFIX)
-    if bool(biases) != bool(cfg.get("lora_bias", False)):
+    if biases and not cfg.get("lora_bias", False):
         raise LoraFileError(
-            f"{weights}: {'has' if biases else 'lacks'} lora_B.bias tensors but {cfg_path.name} "
-            f"has lora_bias={cfg.get('lora_bias', False)}"
+            f"{weights}: tensor {PEFT_PREFIX}{sorted(biases)[0]}{BIAS_SUFFIX} is a lora_B bias but "
+            f"{cfg_path.name} has lora_bias={cfg.get('lora_bias', False)}"
+        )
+    if cfg.get("lora_bias", False) and not biases:
+        raise LoraFileError(
+            f"{weights}: has no lora_B.bias tensors but {cfg_path.name} has lora_bias=true"
         )
     if bool(tokens) != bool(cfg.get("trainable_token_indices")):
         raise LoraFileError(
-            f"{weights}: {'has' if tokens else 'lacks'} trainable_tokens_delta tensors but "
+            f"{weights}: {'has' if tokens else 'has no'} trainable_tokens_delta tensors but "
             f"{cfg_path.name} has trainable_token_indices="
             f"{str(cfg.get('trainable_token_indices'))[:40]}"
         )
@@ -302,17 +306,17 @@ def export_value_entries(delta: Any, params: Any, nm: NameMap) -> tuple[dict, di
             )
         base = dict(leaves_with_paths(params)[0])
         table_indices = {}
-        for path, f in tokens:
+        for path, rows_entry in tokens:
             module = nm.module_for(path)
             if not module:
                 raise LoraStructureError(
                     f"export_peft: the name map gives no PyTorch module for {path!r}"
                 )
-            w = np.asarray(to_numpy(base[path]), np.float32)[np.asarray(f.indices)]
-            diff = to_numpy(f.diff)
+            w = np.asarray(to_numpy(base[path]), np.float32)[np.asarray(rows_entry.indices)]
+            diff = to_numpy(rows_entry.diff)
             rows = (w + np.asarray(diff, np.float32)).astype(diff.dtype)
             tensors[module + TOKENS_SUFFIX] = rows
-            table_indices[module] = list(f.indices)
+            table_indices[module] = list(rows_entry.indices)
         config["trainable_token_indices"] = table_indices
     return tensors, config
 
