@@ -279,3 +279,37 @@ def test_save_and_load_keep_both_entries(tmp_path):
     small = {**params, "emb": {"embedding": params["emb"]["embedding"][:5]}}
     with pytest.raises(lj.LoraBaseMismatchError, match="trainable token rows"):
         lj.load(tmp_path / "a", base=small)
+
+
+def test_shardings_and_the_surfaces_that_refuse_them():
+    from jax.sharding import PartitionSpec as P
+
+    from lora_jax import nnx as lora_nnx
+
+    params = lm_params(np.random.default_rng(7))
+    cfg = LoraConfig(
+        targets="fc/kernel", rank=2, lora_bias=True, trainable_tokens={"emb/embedding": [1]}
+    )
+    _, delta = lj.init_lora(jax.random.key(0), params, cfg)
+    mesh = jax.make_mesh((1,), ("x",))
+    specs = {
+        "emb": {"embedding": P(None, "x")},
+        "fc": {"kernel": P(None, "x"), "bias": P("x")},
+        "out": {"kernel": P()},
+    }
+    sh = lj.delta_shardings(specs, delta, mesh)
+    assert tuple(sh["fc"]["bias"].b.spec) == ("x",) and sh["fc"]["bias"].scale == 8.0
+    assert tuple(sh["emb"]["embedding"].diff.spec) == (None, "x")
+    with pytest.raises(LoraStructureError, match="'emb/embedding' of delta 0 holds a TokenRows"):
+        lj.stack_adapters([delta, delta])
+    with pytest.raises(LoraStructureError, match="combine takes plain deltas"):
+        lj.combine([delta, delta], [0.5, 0.5])
+    from flax import nnx
+
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    state = nnx.split(model)[1]
+    _, nnx_delta = lj.init_lora(
+        jax.random.key(0), state, LoraConfig(targets=".*kernel", rank=2, lora_bias=True)
+    )
+    with pytest.raises(LoraStructureError, match="lora_jax.nnx holds LoRA factors"):
+        lora_nnx.from_delta(model, nnx_delta)
