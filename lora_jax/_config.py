@@ -152,6 +152,11 @@ class LoraConfig:
             raise LoraConfigError(
                 f"lora_bias=True does not combine with init={self.init!r} (nor in PEFT)"
             )
+        if self.lora_bias and self.layers is not None:
+            raise LoraConfigError(
+                "lora_bias=True does not combine with layers= (the bias would reach the layers "
+                "left out); adapt those layers' kernels with the target regex instead"
+            )
         object.__setattr__(self, "trainable_tokens", _token_table(self.trainable_tokens))
         if self.bias not in BIAS_MODES:
             raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")

@@ -238,6 +238,8 @@ def test_init_errors_name_the_leaf():
         lj.init_lora(
             jax.random.key(0), params, LoraConfig(targets=".*/kernel", lora_bias=True, rank=1)
         )
+    with pytest.raises(LoraConfigError, match="does not combine with layers="):
+        LoraConfig(targets="fc/kernel", lora_bias=True, layers=(0,))
     with pytest.raises(LoraConfigError, match="use_dora"):
         LoraConfig(targets="fc/kernel", lora_bias=True, use_dora=True)
     with pytest.raises(LoraConfigError, match="distinct row indices"):

@@ -223,3 +223,22 @@ def test_peft_loads_our_export(model, tmp_path, peft_env):
     assert not np.allclose(base, theirs, atol=1e-2)
     if model == "lm":  # PEFT tied the head to the embedding's trainable tokens
         assert type(peft_model.base_model.model.head).__name__ == "TrainableTokensWrapper"
+
+
+def test_export_refuses_a_bias_on_layers_the_factors_leave_out(tmp_path):
+    rng = np.random.default_rng(5)
+    params = random_params("stack", rng)
+    delta = stack_delta(rng, params)
+    f = delta["params"]["layers"]["lin"]["kernel"]
+    delta["params"]["layers"]["lin"]["kernel"] = f.select_layers(
+        lj.advanced.LayerSelection((0, 2), 3)
+    )
+    with pytest.raises(LoraStructureError, match=r"non-zero at layers \[1\]"):
+        export_peft(tmp_path / "a", delta, name_map=STACK_MAP)
+    b = delta["params"]["layers"]["lin"]["bias"]
+    delta["params"]["layers"]["lin"]["bias"] = LoraBias(b.b.at[1].set(0.0), scale=b.scale)
+    export_peft(tmp_path / "b", delta, name_map=STACK_MAP)
+    back = import_peft(tmp_path / "b", params, name_map=STACK_MAP)["params"]["layers"]["lin"]
+    np.testing.assert_allclose(
+        back["bias"].b, delta["params"]["layers"]["lin"]["bias"].b, rtol=1e-6
+    )

@@ -327,6 +327,14 @@ def _bias_tensors(nm: NameMap, path: str, f: LoraFactors, bias: LoraBias | None)
     template = nm.module_for(path) or ""
     ns = len(f.layout.stack_axes)
     dtype = to_numpy(f.b).dtype
+    if bias is not None and f.layers is not None:
+        left_out = sorted(set(range(f.layers.total)) - set(f.layers.indices))
+        if np.any(to_numpy(bias.b)[left_out]):
+            raise LoraStructureError(
+                f"export_peft: the LoRA bias beside {path!r} is non-zero at layers {left_out}, "
+                f"which its factors leave out (layers {f.layers.indices}); PEFT has no module "
+                "there to hold it"
+            )
     out = {}
     for idx in _layer_indices(f):
         module = fill_layers(template, idx)
