@@ -18,7 +18,7 @@ building blocks with no stability promise; every other module is private.
 from lora_jax import advanced as advanced
 from lora_jax import debug as debug
 from lora_jax._config import LoraConfig
-from lora_jax._delta import LeafDelta, LoraFactors
+from lora_jax._delta import LeafDelta, LoraBias, LoraFactors, TokenRows
 from lora_jax._errors import (
     LoraArgumentError,
     LoraBaseMismatchError,
@@ -64,6 +64,7 @@ __all__ = [
     "LeafDelta",
     "LoraArgumentError",
     "LoraBaseMismatchError",
+    "LoraBias",
     "LoraConfig",
     "LoraConfigError",
     "LoraError",
@@ -78,6 +79,7 @@ __all__ = [
     "NameMap",
     "QuantizedArray",
     "StackedFactors",
+    "TokenRows",
     "combine",
     "count_params",
     "delta_shardings",

@@ -71,6 +71,16 @@ class LoraConfig:
         (a classifier head, layer norms: PEFT's ``modules_to_save``).
       bias: ``"none"``, ``"all"`` (every leaf named ``bias`` trains in full) or
         ``"lora_only"`` (the biases beside adapted kernels), as PEFT's ``bias``.
+      lora_bias: PEFT's ``lora_bias``: each adapted kernel's ``lora_B`` gets a
+        trainable bias ``b`` (zero at init), a :class:`~lora_jax.LoraBias` at
+        the base ``bias`` leaf beside the kernel (same parent, name ``bias``);
+        the layer computes ``x W + c + s (x A B + b)``. A kernel without a
+        bias leaf is an error (as in PEFT); not with DoRA or embeddings (PEFT
+        refuses both).
+      trainable_tokens: ``{regex: [row indices]}``: PEFT's
+        ``trainable_token_indices``: those rows of each embedding table the
+        regex matches train in full (a :class:`~lora_jax.TokenRows`, zero at
+        init); a tied output head reading the same table sees them too.
       layers: for scan-stacked kernels, the layer indices (along the first
         stacked axis) to adapt, as PEFT's ``layers_to_transform``; the other
         layers get an exactly zero update and no parameters. ``None``: all.
@@ -101,6 +111,8 @@ class LoraConfig:
     bias: str = "none"
     layers: Sequence[int] | None = None
     dtype: Any = jnp.float32
+    lora_bias: bool = False
+    trainable_tokens: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     skip_unsupported: bool = False
 
     def __post_init__(self):
@@ -132,6 +144,20 @@ class LoraConfig:
             ):
                 raise LoraConfigError(f"layers must be distinct integers >= 0, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(int(i) for i in layers)))
+        if not isinstance(self.lora_bias, bool):
+            raise LoraConfigError(f"lora_bias must be a bool, got {self.lora_bias!r}")
+        if self.lora_bias and self.use_dora:
+            raise LoraConfigError("lora_bias=True does not combine with use_dora (nor in PEFT)")
+        if self.lora_bias and self.init in ("pissa", "olora"):
+            raise LoraConfigError(
+                f"lora_bias=True does not combine with init={self.init!r} (nor in PEFT)"
+            )
+        if self.lora_bias and self.layers is not None:
+            raise LoraConfigError(
+                "lora_bias=True does not combine with layers= (the bias would reach the layers "
+                "left out); adapt those layers' kernels with the target regex instead"
+            )
+        object.__setattr__(self, "trainable_tokens", _token_table(self.trainable_tokens))
         if self.bias not in BIAS_MODES:
             raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.svd_niter is not None and (
@@ -161,7 +187,14 @@ class LoraConfig:
             layouts[pattern] = KernelLayout(layout) if isinstance(layout, str) else layout
         object.__setattr__(self, "layouts", layouts)
         # Compile every pattern now so a bad regex fails at construction.
-        for field in ("exclude", "trainable", "rank_pattern", "alpha_pattern", "layouts"):
+        for field in (
+            "exclude",
+            "trainable",
+            "rank_pattern",
+            "alpha_pattern",
+            "layouts",
+            "trainable_tokens",
+        ):
             for pattern in getattr(self, field):
                 _compile(pattern, field)
         if not callable(self.targets):
@@ -193,6 +226,29 @@ def _first_match(table: Mapping[str, Any], path: str, default: Any) -> Any:
         if re.fullmatch(pattern, path):
             return value
     return default
+
+
+def _token_table(table: Any) -> dict[str, tuple[int, ...]]:
+    """``trainable_tokens`` checked: ``{regex: distinct indices >= 0}``, indices as a tuple."""
+    if not isinstance(table, Mapping):
+        raise LoraConfigError(f"trainable_tokens must be {{regex: [row indices]}}, got {table!r}")
+    out = {}
+    for pattern, indices in table.items():
+        idx = list(indices) if isinstance(indices, (list, tuple)) else None
+        if (
+            not isinstance(pattern, str)
+            or not idx
+            or any(
+                isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in idx
+            )
+            or len(set(idx)) != len(idx)
+        ):
+            raise LoraConfigError(
+                f"trainable_tokens[{pattern!r}] must be a non-empty list of distinct row indices "
+                f">= 0, got {indices!r}"
+            )
+        out[pattern] = tuple(int(i) for i in idx)
+    return out
 
 
 def _check_rank(rank: Any, field: str) -> None:

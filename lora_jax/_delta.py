@@ -10,6 +10,10 @@ Everything that knows what a delta *is* lives here, and nowhere else:
   ``layout``, ``layers``) says how to use them. ``jax.jit``, ``jax.grad``,
   optax and orbax see only the arrays.
 * :class:`LeafDelta`, the leaf of a delta at a leaf trained in full.
+* :class:`LoraBias` (PEFT's ``lora_bias``: a bias on ``lora_B``, at the base
+  bias leaf) and :class:`TokenRows` (PEFT's ``trainable_token_indices``: a few
+  embedding rows trained in full), the two :class:`ValueDelta` entries: small
+  additive updates of one leaf's value, applied where the leaf is read.
 * :class:`LayerSelection`, which stacked layers a kernel's factors hold.
 * :func:`lora_scale`, the one formula for the scale ``s``.
 * :func:`dense_delta`, the dense update ``s A B`` in the kernel's axis order,
@@ -311,6 +315,137 @@ class LeafDelta(DeltaEntry):
 jax.tree_util.register_dataclass(LeafDelta, data_fields=["diff"], meta_fields=[])
 
 
+class ValueDelta(DeltaEntry):
+    """An entry that updates its leaf's value directly (:class:`LoraBias`, :class:`TokenRows`).
+
+    :meth:`apply` gives ``W + update`` and :meth:`remove` ``W - update``, both in
+    float32 (the caller casts back), so ``merge``, ``unmerge`` and ``implicit``
+    (which applies it to the leaf where the leaf enters the function) treat
+    every such entry alike.
+    """
+
+    def apply(self, w: Array) -> Array:
+        """``W`` (float32) with the update added."""
+        raise NotImplementedError
+
+    def remove(self, w: Array) -> Array:
+        """``W'`` (float32) with the update taken out: the inverse of :meth:`apply`."""
+        raise NotImplementedError
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters held by the entry."""
+        return int(sum(np.size(x) for x in jax.tree.leaves(self)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraBias(ValueDelta):
+    """PEFT's ``lora_bias``: a trainable bias ``b`` of ``lora_B``, at the base **bias** leaf.
+
+    PEFT's ``lora_B`` is then ``nn.Linear(r, out, bias=True)``, so the adapted
+    layer computes ``x W + c + s (x A B + b)``: the bias leaf's value becomes
+    ``c + s b`` (what :func:`lora_jax.merge` writes). ``b`` starts at zero, as
+    in PEFT; ``scale`` is the scale ``s`` of the kernel beside it (static).
+
+    Attributes:
+      b: an array with the bias leaf's shape (``(*stack, *fan_out)``).
+      scale: ``s`` of the adapted kernel (static).
+
+    Example:
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> lj.LoraBias(jnp.ones(3), scale=2.0).apply(jnp.zeros(3))
+      Array([2., 2., 2.], dtype=float32)
+    """
+
+    b: Any
+    _: dataclasses.KW_ONLY
+    scale: float
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the bias leaf."""
+        return tuple(np.shape(self.b))
+
+    def apply(self, w: Array) -> Array:
+        return jnp.asarray(w, jnp.float32) + self.scale * jnp.asarray(self.b, jnp.float32)
+
+    def remove(self, w: Array) -> Array:
+        return jnp.asarray(w, jnp.float32) - self.scale * jnp.asarray(self.b, jnp.float32)
+
+    def check_fits(self, path: str, shape: tuple[int, ...]) -> None:
+        """``b`` must have the bias leaf's shape."""
+        if self.kernel_shape != shape:
+            raise LoraStructureError(
+                f"leaf {path!r}: the LoRA bias b has shape {self.kernel_shape}, the base bias "
+                f"{shape}"
+            )
+
+
+jax.tree_util.register_dataclass(LoraBias, data_fields=["b"], meta_fields=["scale"])
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRows(ValueDelta):
+    """PEFT's trainable tokens: rows ``indices`` of an embedding table ``(vocab, dim)``
+    trained in full, stored additively.
+
+    The adapted table is ``W.at[indices].add(diff)``: those rows become
+    ``W[indices] + diff`` (PEFT stores, and sets, the full rows
+    ``W[indices] + diff``), every other row is ``W``'s. An output head tied
+    to the table (Flax's ``embed.attend``) reads the same leaf, so it sees
+    the same rows, as PEFT ties them. ``diff`` starts at zero; ``indices``
+    are static (they are the adapter's configuration, not parameters).
+
+    Attributes:
+      diff: ``(k, dim)``, one row per index.
+      indices: ``k`` distinct row indices (static).
+
+    Example:
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> lj.TokenRows(jnp.ones((1, 2)), indices=(2,)).apply(jnp.zeros((3, 2)))[:, 0]
+      Array([0., 0., 1.], dtype=float32)
+    """
+
+    diff: Any
+    _: dataclasses.KW_ONLY
+    indices: tuple[int, ...]
+
+    def __post_init__(self):
+        idx = tuple(int(i) for i in self.indices)
+        if not idx or len(set(idx)) != len(idx) or min(idx) < 0:
+            raise LoraStructureError(
+                f"TokenRows needs distinct row indices >= 0, got {self.indices!r}"
+            )
+        object.__setattr__(self, "indices", idx)
+
+    def apply(self, w: Array) -> Array:
+        rows = np.asarray(self.indices)
+        return jnp.asarray(w, jnp.float32).at[rows].add(jnp.asarray(self.diff, jnp.float32))
+
+    def remove(self, w: Array) -> Array:
+        rows = np.asarray(self.indices)
+        return jnp.asarray(w, jnp.float32).at[rows].add(-jnp.asarray(self.diff, jnp.float32))
+
+    def check_fits(self, path: str, shape: tuple[int, ...]) -> None:
+        """A 2-D table with every index in range and ``diff`` ``(k, dim)``.
+
+        Example:
+          >>> TokenRows(jnp.zeros((1, 4)), indices=(9,)).check_fits("embed", (8, 4))
+          Traceback (most recent call last):
+          ...
+          lora_jax._errors.LoraStructureError: leaf 'embed': trainable token rows (9,) do not fit a table of shape (8, 4); expected diff (1, 4) and indices < 8
+        """
+        want = (len(self.indices),) + tuple(shape[1:])
+        if len(shape) != 2 or tuple(np.shape(self.diff)) != want or max(self.indices) >= shape[0]:
+            raise LoraStructureError(
+                f"leaf {path!r}: trainable token rows {self.indices} do not fit a table of "
+                f"shape {shape}; expected diff {want} and indices < {shape[0] if shape else 0}"
+            )
+
+
+jax.tree_util.register_dataclass(TokenRows, data_fields=["diff"], meta_fields=["indices"])
+
+
 def is_factors(x: Any) -> bool:
     """True for a :class:`LoraFactors` node (use as ``is_leaf`` in tree maps).
 
@@ -323,13 +458,13 @@ def is_factors(x: Any) -> bool:
 
 
 def is_delta_leaf(x: Any) -> bool:
-    """True for a :class:`LoraFactors` or :class:`LeafDelta` node.
+    """True for a :class:`LoraFactors`, :class:`LeafDelta` or :class:`ValueDelta` node.
 
     Example:
       >>> is_delta_leaf(LeafDelta(jnp.zeros(2))), is_delta_leaf(jnp.zeros(2))
       (True, False)
     """
-    return isinstance(x, (LoraFactors, LeafDelta))
+    return isinstance(x, (LoraFactors, LeafDelta, ValueDelta))
 
 
 # --------------------------------------------------------------------------- dense forms

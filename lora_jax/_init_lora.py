@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -33,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._config import LoraConfig
-from lora_jax._delta import LayerSelection, LeafDelta, LoraFactors
-from lora_jax._errors import LoraConfigError
+from lora_jax._delta import LayerSelection, LeafDelta, LoraBias, LoraFactors, TokenRows, lora_scale
+from lora_jax._errors import LoraConfigError, LoraTargetError
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths, unshared
 from lora_jax._targets import Target, select_extra_trainable, select_targets
@@ -146,6 +147,8 @@ def init_lora(
         else None
         for path, leaf in leaves
     ]
+    if config.lora_bias or config.trainable_tokens:
+        new_leaves = _with_value_deltas(new_leaves, leaves, targets, config, dtype)
     if config.layers is not None:
         new_leaves = _select_layers(new_leaves, [p for p, _ in leaves], tuple(config.layers))
     # The base's containers are new: an nnx.State shares its Variables with the module.
@@ -157,6 +160,60 @@ def init_lora(
     if config.use_dora:
         delta = with_dora(base, delta)
     return base, delta
+
+
+def _with_value_deltas(
+    entries: list, leaves: list, targets: Mapping[str, Target], config: LoraConfig, dtype: Any
+) -> list:
+    """Adds a zero :class:`LoraBias` at the bias beside each target (``lora_bias``) and zero
+    :class:`TokenRows` at each table ``trainable_tokens`` names."""
+    index = {path: i for i, (path, _) in enumerate(leaves)}
+    entries = list(entries)
+
+    def place(i: int, entry: Any, why: str) -> None:
+        path = leaves[i][0]
+        if entries[i] is not None:
+            raise LoraTargetError(
+                f"leaf {path!r} is {why}, but it already has a delta entry "
+                f"({type(entries[i]).__name__}: a LoRA target or trained in full)"
+            )
+        entry.check_fits(path, tuple(leaves[i][1].shape))
+        entries[i] = entry
+
+    if config.lora_bias:
+        for path, t in targets.items():
+            bias_path = path.rsplit("/", 1)[0] + "/bias" if "/" in path else "bias"
+            if t.layout.kind == "embed":
+                raise LoraConfigError(
+                    f"leaf {path!r}: lora_bias=True on an embedding table (PEFT refuses it too)"
+                )
+            if bias_path not in index:
+                raise LoraTargetError(
+                    f"leaf {path!r}: lora_bias=True needs a bias leaf {bias_path!r} beside the "
+                    "kernel (the adapted layer's bias, which merge updates by s * b); this "
+                    "layer has none (PEFT refuses such a layer as well): exclude it or add a "
+                    "bias"
+                )
+            i = index[bias_path]
+            scale = lora_scale(t.alpha, t.rank, config.use_rslora)
+            place(i, LoraBias(jnp.zeros(leaves[i][1].shape, dtype), scale=scale), "a LoRA bias")
+    for pattern, indices in config.trainable_tokens.items():
+        hits = [i for path, i in index.items() if re.fullmatch(pattern, path)]
+        if not hits:
+            raise LoraTargetError(
+                f"trainable_tokens pattern {pattern!r} matches no leaf "
+                f"(leaves such as {list(index)[:6]})"
+            )
+        for i in hits:
+            shape = tuple(leaves[i][1].shape)
+            if len(shape) != 2 or not jnp.issubdtype(leaves[i][1].dtype, jnp.floating):
+                raise LoraTargetError(
+                    f"leaf {leaves[i][0]!r}: trainable_tokens needs a floating (vocab, dim) "
+                    f"embedding table, got shape {shape} dtype {leaves[i][1].dtype}"
+                )
+            rows = TokenRows(jnp.zeros((len(indices), shape[1]), dtype), indices=tuple(indices))
+            place(i, rows, "a trainable-tokens table")
+    return entries
 
 
 def _select_layers(leaves: list, paths: list[str], layers: tuple[int, ...]) -> list:

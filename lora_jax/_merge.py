@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from lora_jax._delta import (
     LeafDelta,
+    ValueDelta,
     align,
     column_norm,
     dense_delta,
@@ -39,7 +40,9 @@ def merge(params: Any, delta: Any, *, dtype: Any = None) -> Any:
     """Returns dense params ``W + s A B`` with the base's structure, shapes and dtypes.
 
     DoRA factors (with a ``magnitude``) merge to ``m * (W + s A B) / ||W + s A B||_c``;
-    a :class:`~lora_jax.LeafDelta` merges to ``W + diff``. A quantized base kernel
+    a :class:`~lora_jax.LeafDelta` merges to ``W + diff``, a
+    :class:`~lora_jax.LoraBias` (at a bias leaf) to ``c + s b``, and
+    :class:`~lora_jax.TokenRows` (at an embedding) to ``W.at[indices].add(diff)``. A quantized base kernel
     merges to ``dequantize(W) + s A B`` (in float32, then cast), and quantized
     leaves without a delta are dequantized: the result holds no
     :class:`~lora_jax.QuantizedArray` (re-quantizing is the explicit
@@ -78,6 +81,8 @@ def merge(params: Any, delta: Any, *, dtype: Any = None) -> Any:
             w = dequantize_leaf(w, jnp.float32)
         if isinstance(f, LeafDelta):
             return (w.astype(jnp.float32) + f.diff).astype(out_dtype)
+        if isinstance(f, ValueDelta):  # a LoRA bias, trainable token rows
+            return f.apply(w).astype(out_dtype)
         dense = dense_delta(f) + w.astype(jnp.float32) if f.magnitude is None else dora_weight(w, f)
         return dense.astype(out_dtype)
 
@@ -140,6 +145,9 @@ def unmerge(params: Any, delta: Any, norms: Any = None) -> Any:
         dense = w.astype(jnp.float32)
         if isinstance(f, LeafDelta):
             out.append((dense - f.diff).astype(w.dtype))
+            continue
+        if isinstance(f, ValueDelta):
+            out.append(f.remove(dense).astype(w.dtype))
             continue
         if f.magnitude is not None:
             if n is None:

@@ -43,7 +43,7 @@ from lora_jax._base_shardings import (
     unboxed,
 )
 from lora_jax._config import LoraConfig
-from lora_jax._delta import LeafDelta, is_delta_leaf
+from lora_jax._delta import LeafDelta, LoraBias, TokenRows, is_delta_leaf
 from lora_jax._errors import LoraShardingError
 from lora_jax._init_lora import init_lora
 from lora_jax._layout import KernelLayout
@@ -182,6 +182,12 @@ def _entry_shardings(path: str, f: Any, sharding: NamedSharding) -> Any:
     if isinstance(f, LeafDelta):  # trained in full: the diff is sharded like its leaf
         check_shape(path, sharding, f.diff.shape, "the leaf")
         return LeafDelta(sharding)
+    if isinstance(f, LoraBias):  # lora_B's bias: sharded like the bias leaf it updates
+        check_shape(path, sharding, f.b.shape, "the bias")
+        return LoraBias(sharding, scale=f.scale)
+    if isinstance(f, TokenRows):  # k rows of a table: the row axis whole, dim like the table's
+        spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+        return TokenRows(NamedSharding(sharding.mesh, P(None, spec[1])), indices=f.indices)
     check_shape(path, sharding, f.kernel_shape)
     a_spec, b_spec, m_spec = factor_specs(sharding.spec, f.layout)
     m = sharding.mesh

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax._delta import LeafDelta, align
+from lora_jax._delta import LeafDelta, LoraBias, TokenRows, align
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,10 @@ def summarize(params: Any, delta: Any) -> LoraSummary:
 def _row(path: str, shape: tuple[int, ...], f: Any) -> LeafSummary:
     if isinstance(f, LeafDelta):  # trained in full: no rank, no scale
         return LeafSummary(path, "full", shape, "-", 0, 0.0, 1.0, int(np.size(f.diff)))
+    if isinstance(f, LoraBias):  # lora_B's bias: scaled like the factors beside it
+        return LeafSummary(path, "lora_bias", shape, "-", 0, 0.0, f.scale, f.num_params)
+    if isinstance(f, TokenRows):  # a few embedding rows trained in full
+        return LeafSummary(path, "tokens", shape, "-", 0, 0.0, 1.0, f.num_params)
     kind = f.layout.kind + ("+dora" if f.magnitude is not None else "")
     return LeafSummary(path, kind, shape, f.layout.axes, f.rank, f.alpha, f.scale, f.num_params)
 

@@ -138,6 +138,12 @@ class Adapted:
         """The record of ``entry`` at ``keys`` and its arrays (in the order of :meth:`names`)."""
         if isinstance(entry, LeafDelta):
             return Adapted(keys), (entry.diff,)
+        if not isinstance(entry, LoraFactors):  # LoraBias, TokenRows: the functional core only
+            raise LoraStructureError(
+                f"leaf {'/'.join(str(k) for k in keys)!r}: lora_jax.nnx holds LoRA factors and "
+                f"leaves trained in full, not a {type(entry).__name__} (lora_bias / "
+                "trainable_tokens): use the functional API (init_lora, implicit, merge)"
+            )
         record = Adapted(
             keys,
             float(entry.alpha),

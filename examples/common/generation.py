@@ -17,6 +17,15 @@ and share one batch: each row's last prompt position gives its first token,
 and each row then decodes at its own position. Padding never leaks into
 attention: a decode step writes its key/value at its position before
 attending to positions up to it.
+
+**Stopping.** Like ``transformers.generate``, the loop stops at the model's
+end-of-sequence tokens by default: ``eos_id=MODEL_EOS`` reads
+``model.eos_ids`` (Gemma 3: ``<eos>`` 1 and ``<end_of_turn>`` 106, from
+``Gemma3Config.eos_ids``); a model without ``eos_ids`` never stops early.
+Pass an id or a list of ids to choose others, and ``eos_id=None`` to
+generate exactly ``max_new_tokens`` (``min_new_tokens=max_new_tokens`` in
+transformers). A row that has stopped is padded with ``pad_id`` while the
+others finish; :attr:`Generation.tokens` ends before each row's first stop id.
 """
 
 from __future__ import annotations
@@ -43,6 +52,32 @@ class Generation:
     def decode_tokens_per_s(self) -> float:
         """Tokens produced per second by the decode loop (batch x steps / time)."""
         return self.batch * self.decode_steps / max(self.decode_s, 1e-9)
+
+
+class _ModelEos:
+    """The default of ``eos_id``: the model's own ``eos_ids`` (see the module doc)."""
+
+    def __repr__(self) -> str:
+        return "MODEL_EOS"
+
+
+MODEL_EOS: Any = _ModelEos()
+
+
+def stop_ids(eos_id: Any, model: Any) -> tuple[int, ...]:
+    """The ids that end a row: ``model.eos_ids`` for :data:`MODEL_EOS`, none for ``None``.
+
+    >>> class M: eos_ids = (1, 106)
+    >>> stop_ids(MODEL_EOS, M()), stop_ids(None, M()), stop_ids(7, M()), stop_ids([3, 4], None)
+    ((1, 106), (), (7,), (3, 4))
+    """
+    if eos_id is MODEL_EOS:
+        eos_id = getattr(model, "eos_ids", None)
+    if eos_id is None:
+        return ()
+    if isinstance(eos_id, (int, np.integer)):
+        return (int(eos_id),)
+    return tuple(int(i) for i in eos_id)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -94,13 +129,20 @@ class Generator:
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
         *,
-        eos_id: int | None = None,
+        eos_id: Any = MODEL_EOS,
+        pad_id: int = 0,
         temperature: float = 0.0,
         top_k: int | None = None,
         key: jax.Array | None = None,
         stop_at_eos: bool = True,
     ) -> Generation:
-        """Generates up to ``max_new_tokens`` per prompt (prompts: lists of ids, bos included)."""
+        """Generates up to ``max_new_tokens`` per prompt (prompts: lists of ids, bos included).
+
+        ``eos_id``: :data:`MODEL_EOS` (the model's ``eos_ids``), an id, a list
+        of ids, or ``None`` (never stop early); with ``stop_at_eos`` (default)
+        the loop ends once every row has produced one, and a stopped row is
+        padded with ``pad_id``.
+        """
         params = tuple(params)
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
@@ -120,7 +162,8 @@ class Generator:
         tok = jax.block_until_ready(tok)
         t1 = time.perf_counter()
         out = [np.asarray(tok)]
-        done = np.zeros(b, bool) if eos_id is None else (out[0] == eos_id)
+        stops = np.asarray(stop_ids(eos_id, self.model), np.int64)
+        done = np.isin(out[0], stops)
         position = jnp.asarray(lengths)
         steps = 0
         for _ in range(max_new_tokens - 1):
@@ -130,14 +173,15 @@ class Generator:
             tok, cache = self._step(params, tok, position, cache, sub, temperature, top_k)
             position = position + 1
             steps += 1
-            out.append(np.asarray(tok))  # forces the step (and keeps the loop honest for timing)
-            if eos_id is not None:
-                done |= out[-1] == eos_id
+            new = np.asarray(tok)  # forces the step (and keeps the loop honest for timing)
+            out.append(np.where(done, pad_id, new))
+            done |= np.isin(new, stops)
         t2 = time.perf_counter()
         ids = np.stack(out, axis=1)
         result = []
         for row in ids.tolist():
-            if eos_id is not None and eos_id in row:
-                row = row[: row.index(eos_id)]
+            ends = [i for i, t in enumerate(row) if t in set(stops.tolist())]
+            if ends:
+                row = row[: ends[0]]
             result.append(row)
         return Generation(result, t1 - t0, t2 - t1, steps, b)

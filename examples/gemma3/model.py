@@ -57,6 +57,9 @@ class Gemma3Config:
     query_pre_attn_scalar: float = 256.0
     global_every: int = 6  # layer i is global when (i + 1) % global_every == 0
     dtype: Any = jnp.float32
+    # generation stops at these (the tokenizer's <eos> and the chat turn's <end_of_turn>, as
+    # the model's generation_config.json lists them)
+    eos_ids: tuple[int, ...] = (1, 106)
 
     def is_global(self, layer: int) -> bool:
         return (layer + 1) % self.global_every == 0
@@ -255,6 +258,11 @@ class Gemma3(nn.Module):
         if return_hidden:
             return x, new_cache
         return embed.attend(x).astype(jnp.float32), new_cache
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end generation (``examples.common.generation`` stops at them)."""
+        return tuple(self.config.eos_ids)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> list:
         """An empty KV cache for ``batch`` rows of up to ``length`` positions.

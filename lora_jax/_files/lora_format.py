@@ -9,7 +9,11 @@ PEFT adapter, but keyed by lora_jax leaf paths:
   ``P`` the keys are ``P.lora_A`` (``(*stack, *fan_in, r)``), ``P.lora_B``
   (``(*stack, r, *fan_out)``) and, for DoRA, ``P.magnitude``
   (``(*stack, *fan_out)``); a leaf trained in full (a
-  :class:`~lora_jax.LeafDelta`) is ``P.diff``. Each keeps its dtype (float32
+  :class:`~lora_jax.LeafDelta`) is ``P.diff``, a LoRA bias
+  (:class:`~lora_jax.LoraBias`, at a bias leaf) ``P.lora_bias`` (type
+  ``"lora_bias"``, with its ``scale``) and trainable token rows
+  (:class:`~lora_jax.TokenRows`) ``P.diff`` of shape ``(k, dim)`` (type
+  ``"tokens"``, with the row ``indices``). Each keeps its dtype (float32
   and bfloat16 round-trip exactly).
 
 ``adapter_config.json``
@@ -57,8 +61,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._config import LoraConfig
-from lora_jax._delta import LayerSelection, LeafDelta, LoraFactors, delta_entries, lora_scale
-from lora_jax._errors import LoraBaseMismatchError, LoraError, LoraFileError
+from lora_jax._delta import (
+    LayerSelection,
+    LeafDelta,
+    LoraBias,
+    LoraFactors,
+    TokenRows,
+    delta_entries,
+    lora_scale,
+)
+from lora_jax._errors import LoraBaseMismatchError, LoraError, LoraFileError, LoraStructureError
 from lora_jax._files.atomic import StagedFiles, fsync_dir, sha256_file
 from lora_jax._files.config_json import config_from_json, config_to_json
 from lora_jax._files.safetensors_io import (
@@ -85,7 +97,13 @@ FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
-SUFFIXES = {"a": "lora_A", "b": "lora_B", "magnitude": "magnitude", "diff": "diff"}
+SUFFIXES = {
+    "a": "lora_A",
+    "b": "lora_B",
+    "magnitude": "magnitude",
+    "diff": "diff",
+    "bias": "lora_bias",
+}
 
 TensorEntry = tuple[str, tuple[int, ...], str]
 """A tensor as the config lists it: ``(key, shape, dtype name)``."""
@@ -98,8 +116,10 @@ def _target_tensors(
     leaf_path: str, f: LoraFactors | LeafDelta
 ) -> dict[str, tuple[str, np.ndarray]]:
     """``{field: (safetensors key, host array)}`` of one target (``P.lora_A``, ``P.lora_B``...)."""
-    if isinstance(f, LeafDelta):
+    if isinstance(f, (LeafDelta, TokenRows)):
         arrays = {"diff": f.diff}
+    elif isinstance(f, LoraBias):
+        arrays = {"bias": f.b}
     else:
         arrays = {"a": f.a, "b": f.b, "magnitude": f.magnitude}
     return {
@@ -117,6 +137,9 @@ def _target_entry(
         field: {"key": key, "shape": list(x.shape), "dtype": x.dtype.name}
         for field, (key, x) in tensors.items()
     }
+    value_entry = _value_entry(f, listed)
+    if value_entry is not None:
+        return value_entry
     if isinstance(f, LeafDelta):
         return {
             "type": "full",
@@ -138,6 +161,27 @@ def _target_entry(
         "num_layers": None if f.layers is None else f.layers.total,
         "tensors": listed,
     }
+
+
+def _value_entry(f: Any, listed: dict) -> dict | None:
+    """The config entry of a :class:`LoraBias` or :class:`TokenRows` (None for other entries)."""
+    if isinstance(f, LoraBias):
+        return {
+            "type": "lora_bias",
+            "scale": float(f.scale),
+            "kernel_shape": list(f.kernel_shape),
+            "dtype": listed["bias"]["dtype"],
+            "tensors": listed,
+        }
+    if isinstance(f, TokenRows):
+        return {
+            "type": "tokens",
+            "indices": list(f.indices),
+            "kernel_shape": list(np.shape(f.diff)),
+            "dtype": listed["diff"]["dtype"],
+            "tensors": listed,
+        }
+    return None
 
 
 def save(path: str | os.PathLike, delta: Any, config: LoraConfig | None = None) -> Path:
@@ -289,6 +333,9 @@ class TargetEntry:
       layout: the kernel's layout; None for a leaf trained in full.
       rank, alpha, rslora: the LoRA hyperparameters (unused for a full leaf).
       layers: the stacked layers the factors hold, if not all.
+      kind: the entry's ``type``: ``"lora"``, ``"full"``, ``"lora_bias"`` or ``"tokens"``.
+      scale: a LoRA bias's scale ``s``.
+      indices: trainable token rows' indices (``kernel_shape`` is then ``(k, dim)``).
     """
 
     leaf: str
@@ -299,6 +346,9 @@ class TargetEntry:
     alpha: float = 0.0
     rslora: bool = False
     layers: LayerSelection | None = None
+    kind: str = "lora"
+    scale: float = 0.0
+    indices: tuple[int, ...] = ()
 
 
 def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
@@ -307,8 +357,13 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
     if not isinstance(meta, dict):
         raise LoraFileError(f"{where}: expected an object")
     kind = meta.get("type", "lora")
-    if kind not in ("lora", "full"):
-        raise LoraFileError(f"{where}: key 'type' is {kind!r}, expected 'lora' or 'full'")
+    if kind not in ("lora", "full", "lora_bias", "tokens"):
+        raise LoraFileError(
+            f"{where}: key 'type' is {str(kind)[:40]!r}, expected 'lora', 'full', 'lora_bias' "
+            "or 'tokens'"
+        )
+    if kind in ("lora_bias", "tokens"):
+        return _check_value_target(where, leaf, meta, kind)
     if kind == "full":
         shape = _sizes(where, "kernel_shape", require(meta, "kernel_shape", list, where))
         return TargetEntry(leaf, shape, _listed_tensors(where, leaf, meta, ("diff",)))
@@ -342,6 +397,31 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
         rslora,
         _checked_layers(where, meta, layout, shape),
     )
+
+
+def _check_value_target(where: str, leaf: str, meta: dict, kind: str) -> TargetEntry:
+    """A ``"lora_bias"`` (finite ``scale``) or ``"tokens"`` (distinct ``indices`` >= 0, one per
+    row of ``kernel_shape`` ``(k, dim)``) entry."""
+    shape = _sizes(where, "kernel_shape", require(meta, "kernel_shape", list, where))
+    if kind == "lora_bias":
+        scale = require(meta, "scale", (int, float), where)
+        if isinstance(scale, bool) or not math.isfinite(scale):
+            raise LoraFileError(f"{where}: key 'scale' is {scale!r}; expected a finite number")
+        tensors = _listed_tensors(where, leaf, meta, ("bias",))
+        return TargetEntry(leaf, shape, tensors, kind=kind, scale=float(scale))
+    indices = require(meta, "indices", list, where)
+    if (
+        len(shape) != 2
+        or len(indices) != shape[0]
+        or not all(type(i) is int and i >= 0 for i in indices)
+        or len(set(indices)) != len(indices)
+    ):
+        raise LoraFileError(
+            f"{where}: key 'indices' is {str(indices)[:60]}; expected {shape[0] if shape else 0} "
+            f"distinct row indices >= 0 for kernel_shape {list(shape)}"
+        )
+    tensors = _listed_tensors(where, leaf, meta, ("diff",))
+    return TargetEntry(leaf, shape, tensors, kind=kind, indices=tuple(indices))
 
 
 def _checked_layout(where: str, meta: dict) -> tuple[KernelLayout, tuple[int, ...]]:
@@ -498,8 +578,9 @@ def verify_sha256(weights: Path, doc: dict) -> None:
 
 def build_target(
     weights: Path, entry: TargetEntry, arrays: Mapping[str, np.ndarray]
-) -> LoraFactors | LeafDelta:
-    """One target's :class:`LoraFactors` (or :class:`LeafDelta`) from its arrays.
+) -> LoraFactors | LeafDelta | LoraBias | TokenRows:
+    """One target's :class:`LoraFactors` (or :class:`LeafDelta`, :class:`LoraBias`,
+    :class:`TokenRows`) from its arrays.
 
     The arrays must have the shapes the entry's rank, layout and kernel shape
     give: ``a (*stack, *fan_in, r)``, ``b (*stack, r, *fan_out)``,
@@ -507,6 +588,17 @@ def build_target(
     first stacked axis to its number of layers.
     """
     shape, leaf = entry.kernel_shape, entry.leaf
+    if entry.kind in ("lora_bias", "tokens"):
+        field = "bias" if entry.kind == "lora_bias" else "diff"
+        value = arrays[field]
+        if value.shape != shape:
+            raise LoraFileError(
+                f"{weights}: tensor {leaf}.{SUFFIXES[field]} has shape {value.shape}, but "
+                f"kernel_shape in {CONFIG_NAME} is {list(shape)}"
+            )
+        if entry.kind == "lora_bias":
+            return LoraBias(jnp.asarray(value), scale=entry.scale)
+        return TokenRows(jnp.asarray(value), indices=entry.indices)
     if entry.layout is None:
         diff = arrays["diff"]
         if diff.shape != shape:
@@ -571,7 +663,12 @@ def attach_to_base(factors: Mapping[str, Any], base: Any, source: Any) -> Any:
                 f"{source}: target {leaf!r} is not a leaf of the base (base leaves: "
                 f"{(near or list(shapes))[:6]})"
             )
-        if shapes[leaf] != f.kernel_shape:
+        if isinstance(f, TokenRows):  # rows of a table: indices in range, diff (k, dim)
+            try:
+                f.check_fits(leaf, shapes[leaf])
+            except LoraStructureError as e:
+                raise LoraBaseMismatchError(f"{source}: {e}") from None
+        elif shapes[leaf] != f.kernel_shape:
             raise LoraBaseMismatchError(
                 f"{source}: target {leaf!r} is for a kernel of shape {f.kernel_shape}, but the "
                 f"base leaf has shape {shapes[leaf]}"
@@ -656,7 +753,7 @@ def describe(path: str | os.PathLike) -> list[dict]:
         e = check_target(directory / CONFIG_NAME, leaf, meta)
         row = {
             "target": leaf,
-            "kind": "full",
+            "kind": {"lora_bias": "lora_bias", "tokens": "tokens"}.get(e.kind, "full"),
             "shape": e.kernel_shape,
             "layout": "-",
             "rank": 0,

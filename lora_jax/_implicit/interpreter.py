@@ -68,7 +68,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lora_jax._delta import LeafDelta
+from lora_jax._delta import LeafDelta, ValueDelta
 from lora_jax._errors import LoraArgumentError, LoraFallbackWarning, LoraImplicitError
 from lora_jax._implicit import primitives as P
 from lora_jax._implicit import rules
@@ -210,6 +210,8 @@ def _input(path: str, leaf: Any, f: Any) -> Any:
         return leaf
     if isinstance(f, LeafDelta):  # trained in full: a plain (small) value
         return (leaf.astype(jnp.float32) + f.diff).astype(leaf.dtype)
+    if isinstance(f, ValueDelta):  # a LoRA bias, token rows: the updated value (one leaf's size)
+        return f.apply(leaf).astype(leaf.dtype)
     return LoraView.of(path, leaf, f)
 
 

@@ -31,7 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._delta import DeltaEntry, LeafDelta, LoraFactors, is_delta_leaf, kernel_shape_of
+from lora_jax._delta import (
+    DeltaEntry,
+    LeafDelta,
+    LoraFactors,
+    ValueDelta,
+    is_delta_leaf,
+    kernel_shape_of,
+)
 from lora_jax._errors import LoraArgumentError, LoraStructureError
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
@@ -184,6 +191,11 @@ def _check_plain(path: str, f: Any, which: str) -> None:
         raise LoraStructureError(
             f"leaf {path!r} of {which} is trained in full (a LeafDelta); an adapter stack holds "
             "LoRA factors only: merge that leaf into the base, or serve this adapter alone"
+        )
+    if isinstance(f, ValueDelta):
+        raise LoraStructureError(
+            f"leaf {path!r} of {which} holds a {type(f).__name__} (PEFT's lora_bias or trainable "
+            "tokens); an adapter stack holds LoRA factors only: serve this adapter merged or alone"
         )
     if is_stacked(f):
         raise LoraStructureError(f"leaf {path!r} of {which} is already a stack")

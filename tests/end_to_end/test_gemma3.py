@@ -231,7 +231,7 @@ def test_greedy_continuation_matches_transformers(gemma, hf_model):
         theirs = hf_model.generate(
             torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n
         )[0, len(ids) :].tolist()
-    ours = gg.Generator(model.apply, model)((params,), [ids], n).tokens[0]
+    ours = gg.Generator(model.apply, model)((params,), [ids], n, eos_id=None).tokens[0]
     assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
     assert len(ours) == n
 

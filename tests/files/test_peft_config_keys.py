@@ -80,8 +80,6 @@ def test_docs_table_is_the_code_table():
 # a live (non-inert) value for each refused key
 REFUSED_VALUES = {
     "megatron_config": {"tensor_model_parallel_size": 2},
-    "trainable_token_indices": [1, 2],
-    "lora_bias": True,
     "alora_invocation_tokens": [5, 7],
     "layer_replication": [[0, 2], [1, 3]],
     "use_qalora": True,
@@ -125,11 +123,24 @@ def test_refused_key_is_named(key, tmp_path):
     import_peft(with_config(tmp_path / "ok", **{key: inert}), mlp_params())
 
 
-@pytest.mark.parametrize("key", ["lora_bias", "trainable_token_indices"])
-def test_not_yet_keys_say_why(key, tmp_path):
-    d = with_config(tmp_path, **{key: REFUSED_VALUES[key]})
-    with pytest.raises(LoraFileError, match="core delta types that are in progress"):
-        import_peft(d, mlp_params())
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (
+            {"lora_bias": True},
+            r"has no lora_B.bias tensors but adapter_config.json has lora_bias=true",
+        ),
+        (
+            {"trainable_token_indices": [1, 2]},
+            r"has no trainable_tokens_delta tensors but adapter_config.json",
+        ),
+    ],
+)
+def test_implemented_keys_checked_against_the_tensors(changes, match, tmp_path):
+    """lora_bias / trainable_token_indices are implemented: a config that claims them without
+    the tensors is refused, naming the file, not imported as something else."""
+    with pytest.raises(LoraFileError, match=match):
+        import_peft(with_config(tmp_path, **changes), mlp_params())
 
 
 def test_unknown_keys(tmp_path):
@@ -366,6 +377,7 @@ MODEL_TARGETS = {
     "conv1d": ["conv"],
     "conv2d": ["conv"],
     "stack": ["lin"],
+    "lm": ["fc"],
 }
 
 
@@ -394,6 +406,8 @@ def peft_configs(draw):
     if model == "stack":
         optional["layers_to_transform"] = st.sampled_from([[0, 2], [1]])
         optional["layers_pattern"] = st.just("layers")
+    if model in ("embed", "lm"):
+        optional["trainable_token_indices"] = st.sampled_from([[1, 4], {"emb": [0, 11, 5]}])
     if model == "mlp" and kw["target_modules"] == ["fc1"]:
         optional["modules_to_save"] = st.sampled_from([None, ["fc2"]])
     chosen = draw(st.lists(st.sampled_from(sorted(optional)), unique=True, max_size=4))
@@ -418,7 +432,11 @@ def peft_adapter(torch, peft, twins, model_name, kw, directory, seed):
         for name, p in pm.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif ("lora_" in name and init not in ("pissa", "olora")) or "modules_to_save" in name:
+            elif (
+                ("lora_" in name and init not in ("pissa", "olora"))
+                or "modules_to_save" in name
+                or "trainable_tokens_delta" in name
+            ):
                 p.add_(0.4 * torch.randn(p.shape, generator=g))
             elif "bias" in name and p.requires_grad:  # bias="all" / "lora_only": trained biases
                 p.add_(0.4 * torch.randn(p.shape, generator=g))
@@ -428,9 +446,11 @@ def peft_adapter(torch, peft, twins, model_name, kw, directory, seed):
         out = pm(x).numpy()
     pm.save_pretrained(str(directory))
     residual = {
-        k.replace(".base_layer", "").replace(".original_module", ""): v.detach().clone().numpy()
+        k.replace(".base_layer", "")
+        .replace(".original_module", "")
+        .replace(".token_adapter", ""): v.detach().clone().numpy()
         for k, v in pm.base_model.model.state_dict().items()
-        if "lora_" not in k and "modules_to_save" not in k
+        if "lora_" not in k and "modules_to_save" not in k and "trainable_tokens" not in k
     }
     return x.numpy(), out, base, residual
 

@@ -85,6 +85,15 @@ class FStack(nn.Module):
         return scan(name="layers")(x, None)[0]
 
 
+class FTinyLM(nn.Module):
+    """Embedding -> Dense -> the head tied to the embedding (``attend``)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(12, 6, name="emb")
+        return emb.attend(jnp.tanh(nn.Dense(6, name="fc")(emb(ids))))
+
+
 def model_of(case: str) -> str:
     return case.split("_")[0]
 
@@ -96,6 +105,7 @@ def flax_module(model: str) -> nn.Module:
         "conv1d": FConv(5, (3,)),
         "conv2d": FConv(4, (3, 2)),
         "stack": FStack(),
+        "lm": FTinyLM(),
     }[model]
 
 
@@ -105,6 +115,11 @@ def torch_to_flax(model: str, sd: dict) -> dict:
         p = {n: {"kernel": sd[f"{n}.weight"].T, "bias": sd[f"{n}.bias"]} for n in ("fc1", "fc2")}
     elif model == "embed":
         p = {"emb": {"embedding": sd["emb.weight"]}}
+    elif model == "lm":
+        p = {
+            "emb": {"embedding": sd["emb.weight"]},
+            "fc": {"kernel": sd["fc.weight"].T, "bias": sd["fc.bias"]},
+        }
     elif model in ("conv1d", "conv2d"):
         w = sd["conv.weight"]
         p = {
@@ -136,6 +151,13 @@ def flax_to_torch(model: str, params: dict) -> dict:
         }
     if model == "embed":
         return {"emb.weight": p["emb"]["embedding"]}
+    if model == "lm":
+        return {
+            "emb.weight": p["emb"]["embedding"],
+            "head.weight": p["emb"]["embedding"],
+            "fc.weight": p["fc"]["kernel"].T,
+            "fc.bias": p["fc"]["bias"],
+        }
     if model in ("conv1d", "conv2d"):
         k = p["conv"]["kernel"]
         nw = k.ndim - 2
@@ -699,6 +721,7 @@ def random_params(model: str, rng) -> dict:
         "conv1d": {"conv": {"kernel": (3, 4, 5), "bias": (5,)}},
         "conv2d": {"conv": {"kernel": (3, 2, 3, 4), "bias": (4,)}},
         "stack": {"layers": {"lin": {"kernel": (3, 5, 5), "bias": (3, 5)}}},
+        "lm": {"emb": {"embedding": (12, 6)}, "fc": {"kernel": (6, 6), "bias": (6,)}},
     }[model]
     return {
         "params": jax.tree.map(

@@ -68,8 +68,6 @@ def _rule(handling: str, what: str, inert: Callable[[Any], bool] = _unset) -> Ke
     return KeyRule(handling, what, inert)
 
 
-_NOT_YET = "its implementation needs changes to lora_jax's core delta types that are in progress"
-
 CONFIG_KEYS: dict[str, KeyRule] = {
     # ---- PeftConfig's own keys: what the adapter is, not what it computes
     "peft_type": _rule(IMPLEMENTED, 'must be `"LORA"`; anything else is refused'),
@@ -141,6 +139,18 @@ CONFIG_KEYS: dict[str, KeyRule] = {
         "`LeafDelta` (needs concrete params); `export_peft` writes a LoRA-targeted "
         'module\'s `LeafDelta` bias as `"lora_only"`',
     ),
+    "lora_bias": _rule(
+        IMPLEMENTED,
+        "`lora_B`'s bias `b` (`<module>.lora_B.bias`): a `LoraBias` at the Flax `bias` leaf "
+        "beside the kernel, merged as `c + s * b`",
+    ),
+    "trainable_token_indices": _rule(
+        IMPLEMENTED,
+        "embedding rows trained in full (`<module>.token_adapter.trainable_tokens_delta`, "
+        "the rows' values; a list or `{module: [indices]}`): a `TokenRows` at the table, "
+        "`W.at[indices]` set to them (a head tied to the table sees them too); needs "
+        "concrete params",
+    ),
     "init_lora_weights": _rule(
         IRRELEVANT,
         "how PEFT drew the first factors, moot once the weights exist; except "
@@ -164,16 +174,6 @@ CONFIG_KEYS: dict[str, KeyRule] = {
         "Column/RowParallelLinear layers, whose factors are sharded per "
         "rank; lora_jax reads nn.Linear / Embedding / Conv modules",
     ),
-    "trainable_token_indices": _rule(
-        REFUSED,
-        "trains some embedding rows in full (a sparse "
-        "row update of the embedding and a tied head); not imported "
-        f"yet: {_NOT_YET}",
-    ),
-    "lora_bias": _rule(
-        REFUSED,
-        "adds a trained bias to `lora_B` (merged as `s * b` into the "
-        f"base bias); not imported yet: {_NOT_YET}",
     ),
     "alora_invocation_tokens": _rule(
         REFUSED,

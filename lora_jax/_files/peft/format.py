@@ -92,6 +92,11 @@ from lora_jax._files.peft.tensors import (
     split_key,
     torch_tensors,
 )
+from lora_jax._files.peft.value_entries import (
+    export_value_entries,
+    import_value_entries,
+    is_value_key,
+)
 from lora_jax._files.safetensors_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -121,7 +126,7 @@ def _exportable(delta: Any) -> tuple[list[tuple[str, LoraFactors]], list[tuple[s
     mixing them is a :class:`LoraStructureError`; so is a delta with no factors.
     """
     entries = [(p, f) for p, f in delta_entries(delta) if f is not None]
-    targets = [(p, f) for p, f in entries if not isinstance(f, LeafDelta)]
+    targets = [(p, f) for p, f in entries if isinstance(f, LoraFactors)]
     leaf_deltas = [(p, f) for p, f in entries if isinstance(f, LeafDelta)]
     if not targets:
         raise LoraStructureError("export_peft: the delta has no LoraFactors (nothing to export)")
@@ -298,7 +303,11 @@ def export_peft(
     trained in full (:class:`~lora_jax.LeafDelta`) are written as PEFT's
     ``modules_to_save`` (``<module>.weight`` / ``.bias`` holding ``W + diff``,
     so ``params`` is needed); the bias of a LoRA-targeted module as PEFT's
-    ``bias="lora_only"`` (``<module>.base_layer.bias``). Only config keys
+    ``bias="lora_only"`` (``<module>.base_layer.bias``). A
+    :class:`~lora_jax.LoraBias` is written as PEFT's ``lora_bias``
+    (``<module>.lora_B.bias``) and :class:`~lora_jax.TokenRows` as
+    ``trainable_token_indices`` (``<module>.token_adapter.trainable_tokens_delta``,
+    the rows ``W[indices] + diff``, so ``params`` is needed). Only config keys
     PEFT's ``LoraConfig`` knows are written. Files are written atomically
     (config last).
 
@@ -347,6 +356,8 @@ def export_peft(
         full, saved, lora_biases = export_saved(leaf_deltas, params, nm, modules)
         tensors.update({f"{PEFT_PREFIX}{k}": v for k, v in full.items()})
         bias = "lora_only" if lora_biases else "none"
+    value_tensors, value_config = export_value_entries(delta, params, nm)
+    tensors.update({f"{PEFT_PREFIX}{k}": v for k, v in value_tensors.items()})
     first = (targets or experts)[0][1]
     others = _other_modules(delta, nm, {**modules, **wrapped})
     target_modules = _target_modules(sorted(modules), others) if modules else []
@@ -361,6 +372,7 @@ def export_peft(
     )
     if wrapped:
         config["target_parameters"] = target_parameters(list(wrapped), others)
+    config.update(value_config)
     directory = output_directory(path)
     with StagedFiles(directory) as files:
         files.stage(WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
@@ -513,6 +525,8 @@ def _read_parts(weights: Path, saved: Sequence[str], biases: bool) -> tuple[Part
                 )
             split = split_key(key)
             name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+            if split is None and is_value_key(name):
+                continue  # lora_B biases and trainable tokens: read by value_entries
             if split is None and ".original_module." in name:
                 continue  # PEFT's untouched copy of a modules_to_save module: the base itself
             kept = split_saved_key(name, saved) if split is None else None
@@ -526,8 +540,8 @@ def _read_parts(weights: Path, saved: Sequence[str], biases: bool) -> tuple[Part
                 raise LoraFileError(
                     f"{weights}: tensor {key!r} is not a LoRA factor lora_jax can import "
                     "(lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector) nor a module "
-                    "listed in modules_to_save; lora_bias and other PEFT methods are not "
-                    "supported"
+                    "listed in modules_to_save, a lora_B bias or trainable tokens; other PEFT "
+                    "methods are not supported"
                 )
             module, role, embed = split
             raw.setdefault(module, {})[role] = (key, read_tensor(f, weights, key), embed)
@@ -628,11 +642,14 @@ def import_peft(
     Every key of ``adapter_config.json`` is checked against lora_jax's table
     of PEFT's ``LoraConfig`` keys (``lora_jax._files.peft.config_keys``): a
     key that changes what the adapter computes in a way lora_jax does not
-    (``alora_invocation_tokens``, ``layer_replication``, ``lora_bias``,
-    ``trainable_token_indices``, other variants) or
+    (``alora_invocation_tokens``, ``layer_replication``, other variants) or
     that lora_jax does not know is refused by name rather than imported as a
     plain LoRA. Modules PEFT trained in full (``modules_to_save``) import as
-    :class:`~lora_jax.LeafDelta` (``value - base``; needs concrete params).
+    :class:`~lora_jax.LeafDelta` (``value - base``; needs concrete params);
+    ``lora_bias`` imports as a :class:`~lora_jax.LoraBias` at the bias leaf
+    beside each kernel, ``trainable_token_indices`` as
+    :class:`~lora_jax.TokenRows` (``rows - W[indices]``; needs concrete
+    params) at the embedding table.
     Expert parameters PEFT adapted with ``target_parameters`` import as
     ``(*layers, E, in, r)`` / ``(*layers, E, r, out)`` factors of layout
     ``s..eio`` at the leaf the name map sends to the parameter's full name
@@ -684,11 +701,17 @@ def import_peft(
     modules = {n: m for n, m in modules.items() if m.kind != EXPERTS}
     if params is None:
         import_saved(weights, full, None, nm, dtype)  # refuses modules_to_save without params
+        if cfg.get("lora_bias") or cfg.get("trainable_token_indices"):
+            raise LoraFileError(
+                f"{directory / CONFIG_NAME}: lora_bias / trainable_token_indices are placed at "
+                "the base's bias and embedding leaves: pass params="
+            )
         plain = fit_without_params(weights, modules, nm, rslora, dtype)
         return merge_nested(plain, experts_without_params(weights, wrappers, nm, rslora, dtype))
     placed: dict[str, Any] = dict(import_saved(weights, full, params, nm, dtype))
     placed.update(fit_experts(weights, wrappers, params, nm, rslora, dtype))
-    return fit_to_params(weights, modules, params, nm, layouts, rslora, dtype, placed)
+    delta = fit_to_params(weights, modules, params, nm, layouts, rslora, dtype, placed)
+    return import_value_entries(weights, cfg, delta, params, nm, dtype, check_finite)
 
 
 # --------------------------------------------------------------------------- describe
