@@ -174,7 +174,6 @@ CONFIG_KEYS: dict[str, KeyRule] = {
         "Column/RowParallelLinear layers, whose factors are sharded per "
         "rank; lora_jax reads nn.Linear / Embedding / Conv modules",
     ),
-    ),
     "alora_invocation_tokens": _rule(
         REFUSED,
         "activated LoRA: the adapter applies only from "
