@@ -7,7 +7,8 @@ without merging, :func:`merge` returns dense params for serving, and
 :func:`train_delta_only` masks an optax optimizer so only the delta trains.
 :func:`quantize` stores a frozen base in 4 or 8 bits (QLoRA), and
 :func:`stack_adapters` puts many adapters in one stack that ``implicit``
-serves per example (``adapter_ids=``) in one batch.
+serves per example (``adapter_ids=``) in one batch; :func:`tenant_optimizer`
+and :func:`tenant_loss` train every slot of a stack at once, each as if alone.
 
 Everything here is the public API. :mod:`lora_jax.advanced` holds lower-level
 building blocks with no stability promise; every other module is private.
@@ -44,6 +45,15 @@ from lora_jax._quant.qlora import loftq, requantize
 from lora_jax._quant.trees import dequantize, quantize
 from lora_jax._serving.combine import combine, truncate_rank
 from lora_jax._serving.stack import StackedFactors, set_adapter, stack_adapters
+from lora_jax._serving.tenants import (
+    TenantSettings,
+    copy_slot,
+    rows_per_slot,
+    slot_nbytes,
+    tenant_loss,
+    tenant_optimizer,
+    tenant_settings,
+)
 from lora_jax._sharding import (
     delta_shardings,
     init_lora_sharded,
@@ -74,7 +84,9 @@ __all__ = [
     "NameMap",
     "QuantizedArray",
     "StackedFactors",
+    "TenantSettings",
     "combine",
+    "copy_slot",
     "count_params",
     "delta_shardings",
     "dequantize",
@@ -97,11 +109,16 @@ __all__ = [
     "print_summary",
     "quantize",
     "requantize",
+    "rows_per_slot",
     "save",
     "save_base",
     "set_adapter",
+    "slot_nbytes",
     "stack_adapters",
     "summarize",
+    "tenant_loss",
+    "tenant_optimizer",
+    "tenant_settings",
     "train_delta_only",
     "truncate_rank",
     "unmerge",

@@ -32,6 +32,8 @@ name                      what it is
 ``unstack``               one slot of an adapter stack as a plain delta (to merge it)
 ``is_stacked``            ``is_leaf`` for :class:`~lora_jax.StackedFactors`
 ``atomic_write``          writes a file atomically (temp sibling, fsync, rename), as ``save`` does
+``tenant_weights``        each row's weight ``1 / count(its tenant)`` in a mixed batch
+``TenantOptState``        the per-slot state of :func:`~lora_jax.tenant_optimizer`
 ========================  =====================================================
 
 Example:
@@ -59,6 +61,7 @@ from lora_jax._quant.array import is_quantized
 from lora_jax._quant.storage_sharding import quantized_shardings, storage_specs
 from lora_jax._quant.trees import kernel_bits
 from lora_jax._serving.stack import is_stacked, unstack
+from lora_jax._serving.tenants import TenantOptState, tenant_weights
 from lora_jax._sharding import factor_specs
 from lora_jax._summary import LeafSummary, LoraSummary, tree_bytes
 from lora_jax._targets import Target, select_extra_trainable, select_targets
@@ -68,6 +71,7 @@ __all__ = [
     "LeafSummary",
     "LoraSummary",
     "Target",
+    "TenantOptState",
     "align",
     "atomic_write",
     "column_norm",
@@ -87,6 +91,7 @@ __all__ = [
     "select_extra_trainable",
     "select_targets",
     "storage_specs",
+    "tenant_weights",
     "tree_bytes",
     "trainable_mask",
     "unstack",
