@@ -44,7 +44,7 @@ import optax
 
 from lora_jax._errors import LoraArgumentError, LoraStructureError
 from lora_jax._paths import leaves_with_paths
-from lora_jax._serving.stack import StackedFactors, is_stacked, stack_slots
+from lora_jax._serving.stack import is_stacked, stack_slots
 
 Array = jax.Array
 
@@ -159,9 +159,7 @@ def tenant_settings(
       [0.0010000000474974513, 0.003000000026077032]
     """
     return TenantSettings(
-        **_settings_arrays(
-            slots, learning_rate=learning_rate, weight_decay=weight_decay, rank=rank
-        )
+        **_settings_arrays(slots, learning_rate=learning_rate, weight_decay=weight_decay, rank=rank)
     )
 
 
@@ -171,7 +169,9 @@ def _settings_arrays(n: int, **values: Any) -> dict[str, Array]:
         dtype = jnp.int32 if name == "rank" else jnp.float32
         arr = jnp.asarray(v, dtype)
         if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
-            raise LoraArgumentError(f"{name} must be a scalar or have shape ({n},), got {arr.shape}")
+            raise LoraArgumentError(
+                f"{name} must be a scalar or have shape ({n},), got {arr.shape}"
+            )
         out[name] = jnp.broadcast_to(arr, (n,))
     return out
 
@@ -393,4 +393,3 @@ def _ids(adapter_ids: Any) -> Array:
             f"{tuple(ids.shape)} dtype {ids.dtype}"
         )
     return ids
-
