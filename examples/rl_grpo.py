@@ -4,10 +4,11 @@
     python -m examples.rl_grpo --tenants 4      # 4 tenants' runs share one base in one batch
     python -m examples.rl_grpo --gemma          # Gemma 3 270M as the base (slow on a CPU)
 
-The task is verifiable: a prompt is a short pattern repeated (``"kqxkqxkqxkqx"``)
-and the reward of a completion is the fraction of its first characters that
-continue the pattern (``"kqxkqxkq"``). Each tenant draws its patterns from its own
-letters. Every step:
+The task is verifiable: a prompt counts in steps of ``k`` modulo 10 from a random
+digit (``"036925814703"`` for ``k = 3``) and the reward of a completion is the
+mean over its first characters of 1 for continuing the count (``"69258147"``),
+0.25 for another digit and 0 otherwise. Each
+tenant has its own step ``k`` (1, 9, 3, 7, ...): its own rule to learn. Every step:
 
 1. **Sample** ``--group`` completions of each of ``--prompts`` prompts per tenant,
    at temperature 1, from the sampler's adapter stack through the KV-cache
@@ -48,37 +49,28 @@ import lora_jax as lj
 from examples.common.generation import Generator
 from lora_jax.debug import CompileCounter
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
+STRIDES = (1, 9, 3, 7, 2, 8, 4, 6, 5)  # tenant t counts in steps of STRIDES[t % 9], mod 10
 
 
-# -----------------------------------------------------------------------------
-# The task: continue a repeated pattern
-# -----------------------------------------------------------------------------
-
-
-def tenant_letters(tenant: int, tenants: int) -> str:
-    """The letters tenant ``tenant`` draws its patterns from (disjoint when they fit)."""
-    size = max(4, len(LETTERS) // max(tenants, 1))
-    start = (tenant * size) % len(LETTERS)
-    return (LETTERS * 2)[start : start + size]
-
-
-def make_prompts(rng, letters: str, n: int, length: int, answer: int, sep: str = ""):
-    """``n`` (prompt, expected continuation) pairs: a pattern of 2-4 distinct letters
-    repeated to ``length`` units, and its next ``answer`` units (units joined by ``sep``)."""
+def make_prompts(rng, stride: int, n: int, length: int, answer: int, sep: str = ""):
+    """``n`` (prompt, expected continuation) pairs: digits counting from a random start in
+    steps of ``stride`` modulo 10 (``"4703692581"`` for stride 3), ``length`` of them in the
+    prompt and the next ``answer`` expected (digits joined by ``sep``)."""
     out = []
     for _ in range(n):
-        period = int(rng.integers(2, 5))
-        pattern = list(rng.choice(list(letters), size=period, replace=False))
-        units = [pattern[i % period] for i in range(length + answer)]
-        out.append((sep.join(units[:length]), sep + sep.join(units[length:])))
+        start = int(rng.integers(0, 10))
+        digits = [str((start + stride * i) % 10) for i in range(length + answer)]
+        out.append((sep.join(digits[:length]), sep * bool(sep) + sep.join(digits[length:])))
     return out
 
 
-def reward(completion: str, expected: str) -> float:
-    """The fraction of ``expected``'s characters that ``completion`` matches, position by
-    position (a wrong character early does not shift the rest)."""
-    return sum(a == b for a, b in zip(completion, expected)) / len(expected)
+def reward(completion: str, expected: str, partial: float = 0.25) -> float:
+    """The mean over ``expected``'s positions of 1 for the right digit, ``partial`` for
+    another digit and 0 otherwise (a wrong character early does not shift the rest)."""
+    credit = [
+        1.0 if a == b else partial if a.isdigit() else 0.0 for a, b in zip(completion, expected)
+    ]
+    return sum(credit) / len(expected)
 
 
 def group_advantages(rewards: np.ndarray, group: int) -> np.ndarray:
@@ -112,13 +104,13 @@ def demo_setup(args) -> dict[str, Any]:
         encode=lambda s: [int(t) for t in encode(s)],
         decode=lambda ids: decode(np.asarray(ids, np.uint8)),
         sep="",
-        answer_tokens=lambda units: units,  # one byte per letter
+        answer_tokens=lambda units: units,  # one byte per digit
         max_prompt_tokens=lambda units: units,
     )
 
 
 def gemma_setup(args) -> dict[str, Any]:
-    """Gemma 3 270M (converted weights), letters separated by spaces (one token each)."""
+    """Gemma 3 270M (converted weights); its tokenizer splits digits, one token each."""
     from examples.gemma3 import gguf_loader as gl  # noqa: PLC0415
     from examples.gemma3 import model as gm  # noqa: PLC0415
     from examples.gemma3.tokenizer import Tokenizer  # noqa: PLC0415
@@ -130,10 +122,10 @@ def gemma_setup(args) -> dict[str, Any]:
         params=jax.tree.map(jnp.asarray, params),
         targets=gm.ALL_PROJECTIONS,
         encode=lambda s: tok.encode(s, add_bos=True),
-        decode=lambda ids: tok.decode(ids).lstrip("\n"),
-        sep=" ",
-        answer_tokens=lambda units: units + 2,  # " x" per letter, and some slack
-        max_prompt_tokens=lambda units: 2 * units + 1,  # bos; at most two tokens per " x"
+        decode=tok.decode,
+        sep="",
+        answer_tokens=lambda units: units,
+        max_prompt_tokens=lambda units: units + 1,  # bos
     )
 
 
@@ -228,7 +220,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-units", type=int, default=12, help="pattern units in a prompt")
     ap.add_argument("--answer-units", type=int, default=8, help="units scored")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--beta", type=float, default=0.02, help="KL(policy || reference) weight")
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
@@ -273,7 +265,6 @@ def main(argv=None) -> dict:
 
     rng = np.random.default_rng(args.seed)
     key = jax.random.key(args.seed)
-    letters = [tenant_letters(t, T) for t in range(T)]
     curves, kls = [], []
     counter = CompileCounter()
     for it in range(args.steps):
@@ -283,7 +274,12 @@ def main(argv=None) -> dict:
             p
             for t in range(T)
             for p in make_prompts(
-                rng, letters[t], args.prompts, args.prompt_units, args.answer_units, m["sep"]
+                rng,
+                STRIDES[t % len(STRIDES)],
+                args.prompts,
+                args.prompt_units,
+                args.answer_units,
+                m["sep"],
             )
         ]
         requests = [m["encode"](p) for p, _ in pairs for _ in range(args.group)]
@@ -343,7 +339,7 @@ def main(argv=None) -> dict:
     )
     png = args.out / "rl_grpo_reward.png"
     name = "Gemma 3 270M" if args.gemma else "demo byte LM"
-    if plot(curves_arr, png, f"GRPO with LoRA on the {name}: continue the pattern"):
+    if plot(curves_arr, png, f"GRPO with LoRA on the {name}: continue the count"):
         print(f"reward curve: {png}")
     result = dict(
         tenants=T,
