@@ -20,7 +20,7 @@ step's tenant 3 is checked against its separate step (same numbers to float
 rounding: two programs of different shapes).
 
 ``sync``: the bytes an RL trainer sends the sampler per tenant per step with
-``lora_jax.copy_slot`` (one slot's factors) against a full-weight sync, for the
+``lora_jax.advanced.copy_slot`` (one slot's factors) against a full-weight sync, for the
 demo LM, the reference workload and Gemma 3 270M (shapes only: ``jax.eval_shape``,
 no weights needed), all at rank 8 on every projection.
 
@@ -88,9 +88,7 @@ def training_runs(name: str, args) -> tuple[dict, dict]:
             return lj.tenant_loss(rows, ids, TENANTS)[0]
 
         grads = jax.grad(loss)(stack)
-        updates, state = topt.update(
-            grads, state, stack, settings=settings, rows=lj.rows_per_slot(ids, TENANTS)
-        )
+        updates, state = topt.update(grads, state, stack, settings=settings, adapter_ids=ids)
         return optax.apply_updates(stack, updates), state
 
     opt = optax.adamw(1e-3, weight_decay=0.01)
@@ -154,7 +152,7 @@ def sync_bytes(small: bool) -> dict:
             params,
         )
         full = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
-        one = lj.slot_nbytes(stack)
+        one = lj.advanced.slot_nbytes(stack)
         out[name] = {
             "slot_bytes": one,
             "full_weight_bytes": full,
@@ -203,7 +201,7 @@ def reference_memory(small: bool) -> dict:
 
         def step(s, st, ref_params, tokens, ids, adv):
             grads = jax.grad(loss)(s, ref_params, tokens, ids, adv)
-            u, st = topt.update(grads, st, s, settings=settings, rows=lj.rows_per_slot(ids, 1))
+            u, st = topt.update(grads, st, s, settings=settings, adapter_ids=ids)
             return optax.apply_updates(s, u), st
 
         return jax.jit(step)

@@ -24,7 +24,7 @@ tenant has its own step ``k`` (1, 9, 3, 7, ...): its own rule to learn. Every st
    ``lora_jax.tenant_loss`` makes each tenant's loss its own mean and
    ``lora_jax.tenant_optimizer`` keeps each tenant's Adam state in its slot.
 4. **Sync** each tenant's new adapter into the sampler's stack with
-   ``lora_jax.copy_slot``: only the slot's factors move (the bytes are printed
+   ``lora_jax.advanced.copy_slot``: only the slot's factors move (the bytes are printed
    against a full-weight sync).
 
 ``lora_jax.debug.CompileCounter`` counts compilations after the first step: 0
@@ -174,9 +174,7 @@ def make_train_step(model, base, opt, tenants: int, answer_len: int, beta: float
         (_, kl), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             stack, tokens, prompt_lens, ids, advantages
         )
-        updates, opt_state = opt.update(
-            grads, opt_state, stack, settings=settings, rows=lj.rows_per_slot(ids, tenants)
-        )
+        updates, opt_state = opt.update(grads, opt_state, stack, settings=settings, adapter_ids=ids)
         return optax.apply_updates(stack, updates), opt_state, kl
 
     return step
@@ -253,9 +251,9 @@ def main(argv=None) -> dict:
     answer_len = m["answer_tokens"](args.answer_units)
     width = -(-(m["max_prompt_tokens"](args.prompt_units) + answer_len) // 16) * 16
     step = make_train_step(model, base, opt, T, answer_len, args.beta)
-    sync = jax.jit(lj.copy_slot, donate_argnums=0)
+    sync = jax.jit(lj.advanced.copy_slot, donate_argnums=0)
 
-    slot_bytes = lj.slot_nbytes(stack)
+    slot_bytes = lj.advanced.slot_nbytes(stack)
     full_bytes = lj.advanced.tree_bytes(params)
     print(
         f"{T} tenant(s), {args.prompts} prompts x {args.group} samples each per step; "

@@ -45,15 +45,7 @@ from lora_jax._quant.qlora import loftq, requantize
 from lora_jax._quant.trees import dequantize, quantize
 from lora_jax._serving.combine import combine, truncate_rank
 from lora_jax._serving.stack import StackedFactors, set_adapter, stack_adapters
-from lora_jax._serving.tenants import (
-    TenantSettings,
-    copy_slot,
-    rows_per_slot,
-    slot_nbytes,
-    tenant_loss,
-    tenant_optimizer,
-    tenant_settings,
-)
+from lora_jax._serving.tenants import tenant_loss, tenant_optimizer, tenant_settings
 from lora_jax._sharding import (
     delta_shardings,
     init_lora_sharded,
@@ -84,9 +76,7 @@ __all__ = [
     "NameMap",
     "QuantizedArray",
     "StackedFactors",
-    "TenantSettings",
     "combine",
-    "copy_slot",
     "count_params",
     "delta_shardings",
     "dequantize",
@@ -109,11 +99,9 @@ __all__ = [
     "print_summary",
     "quantize",
     "requantize",
-    "rows_per_slot",
     "save",
     "save_base",
     "set_adapter",
-    "slot_nbytes",
     "stack_adapters",
     "summarize",
     "tenant_loss",

@@ -55,8 +55,8 @@ def rows_per_slot(adapter_ids: Any, slots: int) -> Array:
     Works under ``jit`` (a segment sum; ids outside ``[-1, N)`` are dropped).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> rows_per_slot(jnp.array([2, 0, 2, -1, 2]), 4).tolist()
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> lj.advanced.rows_per_slot(jnp.array([2, 0, 2, -1, 2]), 4).tolist()
       [1, 0, 3, 0]
     """
     ids = _ids(adapter_ids)
@@ -72,8 +72,8 @@ def tenant_weights(adapter_ids: Any, slots: int) -> Array:
     ``sum(weights * row_losses)`` is the sum over tenants of each tenant's mean loss.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> tenant_weights(jnp.array([1, 0, 1, -1]), 2).tolist()
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> lj.advanced.tenant_weights(jnp.array([1, 0, 1, -1]), 2).tolist()
       [0.5, 1.0, 0.5, 0.0]
     """
     ids = _ids(adapter_ids)
@@ -98,8 +98,8 @@ def tenant_loss(row_losses: Any, adapter_ids: Any, slots: int) -> tuple[Array, A
       ``per_tenant``: ``(N,)``, each tenant's mean (0 for a slot with no rows).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> total, each = tenant_loss(jnp.array([1.0, 4.0, 3.0, 9.0]), jnp.array([0, 1, 0, -1]), 3)
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> total, each = lj.tenant_loss(jnp.array([1.0, 4.0, 3.0, 9.0]), jnp.array([0, 1, 0, -1]), 3)
       >>> float(total), each.tolist()
       (6.0, [2.0, 4.0, 0.0])
     """
@@ -127,7 +127,8 @@ class TenantSettings:
         ``>= rank`` get no update (a padded slot's unused columns stay zero).
 
     Example:
-      >>> s = tenant_settings(3, learning_rate=[1e-3, 1e-2, 0.0], rank=4)
+      >>> import lora_jax as lj
+      >>> s = lj.tenant_settings(3, learning_rate=[1e-3, 1e-2, 0.0], rank=4)
       >>> s.learning_rate.shape, s.rank.tolist()
       ((3,), [4, 4, 4])
     """
@@ -155,7 +156,8 @@ def tenant_settings(
     ``rank`` defaults to "every column" (a value above any stack's rank).
 
     Example:
-      >>> tenant_settings(2, learning_rate=[1e-3, 3e-3]).learning_rate.tolist()
+      >>> import lora_jax as lj
+      >>> lj.tenant_settings(2, learning_rate=[1e-3, 3e-3]).learning_rate.tolist()
       [0.0010000000474974513, 0.003000000026077032]
     """
     return TenantSettings(
@@ -188,15 +190,16 @@ def tenant_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
     """An optax transformation training every slot of an adapter stack as its own adapter.
 
-    ``init(stack)`` and ``update(grads, state, stack, *, settings, rows)``:
+    ``init(stack)`` and ``update(grads, state, stack, *, settings, adapter_ids)``:
 
     * ``stack``, ``grads``: trees of :class:`~lora_jax.StackedFactors` (``grads`` from
       ``jax.grad`` with respect to the stack); only ``a`` and ``b`` are trained (the
       returned updates of ``scale`` are 0);
     * ``settings``: a :class:`TenantSettings` (each slot's learning rate, weight decay
       and used rank);
-    * ``rows``: ``(N,)`` each slot's row count in the batch (:func:`rows_per_slot`); a
-      slot with 0 rows gets a zero update and keeps its state exactly.
+    * ``adapter_ids``: ``(batch,)`` the batch's ids; a slot with no rows gets a zero
+      update and keeps its state exactly. (Or ``rows=``: ``(N,)`` each slot's row
+      count, :func:`rows_per_slot`, when the ids are not at hand.)
 
     ``direction`` runs under ``vmap`` over the slot axis, so its state (Adam's
     moments and *count*) is per slot and a per-slot transformation such as
@@ -213,22 +216,18 @@ def tenant_optimizer(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
-      >>> params = {"w": jnp.ones((4, 3))}
-      >>> deltas = [lj.init_lora(jax.random.key(i), params, lj.LoraConfig(targets="w", rank=2))[1]
-      ...           for i in range(3)]
-      >>> stack = lj.stack_adapters(deltas)
+      >>> f = lj.LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3)), alpha=2.0,
+      ...                    layout=lj.KernelLayout("io"))
+      >>> stack = lj.stack_adapters([{"w": f}] * 3)
       >>> opt = lj.tenant_optimizer()
       >>> state = opt.init(stack)
+      >>> grads = jax.tree.map(jnp.ones_like, stack)  # from jax.grad of lj.tenant_loss
       >>> ids = jnp.array([0, 0, 2])  # slot 1 has no rows: untouched
-      >>> def loss(s):
-      ...     y = lj.implicit(lambda p, x: x @ p["w"])(params, s, jnp.ones((3, 4)), adapter_ids=ids)
-      ...     return lj.tenant_loss((y ** 2).mean(-1), ids, 3)[0]
-      >>> grads = jax.grad(loss)(stack)
       >>> updates, state = opt.update(grads, state, stack, settings=lj.tenant_settings(3),
-      ...                             rows=lj.rows_per_slot(ids, 3))
+      ...                             adapter_ids=ids)
       >>> stack = optax.apply_updates(stack, updates)
-      >>> state.inner.count.tolist()
-      [1, 0, 1]
+      >>> state.inner.count.tolist(), [round(u, 6) for u in updates["w"].a[:, 0, 0].tolist()]
+      ([1, 0, 1], [-0.001, 0.0, -0.001])
     """
     inner = optax.scale_by_adam() if direction is None else direction
 
@@ -241,7 +240,8 @@ def tenant_optimizer(
         params: Any = None,
         *,
         settings: TenantSettings,
-        rows: Any,
+        adapter_ids: Any = None,
+        rows: Any = None,
         **extra: Any,
     ) -> tuple[Any, TenantOptState]:
         del extra
@@ -253,6 +253,13 @@ def tenant_optimizer(
         g = _factor_arrays(grads, "the gradients")
         p = _factor_arrays(params, "the stack")
         n = stack_slots(params)
+        if (adapter_ids is None) == (rows is None):
+            raise LoraArgumentError(
+                "tenant_optimizer.update needs adapter_ids=(batch,) (or rows=(N,) row counts) "
+                "to know which slots the batch trains"
+            )
+        if rows is None:
+            rows = rows_per_slot(adapter_ids, n)
         active = jnp.asarray(rows).reshape(-1) > 0
         if active.shape != (n,):
             raise LoraArgumentError(f"rows must have shape ({n},), got {jnp.shape(rows)}")
@@ -338,7 +345,7 @@ def copy_slot(dst: Any, src: Any, slot: Any) -> Any:
       ...                              layout=lj.KernelLayout("io"))
       >>> dst = lj.stack_adapters([{"w": f(0.0)}, {"w": f(0.0)}])
       >>> src = lj.stack_adapters([{"w": f(1.0)}, {"w": f(2.0)}])
-      >>> lj.copy_slot(dst, src, 1)["w"].a[:, 0, 0].tolist()
+      >>> lj.advanced.copy_slot(dst, src, 1)["w"].a[:, 0, 0].tolist()
       [0.0, 2.0]
     """
     d_entries, treedef = _stacks(dst, "the destination stack")
@@ -374,7 +381,7 @@ def slot_nbytes(stack: Any) -> int:
       >>> import jax.numpy as jnp, lora_jax as lj
       >>> f = lj.LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3)), alpha=2.0,
       ...                    layout=lj.KernelLayout("io"))
-      >>> lj.slot_nbytes(lj.stack_adapters([{"w": f}] * 3))  # (4*2 + 2*3 + 1) float32
+      >>> lj.advanced.slot_nbytes(lj.stack_adapters([{"w": f}] * 3))  # (4*2 + 2*3 + 1) float32
       60
     """
     total = 0

@@ -63,9 +63,7 @@ def setup():
     @jax.jit
     def step(stack, state, x, y, ids, tenant_settings):
         grads = jax.grad(loss_fn)(stack, x, y, ids)
-        updates, state = opt.update(
-            grads, state, stack, settings=tenant_settings, rows=lj.rows_per_slot(ids, N)
-        )
+        updates, state = opt.update(grads, state, stack, settings=tenant_settings, adapter_ids=ids)
         return optax.apply_updates(stack, updates), state
 
     rng = np.random.default_rng(1)
@@ -250,12 +248,12 @@ def test_changing_settings_ids_and_rows_compiles_nothing(setup):
 def test_copy_slot_moves_one_slot_exactly(setup):
     mixed, _ = setup["mixed"]
     sampler = setup["stack"]
-    synced = jax.jit(lj.copy_slot)(sampler, mixed, jnp.int32(1))
+    synced = jax.jit(lj.advanced.copy_slot)(sampler, mixed, jnp.int32(1))
     assert _bits_equal(_slot(synced, 1), _slot(mixed, 1))
     for n in (0, 2, 3):
         assert _bits_equal(_slot(synced, n), _slot(sampler, n))
     # fc1: a (8, 4) + b (4, 16), fc2: a (16, 4) + b (4, 4), two scales; float32
-    assert lj.slot_nbytes(mixed) == 4 * (8 * 4 + 4 * 16 + 16 * 4 + 4 * 4 + 2)
+    assert lj.advanced.slot_nbytes(mixed) == 4 * (8 * 4 + 4 * 16 + 16 * 4 + 4 * 4 + 2)
 
 
 def test_bad_input_is_refused_clearly(setup):
@@ -267,7 +265,7 @@ def test_bad_input_is_refused_clearly(setup):
     with pytest.raises(lj.LoraArgumentError, match="one loss per row"):
         lj.tenant_loss(jnp.ones(3), jnp.zeros(4, jnp.int32), 2)
     with pytest.raises(lj.LoraArgumentError, match="1-D integer"):
-        lj.rows_per_slot(jnp.zeros(4), 2)
+        lj.advanced.rows_per_slot(jnp.zeros(4), 2)
     with pytest.raises(lj.LoraStructureError, match="expected StackedFactors"):
         opt.init(setup["deltas"][0])
     with pytest.raises(lj.LoraArgumentError, match="needs params"):
