@@ -8,6 +8,12 @@ rows; each slot's update from ``optax.adamw`` run on that slot alone.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -289,3 +295,60 @@ def test_tenant_loss_is_the_sum_of_each_tenants_mean(ids, seed):
     np.testing.assert_allclose(total, sum(want), rtol=1e-5, atol=1e-5)
     w = np.asarray(_tenant_weights(ids.astype(np.int32)))
     np.testing.assert_allclose(w.sum(), len(set(ids.tolist()) - {-1}), rtol=1e-6)
+
+
+def _run_module(module: str, *args: str, cwd) -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_rl_example_runs_two_tenants_without_recompiling(tmp_path):
+    out = tmp_path / "rl.json"
+    _run_module(
+        "examples.rl_grpo",
+        *("--pretrain-steps", "10", "--no-cache", "--steps", "3", "--tenants", "2"),
+        *("--prompts", "2", "--group", "4", "--out", str(tmp_path), "--json", str(out)),
+        cwd=tmp_path,
+    )
+    result = json.loads(out.read_text())
+    assert result["compilations_after_warmup"] == 0
+    rewards = np.asarray(result["rewards"])
+    assert rewards.shape == (3, 2) and ((rewards >= 0) & (rewards <= 1)).all()
+    assert all(np.isfinite(result["kl"])) and result["kl"][0] == pytest.approx(0.0, abs=1e-6)
+    # the demo LM's q, k, v, out (128 x 128), fc1 (128 x 512), fc2 (512 x 128) in 2 blocks at
+    # rank 8: a + b of each, plus 12 scales, float32
+    kernels = 4 * (128 + 128) + 2 * (128 + 512)
+    assert result["sync_bytes_per_tenant"] == 4 * (2 * 8 * kernels + 12)
+
+
+@pytest.mark.slow
+def test_multitenant_benchmark_writes_its_figures(tmp_path):
+    out = tmp_path / "mt.json"
+    _run_module(
+        "benchmarks.multitenant",
+        *("--small", "--rounds", "1", "--steps", "1", "--json", str(out)),
+        cwd=tmp_path,
+    )
+    doc = json.loads(out.read_text())
+    for model in ("demo", "reference"):
+        t = doc["training"][model]
+        assert t["mixed16"]["tokens_per_s"] > 0 and t["separate16"]["tokens_per_s"] > 0
+        assert t["tenant3_rel_diff_mixed_vs_separate"] < 1e-4
+    assert set(doc["sync"]) == {"demo", "reference", "gemma3_270m"}
+    assert all(0 < v["percent"] < 100 for v in doc["sync"].values())
+    mem = doc["reference_memory"]
+    assert mem["batch_over_policy_weights"] == 1.0  # the reference holds no weights
+    assert mem["copy_over_policy_weights"] > 1.0
