@@ -80,8 +80,8 @@ def training_runs(name: str, args) -> tuple[dict, dict]:
     topt = lj.tenant_optimizer()
     settings = lj.tenant_settings(TENANTS, learning_rate=1e-3, weight_decay=0.01)
 
-    @jax.jit
-    def mixed_step(stack, state, tokens, ids):
+    @jax.jit  # the base is an argument: a closed-over base would be constant-folded
+    def mixed_step(stack, state, base, tokens, ids):
         def loss(s):
             logits = fwd(base, s, tokens[:, :-1], adapter_ids=ids)
             rows = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean(-1)
@@ -94,7 +94,7 @@ def training_runs(name: str, args) -> tuple[dict, dict]:
     opt = optax.adamw(1e-3, weight_decay=0.01)
 
     @jax.jit
-    def separate_step(delta, state, tokens):
+    def separate_step(delta, state, base, tokens):
         def loss(d):
             return cross_entropy(fwd(base, d, tokens[:, :-1]), tokens[:, 1:])
 
@@ -108,11 +108,11 @@ def training_runs(name: str, args) -> tuple[dict, dict]:
     out: dict = {}
 
     def mixed():
-        out["mixed"] = jax.block_until_ready(mixed_step(stack, state, tokens, ids))
+        out["mixed"] = jax.block_until_ready(mixed_step(stack, state, base, tokens, ids))
 
     def separate():
         out["separate"] = jax.block_until_ready(
-            [separate_step(deltas[n], states[n], rows[n]) for n in range(TENANTS)]
+            [separate_step(deltas[n], states[n], base, rows[n]) for n in range(TENANTS)]
         )
 
     mixed()
@@ -181,7 +181,7 @@ def reference_memory(small: bool) -> dict:
         return jnp.take_along_axis(lp, tgt[..., None], -1)[..., 0]
 
     def make(mode: str):
-        def loss(s, ref_params, tokens, ids, adv):
+        def loss(s, base, ref_params, tokens, ids, adv):
             if mode == "batch":
                 both = jnp.concatenate([tokens, tokens])
                 both_ids = jnp.concatenate([ids, jnp.full_like(ids, -1)])
@@ -199,8 +199,8 @@ def reference_memory(small: bool) -> dict:
             per_row = -(jnp.exp(pol - jax.lax.stop_gradient(pol)) * adv[:, None] - 0.02 * kl)
             return lj.tenant_loss(per_row.mean(-1), ids, 1)[0]
 
-        def step(s, st, ref_params, tokens, ids, adv):
-            grads = jax.grad(loss)(s, ref_params, tokens, ids, adv)
+        def step(s, st, base, ref_params, tokens, ids, adv):
+            grads = jax.grad(loss)(s, base, ref_params, tokens, ids, adv)
             u, st = topt.update(grads, st, s, settings=settings, adapter_ids=ids)
             return optax.apply_updates(s, u), st
 
@@ -213,7 +213,7 @@ def reference_memory(small: bool) -> dict:
     weights = lj.advanced.tree_bytes((base, stack, state))
     out = {}
     for mode, ref_params in (("policy", None), ("batch", None), ("copy", ref_copy)):
-        compiled = make(mode).lower(stack, state, ref_params, tokens, ids, adv).compile()
+        compiled = make(mode).lower(stack, state, base, ref_params, tokens, ids, adv).compile()
         m = compiled.memory_analysis()
         args_b, temp_b = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes)
         held = weights + (lj.advanced.tree_bytes(ref_copy) if mode == "copy" else 0)
@@ -237,7 +237,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--models", default="demo,reference", help="demo, reference or both")
-    ap.add_argument("--tokens", type=int, default=32, help="tokens per tenant (one sequence)")
+    ap.add_argument("--tokens", type=int, default=16, help="tokens per tenant (one sequence)")
     ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds (default 5)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per config per round")
     ap.add_argument("--warmup", type=int, default=1)

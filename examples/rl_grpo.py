@@ -134,7 +134,7 @@ def gemma_setup(args) -> dict[str, Any]:
 # -----------------------------------------------------------------------------
 
 
-def make_train_step(model, base, opt, tenants: int, answer_len: int, beta: float):
+def make_train_step(model, opt, tenants: int, answer_len: int, beta: float):
     """The jitted update of every tenant's slot from one batch of scored completions.
 
     ``tokens`` (rows, width): each prompt followed by its completion, right-padded;
@@ -142,7 +142,7 @@ def make_train_step(model, base, opt, tenants: int, answer_len: int, beta: float
     """
     apply = lj.implicit(model.apply)
 
-    def logprobs(stack, tokens, prompt_lens, ids):
+    def logprobs(base, stack, tokens, prompt_lens, ids):
         """Log-probabilities of each completion token, ``(rows, answer_len)``."""
         index = prompt_lens[:, None] - 1 + jnp.arange(answer_len)  # logits predicting them
         out = apply(base, stack, tokens, adapter_ids=ids, logits_index=index)
@@ -151,11 +151,12 @@ def make_train_step(model, base, opt, tenants: int, answer_len: int, beta: float
         logp = jax.nn.log_softmax(logits, axis=-1)
         return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
-    def loss_fn(stack, tokens, prompt_lens, ids, advantages):
+    def loss_fn(stack, base, tokens, prompt_lens, ids, advantages):
         n = tokens.shape[0]
         # each completion twice: with its tenant's slot (policy) and id -1 (reference)
         both = lambda x, other: jnp.concatenate([x, other])  # noqa: E731
         logp = logprobs(
+            base,
             stack,
             both(tokens, tokens),
             both(prompt_lens, prompt_lens),
@@ -169,10 +170,10 @@ def make_train_step(model, base, opt, tenants: int, answer_len: int, beta: float
         total, _ = lj.tenant_loss(per_row, ids, tenants)
         return total, kl.mean(-1)
 
-    @jax.jit
-    def step(stack, opt_state, tokens, prompt_lens, ids, advantages, settings):
+    @jax.jit  # the base is an argument, never a constant (XLA would fold it)
+    def step(stack, opt_state, base, tokens, prompt_lens, ids, advantages, settings):
         (_, kl), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            stack, tokens, prompt_lens, ids, advantages
+            stack, base, tokens, prompt_lens, ids, advantages
         )
         updates, opt_state = opt.update(grads, opt_state, stack, settings=settings, adapter_ids=ids)
         return optax.apply_updates(stack, updates), opt_state, kl
@@ -250,7 +251,7 @@ def main(argv=None) -> dict:
     )
     answer_len = m["answer_tokens"](args.answer_units)
     width = -(-(m["max_prompt_tokens"](args.prompt_units) + answer_len) // 16) * 16
-    step = make_train_step(model, base, opt, T, answer_len, args.beta)
+    step = make_train_step(model, opt, T, answer_len, args.beta)
     sync = jax.jit(lj.advanced.copy_slot, donate_argnums=0)
 
     slot_bytes = lj.advanced.slot_nbytes(stack)
@@ -303,6 +304,7 @@ def main(argv=None) -> dict:
         stack, opt_state, kl = step(
             stack,
             opt_state,
+            base,
             jnp.asarray(tokens),
             jnp.asarray(prompt_lens),
             jnp.asarray(ids),
