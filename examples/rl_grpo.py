@@ -2,7 +2,7 @@
 
     python -m examples.rl_grpo                  # demo LM, 1 tenant (about a minute)
     python -m examples.rl_grpo --tenants 4      # 4 tenants' runs share one base in one batch
-    python -m examples.rl_grpo --gemma          # Gemma 3 270M as the base (slow on a CPU)
+    python -m examples.rl_grpo --gemma --steps 3 --prompts 1 --group 4   # Gemma 3 270M
 
 The task is verifiable: a prompt counts in steps of ``k`` modulo 10 from a random
 digit (``"036925814703"`` for ``k = 3``) and the reward of a completion is the
@@ -219,7 +219,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-units", type=int, default=12, help="pattern units in a prompt")
     ap.add_argument("--answer-units", type=int, default=8, help="units scored")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=None, help="2e-3 (demo LM), 5e-4 (Gemma)")
     ap.add_argument("--beta", type=float, default=0.02, help="KL(policy || reference) weight")
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
@@ -229,6 +229,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache-dir", default=None, help="Gemma's converted-weights cache")
     ap.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
+    if args.lr is None:
+        args.lr = 5e-4 if args.gemma else 2e-3
     t_start = time.perf_counter()
 
     m = (gemma_setup if args.gemma else demo_setup)(args)
