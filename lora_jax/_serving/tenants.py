@@ -21,9 +21,10 @@ training the same as training it alone:
 * **Empty slots are untouched.** A slot with no rows in the batch gets no update
   and no optimizer-state change (its moments and its count stay as they were).
 
-Isolation is exact, under one precondition: the same compiled step (the same
-batch shape and stack shape) with the tenant's rows at the same positions. Each
-row's forward and backward then depends only on that row; the only reductions
+Isolation is exact, under two preconditions: a model whose rows do not meet
+(no batch statistics, no routing with a batch-wide capacity), and the same
+compiled step (the same batch shape and stack shape) with the tenant's rows at
+the same positions. Each row's forward and backward then depends only on that row; the only reductions
 across rows are the per-slot sums of the gathered factors' gradients, which add
 slot ``n``'s rows in row order whatever sits between them. So a tenant's adapter
 after ``N`` mixed steps equals, bit for bit, training it alone in that batch with
