@@ -52,15 +52,15 @@ from lora_jax.debug import CompileCounter
 STRIDES = (1, 9, 3, 7, 2, 8, 4, 6, 5)  # tenant t counts in steps of STRIDES[t % 9], mod 10
 
 
-def make_prompts(rng, stride: int, n: int, length: int, answer: int, sep: str = ""):
+def make_prompts(rng, stride: int, n: int, length: int, answer: int):
     """``n`` (prompt, expected continuation) pairs: digits counting from a random start in
     steps of ``stride`` modulo 10 (``"4703692581"`` for stride 3), ``length`` of them in the
-    prompt and the next ``answer`` expected (digits joined by ``sep``)."""
+    prompt and the next ``answer`` expected."""
     out = []
     for _ in range(n):
         start = int(rng.integers(0, 10))
         digits = [str((start + stride * i) % 10) for i in range(length + answer)]
-        out.append((sep.join(digits[:length]), sep * bool(sep) + sep.join(digits[length:])))
+        out.append(("".join(digits[:length]), "".join(digits[length:])))
     return out
 
 
@@ -103,7 +103,6 @@ def demo_setup(args) -> dict[str, Any]:
         targets=[r".*/attn/(q|k|v|out)/kernel", r".*/mlp/(fc1|fc2)/kernel"],
         encode=lambda s: [int(t) for t in encode(s)],
         decode=lambda ids: decode(np.asarray(ids, np.uint8)),
-        sep="",
         answer_tokens=lambda units: units,  # one byte per digit
         max_prompt_tokens=lambda units: units,
     )
@@ -123,7 +122,6 @@ def gemma_setup(args) -> dict[str, Any]:
         targets=gm.ALL_PROJECTIONS,
         encode=lambda s: tok.encode(s, add_bos=True),
         decode=tok.decode,
-        sep="",
         answer_tokens=lambda units: units,
         max_prompt_tokens=lambda units: units + 1,  # bos
     )
@@ -247,7 +245,7 @@ def main(argv=None) -> dict:
     # One request per (tenant, prompt, sample): rows grouped by prompt, tenants in turn.
     rows_per_tenant = args.prompts * args.group
     ids = np.repeat(np.arange(T, dtype=np.int32), rows_per_tenant)
-    answer_chars = args.answer_units * (1 + len(m["sep"]))
+    answer_chars = args.answer_units  # one character per digit
     sample = Generator(
         lambda b, s, i, t, **kw: lj.implicit(model.apply)(b, s, t, adapter_ids=i, **kw), model
     )
@@ -280,7 +278,6 @@ def main(argv=None) -> dict:
                 args.prompts,
                 args.prompt_units,
                 args.answer_units,
-                m["sep"],
             )
         ]
         requests = [m["encode"](p) for p, _ in pairs for _ in range(args.group)]
