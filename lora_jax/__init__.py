@@ -9,7 +9,8 @@ without merging, :func:`merge` returns dense params for serving, and
 :func:`stack_adapters` puts many adapters in one stack that ``implicit``
 serves per example (``adapter_ids=``) in one batch; :class:`AdapterCache`
 keeps many named adapters in a host tier and moves them into a stack's device
-slots on demand.
+slots on demand; :func:`tenant_optimizer` and :func:`tenant_loss` train every
+slot of a stack at once, each as if alone.
 
 Everything here is the public API. :mod:`lora_jax.advanced` holds lower-level
 building blocks with no stability promise; every other module is private.
@@ -47,6 +48,7 @@ from lora_jax._quant.trees import dequantize, quantize
 from lora_jax._serving.cache import AdapterCache
 from lora_jax._serving.combine import combine, truncate_rank
 from lora_jax._serving.stack import StackedFactors, set_adapter, stack_adapters
+from lora_jax._serving.tenants import tenant_loss, tenant_optimizer, tenant_settings
 from lora_jax._sharding import (
     delta_shardings,
     init_lora_sharded,
@@ -108,6 +110,9 @@ __all__ = [
     "set_adapter",
     "stack_adapters",
     "summarize",
+    "tenant_loss",
+    "tenant_optimizer",
+    "tenant_settings",
     "train_delta_only",
     "truncate_rank",
     "unmerge",

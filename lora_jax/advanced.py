@@ -32,6 +32,12 @@ name                      what it is
 ``unstack``               one slot of an adapter stack as a plain delta (to merge it)
 ``is_stacked``            ``is_leaf`` for :class:`~lora_jax.StackedFactors`
 ``atomic_write``          writes a file atomically (temp sibling, fsync, rename), as ``save`` does
+``tenant_weights``        each row's weight ``1 / count(its tenant)`` in a mixed batch
+``rows_per_slot``         each slot's row count in a mixed batch
+``TenantSettings``        per-slot optimizer settings (:func:`~lora_jax.tenant_settings` makes them)
+``TenantOptState``        the per-slot state of :func:`~lora_jax.tenant_optimizer`
+``copy_slot``             one slot copied exactly from one stack to another (an RL sync)
+``slot_nbytes``           the bytes of one slot of a stack
 ========================  =====================================================
 
 Example:
@@ -59,6 +65,14 @@ from lora_jax._quant.array import is_quantized
 from lora_jax._quant.storage_sharding import quantized_shardings, storage_specs
 from lora_jax._quant.trees import kernel_bits
 from lora_jax._serving.stack import is_stacked, unstack
+from lora_jax._serving.tenants import (
+    TenantOptState,
+    TenantSettings,
+    copy_slot,
+    rows_per_slot,
+    slot_nbytes,
+    tenant_weights,
+)
 from lora_jax._sharding import factor_specs
 from lora_jax._summary import LeafSummary, LoraSummary, tree_bytes
 from lora_jax._targets import Target, select_extra_trainable, select_targets
@@ -68,9 +82,12 @@ __all__ = [
     "LeafSummary",
     "LoraSummary",
     "Target",
+    "TenantOptState",
+    "TenantSettings",
     "align",
     "atomic_write",
     "column_norm",
+    "copy_slot",
     "default_layout",
     "dense_delta",
     "factor_specs",
@@ -83,10 +100,13 @@ __all__ = [
     "leaves_with_paths",
     "lora_scale",
     "path_str",
+    "rows_per_slot",
     "quantized_shardings",
     "select_extra_trainable",
     "select_targets",
+    "slot_nbytes",
     "storage_specs",
+    "tenant_weights",
     "tree_bytes",
     "trainable_mask",
     "unstack",

@@ -70,6 +70,11 @@ class ExampleView:
         :func:`batch_ids`; ``ids`` the caller's ``adapter_ids``, for their sharding)."""
         scales = jnp.asarray(stack.scale, jnp.float32)[index] * valid
         a, b = gather_slots(stack.a, index, ids), gather_slots(stack.b, index, ids)
+        # Rows without a slot (id -1) take zero factors through a select: their gradient
+        # (exactly 0, even from a NaN row) never reaches the slot their clipped index names.
+        own = valid > 0
+        a = jnp.where(own.reshape(own.shape + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+        b = jnp.where(own.reshape(own.shape + (1,) * (b.ndim - 1)), b, jnp.zeros_like(b))
         kernel = LoraView(w, a, b, roles_of(stack.layout.axes), 0.0, jnp.dtype(w.dtype), path)
         return ExampleView(kernel, scales)
 
