@@ -38,7 +38,10 @@ def test_all_is_sorted_unique_and_importable():
     assert lora_jax.__all__ == sorted(set(lora_jax.__all__))
     for name in lora_jax.__all__ + lora_jax.advanced.__all__:
         assert hasattr(lora_jax, name) or hasattr(lora_jax.advanced, name), name
-    assert 25 <= len(lora_jax.__all__) <= 55
+    # What a user's program names lives at the top (a tenant's optimizer and its settings, the
+    # cache, the entry types a delta holds); the rest is in lora_jax.advanced. The bound makes
+    # growth a reviewed decision: 60 after the MoE, PEFT-key and multi-tenant issues.
+    assert 25 <= len(lora_jax.__all__) <= 60
 
 
 def test_every_module_but_advanced_is_private():
