@@ -32,6 +32,10 @@ name                      what it is
 ``unstack``               one slot of an adapter stack as a plain delta (to merge it)
 ``is_stacked``            ``is_leaf`` for :class:`~lora_jax.StackedFactors`
 ``atomic_write``          writes a file atomically (temp sibling, fsync, rename), as ``save`` does
+``split_segments``        a fused kernel's per-projection adapters as one plain delta entry each
+``join_segments``         the inverse: per-segment factors back into the fused kernel's
+``segment_params``        params shapes with fused kernels split per segment (for ``import_peft``)
+``segment_rules``         name-map rules from a fused kernel's segments to PyTorch modules
 ========================  =====================================================
 
 Example:
@@ -51,6 +55,8 @@ from lora_jax._delta import (
     lora_scale,
 )
 from lora_jax._files.atomic import atomic_write
+from lora_jax._files.peft.fused import join_segments, segment_params, split_segments
+from lora_jax._files.peft.names import segment_rules
 from lora_jax._init_lora import init_factors
 from lora_jax._layout import default_layout
 from lora_jax._optim import trainable_mask
@@ -79,13 +85,17 @@ __all__ = [
     "is_factors",
     "is_quantized",
     "is_stacked",
+    "join_segments",
     "kernel_bits",
     "leaves_with_paths",
     "lora_scale",
     "path_str",
     "quantized_shardings",
+    "segment_params",
+    "segment_rules",
     "select_extra_trainable",
     "select_targets",
+    "split_segments",
     "storage_specs",
     "tree_bytes",
     "trainable_mask",

@@ -80,6 +80,7 @@ from lora_jax._files.safetensors_io import (
 )
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
+from lora_jax._segments import check_fits as check_segment_fit
 
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
@@ -136,6 +137,7 @@ def _target_entry(
         "dora": f.magnitude is not None,
         "layers": None if f.layers is None else list(f.layers.indices),
         "num_layers": None if f.layers is None else f.layers.total,
+        "segments": None if f.segments is None else list(f.segments),
         "tensors": listed,
     }
 
@@ -289,6 +291,7 @@ class TargetEntry:
       layout: the kernel's layout; None for a leaf trained in full.
       rank, alpha, rslora: the LoRA hyperparameters (unused for a full leaf).
       layers: the stacked layers the factors hold, if not all.
+      segments: a fused kernel's per-projection sizes (``rank`` is then the joint rank).
     """
 
     leaf: str
@@ -299,6 +302,7 @@ class TargetEntry:
     alpha: float = 0.0
     rslora: bool = False
     layers: LayerSelection | None = None
+    segments: tuple[int, ...] | None = None
 
 
 def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
@@ -320,8 +324,9 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
     if isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
         raise LoraFileError(f"{where}: key 'alpha' is {alpha!r}; expected a finite number > 0")
     layout, shape = _checked_layout(where, meta)
+    segments = _checked_segments(where, meta, layout, shape, rank)
     scaling = meta.get("scaling")
-    want = lora_scale(alpha, rank, rslora)
+    want = lora_scale(alpha, rank // len(segments or (1,)), rslora)
     if scaling is not None and (
         not isinstance(scaling, (int, float))
         or isinstance(scaling, bool)
@@ -341,7 +346,26 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
         float(alpha),
         rslora,
         _checked_layers(where, meta, layout, shape),
+        segments,
     )
+
+
+def _checked_segments(
+    where: str, meta: dict, layout: KernelLayout, shape: tuple[int, ...], rank: int
+) -> tuple[int, ...] | None:
+    """A target's ``segments`` (a fused kernel's per-projection sizes), or None."""
+    value = meta.get("segments")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in value
+    ):
+        raise LoraFileError(f"{where}: key 'segments' is {str(value)[:40]}; expected sizes >= 1")
+    try:
+        check_segment_fit(value, rank, layout.fan_out(shape), where)
+    except LoraError as e:
+        raise LoraFileError(f"{where}: key 'segments': {e}") from None
+    return tuple(value)
 
 
 def _checked_layout(where: str, meta: dict) -> tuple[KernelLayout, tuple[int, ...]]:
@@ -542,6 +566,7 @@ def build_target(
         rslora=entry.rslora,
         magnitude=None if magnitude is None else jnp.asarray(magnitude),
         layers=entry.layers,
+        segments=entry.segments,
     )
 
 
@@ -672,7 +697,7 @@ def describe(path: str | os.PathLike) -> list[dict]:
                 layout=e.layout.axes,
                 rank=e.rank,
                 alpha=meta["alpha"],
-                scaling=lora_scale(e.alpha, e.rank, e.rslora),
+                scaling=lora_scale(e.alpha, e.rank // len(e.segments or (1,)), e.rslora),
             )
         rows.append(row)
     return rows
