@@ -245,7 +245,7 @@ def join_segments(split: Any, like: Any) -> Any:
     """
     found = dict(delta_entries(split))
     entries, treedef = leaves_with_paths(like, is_leaf=lambda x: x is None or is_delta_leaf(x))
-    out = []
+    out: list[Any] = []
     for path, entry in entries:
         if isinstance(entry, LoraFactors) and entry.segments:
             parts = [found.get(f"{path}/{j}") for j in range(len(entry.segments))]
