@@ -312,3 +312,36 @@ def test_join_refuses_segments_that_differ():
     del parts["w"]["1"]
     with pytest.raises(lj.LoraStructureError, match="needs plain LoRA factors"):
         join_segments(parts, like)
+
+
+@pytest.mark.slow  # about 5 s of eager NNX graph work; the core of it is covered above
+def test_nnx_face_keeps_segments_through_nnx_optimizer():
+    nnx = pytest.importorskip("flax.nnx")
+    from lora_jax import nnx as lora_nnx
+
+    if not hasattr(nnx, "LoRAParam") or not hasattr(nnx, "DiffState"):
+        pytest.skip("this Flax has no nnx.LoRAParam / DiffState")
+    model = lora_nnx.lora(
+        nnx.Linear(4, 6, rngs=nnx.Rngs(0)),
+        LoraConfig(targets="kernel", rank=1, segments={"kernel": 2}),
+        jax.random.key(0),
+    )
+    opt = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.LoRAParam)
+    x = jnp.ones((2, 4))
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    if hasattr(opt, "model"):  # Flax < 0.11: update(grads)
+        opt.update(grads)
+    else:
+        opt.update(model, grads)
+    _, base, delta = lora_nnx.split(model)
+    (f,) = [
+        e
+        for e in jax.tree.leaves(delta, is_leaf=lj.advanced.is_factors)
+        if lj.advanced.is_factors(e)
+    ]
+    assert f.segments == (3, 3)
+    b = np.asarray(f.b)
+    assert not np.any(b[0, 3:]) and not np.any(b[1, :3]) and np.all(b[0, :3] != 0)
+    graphdef = lora_nnx.split(model)[0]
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    np.testing.assert_allclose(model(x), fn(lj.merge(base, delta), x), rtol=1e-5, atol=1e-5)
