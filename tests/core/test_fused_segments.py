@@ -345,3 +345,21 @@ def test_nnx_face_keeps_segments_through_nnx_optimizer():
     graphdef = lora_nnx.split(model)[0]
     fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
     np.testing.assert_allclose(model(x), fn(lj.merge(base, delta), x), rtol=1e-5, atol=1e-5)
+
+
+def test_qwix_refuses_segments_whose_scale_it_cannot_hold():
+    from lora_jax import nnx as lora_nnx
+
+    f = LoraFactors(
+        jnp.ones((3, 2)), jnp.zeros((2, 4)), alpha=1.0, layout=KernelLayout("io"), segments=(2, 2)
+    )
+    with pytest.raises(lj.LoraStructureError, match="segments"):
+        lora_nnx.to_qwix({"w": f})
+
+
+def test_export_peft_asks_for_split_segments(tmp_path):
+    f = LoraFactors(
+        jnp.ones((3, 2)), jnp.zeros((2, 4)), alpha=1.0, layout=KernelLayout("io"), segments=(2, 2)
+    )
+    with pytest.raises(lj.LoraStructureError, match="split_segments"):
+        lj.export_peft(tmp_path, {"w": f})
