@@ -363,3 +363,14 @@ def test_export_peft_asks_for_split_segments(tmp_path):
     )
     with pytest.raises(lj.LoraStructureError, match="split_segments"):
         lj.export_peft(tmp_path, {"w": f})
+
+
+def test_base_rewriting_inits_refuse_segments():
+    params = {"w": jnp.asarray(RNG.normal(size=(6, 8)), jnp.float32)}
+    cfg = LoraConfig(targets="w", rank=1, segments={"w": 2})
+    base, delta = lj.init_lora(jax.random.key(0), params, cfg)
+    for reinit in (lj.pissa, lj.olora):
+        with pytest.raises(lj.LoraConfigError, match="segments"):
+            reinit(base, delta)
+    with pytest.raises(lj.LoraTargetError, match="segments"):
+        lj.loftq(base, delta)
