@@ -374,3 +374,11 @@ def test_base_rewriting_inits_refuse_segments():
             reinit(base, delta)
     with pytest.raises(lj.LoraTargetError, match="segments"):
         lj.loftq(base, delta)
+
+
+def test_config_with_segments_survives_json():
+    from lora_jax._files.config_json import config_from_json, config_to_json
+
+    cfg = LoraConfig(targets=".*kernel", segments={".*kv/kernel": 2, ".*gate_up/kernel": [6, 4]})
+    assert cfg.segments == {".*kv/kernel": 2, ".*gate_up/kernel": (6, 4)}
+    assert config_from_json(config_to_json(cfg), "here") == cfg
