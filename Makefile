@@ -8,6 +8,8 @@
 #                 CPU build of torch these machines carry is for Python 3.11, where JAX
 #                 stops at 0.10.2.
 #   .venv-oldest  the oldest versions lora_jax declares support for (pyproject's lower bounds).
+#   .venv-maxtext the tests marked `maxtext` (make test-slow): MaxText 0.2.5 declares no
+#                 dependencies of its own, so the packages its model code imports are listed.
 
 # Newest: Python 3.12 (pyenv's, else python3.12 on the PATH) and the current releases.
 PYTHON_NEWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python) python3.12)
@@ -26,6 +28,13 @@ TORCH := torch==2.13.0 $(PEFT) transformers jax==0.10.2 jaxlib==0.10.2
 # Oldest: the lower bounds of pyproject.toml.
 OLD_VENV := .venv-oldest
 OLDEST := jax==0.6.2 jaxlib==0.6.2 flax==0.10.7 optax==0.2.4 chex==0.1.89
+
+# MaxText's Llama 2 decoder under lora_jax (tests/nnx/test_maxtext.py): Python 3.12, the newest
+# JAX/Flax, and what `maxtext.models` / `maxtext.layers` import (the versions tested).
+MAXTEXT_VENV := .venv-maxtext
+MAXTEXT := maxtext==0.2.5 aqtp==0.9.0 qwix==0.1.8 tokamax==0.0.17 omegaconf==2.4.0 \
+	pathwaysutils==0.1.13 drjax==0.2.1 grain==0.2.18 transformers==5.25.0 tiktoken==0.14.0 \
+	sentencepiece==0.2.3 sympy==1.14.0 pillow==13.0.0 jinja2==3.1.6
 
 DOCS_VENV := .venv-docs
 
@@ -47,6 +56,12 @@ $(OLD_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLD_VENV)
 	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OLD_VENV)/bin/python -m pip install -q $(OLDEST) -e '.[dev]'
+	touch $@
+
+$(MAXTEXT_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON_NEWEST) -m venv $(MAXTEXT_VENV)
+	$(MAXTEXT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MAXTEXT_VENV)/bin/python -m pip install -q $(NEWEST) $(MAXTEXT) -e '.[dev]'
 	touch $@
 
 # The documentation site: the project (for mkdocstrings) and the docs extra's pinned
@@ -72,9 +87,11 @@ test: $(VENV)/.installed $(TORCH_VENV)/.installed
 
 # The slow tests (whole example programs, long end-to-end runs); CI runs them after `make test`.
 # pytest exits 5 when it selects no test: no torch test is slow today.
-test-slow: $(VENV)/.installed $(TORCH_VENV)/.installed
-	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -m 'slow and not torch'
+# The tests marked maxtext run in .venv-maxtext (a skip there fails too).
+test-slow: $(VENV)/.installed $(TORCH_VENV)/.installed $(MAXTEXT_VENV)/.installed
+	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -m 'slow and not torch and not maxtext'
 	LORA_JAX_TEST_ENV=torch $(TORCH_VENV)/bin/python -m pytest -q -m 'slow and torch' || [ $$? -eq 5 ]
+	LORA_JAX_TEST_ENV=newest $(MAXTEXT_VENV)/bin/python -m pytest -q -m maxtext tests/nnx/test_maxtext.py
 
 test-oldest: $(OLD_VENV)/.installed
 	LORA_JAX_TEST_ENV=oldest $(OLD_VENV)/bin/python -m pytest -q
@@ -92,4 +109,4 @@ docs: $(DOCS_VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) $(TORCH_VENV) $(OLD_VENV) $(DOCS_VENV) site .pytest_cache
+	rm -rf $(VENV) $(TORCH_VENV) $(OLD_VENV) $(MAXTEXT_VENV) $(DOCS_VENV) site .pytest_cache

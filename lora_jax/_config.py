@@ -21,6 +21,7 @@ import numpy as np
 from lora_jax._delta import lora_scale
 from lora_jax._errors import LoraConfigError
 from lora_jax._layout import KernelLayout
+from lora_jax._segments import check_spec
 
 Predicate = Callable[[str, Any], bool]
 Targets = str | Sequence[str] | Predicate
@@ -88,6 +89,15 @@ class LoraConfig:
       skip_unsupported: if true, leaves a broad target matches but LoRA cannot
         serve (integer, bool or fewer than 2 axes) are skipped; by default
         they are an error.
+      segments: ``{regex: n | (size, ...)}`` for fused kernels whose
+        projections each get their own adapter, as PEFT gives ``k_proj`` and
+        ``v_proj`` (k/v fused as ``(d, 2, h, k)`` or ``(d, 2*h*k)``, gate/up as
+        ``(d, 2*f)``): ``n`` equal segments of the kernel's fan-out (its ``o``
+        axes flattened in order) or their sizes. Each segment gets rank
+        ``rank_for(path)``, alpha ``alpha_for(path)`` and scale ``alpha / r``;
+        the factors hold them as one joint adapter of rank ``n * r`` with a
+        block-diagonal ``B`` (:mod:`lora_jax._segments`). Kernels no pattern
+        matches keep one joint adapter. Not with DoRA, PiSSA or OLoRA.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -114,6 +124,7 @@ class LoraConfig:
     lora_bias: bool = False
     trainable_tokens: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     skip_unsupported: bool = False
+    segments: Mapping[str, int | Sequence[int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -182,6 +193,16 @@ class LoraConfig:
             floating = False
         if not floating:
             raise LoraConfigError(f"dtype of the factors must be floating, got {self.dtype!r}")
+        object.__setattr__(
+            self,
+            "segments",
+            {p: check_spec(v, f"segments[{p!r}]") for p, v in dict(self.segments).items()},
+        )
+        if self.segments and (self.use_dora or self.init in ("pissa", "olora")):
+            what = "use_dora=True" if self.use_dora else f"init={self.init!r}"
+            raise LoraConfigError(
+                f"segments (one adapter per fused projection) cannot be combined with {what}"
+            )
         layouts = {}
         for pattern, layout in self.layouts.items():
             layouts[pattern] = KernelLayout(layout) if isinstance(layout, str) else layout
@@ -194,6 +215,7 @@ class LoraConfig:
             "alpha_pattern",
             "layouts",
             "trainable_tokens",
+            "segments",
         ):
             for pattern in getattr(self, field):
                 _compile(pattern, field)
@@ -212,6 +234,10 @@ class LoraConfig:
     def layout_for(self, path: str) -> KernelLayout | None:
         """The explicit layout of ``path``, or None."""
         return _first_match(self.layouts, path, None)
+
+    def segments_for(self, path: str) -> int | tuple[int, ...] | None:
+        """The ``segments`` entry of ``path`` (first full match), or None: one joint adapter."""
+        return _first_match(self.segments, path, None)
 
     def is_excluded(self, path: str) -> bool:
         return any(re.fullmatch(p, path) for p in self.exclude)

@@ -46,6 +46,8 @@ import numpy as np
 from lora_jax._errors import LoraStructureError
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
+from lora_jax._segments import check_fits as check_segments
+from lora_jax._segments import mask_b, real_b_size
 
 Array = jax.Array
 
@@ -163,6 +165,11 @@ class LoraFactors(DeltaEntry):
         for plain LoRA.
       layers: a :class:`LayerSelection` when only some stacked layers are
         adapted (``a``, ``b`` then hold only those); ``None``: every layer.
+      segments: for a fused kernel with one adapter per projection, the sizes
+        of the projections along the flattened fan-out (static): ``a`` holds
+        ``concat_j A_j``, ``b`` is block-diagonal (structural zeros, masked
+        wherever ``b`` is used), each segment's rank is ``rank / n`` and the
+        scale uses it (see :mod:`lora_jax._segments`). ``None``: one joint adapter.
 
     Example:
       >>> import jax.numpy as jnp, lora_jax as lj
@@ -180,22 +187,37 @@ class LoraFactors(DeltaEntry):
     rslora: bool = False
     magnitude: Any = None
     layers: LayerSelection | None = None
+    segments: tuple[int, ...] | None = None
 
     @property
     def rank(self) -> int:
-        """The rank ``r``: the last axis of ``a``."""
+        """The rank ``r``: the last axis of ``a`` (with ``segments``, the joint rank ``n * r``)."""
         return int(np.shape(self.a)[-1])
 
     @property
+    def segment_rank(self) -> int:
+        """The rank of one segment's adapter (``rank`` without ``segments``)."""
+        return self.rank // len(self.segments) if self.segments else self.rank
+
+    @property
     def scale(self) -> float:
-        """:func:`lora_scale` of this kernel's alpha and rank."""
-        return lora_scale(self.alpha, self.rank, self.rslora)
+        """:func:`lora_scale` of this kernel's alpha and (segment) rank."""
+        return lora_scale(self.alpha, self.segment_rank, self.rslora)
 
     @property
     def num_params(self) -> int:
-        """Trainable parameters held by ``a``, ``b`` (and the magnitude)."""
+        """Trainable parameters held by ``a``, ``b`` (and the magnitude); a segmented ``b``'s
+        structural zeros are not parameters."""
         extra = 0 if self.magnitude is None else np.size(self.magnitude)
-        return int(np.size(self.a) + np.size(self.b) + extra)
+        b = np.size(self.b) if not self.segments else real_b_size(np.shape(self.b), self.segments)
+        return int(np.size(self.a) + b + extra)
+
+    def masked(self) -> LoraFactors:
+        """The factors with a segmented ``b``'s off-diagonal blocks zeroed (a constant mask,
+        so their gradient is zero); the factors themselves without ``segments``."""
+        if not self.segments:
+            return self
+        return self.replace(b=mask_b(self.b, self.segments, len(self.layout.out_axes)))
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -269,12 +291,14 @@ class LoraFactors(DeltaEntry):
                 f"leaf {path!r}: factors A{got[0]} B{got[1]} do not fit the base kernel of "
                 f"shape {shape} (layout {layout.axes!r}); expected A{want[0]} B{want[1]}"
             )
+        if self.segments:
+            check_segments(self.segments, self.rank, layout.fan_out(shape), path)
 
 
 jax.tree_util.register_dataclass(
     LoraFactors,
     data_fields=["a", "b", "magnitude"],
-    meta_fields=["alpha", "layout", "rslora", "layers"],
+    meta_fields=["alpha", "layout", "rslora", "layers", "segments"],
 )
 
 
@@ -514,7 +538,7 @@ def dense_delta(factors: LoraFactors) -> Array:
              [2., 2.],
              [2., 2.]], dtype=float32)
     """
-    factors = factors.all_layers()
+    factors = factors.all_layers().masked()
     layout = factors.layout
     dense = factor_product(factors.a, factors.b, factors.scale, len(layout.batch_axes))
     return jnp.transpose(dense, np.argsort(layout.permutation).tolist())
@@ -570,7 +594,7 @@ def column_norm(kernel: Array, layout: KernelLayout, factors: LoraFactors | None
     if factors is None:
         n_in = len(layout.in_axes)
         return jnp.sqrt(jnp.sum(w * w, axis=tuple(range(ns, ns + n_in))))
-    factors = factors.all_layers()
+    factors = factors.all_layers().masked()
     return factor_order_norm(w, factors.a, factors.b, factors.scale, ns)
 
 

@@ -65,7 +65,8 @@ def init_factors(key: Array, target: Target, scheme: str, dtype: Any, rslora: bo
       ((6, 2), (2, 4), 0.0)
     """
     a_shape, b_shape = target.factor_shapes()
-    r = target.rank
+    n = len(target.segments) if target.segments else 1
+    r = target.rank // n  # one segment's rank (lora_jax._segments)
     fan_in = target.layout.fan_in(target.shape)
 
     def uniform(shape, bound):
@@ -87,7 +88,10 @@ def init_factors(key: Array, target: Target, scheme: str, dtype: Any, rslora: bo
         a, b = normal(a_shape, 1.0 / r), zeros(b_shape)
     else:  # swapped
         a, b = zeros(a_shape), uniform(b_shape, r**-0.5)
-    return LoraFactors(a, b, alpha=target.alpha, layout=target.layout, rslora=rslora)
+    f = LoraFactors(
+        a, b, alpha=target.alpha, layout=target.layout, rslora=rslora, segments=target.segments
+    )
+    return f.masked()  # a fused kernel's B is block-diagonal from the start
 
 
 def init_lora(

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax._delta import LeafDelta, LoraBias, TokenRows, align
+from lora_jax._delta import LeafDelta, LoraBias, TokenRows, align, is_factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +130,8 @@ def print_summary(params: Any, delta: Any) -> LoraSummary:
 
 
 def count_params(tree: Any) -> int:
-    """Number of scalars in the array leaves of ``tree``.
+    """Number of scalars in the array leaves of ``tree``; at :class:`~lora_jax.LoraFactors`,
+    their ``num_params`` (a fused kernel's block-diagonal ``B`` counts its real blocks only).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -138,7 +139,8 @@ def count_params(tree: Any) -> int:
       >>> lj.count_params({"a": jnp.ones((2, 3)), "b": None})
       6
     """
-    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+    leaves = jax.tree.leaves(tree, is_leaf=is_factors)
+    return int(sum(x.num_params if is_factors(x) else np.size(x) for x in leaves))
 
 
 def tree_bytes(tree: Any) -> int:

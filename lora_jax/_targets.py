@@ -21,6 +21,7 @@ from lora_jax._config import LoraConfig
 from lora_jax._errors import LoraConfigError, LoraTargetError
 from lora_jax._layout import KernelLayout, default_layout
 from lora_jax._paths import leaves_with_paths
+from lora_jax._segments import segment_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +33,10 @@ class Target:
       shape: the kernel's shape.
       dtype: the kernel's dtype.
       layout: its :class:`KernelLayout`.
-      rank: its rank ``r``.
+      rank: its rank ``r`` (with ``segments``, the joint rank ``n * r``).
       alpha: its alpha.
+      segments: sizes of the fused projections along the flattened fan-out,
+        each with its own adapter of rank ``rank / n``; None: one joint adapter.
     """
 
     path: str
@@ -42,6 +45,7 @@ class Target:
     layout: KernelLayout
     rank: int
     alpha: float
+    segments: tuple[int, ...] | None = None
 
     def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``A``: ``(*stack, *fan_in, r)``, ``B``: ``(*stack, r, *fan_out)``."""
@@ -102,13 +106,19 @@ def select_targets(
         layout = config.layout_for(path) or layouts.get(path) or default_layout(path, shape)
         layout.check_shape(shape, path)
         rank = config.rank_for(path)
-        limit = min(layout.fan_in(shape), layout.fan_out(shape))
+        spec = config.segments_for(path)
+        sizes = None if spec is None else segment_sizes(spec, layout.fan_out(shape), path)
+        limit = min(layout.fan_in(shape), min(sizes or (layout.fan_out(shape),)))
         if rank > limit:
+            what = "min(fan_in, fan_out)" if sizes is None else "min(fan_in, segment sizes)"
             raise LoraConfigError(
-                f"leaf {path!r}: rank {rank} is larger than min(fan_in, fan_out) = {limit} "
+                f"leaf {path!r}: rank {rank} is larger than {what} = {limit} "
                 f"of its kernel (shape {shape}, layout {layout.axes!r})"
             )
-        targets[path] = Target(path, shape, leaf.dtype, layout, rank, config.alpha_for(path))
+        joint = rank * (len(sizes) if sizes else 1)
+        targets[path] = Target(
+            path, shape, leaf.dtype, layout, joint, config.alpha_for(path), sizes
+        )
     return targets
 
 
@@ -134,7 +144,7 @@ def _check_every_pattern_matches(config: LoraConfig, paths: list[str], matched: 
                 f"target pattern {pattern!r} matches {why}; patterns are matched in full "
                 f"against '/'-joined paths such as {sample}"
             )
-    for field in ("rank_pattern", "alpha_pattern", "layouts"):
+    for field in ("rank_pattern", "alpha_pattern", "layouts", "segments"):
         for pattern in getattr(config, field):
             if not any(re.fullmatch(pattern, p) for p in matched):
                 raise LoraConfigError(

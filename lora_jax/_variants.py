@@ -143,6 +143,10 @@ def _reinit(
             continue
         _need_values(path, w, name)
         _refuse_layers(path, f, name)
+        if f.segments:  # its SVD / QR factors would not be block-diagonal
+            raise LoraConfigError(
+                f"leaf {path!r}: {name} cannot initialise per-projection segments of a fused kernel"
+            )
         layout, ns = f.layout, len(f.layout.batch_axes)
         wf = jnp.transpose(jnp.asarray(w, jnp.float32), layout.permutation)
         stack, fan_in, fan_out = wf.shape[:ns], f.a.shape[ns:-1], f.b.shape[ns + 1 :]

@@ -38,6 +38,10 @@ name                      what it is
 ``TenantOptState``        the per-slot state of :func:`~lora_jax.tenant_optimizer`
 ``copy_slot``             one slot copied exactly from one stack to another (an RL sync)
 ``slot_nbytes``           the bytes of one slot of a stack
+``split_segments``        a fused kernel's per-projection adapters as one plain delta entry each
+``join_segments``         the inverse: per-segment factors back into the fused kernel's
+``segment_params``        params shapes with fused kernels split per segment (for ``import_peft``)
+``segment_rules``         name-map rules from a fused kernel's segments to PyTorch modules
 ========================  =====================================================
 
 Example:
@@ -57,6 +61,8 @@ from lora_jax._delta import (
     lora_scale,
 )
 from lora_jax._files.atomic import atomic_write
+from lora_jax._files.peft.fused import join_segments, segment_params, split_segments
+from lora_jax._files.peft.names import segment_rules
 from lora_jax._init_lora import init_factors
 from lora_jax._layout import default_layout
 from lora_jax._optim import trainable_mask
@@ -96,18 +102,22 @@ __all__ = [
     "is_factors",
     "is_quantized",
     "is_stacked",
+    "join_segments",
     "kernel_bits",
     "leaves_with_paths",
     "lora_scale",
     "path_str",
-    "rows_per_slot",
     "quantized_shardings",
+    "rows_per_slot",
+    "segment_params",
+    "segment_rules",
     "select_extra_trainable",
     "select_targets",
     "slot_nbytes",
+    "split_segments",
     "storage_specs",
     "tenant_weights",
-    "tree_bytes",
     "trainable_mask",
+    "tree_bytes",
     "unstack",
 ]

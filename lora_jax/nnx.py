@@ -97,6 +97,7 @@ class Adapted:
       alpha, layout, rslora, layers: the :class:`~lora_jax.LoraFactors` fields;
         ``layout`` is ``None`` for a leaf trained in full (``<name>_lora_diff``).
       magnitude: whether DoRA's ``<name>_lora_magnitude`` is present.
+      segments: a fused kernel's per-projection sizes (``LoraFactors.segments``).
     """
 
     keys: Keys
@@ -105,6 +106,7 @@ class Adapted:
     rslora: bool = False
     layers: LayerSelection | None = None
     magnitude: bool = False
+    segments: tuple[int, ...] | None = None
 
     @property
     def path(self) -> str:
@@ -131,6 +133,7 @@ class Adapted:
             rslora=self.rslora,
             magnitude=values[2] if self.magnitude else None,
             layers=self.layers,
+            segments=self.segments,
         )
 
     @staticmethod
@@ -151,6 +154,7 @@ class Adapted:
             bool(entry.rslora),
             entry.layers,
             entry.magnitude is not None,
+            entry.segments,
         )
         return record, (entry.a, entry.b) + ((entry.magnitude,) if record.magnitude else ())
 

@@ -92,6 +92,7 @@ from lora_jax._files.safetensors_io import (
 )
 from lora_jax._layout import KernelLayout
 from lora_jax._paths import leaves_with_paths
+from lora_jax._segments import check_fits as check_segment_fit
 
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
@@ -159,6 +160,7 @@ def _target_entry(
         "dora": f.magnitude is not None,
         "layers": None if f.layers is None else list(f.layers.indices),
         "num_layers": None if f.layers is None else f.layers.total,
+        "segments": None if f.segments is None else list(f.segments),
         "tensors": listed,
     }
 
@@ -336,6 +338,7 @@ class TargetEntry:
       kind: the entry's ``type``: ``"lora"``, ``"full"``, ``"lora_bias"`` or ``"tokens"``.
       scale: a LoRA bias's scale ``s``.
       indices: trainable token rows' indices (``kernel_shape`` is then ``(k, dim)``).
+      segments: a fused kernel's per-projection sizes (``rank`` is then the joint rank).
     """
 
     leaf: str
@@ -349,6 +352,7 @@ class TargetEntry:
     kind: str = "lora"
     scale: float = 0.0
     indices: tuple[int, ...] = ()
+    segments: tuple[int, ...] | None = None
 
 
 def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
@@ -375,8 +379,9 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
     if isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
         raise LoraFileError(f"{where}: key 'alpha' is {alpha!r}; expected a finite number > 0")
     layout, shape = _checked_layout(where, meta)
+    segments = _checked_segments(where, meta, layout, shape, rank)
     scaling = meta.get("scaling")
-    want = lora_scale(alpha, rank, rslora)
+    want = lora_scale(alpha, rank // len(segments or (1,)), rslora)
     if scaling is not None and (
         not isinstance(scaling, (int, float))
         or isinstance(scaling, bool)
@@ -396,6 +401,7 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
         float(alpha),
         rslora,
         _checked_layers(where, meta, layout, shape),
+        segments,
     )
 
 
@@ -422,6 +428,24 @@ def _check_value_target(where: str, leaf: str, meta: dict, kind: str) -> TargetE
         )
     tensors = _listed_tensors(where, leaf, meta, ("diff",))
     return TargetEntry(leaf, shape, tensors, kind=kind, indices=tuple(indices))
+
+
+def _checked_segments(
+    where: str, meta: dict, layout: KernelLayout, shape: tuple[int, ...], rank: int
+) -> tuple[int, ...] | None:
+    """A target's ``segments`` (a fused kernel's per-projection sizes), or None."""
+    value = meta.get("segments")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in value
+    ):
+        raise LoraFileError(f"{where}: key 'segments' is {str(value)[:40]}; expected sizes >= 1")
+    try:
+        check_segment_fit(value, rank, layout.fan_out(shape), where)
+    except LoraError as e:
+        raise LoraFileError(f"{where}: key 'segments': {e}") from None
+    return tuple(value)
 
 
 def _checked_layout(where: str, meta: dict) -> tuple[KernelLayout, tuple[int, ...]]:
@@ -634,6 +658,7 @@ def build_target(
         rslora=entry.rslora,
         magnitude=None if magnitude is None else jnp.asarray(magnitude),
         layers=entry.layers,
+        segments=entry.segments,
     )
 
 
@@ -769,7 +794,7 @@ def describe(path: str | os.PathLike) -> list[dict]:
                 layout=e.layout.axes,
                 rank=e.rank,
                 alpha=meta["alpha"],
-                scaling=lora_scale(e.alpha, e.rank, e.rslora),
+                scaling=lora_scale(e.alpha, e.rank // len(e.segments or (1,)), e.rslora),
             )
         rows.append(row)
     return rows

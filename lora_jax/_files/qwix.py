@@ -129,10 +129,12 @@ def to_qwix(delta: Any, like: Any = None) -> Any:
             or entry.rslora
             or entry.magnitude is not None
             or entry.layers is not None
+            or entry.segments
         ):
             raise LoraStructureError(
                 f"leaf {path!r}: qwix holds plain LoRA factors at scale alpha / rank only, not "
-                f"{type(entry).__name__} with rsLoRA, DoRA or a layer selection"
+                f"{type(entry).__name__} with rsLoRA, DoRA, a layer selection or per-projection "
+                "segments"
             )
         flat[path + SUFFIX_A], flat[path + SUFFIX_B] = entry.a, entry.b
     if like is None:

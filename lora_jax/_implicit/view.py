@@ -70,7 +70,7 @@ class LoraView:
     @staticmethod
     def of(path: str, w: Array | LazyKernel, f: LoraFactors) -> LoraView:
         """The view of kernel ``w`` (layout order as stored) with factors ``f``."""
-        f = f.all_layers()
+        f = f.all_layers().masked()  # a fused kernel's block-diagonal B (lora_jax._segments)
         return LoraView(
             w, f.a, f.b, roles_of(f.layout.axes), f.scale, jnp.dtype(w.dtype), path, f.magnitude
         )

@@ -210,10 +210,10 @@ def loftq(
             new_base.append(w)
             new_delta.append(f)
             continue
-        if f.magnitude is not None or f.layers is not None:
+        if f.magnitude is not None or f.layers is not None or f.segments:
             raise LoraTargetError(
                 f"leaf {path!r}: loftq initialises plain LoRA factors of "
-                "every layer (not DoRA, not a layer selection)"
+                "every layer (not DoRA, not a layer selection, not per-projection segments)"
             )
         check_leaf(path, w, f.layout)
         q, f = _loftq_one(path, jnp.asarray(w), f, scheme, block_size, double_quant, num_iter)

@@ -130,6 +130,13 @@ def _exportable(delta: Any) -> tuple[list[tuple[str, LoraFactors]], list[tuple[s
     leaf_deltas = [(p, f) for p, f in entries if isinstance(f, LeafDelta)]
     if not targets:
         raise LoraStructureError("export_peft: the delta has no LoraFactors (nothing to export)")
+    fused = [p for p, f in targets if getattr(f, "segments", None)]
+    if fused:  # PEFT's scale alpha / r would read the joint rank n * r
+        raise LoraStructureError(
+            f"export_peft: {fused[:3]} hold one adapter per fused projection (segments); "
+            "export lora_jax.advanced.split_segments(delta), which puts each at <path>/<j>, "
+            "with a name map from those to the PyTorch modules (advanced.segment_rules)"
+        )
     for flag, has in (
         ("use_rslora", lambda f: f.rslora),
         ("use_dora", lambda f: f.magnitude is not None),

@@ -226,6 +226,39 @@ def pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) 
     return default
 
 
+def segment_rules(kernel: str, modules: Sequence[str]) -> list[tuple[str, str]]:
+    """``to_peft`` rules sending each segment of a fused kernel to its own PyTorch module.
+
+    A fused kernel's per-projection adapters appear to :func:`~lora_jax.export_peft`
+    and :func:`~lora_jax.import_peft` at ``<path>/<j>``
+    (:func:`~lora_jax.advanced.split_segments`); these rules send segment
+    ``j`` of every kernel that ``kernel`` matches to module ``modules[j]``.
+    ``import_peft`` with ``params`` needs only ``to_peft`` rules (it inverts them).
+
+    Args:
+      kernel: a regex matched in full against the fused kernel's leaf path; its
+        groups may be used in the templates (``\\1``).
+      modules: one template per segment, in fan-out order; a scan-stacked
+        kernel's templates hold one ``{}`` per stacked axis.
+
+    Returns:
+      ``[(regex, template), ...]``: pass it as ``NameMap(to_peft=...)``, or add
+      it to your own rules.
+
+    Example:
+      >>> nm = NameMap(to_peft=segment_rules(r"params/(\\w+)/kv/kernel",
+      ...                                    [r"\\1.k_proj", r"\\1.v_proj"]))
+      >>> nm.module_for("params/attn/kv/kernel/1")
+      'attn.v_proj'
+    """
+    if isinstance(modules, str) or len(modules) < 2:
+        raise LoraArgumentError(
+            f"segment_rules: give one PyTorch module template per segment, got {modules!r}"
+        )
+    compile_rules([(kernel, "")], "to_peft")  # a bad regex fails here, naming it
+    return [(f"{kernel}/{j}", template) for j, template in enumerate(modules)]
+
+
 __all__ = [
     "NameMap",
     "default_to_flax",
@@ -233,4 +266,5 @@ __all__ = [
     "fill_layers",
     "pattern_key",
     "pattern_value",
+    "segment_rules",
 ]
