@@ -121,7 +121,7 @@ def main() -> None:
         key = f"{shape[0]},{shape[1]}"
         out[key] = {
             "specs": {
-                k: [str(v.a.sharding.spec), str(v.b.sharding.spec)]
+                k: [list(v.a.sharding.spec), list(v.b.sharding.spec)]
                 for k, v in new_delta.items()
                 if v is not None
             },

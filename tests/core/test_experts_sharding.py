@@ -53,8 +53,8 @@ def test_layouts_and_devices(worker):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_factors_follow_the_experts_axis(worker, mesh):
     specs = worker[mesh]["specs"]
-    assert specs["up"] == ["P('expert', None, None)", "P('expert', None, 'tensor')"]
-    assert specs["down"] == ["P('expert', 'tensor', None)", "P('expert', None, None)"]
+    assert specs["up"] == [["expert", None, None], ["expert", None, "tensor"]]
+    assert specs["down"] == [["expert", "tensor", None], ["expert", None, None]]
 
 
 @pytest.mark.slow
