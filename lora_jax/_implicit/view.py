@@ -280,7 +280,6 @@ class LoraView:
         if (
             self.n_lead
             or self.magnitude is not None
-            or isinstance(self.w, LazyKernel)
             or tuple(getattr(dn, "operand_batching_dims", None) or ())
             or len(dn.collapsed_slice_dims) != 1
             or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims)
@@ -294,7 +293,8 @@ class LoraView:
         ):
             return None
         batch = np.ndim(indices) - 1
-        w = gather(self.w, indices, **params)
+        w = self.w.dense() if isinstance(self.w, LazyKernel) else self.w  # codes: whole stack
+        w = gather(w, indices, **params)
 
         def cut(x: Array) -> Array:
             x_sizes = tuple(1 if n == k else m for n, m in enumerate(np.shape(x)))
