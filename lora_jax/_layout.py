@@ -60,6 +60,16 @@ KINDS = ("dense", "conv", "embed")
 BATCH_LETTERS = "se"
 
 
+def batch_axes_of(axes: str) -> tuple[int, ...]:
+    """The batch axes of an axes string in factor order: stacked ``s``, then experts ``e``.
+
+    Example:
+      >>> batch_axes_of("esio")
+      (1, 0)
+    """
+    return tuple(n for letter in BATCH_LETTERS for n, c in enumerate(axes) if c == letter)
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
     """Axis roles of one kernel.
@@ -115,7 +125,7 @@ class KernelLayout:
     def batch_axes(self) -> tuple[int, ...]:
         """The axes of independent kernels, in factor order: stacked ``s``, then experts
         ``e``. The factors carry exactly these leading axes."""
-        return self.stack_axes + self.expert_axes
+        return batch_axes_of(self.axes)
 
     @property
     def in_axes(self) -> tuple[int, ...]:

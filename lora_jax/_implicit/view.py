@@ -33,7 +33,7 @@ import numpy as np
 
 from lora_jax._delta import LoraFactors, factor_order_norm, factor_product
 from lora_jax._errors import LoraStructureError
-from lora_jax._layout import BATCH_LETTERS, KernelLayout
+from lora_jax._layout import BATCH_LETTERS, batch_axes_of
 from lora_jax._quant.lazy_kernel import LazyKernel, use
 
 Array = jax.Array
@@ -93,8 +93,10 @@ class LoraView:
                     f"{f.layout.axes!r}; their stacked and experts axes must agree"
                 )
             return LoraView.of(path, LazyKernel(q), f)
-        a_shape, b_shape = KernelLayout(q.axes).factor_shapes(q.shape, 0)
-        a, b = jnp.zeros(a_shape, q.dtype), jnp.zeros(b_shape, q.dtype)
+        pick = lambda c: tuple(n for n, k in zip(q.shape, q.axes) if k == c)  # noqa: E731
+        batch = tuple(q.shape[d] for d in batch_axes_of(q.axes))
+        a = jnp.zeros(batch + pick("i") + (0,), q.dtype)
+        b = jnp.zeros(batch + (0,) + pick("o"), q.dtype)
         return LoraView(LazyKernel(q), a, b, roles_of(q.axes), 0.0, jnp.dtype(q.dtype), path)
 
     @property
@@ -278,7 +280,6 @@ class LoraView:
         if (
             self.n_lead
             or self.magnitude is not None
-            or isinstance(self.w, LazyKernel)
             or tuple(getattr(dn, "operand_batching_dims", None) or ())
             or len(dn.collapsed_slice_dims) != 1
             or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims)
@@ -292,7 +293,8 @@ class LoraView:
         ):
             return None
         batch = np.ndim(indices) - 1
-        w = gather(self.w, indices, **params)
+        w = self.w.dense() if isinstance(self.w, LazyKernel) else self.w  # codes: whole stack
+        w = gather(w, indices, **params)
 
         def cut(x: Array) -> Array:
             x_sizes = tuple(1 if n == k else m for n, m in enumerate(np.shape(x)))
@@ -362,7 +364,7 @@ def roles_of(axes: str) -> tuple[Role, ...]:
       >>> roles_of("seio")
       (('s', 0), ('s', 1), ('i', 0), ('o', 0))
     """
-    batch = KernelLayout(axes).batch_axes if "i" in axes and "o" in axes else ()
+    batch = batch_axes_of(axes)
     return tuple(
         ("s", batch.index(n)) if letter in BATCH_LETTERS else (letter, axes[:n].count(letter))
         for n, letter in enumerate(axes)

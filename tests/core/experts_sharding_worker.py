@@ -7,6 +7,8 @@ the delta's shardings derived from the base's (``A``, ``B`` follow the experts a
 ``init_lora_sharded``, a jitted LoRA train step through ``implicit(strict=True)``, and its
 compiled HLO read for an all-gather of a whole experts kernel or any instruction that
 computes an experts-kernel-sized tensor; a merge-on-the-fly step is the negative control.
+The same experts through ``ragged_dot`` (tokens sorted by expert) with the experts axis
+sharded 8 ways are checked the same way.
 Prints one JSON line.
 """
 
@@ -39,8 +41,22 @@ def block(p, x):
     return x + jnp.einsum("ted,te->td", y, one_hot)
 
 
+def ragged_block(p, x):
+    """The same experts through ragged_dot, tokens sorted by their top-1 expert."""
+    experts = jnp.argmax(x @ p["router"], axis=-1)
+    order = jnp.argsort(experts)
+    groups = jnp.bincount(experts, length=E).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(x[order], p["up"], groups))
+    y = jax.lax.ragged_dot(h, p["down"], groups)
+    return x + jnp.zeros_like(y).at[order].set(y)
+
+
 def loss_fn(p, x):
     return jnp.mean(block(p, x) ** 2)
+
+
+def ragged_loss_fn(p, x):
+    return jnp.mean(ragged_block(p, x) ** 2)
 
 
 def findings(hlo: str) -> dict:
@@ -87,6 +103,12 @@ def main() -> None:
         u, _ = opt.update(g, opt.init(delta), delta)
         return optax.apply_updates(delta, u), loss
 
+    run_ragged = lj.implicit(ragged_loss_fn, strict=True)
+
+    def ragged_step(delta, base, x):
+        loss, g = jax.value_and_grad(lambda d: run_ragged(base, d, x))(delta)
+        return jax.tree.map(lambda d, g: d - 0.1 * g, delta, g), loss
+
     def control(delta, base, x):
         loss, g = jax.value_and_grad(lambda d: loss_fn(lj.merge(base, d), x))(delta)
         return jax.tree.map(lambda d, g: d - 0.1 * g, delta, g), loss
@@ -95,6 +117,7 @@ def main() -> None:
     _, delta0 = lj.init_lora(jax.random.key(0), params, config, layouts=layouts)
     delta0 = jax.tree.map(lambda v: v + 0.05, delta0)
     ref_delta, ref_loss = jax.jit(step)(delta0, params, x)
+    ref_ragged_delta, ref_ragged_loss = jax.jit(ragged_step)(delta0, params, x)
 
     out = {"device_count": jax.device_count(), "layouts": {k: v.axes for k, v in layouts.items()}}
     for shape in [(8, 1), (4, 2)]:
@@ -121,7 +144,7 @@ def main() -> None:
         key = f"{shape[0]},{shape[1]}"
         out[key] = {
             "specs": {
-                k: [str(v.a.sharding.spec), str(v.b.sharding.spec)]
+                k: [list(v.a.sharding.spec), list(v.b.sharding.spec)]
                 for k, v in new_delta.items()
                 if v is not None
             },
@@ -133,6 +156,20 @@ def main() -> None:
             "step": findings(compiled.as_text()),
             "control": findings(ctrl.lower(delta, base, x_sh).compile().as_text()),
         }
+        if shape == (8, 1):  # the ragged_dot form, experts sharded 8 ways
+            jitted = jax.jit(
+                ragged_step, in_shardings=(delta_sh, base_sh, None), out_shardings=(delta_sh, None)
+            )
+            compiled = jitted.lower(delta, base, x_sh).compile()
+            new_delta, loss = compiled(delta, base, x_sh)
+            out["ragged"] = {
+                "loss_diff": abs(float(loss) - float(ref_ragged_loss)),
+                "delta_diff": max(
+                    float(jnp.abs(a - b).max())
+                    for a, b in zip(jax.tree.leaves(new_delta), jax.tree.leaves(ref_ragged_delta))
+                ),
+                "step": findings(compiled.as_text()),
+            }
     print(json.dumps(out))
 
 

@@ -53,8 +53,8 @@ def test_layouts_and_devices(worker):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_factors_follow_the_experts_axis(worker, mesh):
     specs = worker[mesh]["specs"]
-    assert specs["up"] == ["P('expert', None, None)", "P('expert', None, 'tensor')"]
-    assert specs["down"] == ["P('expert', 'tensor', None)", "P('expert', None, None)"]
+    assert specs["up"] == [["expert", None, None], ["expert", None, "tensor"]]
+    assert specs["down"] == [["expert", "tensor", None], ["expert", None, None]]
 
 
 @pytest.mark.slow
@@ -69,3 +69,10 @@ def test_sharded_step_matches_one_device(worker, mesh):
 def test_no_experts_kernel_gather_and_no_kernel_sized_gradient(worker, mesh):
     assert worker[mesh]["step"] == {"full_gathers": [], "kernel_sized": []}
     assert worker[mesh]["control"]["kernel_sized"]  # the check finds a dense dW when there is one
+
+
+@pytest.mark.slow
+def test_ragged_dot_with_experts_sharded_eight_ways(worker):
+    r = worker["ragged"]
+    assert r["loss_diff"] < 1e-6 and r["delta_diff"] < 1e-5
+    assert r["step"] == {"full_gathers": [], "kernel_sized": []}

@@ -288,9 +288,35 @@ def test_dora_on_an_experts_kernel_is_refused_by_name(moe):
         lj.init_lora(jax.random.key(0), base, config)
 
 
-def test_adapter_stacks_over_ragged_experts_are_refused_clearly(moe):
-    base, delta, x = moe
-    stack = lj.stack_adapters([delta, delta])
+@pytest.fixture(scope="module")
+def two_adapters(moe):
+    base, delta, _ = moe
+    other = jax.tree.map(lambda v: -0.5 * v, delta)
+    return [delta, other], lj.stack_adapters([delta, other])
+
+
+def test_adapter_stacks_compose_with_a_static_expert_index(moe, two_adapters):
+    base, _, x = moe
+    deltas, stack = two_adapters
+    ids = jnp.asarray(np.arange(T) % 2, jnp.int32)
+    fn = FORMS["static_index"]
+    got = lj.implicit(fn, strict=True)(base, stack, x, adapter_ids=ids)
+    f = [d["w"] for d in deltas]
+    each = [fn({"w": dense(base["w"], g.a, g.b, g.scale)}, x) for g in f]  # every row, each adapter
+    want = jnp.where((ids == 0)[:, None], each[0], each[1])
+    close(got, want, "per-example adapters through w[2]")
+
+
+@pytest.mark.parametrize(
+    "form, primitive",
+    [
+        ("ragged_dot", "ragged_dot_general"),
+        ("einsum_keeps_experts", "dot_general"),
+        ("gather_per_token", "gather"),
+    ],
+)
+def test_adapter_stacks_over_experts_forms_are_refused_clearly(moe, two_adapters, form, primitive):
+    base, _, x = moe
     ids = jnp.zeros((T,), jnp.int32)
-    with pytest.raises(lj.LoraImplicitError, match=r"'w'.*per-example.*ragged_dot_general"):
-        lj.implicit(FORMS["ragged_dot"])(base, stack, x, adapter_ids=ids)
+    with pytest.raises(lj.LoraImplicitError, match=rf"'w'.*per-example.*'{primitive}'"):
+        lj.implicit(FORMS[form])(base, two_adapters[1], x, adapter_ids=ids)

@@ -35,8 +35,9 @@ def test_blocks_never_straddle_experts():
     [
         lambda p, x: lax.ragged_dot(x, p["w"], GROUPS),
         lambda p, x: jnp.einsum("td,edf->tef", x, p["w"]),
+        lambda p, x: jnp.einsum("td,tdf->tf", x, p["w"][jnp.arange(T) % E]),
     ],
-    ids=["ragged_dot", "einsum"],
+    ids=["ragged_dot", "einsum", "gather_per_token"],
 )
 def test_qlora_over_experts_matches_the_dequantized_merge(fn):
     rng = np.random.default_rng(1)
