@@ -401,7 +401,7 @@ def check_target(cfg_path: Path, leaf: str, meta: Any) -> TargetEntry:
         float(alpha),
         rslora,
         _checked_layers(where, meta, layout, shape),
-        segments,
+        segments=segments,
     )
 
 
@@ -583,7 +583,7 @@ def _check_keys(weights: Path, present: list[str], expected: list[str]) -> None:
     extra = [k for k in present if k not in want]
     if extra:
         raise LoraFileError(
-            f"{weights}: tensor {extra[0]!r} is not listed in {CONFIG_NAME} "
+            f"{weights}: tensor {extra[0]!r} is not listed in {CONFIG_NAME}'s key 'targets' "
             f"({len(extra)} extra in all)"
         )
 
