@@ -80,9 +80,11 @@ gemma: $(VENV)/.installed
 	$(VENV)/bin/python -m examples.gemma3.finetune
 
 # In the newest and torch environments a skipped test fails (tests/conftest.py); the oldest
-# may skip and lists what it skipped.
+# may skip and lists what it skipped. The newest environment's suite runs in 2 pytest-xdist
+# workers, one test file per worker at a time (--dist loadfile keeps a file's shared compiled
+# fixtures in one process); the others run in one process (the multi-process tests time peers).
 test: $(VENV)/.installed $(TORCH_VENV)/.installed
-	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -m 'not slow and not torch'
+	LORA_JAX_TEST_ENV=newest $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m 'not slow and not torch'
 	LORA_JAX_TEST_ENV=torch $(TORCH_VENV)/bin/python -m pytest -q -m 'torch and not slow'
 
 # The slow tests (whole example programs, long end-to-end runs); CI runs them after `make test`.
