@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
+from examples.common.layers import rms_normalize, rope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,22 +108,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + scale)).astype(x.dtype)
-
-
-def rope(x, positions, base: float):
-    """Rotate-half RoPE. ``x``: (B, T, heads, D); ``positions``: (B, T) int."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, half)
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., :half], x32[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+        return (rms_normalize(x, self.eps) * (1.0 + scale)).astype(x.dtype)
 
 
 def dense(features: int, name: str, dtype) -> nn.Dense:

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
+from examples.common.layers import rms_normalize, rope
 
 EXPERT_LAYOUT = "eio"
 """The layout of the stacked expert kernels ``(E, in, out)``."""
@@ -168,22 +169,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         weight = self.param("weight", nn.initializers.ones_init(), (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(x.dtype) * y.astype(x.dtype)
-
-
-def rope(x, positions, base: float):
-    """Rotate-half RoPE. ``x``: (B, T, heads, D); ``positions``: (B, T) int."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, half)
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., :half], x32[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+        return weight.astype(x.dtype) * rms_normalize(x, self.eps).astype(x.dtype)
 
 
 def dense(features: int, name: str, dtype, bias: bool = False) -> nn.Dense:
