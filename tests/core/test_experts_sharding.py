@@ -6,13 +6,11 @@ merge-on-the-fly step, the negative control, does)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests._eight_devices import run_on_eight_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 MESHES = ["8,1", "4,2"]
@@ -20,27 +18,7 @@ MESHES = ["8,1", "4,2"]
 
 @pytest.fixture(scope="module")
 def worker():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "core" / "experts_sharding_worker.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"experts_sharding_worker.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_eight_devices(ROOT / "tests" / "core" / "experts_sharding_worker.py")
 
 
 @pytest.mark.slow

@@ -18,9 +18,6 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +32,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
+from tests._eight_devices import run_on_eight_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 AXES = ("data", "fsdp", "tensor")
@@ -535,25 +533,7 @@ MESHES = ["8,1,1", "2,2,2", "1,1,8"]
 
 @pytest.fixture(scope="module")
 def worker():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "core" / "sharding_worker.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"sharding_worker.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_eight_devices(ROOT / "tests" / "core" / "sharding_worker.py")
 
 
 def test_worker_has_eight_devices(worker):

@@ -12,6 +12,7 @@ import pytest
 import lora_jax as lj
 from lora_jax._quant.codebooks import DYNAMIC_TABLE, NF4_TABLE
 from lora_jax.advanced import leaves_with_paths
+from tests._eight_devices import run_on_eight_devices
 
 # bitsandbytes/functional.py, get_4bit_type("nf4") (QLoRA, arXiv:2305.14314, appendix E):
 PUBLISHED_NF4 = [
@@ -618,23 +619,7 @@ print(json.dumps(out))
 
 
 def test_quantized_leaves_shard_like_their_kernel_on_8_devices():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDING_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_on_eight_devices(SHARDING_SCRIPT, timeout=600)
     # (2, 256, 64) nf4, one block per row: codes (2, 256, 32) -> (1, 64, 32); scales
     # (2, 256, 1) -> (1, 64, 1)
     assert out["codes_shard"] == [1, 64, 32] and out["scales_shard"] == [1, 64, 1]

@@ -24,6 +24,7 @@ import pytest
 import lora_jax as lj
 from lora_jax.advanced import unstack
 from lora_jax.debug import CompileCounter
+from tests._eight_devices import run_on_eight_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -394,24 +395,7 @@ def test_bad_combinations_are_clear_errors():
 
 
 def test_sharded_mixed_batch_matches_one_device():
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=(
-            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-        ).strip(),
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "serving" / "serving_worker.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_on_eight_devices(ROOT / "tests" / "serving" / "serving_worker.py", timeout=600)
     assert res["devices"] == 8
     for name, err in res["max_abs_err"].items():
         assert err < 1e-4, (name, err)
