@@ -1,6 +1,6 @@
 """GRPO with LoRA: sample from each tenant's current adapter, score, update, sync one slot.
 
-    python -m examples.rl_grpo                  # demo LM, 3 tenants, 200 steps (about 1.5 min)
+    python -m examples.rl_grpo                  # demo LM, 3 tenants, 200 steps (about a minute)
     python -m examples.rl_grpo --tenants 1 --steps 120
     python -m examples.rl_grpo --gemma --steps 3 --prompts 1 --group 4   # Gemma 3 270M
 
@@ -212,6 +212,7 @@ def plot(curves: np.ndarray, path: Path, title: str, labels: list[str]) -> bool:
         (line,) = ax.plot(steps, curve, lw=0.6, alpha=0.35)
         smooth = np.convolve(curve, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1 :], smooth, lw=1.6, color=line.get_color(), label=labels[t])
+    ax.axhline(0.1, color="gray", ls="--", lw=0.8, label="a random digit (0.1)")
     ax.set(xlabel="GRPO step", ylabel="exact accuracy of the sampled group", title=title)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -382,7 +383,7 @@ def main(argv=None) -> dict:
     png = args.out / "rl_grpo_reward.png"
     name = "Gemma 3 270M" if args.gemma else "demo byte LM"
     labels = [f"tenant {t}: {RULES[t][0]}" for t in range(T)]
-    if plot(accs_arr, png, f"GRPO with LoRA on the {name}, {T} tenant(s)", labels):
+    if plot(accs_arr, png, f"GRPO with LoRA on the {name}, {T} tenant{'s' * (T > 1)}", labels):
         print(f"accuracy curve: {png}")
     result = dict(
         tenants=T,
