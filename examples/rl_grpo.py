@@ -1,14 +1,17 @@
 """GRPO with LoRA: sample from each tenant's current adapter, score, update, sync one slot.
 
-    python -m examples.rl_grpo                  # demo LM, 1 tenant (about a minute)
-    python -m examples.rl_grpo --tenants 4      # 4 tenants' runs share one base in one batch
+    python -m examples.rl_grpo                  # demo LM, 3 tenants, 200 steps (about a minute)
+    python -m examples.rl_grpo --tenants 1 --steps 120
     python -m examples.rl_grpo --gemma --steps 3 --prompts 1 --group 4   # Gemma 3 270M
 
-The task is verifiable: a prompt counts in steps of ``k`` modulo 10 from a random
-digit (``"036925814703"`` for ``k = 3``) and the reward of a completion is the
-mean over its first characters of 1 for continuing the count (``"69258147"``),
-0.25 for another digit and 0 otherwise. Each
-tenant has its own step ``k`` (1, 9, 3, 7, ...): its own rule to learn. Every step:
+The task is verifiable: a prompt is 6 random digits and the answer is one digit
+given by the tenant's own rule (:data:`RULES`): tenant 0 repeats the last digit
+(``"483920"`` -> ``"0"``), tenant 1 the first (``"4"``), tenant 2 answers the
+last digit + 1 (``"1"``), tenant 3 the second-last (``"2"``). The tenants see the
+same kind of prompts, so each slot must learn its own rule. The reward is 1 for
+the exact answer and 0 otherwise (``--partial`` credits any other digit; with
+0.25 the policy learns to answer with *a* digit, about 0.33 of reward, and stalls
+there). Every step:
 
 1. **Sample** ``--group`` completions of each of ``--prompts`` prompts per tenant,
    at temperature 1, from the sampler's adapter stack through the KV-cache
@@ -27,9 +30,11 @@ tenant has its own step ``k`` (1, 9, 3, 7, ...): its own rule to learn. Every st
    ``lora_jax.advanced.copy_slot``: only the slot's factors move (the bytes are printed
    against a full-weight sync).
 
-``lora_jax.debug.CompileCounter`` counts compilations after the first step: 0
-(the adapters are arguments of every jitted function, never constants). The
-reward curve is saved as ``<out>/rl_grpo_reward.png``.
+Before and after training each tenant answers the same held-out prompts greedily:
+its exact-task accuracy (printed, and in ``--json``). ``lora_jax.debug.CompileCounter``
+counts compilations after the first step: 0 (the adapters are arguments of every
+jitted function, never constants). The curve of each tenant's exact accuracy over
+the sampled groups is saved as ``<out>/rl_grpo_reward.png``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,28 +55,34 @@ import lora_jax as lj
 from examples.common.generation import Generator
 from lora_jax.debug import CompileCounter
 
-STRIDES = (1, 9, 3, 7, 2, 8, 4, 6, 5)  # tenant t counts in steps of STRIDES[t % 9], mod 10
+# Each tenant's rule: (name, the answer as a function of the prompt's digits).
+RULES: tuple[tuple[str, Callable[[list[int]], int]], ...] = (
+    ("repeat the last digit", lambda d: d[-1]),
+    ("repeat the first digit", lambda d: d[0]),
+    ("the last digit + 1", lambda d: (d[-1] + 1) % 10),
+    ("repeat the second-last digit", lambda d: d[-2]),
+)
 
 
-def make_prompts(rng, stride: int, n: int, length: int, answer: int):
-    """``n`` (prompt, expected continuation) pairs: digits counting from a random start in
-    steps of ``stride`` modulo 10 (``"4703692581"`` for stride 3), ``length`` of them in the
-    prompt and the next ``answer`` expected."""
+def make_prompts(rng, rule: int, n: int, length: int) -> list[tuple[str, str]]:
+    """``n`` (prompt, answer) pairs: ``length`` random digits and the one digit that
+    ``RULES[rule]`` answers (``("48392", "2")`` for "repeat the last digit")."""
     out = []
     for _ in range(n):
-        start = int(rng.integers(0, 10))
-        digits = [str((start + stride * i) % 10) for i in range(length + answer)]
-        out.append(("".join(digits[:length]), "".join(digits[length:])))
+        digits = [int(x) for x in rng.integers(0, 10, length)]
+        out.append(("".join(map(str, digits)), str(RULES[rule][1](digits))))
     return out
 
 
-def reward(completion: str, expected: str, partial: float = 0.25) -> float:
-    """The mean over ``expected``'s positions of 1 for the right digit, ``partial`` for
-    another digit and 0 otherwise (a wrong character early does not shift the rest)."""
-    credit = [
-        1.0 if a == b else partial if a.isdigit() else 0.0 for a, b in zip(completion, expected)
-    ]
-    return sum(credit) / len(expected)
+def reward(completion: str, expected: str, partial: float = 0.0) -> float:
+    """1 for the exact answer, ``partial`` for another digit, 0 otherwise.
+
+    >>> reward("7", "7"), reward("3", "7"), reward("3", "7", partial=0.25), reward("x", "7")
+    (1.0, 0.0, 0.25, 0.0)
+    """
+    if completion[: len(expected)] == expected:
+        return 1.0
+    return partial if completion[:1].isdigit() else 0.0
 
 
 def group_advantages(rewards: np.ndarray, group: int) -> np.ndarray:
@@ -184,8 +196,8 @@ def make_train_step(model, opt, tenants: int, answer_len: int, beta: float):
 # -----------------------------------------------------------------------------
 
 
-def plot(curves: np.ndarray, path: Path, title: str) -> bool:
-    """Mean reward per step, one line per tenant; False where matplotlib is missing."""
+def plot(curves: np.ndarray, path: Path, title: str, labels: list[str]) -> bool:
+    """Exact accuracy per step, one line per tenant; False where matplotlib is missing."""
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -194,13 +206,17 @@ def plot(curves: np.ndarray, path: Path, title: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    steps = np.arange(1, len(curves) + 1)
+    w = min(5, len(curves))  # a 5-step moving average over the noisy per-step accuracy
     for t, curve in enumerate(curves.T):
-        ax.plot(np.arange(1, len(curve) + 1), curve, lw=1.2, label=f"tenant {t}")
-    ax.set(xlabel="GRPO step", ylabel="mean reward of the sampled group", title=title)
+        (line,) = ax.plot(steps, curve, lw=0.6, alpha=0.35)
+        smooth = np.convolve(curve, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, lw=1.6, color=line.get_color(), label=labels[t])
+    ax.axhline(0.1, color="gray", ls="--", lw=0.8, label="a random digit (0.1)")
+    ax.set(xlabel="GRPO step", ylabel="exact accuracy of the sampled group", title=title)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    if curves.shape[1] > 1:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -210,14 +226,16 @@ def plot(curves: np.ndarray, path: Path, title: str) -> bool:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--tenants", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--tenants", type=int, default=3, help=f"1 to {len(RULES)}, one rule each")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per tenant per step")
     ap.add_argument("--group", type=int, default=8, help="completions sampled per prompt")
-    ap.add_argument("--prompt-units", type=int, default=12, help="pattern units in a prompt")
-    ap.add_argument("--answer-units", type=int, default=8, help="units scored")
+    ap.add_argument("--prompt-units", type=int, default=6, help="digits in a prompt")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="2e-3 (demo LM), 5e-4 (Gemma)")
+    ap.add_argument(
+        "--partial", type=float, default=0.0, help="reward of a wrong digit (0: exact only)"
+    )
     ap.add_argument("--beta", type=float, default=0.02, help="KL(policy || reference) weight")
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
@@ -227,6 +245,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache-dir", default=None, help="Gemma's converted-weights cache")
     ap.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
+    if not 1 <= args.tenants <= len(RULES):
+        ap.error(f"--tenants must be 1 to {len(RULES)} (one rule each)")
+    if args.prompt_units < 2:
+        ap.error("--prompt-units must be at least 2")
     if args.lr is None:
         args.lr = 5e-4 if args.gemma else 2e-3
     t_start = time.perf_counter()
@@ -245,14 +267,38 @@ def main(argv=None) -> dict:
     # One request per (tenant, prompt, sample): rows grouped by prompt, tenants in turn.
     rows_per_tenant = args.prompts * args.group
     ids = np.repeat(np.arange(T, dtype=np.int32), rows_per_tenant)
-    answer_chars = args.answer_units  # one character per digit
     sample = Generator(
         lambda b, s, i, t, **kw: lj.implicit(model.apply)(b, s, t, adapter_ids=i, **kw), model
     )
-    answer_len = m["answer_tokens"](args.answer_units)
+    answer_len = m["answer_tokens"](1)  # the answer is one digit
     width = -(-(m["max_prompt_tokens"](args.prompt_units) + answer_len) // 16) * 16
     step = make_train_step(model, opt, T, answer_len, args.beta)
     sync = jax.jit(lj.advanced.copy_slot, donate_argnums=0)
+
+    def answers(stack_now, pairs, temperature, key):
+        """Each pair's prompt answered by its tenant's slot: the decoded first characters."""
+        requests = [m["encode"](p) for p, _ in pairs]
+        gen = sample(
+            (base, stack_now, jnp.asarray(ids)),
+            requests,
+            answer_len,
+            temperature=temperature,
+            key=key,
+            stop_at_eos=False,
+        )
+        return requests, gen.tokens, [m["decode"](c)[:1] for c in gen.tokens]
+
+    # Held-out prompts (as many rows as a step, so the same compiled shapes), answered
+    # greedily before and after training: the exact-task accuracy of each tenant.
+    eval_rng = np.random.default_rng(args.seed + 10_000)
+    eval_pairs = [
+        p for t in range(T) for p in make_prompts(eval_rng, t, rows_per_tenant, args.prompt_units)
+    ]
+
+    def greedy_accuracy(stack_now) -> np.ndarray:
+        got = answers(stack_now, eval_pairs, 0.0, jax.random.key(0))[2]
+        hits = np.array([g == e for g, (_, e) in zip(got, eval_pairs)], np.float32)
+        return hits.reshape(T, -1).mean(1)
 
     slot_bytes = lj.advanced.slot_nbytes(stack)
     full_bytes = lj.advanced.tree_bytes(params)
@@ -261,10 +307,14 @@ def main(argv=None) -> dict:
         f"rank {args.rank}; a sync moves one slot: {slot_bytes:,} bytes per tenant vs "
         f"{full_bytes:,} for a full-weight sync ({100 * slot_bytes / full_bytes:.2f}%)"
     )
+    for t in range(T):
+        print(f"tenant {t}: {RULES[t][0]}")
+    acc_start = greedy_accuracy(sampler_stack)
+    print("greedy accuracy before training: " + " ".join(f"{a:.3f}" for a in acc_start))
 
     rng = np.random.default_rng(args.seed)
     key = jax.random.key(args.seed)
-    curves, kls = [], []
+    curves, accs, kls = [], [], []
     counter = CompileCounter()
     for it in range(args.steps):
         if it == 1:
@@ -272,31 +322,17 @@ def main(argv=None) -> dict:
         pairs = [
             p
             for t in range(T)
-            for p in make_prompts(
-                rng,
-                STRIDES[t % len(STRIDES)],
-                args.prompts,
-                args.prompt_units,
-                args.answer_units,
-            )
+            for p in make_prompts(rng, t, args.prompts, args.prompt_units)
+            for _ in range(args.group)
         ]
-        requests = [m["encode"](p) for p, _ in pairs for _ in range(args.group)]
         key, sub = jax.random.split(key)
-        gen = sample(
-            (base, sampler_stack, jnp.asarray(ids)),
-            requests,
-            answer_len,
-            temperature=1.0,
-            key=sub,
-            stop_at_eos=False,
-        )
-        expected = [x for _, x in pairs for _ in range(args.group)]
+        requests, completions, got = answers(sampler_stack, pairs, 1.0, sub)
         rewards = np.array(
-            [reward(m["decode"](c)[:answer_chars], e) for c, e in zip(gen.tokens, expected)],
-            np.float32,
+            [reward(g, e, args.partial) for g, (_, e) in zip(got, pairs)], np.float32
         )
+        exact = np.array([g == e for g, (_, e) in zip(got, pairs)], np.float32)
         tokens = np.zeros((len(requests), width), np.int32)
-        for r, (req, comp) in enumerate(zip(requests, gen.tokens)):
+        for r, (req, comp) in enumerate(zip(requests, completions)):
             tokens[r, : len(req) + len(comp)] = req + comp
         prompt_lens = np.array([len(r) for r in requests], np.int32)
         adv = group_advantages(rewards, args.group)
@@ -313,23 +349,31 @@ def main(argv=None) -> dict:
         for t in range(T):  # the trainer hands each tenant's new adapter to the sampler
             sampler_stack = sync(sampler_stack, stack, jnp.int32(t))
         curves.append(rewards.reshape(T, -1).mean(1))
+        accs.append(exact.reshape(T, -1).mean(1))
         kls.append(float(jnp.mean(kl)))
         if it % 10 == 0 or it == args.steps - 1:
             print(
-                f"step {it:3d}: reward "
+                f"step {it:3d}: exact accuracy "
+                + " ".join(f"{a:.3f}" for a in accs[-1])
+                + "   reward "
                 + " ".join(f"{r:.3f}" for r in curves[-1])
                 + f"   KL(policy||ref) {kls[-1]:.4f}"
             )
+    acc_end = greedy_accuracy(sampler_stack)  # same shapes: compiled before the count began
     compiles_after_warmup = 0
     if args.steps > 1:
         counter.__exit__(None, None, None)
         compiles_after_warmup = counter.count
-    curves_arr = np.array(curves)
+    curves_arr, accs_arr = np.array(curves), np.array(accs)
     k = max(1, min(10, len(curves) // 4))
-    first, last = curves_arr[:k].mean(0), curves_arr[-k:].mean(0)
+    first, last = accs_arr[:k].mean(0), accs_arr[-k:].mean(0)
     print(
-        f"reward, mean of the first {k} steps -> the last {k}: "
+        f"sampled exact accuracy, mean of the first {k} steps -> the last {k}: "
         + ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(first, last))
+    )
+    print(
+        "greedy accuracy on held-out prompts, before -> after: "
+        + ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(acc_start, acc_end))
     )
     print(f"compilations after the first step: {compiles_after_warmup}")
     print(
@@ -338,13 +382,18 @@ def main(argv=None) -> dict:
     )
     png = args.out / "rl_grpo_reward.png"
     name = "Gemma 3 270M" if args.gemma else "demo byte LM"
-    if plot(curves_arr, png, f"GRPO with LoRA on the {name}: continue the count"):
-        print(f"reward curve: {png}")
+    labels = [f"tenant {t}: {RULES[t][0]}" for t in range(T)]
+    if plot(accs_arr, png, f"GRPO with LoRA on the {name}, {T} tenant{'s' * (T > 1)}", labels):
+        print(f"accuracy curve: {png}")
     result = dict(
         tenants=T,
+        rules=[RULES[t][0] for t in range(T)],
         steps=args.steps,
-        reward_first=first.tolist(),
-        reward_last=last.tolist(),
+        greedy_accuracy_start=acc_start.tolist(),
+        greedy_accuracy_end=acc_end.tolist(),
+        accuracy_first=first.tolist(),
+        accuracy_last=last.tolist(),
+        accuracy=accs_arr.tolist(),
         rewards=curves_arr.tolist(),
         kl=kls,
         compilations_after_warmup=compiles_after_warmup,

@@ -327,6 +327,11 @@ def test_rl_example_runs_two_tenants_without_recompiling(tmp_path):
     assert result["compilations_after_warmup"] == 0
     rewards = np.asarray(result["rewards"])
     assert rewards.shape == (3, 2) and ((rewards >= 0) & (rewards <= 1)).all()
+    # the default reward is exact (no partial credit): it is the exact accuracy
+    np.testing.assert_array_equal(np.asarray(result["accuracy"]), rewards)
+    assert result["rules"] == ["repeat the last digit", "repeat the first digit"]
+    for greedy in (result["greedy_accuracy_start"], result["greedy_accuracy_end"]):
+        assert len(greedy) == 2 and all(0 <= a <= 1 for a in greedy)
     assert all(np.isfinite(result["kl"])) and result["kl"][0] == pytest.approx(0.0, abs=1e-6)
     # the demo LM's q, k, v, out (128 x 128), fc1 (128 x 512), fc2 (512 x 128) in 2 blocks at
     # rank 8: a + b of each, plus 12 scales, float32
