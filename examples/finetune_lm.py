@@ -80,8 +80,19 @@ def lora_loss(delta, base, batch):
     return cross_entropy(forward(base, delta, batch[:, :-1]), batch[:, 1:])
 
 
-def lora_finetune(base, delta, tokens, steps: int, seed: int):
-    """Trains the delta with AdamW. Returns (delta, losses, opt_state, tokens/s)."""
+def lora_finetune(
+    base,
+    delta,
+    tokens,
+    steps: int,
+    seed: int,
+    *,
+    loss=lora_loss,
+    batch_size: int = BATCH_SIZE,
+    seq_len: int = CONFIG.seq_len,
+):
+    """Trains the delta with AdamW on ``loss(delta, base, batch)`` (this LM's by default; the
+    Qwen3-MoE example passes its own). Returns (delta, losses, opt_state, tokens/s)."""
     optimizer = optax.adamw(
         optax.warmup_cosine_decay_schedule(
             0.0, LORA_LR, max(1, steps // 20), max(steps, 2), LORA_LR / 10
@@ -92,11 +103,11 @@ def lora_finetune(base, delta, tokens, steps: int, seed: int):
 
     def step(delta, opt_state, base, batch):
         # Differentiate w.r.t. the delta (argument 0) only: the base gets no gradient.
-        loss, grads = jax.value_and_grad(lora_loss)(delta, base, batch)
+        value, grads = jax.value_and_grad(loss)(delta, base, batch)
         updates, opt_state = optimizer.update(grads, opt_state, delta)
-        return optax.apply_updates(delta, updates), opt_state, loss
+        return optax.apply_updates(delta, updates), opt_state, value
 
-    batches = random_batches(tokens, BATCH_SIZE, CONFIG.seq_len, seed + 1)
+    batches = random_batches(tokens, batch_size, seq_len, seed + 1)
     batch = next(batches)
     # Compile ahead of time, so the throughput below measures training only.
     t0 = time.perf_counter()
@@ -107,13 +118,13 @@ def lora_finetune(base, delta, tokens, steps: int, seed: int):
     t0 = time.perf_counter()
     with tqdm(range(steps), desc="LoRA fine-tune", unit="step") as bar:
         for i in bar:
-            delta, opt_state, loss = step(delta, opt_state, base, batch)
-            losses.append(loss)
+            delta, opt_state, value = step(delta, opt_state, base, batch)
+            losses.append(value)
             batch = next(batches)
             if i % 10 == 0 or i == steps - 1:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(value):.3f}")
     jax.block_until_ready(delta)
-    tokens_per_s = steps * BATCH_SIZE * CONFIG.seq_len / (time.perf_counter() - t0)
+    tokens_per_s = steps * batch_size * seq_len / (time.perf_counter() - t0)
     return delta, np.asarray(jax.device_get(losses), np.float32), opt_state, tokens_per_s
 
 

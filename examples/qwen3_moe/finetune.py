@@ -44,6 +44,7 @@ from examples.common.text import (
     stdlib_source_text,
     train_eval_split,
 )
+from examples.finetune_lm import lora_finetune, max_abs_diff
 from examples.qwen3_moe.model import (
     ATTENTION,
     EXPERT_LAYOUT,
@@ -135,44 +136,6 @@ def lora_loss(delta, base, batch):
     return cross_entropy(IMPLICIT_APPLY(base, delta, batch[:, :-1]), batch[:, 1:])
 
 
-def lora_finetune(base, delta, tokens, steps: int, seed: int):
-    """Trains the delta with AdamW. Returns (delta, losses, opt_state, tokens/s)."""
-    optimizer = optax.adamw(
-        optax.warmup_cosine_decay_schedule(
-            0.0, LORA_LR, max(1, steps // 20), max(steps, 2), LORA_LR / 10
-        ),
-        weight_decay=0.0,
-    )
-    opt_state = optimizer.init(delta)
-
-    def step(delta, opt_state, base, batch):
-        loss, grads = jax.value_and_grad(lora_loss)(delta, base, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, delta)
-        return optax.apply_updates(delta, updates), opt_state, loss
-
-    batches = random_batches(tokens, BATCH_SIZE, SEQ_LEN, seed + 1)
-    batch = next(batches)
-    t0 = time.perf_counter()
-    step = jax.jit(step).lower(delta, opt_state, base, batch).compile()
-    print(f"LoRA train step compiled in {time.perf_counter() - t0:.1f}s")
-    losses = []
-    t0 = time.perf_counter()
-    for i in range(steps):
-        delta, opt_state, loss = step(delta, opt_state, base, batch)
-        losses.append(loss)
-        batch = next(batches)
-        if i % 20 == 0 or i == steps - 1:
-            print(f"  step {i:4d}  loss {float(loss):.3f}")
-    jax.block_until_ready(delta)
-    tokens_per_s = steps * BATCH_SIZE * SEQ_LEN / (time.perf_counter() - t0)
-    return delta, np.asarray(jax.device_get(losses), np.float32), opt_state, tokens_per_s
-
-
-def max_abs_diff(tree_a, tree_b) -> float:
-    diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), tree_a, tree_b)
-    return float(max(jax.tree.leaves(diffs)))
-
-
 def print_expert_counts(before: np.ndarray, after: np.ndarray) -> None:
     """Token copies per expert and MoE layer, on the held-out target text."""
     print("tokens per expert (held-out stdlib source, top-2 so each token counts twice):")
@@ -216,7 +179,14 @@ def main(argv=None):
     base_before = float(eval_loss(base, base_eval))
     counts_before = np.asarray(tokens_per_expert(base, target_eval))
     delta, _, opt_state, tokens_per_s = lora_finetune(
-        base, delta, target_train, args.lora_steps, args.seed
+        base,
+        delta,
+        target_train,
+        args.lora_steps,
+        args.seed,
+        loss=lora_loss,
+        batch_size=BATCH_SIZE,
+        seq_len=SEQ_LEN,
     )
 
     merged = lj.merge(base, delta)
