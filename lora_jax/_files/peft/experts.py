@@ -206,10 +206,9 @@ def target_parameters(names: Sequence[str], others: Sequence[str]) -> list[str]:
 
 
 def _entries(cfg: Mapping[str, Any]) -> list[str]:
+    """``target_parameters`` as a list (``read_peft_config`` has checked it: names, or one)."""
     entries = cfg.get("target_parameters") or []
-    if isinstance(entries, str):
-        entries = [entries]
-    return [e for e in entries if isinstance(e, str)]
+    return [entries] if isinstance(entries, str) else list(entries)
 
 
 def _wrapped_params(module: str, entries: Sequence[str]) -> list[str]:

@@ -396,8 +396,8 @@ def read_peft_config(directory: Path) -> dict:
 
     ``r`` (and each ``rank_pattern`` value) must be an integer >= 1,
     ``lora_alpha`` (and each ``alpha_pattern`` value) a finite number > 0,
-    ``target_modules`` (``target_parameters``) a list of module (parameter)
-    names or one regex string (PEFT's two forms), ``use_rslora`` / ``use_dora`` booleans; every failure is a
+    ``target_modules`` a list of module names or one regex string (PEFT's two
+    forms), ``target_parameters`` a list of parameter names (or one name), ``use_rslora`` / ``use_dora`` booleans; every failure is a
     :class:`LoraFileError` naming the file and the key.
     """
     cfg_path = Path(directory) / CONFIG_NAME
@@ -413,7 +413,7 @@ def read_peft_config(directory: Path) -> dict:
     for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
         for pattern, value in _checked_patterns(cfg_path, key, cfg.get(key)).items():
             check(cfg_path, f"key '{key}' entry {_short(pattern)}", value)
-    for key, what in (("target_modules", "module"), ("target_parameters", "parameter")):
+    for key, single in (("target_modules", "one regex string"), ("target_parameters", "one name")):
         targets = cfg.get(key)
         if not (
             targets is None
@@ -421,8 +421,7 @@ def read_peft_config(directory: Path) -> dict:
             or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
         ):
             raise LoraFileError(
-                f"{cfg_path}: key {key!r} is {_short(targets)}; expected a "
-                f"list of {what} names or one regex string"
+                f"{cfg_path}: key {key!r} is {_short(targets)}; expected a list of names or {single}"
             )
     for key in ("use_rslora", "use_dora"):
         if not isinstance(cfg.get(key, False), bool):
